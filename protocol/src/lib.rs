@@ -1,0 +1,16 @@
+//! Pure data layer of p2pmr: content identifiers, verified blocks, and the kubo-compatible
+//! UnixFS file format (dag-pb nodes over raw leaves).
+//!
+//! Nothing here does I/O or depends on an async runtime. The block store, the network and the
+//! scheduler in `p2pmr-node` drive the sans-I/O state machines defined here
+//! ([`unixfs::FileBuilder`] to chunk and link a file, [`unixfs::FileReader`] to walk one back from
+//! any byte offset), so every layer shares one implementation of the format.
+#![deny(missing_docs)]
+
+pub mod block;
+pub mod dagpb;
+mod pb;
+pub mod unixfs;
+
+pub use block::{Block, BlockError, MAX_BLOCK_SIZE};
+pub use cid::Cid;
