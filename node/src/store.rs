@@ -1,0 +1,461 @@
+//! The on-disk block store: one file per block under `<home>/blocks`, keyed by CID.
+//!
+//! Layout: `blocks/<XY>/<cid>` where `<cid>` is the canonical (CIDv1, base32) name and `XY`
+//! its next-to-last two characters, as kubo's flatfs shards, which spreads blocks evenly over
+//! at most 1024 directories.
+//!
+//! Crash safety: a block is written to `tmp/` and renamed into place, so a `kill -9` at any
+//! moment leaves either no file or the whole block under the final name. Leftover temporary
+//! files of dead processes are removed when a store is opened. Durability against power loss
+//! is explicit: [`BlockStore::sync`] fsyncs given blocks and their directories, and callers
+//! acknowledge data (print a CID, answer a peer) only after it returns.
+//!
+//! Trust: every read re-hashes the bytes. A block that does not match its CID is moved to
+//! `quarantine/` and reported as [`StoreError::Corrupt`]; it is never returned as data.
+//!
+//! The store is a cheap `Clone` handle and is safe to use from many threads and processes at
+//! once (renames are atomic, identical blocks are interchangeable). It does blocking I/O;
+//! async callers wrap it in `spawn_blocking`.
+
+use p2pmr_protocol::block::{canonical, BlockError};
+use p2pmr_protocol::{Block, Cid, MAX_BLOCK_SIZE};
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Errors of the block store.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// No block with this CID is stored.
+    #[error("block {0} is not in the local store")]
+    NotFound(Cid),
+    /// The stored bytes do not match the CID; they were moved aside.
+    #[error("block {cid} is corrupt on disk ({reason}); moved to {}", quarantined.display())]
+    Corrupt {
+        /// The block's CID.
+        cid: Cid,
+        /// What was wrong.
+        reason: String,
+        /// Where the bad file now is.
+        quarantined: PathBuf,
+    },
+    /// A CID that cannot be verified, so cannot be stored or served.
+    #[error(transparent)]
+    Unverifiable(BlockError),
+    /// A filesystem operation failed.
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Block count and bytes held.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Number of blocks.
+    pub blocks: u64,
+    /// Sum of their sizes in bytes.
+    pub bytes: u64,
+}
+
+/// Handle to a block store directory.
+#[derive(Debug, Clone)]
+pub struct BlockStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    blocks: PathBuf,
+    tmp: PathBuf,
+    quarantine: PathBuf,
+    next_tmp: AtomicU64,
+}
+
+impl BlockStore {
+    /// Opens (creating if needed) the store under `dir`, and removes temporary files left by
+    /// processes that died mid-write.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let inner = Inner {
+            blocks: dir.join("blocks"),
+            tmp: dir.join("tmp"),
+            quarantine: dir.join("quarantine"),
+            next_tmp: AtomicU64::new(0),
+        };
+        for d in [&inner.blocks, &inner.tmp, &inner.quarantine] {
+            fs::create_dir_all(d).map_err(io_err("create directory", d))?;
+        }
+        let store = Self {
+            inner: Arc::new(inner),
+        };
+        store.remove_stale_tmp()?;
+        Ok(store)
+    }
+
+    /// Temporary files are named `<pid>.<n>`; those of processes no longer running are debris.
+    fn remove_stale_tmp(&self) -> Result<(), StoreError> {
+        let tmp = &self.inner.tmp;
+        for entry in fs::read_dir(tmp).map_err(io_err("list", tmp))? {
+            let entry = entry.map_err(io_err("list", tmp))?;
+            let name = entry.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.split('.').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|p| p == std::process::id() || process_alive(p));
+            if !alive {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the block with this CID lives.
+    fn path_of(&self, cid: &Cid) -> PathBuf {
+        let name = canonical(cid).to_string();
+        let shard = &name[name.len() - 3..name.len() - 1];
+        self.inner.blocks.join(shard).join(name)
+    }
+
+    /// Whether a block is stored (without verifying it).
+    pub fn has(&self, cid: &Cid) -> bool {
+        self.path_of(cid).is_file()
+    }
+
+    /// Reads and verifies a block. A block whose bytes do not hash to `cid` is quarantined and
+    /// reported as [`StoreError::Corrupt`].
+    pub fn get(&self, cid: &Cid) -> Result<Block, StoreError> {
+        let path = self.path_of(cid);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound(*cid))
+            }
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let len = file.metadata().map_err(io_err("stat", &path))?.len();
+        if len > MAX_BLOCK_SIZE as u64 {
+            return Err(self.quarantine(
+                cid,
+                &path,
+                format!("{len} bytes, over the block size limit"),
+            ));
+        }
+        let mut data = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut data).map_err(io_err("read", &path))?;
+        match Block::new(*cid, data) {
+            Ok(block) => Ok(block),
+            Err(BlockError::HashMismatch { .. }) => {
+                Err(self.quarantine(cid, &path, "bytes do not match the hash".to_owned()))
+            }
+            Err(e) => Err(StoreError::Unverifiable(e)),
+        }
+    }
+
+    fn quarantine(&self, cid: &Cid, path: &Path, reason: String) -> StoreError {
+        let n = self.inner.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let dest =
+            self.inner
+                .quarantine
+                .join(format!("{}.{}.{n}", canonical(cid), std::process::id()));
+        match fs::rename(path, &dest) {
+            Ok(()) => StoreError::Corrupt {
+                cid: *cid,
+                reason,
+                quarantined: dest,
+            },
+            // Another reader may have moved it first; the block is gone from the store either way.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => StoreError::Corrupt {
+                cid: *cid,
+                reason,
+                quarantined: self.inner.quarantine.clone(),
+            },
+            Err(e) => io_err("quarantine", path)(e),
+        }
+    }
+
+    /// Stores a block atomically. Returns `false` if it was already present. The block is not
+    /// yet durable against power loss: call [`sync`](Self::sync) before acknowledging it.
+    pub fn put(&self, block: &Block) -> Result<bool, StoreError> {
+        let path = self.path_of(block.cid());
+        if path.is_file() {
+            return Ok(false);
+        }
+        let n = self.inner.next_tmp.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.inner.tmp.join(format!("{}.{n}", std::process::id()));
+        let write = || -> io::Result<()> {
+            let mut f = File::create_new(&tmp)?;
+            f.write_all(block.data())?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("write", &tmp)(e));
+        }
+        let renamed = fs::rename(&tmp, &path).or_else(|e| {
+            if e.kind() != io::ErrorKind::NotFound {
+                return Err(e);
+            }
+            // First block in this shard: make the directory and try again.
+            fs::create_dir_all(path.parent().expect("sharded path"))?;
+            fs::rename(&tmp, &path)
+        });
+        if let Err(e) = renamed {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("store", &path)(e));
+        }
+        Ok(true)
+    }
+
+    /// Makes the given blocks durable: fsyncs each file and each directory holding one.
+    pub fn sync<'a>(&self, cids: impl IntoIterator<Item = &'a Cid>) -> Result<(), StoreError> {
+        let mut dirs = BTreeSet::new();
+        for cid in cids {
+            let path = self.path_of(cid);
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("sync", &path))?;
+            dirs.insert(path.parent().expect("sharded path").to_owned());
+        }
+        dirs.insert(self.inner.blocks.clone());
+        for dir in dirs {
+            File::open(&dir)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("sync", &dir))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a block. Returns `false` if it was not stored.
+    pub fn delete(&self, cid: &Cid) -> Result<bool, StoreError> {
+        let path = self.path_of(cid);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("delete", &path)(e)),
+        }
+    }
+
+    /// Every stored block's CID (canonical form), in no particular order. Streams the
+    /// directory listing, so it is fine for stores of millions of blocks.
+    pub fn list(&self) -> impl Iterator<Item = Result<Cid, StoreError>> + '_ {
+        self.entries().map(|r| r.map(|(cid, _)| cid))
+    }
+
+    /// Number of blocks and total bytes stored.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let mut stats = StoreStats::default();
+        for entry in self.entries() {
+            stats.blocks += 1;
+            stats.bytes += entry?.1;
+        }
+        Ok(stats)
+    }
+
+    fn entries(&self) -> impl Iterator<Item = Result<(Cid, u64), StoreError>> + '_ {
+        let root = &self.inner.blocks;
+        let shards = match fs::read_dir(root) {
+            Ok(rd) => Some(rd),
+            Err(e) => {
+                return Box::new(std::iter::once(Err(io_err("list", root)(e))))
+                    as Box<dyn Iterator<Item = _> + '_>
+            }
+        };
+        Box::new(shards.into_iter().flatten().flat_map(move |shard| {
+            let shard = match shard {
+                Ok(s) => s.path(),
+                Err(e) => return vec![Err(io_err("list", root)(e))].into_iter(),
+            };
+            let Ok(files) = fs::read_dir(&shard) else {
+                return Vec::new().into_iter();
+            };
+            files
+                .filter_map(|f| {
+                    let f = f.ok()?;
+                    // Anything that is not named by a CID is not a block (editor debris etc.).
+                    let cid = Cid::try_from(f.file_name().to_str()?).ok()?;
+                    let len = f.metadata().ok()?.len();
+                    Some(Ok((cid, len)))
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+        }))
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn process_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn process_alive(_pid: u32) -> bool {
+    // Without a cheap liveness check, keep the file: a few stray temporaries are harmless.
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, BlockStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn put_get_has_delete() {
+        let (_dir, store) = store();
+        let block = Block::raw(b"some bytes".to_vec());
+        assert!(!store.has(block.cid()));
+        assert!(matches!(
+            store.get(block.cid()),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(store.put(&block).unwrap());
+        assert!(!store.put(&block).unwrap(), "second put is a no-op");
+        assert!(store.has(block.cid()));
+        assert_eq!(store.get(block.cid()).unwrap(), block);
+        store.sync([block.cid()]).unwrap();
+        assert!(store.delete(block.cid()).unwrap());
+        assert!(!store.delete(block.cid()).unwrap());
+        assert!(!store.has(block.cid()));
+    }
+
+    #[test]
+    fn list_and_stats() {
+        let (_dir, store) = store();
+        let blocks: Vec<Block> = (0..50u32)
+            .map(|i| Block::raw(vec![7; i as usize]))
+            .collect();
+        for b in &blocks {
+            store.put(b).unwrap();
+        }
+        let mut listed: Vec<Cid> = store.list().map(Result::unwrap).collect();
+        listed.sort();
+        let mut want: Vec<Cid> = blocks.iter().map(|b| *b.cid()).collect();
+        want.sort();
+        assert_eq!(listed, want);
+        assert_eq!(
+            store.stats().unwrap(),
+            StoreStats {
+                blocks: 50,
+                bytes: (0..50).sum()
+            }
+        );
+    }
+
+    #[test]
+    fn cidv0_and_v1_share_a_block() {
+        let (_dir, store) = store();
+        let node = Block::dag_pb(vec![0x0a, 0x02, 0x08, 0x01]);
+        store.put(&node).unwrap();
+        let v0 = Cid::new_v0(*node.cid().hash()).unwrap();
+        let got = store.get(&v0).unwrap();
+        assert_eq!(got.cid(), &v0, "returned under the name it was asked for");
+        assert_eq!(got.data(), node.data());
+    }
+
+    #[test]
+    fn corrupt_blocks_are_quarantined_not_served() {
+        let (dir, store) = store();
+        let block = Block::raw(vec![1; 1000]);
+        store.put(&block).unwrap();
+        let path = store.path_of(block.cid());
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[500] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        match store.get(block.cid()) {
+            Err(StoreError::Corrupt { quarantined, .. }) => {
+                assert!(quarantined.starts_with(dir.path()))
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
+        assert!(!store.has(block.cid()), "corrupt block is no longer served");
+        assert_eq!(
+            fs::read_dir(dir.path().join("quarantine")).unwrap().count(),
+            1
+        );
+        // A good copy can be stored again.
+        assert!(store.put(&block).unwrap());
+        assert_eq!(store.get(block.cid()).unwrap(), block);
+    }
+
+    #[test]
+    fn truncated_and_oversized_files_are_corrupt() {
+        let (_dir, store) = store();
+        let block = Block::raw(vec![3; 4096]);
+        store.put(&block).unwrap();
+        let path = store.path_of(block.cid());
+        fs::write(&path, &block.data()[..100]).unwrap();
+        assert!(matches!(
+            store.get(block.cid()),
+            Err(StoreError::Corrupt { .. })
+        ));
+        store.put(&block).unwrap();
+        fs::write(&path, vec![0; MAX_BLOCK_SIZE + 1]).unwrap();
+        assert!(matches!(
+            store.get(block.cid()),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn stale_temporaries_are_removed_on_open() {
+        let (dir, store) = store();
+        // pid 0 is never a user process: a leftover of a dead writer.
+        let stale = dir.path().join("tmp").join("0.17");
+        fs::write(&stale, b"half a block").unwrap();
+        let mine = dir
+            .path()
+            .join("tmp")
+            .join(format!("{}.999", std::process::id()));
+        fs::write(&mine, b"in progress").unwrap();
+        drop(store);
+        BlockStore::open(dir.path()).unwrap();
+        assert!(!stale.exists());
+        assert!(mine.exists(), "a live process's temporary is left alone");
+    }
+
+    #[test]
+    fn concurrent_puts_and_gets() {
+        let (_dir, store) = store();
+        let blocks: Vec<Block> = (0..64u8).map(|i| Block::raw(vec![i; 10_000])).collect();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let (store, blocks) = (store.clone(), &blocks);
+                s.spawn(move || {
+                    for (i, b) in blocks.iter().enumerate() {
+                        store.put(b).unwrap();
+                        let other = &blocks[(i + t) % blocks.len()];
+                        match store.get(other.cid()) {
+                            Ok(got) => assert_eq!(&got, other),
+                            Err(StoreError::NotFound(_)) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(store.stats().unwrap().blocks, 64);
+        assert_eq!(fs::read_dir(_dir.path().join("tmp")).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,308 @@
+//! The `p2pmr` binary end to end, on real files in temporary repositories: CIDs at the chunk
+//! and fan-out boundaries, round trips, corruption, a kill -9 in the middle of `add`, and the
+//! one-line errors for bad input.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_p2pmr");
+const CHUNK: u64 = 262_144;
+
+fn p2pmr(home: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .env_remove("P2PMR_HOME")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone())
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// The "mix" content of the vector file (see protocol/tests/vectors/gen-vectors.mjs).
+fn mix(size: u64) -> Vec<u8> {
+    (0..size)
+        .map(|i| (7 * i + i / 2048 + 13 * (i / 262_144)) as u8)
+        .collect()
+}
+
+fn expected_cid(size: u64) -> String {
+    let table = include_str!("../../protocol/tests/vectors/unixfs.tsv");
+    table
+        .lines()
+        .map(|l| l.split('\t').collect::<Vec<_>>())
+        .find(|f| f[0] == "mix" && f[1] == size.to_string() && f[2] == CHUNK.to_string())
+        .unwrap_or_else(|| panic!("no vector for {size}"))[4]
+        .to_owned()
+}
+
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn block_files(home: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for shard in fs::read_dir(home.join("blocks")).unwrap() {
+        for f in fs::read_dir(shard.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out
+}
+
+#[test]
+fn public_vectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("repo");
+    let hello = write_file(dir.path(), "hello", b"hello world\n");
+    let empty = write_file(dir.path(), "empty", b"");
+    for (file, cid) in [
+        (
+            &hello,
+            "bafkreifjjcie6lypi6ny7amxnfftagclbuxndqonfipmb64f2km2devei4",
+        ),
+        (
+            &empty,
+            "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku",
+        ),
+    ] {
+        let out = p2pmr(&home, &["add", "-n", file.to_str().unwrap()]);
+        assert!(out.status.success());
+        assert_eq!(stdout(&out), cid);
+        let out = p2pmr(&home, &["add", file.to_str().unwrap()]);
+        assert_eq!(stdout(&out), cid);
+        let out = p2pmr(&home, &["cat", cid]);
+        assert!(out.status.success());
+        assert_eq!(out.stdout, fs::read(file).unwrap());
+    }
+}
+
+#[test]
+fn boundary_sizes_round_trip_with_kubo_cids() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("repo");
+    for size in [
+        0,
+        1,
+        CHUNK - 1,
+        CHUNK,
+        CHUNK + 1,
+        174 * CHUNK,
+        174 * CHUNK + 1,
+    ] {
+        let data = mix(size);
+        let file = write_file(dir.path(), "input", &data);
+        let only_hash = p2pmr(&home, &["add", "--only-hash", file.to_str().unwrap()]);
+        let added = p2pmr(&home, &["add", file.to_str().unwrap()]);
+        assert!(
+            added.status.success(),
+            "{size}: {}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+        let cid = stdout(&added);
+        assert_eq!(cid, expected_cid(size), "size {size}");
+        assert_eq!(stdout(&only_hash), cid, "size {size}: --only-hash differs");
+        // Adding again is stable and stores nothing new.
+        let before = block_files(&home).len();
+        assert_eq!(stdout(&p2pmr(&home, &["add", file.to_str().unwrap()])), cid);
+        assert_eq!(block_files(&home).len(), before);
+        let cat = p2pmr(&home, &["cat", &cid]);
+        assert!(cat.status.success());
+        assert!(cat.stdout == data, "size {size}: cat differs");
+        let tail = p2pmr(&home, &["cat", "--offset", &(size / 3).to_string(), &cid]);
+        assert!(
+            tail.stdout[..] == data[(size / 3) as usize..],
+            "size {size}: cat --offset differs"
+        );
+    }
+}
+
+#[test]
+fn only_hash_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("repo");
+    let file = write_file(dir.path(), "f", &mix(3 * CHUNK));
+    assert!(p2pmr(&home, &["add", "-n", file.to_str().unwrap()])
+        .status
+        .success());
+    assert!(
+        !home.exists(),
+        "--only-hash must not even create the repository"
+    );
+}
+
+#[test]
+fn stdin_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("repo");
+    let mut child = Command::new(BIN)
+        .args(["--home", home.to_str().unwrap(), "add", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello world\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        stdout(&out),
+        "bafkreifjjcie6lypi6ny7amxnfftagclbuxndqonfipmb64f2km2devei4"
+    );
+}
+
+#[test]
+fn corrupt_block_is_detected_and_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("repo");
+    let data = mix(5 * CHUNK);
+    let file = write_file(dir.path(), "f", &data);
+    let cid = stdout(&p2pmr(&home, &["add", file.to_str().unwrap()]));
+    // Flip one bit of one leaf on disk.
+    let leaf = block_files(&home)
+        .into_iter()
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with("bafk"))
+        .unwrap();
+    let mut bytes = fs::read(&leaf).unwrap();
+    bytes[1000] ^= 0x10;
+    fs::write(&leaf, bytes).unwrap();
+
+    let out = p2pmr(&home, &["cat", &cid]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("corrupt") && err.contains(leaf.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
+    assert!(!leaf.exists(), "corrupt block moved out of the store");
+    assert_eq!(fs::read_dir(home.join("quarantine")).unwrap().count(), 1);
+    // Re-adding the file repairs the store.
+    assert_eq!(stdout(&p2pmr(&home, &["add", file.to_str().unwrap()])), cid);
+    assert!(p2pmr(&home, &["cat", &cid]).stdout == data);
+    let verify = p2pmr(&home, &["repo", "verify"]);
+    assert!(verify.status.success());
+    assert_eq!(stdout(&verify), "6 blocks verified, 0 corrupt"); // 5 leaves and their root
+}
+
+#[test]
+fn kill_during_add_leaves_the_store_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("repo");
+    let data = mix(400 * CHUNK); // 100 MiB
+    let file = write_file(dir.path(), "big", &data);
+    // Kill at several points of the add, each time into the same repository.
+    for delay_ms in [5, 40, 150] {
+        let mut child = Command::new(BIN)
+            .args([
+                "--home",
+                home.to_str().unwrap(),
+                "add",
+                file.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // Every block under its final name is whole.
+        let verify = p2pmr(&home, &["repo", "verify"]);
+        assert!(
+            verify.status.success(),
+            "delay {delay_ms}: {}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+    // Opening the repository (by the verify above) removed the dead writers' temporaries.
+    assert_eq!(fs::read_dir(home.join("tmp")).unwrap().count(), 0);
+    let cid = stdout(&p2pmr(&home, &["add", file.to_str().unwrap()]));
+    assert_eq!(
+        cid,
+        stdout(&p2pmr(&home, &["add", "-n", file.to_str().unwrap()]))
+    );
+    assert!(p2pmr(&home, &["cat", &cid]).stdout == data);
+}
+
+#[test]
+fn bad_input_gives_one_line_and_a_nonzero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("repo");
+    let file = write_file(dir.path(), "f", b"some data\n");
+    let cid = stdout(&p2pmr(&home, &["add", file.to_str().unwrap()]));
+    let unknown = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku";
+    let missing = dir.path().join("nope");
+    let cases: Vec<(Vec<&str>, u8, &str)> = vec![
+        (vec!["add", missing.to_str().unwrap()], 1, "cannot open"),
+        (
+            vec!["add", dir.path().to_str().unwrap()],
+            1,
+            "is a directory",
+        ),
+        (vec!["add"], 2, "required"),
+        (vec!["cat", "not-a-cid"], 1, "not a CID"),
+        (vec!["cat", unknown], 1, "not in the local store"),
+        (vec!["cat", "--offset", "x", &cid], 2, "invalid value"),
+        (vec!["frobnicate"], 2, "unrecognized subcommand"),
+        (
+            vec!["add", "--bogus", file.to_str().unwrap()],
+            2,
+            "unexpected argument",
+        ),
+    ];
+    for (args, code, needle) in cases {
+        let out = p2pmr(&home, &args);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(i32::from(code)), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    // Nothing was lost or added by any of it.
+    let verify = p2pmr(&home, &["repo", "verify"]);
+    assert_eq!(stdout(&verify), "1 blocks verified, 0 corrupt");
+}
+
+#[test]
+fn help_explains_every_command() {
+    for args in [
+        &["--help"][..],
+        &["add", "--help"],
+        &["cat", "--help"],
+        &["repo", "--help"],
+        &["repo", "stat", "--help"],
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        assert!(
+            String::from_utf8(out.stdout).unwrap().contains("Usage:"),
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn home_from_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_file(dir.path(), "f", b"env home\n");
+    let out = Command::new(BIN)
+        .args(["add", file.to_str().unwrap()])
+        .env("P2PMR_HOME", dir.path().join("envrepo"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(dir.path().join("envrepo/blocks").is_dir());
+}
