@@ -19,6 +19,7 @@
 
 use p2pmr_protocol::block::{canonical, BlockError};
 use p2pmr_protocol::{Block, Cid, MAX_BLOCK_SIZE};
+#[cfg(not(target_os = "linux"))]
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -66,6 +67,9 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
     }
 }
 
+/// The alphabet of base32 CIDs, whose characters name the shard directories.
+const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+
 /// Block count and bytes held.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -99,8 +103,19 @@ impl BlockStore {
             quarantine: dir.join("quarantine"),
             next_tmp: AtomicU64::new(0),
         };
+        let new = !inner.blocks.is_dir();
         for d in [&inner.blocks, &inner.tmp, &inner.quarantine] {
             fs::create_dir_all(d).map_err(io_err("create directory", d))?;
+        }
+        if new {
+            // All 1024 shards up front: creating them one by one as blocks arrive doubled the
+            // time of a first `add` (a mkdir costs as much as writing a 256 KiB block here).
+            for a in BASE32 {
+                for b in BASE32 {
+                    let d = inner.blocks.join(format!("{}{}", *a as char, *b as char));
+                    fs::create_dir_all(&d).map_err(io_err("create directory", &d))?;
+                }
+            }
         }
         let store = Self {
             inner: Arc::new(inner),
@@ -226,21 +241,11 @@ impl BlockStore {
 
     /// Makes the given blocks durable: fsyncs each file and each directory holding one.
     pub fn sync<'a>(&self, cids: impl IntoIterator<Item = &'a Cid>) -> Result<(), StoreError> {
-        let mut dirs = BTreeSet::new();
+        let mut tracker = SyncTracker::new(self);
         for cid in cids {
-            let path = self.path_of(cid);
-            File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err("sync", &path))?;
-            dirs.insert(path.parent().expect("sharded path").to_owned());
+            tracker.written(cid)?;
         }
-        dirs.insert(self.inner.blocks.clone());
-        for dir in dirs {
-            File::open(&dir)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err("sync", &dir))?;
-        }
-        Ok(())
+        tracker.finish()
     }
 
     /// Removes a block. Returns `false` if it was not stored.
@@ -297,6 +302,63 @@ impl BlockStore {
                 .collect::<Vec<_>>()
                 .into_iter()
         }))
+    }
+}
+
+/// Makes a stream of [`BlockStore::put`]s durable. Acknowledge the blocks only after
+/// [`finish`](Self::finish) returns.
+///
+/// On Linux `finish` is one `syncfs` of the store's filesystem: one journal commit for the
+/// whole batch, directories included. Per-file fsync cost a journal commit per block and was
+/// measured 3x slower for a 256 MiB add. Elsewhere each file and each directory is fsynced.
+#[derive(Debug)]
+pub struct SyncTracker {
+    store: BlockStore,
+    #[cfg(not(target_os = "linux"))]
+    dirs: BTreeSet<PathBuf>,
+}
+
+impl SyncTracker {
+    /// A tracker for blocks of `store`.
+    pub fn new(store: &BlockStore) -> Self {
+        Self {
+            store: store.clone(),
+            #[cfg(not(target_os = "linux"))]
+            dirs: BTreeSet::new(),
+        }
+    }
+
+    /// Records that `cid` was stored and must become durable.
+    pub fn written(&mut self, cid: &Cid) -> Result<(), StoreError> {
+        #[cfg(not(target_os = "linux"))]
+        {
+            let path = self.store.path_of(cid);
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("sync", &path))?;
+            self.dirs
+                .insert(path.parent().expect("sharded path").to_owned());
+        }
+        #[cfg(target_os = "linux")]
+        let _ = cid;
+        Ok(())
+    }
+
+    /// Makes everything recorded durable.
+    pub fn finish(self) -> Result<(), StoreError> {
+        let blocks = &self.store.inner.blocks;
+        #[cfg(target_os = "linux")]
+        {
+            let dir = File::open(blocks).map_err(io_err("open", blocks))?;
+            rustix::fs::syncfs(&dir).map_err(|e| io_err("sync", blocks)(e.into()))?;
+        }
+        #[cfg(not(target_os = "linux"))]
+        for dir in self.dirs.iter().chain([blocks]) {
+            File::open(dir)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("sync", dir))?;
+        }
+        Ok(())
     }
 }
 
