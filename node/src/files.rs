@@ -103,9 +103,9 @@ fn write_blocks(
 ) -> Result<(), StoreError> {
     let mut durable = SyncTracker::new(store);
     for block in rx {
-        if store.put(&block)? {
-            durable.written(block.cid())?;
-        }
+        store.put(&block)?;
+        // Also when it was already there: an earlier add may have been killed before its sync.
+        durable.written(block.cid())?;
         let _ = recycle.try_send(block.into_data());
     }
     durable.finish()
