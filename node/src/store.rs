@@ -228,7 +228,7 @@ impl BlockStore {
             if e.kind() != io::ErrorKind::NotFound {
                 return Err(e);
             }
-            // First block in this shard: make the directory and try again.
+            // Shards are made with the store; this one was removed since. Remake it and retry.
             fs::create_dir_all(path.parent().expect("sharded path"))?;
             fs::rename(&tmp, &path)
         });
@@ -258,8 +258,8 @@ impl BlockStore {
         }
     }
 
-    /// Every stored block's CID (canonical form), in no particular order. Streams the
-    /// directory listing, so it is fine for stores of millions of blocks.
+    /// Every stored block's CID (canonical form), in no particular order. Lists one shard
+    /// directory at a time, so memory stays at 1/1024 of the store's listing.
     pub fn list(&self) -> impl Iterator<Item = Result<Cid, StoreError>> + '_ {
         self.entries().map(|r| r.map(|(cid, _)| cid))
     }
