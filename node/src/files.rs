@@ -114,7 +114,7 @@ fn write_blocks(
 
 /// Reads `source` in chunks (into buffers from `buffer`), builds the DAG and hands each block
 /// to `emit` (which returns `false` to stop early).
-fn build(
+pub(crate) fn build(
     mut source: impl Read,
     layout: Layout,
     mut buffer: impl FnMut() -> Vec<u8>,

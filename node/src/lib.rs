@@ -4,7 +4,10 @@
 //! [`Repo`] is the local half of a peer: the directory that holds its blocks. The binary in
 //! `main.rs` only parses arguments and calls into this crate.
 
+pub mod daemon;
 pub mod files;
+pub mod net;
+pub mod remote;
 pub mod store;
 
 use p2pmr_protocol::unixfs::Layout;

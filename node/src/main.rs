@@ -3,6 +3,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use libp2p::Multiaddr;
+use p2pmr_node::daemon::{Daemon, DaemonConfig};
+use p2pmr_node::remote::{self, ClientConfig, ClientPeer, Fetcher};
 use p2pmr_node::{files, FileError, Repo};
 use p2pmr_protocol::unixfs::Layout;
 use p2pmr_protocol::Cid;
@@ -22,8 +25,23 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR")]
     home: Option<PathBuf>,
 
+    #[command(flatten)]
+    net: NetArgs,
+
     #[command(subcommand)]
     command: Command,
+}
+
+/// How this peer finds others (used by daemon, add, cat, stat and peers).
+#[derive(Debug, clap::Args)]
+struct NetArgs {
+    /// A peer to dial, e.g. /ip4/10.0.0.2/tcp/4001/p2p/12D3Koo... (repeatable; also
+    /// $P2PMR_PEERS, separated by commas or spaces)
+    #[arg(long = "peer", global = true, value_name = "MULTIADDR")]
+    peers: Vec<Multiaddr>,
+    /// Do not discover peers on the LAN with mDNS
+    #[arg(long, global = true)]
+    no_mdns: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,20 +50,50 @@ enum Command {
     ///
     /// The CID is the one `ipfs add --cid-version=1` prints for the same bytes (256 KiB chunks,
     /// raw leaves, sha2-256, balanced DAG). It is printed only once every block is on disk.
+    ///
+    /// By default the blocks go to --replicas daemons found on the LAN or given with --peer,
+    /// and the CID is printed only when every block is durably stored on that many daemons.
     Add {
-        /// Only compute and print the CID; store nothing (as kubo's `add -n`)
-        #[arg(short = 'n', long)]
+        /// Only compute and print the CID; store nothing, contact no one (as kubo's `add -n`)
+        #[arg(short = 'n', long, conflicts_with_all = ["local", "replicas"])]
         only_hash: bool,
+        /// Store the blocks in the local repository only, without the network
+        #[arg(long)]
+        local: bool,
+        /// Distinct daemons that must each hold every block
+        #[arg(long, default_value_t = 2, value_name = "N",
+              value_parser = clap::value_parser!(u16).range(1..))]
+        replicas: u16,
         /// The file to add; `-` reads standard input
         file: PathBuf,
     },
     /// Write the bytes of the file CID to standard output, verifying every block.
+    ///
+    /// Blocks come from the local repository when it has them, else from the daemons that
+    /// hold them (found as for add).
     Cat {
         /// Start at this byte offset
         #[arg(long, default_value_t = 0, value_name = "BYTES")]
         offset: u64,
         /// The file's CID (as printed by `add`)
         cid: String,
+    },
+    /// Show a file's size, block count and which daemons hold how many of its blocks.
+    Stat {
+        /// The file's CID
+        cid: String,
+    },
+    /// List the daemons this client can reach.
+    Peers,
+    /// Run a daemon: hold blocks in the repository and serve them to the network.
+    ///
+    /// Prints `peer id: ID` and one `listening on ADDR` line per address on stdout, then logs
+    /// on stderr (RUST_LOG is respected). Stops cleanly on SIGINT or SIGTERM.
+    Daemon {
+        /// Address to listen on (repeatable) [default: all interfaces, TCP and QUIC, port
+        /// 4001 or the next free one]
+        #[arg(long, value_name = "MULTIADDR")]
+        listen: Vec<Multiaddr>,
     },
     /// Inspect or check the local repository.
     #[command(subcommand)]
@@ -59,6 +107,9 @@ enum RepoCommand {
     /// Read and verify every block; quarantine corrupt ones and report them.
     Verify,
 }
+
+/// Environment variable listing peers to dial, as `--peer` does.
+const PEERS_ENV: &str = "P2PMR_PEERS";
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -85,22 +136,91 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let client = client_config(&cli.net)?;
     match cli.command {
-        Command::Add { only_hash, file } => {
+        Command::Add {
+            only_hash,
+            local,
+            replicas,
+            file,
+        } => {
             let source = open_input(&file)?;
             let added = if only_hash {
                 files::import(source, None, Layout::KUBO)?
-            } else {
+            } else if local {
                 open_repo(cli.home)?.add(source)?
+            } else {
+                runtime()?.block_on(async {
+                    let peer = ClientPeer::connect(client, replicas.into()).await?;
+                    let added = remote::add(peer.net(), source, replicas.into()).await;
+                    peer.close().await;
+                    added
+                })?
             };
             println!("{}", added.root);
         }
         Command::Cat { offset, cid } => {
             let cid = parse_cid(&cid)?;
-            let repo = open_repo(cli.home)?;
+            let local = existing_repo(cli.home)?;
             let mut out = io::stdout().lock();
-            repo.cat(cid, offset, |bytes| out.write_all(bytes))?;
+            runtime()?.block_on(async {
+                let fetcher = Fetcher::lazy(local.map(|r| r.blocks().clone()), client);
+                fetcher.cat(cid, offset, |bytes| out.write_all(bytes)).await
+            })?;
             out.flush().map_err(FileError::Output)?;
+        }
+        Command::Stat { cid } => {
+            let cid = parse_cid(&cid)?;
+            let stat = runtime()?.block_on(async {
+                let fetcher = Fetcher::lazy(None, client);
+                remote::stat(&fetcher, cid).await
+            })?;
+            println!("cid:     {cid}");
+            println!("size:    {} bytes", stat.size);
+            println!("blocks:  {}", stat.blocks);
+            for (copies, n) in stat.replicas.iter().enumerate().filter(|(_, n)| **n > 0) {
+                println!("copies:  {n} blocks on {copies} daemon(s)");
+            }
+            for (peer, n) in &stat.holders {
+                println!("holder:  {peer} {n} blocks");
+            }
+        }
+        Command::Peers => {
+            let daemons = runtime()?.block_on(async {
+                let peer = ClientPeer::connect(client, usize::MAX).await?;
+                let daemons = peer.daemons();
+                peer.close().await;
+                Ok::<_, anyhow::Error>(daemons)
+            })?;
+            for (id, info) in daemons {
+                let addrs: Vec<String> = info.addrs.iter().map(ToString::to_string).collect();
+                println!("{id} {} {}", info.agent, addrs.join(" "));
+            }
+        }
+        Command::Daemon { listen } => {
+            let home = home_dir(cli.home)?;
+            runtime()?.block_on(async {
+                let daemon = Daemon::start(
+                    &home,
+                    DaemonConfig {
+                        listen,
+                        bootstrap: cli.net.peers.clone(),
+                        mdns: !cli.net.no_mdns,
+                    },
+                )
+                .await
+                .with_context(|| format!("cannot start the daemon in {}", home.display()))?;
+                let mut out = io::stdout().lock();
+                writeln!(out, "peer id: {}", daemon.peer_id())?;
+                for addr in daemon.listen_addrs() {
+                    writeln!(out, "listening on {addr}")?;
+                }
+                out.flush()?;
+                drop(out);
+                daemon.run_until(shutdown_signal()).await?;
+                tracing::info!("stopped");
+                Ok::<_, anyhow::Error>(())
+            })?;
         }
         Command::Repo(RepoCommand::Stat) => {
             let repo = open_repo(cli.home)?;
@@ -131,21 +251,78 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+fn home_dir(home: Option<PathBuf>) -> Result<PathBuf> {
+    home.or_else(|| {
+        std::env::var_os(p2pmr_node::HOME_ENV)
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from)
+    })
+    .or_else(p2pmr_node::default_home)
+    .context("no repository: pass --home DIR or set P2PMR_HOME (HOME is not set)")
+}
+
 fn open_repo(home: Option<PathBuf>) -> Result<Repo> {
-    let home = home
-        .or_else(|| {
-            std::env::var_os(p2pmr_node::HOME_ENV)
-                .filter(|h| !h.is_empty())
-                .map(PathBuf::from)
-        })
-        .or_else(p2pmr_node::default_home)
-        .context("no repository: pass --home DIR or set P2PMR_HOME (HOME is not set)")?;
+    let home = home_dir(home)?;
     Repo::open(&home).with_context(|| format!("cannot open repository {}", home.display()))
 }
 
-fn open_input(path: &Path) -> Result<Box<dyn Read>> {
+/// The repository if one exists; client commands never create one.
+fn existing_repo(home: Option<PathBuf>) -> Result<Option<Repo>> {
+    let Ok(home) = home_dir(home) else {
+        return Ok(None);
+    };
+    if !home.join("blocks").is_dir() {
+        return Ok(None);
+    }
+    Repo::open(&home)
+        .map(Some)
+        .with_context(|| format!("cannot open repository {}", home.display()))
+}
+
+fn client_config(net: &NetArgs) -> Result<ClientConfig> {
+    let mut peers = net.peers.clone();
+    if let Some(env) = std::env::var_os(PEERS_ENV) {
+        let env = env.to_string_lossy();
+        for addr in env.split([',', ' ']).filter(|a| !a.is_empty()) {
+            peers.push(
+                addr.parse().map_err(|e| {
+                    anyhow::anyhow!("{PEERS_ENV}: '{addr}' is not a multiaddr ({e})")
+                })?,
+            );
+        }
+    }
+    Ok(ClientConfig {
+        peers,
+        mdns: !net.no_mdns,
+        discovery: remote::DISCOVERY,
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail on unix");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn open_input(path: &Path) -> Result<Box<dyn Read + Send>> {
     if path == Path::new("-") {
-        return Ok(Box::new(io::stdin().lock()));
+        return Ok(Box::new(io::stdin()));
     }
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     if file

@@ -13,8 +13,11 @@ fn p2pmr(home: &Path, args: &[&str]) -> Output {
     Command::new(BIN)
         .arg("--home")
         .arg(home)
+        // Only the peers a test names: never whatever else is on this machine's LAN.
+        .arg("--no-mdns")
         .args(args)
         .env_remove("P2PMR_HOME")
+        .env_remove("P2PMR_PEERS")
         .output()
         .unwrap()
 }
@@ -78,7 +81,7 @@ fn public_vectors() {
         let out = p2pmr(&home, &["add", "-n", file.to_str().unwrap()]);
         assert!(out.status.success());
         assert_eq!(stdout(&out), cid);
-        let out = p2pmr(&home, &["add", file.to_str().unwrap()]);
+        let out = p2pmr(&home, &["add", "--local", file.to_str().unwrap()]);
         assert_eq!(stdout(&out), cid);
         let out = p2pmr(&home, &["cat", cid]);
         assert!(out.status.success());
@@ -102,7 +105,7 @@ fn boundary_sizes_round_trip_with_kubo_cids() {
         let data = mix(size);
         let file = write_file(dir.path(), "input", &data);
         let only_hash = p2pmr(&home, &["add", "--only-hash", file.to_str().unwrap()]);
-        let added = p2pmr(&home, &["add", file.to_str().unwrap()]);
+        let added = p2pmr(&home, &["add", "--local", file.to_str().unwrap()]);
         assert!(
             added.status.success(),
             "{size}: {}",
@@ -113,7 +116,10 @@ fn boundary_sizes_round_trip_with_kubo_cids() {
         assert_eq!(stdout(&only_hash), cid, "size {size}: --only-hash differs");
         // Adding again is stable and stores nothing new.
         let before = block_files(&home).len();
-        assert_eq!(stdout(&p2pmr(&home, &["add", file.to_str().unwrap()])), cid);
+        assert_eq!(
+            stdout(&p2pmr(&home, &["add", "--local", file.to_str().unwrap()])),
+            cid
+        );
         assert_eq!(block_files(&home).len(), before);
         let cat = p2pmr(&home, &["cat", &cid]);
         assert!(cat.status.success());
@@ -145,7 +151,7 @@ fn stdin_input() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("repo");
     let mut child = Command::new(BIN)
-        .args(["--home", home.to_str().unwrap(), "add", "-"])
+        .args(["--home", home.to_str().unwrap(), "add", "--local", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -170,7 +176,7 @@ fn corrupt_block_is_detected_and_quarantined() {
     let home = dir.path().join("repo");
     let data = mix(5 * CHUNK);
     let file = write_file(dir.path(), "f", &data);
-    let cid = stdout(&p2pmr(&home, &["add", file.to_str().unwrap()]));
+    let cid = stdout(&p2pmr(&home, &["add", "--local", file.to_str().unwrap()]));
     // Flip one bit of one leaf on disk.
     let leaf = block_files(&home)
         .into_iter()
@@ -191,7 +197,10 @@ fn corrupt_block_is_detected_and_quarantined() {
     assert!(!leaf.exists(), "corrupt block moved out of the store");
     assert_eq!(fs::read_dir(home.join("quarantine")).unwrap().count(), 1);
     // Re-adding the file repairs the store.
-    assert_eq!(stdout(&p2pmr(&home, &["add", file.to_str().unwrap()])), cid);
+    assert_eq!(
+        stdout(&p2pmr(&home, &["add", "--local", file.to_str().unwrap()])),
+        cid
+    );
     assert!(p2pmr(&home, &["cat", &cid]).stdout == data);
     let verify = p2pmr(&home, &["repo", "verify"]);
     assert!(verify.status.success());
@@ -211,6 +220,7 @@ fn kill_during_add_leaves_the_store_consistent() {
                 "--home",
                 home.to_str().unwrap(),
                 "add",
+                "--local",
                 file.to_str().unwrap(),
             ])
             .stdout(Stdio::null())
@@ -229,7 +239,7 @@ fn kill_during_add_leaves_the_store_consistent() {
     }
     // Opening the repository (by the verify above) removed the dead writers' temporaries.
     assert_eq!(fs::read_dir(home.join("tmp")).unwrap().count(), 0);
-    let cid = stdout(&p2pmr(&home, &["add", file.to_str().unwrap()]));
+    let cid = stdout(&p2pmr(&home, &["add", "--local", file.to_str().unwrap()]));
     assert_eq!(
         cid,
         stdout(&p2pmr(&home, &["add", "-n", file.to_str().unwrap()]))
@@ -242,7 +252,7 @@ fn bad_input_gives_one_line_and_a_nonzero_exit() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("repo");
     let file = write_file(dir.path(), "f", b"some data\n");
-    let cid = stdout(&p2pmr(&home, &["add", file.to_str().unwrap()]));
+    let cid = stdout(&p2pmr(&home, &["add", "--local", file.to_str().unwrap()]));
     let unknown = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku";
     let missing = dir.path().join("nope");
     let cases: Vec<(Vec<&str>, u8, &str)> = vec![
@@ -254,7 +264,19 @@ fn bad_input_gives_one_line_and_a_nonzero_exit() {
         ),
         (vec!["add"], 2, "required"),
         (vec!["cat", "not-a-cid"], 1, "not a CID"),
-        (vec!["cat", unknown], 1, "not in the local store"),
+        (vec!["cat", unknown], 1, "no daemon"),
+        (vec!["stat", unknown], 1, "no daemon"),
+        (
+            vec!["add", file.to_str().unwrap()],
+            1,
+            "need 2 daemon(s) but found 0",
+        ),
+        (
+            vec!["add", "--replicas", "0", file.to_str().unwrap()],
+            2,
+            "replicas",
+        ),
+        (vec!["peers", "--peer", "/ip4/nonsense"], 2, "--peer"),
         (vec!["cat", "--offset", "x", &cid], 2, "invalid value"),
         (vec!["frobnicate"], 2, "unrecognized subcommand"),
         (
@@ -299,7 +321,7 @@ fn home_from_environment() {
     let dir = tempfile::tempdir().unwrap();
     let file = write_file(dir.path(), "f", b"env home\n");
     let out = Command::new(BIN)
-        .args(["add", file.to_str().unwrap()])
+        .args(["add", "--local", file.to_str().unwrap()])
         .env("P2PMR_HOME", dir.path().join("envrepo"))
         .output()
         .unwrap();

@@ -11,6 +11,7 @@ pub mod block;
 pub mod dagpb;
 mod pb;
 pub mod unixfs;
+pub mod wire;
 
 pub use block::{Block, BlockError, MAX_BLOCK_SIZE};
 pub use cid::Cid;

@@ -1,0 +1,689 @@
+//! The libp2p side of a peer: one task owns the `Swarm` (TCP + QUIC, Noise, Yamux, identify,
+//! ping, mDNS, Kademlia and `/mapreduce/block/1.0.0`); the rest of the node talks to it through
+//! the cloneable [`NetClient`], whose calls become [`Command`]s answered over `oneshot`s, as in
+//! rust-libp2p's `file-sharing` example.
+//!
+//! Daemons serve the block protocol: their inbound requests come out of [`Network::inbound`]
+//! (a bounded queue; when it is full the request is refused at once, so a flood never grows
+//! memory or blocks the event loop). Client peers (`p2pmr add`, `cat`, ...) only send requests.
+//! Which connected peers are daemons is learnt from identify (they list the block protocol)
+//! and published on a `watch` channel that placement and fetching read.
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::identity::Keypair;
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
+};
+use p2pmr_protocol::wire::{
+    BlockRequest, BlockResponse, BLOCK_PROTOCOL, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Agent version announced over identify.
+pub const AGENT: &str = concat!("p2pmr/", env!("CARGO_PKG_VERSION"));
+const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mapreduce/kad/1.0.0");
+/// Commands queued for the event loop.
+const COMMAND_QUEUE: usize = 256;
+/// Inbound requests queued for the daemon's handlers before new ones are refused as busy.
+const INBOUND_QUEUE: usize = 256;
+/// A request not answered within this time fails (the peer is slow or gone).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of the network layer.
+#[derive(Debug, Error)]
+pub enum NetError {
+    /// The transport could not be set up or could not listen.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// Setting up the swarm failed.
+    #[error("cannot start the network: {0}")]
+    Setup(String),
+    /// A request to a peer failed (dial failure, timeout, connection closed, bad response).
+    #[error("request to {peer} failed: {reason}")]
+    Request {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// The network task has stopped.
+    #[error("the network task has stopped")]
+    Stopped,
+}
+
+/// How to start a peer's network.
+#[derive(Debug)]
+pub struct NetConfig {
+    /// The peer's identity.
+    pub keypair: Keypair,
+    /// Addresses to listen on; empty for a client peer that only dials.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start and to bootstrap Kademlia from.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// Serve the block protocol (daemons) or only request (clients).
+    pub serve: bool,
+}
+
+/// A block request received from a peer, to be answered with [`NetClient::respond`].
+#[derive(Debug)]
+pub struct Inbound {
+    /// Who asked.
+    pub peer: PeerId,
+    /// What they asked.
+    pub request: BlockRequest,
+    /// Where the answer goes.
+    pub channel: ResponseChannel<BlockResponse>,
+}
+
+/// A connected daemon as seen from here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Addresses it listens on (from identify).
+    pub addrs: Vec<Multiaddr>,
+    /// Its agent version.
+    pub agent: String,
+}
+
+/// A running network: the handle, the inbound requests (daemons only) and the task.
+#[derive(Debug)]
+pub struct Network {
+    /// The handle to the event loop.
+    pub client: NetClient,
+    /// Inbound block requests (never yields for client peers).
+    pub inbound: mpsc::Receiver<Inbound>,
+    /// The event loop task; it ends after [`NetClient::shutdown`] or when every handle is gone.
+    pub task: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Request {
+        peer: PeerId,
+        request: BlockRequest,
+        reply: oneshot::Sender<Result<BlockResponse, NetError>>,
+    },
+    Respond {
+        channel: ResponseChannel<BlockResponse>,
+        response: BlockResponse,
+    },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NetError>>,
+    },
+    Ban(PeerId),
+    Shutdown,
+}
+
+/// Cheap, cloneable handle to a peer's network task.
+#[derive(Debug, Clone)]
+pub struct NetClient {
+    commands: mpsc::Sender<Command>,
+    local: PeerId,
+    daemons: watch::Receiver<BTreeMap<PeerId, PeerInfo>>,
+    listen: watch::Receiver<Vec<Multiaddr>>,
+}
+
+impl NetClient {
+    /// This peer's id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    /// Sends `request` to `peer` (dialling it if needed) and waits for the answer.
+    pub async fn request(
+        &self,
+        peer: PeerId,
+        request: BlockRequest,
+    ) -> Result<BlockResponse, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Request {
+            peer,
+            request,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Answers an inbound request.
+    pub async fn respond(&self, channel: ResponseChannel<BlockResponse>, response: BlockResponse) {
+        // If the loop has stopped the requester gets a closed stream, which is all we can do.
+        let _ = self.send(Command::Respond { channel, response }).await;
+    }
+
+    /// Dials `addr` (which may name the peer with `/p2p/...`) and waits for the connection.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Dial { addr, reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Closes every connection to `peer` and refuses new ones (e.g. after it sent a wrong
+    /// block): it is no longer a daemon for this peer.
+    pub async fn ban(&self, peer: PeerId) {
+        let _ = self.send(Command::Ban(peer)).await;
+    }
+
+    /// Stops the event loop (connections are closed).
+    pub async fn shutdown(&self) {
+        let _ = self.send(Command::Shutdown).await;
+    }
+
+    /// The connected daemons, by peer id.
+    pub fn daemons(&self) -> BTreeMap<PeerId, PeerInfo> {
+        self.daemons.borrow().clone()
+    }
+
+    /// A receiver that sees every change of the daemon set.
+    pub fn watch_daemons(&self) -> watch::Receiver<BTreeMap<PeerId, PeerInfo>> {
+        self.daemons.clone()
+    }
+
+    /// Addresses this peer listens on, each ending in `/p2p/<id>`.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.listen.borrow().clone()
+    }
+
+    async fn send(&self, command: Command) -> Result<(), NetError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| NetError::Stopped)
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    blocks: request_response::Behaviour<BlockCodec>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    mdns: libp2p::swarm::behaviour::toggle::Toggle<mdns::tokio::Behaviour>,
+}
+
+/// Starts the network and returns once every listen address is bound.
+pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
+    let local = config.keypair.public().to_peer_id();
+    let serve = config.serve;
+    let use_mdns = config.mdns;
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux_config,
+        )
+        .map_err(|e| NetError::Setup(e.to_string()))?
+        .with_quic()
+        .with_dns()
+        .map_err(|e| NetError::Setup(e.to_string()))?
+        .with_behaviour(|key| {
+            let support = if serve {
+                ProtocolSupport::Full
+            } else {
+                ProtocolSupport::Outbound
+            };
+            let blocks = request_response::Behaviour::with_codec(
+                BlockCodec,
+                [(StreamProtocol::new(BLOCK_PROTOCOL), support)],
+                request_response::Config::default()
+                    .with_request_timeout(REQUEST_TIMEOUT)
+                    .with_max_concurrent_streams(256),
+            );
+            let identify = identify::Behaviour::new(
+                identify::Config::new("/mapreduce/id/1.0.0".into(), key.public())
+                    .with_agent_version(AGENT.into()),
+            );
+            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+            kad_config.set_query_timeout(Duration::from_secs(30));
+            // We bootstrap ourselves once a daemon is known, and every 5 minutes after.
+            kad_config.set_periodic_bootstrap_interval(None);
+            let mut kad =
+                kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
+            kad.set_mode(Some(if serve {
+                kad::Mode::Server
+            } else {
+                kad::Mode::Client
+            }));
+            let mdns = if use_mdns {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                blocks,
+                identify,
+                ping: ping::Behaviour::new(ping::Config::new()),
+                kad,
+                mdns: mdns.into(),
+            })
+        })
+        .map_err(|e| NetError::Setup(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+
+    let mut listeners = HashSet::new();
+    for addr in &config.listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .map_err(|e| NetError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
+        listeners.insert(id);
+    }
+    let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
+    let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
+    let (daemons_tx, daemons) = watch::channel(BTreeMap::new());
+    let (listen_tx, listen) = watch::channel(Vec::new());
+    let mut event_loop = EventLoop {
+        swarm,
+        commands,
+        inbound: inbound_tx,
+        pending: HashMap::new(),
+        dials: HashMap::new(),
+        daemons: daemons_tx,
+        listen: listen_tx,
+        bootstrapped: false,
+        banned: HashSet::new(),
+    };
+    // Wait (briefly) until every listener reports its addresses, so callers can print them.
+    // A wildcard listener reports one per interface, in a burst: take what comes within 50 ms
+    // of the last listener's first address.
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !config.listen.is_empty() {
+        let Ok(event) =
+            tokio::time::timeout_at(deadline, event_loop.swarm.select_next_some()).await
+        else {
+            break;
+        };
+        if let SwarmEvent::NewListenAddr { listener_id, .. } = &event {
+            listeners.remove(listener_id);
+            if listeners.is_empty() {
+                deadline = deadline.min(tokio::time::Instant::now() + Duration::from_millis(50));
+            }
+        }
+        event_loop.handle_event(event);
+    }
+    for addr in config.bootstrap {
+        if let Err(e) = event_loop.swarm.dial(addr.clone()) {
+            tracing::warn!("cannot dial {addr}: {e}");
+        }
+    }
+    let client = NetClient {
+        commands: commands_tx,
+        local,
+        daemons,
+        listen,
+    };
+    let task = tokio::spawn(event_loop.run());
+    Ok(Network {
+        client,
+        inbound,
+        task,
+    })
+}
+
+fn yamux_config() -> yamux::Config {
+    // Defaults, but room for the 256 concurrent block streams we allow.
+    let mut config = yamux::Config::default();
+    config.set_max_num_streams(512);
+    config
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    inbound: mpsc::Sender<Inbound>,
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<BlockResponse, NetError>>>,
+    dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetError>>>>,
+    daemons: watch::Sender<BTreeMap<PeerId, PeerInfo>>,
+    listen: watch::Sender<Vec<Multiaddr>>,
+    bootstrapped: bool,
+    /// Peers caught misbehaving: never connected to again by this peer.
+    banned: HashSet<PeerId>,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        let mut refresh = tokio::time::interval(Duration::from_secs(300));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.handle_event(event),
+                command = self.commands.recv() => match command {
+                    Some(Command::Shutdown) | None => break,
+                    Some(command) => self.handle_command(command),
+                },
+                _ = refresh.tick() => {
+                    if self.bootstrapped {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
+            }
+        }
+        for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(NetError::Stopped));
+        }
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::Request {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .blocks
+                    .send_request(&peer, request);
+                self.pending.insert(id, reply);
+            }
+            Command::Respond { channel, response } => {
+                // Fails only if the requester has gone; nothing to do then.
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .blocks
+                    .send_response(channel, response);
+            }
+            Command::Dial { addr, reply } => {
+                let peer = addr.iter().find_map(|p| match p {
+                    libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+                    _ => None,
+                });
+                match self.swarm.dial(addr.clone()) {
+                    Ok(()) => match peer {
+                        Some(peer) if !self.swarm.is_connected(&peer) => {
+                            self.dials.entry(peer).or_default().push(reply)
+                        }
+                        // Without a peer id we cannot match the connection; report the dial
+                        // as started.
+                        _ => {
+                            let _ = reply.send(Ok(()));
+                        }
+                    },
+                    Err(e) => {
+                        let _ = reply.send(Err(NetError::Request {
+                            peer: peer.unwrap_or(PeerId::random()),
+                            reason: format!("cannot dial {addr}: {e}"),
+                        }));
+                    }
+                }
+            }
+            Command::Ban(peer) => {
+                self.banned.insert(peer);
+                self.daemons.send_if_modified(|d| d.remove(&peer).is_some());
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    fn handle_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let local = *self.swarm.local_peer_id();
+                let full = address.with_p2p(local).unwrap_or_else(|a| a);
+                self.listen.send_modify(|l| l.push(full));
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let local = *self.swarm.local_peer_id();
+                let full = address.with_p2p(local).unwrap_or_else(|a| a);
+                self.listen.send_modify(|l| l.retain(|a| a != &full));
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } if self.banned.contains(&peer_id) => {
+                let _ = self.swarm.disconnect_peer_id(peer_id);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                for reply in self.dials.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } if !self.swarm.is_connected(&peer) => {
+                for reply in self.dials.remove(&peer).unwrap_or_default() {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
+                self.daemons
+                    .send_if_modified(|d| d.remove(&peer_id).is_some());
+            }
+            SwarmEvent::Behaviour(event) => self.handle_behaviour(event),
+            _ => {}
+        }
+    }
+
+    fn handle_behaviour(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Blocks(event) => self.handle_blocks(event),
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let block = StreamProtocol::new(BLOCK_PROTOCOL);
+                if !info.protocols.contains(&block)
+                    || !self.swarm.is_connected(&peer_id)
+                    || self.banned.contains(&peer_id)
+                {
+                    return;
+                }
+                for addr in &info.listen_addrs {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer_id, addr.clone());
+                }
+                let info = PeerInfo {
+                    addrs: info.listen_addrs,
+                    agent: info.agent_version,
+                };
+                self.daemons
+                    .send_if_modified(|d| d.insert(peer_id, info.clone()).as_ref() != Some(&info));
+                if !self.bootstrapped {
+                    self.bootstrapped = true;
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+                for (peer, addr) in found {
+                    by_peer.entry(peer).or_default().push(addr);
+                }
+                for (peer, addrs) in by_peer {
+                    self.dial_peer(peer, addrs);
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated {
+                peer, addresses, ..
+            }) => {
+                // Peers learnt beyond the LAN: connect, so identify tells us if they serve
+                // blocks. Our networks are small (tens of peers), so connecting to all is fine.
+                self.dial_peer(peer, addresses.into_vec());
+            }
+            _ => {}
+        }
+    }
+
+    fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if peer == *self.swarm.local_peer_id()
+            || self.swarm.is_connected(&peer)
+            || self.banned.contains(&peer)
+        {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!("dial {peer}: {e}");
+        }
+    }
+
+    fn handle_blocks(&mut self, event: request_response::Event<BlockRequest, BlockResponse>) {
+        use request_response::{Event, Message};
+        match event {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let inbound = Inbound {
+                    peer,
+                    request,
+                    channel,
+                };
+                if let Err(e) = self.inbound.try_send(inbound) {
+                    let inbound = match e {
+                        mpsc::error::TrySendError::Full(i)
+                        | mpsc::error::TrySendError::Closed(i) => i,
+                    };
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .blocks
+                        .send_response(inbound.channel, BlockResponse::Refused("busy".into()));
+                }
+            }
+            Event::Message {
+                message:
+                    Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(NetError::Request {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!("inbound request from {peer} failed: {error}");
+            }
+            Event::ResponseSent { .. } => {}
+        }
+    }
+}
+
+/// Frames block-protocol messages as a 4-byte big-endian length and the encoded message, and
+/// refuses frames over the protocol's limits before allocating for them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlockCodec;
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the limit of {limit}"),
+        ));
+    }
+    let mut buf = vec![0; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, payload: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(payload).await?;
+    io.close().await
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+impl request_response::Codec for BlockCodec {
+    type Protocol = StreamProtocol;
+    type Request = BlockRequest;
+    type Response = BlockResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<BlockRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let frame = read_frame(io, MAX_REQUEST_SIZE).await?;
+        BlockRequest::decode(&frame).map_err(invalid)
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<BlockResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let frame = read_frame(io, MAX_RESPONSE_SIZE).await?;
+        BlockResponse::decode(&frame).map_err(invalid)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        request: BlockRequest,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &request.encode()).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        response: BlockResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &response.encode()).await
+    }
+}

@@ -1,0 +1,587 @@
+//! Client commands as peers: `add` pushes a file's blocks to N daemons chosen by the placement
+//! rule, `cat` streams a file from whoever holds it, `stat` counts who holds what.
+//!
+//! A [`ClientPeer`] is a short-lived libp2p peer with a fresh identity that finds daemons by
+//! mDNS and/or `--peer` addresses. It never uses a local daemon's repository directly: a daemon
+//! on the same machine is found and used over the network like any other, so the commands work
+//! the same with or without one. `cat` does read blocks from the local repository first when
+//! one exists, which is free and keeps `add --local` files readable without any daemon.
+//!
+//! Placement is rendezvous hashing over the connected daemons' peer ids
+//! ([`p2pmr_protocol::wire::rank_peers`]). No per-block provider records are announced:
+//! a reader ranks the daemons it knows the same way and asks the likely holders first, falling
+//! back to the rest, so finding a block costs no lookup and no DHT state.
+
+use crate::files::{self, Added, FileError};
+use crate::net::{self, NetClient, NetConfig, NetError};
+use crate::store::{BlockStore, StoreError};
+use futures::future::join_all;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use p2pmr_protocol::block::RAW;
+use p2pmr_protocol::dagpb::PbNode;
+use p2pmr_protocol::unixfs::{FileReader, Layout, UnixFsError};
+use p2pmr_protocol::wire::{rank_peers, BlockRequest, BlockResponse, MAX_HAS};
+use p2pmr_protocol::{Block, Cid};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, Read};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::sync::{mpsc, OnceCell, Semaphore};
+use tokio::task::JoinSet;
+
+/// Blocks being pushed or fetched at once by one command.
+pub const WINDOW: usize = 32;
+/// How long a client looks for daemons on the LAN before using what it found.
+pub const DISCOVERY: Duration = Duration::from_secs(2);
+
+/// Errors of client operations over the network.
+#[derive(Debug, Error)]
+pub enum RemoteError {
+    /// Fewer daemons are reachable than the operation needs.
+    #[error("need {need} daemon(s) but found {found} (start `p2pmr daemon` on more peers, or pass --peer)")]
+    NotEnoughDaemons {
+        /// How many were needed.
+        need: usize,
+        /// How many were found.
+        found: usize,
+    },
+    /// A block could not be stored on enough daemons.
+    #[error("block {cid} was stored on {stored} of {wanted} daemons: {reason}")]
+    Replication {
+        /// The block.
+        cid: Cid,
+        /// Durable copies made.
+        stored: usize,
+        /// Copies wanted.
+        wanted: usize,
+        /// The last failure.
+        reason: String,
+    },
+    /// No daemon could be found to ask for the block.
+    #[error("block {cid} is not stored here and no daemon was found to ask (start `p2pmr daemon`, or pass --peer)")]
+    NoDaemons {
+        /// The block.
+        cid: Cid,
+    },
+    /// No reachable daemon has the block.
+    #[error("block {cid} is not available from any of {asked} reachable daemon(s)")]
+    Unavailable {
+        /// The block.
+        cid: Cid,
+        /// How many daemons were asked.
+        asked: usize,
+    },
+    /// Reading or writing files failed.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The network failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+}
+
+impl From<UnixFsError> for RemoteError {
+    fn from(e: UnixFsError) -> Self {
+        Self::File(FileError::Format(e))
+    }
+}
+
+/// How a client peer finds daemons.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Daemons to dial.
+    pub peers: Vec<Multiaddr>,
+    /// Also discover daemons on the LAN with mDNS.
+    pub mdns: bool,
+    /// How long to look for daemons by mDNS.
+    pub discovery: Duration,
+}
+
+/// A short-lived peer for client commands.
+#[derive(Debug)]
+pub struct ClientPeer {
+    net: NetClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ClientPeer {
+    /// Starts a client peer and looks for daemons: dials every `--peer` address and, with mDNS,
+    /// listens for daemons on the LAN until `want` are found and no more arrive for 300 ms, or
+    /// `discovery` has passed.
+    pub async fn connect(config: ClientConfig, want: usize) -> Result<Self, RemoteError> {
+        let network = net::spawn(NetConfig {
+            keypair: Keypair::generate_ed25519(),
+            listen: vec![],
+            bootstrap: vec![],
+            mdns: config.mdns,
+            serve: false,
+        })
+        .await?;
+        let peer = Self {
+            net: network.client,
+            task: network.task,
+        };
+        let dials = config.peers.iter().map(|a| peer.net.dial(a.clone()));
+        // The reachable `--peer`s we wait to hear from (identify follows the connection).
+        let mut named = Vec::new();
+        for (addr, result) in config.peers.iter().zip(join_all(dials).await) {
+            match result {
+                Ok(()) => named.extend(peer_of(addr)),
+                Err(e) => tracing::warn!("cannot reach {addr}: {e}"),
+            }
+        }
+        let deadline = Instant::now() + config.discovery.max(Duration::from_millis(500));
+        let mut changes = peer.net.watch_daemons();
+        let mut settled_at = Instant::now();
+        loop {
+            let daemons = peer.net.daemons();
+            let named_ready = named.iter().all(|p| daemons.contains_key(p));
+            let enough = daemons.len() >= want.max(1);
+            let quiet = settled_at.elapsed() >= Duration::from_millis(300);
+            // Without mDNS there is nothing more to wait for once the named peers are in.
+            if named_ready && (!config.mdns || (enough && quiet)) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            let wait = tokio::time::sleep(Duration::from_millis(50));
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() { break; }
+                    settled_at = Instant::now();
+                }
+                _ = wait => {}
+            }
+        }
+        Ok(peer)
+    }
+
+    /// The network handle.
+    pub fn net(&self) -> &NetClient {
+        &self.net
+    }
+
+    /// The connected daemons.
+    pub fn daemons(&self) -> BTreeMap<PeerId, net::PeerInfo> {
+        self.net.daemons()
+    }
+
+    /// Closes the peer's connections.
+    pub async fn close(self) {
+        self.net.shutdown().await;
+        let _ = self.task.await;
+    }
+}
+
+fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}
+
+/// Adds `source` to the network: every block is stored durably on `replicas` distinct daemons
+/// before the root is returned.
+pub async fn add(
+    net: &NetClient,
+    source: impl Read + Send + 'static,
+    replicas: usize,
+) -> Result<Added, RemoteError> {
+    let daemons: Vec<PeerId> = net.daemons().into_keys().collect();
+    if replicas == 0 || daemons.len() < replicas {
+        return Err(RemoteError::NotEnoughDaemons {
+            need: replicas.max(1),
+            found: daemons.len(),
+        });
+    }
+    let (tx, mut rx) = mpsc::channel::<Block>(WINDOW);
+    // Chunking and hashing are CPU work: a plain thread feeds the async uploader.
+    let builder = tokio::task::spawn_blocking(move || {
+        files::build(source, Layout::KUBO, Vec::new, |b| {
+            tx.blocking_send(b).is_ok()
+        })
+    });
+    let window = Arc::new(Semaphore::new(WINDOW));
+    let daemons = Arc::new(daemons);
+    let mut uploads = JoinSet::new();
+    let mut failure = None;
+    while let Some(block) = rx.recv().await {
+        // Reap finished uploads so errors surface early and the set stays small.
+        while let Some(done) = uploads.try_join_next() {
+            if let Err(e) = done.expect("upload task panicked") {
+                failure.get_or_insert(e);
+            }
+        }
+        if failure.is_some() {
+            break;
+        }
+        let permit = window.clone().acquire_owned().await.expect("never closed");
+        let (net, daemons) = (net.clone(), daemons.clone());
+        uploads.spawn(async move {
+            let r = push(&net, &daemons, block, replicas).await;
+            drop(permit);
+            r
+        });
+    }
+    drop(rx);
+    while let Some(done) = uploads.join_next().await {
+        if let Err(e) = done.expect("upload task panicked") {
+            failure.get_or_insert(e);
+        }
+    }
+    let built = builder.await.expect("chunker panicked");
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(built?)
+}
+
+/// Stores `block` on `replicas` daemons, best-ranked first, moving down the ranking past
+/// daemons that refuse or fail.
+async fn push(
+    net: &NetClient,
+    daemons: &[PeerId],
+    block: Block,
+    replicas: usize,
+) -> Result<(), RemoteError> {
+    let ids: Vec<Vec<u8>> = daemons.iter().map(|p| p.to_bytes()).collect();
+    let ranked: Vec<PeerId> = rank_peers(block.cid(), &ids)
+        .into_iter()
+        .map(|b| PeerId::from_bytes(b).expect("our own peer ids"))
+        .collect();
+    let mut stored = 0;
+    let mut next = 0;
+    let mut reason = String::from("not enough daemons");
+    while stored < replicas && next < ranked.len() {
+        let batch = &ranked[next..(next + replicas - stored).min(ranked.len())];
+        next += batch.len();
+        let puts = batch.iter().map(|&peer| {
+            net.request(
+                peer,
+                BlockRequest::Put {
+                    cid: *block.cid(),
+                    data: block.data().to_vec(),
+                },
+            )
+        });
+        for (peer, result) in batch.iter().zip(join_all(puts).await) {
+            match result {
+                Ok(BlockResponse::Stored) => stored += 1,
+                Ok(other) => reason = format!("{peer} answered {}", describe(&other)),
+                Err(e) => reason = e.to_string(),
+            }
+        }
+    }
+    if stored < replicas {
+        return Err(RemoteError::Replication {
+            cid: *block.cid(),
+            stored,
+            wanted: replicas,
+            reason,
+        });
+    }
+    Ok(())
+}
+
+fn describe(response: &BlockResponse) -> String {
+    match response {
+        BlockResponse::Refused(r) => format!("refused: {r}"),
+        BlockResponse::Block(_) => "a block".into(),
+        BlockResponse::NotFound => "not found".into(),
+        BlockResponse::Stored => "stored".into(),
+        BlockResponse::Have(_) => "a Have list".into(),
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct PeerScore {
+    /// Smoothed answer time in ms (0 = not measured yet, so tried first).
+    latency_ms: f64,
+    /// Sent a block that did not match its CID: never asked again.
+    banned: bool,
+}
+
+/// Fetches verified blocks: from the local store if there is one, else from the daemons most
+/// likely to hold them, fastest first. A daemon that sends wrong bytes is dropped.
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    net: Arc<OnceCell<NetClient>>,
+    connect: Option<ClientConfig>,
+    local: Option<BlockStore>,
+    scores: Arc<Mutex<HashMap<PeerId, PeerScore>>>,
+}
+
+impl Fetcher {
+    /// A fetcher over `net` (if any) and `local` (if any).
+    pub fn new(net: Option<NetClient>, local: Option<BlockStore>) -> Self {
+        Self {
+            net: Arc::new(OnceCell::new_with(net)),
+            connect: None,
+            local,
+            scores: Arc::default(),
+        }
+    }
+
+    /// A fetcher that reads `local` first and starts a client peer with `config` only when a
+    /// block is missing there (so reading local files never waits for discovery).
+    pub fn lazy(local: Option<BlockStore>, config: ClientConfig) -> Self {
+        Self {
+            net: Arc::default(),
+            connect: Some(config),
+            local,
+            scores: Arc::default(),
+        }
+    }
+
+    async fn network(&self) -> Result<Option<&NetClient>, RemoteError> {
+        if let Some(config) = &self.connect {
+            let net = self
+                .net
+                .get_or_try_init(|| async {
+                    let peer = ClientPeer::connect(config.clone(), 1).await?;
+                    Ok::<_, RemoteError>(peer.net)
+                })
+                .await?;
+            return Ok(Some(net));
+        }
+        Ok(self.net.get())
+    }
+
+    /// Peers found lying so far.
+    pub fn banned(&self) -> Vec<PeerId> {
+        let scores = self.scores.lock().expect("poisoned");
+        scores
+            .iter()
+            .filter(|(_, s)| s.banned)
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// The daemons to ask for `cid`, in order: placement rank, but among the first three
+    /// (the likely holders) the fastest to answer so far first.
+    fn candidates(&self, net: &NetClient, cid: &Cid) -> Vec<PeerId> {
+        let scores = self.scores.lock().expect("poisoned").clone();
+        let ids: Vec<Vec<u8>> = net
+            .daemons()
+            .into_keys()
+            .filter(|p| !scores.get(p).is_some_and(|s| s.banned))
+            .map(|p| p.to_bytes())
+            .collect();
+        let mut ranked: Vec<PeerId> = rank_peers(cid, &ids)
+            .into_iter()
+            .map(|b| PeerId::from_bytes(b).expect("our own peer ids"))
+            .collect();
+        let head = ranked.len().min(3);
+        ranked[..head].sort_by(|a, b| {
+            let la = scores.get(a).map_or(0.0, |s| s.latency_ms);
+            let lb = scores.get(b).map_or(0.0, |s| s.latency_ms);
+            la.total_cmp(&lb)
+        });
+        ranked
+    }
+
+    fn record(&self, peer: PeerId, elapsed: Duration, ok: bool) {
+        let mut scores = self.scores.lock().expect("poisoned");
+        let s = scores.entry(peer).or_default();
+        // Failures count as slow answers, so a flaky peer sinks in the order.
+        let sample = if ok { elapsed.as_secs_f64() * 1e3 } else { 1e4 };
+        s.latency_ms = if s.latency_ms == 0.0 {
+            sample
+        } else {
+            0.8 * s.latency_ms + 0.2 * sample
+        };
+    }
+
+    fn ban(&self, peer: PeerId) {
+        self.scores
+            .lock()
+            .expect("poisoned")
+            .entry(peer)
+            .or_default()
+            .banned = true;
+    }
+
+    /// Fetches and verifies one block. A block found corrupt in the local store is fetched
+    /// from the network and repaired locally; if no daemon has it, the corruption is the error.
+    pub async fn fetch(&self, cid: Cid) -> Result<Block, RemoteError> {
+        let mut corrupt = None;
+        if let Some(store) = &self.local {
+            let store = store.clone();
+            let local = tokio::task::spawn_blocking(move || store.get(&cid))
+                .await
+                .expect("store task panicked");
+            match local {
+                Ok(block) => return Ok(block),
+                Err(StoreError::NotFound(_)) => {}
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    tracing::debug!("{e}; fetching it from the network");
+                    corrupt = Some(e);
+                }
+                Err(e) => return Err(FileError::Store(e).into()),
+            }
+        }
+        match (self.fetch_remote(cid).await, corrupt) {
+            (Ok(block), Some(_)) => {
+                let store = self.local.clone().expect("corruption was found in it");
+                let repaired = block.clone();
+                let put = tokio::task::spawn_blocking(move || store.put(&repaired)).await;
+                match put {
+                    Ok(Ok(_)) => tracing::warn!("repaired corrupt block {cid} from the network"),
+                    Ok(Err(e)) => tracing::warn!("cannot repair {cid} in the local store: {e}"),
+                    Err(e) => tracing::warn!("cannot repair {cid} in the local store: {e}"),
+                }
+                Ok(block)
+            }
+            (Ok(block), None) => Ok(block),
+            (Err(_), Some(e)) => Err(FileError::Store(e).into()),
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    async fn fetch_remote(&self, cid: Cid) -> Result<Block, RemoteError> {
+        let Some(net) = self.network().await? else {
+            return Err(FileError::Store(StoreError::NotFound(cid)).into());
+        };
+        let candidates = self.candidates(net, &cid);
+        if candidates.is_empty() {
+            return Err(RemoteError::NoDaemons { cid });
+        }
+        for &peer in &candidates {
+            let started = Instant::now();
+            match net.request(peer, BlockRequest::Get(cid)).await {
+                Ok(BlockResponse::Block(data)) => match Block::new(cid, data) {
+                    Ok(block) => {
+                        self.record(peer, started.elapsed(), true);
+                        return Ok(block);
+                    }
+                    Err(e) => {
+                        tracing::warn!("{peer} sent wrong bytes for {cid} ({e}); dropping it");
+                        self.ban(peer);
+                        net.ban(peer).await;
+                    }
+                },
+                Ok(BlockResponse::NotFound) => self.record(peer, started.elapsed(), true),
+                Ok(other) => {
+                    tracing::debug!("{peer} answered {} for {cid}", describe(&other));
+                    self.record(peer, started.elapsed(), false);
+                }
+                Err(e) => {
+                    tracing::debug!("{e}");
+                    self.record(peer, started.elapsed(), false);
+                }
+            }
+        }
+        Err(RemoteError::Unavailable {
+            cid,
+            asked: candidates.len(),
+        })
+    }
+
+    /// Streams the file at `root` from `offset` into `sink`, keeping up to [`WINDOW`] block
+    /// fetches in flight ahead of the reader. Returns the number of bytes written.
+    pub async fn cat(
+        &self,
+        root: Cid,
+        offset: u64,
+        mut sink: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<u64, RemoteError> {
+        let mut reader = FileReader::starting_at(root, offset);
+        let mut inflight: HashMap<Cid, tokio::task::JoinHandle<Result<Block, RemoteError>>> =
+            HashMap::new();
+        let mut written = 0;
+        while let Some(&next) = reader.next_needed() {
+            for &cid in reader.upcoming().take(WINDOW) {
+                inflight.entry(cid).or_insert_with(|| {
+                    let fetcher = self.clone();
+                    tokio::spawn(async move { fetcher.fetch(cid).await })
+                });
+            }
+            let handle = inflight.remove(&next).expect("requested above");
+            let block = handle.await.expect("fetch task panicked")?;
+            let bytes = reader.feed(&block)?;
+            if !bytes.is_empty() {
+                sink(bytes).map_err(FileError::Output)?;
+                written += bytes.len() as u64;
+            }
+        }
+        for (_, h) in inflight {
+            h.abort();
+        }
+        Ok(written)
+    }
+}
+
+/// Where a file's blocks are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStat {
+    /// File size in bytes.
+    pub size: u64,
+    /// Blocks in the DAG.
+    pub blocks: u64,
+    /// Blocks held by each daemon.
+    pub holders: BTreeMap<PeerId, u64>,
+    /// Number of blocks with each count of copies (index = copies).
+    pub replicas: Vec<u64>,
+}
+
+/// Walks the file's DAG (fetching inner nodes only) and asks every daemon which of its blocks
+/// it holds.
+pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError> {
+    let root_block = fetcher.fetch(root).await?;
+    let mut reader = FileReader::new(root);
+    reader.feed(&root_block)?;
+    let size = reader.file_size().unwrap_or(0);
+    let mut all = vec![root];
+    let mut stack = vec![root_block];
+    while let Some(block) = stack.pop() {
+        if block.cid().codec() == RAW {
+            continue;
+        }
+        let node = PbNode::decode(block.data()).map_err(UnixFsError::from)?;
+        for link in node.links {
+            all.push(link.hash);
+            if link.hash.codec() != RAW {
+                stack.push(fetcher.fetch(link.hash).await?);
+            }
+        }
+    }
+    let Some(net) = fetcher.network().await? else {
+        return Err(RemoteError::NotEnoughDaemons { need: 1, found: 0 });
+    };
+    let daemons: Vec<PeerId> = net.daemons().into_keys().collect();
+    let mut copies: HashMap<usize, u64> = HashMap::new();
+    let mut counts = vec![0u64; all.len()];
+    let mut holders = BTreeMap::new();
+    for peer in daemons {
+        let mut held = 0;
+        for (ci, chunk) in all.chunks(MAX_HAS).enumerate() {
+            match net.request(peer, BlockRequest::Has(chunk.to_vec())).await {
+                Ok(BlockResponse::Have(flags)) if flags.len() == chunk.len() => {
+                    for (i, f) in flags.into_iter().enumerate() {
+                        if f {
+                            counts[ci * MAX_HAS + i] += 1;
+                            held += 1;
+                        }
+                    }
+                }
+                Ok(_) | Err(_) => tracing::warn!("{peer} did not answer which blocks it holds"),
+            }
+        }
+        holders.insert(peer, held);
+    }
+    for c in counts {
+        *copies.entry(c as usize).or_default() += 1;
+    }
+    let max = copies.keys().copied().max().unwrap_or(0);
+    let replicas = (0..=max)
+        .map(|c| copies.get(&c).copied().unwrap_or(0))
+        .collect();
+    Ok(FileStat {
+        size,
+        blocks: all.len() as u64,
+        holders,
+        replicas,
+    })
+}

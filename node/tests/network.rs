@@ -1,0 +1,264 @@
+//! Multi-peer scenarios over real libp2p connections on 127.0.0.1: daemons in this process,
+//! each with its own repository in a temporary directory, found through explicit addresses.
+
+use anyhow::Result;
+use libp2p::identity::Keypair;
+use libp2p::Multiaddr;
+use p2pmr_node::daemon::{Daemon, DaemonConfig};
+use p2pmr_node::net::{self, NetConfig};
+use p2pmr_node::remote::{self, ClientConfig, ClientPeer, Fetcher, RemoteError};
+use p2pmr_protocol::wire::{BlockRequest, BlockResponse};
+use p2pmr_protocol::Block;
+use std::time::Duration;
+use tempfile::TempDir;
+
+struct Cluster {
+    daemons: Vec<Option<Daemon>>,
+    _dirs: Vec<TempDir>,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Result<Self> {
+        let mut daemons = Vec::new();
+        let mut dirs = Vec::new();
+        for _ in 0..n {
+            let dir = tempfile::tempdir()?;
+            let d = Daemon::start(dir.path(), loopback(vec![])).await?;
+            daemons.push(Some(d));
+            dirs.push(dir);
+        }
+        Ok(Self {
+            daemons,
+            _dirs: dirs,
+        })
+    }
+
+    fn addrs(&self) -> Vec<Multiaddr> {
+        self.daemons
+            .iter()
+            .flatten()
+            .map(|d| d.listen_addrs()[0].clone())
+            .collect()
+    }
+
+    async fn client(&self, want: usize) -> Result<ClientPeer> {
+        Ok(ClientPeer::connect(client_config(self.addrs()), want).await?)
+    }
+}
+
+fn loopback(bootstrap: Vec<Multiaddr>) -> DaemonConfig {
+    DaemonConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        mdns: false,
+    }
+}
+
+fn client_config(peers: Vec<Multiaddr>) -> ClientConfig {
+    ClientConfig {
+        peers,
+        mdns: false,
+        discovery: Duration::from_secs(5),
+    }
+}
+
+/// Deterministic, incompressible-ish test data.
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn cat_all(fetcher: &Fetcher, root: p2pmr_protocol::Cid) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    fetcher
+        .cat(root, 0, |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })
+        .await?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_cat_stat_and_survive_a_dead_peer() -> Result<()> {
+    let mut cluster = Cluster::start(3).await?;
+    let bytes = data(5 * 262_144 + 17, 7);
+    let writer = cluster.client(3).await?;
+    assert_eq!(writer.daemons().len(), 3);
+    let added = remote::add(writer.net(), std::io::Cursor::new(bytes.clone()), 2).await?;
+    assert_eq!(
+        added,
+        p2pmr_node::files::import(&bytes[..], None, p2pmr_protocol::unixfs::Layout::KUBO)?,
+        "same CID as a local add"
+    );
+    writer.close().await;
+
+    // Every block is on exactly two daemons, and they are spread over all three.
+    let reader = cluster.client(3).await?;
+    let fetcher = Fetcher::new(Some(reader.net().clone()), None);
+    let stat = remote::stat(&fetcher, added.root).await?;
+    assert_eq!(stat.size, bytes.len() as u64);
+    assert_eq!(stat.blocks, 7);
+    assert_eq!(stat.replicas, vec![0, 0, 7], "{stat:?}");
+    assert_eq!(stat.holders.len(), 3);
+    assert!(stat.holders.values().all(|&n| n > 0), "{stat:?}");
+    assert_eq!(cat_all(&fetcher, added.root).await?, bytes);
+    // Reading from an offset streams only the tail.
+    let mut tail = Vec::new();
+    fetcher
+        .cat(added.root, 262_144 * 2 + 5, |b| {
+            tail.extend_from_slice(b);
+            Ok(())
+        })
+        .await?;
+    assert_eq!(tail, bytes[262_144 * 2 + 5..]);
+    reader.close().await;
+
+    // A daemon dies without warning; with two replicas the file is still whole.
+    cluster.daemons[1].take().unwrap().abort();
+    let reader = cluster.client(2).await?;
+    let fetcher = Fetcher::new(Some(reader.net().clone()), None);
+    assert_eq!(cat_all(&fetcher, added.root).await?, bytes);
+
+    // And with one replica required there are enough daemons, with three there are not.
+    let err = remote::add(reader.net(), &b"x"[..], 3).await.unwrap_err();
+    assert!(
+        matches!(err, RemoteError::NotEnoughDaemons { need: 3, found: 2 }),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_peer_is_detected_and_dropped() -> Result<()> {
+    let cluster = Cluster::start(3).await?;
+    let bytes = data(8 * 262_144, 11);
+    let writer = cluster.client(3).await?;
+    let added = remote::add(writer.net(), std::io::Cursor::new(bytes.clone()), 3).await?;
+    writer.close().await;
+
+    // A peer that speaks the block protocol but answers every Get with wrong bytes.
+    let liar = net::spawn(NetConfig {
+        keypair: Keypair::generate_ed25519(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        bootstrap: vec![],
+        mdns: false,
+        serve: true,
+    })
+    .await?;
+    let liar_id = liar.client.local_peer_id();
+    let liar_client = liar.client.clone();
+    let mut inbound = liar.inbound;
+    tokio::spawn(async move {
+        while let Some(req) = inbound.recv().await {
+            let response = match req.request {
+                BlockRequest::Get(_) => BlockResponse::Block(b"not what you asked for".to_vec()),
+                _ => BlockResponse::Refused("no".into()),
+            };
+            liar_client.respond(req.channel, response).await;
+        }
+    });
+    let mut addrs = cluster.addrs();
+    addrs.push(liar.client.listen_addrs()[0].clone());
+    let reader = ClientPeer::connect(client_config(addrs), 4).await?;
+    assert_eq!(reader.daemons().len(), 4);
+    let fetcher = Fetcher::new(Some(reader.net().clone()), None);
+    assert_eq!(cat_all(&fetcher, added.root).await?, bytes);
+    // An unmeasured peer is tried first, so the liar was asked, caught and dropped.
+    assert_eq!(fetcher.banned(), vec![liar_id]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !reader.daemons().contains_key(&liar_id),
+        "and stays dropped"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
+    let cluster = Cluster::start(1).await?;
+    let client = cluster.client(1).await?;
+    let daemon = *client.daemons().keys().next().unwrap();
+    let good = Block::raw(b"good bytes".to_vec());
+
+    // Bytes that do not match the CID are not stored.
+    let lie = BlockRequest::Put {
+        cid: *good.cid(),
+        data: b"other bytes".to_vec(),
+    };
+    assert!(matches!(
+        client.net().request(daemon, lie).await?,
+        BlockResponse::Refused(_)
+    ));
+    assert_eq!(
+        client
+            .net()
+            .request(daemon, BlockRequest::Get(*good.cid()))
+            .await?,
+        BlockResponse::NotFound
+    );
+    // An oversized message is cut off by the daemon's codec before it is buffered.
+    let huge = BlockRequest::Put {
+        cid: *good.cid(),
+        data: vec![0; p2pmr_protocol::MAX_BLOCK_SIZE + 1],
+    };
+    assert!(client.net().request(daemon, huge).await.is_err());
+    // The daemon still serves.
+    let put = BlockRequest::Put {
+        cid: *good.cid(),
+        data: good.data().to_vec(),
+    };
+    assert_eq!(
+        client.net().request(daemon, put).await?,
+        BlockResponse::Stored
+    );
+    assert_eq!(
+        client
+            .net()
+            .request(daemon, BlockRequest::Get(*good.cid()))
+            .await?,
+        BlockResponse::Block(good.data().to_vec())
+    );
+    assert_eq!(
+        client
+            .net()
+            .request(
+                daemon,
+                BlockRequest::Has(vec![*good.cid(), *Block::raw(vec![]).cid()])
+            )
+            .await?,
+        BlockResponse::Have(vec![true, false])
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_survives_restarts_and_peers_are_found_through_kademlia() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let first = Daemon::start(dir.path(), loopback(vec![])).await?;
+    let id = first.peer_id();
+    first.stop().await?;
+    let again = Daemon::start(dir.path(), loopback(vec![])).await?;
+    assert_eq!(again.peer_id(), id, "same key, same peer id");
+
+    // B knows only A, C knows only B: C learns of A through Kademlia and connects to it.
+    let (db, dc) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let b = Daemon::start(db.path(), loopback(vec![again.listen_addrs()[0].clone()])).await?;
+    let c = Daemon::start(dc.path(), loopback(vec![b.listen_addrs()[0].clone()])).await?;
+    let mut seen = c.net().watch_daemons();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !seen.borrow().contains_key(&id) {
+            seen.changed().await.unwrap();
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("C never found A: {:?}", c.net().daemons()))?;
+    Ok(())
+}

@@ -1,0 +1,340 @@
+//! Messages peers exchange over `/mapreduce/block/1.0.0`, their byte encoding and size limits,
+//! and the placement rule that decides which peers hold a block.
+//!
+//! The node's libp2p codec frames each message as a 4-byte big-endian length followed by the
+//! [postcard](https://docs.rs/postcard) encoding of the private `Wire*` types below. Decoding
+//! never trusts the peer: frames over the limits are refused before any allocation, CIDs are
+//! parsed (and canonicalised) here, and block bytes stay unverified until the receiver checks
+//! them against the CID it asked for or was offered.
+
+use crate::block::{canonical, MAX_BLOCK_SIZE};
+use crate::Cid;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// Protocol name of block exchange. The version changes with any incompatible message change.
+pub const BLOCK_PROTOCOL: &str = "/mapreduce/block/1.0.0";
+
+/// Most CIDs one `Has` request may ask about.
+pub const MAX_HAS: usize = 4096;
+
+/// Largest encoded request (a `Put` of the largest block plus its CID and framing slack).
+pub const MAX_REQUEST_SIZE: usize = MAX_BLOCK_SIZE + 4096;
+
+/// Largest encoded response (a block, or a `Have` answer to [`MAX_HAS`] CIDs).
+pub const MAX_RESPONSE_SIZE: usize = MAX_BLOCK_SIZE + 4096;
+
+/// Longest refusal reason passed on; longer ones are cut.
+const MAX_REASON: usize = 512;
+
+/// A request of the block protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockRequest {
+    /// Send me this block.
+    Get(Cid),
+    /// Store this block durably and say so. The bytes are unverified until the receiver hashes
+    /// them.
+    Put {
+        /// The block's CID as claimed by the sender.
+        cid: Cid,
+        /// The block's bytes.
+        data: Vec<u8>,
+    },
+    /// Which of these blocks do you hold? (At most [`MAX_HAS`].)
+    Has(Vec<Cid>),
+}
+
+/// A response of the block protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockResponse {
+    /// The requested block's bytes, unverified until the requester checks them.
+    Block(Vec<u8>),
+    /// The block is not held here.
+    NotFound,
+    /// The `Put` block was verified and is durably stored.
+    Stored,
+    /// For a `Has`: one flag per asked CID, in order.
+    Have(Vec<bool>),
+    /// The request was refused (wrong bytes for a `Put`, disk full, overloaded); the reason is
+    /// for humans.
+    Refused(String),
+}
+
+/// Why a message could not be decoded or encoded.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum WireError {
+    /// The bytes are not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A CID in the message does not parse.
+    #[error("malformed CID in message")]
+    BadCid,
+    /// The message exceeds a protocol limit.
+    #[error("message too large: {what} is {size}, limit {limit}")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireRequest<'a> {
+    Get(#[serde(borrow, with = "serde_bytes")] &'a [u8]),
+    Put(
+        #[serde(borrow, with = "serde_bytes")] &'a [u8],
+        #[serde(borrow, with = "serde_bytes")] &'a [u8],
+    ),
+    Has(#[serde(borrow)] Vec<&'a serde_bytes::Bytes>),
+}
+
+#[derive(Serialize, Deserialize)]
+enum WireResponse<'a> {
+    Block(#[serde(borrow, with = "serde_bytes")] &'a [u8]),
+    NotFound,
+    Stored,
+    Have(Vec<bool>),
+    Refused(&'a str),
+}
+
+fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    postcard::to_allocvec(msg).expect("in-memory encoding of plain data cannot fail")
+}
+
+fn malformed(e: postcard::Error) -> WireError {
+    WireError::Malformed(e.to_string())
+}
+
+fn parse_cid(bytes: &[u8]) -> Result<Cid, WireError> {
+    Cid::try_from(bytes)
+        .map(|c| canonical(&c))
+        .map_err(|_| WireError::BadCid)
+}
+
+fn check(what: &'static str, size: usize, limit: usize) -> Result<(), WireError> {
+    if size > limit {
+        return Err(WireError::TooLarge { what, size, limit });
+    }
+    Ok(())
+}
+
+impl BlockRequest {
+    /// Encodes the request (without framing).
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Get(cid) => encode(&WireRequest::Get(&cid.to_bytes())),
+            Self::Put { cid, data } => encode(&WireRequest::Put(&cid.to_bytes(), data)),
+            Self::Has(cids) => {
+                let bytes: Vec<Vec<u8>> = cids.iter().map(Cid::to_bytes).collect();
+                let refs = bytes.iter().map(|b| serde_bytes::Bytes::new(b)).collect();
+                encode(&WireRequest::Has(refs))
+            }
+        }
+    }
+
+    /// Decodes a request, enforcing the protocol limits.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        check("request", bytes.len(), MAX_REQUEST_SIZE)?;
+        Ok(match postcard::from_bytes(bytes).map_err(malformed)? {
+            WireRequest::Get(cid) => Self::Get(parse_cid(cid)?),
+            WireRequest::Put(cid, data) => {
+                check("block", data.len(), MAX_BLOCK_SIZE)?;
+                Self::Put {
+                    cid: parse_cid(cid)?,
+                    data: data.to_vec(),
+                }
+            }
+            WireRequest::Has(cids) => {
+                check("Has list", cids.len(), MAX_HAS)?;
+                Self::Has(
+                    cids.iter()
+                        .map(|c| parse_cid(c))
+                        .collect::<Result<_, _>>()?,
+                )
+            }
+        })
+    }
+}
+
+impl BlockResponse {
+    /// Encodes the response (without framing). Refusal reasons are cut to 512 bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Block(data) => encode(&WireResponse::Block(data)),
+            Self::NotFound => encode(&WireResponse::NotFound),
+            Self::Stored => encode(&WireResponse::Stored),
+            Self::Have(flags) => encode(&WireResponse::Have(flags.clone())),
+            Self::Refused(reason) => {
+                let mut end = reason.len().min(MAX_REASON);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                encode(&WireResponse::Refused(&reason[..end]))
+            }
+        }
+    }
+
+    /// Decodes a response, enforcing the protocol limits.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        check("response", bytes.len(), MAX_RESPONSE_SIZE)?;
+        Ok(match postcard::from_bytes(bytes).map_err(malformed)? {
+            WireResponse::Block(data) => {
+                check("block", data.len(), MAX_BLOCK_SIZE)?;
+                Self::Block(data.to_vec())
+            }
+            WireResponse::NotFound => Self::NotFound,
+            WireResponse::Stored => Self::Stored,
+            WireResponse::Have(flags) => {
+                check("Have list", flags.len(), MAX_HAS)?;
+                Self::Have(flags)
+            }
+            WireResponse::Refused(reason) => {
+                Self::Refused(reason.chars().take(MAX_REASON).collect())
+            }
+        })
+    }
+}
+
+/// The placement rule: ranks `peers` (their binary peer ids) for holding `cid`, best first.
+///
+/// Rendezvous (highest-random-weight) hashing: each peer scores `sha256(peer || multihash)`
+/// and the highest scores win. Every peer computes the same order from the same peer set, blocks
+/// spread evenly over peers (so a file larger than any one disk still fits), and when a peer
+/// leaves or joins only the blocks it ranks first for move: the others' relative order is
+/// unchanged, so after a holder dies the surviving replicas are still the first ones asked.
+pub fn rank_peers<'a, P: AsRef<[u8]> + ?Sized>(
+    cid: &Cid,
+    peers: impl IntoIterator<Item = &'a P>,
+) -> Vec<&'a P> {
+    let key = cid.hash().to_bytes();
+    let mut scored: Vec<([u8; 32], &P)> = peers
+        .into_iter()
+        .map(|p| {
+            let mut h = Sha256::new();
+            h.update(p.as_ref());
+            h.update(&key);
+            (h.finalize().into(), p)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.as_ref().cmp(b.1.as_ref())));
+    scored.into_iter().map(|(_, p)| p).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Block;
+
+    fn cids(n: usize) -> Vec<Cid> {
+        (0..n)
+            .map(|i| *Block::raw(i.to_le_bytes().to_vec()).cid())
+            .collect()
+    }
+
+    #[test]
+    fn requests_and_responses_round_trip() {
+        let block = Block::raw(b"hello".to_vec());
+        for req in [
+            BlockRequest::Get(*block.cid()),
+            BlockRequest::Put {
+                cid: *block.cid(),
+                data: block.data().to_vec(),
+            },
+            BlockRequest::Has(cids(3)),
+            BlockRequest::Has(vec![]),
+        ] {
+            assert_eq!(BlockRequest::decode(&req.encode()).unwrap(), req);
+        }
+        for resp in [
+            BlockResponse::Block(vec![1, 2, 3]),
+            BlockResponse::Block(vec![]),
+            BlockResponse::NotFound,
+            BlockResponse::Stored,
+            BlockResponse::Have(vec![true, false]),
+            BlockResponse::Refused("disk full".into()),
+        ] {
+            assert_eq!(BlockResponse::decode(&resp.encode()).unwrap(), resp);
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let too_big = BlockRequest::Put {
+            cid: cids(1)[0],
+            data: vec![0; MAX_BLOCK_SIZE + 1],
+        };
+        assert!(matches!(
+            BlockRequest::decode(&too_big.encode()),
+            Err(WireError::TooLarge { what: "block", .. })
+        ));
+        let too_many = BlockRequest::Has(cids(MAX_HAS + 1));
+        assert!(matches!(
+            BlockRequest::decode(&too_many.encode()),
+            Err(WireError::TooLarge { .. })
+        ));
+        assert!(BlockRequest::decode(&vec![0; MAX_REQUEST_SIZE + 1]).is_err());
+        let long = BlockResponse::Refused("é".repeat(1000));
+        match BlockResponse::decode(&long.encode()).unwrap() {
+            BlockResponse::Refused(r) => assert!(r.len() <= MAX_REASON),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic() {
+        // Truncations and single-byte corruptions of every kind of message, plus noise.
+        let mut samples: Vec<Vec<u8>> = vec![
+            BlockRequest::Get(cids(1)[0]).encode(),
+            BlockRequest::Has(cids(5)).encode(),
+            BlockResponse::Have(vec![true; 9]).encode(),
+            BlockResponse::Refused("x".into()).encode(),
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            samples.push(seed.to_le_bytes().repeat((seed % 9) as usize));
+        }
+        for s in &samples {
+            for cut in 0..=s.len() {
+                let _ = BlockRequest::decode(&s[..cut]);
+                let _ = BlockResponse::decode(&s[..cut]);
+            }
+            for i in 0..s.len() {
+                let mut m = s.clone();
+                m[i] ^= 0x5a;
+                let _ = BlockRequest::decode(&m);
+                let _ = BlockResponse::decode(&m);
+            }
+        }
+        assert_eq!(
+            BlockRequest::decode(&[0, 3, 1, 2, 3]),
+            Err(WireError::BadCid)
+        );
+    }
+
+    #[test]
+    fn placement_is_stable_and_even() {
+        let peers: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 38]).collect();
+        let blocks = cids(5000);
+        let mut firsts = [0usize; 5];
+        for cid in &blocks {
+            let ranked = rank_peers(cid, &peers);
+            assert_eq!(ranked.len(), 5);
+            firsts[ranked[0][0] as usize] += 1;
+            // Removing a peer keeps the others' order.
+            let without: Vec<&Vec<u8>> = peers.iter().filter(|p| p[0] != 2).collect();
+            let reranked = rank_peers(cid, without.iter().copied());
+            let expected: Vec<_> = ranked.iter().filter(|p| p[0] != 2).copied().collect();
+            assert_eq!(reranked, expected);
+        }
+        for n in firsts {
+            assert!((850..1150).contains(&n), "uneven placement {firsts:?}");
+        }
+    }
+}
