@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 /// Inbound requests handled at once; more wait in the network's bounded queue.
-pub const MAX_HANDLERS: usize = 64;
+pub const MAX_HANDLERS: usize = 16;
 /// The first port tried when no `--listen` is given; the next free one is used if taken.
 pub const DEFAULT_PORT: u16 = 4001;
 /// Name of the identity key file in the repository.

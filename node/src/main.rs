@@ -108,6 +108,12 @@ enum RepoCommand {
     Verify,
 }
 
+// The daemon and the client move 256 KiB buffers through several tasks and threads; glibc's
+// malloc serves those with mmap/munmap and page faults (a third of a transfer's system time,
+// measured with perf), mimalloc keeps them in reusable pages.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Environment variable listing peers to dial, as `--peer` does.
 const PEERS_ENV: &str = "P2PMR_PEERS";
 

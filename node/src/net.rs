@@ -18,7 +18,7 @@ use libp2p::{
     identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
 };
 use p2pmr_protocol::wire::{
-    BlockRequest, BlockResponse, BLOCK_PROTOCOL, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE,
+    BlockRequest, BlockResponse, BLOCK_PROTOCOL, BUSY, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -33,7 +33,10 @@ const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mapreduce/kad/1.0.0")
 /// Commands queued for the event loop.
 const COMMAND_QUEUE: usize = 256;
 /// Inbound requests queued for the daemon's handlers before new ones are refused as busy.
-const INBOUND_QUEUE: usize = 256;
+/// Each may hold a block, so this bounds memory: 32 x 256 KiB.
+const INBOUND_QUEUE: usize = 32;
+/// Concurrent block streams per connection. Each may be reading a frame of up to 2 MiB.
+const MAX_STREAMS: usize = 32;
 /// A request not answered within this time fails (the peer is slow or gone).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -226,7 +229,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         .with_tcp(
             tcp::Config::default().nodelay(true),
             noise::Config::new,
-            yamux_config,
+            yamux::Config::default,
         )
         .map_err(|e| NetError::Setup(e.to_string()))?
         .with_quic()
@@ -243,7 +246,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
                 [(StreamProtocol::new(BLOCK_PROTOCOL), support)],
                 request_response::Config::default()
                     .with_request_timeout(REQUEST_TIMEOUT)
-                    .with_max_concurrent_streams(256),
+                    .with_max_concurrent_streams(MAX_STREAMS),
             );
             let identify = identify::Behaviour::new(
                 identify::Config::new("/mapreduce/id/1.0.0".into(), key.public())
@@ -337,13 +340,6 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         inbound,
         task,
     })
-}
-
-fn yamux_config() -> yamux::Config {
-    // Defaults, but room for the 256 concurrent block streams we allow.
-    let mut config = yamux::Config::default();
-    config.set_max_num_streams(512);
-    config
 }
 
 struct EventLoop {
@@ -570,7 +566,7 @@ impl EventLoop {
                         .swarm
                         .behaviour_mut()
                         .blocks
-                        .send_response(inbound.channel, BlockResponse::Refused("busy".into()));
+                        .send_response(inbound.channel, BlockResponse::Refused(BUSY.into()));
                 }
             }
             Event::Message {

@@ -21,7 +21,7 @@ use libp2p::{Multiaddr, PeerId};
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::unixfs::{FileReader, Layout, UnixFsError};
-use p2pmr_protocol::wire::{rank_peers, BlockRequest, BlockResponse, MAX_HAS};
+use p2pmr_protocol::wire::{rank_peers, BlockRequest, BlockResponse, BUSY, MAX_HAS};
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read};
@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, OnceCell, Semaphore};
 use tokio::task::JoinSet;
 
 /// Blocks being pushed or fetched at once by one command.
-pub const WINDOW: usize = 32;
+pub const WINDOW: usize = 16;
 /// How long a client looks for daemons on the LAN before using what it found.
 pub const DISCOVERY: Duration = Duration::from_secs(2);
 
@@ -258,13 +258,10 @@ async fn push(
         let batch = &ranked[next..(next + replicas - stored).min(ranked.len())];
         next += batch.len();
         let puts = batch.iter().map(|&peer| {
-            net.request(
-                peer,
-                BlockRequest::Put {
-                    cid: *block.cid(),
-                    data: block.data().to_vec(),
-                },
-            )
+            patiently(net, peer, || BlockRequest::Put {
+                cid: *block.cid(),
+                data: block.data().to_vec(),
+            })
         });
         for (peer, result) in batch.iter().zip(join_all(puts).await) {
             match result {
@@ -283,6 +280,24 @@ async fn push(
         });
     }
     Ok(())
+}
+
+/// Sends `make()` to `peer`, again after growing pauses while the peer says it is busy.
+async fn patiently(
+    net: &NetClient,
+    peer: PeerId,
+    make: impl Fn() -> BlockRequest,
+) -> Result<BlockResponse, NetError> {
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match net.request(peer, make()).await? {
+            BlockResponse::Refused(r) if r == BUSY && pause < Duration::from_secs(5) => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            other => return Ok(other),
+        }
+    }
 }
 
 fn describe(response: &BlockResponse) -> String {
@@ -450,7 +465,7 @@ impl Fetcher {
         }
         for &peer in &candidates {
             let started = Instant::now();
-            match net.request(peer, BlockRequest::Get(cid)).await {
+            match patiently(net, peer, || BlockRequest::Get(cid)).await {
                 Ok(BlockResponse::Block(data)) => match Block::new(cid, data) {
                     Ok(block) => {
                         self.record(peer, started.elapsed(), true);

@@ -25,6 +25,10 @@ pub const MAX_REQUEST_SIZE: usize = MAX_BLOCK_SIZE + 4096;
 /// Largest encoded response (a block, or a `Have` answer to [`MAX_HAS`] CIDs).
 pub const MAX_RESPONSE_SIZE: usize = MAX_BLOCK_SIZE + 4096;
 
+/// The refusal reason of a peer too loaded to take the request now; the sender should retry
+/// after a pause rather than treat it as a failure.
+pub const BUSY: &str = "busy";
+
 /// Longest refusal reason passed on; longer ones are cut.
 const MAX_REASON: usize = 512;
 

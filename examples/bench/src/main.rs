@@ -9,6 +9,8 @@
 //! Corpora come from `../shared/bench/make-corpus.sh` and are cached in `target/bench-corpus/`.
 //! Results are printed as a table and written to `target/bench-results/<suite>.json`.
 
+mod peers;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use sha2::{Digest, Sha256};
@@ -39,6 +41,19 @@ enum Suite {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// Block transfer vs raw loopback TCP; add with 2 replicas over 3 daemons vs sha2-256;
+    /// daemon RSS idle and while serving
+    Peers {
+        /// Corpus size for the transfer rounds
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Corpus size for the replicated add and the RSS figures
+        #[arg(long, default_value_t = 1024)]
+        add_size_mib: u64,
+        /// Interleaved rounds per measurement
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -48,6 +63,11 @@ fn main() -> Result<()> {
             rss_size_mib,
             rounds,
         } => foundation(size_mib, rss_size_mib, rounds),
+        Suite::Peers {
+            size_mib,
+            add_size_mib,
+            rounds,
+        } => peers::peers(size_mib, add_size_mib, rounds),
     }
 }
 
@@ -256,23 +276,35 @@ fn foundation(size_mib: u64, rss_size_mib: u64, rounds: usize) -> Result<()> {
     let cat_rss = peak_rss_kib(&[&s(&bin), "--home", &s(&big_home), "cat", &big_cid], None)?;
     let _ = fs::remove_dir_all(&scratch);
 
-    println!("\nfoundation: {size_mib} MiB corpus, {rounds} interleaved rounds, medians");
-    println!("| measurement | median s | MB/s | ratio to sha2-256 |");
-    println!("|---|---:|---:|---:|");
-    for r in &rows {
-        println!(
-            "| {} | {:.3} | {:.0} | {:.2} |",
-            r.name, r.median_s, r.mb_s, r.ratio
-        );
-    }
+    println!("\nfoundation: {size_mib} MiB corpus, {rounds} interleaved rounds, medians, ratio to sha2-256");
+    write_results(
+        "foundation",
+        &rows,
+        &format!(
+            "\"peak_rss_kib\":{{\"size_mib\":{rss_size_mib},\"add\":{add_rss},\"cat\":{cat_rss}}}"
+        ),
+    )?;
     println!(
         "\npeak RSS on {rss_size_mib} MiB: add {:.1} MiB, cat {:.1} MiB",
         add_rss as f64 / 1024.0,
         cat_rss as f64 / 1024.0
     );
+    Ok(())
+}
 
+/// Prints `rows` as a markdown table and writes them (plus `extra` JSON fields) to
+/// `target/bench-results/<suite>.json`.
+fn write_results(suite: &str, rows: &[Row], extra: &str) -> Result<()> {
+    println!("| measurement | median s | MB/s | ratio |");
+    println!("|---|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.3} | {:.0} | {:.2} |",
+            r.name, r.median_s, r.mb_s, r.ratio
+        );
+    }
     let json = format!(
-        "{{\"suite\":\"foundation\",\"size_mib\":{size_mib},\"rounds\":{rounds},\"rows\":[{}],\"peak_rss_kib\":{{\"size_mib\":{rss_size_mib},\"add\":{add_rss},\"cat\":{cat_rss}}}}}\n",
+        "{{\"suite\":\"{suite}\",\"rows\":[{}],{extra}}}\n",
         rows.iter()
             .map(|r| format!(
                 "{{\"name\":\"{}\",\"median_s\":{:.4},\"mb_s\":{:.1},\"ratio\":{:.3}}}",
@@ -283,8 +315,9 @@ fn foundation(size_mib: u64, rss_size_mib: u64, rounds: usize) -> Result<()> {
     );
     let out_dir = workspace().join("target/bench-results");
     fs::create_dir_all(&out_dir)?;
-    fs::write(out_dir.join("foundation.json"), json)?;
-    println!("written to {}", out_dir.join("foundation.json").display());
+    let path = out_dir.join(format!("{suite}.json"));
+    fs::write(&path, json)?;
+    println!("written to {}", path.display());
     Ok(())
 }
 
