@@ -306,6 +306,9 @@ fn client_config(net: &NetArgs) -> Result<ClientConfig> {
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
+        // Store calls run on the blocking pool; a few threads keep the disk busy, and every
+        // extra thread keeps its own allocator pages (tokio's default allows 512).
+        .max_blocking_threads(8)
         .enable_all()
         .build()
         .context("cannot start the async runtime")

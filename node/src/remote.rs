@@ -507,14 +507,18 @@ impl Fetcher {
             HashMap::new();
         let mut written = 0;
         while let Some(&next) = reader.next_needed() {
+            // Only network fetches are worth running ahead; local blocks are read in turn.
             for &cid in reader.upcoming().take(WINDOW) {
-                inflight.entry(cid).or_insert_with(|| {
+                if !inflight.contains_key(&cid) && !self.local.as_ref().is_some_and(|s| s.has(&cid))
+                {
                     let fetcher = self.clone();
-                    tokio::spawn(async move { fetcher.fetch(cid).await })
-                });
+                    inflight.insert(cid, tokio::spawn(async move { fetcher.fetch(cid).await }));
+                }
             }
-            let handle = inflight.remove(&next).expect("requested above");
-            let block = handle.await.expect("fetch task panicked")?;
+            let block = match inflight.remove(&next) {
+                Some(handle) => handle.await.expect("fetch task panicked")?,
+                None => self.fetch(next).await?,
+            };
             let bytes = reader.feed(&block)?;
             if !bytes.is_empty() {
                 sink(bytes).map_err(FileError::Output)?;

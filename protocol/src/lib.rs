@@ -7,6 +7,7 @@
 //! any byte offset), so every layer shares one implementation of the format.
 #![deny(missing_docs)]
 
+pub mod abi;
 pub mod block;
 pub mod dagpb;
 mod pb;

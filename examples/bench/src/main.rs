@@ -230,8 +230,9 @@ fn foundation(size_mib: u64, rss_size_mib: u64, rounds: usize) -> Result<()> {
         let _ = fs::remove_dir_all(&plain);
         write_only.push(time(|| write_files(&input, &plain))?.0);
         fs::remove_dir_all(&plain)?; // not timed, like removing the p2pmr repo
-        let (t, c) =
-            time(|| run(Command::new(&bin).args(["--home", &s(&home), "add", &s(&input)])))?;
+        let (t, c) = time(|| {
+            run(Command::new(&bin).args(["--home", &s(&home), "add", "--local", &s(&input)]))
+        })?;
         add.push(t);
         cat.push(
             time(|| {
@@ -269,7 +270,14 @@ fn foundation(size_mib: u64, rss_size_mib: u64, rounds: usize) -> Result<()> {
     let _ = fs::remove_dir_all(&big_home);
     let cid_file = scratch.join("cid");
     let add_rss = peak_rss_kib(
-        &[&s(&bin), "--home", &s(&big_home), "add", &s(&big)],
+        &[
+            &s(&bin),
+            "--home",
+            &s(&big_home),
+            "add",
+            "--local",
+            &s(&big),
+        ],
         Some(&cid_file),
     )?;
     let big_cid = fs::read_to_string(&cid_file)?.trim().to_owned();
