@@ -6,8 +6,11 @@
 
 pub mod daemon;
 pub mod files;
+pub mod jobs;
+pub mod local;
 pub mod net;
 pub mod remote;
+pub mod shipped;
 pub mod store;
 
 use p2pmr_protocol::unixfs::Layout;

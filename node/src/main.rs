@@ -5,8 +5,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use p2pmr_node::daemon::{Daemon, DaemonConfig};
+use p2pmr_node::jobs::{Executor, Limits};
+use p2pmr_node::local::{self, LocalJob};
 use p2pmr_node::remote::{self, ClientConfig, ClientPeer, Fetcher};
-use p2pmr_node::{files, FileError, Repo};
+use p2pmr_node::{files, shipped, FileError, Repo};
 use p2pmr_protocol::unixfs::Layout;
 use p2pmr_protocol::Cid;
 use std::fs::File;
@@ -95,9 +97,57 @@ enum Command {
         #[arg(long, value_name = "MULTIADDR")]
         listen: Vec<Multiaddr>,
     },
+    /// Run a job in this process over local files, on all cores (what job authors test with).
+    ///
+    /// Output is `key<TAB>value` lines, partition after partition, each in key order.
+    RunLocal {
+        /// A shipped job (wordcount, grep, indexer), a .wasm file, or the CID of one in the
+        /// local repository
+        #[arg(long, value_name = "JOB")]
+        job: String,
+        /// Input files (repeatable; each is also the name map tasks see)
+        #[arg(long = "input", value_name = "FILE", required = true)]
+        inputs: Vec<PathBuf>,
+        /// Number of reduce partitions
+        #[arg(long, default_value_t = 1, value_name = "R",
+              value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        reducers: u32,
+        /// A job argument (repeatable), e.g. --arg pattern=foo
+        #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_arg)]
+        args: Vec<(String, String)>,
+        /// Write one file per partition (part-00000, ...) into DIR instead of stdout
+        #[arg(long, value_name = "DIR")]
+        output: Option<PathBuf>,
+        /// Memory limit per task
+        #[arg(long, default_value_t = 512, value_name = "MIB")]
+        memory_mib: u64,
+        /// Time limit per task
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        timeout_secs: u64,
+        /// Most bytes a task may emit
+        #[arg(long, default_value_t = 256, value_name = "MIB")]
+        output_limit_mib: u64,
+        /// Map split size
+        #[arg(long, default_value_t = 64, value_name = "MIB",
+              value_parser = clap::value_parser!(u64).range(1..))]
+        split_mib: u64,
+        /// Worker threads [default: the number of cores]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+        threads: Option<u64>,
+    },
     /// Inspect or check the local repository.
     #[command(subcommand)]
     Repo(RepoCommand),
+}
+
+fn parse_arg(s: &str) -> std::result::Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE"))?;
+    if k.is_empty() || v.contains('\n') {
+        return Err(format!("'{s}' is not KEY=VALUE (non-empty key, one line)"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,6 +278,76 @@ fn run(cli: Cli) -> Result<()> {
                 Ok::<_, anyhow::Error>(())
             })?;
         }
+        Command::RunLocal {
+            job,
+            inputs,
+            reducers,
+            args,
+            output,
+            memory_mib,
+            timeout_secs,
+            output_limit_mib,
+            split_mib,
+            threads,
+        } => {
+            let (name, wasm) = resolve_job(&job, cli.home)?;
+            // Locally the user is the daemon: the CLI limits are the only ceiling.
+            let exec = Executor::new(Limits {
+                memory: usize::MAX,
+                timeout: std::time::Duration::MAX,
+                output: u64::MAX,
+            })?;
+            let cid = files::import(&wasm[..], None, Layout::KUBO)?.root;
+            let module = exec.load(cid, &name, &wasm)?;
+            let mut spec = LocalJob {
+                args: p2pmr_protocol::abi::encode_args(
+                    args.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                ),
+                reducers,
+                limits: Limits {
+                    memory: usize::try_from(memory_mib << 20).unwrap_or(usize::MAX),
+                    timeout: std::time::Duration::from_secs(timeout_secs),
+                    output: output_limit_mib << 20,
+                },
+                split: split_mib << 20,
+                ..LocalJob::default()
+            };
+            if let Some(t) = threads {
+                spec.threads = t as usize;
+            }
+            for input in &inputs {
+                if input.is_dir() {
+                    bail!("{} is a directory; --input takes files", input.display());
+                }
+            }
+            // Partitions are written to files as they are reduced (in DIR, or in a temporary
+            // directory whose files are then copied to stdout in order): never all in memory.
+            let scratch;
+            let dir = match &output {
+                Some(dir) => {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    dir.clone()
+                }
+                None => {
+                    scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
+                    scratch.path().to_owned()
+                }
+            };
+            let part = |r: u32| dir.join(format!("part-{r:05}"));
+            let counters = local::run(&exec, &module, &spec, &inputs, |r| {
+                File::create(part(r)).map(io::BufWriter::new)
+            })?;
+            tracing::info!("{counters:?}");
+            if output.is_none() {
+                let mut out = io::stdout().lock();
+                for r in 0..reducers {
+                    let mut f = File::open(part(r)).context("cannot reopen output")?;
+                    io::copy(&mut f, &mut out).map_err(FileError::Output)?;
+                }
+                out.flush().map_err(FileError::Output)?;
+            }
+        }
         Command::Repo(RepoCommand::Stat) => {
             let repo = open_repo(cli.home)?;
             let stats = repo.blocks().stats()?;
@@ -255,6 +375,38 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A job by shipped name, .wasm path, or CID in the local repository: `(name, module bytes)`.
+fn resolve_job(job: &str, home: Option<PathBuf>) -> Result<(String, Vec<u8>)> {
+    if let Some(wasm) = shipped::by_name(job) {
+        return Ok((job.to_owned(), wasm.to_vec()));
+    }
+    let path = Path::new(job);
+    if path.is_file() {
+        let wasm = std::fs::read(path).with_context(|| format!("cannot read {job}"))?;
+        return Ok((job.to_owned(), wasm));
+    }
+    if let Ok(cid) = Cid::try_from(job) {
+        if let Some(repo) = existing_repo(home)? {
+            let mut wasm = Vec::new();
+            repo.cat(cid, 0, |b| {
+                wasm.extend_from_slice(b);
+                Ok(())
+            })?;
+            return Ok((job.to_owned(), wasm));
+        }
+        bail!("job {job} is not in the local repository");
+    }
+    let names: Vec<&str> = shipped::JOBS
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| *n != "hostile")
+        .collect();
+    bail!(
+        "no job '{job}': not a shipped job ({}), a .wasm file or a CID",
+        names.join(", ")
+    )
 }
 
 fn home_dir(home: Option<PathBuf>) -> Result<PathBuf> {

@@ -36,6 +36,7 @@
 //! | import | meaning |
 //! |---|---|
 //! | `emit(ptr, len)` | `len` bytes at `ptr` are key/value pairs, [`encode_pair`] format |
+//! | `panic(ptr, len)` | the job is about to trap; `len` bytes at `ptr` say why (UTF-8) |
 //! | `values(ptr, cap) -> i32` | host writes the current key's next values ([`encode_value`] format, whole values only) at `ptr`, at most `cap` bytes, and returns the byte count; 0 = no more values; `-n` = the next value needs a buffer of `n` bytes |
 //!
 //! Nothing else is importable: no WASI, no clock, no randomness, so a task's output depends

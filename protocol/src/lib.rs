@@ -11,6 +11,7 @@ pub mod abi;
 pub mod block;
 pub mod dagpb;
 mod pb;
+pub mod records;
 pub mod unixfs;
 pub mod wire;
 

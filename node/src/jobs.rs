@@ -1,0 +1,843 @@
+//! The sandboxed job runtime: runs map and reduce tasks of WebAssembly job modules with
+//! wasmtime, speaking the ABI in `p2pmr_protocol::abi`.
+//!
+//! One [`Executor`] per node holds one `Engine` (epoch interruption on, a ticker thread
+//! advancing the epoch every [`TICK`]) and one `Linker` with our three imports and nothing
+//! else (no WASI, no clock, no randomness: a task's output depends only on its input). A module
+//! is validated and compiled once per CID and kept as an `InstancePre` ([`JobModule`]); every
+//! task gets a fresh `Store` with a memory cap, an epoch deadline and an output cap. Whatever a
+//! module does (loop, trap, eat memory, emit without end, hand back malformed bytes), the task
+//! fails with a typed [`JobError`] and the executor goes on serving other tasks.
+
+use p2pmr_protocol::abi::{self, ABI_VERSION, REQUIRED_EXPORTS};
+use p2pmr_protocol::Cid;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+use wasmtime::{
+    Caller, Config, Engine, Extern, Instance, InstancePre, Linker, Memory, Module, OptLevel,
+    ResourceLimiter, Store, Trap, TypedFunc,
+};
+
+/// How often the epoch advances; timeouts are counted in these ticks.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// Per-task limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most linear memory a task may use, bytes.
+    pub memory: usize,
+    /// Wall time a task may run.
+    pub timeout: Duration,
+    /// Most bytes (keys + values) a task may emit.
+    pub output: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory: 512 << 20,
+            timeout: Duration::from_secs(60),
+            // Map output waits in memory for the shuffle, so this also bounds host memory.
+            output: 256 << 20,
+        }
+    }
+}
+
+impl Limits {
+    /// These limits, each capped by `max` (a daemon's ceiling on what jobs may ask for).
+    pub fn capped_by(self, max: Limits) -> Self {
+        Self {
+            memory: self.memory.min(max.memory),
+            timeout: self.timeout.min(max.timeout),
+            output: self.output.min(max.output),
+        }
+    }
+}
+
+/// What a failed task was doing: job, task and input names for error messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskName {
+    /// The job (a shipped name, a file name or a CID).
+    pub job: String,
+    /// The task (e.g. `map 3` or `reduce 0`).
+    pub task: String,
+    /// The input the task reads, if any.
+    pub input: String,
+}
+
+impl fmt::Display for TaskName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "job {} {}", self.job, self.task)?;
+        if !self.input.is_empty() {
+            write!(f, " on {}", self.input)?;
+        }
+        Ok(())
+    }
+}
+
+fn at(offset: &Option<u64>) -> String {
+    offset.map_or(String::new(), |o| format!(" at record offset {o}"))
+}
+
+/// Why a job module was rejected or a task failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// The bytes are not a valid WebAssembly module.
+    #[error("job {job} is not valid WebAssembly: {reason}")]
+    InvalidWasm {
+        /// The job.
+        job: String,
+        /// The validator's message.
+        reason: String,
+    },
+    /// A required export is missing or has the wrong type.
+    #[error("job {job} is not a p2pmr job: {reason} (build it with the p2pmr-guest SDK)")]
+    NotAJob {
+        /// The job.
+        job: String,
+        /// What is missing.
+        reason: String,
+    },
+    /// The module imports something the host does not provide.
+    #[error(
+        "job {job} imports {import}, which p2pmr does not provide (no WASI, clock or randomness)"
+    )]
+    ForbiddenImport {
+        /// The job.
+        job: String,
+        /// The import, as `module.name`.
+        import: String,
+    },
+    /// The module was built for another ABI version.
+    #[error("job {job} was built for p2pmr job ABI v{found}; this p2pmr speaks v{expected}")]
+    AbiVersion {
+        /// The job.
+        job: String,
+        /// The module's version.
+        found: i32,
+        /// Ours.
+        expected: i32,
+    },
+    /// The task ran past its time limit.
+    #[error("{task} ran past its {limit:?} time limit{}", at(.offset))]
+    Timeout {
+        /// The task.
+        task: TaskName,
+        /// The limit.
+        limit: Duration,
+        /// The record being processed, when known.
+        offset: Option<u64>,
+    },
+    /// The task wanted more memory than its cap.
+    #[error("{task} exceeded its memory limit of {} MiB{}", .limit >> 20, at(.offset))]
+    Memory {
+        /// The task.
+        task: TaskName,
+        /// The cap in bytes.
+        limit: usize,
+        /// The record being processed, when known.
+        offset: Option<u64>,
+    },
+    /// The task emitted more than its output cap.
+    #[error("{task} emitted more than its output limit of {limit} bytes{}", at(.offset))]
+    Output {
+        /// The task.
+        task: TaskName,
+        /// The cap.
+        limit: u64,
+        /// The record being processed, when known.
+        offset: Option<u64>,
+    },
+    /// The job trapped (panicked, or executed `unreachable`, ...).
+    #[error("{task} failed{}: {message}", at(.offset))]
+    Trap {
+        /// The task.
+        task: TaskName,
+        /// The panic message or trap description.
+        message: String,
+        /// The record being processed, when known.
+        offset: Option<u64>,
+    },
+    /// The task's output could not be written.
+    #[error("{task} cannot write its output: {reason}")]
+    Sink {
+        /// The task.
+        task: TaskName,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The module broke the ABI (malformed output, bad pointers).
+    #[error("{task} broke the job ABI: {reason}")]
+    Abi {
+        /// The task.
+        task: TaskName,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// A compiled, validated job module, ready to instantiate.
+pub struct JobModule {
+    name: String,
+    pre: InstancePre<TaskState>,
+    has_combine: bool,
+}
+
+impl fmt::Debug for JobModule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobModule")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl JobModule {
+    /// The job's name (for messages).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the job has a combiner.
+    pub fn has_combine(&self) -> bool {
+        self.has_combine
+    }
+}
+
+/// A run of key/value pairs sorted by key (stable: equal keys keep the order they were emitted
+/// in).
+pub type Run = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Map output: one sorted run per partition.
+pub type Partitions = Vec<Run>;
+
+/// Where a running task's emitted pairs go.
+enum Collect {
+    Map { parts: Partitions, reducers: u32 },
+    Reduce { out: Box<dyn std::io::Write + Send> },
+}
+
+/// The values the reduce of the current key pulls.
+type ValueSource = Box<dyn FnMut() -> Option<Vec<u8>> + Send>;
+
+struct TaskState {
+    limiter: MemoryCap,
+    collect: Collect,
+    emitted: u64,
+    output_cap: u64,
+    over_output: bool,
+    values: Option<ValueSource>,
+    /// A value that did not fit in the guest's buffer on the last pull.
+    pending: Option<Vec<u8>>,
+    panic: Option<String>,
+    abi_error: Option<String>,
+    sink_error: Option<String>,
+}
+
+struct MemoryCap {
+    max: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// Compiles and runs job modules. Cheap to share (`Arc`) across threads.
+pub struct Executor {
+    engine: Engine,
+    linker: Linker<TaskState>,
+    modules: Mutex<HashMap<Cid, Arc<JobModule>>>,
+    max: Limits,
+}
+
+impl fmt::Debug for Executor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Executor").field("max", &self.max).finish()
+    }
+}
+
+fn memory_of(caller: &mut Caller<'_, TaskState>) -> Option<Memory> {
+    match caller.get_export("memory") {
+        Some(Extern::Memory(m)) => Some(m),
+        _ => None,
+    }
+}
+
+/// Fails the guest call and remembers why (a trap caused by the host, not by the job).
+fn abi_violation(caller: &mut Caller<'_, TaskState>, reason: String) -> wasmtime::Error {
+    caller.data_mut().abi_error = Some(reason.clone());
+    wasmtime::Error::msg(reason)
+}
+
+impl Executor {
+    /// An executor whose tasks may ask for at most `max`.
+    pub fn new(max: Limits) -> Result<Arc<Self>, JobError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.cranelift_opt_level(OptLevel::Speed);
+        let engine = Engine::new(&config).map_err(|e| JobError::InvalidWasm {
+            job: "(engine)".into(),
+            reason: e.to_string(),
+        })?;
+        let mut linker = Linker::new(&engine);
+        Self::define_imports(&mut linker).expect("defining host functions cannot fail");
+        // Epoch ticker: one thread per executor, ending when the executor is dropped.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("p2pmr-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .expect("cannot start the epoch thread");
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            modules: Mutex::new(HashMap::new()),
+            max,
+        }))
+    }
+
+    fn define_imports(linker: &mut Linker<TaskState>) -> wasmtime::Result<()> {
+        linker.func_wrap(
+            "p2pmr",
+            "emit",
+            |mut caller: Caller<'_, TaskState>, ptr: i32, len: i32| -> wasmtime::Result<()> {
+                let Some(memory) = memory_of(&mut caller) else {
+                    return Err(abi_violation(&mut caller, "no exported memory".into()));
+                };
+                let (data, state) = memory.data_and_store_mut(&mut caller);
+                let Some(buf) = usize::try_from(ptr)
+                    .ok()
+                    .zip(usize::try_from(len).ok())
+                    .and_then(|(p, l)| data.get(p..p.checked_add(l)?))
+                else {
+                    state.abi_error = Some(format!("emit({ptr}, {len}) is outside memory"));
+                    return Err(wasmtime::Error::msg("bad emit"));
+                };
+                state.emitted += buf.len() as u64;
+                if state.emitted > state.output_cap {
+                    state.over_output = true;
+                    return Err(wasmtime::Error::msg("output limit"));
+                }
+                let Some(pairs) = abi::decode_pairs(buf) else {
+                    state.abi_error = Some("emitted bytes are not well-formed pairs".into());
+                    return Err(wasmtime::Error::msg("bad emit"));
+                };
+                match &mut state.collect {
+                    Collect::Map { parts, reducers } => {
+                        for (k, v) in pairs {
+                            parts[abi::partition(k, *reducers) as usize]
+                                .push((k.to_vec(), v.to_vec()));
+                        }
+                    }
+                    Collect::Reduce { out } => {
+                        let mut written = Ok(());
+                        for (k, v) in pairs {
+                            written = written
+                                .and_then(|()| out.write_all(k))
+                                .and_then(|()| out.write_all(b"\t"))
+                                .and_then(|()| out.write_all(v))
+                                .and_then(|()| out.write_all(b"\n"));
+                        }
+                        if let Err(e) = written {
+                            state.sink_error = Some(e.to_string());
+                            return Err(wasmtime::Error::msg("cannot write output"));
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        linker.func_wrap(
+            "p2pmr",
+            "values",
+            |mut caller: Caller<'_, TaskState>, ptr: i32, cap: i32| -> wasmtime::Result<i32> {
+                let Some(memory) = memory_of(&mut caller) else {
+                    return Err(abi_violation(&mut caller, "no exported memory".into()));
+                };
+                let (data, state) = memory.data_and_store_mut(&mut caller);
+                let Some(dest) = usize::try_from(ptr)
+                    .ok()
+                    .zip(usize::try_from(cap).ok())
+                    .and_then(|(p, c)| data.get_mut(p..p.checked_add(c)?))
+                else {
+                    state.abi_error = Some(format!("values({ptr}, {cap}) is outside memory"));
+                    return Err(wasmtime::Error::msg("bad values"));
+                };
+                let mut written = 0;
+                loop {
+                    let next = match state.pending.take() {
+                        Some(v) => Some(v),
+                        None => state.values.as_mut().and_then(|pull| pull()),
+                    };
+                    let Some(value) = next else { break };
+                    let need = 4 + value.len();
+                    if written + need > dest.len() {
+                        let too_big = written == 0;
+                        state.pending = Some(value);
+                        if too_big {
+                            // The guest must grow its buffer to take this one value.
+                            return Ok(-(i32::try_from(need).unwrap_or(i32::MAX)));
+                        }
+                        break;
+                    }
+                    dest[written..written + 4].copy_from_slice(&(value.len() as u32).to_le_bytes());
+                    dest[written + 4..written + need].copy_from_slice(&value);
+                    written += need;
+                }
+                Ok(written as i32)
+            },
+        )?;
+        linker.func_wrap(
+            "p2pmr",
+            "panic",
+            |mut caller: Caller<'_, TaskState>, ptr: i32, len: i32| {
+                let Some(memory) = memory_of(&mut caller) else {
+                    return;
+                };
+                let (data, state) = memory.data_and_store_mut(&mut caller);
+                let msg = usize::try_from(ptr)
+                    .ok()
+                    .zip(usize::try_from(len.min(4096)).ok())
+                    .and_then(|(p, l)| data.get(p..p.checked_add(l)?))
+                    .map(|b| String::from_utf8_lossy(b).into_owned());
+                state.panic = msg;
+            },
+        )?;
+        Ok(())
+    }
+
+    /// The most a task may ask for on this executor.
+    pub fn max_limits(&self) -> Limits {
+        self.max
+    }
+
+    /// Validates and compiles `wasm` (once per `cid`; later calls return the cached module).
+    pub fn load(&self, cid: Cid, name: &str, wasm: &[u8]) -> Result<Arc<JobModule>, JobError> {
+        if let Some(m) = self.modules.lock().expect("poisoned").get(&cid) {
+            return Ok(m.clone());
+        }
+        let job = name.to_owned();
+        let module = Module::new(&self.engine, wasm).map_err(|e| JobError::InvalidWasm {
+            job: job.clone(),
+            reason: one_line(&format!("{e:#}")),
+        })?;
+        for import in module.imports() {
+            if import.module() != "p2pmr" || !["emit", "values", "panic"].contains(&import.name()) {
+                return Err(JobError::ForbiddenImport {
+                    job,
+                    import: format!("{}.{}", import.module(), import.name()),
+                });
+            }
+        }
+        for (export, params, results) in REQUIRED_EXPORTS {
+            let ok = module
+                .get_export(export)
+                .and_then(|e| e.func().cloned())
+                .is_some_and(|f| f.params().len() == params && f.results().len() == results);
+            if !ok {
+                return Err(JobError::NotAJob {
+                    job,
+                    reason: format!("export {export} is missing or has the wrong type"),
+                });
+            }
+        }
+        if module
+            .get_export("memory")
+            .and_then(|e| e.memory().cloned())
+            .is_none()
+        {
+            return Err(JobError::NotAJob {
+                job,
+                reason: "it exports no memory".into(),
+            });
+        }
+        let pre = self
+            .linker
+            .instantiate_pre(&module)
+            .map_err(|e| JobError::NotAJob {
+                job: job.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        let probe = TaskName {
+            job: job.clone(),
+            task: "load".into(),
+            input: String::new(),
+        };
+        let mut store = self.store(
+            Limits::default().capped_by(self.max),
+            Collect::Reduce {
+                out: Box::new(std::io::sink()),
+            },
+        );
+        let instance = pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(&store, &probe, e, None, Limits::default()))?;
+        let version = call0(&instance, &mut store, "p2pmr_abi_version")
+            .map_err(|e| classify(&store, &probe, e, None, Limits::default()))?;
+        if version != ABI_VERSION {
+            return Err(JobError::AbiVersion {
+                job,
+                found: version,
+                expected: ABI_VERSION,
+            });
+        }
+        let has_combine = call0(&instance, &mut store, "p2pmr_has_combine")
+            .map_err(|e| classify(&store, &probe, e, None, Limits::default()))?
+            == 1;
+        let module = Arc::new(JobModule {
+            name: job,
+            pre,
+            has_combine,
+        });
+        self.modules
+            .lock()
+            .expect("poisoned")
+            .insert(cid, module.clone());
+        Ok(module)
+    }
+
+    fn store(&self, limits: Limits, collect: Collect) -> Store<TaskState> {
+        let mut store = Store::new(
+            &self.engine,
+            TaskState {
+                limiter: MemoryCap {
+                    max: limits.memory,
+                    hit: false,
+                },
+                collect,
+                emitted: 0,
+                output_cap: limits.output,
+                over_output: false,
+                values: None,
+                pending: None,
+                panic: None,
+                abi_error: None,
+                sink_error: None,
+            },
+        );
+        store.limiter(|s| &mut s.limiter);
+        let ticks = (limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store
+    }
+
+    /// Starts a map task: `args` in the ABI's encoding, the input's `name`, output split into
+    /// `reducers` partitions. Feed it batches of whole records, then [`MapTask::finish`].
+    pub fn map_task(
+        &self,
+        module: &JobModule,
+        task: TaskName,
+        args: &[u8],
+        reducers: u32,
+        limits: Limits,
+    ) -> Result<MapTask, JobError> {
+        let limits = limits.capped_by(self.max);
+        let collect = Collect::Map {
+            parts: vec![Vec::new(); reducers.max(1) as usize],
+            reducers: reducers.max(1),
+        };
+        let mut store = self.store(limits, collect);
+        let instance = module
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(&store, &task, e, None, limits))?;
+        let mut t = MapTask {
+            funcs: MapFuncs::new(&instance, &mut store)
+                .map_err(|e| classify(&store, &task, e, None, limits))?,
+            instance,
+            store,
+            task,
+            limits,
+            batch_offset: None,
+        };
+        let input_name = t.task.input.clone();
+        t.call_with_input(args, |f, s, len| f.init.call(s, len))?;
+        t.call_with_input(input_name.as_bytes(), |f, s, len| f.map_begin.call(s, len))?;
+        Ok(t)
+    }
+
+    /// Runs a reduce task over `groups` (keys in ascending order, each with a source of its
+    /// values), writing the `key<TAB>value` output lines to `out` as they come. Returns the
+    /// number of bytes the job emitted.
+    pub fn reduce_task<I>(
+        &self,
+        module: &JobModule,
+        task: TaskName,
+        args: &[u8],
+        limits: Limits,
+        groups: I,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Result<u64, JobError>
+    where
+        I: IntoIterator<Item = (Vec<u8>, ValueIter)>,
+    {
+        let limits = limits.capped_by(self.max);
+        let mut store = self.store(limits, Collect::Reduce { out });
+        let instance = module
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(&store, &task, e, None, limits))?;
+        let funcs = MapFuncs::new(&instance, &mut store)
+            .map_err(|e| classify(&store, &task, e, None, limits))?;
+        let mut t = MapTask {
+            funcs,
+            instance,
+            store,
+            task,
+            limits,
+            batch_offset: None,
+        };
+        t.call_with_input(args, |f, s, len| f.init.call(s, len))?;
+        for (key, mut values) in groups {
+            t.store.data_mut().values = Some(Box::new(move || values.next()));
+            t.store.data_mut().pending = None;
+            t.call_with_input(&key, |f, s, len| f.reduce.call(s, len))?;
+            // Values the job did not read are skipped.
+            t.store.data_mut().values = None;
+        }
+        if let Collect::Reduce { out } = &mut t.store.data_mut().collect {
+            out.flush().map_err(|e| JobError::Sink {
+                task: t.task.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(t.store.data().emitted)
+    }
+}
+
+/// The values of one key, streamed into the reduce.
+pub type ValueIter = Box<dyn Iterator<Item = Vec<u8>> + Send>;
+
+fn call0(instance: &Instance, store: &mut Store<TaskState>, name: &str) -> wasmtime::Result<i32> {
+    instance
+        .get_typed_func::<(), i32>(&mut *store, name)?
+        .call(&mut *store, ())
+}
+
+struct MapFuncs {
+    input: TypedFunc<i32, i32>,
+    init: TypedFunc<i32, i32>,
+    map_begin: TypedFunc<i32, i32>,
+    map_batch: TypedFunc<(i32, i64), i32>,
+    map_end: TypedFunc<(), i32>,
+    reduce: TypedFunc<i32, i32>,
+    cursor: TypedFunc<(), i32>,
+    memory: Memory,
+}
+
+impl MapFuncs {
+    fn new(instance: &Instance, store: &mut Store<TaskState>) -> wasmtime::Result<Self> {
+        Ok(Self {
+            input: instance.get_typed_func(&mut *store, "p2pmr_input")?,
+            init: instance.get_typed_func(&mut *store, "p2pmr_init")?,
+            map_begin: instance.get_typed_func(&mut *store, "p2pmr_map_begin")?,
+            map_batch: instance.get_typed_func(&mut *store, "p2pmr_map_batch")?,
+            map_end: instance.get_typed_func(&mut *store, "p2pmr_map_end")?,
+            reduce: instance.get_typed_func(&mut *store, "p2pmr_reduce")?,
+            cursor: instance.get_typed_func(&mut *store, "p2pmr_cursor")?,
+            memory: instance
+                .get_memory(&mut *store, "memory")
+                .ok_or_else(|| wasmtime::Error::msg("no memory"))?,
+        })
+    }
+}
+
+/// A running map task (also used for reduce tasks internally).
+pub struct MapTask {
+    funcs: MapFuncs,
+    #[allow(dead_code)] // keeps the instance's exports alive with the store
+    instance: Instance,
+    store: Store<TaskState>,
+    task: TaskName,
+    limits: Limits,
+    /// Input offset of the batch being mapped, for error reports.
+    batch_offset: Option<u64>,
+}
+
+impl fmt::Debug for MapTask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MapTask").field("task", &self.task).finish()
+    }
+}
+
+impl MapTask {
+    /// Copies `bytes` into the guest's input buffer and calls `entry(len)`.
+    fn call_with_input(
+        &mut self,
+        bytes: &[u8],
+        entry: impl FnOnce(&MapFuncs, &mut Store<TaskState>, i32) -> wasmtime::Result<i32>,
+    ) -> Result<(), JobError> {
+        let len = i32::try_from(bytes.len()).map_err(|_| JobError::Abi {
+            task: self.task.clone(),
+            reason: format!("an input of {} bytes is too large for wasm32", bytes.len()),
+        })?;
+        let result = self
+            .funcs
+            .input
+            .call(&mut self.store, len)
+            .and_then(|ptr| {
+                let ptr = usize::try_from(ptr).map_err(|_| wasmtime::Error::msg("bad pointer"))?;
+                self.funcs
+                    .memory
+                    .write(&mut self.store, ptr, bytes)
+                    .map_err(|_| {
+                        self.store.data_mut().abi_error =
+                            Some("p2pmr_input returned a buffer outside memory".into());
+                        wasmtime::Error::msg("bad input buffer")
+                    })
+            })
+            .and_then(|()| entry(&self.funcs, &mut self.store, len));
+        match result {
+            Ok(0) => Ok(()),
+            Ok(code) => Err(JobError::Abi {
+                task: self.task.clone(),
+                reason: format!("an entry point returned {code}"),
+            }),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn fail(&mut self, e: wasmtime::Error) -> JobError {
+        // Where the job was: the batch's offset plus the record cursor the SDK keeps. The
+        // deadline is reset so this little call can run after a timeout.
+        let offset = self.batch_offset.and_then(|base| {
+            self.store.set_epoch_deadline(100);
+            self.funcs
+                .cursor
+                .call(&mut self.store, ())
+                .ok()
+                .and_then(|c| u64::try_from(c).ok())
+                .map(|c| base + c)
+        });
+        classify(&self.store, &self.task, e, offset, self.limits)
+    }
+
+    /// Maps a batch of whole records whose first byte is at `offset` of the input.
+    pub fn batch(&mut self, records: &[u8], offset: u64) -> Result<(), JobError> {
+        self.batch_offset = Some(offset);
+        let off = offset as i64;
+        self.call_with_input(records, |f, s, len| f.map_batch.call(s, (len, off)))?;
+        self.batch_offset = None;
+        Ok(())
+    }
+
+    /// Ends the task (the combiner runs) and returns its output, sorted per partition.
+    pub fn finish(mut self) -> Result<Partitions, JobError> {
+        let end = self.funcs.map_end.call(&mut self.store, ());
+        match end {
+            Ok(0) => {}
+            Ok(code) => {
+                return Err(JobError::Abi {
+                    task: self.task.clone(),
+                    reason: format!("p2pmr_map_end returned {code}"),
+                })
+            }
+            Err(e) => return Err(self.fail(e)),
+        }
+        let collect = std::mem::replace(
+            &mut self.store.data_mut().collect,
+            Collect::Reduce {
+                out: Box::new(std::io::sink()),
+            },
+        );
+        let Collect::Map { mut parts, .. } = collect else {
+            unreachable!("map tasks collect pairs")
+        };
+        for part in &mut parts {
+            part.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        Ok(parts)
+    }
+}
+
+/// Messages from modules and the validator span lines; errors are reported on one.
+fn one_line(s: &str) -> String {
+    let joined = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    match joined.char_indices().nth(400) {
+        Some((i, _)) => format!("{}...", &joined[..i]),
+        None => joined,
+    }
+}
+
+/// Turns a wasmtime error into the typed error that says what happened.
+fn classify(
+    store: &Store<TaskState>,
+    task: &TaskName,
+    e: wasmtime::Error,
+    offset: Option<u64>,
+    limits: Limits,
+) -> JobError {
+    let state = store.data();
+    let task = task.clone();
+    if state.over_output {
+        return JobError::Output {
+            task,
+            limit: limits.output,
+            offset,
+        };
+    }
+    if let Some(reason) = &state.sink_error {
+        return JobError::Sink {
+            task,
+            reason: reason.clone(),
+        };
+    }
+    if let Some(reason) = &state.abi_error {
+        return JobError::Abi {
+            task,
+            reason: reason.clone(),
+        };
+    }
+    if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return JobError::Timeout {
+            task,
+            limit: limits.timeout,
+            offset,
+        };
+    }
+    if state.limiter.hit {
+        return JobError::Memory {
+            task,
+            limit: limits.memory,
+            offset,
+        };
+    }
+    let message = match (&state.panic, e.downcast_ref::<Trap>()) {
+        (Some(panic), _) => one_line(panic),
+        (None, Some(trap)) => trap.to_string(),
+        (None, None) => one_line(&format!("{e:#}")),
+    };
+    JobError::Trap {
+        task,
+        message,
+        offset,
+    }
+}

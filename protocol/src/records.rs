@@ -1,0 +1,231 @@
+//! Cutting a byte range of an input into batches of whole records, the way every map task
+//! reads its split (`p2pmr run-local` from files, the distributed engine from blocks).
+//!
+//! The rule, from the MapReduce paper: a record is a line (bytes up to and including `\n`; a
+//! final line without `\n` is a record too), and a task over the range `[start, end)` processes
+//! every record that *starts* in its range: it skips the partial record it begins inside and
+//! reads past `end` to finish its last record. Ranges that tile an input therefore see every
+//! record exactly once, wherever the range and block edges fall.
+//!
+//! [`RecordSplitter`] is sans-I/O: feed it the input's bytes from [`RecordSplitter::feed_from`]
+//! on, in pieces of any size, until [`RecordSplitter::is_done`] or the end of the input.
+
+/// Cuts a range of an input into batches of whole records.
+#[derive(Debug, Clone)]
+pub struct RecordSplitter {
+    end: u64,
+    /// Absolute offset of the next byte to be fed.
+    pos: u64,
+    skipping: bool,
+    done: bool,
+    carry: Vec<u8>,
+    carry_offset: u64,
+    batch: usize,
+}
+
+/// A batch of whole records and the input offset of its first byte.
+pub type Batch = (u64, Vec<u8>);
+
+impl RecordSplitter {
+    /// A splitter for the records starting in `[start, end)`, making batches of about
+    /// `batch` bytes (a batch is larger only when a single record is).
+    pub fn new(start: u64, end: u64, batch: usize) -> Self {
+        Self {
+            end,
+            pos: start.saturating_sub(1),
+            skipping: start > 0,
+            done: start >= end,
+            carry: Vec::new(),
+            carry_offset: start,
+            batch: batch.max(1),
+        }
+    }
+
+    /// The input offset the fed bytes must start at (one byte before the range, to see
+    /// whether a record starts exactly at its start).
+    pub fn feed_from(&self) -> u64 {
+        self.pos
+    }
+
+    /// Whether the range's last record is complete: no more bytes are needed.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Feeds the next bytes of the input; returns the batches completed by them.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Vec<Batch> {
+        let mut out = Vec::new();
+        if self.done {
+            return out;
+        }
+        if self.skipping {
+            match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    let first = self.pos + i as u64 + 1;
+                    self.pos = first;
+                    bytes = &bytes[i + 1..];
+                    self.skipping = false;
+                    self.carry_offset = first;
+                    if first >= self.end {
+                        self.done = true;
+                        return out;
+                    }
+                }
+                None => {
+                    self.pos += bytes.len() as u64;
+                    return out;
+                }
+            }
+        }
+        // The last record is the one holding byte end-1: it ends at the first `\n` from there.
+        let from = (self.end - 1).saturating_sub(self.pos);
+        let take = match usize::try_from(from)
+            .ok()
+            .filter(|&f| f < bytes.len())
+            .and_then(|f| {
+                bytes[f..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map(|j| f + j + 1)
+            }) {
+            Some(stop) => {
+                self.done = true;
+                stop
+            }
+            None => bytes.len(),
+        };
+        self.carry.extend_from_slice(&bytes[..take]);
+        self.pos += take as u64;
+        while self.carry.len() >= self.batch {
+            let Some(k) = self.carry.iter().rposition(|&b| b == b'\n') else {
+                break; // one record longer than a batch: keep reading until it ends
+            };
+            let rest = self.carry.split_off(k + 1);
+            let batch = std::mem::replace(&mut self.carry, rest);
+            out.push((self.carry_offset, batch));
+            self.carry_offset += (k + 1) as u64;
+        }
+        if self.done {
+            out.extend(self.take_rest());
+        }
+        out
+    }
+
+    /// The input has ended: returns the last batch, if any (it may lack a final `\n`).
+    pub fn finish(&mut self) -> Option<Batch> {
+        self.done = true;
+        if self.skipping {
+            return None;
+        }
+        self.take_rest()
+    }
+
+    fn take_rest(&mut self) -> Option<Batch> {
+        if self.carry.is_empty() {
+            return None;
+        }
+        let batch = std::mem::take(&mut self.carry);
+        let offset = self.carry_offset;
+        self.carry_offset += batch.len() as u64;
+        Some((offset, batch))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a splitter over `input` fed in pieces of `piece` bytes.
+    fn split(input: &[u8], start: u64, end: u64, batch: usize, piece: usize) -> Vec<Batch> {
+        let mut s = RecordSplitter::new(start, end, batch);
+        let mut out = Vec::new();
+        let mut at = s.feed_from() as usize;
+        while at < input.len() && !s.is_done() {
+            let next = (at + piece).min(input.len());
+            out.extend(s.feed(&input[at..next]));
+            at = next;
+        }
+        out.extend(s.finish());
+        out
+    }
+
+    fn records(input: &[u8]) -> Vec<(u64, &[u8])> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < input.len() {
+            let end = input[start..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(input.len(), |i| start + i + 1);
+            out.push((start as u64, &input[start..end]));
+            start = end;
+        }
+        out
+    }
+
+    #[test]
+    fn tiled_ranges_see_every_record_once() {
+        let mut seed = 12345u64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for case in 0..300 {
+            let len = rand(200) as usize;
+            let input: Vec<u8> = (0..len)
+                .map(|_| {
+                    if rand(6) == 0 {
+                        b'\n'
+                    } else {
+                        b'a' + rand(3) as u8
+                    }
+                })
+                .collect();
+            let mut cuts = vec![0u64, len as u64];
+            for _ in 0..rand(6) {
+                cuts.push(rand(len as u64 + 1));
+            }
+            cuts.sort();
+            let (batch, piece) = (1 + rand(20) as usize, 1 + rand(30) as usize);
+            let mut got = Vec::new();
+            for w in cuts.windows(2) {
+                for (offset, bytes) in split(&input, w[0], w[1], batch, piece) {
+                    // Batches hold whole records only.
+                    for (o, r) in records(&bytes) {
+                        got.push((offset + o, r.to_vec()));
+                    }
+                }
+            }
+            let want: Vec<(u64, Vec<u8>)> = records(&input)
+                .into_iter()
+                .map(|(o, r)| (o, r.to_vec()))
+                .collect();
+            assert_eq!(
+                got, want,
+                "case {case}: {cuts:?} batch {batch} piece {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_record_is_one_batch() {
+        let mut input = vec![b'x'; 5000];
+        input.push(b'\n');
+        input.extend_from_slice(b"short\n");
+        let batches = split(&input, 0, input.len() as u64, 100, 64);
+        // The long record is never cut: the first batch holds all of it.
+        assert_eq!(batches[0].0, 0);
+        assert!(batches[0].1.len() >= 5001, "{}", batches[0].1.len());
+        assert!(batches[0].1.ends_with(b"\n"));
+        let all: Vec<u8> = batches.iter().flat_map(|b| b.1.clone()).collect();
+        assert!(all == input, "batches tile the input");
+        // A range starting inside the long record skips it entirely.
+        assert_eq!(split(&input, 10, 20, 100, 7), vec![]);
+        assert_eq!(
+            split(&input, 10, 5002, 100, 7),
+            vec![(5001, b"short\n".to_vec())]
+        );
+    }
+}
