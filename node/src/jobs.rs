@@ -207,16 +207,92 @@ impl JobModule {
 }
 
 /// A run of key/value pairs sorted by key (stable: equal keys keep the order they were emitted
-/// in).
-pub type Run = Vec<(Vec<u8>, Vec<u8>)>;
+/// in), ABI-encoded back to back in one buffer: ~10 bytes of overhead per pair instead of two
+/// allocations and a tuple (which made map output 4x its payload in memory).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Run {
+    buf: Vec<u8>,
+    pairs: usize,
+}
+
+impl Run {
+    /// Sorts ABI-encoded pairs by key (stably) into a run.
+    pub fn sort(buf: &[u8]) -> Self {
+        let mut index: Vec<(usize, usize, usize)> = Vec::new();
+        let mut at = 0;
+        while at < buf.len() {
+            let klen = read_len(buf, at);
+            let vlen = read_len(buf, at + 4 + klen);
+            index.push((at + 4, klen, vlen));
+            at += 8 + klen + vlen;
+        }
+        index.sort_by(|a, b| buf[a.0..a.0 + a.1].cmp(&buf[b.0..b.0 + b.1]));
+        let mut sorted = Vec::with_capacity(buf.len());
+        for &(k, klen, vlen) in &index {
+            sorted.extend_from_slice(&buf[k - 4..k + klen + 4 + vlen]);
+        }
+        Self {
+            buf: sorted,
+            pairs: index.len(),
+        }
+    }
+
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.pairs
+    }
+
+    /// Whether the run is empty.
+    pub fn is_empty(&self) -> bool {
+        self.pairs == 0
+    }
+
+    /// Encoded size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The pair at byte `at` and the position of the next one.
+    pub fn pair_at(&self, at: usize) -> Option<(&[u8], &[u8], usize)> {
+        if at >= self.buf.len() {
+            return None;
+        }
+        let klen = read_len(&self.buf, at);
+        let key = &self.buf[at + 4..at + 4 + klen];
+        let vlen = read_len(&self.buf, at + 4 + klen);
+        let v = at + 8 + klen;
+        Some((key, &self.buf[v..v + vlen], v + vlen))
+    }
+
+    /// The pairs in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let (k, v, next) = self.pair_at(at)?;
+            at = next;
+            Some((k, v))
+        })
+    }
+}
+
+/// A length prefix written by the host itself (so in bounds by construction).
+fn read_len(buf: &[u8], at: usize) -> usize {
+    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize
+}
 
 /// Map output: one sorted run per partition.
 pub type Partitions = Vec<Run>;
 
 /// Where a running task's emitted pairs go.
 enum Collect {
-    Map { parts: Partitions, reducers: u32 },
-    Reduce { out: Box<dyn std::io::Write + Send> },
+    /// ABI-encoded pairs per partition, in emission order until the task finishes.
+    Map {
+        parts: Vec<Vec<u8>>,
+        reducers: u32,
+    },
+    Reduce {
+        out: Box<dyn std::io::Write + Send>,
+    },
 }
 
 /// The values the reduce of the current key pulls.
@@ -353,8 +429,11 @@ impl Executor {
                 match &mut state.collect {
                     Collect::Map { parts, reducers } => {
                         for (k, v) in pairs {
-                            parts[abi::partition(k, *reducers) as usize]
-                                .push((k.to_vec(), v.to_vec()));
+                            abi::encode_pair(
+                                &mut parts[abi::partition(k, *reducers) as usize],
+                                k,
+                                v,
+                            );
                         }
                     }
                     Collect::Reduce { out } => {
@@ -768,13 +847,10 @@ impl MapTask {
                 out: Box::new(std::io::sink()),
             },
         );
-        let Collect::Map { mut parts, .. } = collect else {
+        let Collect::Map { parts, .. } = collect else {
             unreachable!("map tasks collect pairs")
         };
-        for part in &mut parts {
-            part.sort_by(|a, b| a.0.cmp(&b.0));
-        }
-        Ok(parts)
+        Ok(parts.iter().map(|p| Run::sort(p)).collect())
     }
 }
 

@@ -279,7 +279,9 @@ fn map_split(
 /// Merges sorted runs into `(key, values)` groups in key order; a key's values come in run
 /// order, then emission order, so the result does not depend on thread timing.
 pub struct Merge {
-    runs: Vec<std::iter::Peekable<<Run as IntoIterator>::IntoIter>>,
+    runs: Vec<Run>,
+    /// Byte position of the next pair in each run.
+    pos: Vec<usize>,
     heap: BinaryHeap<Reverse<(Vec<u8>, usize)>>,
 }
 
@@ -294,14 +296,17 @@ impl std::fmt::Debug for Merge {
 impl Merge {
     /// A merge of `runs`, each sorted by key.
     pub fn new(runs: Vec<Run>) -> Self {
-        let mut runs: Vec<_> = runs.into_iter().map(|r| r.into_iter().peekable()).collect();
         let mut heap = BinaryHeap::new();
-        for (i, run) in runs.iter_mut().enumerate() {
-            if let Some((k, _)) = run.peek() {
-                heap.push(Reverse((k.clone(), i)));
+        for (i, run) in runs.iter().enumerate() {
+            if let Some((k, _, _)) = run.pair_at(0) {
+                heap.push(Reverse((k.to_vec(), i)));
             }
         }
-        Self { runs, heap }
+        Self {
+            pos: vec![0; runs.len()],
+            runs,
+            heap,
+        }
     }
 }
 
@@ -317,13 +322,17 @@ impl Iterator for Merge {
             }
             let i = *i;
             self.heap.pop();
-            let run = &mut self.runs[i];
-            while run.peek().is_some_and(|(k, _)| *k == key) {
-                values.push(run.next().expect("peeked").1);
+            let run = &self.runs[i];
+            let mut at = self.pos[i];
+            while let Some((k, v, next)) = run.pair_at(at) {
+                if k != key.as_slice() {
+                    self.heap.push(Reverse((k.to_vec(), i)));
+                    break;
+                }
+                values.push(v.to_vec());
+                at = next;
             }
-            if let Some((k, _)) = run.peek() {
-                self.heap.push(Reverse((k.clone(), i)));
-            }
+            self.pos[i] = at;
         }
         Some((key, Box::new(values.into_iter())))
     }

@@ -9,6 +9,7 @@
 //! Corpora come from `../shared/bench/make-corpus.sh` and are cached in `target/bench-corpus/`.
 //! Results are printed as a table and written to `target/bench-results/<suite>.json`.
 
+mod jobs;
 mod peers;
 
 use anyhow::{bail, Context, Result};
@@ -54,6 +55,19 @@ enum Suite {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// wordcount in wasm vs native; run-local on all cores vs native single-thread; per-task
+    /// overhead
+    Jobs {
+        /// Corpus size for the wasm-vs-native rounds
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Corpus size for the run-local rounds
+        #[arg(long, default_value_t = 1024)]
+        big_mib: u64,
+        /// Interleaved rounds per measurement
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -68,6 +82,11 @@ fn main() -> Result<()> {
             add_size_mib,
             rounds,
         } => peers::peers(size_mib, add_size_mib, rounds),
+        Suite::Jobs {
+            size_mib,
+            big_mib,
+            rounds,
+        } => jobs::jobs(size_mib, big_mib, rounds),
     }
 }
 

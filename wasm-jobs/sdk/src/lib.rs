@@ -239,8 +239,8 @@ impl Sink for Output {
 }
 
 /// FxHash: fast, and deterministic (no random seed exists in a sandbox anyway).
-#[derive(Default)]
-struct FxHasher(u64);
+#[derive(Debug, Default)]
+pub struct FxHasher(u64);
 
 impl Hasher for FxHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -260,7 +260,9 @@ impl Hasher for FxHasher {
     }
 }
 
-type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+/// A `HashMap` with a fast, deterministic hasher, for jobs that aggregate in memory.
+pub type FxHashMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+type FxMap<K, V> = FxHashMap<K, V>;
 
 /// Buffers map output by key and runs the job's combiner over it.
 struct Combining {

@@ -3,7 +3,7 @@
 //! including bytes that are not valid UTF-8, separates words. With a combiner.
 
 use p2pmr_guest::text::words;
-use p2pmr_guest::{Emit, Input, Job, Records, Values};
+use p2pmr_guest::{Emit, FxHashMap, Input, Job, Records, Values};
 
 /// The job.
 #[derive(Debug)]
@@ -11,10 +11,16 @@ pub struct WordCount;
 
 impl Job for WordCount {
     fn map(_: &Input, records: Records, emit: &mut Emit) {
+        // In-mapper combining: count a batch's words here and emit each distinct word once
+        // per batch (about 15x fewer pairs for the combiner than one pair per word).
+        let mut counts: FxHashMap<&[u8], u64> = FxHashMap::default();
         for record in records {
             for word in words(record.bytes) {
-                emit.emit(word, "1");
+                *counts.entry(word).or_insert(0) += 1;
             }
+        }
+        for (word, n) in counts {
+            emit.emit(word, n.to_string());
         }
     }
 

@@ -1,0 +1,216 @@
+//! `p2pmr-bench jobs`: the wasm job runtime's figures.
+//!
+//! - wordcount in wasm (the shipped module, through the executor) against the same Rust code
+//!   compiled natively (`p2pmr_guest::local::MapTask`), one thread each, same 1 MiB batches of
+//!   the 256 MiB corpus;
+//! - `p2pmr run-local --job wordcount` on 1 GiB (the binary, all cores) against a plain native
+//!   single-thread wordcount of the same semantics (a `HashMap` of words and counts, no SDK);
+//!   peak RSS of the run-local process;
+//! - per-task overhead: instantiate a module and run an empty map task, median.
+
+use crate::{corpus, median, p2pmr_bin, time, write_results, Row};
+use anyhow::{bail, Result};
+use p2pmr_guest::text::words;
+use p2pmr_job_wordcount::WordCount;
+use p2pmr_node::jobs::{Executor, Limits, TaskName};
+use p2pmr_node::shipped;
+use p2pmr_protocol::records::RecordSplitter;
+use p2pmr_protocol::Block;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+const BATCH: usize = 1 << 20;
+
+/// Calls `f` with each batch of whole records of the file (1 MiB batches, as run-local makes).
+fn batches(path: &Path, mut f: impl FnMut(&[u8], u64) -> Result<()>) -> Result<()> {
+    let size = path.metadata()?.len();
+    let mut splitter = RecordSplitter::new(0, size, BATCH);
+    let mut file = File::open(path)?;
+    let mut buf = vec![0u8; BATCH];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for (offset, batch) in splitter.feed(&buf[..n]) {
+            f(&batch, offset)?;
+        }
+    }
+    if let Some((offset, batch)) = splitter.finish() {
+        f(&batch, offset)?;
+    }
+    Ok(())
+}
+
+/// The baseline: what one would write by hand, single-threaded.
+fn native_plain(path: &Path) -> Result<usize> {
+    let mut counts: HashMap<Box<[u8]>, u64> = HashMap::new();
+    batches(path, |batch, _| {
+        for line in batch.split(|&b| b == b'\n') {
+            for w in words(line) {
+                match counts.get_mut(w) {
+                    Some(n) => *n += 1,
+                    None => {
+                        counts.insert(w.into(), 1);
+                    }
+                }
+            }
+        }
+        Ok(())
+    })?;
+    let mut out: Vec<_> = counts.into_iter().collect();
+    out.sort();
+    Ok(std::hint::black_box(out).len())
+}
+
+/// The shipped job's code compiled natively, through the SDK, one thread.
+fn native_sdk(path: &Path) -> Result<usize> {
+    let mut task = p2pmr_guest::local::MapTask::<WordCount>::new("corpus", &[]);
+    batches(path, |batch, offset| {
+        task.batch(batch, offset);
+        Ok(())
+    })?;
+    Ok(std::hint::black_box(task.finish()).len())
+}
+
+/// The shipped wasm module through the executor, one thread.
+fn wasm(exec: &Executor, path: &Path) -> Result<usize> {
+    let wasm = shipped::by_name("wordcount").expect("shipped");
+    let module = exec.load(*Block::raw(wasm.to_vec()).cid(), "wordcount", wasm)?;
+    let mut task = exec.map_task(&module, TaskName::default(), &[], 1, Limits::default())?;
+    batches(path, |batch, offset| Ok(task.batch(batch, offset)?))?;
+    let parts = task.finish()?;
+    Ok(std::hint::black_box(parts)
+        .iter()
+        .map(p2pmr_node::jobs::Run::len)
+        .sum())
+}
+
+pub(crate) fn jobs(size_mib: u64, big_mib: u64, rounds: usize) -> Result<()> {
+    let bin = p2pmr_bin()?;
+    let input = corpus(size_mib)?;
+    let big = corpus(big_mib)?;
+    let bytes = input.metadata()?.len() as f64;
+    let big_bytes = big.metadata()?.len() as f64;
+    let exec = Executor::new(Limits::default())?;
+    // Warm up: page cache, module compilation.
+    native_plain(&input)?;
+    wasm(&exec, &input)?;
+    native_plain(&big)?;
+
+    let (mut plain, mut sdk, mut wasm_t, mut plain_big, mut local_big) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut rss = 0;
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        plain.push(time(|| native_plain(&input))?.0);
+        sdk.push(time(|| native_sdk(&input))?.0);
+        wasm_t.push(time(|| wasm(&exec, &input))?.0);
+        plain_big.push(time(|| native_plain(&big))?.0);
+        let (t, kib) = time(|| run_local_rss(&bin, &big))?;
+        local_big.push(t);
+        rss = rss.max(kib);
+    }
+
+    // Per-task overhead: instantiate and run an empty map task.
+    let wasm_bytes = shipped::by_name("wordcount").expect("shipped");
+    let module = exec.load(
+        *Block::raw(wasm_bytes.to_vec()).cid(),
+        "wordcount",
+        wasm_bytes,
+    )?;
+    let mut overhead = Vec::new();
+    for _ in 0..2000 {
+        let started = Instant::now();
+        let task = exec.map_task(&module, TaskName::default(), &[], 1, Limits::default())?;
+        std::hint::black_box(task.finish()?);
+        overhead.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    let overhead_us = median(overhead);
+
+    let row = |name: &str, ts: Vec<f64>, base: f64, n: f64| {
+        let m = median(ts);
+        Row {
+            name: name.to_owned(),
+            median_s: m,
+            mb_s: n / m / 1e6,
+            ratio: base / m,
+        }
+    };
+    let plain_m = median(plain.clone());
+    let sdk_m = median(sdk.clone());
+    let plain_big_m = median(plain_big.clone());
+    let rows = vec![
+        row(
+            &format!("native plain wordcount, 1 thread, {size_mib} MiB (baseline)"),
+            plain,
+            plain_m,
+            bytes,
+        ),
+        row(
+            &format!("native wordcount via the SDK, 1 thread, {size_mib} MiB (second baseline)"),
+            sdk,
+            sdk_m,
+            bytes,
+        ),
+        row(
+            &format!("wasm wordcount (ratio to the SDK row), 1 thread, {size_mib} MiB"),
+            wasm_t,
+            sdk_m,
+            bytes,
+        ),
+        row(
+            &format!("native plain wordcount, 1 thread, {big_mib} MiB (baseline)"),
+            plain_big,
+            plain_big_m,
+            big_bytes,
+        ),
+        row(
+            &format!("p2pmr run-local --job wordcount, all cores, {big_mib} MiB"),
+            local_big,
+            plain_big_m,
+            big_bytes,
+        ),
+    ];
+    println!(
+        "\njobs: {rounds} interleaved rounds, medians; ratios to the baseline named in each row"
+    );
+    write_results(
+        "jobs",
+        &rows,
+        &format!("\"task_overhead_us\":{overhead_us:.1},\"run_local_peak_rss_kib\":{rss}"),
+    )?;
+    println!(
+        "\nper-task overhead (instantiate + empty map task): median {overhead_us:.1} µs; run-local peak RSS {:.1} MiB",
+        rss as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// Runs `p2pmr run-local --job wordcount` under GNU time; returns peak RSS in KiB.
+fn run_local_rss(bin: &Path, input: &Path) -> Result<u64> {
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%M"])
+        .arg(bin)
+        .args([
+            "run-local",
+            "--job",
+            "wordcount",
+            "--reducers",
+            "2",
+            "--input",
+        ])
+        .arg(input)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()?;
+    if !out.status.success() {
+        bail!("run-local failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let err = String::from_utf8(out.stderr)?;
+    Ok(err.lines().last().unwrap_or("0").trim().parse()?)
+}
