@@ -129,6 +129,7 @@ where
     }
     let reducers = job.reducers.max(1);
     let threads = job.threads.max(1);
+    let started = std::time::Instant::now();
 
     // Map phase: workers take splits in order.
     let next = AtomicUsize::new(0);
@@ -162,6 +163,12 @@ where
         .into_iter()
         .map(|o| o.expect("every split was mapped"))
         .collect();
+    tracing::info!(
+        "map phase: {} tasks on {threads} threads in {:?}",
+        splits.len(),
+        started.elapsed()
+    );
+    let reduce_started = std::time::Instant::now();
     let map_output_pairs = outputs
         .iter()
         .flat_map(|p| p.iter().map(|v| v.len() as u64))
@@ -222,6 +229,10 @@ where
     if let Some(e) = first_error.into_inner().expect("poisoned") {
         return Err(e);
     }
+    tracing::info!(
+        "reduce phase: {reducers} partitions in {:?}",
+        reduce_started.elapsed()
+    );
     let emitted: u64 = results
         .into_inner()
         .expect("poisoned")
