@@ -1,6 +1,10 @@
 //! Pure data layer of p2pmr: content identifiers, verified blocks, and the kubo-compatible
 //! UnixFS file format (dag-pb nodes over raw leaves).
 //!
+//! Beside them: the peers' wire messages and placement rule ([`wire`]), the job ABI between host
+//! and wasm modules ([`abi`]), the record rule map tasks read by ([`records`]) and the job spec
+//! whose CID is a job's id ([`job`]).
+//!
 //! Nothing here does I/O or depends on an async runtime. The block store, the network and the
 //! scheduler in `p2pmr-node` drive the sans-I/O state machines defined here
 //! ([`unixfs::FileBuilder`] to chunk and link a file, [`unixfs::FileReader`] to walk one back from
@@ -10,6 +14,7 @@
 pub mod abi;
 pub mod block;
 pub mod dagpb;
+pub mod job;
 mod pb;
 pub mod records;
 pub mod unixfs;

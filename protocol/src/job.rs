@@ -1,0 +1,340 @@
+//! The job spec: what a client hands a coordinator. It names the wasm module and the inputs
+//! by CID, with the reducer count, arguments, per-task limits and split size, and encodes
+//! deterministically, so the job id (the CID of the encoded spec) is the same on every peer for
+//! the same job, which is what lets a finished job's output be found again instead of recomputed.
+
+use crate::block::Block;
+use crate::wire::WireError;
+use crate::Cid;
+use serde::{Deserialize, Serialize};
+
+/// Most inputs one job may name.
+pub const MAX_INPUTS: usize = 1024;
+/// Most reducers one job may ask for.
+pub const MAX_REDUCERS: u32 = 10_000;
+/// Smallest split size: one block (smaller splits would re-read the same block per task).
+pub const MIN_SPLIT: u64 = 262_144;
+/// Largest encoded spec.
+pub const MAX_SPEC_SIZE: usize = 1 << 20;
+
+/// One input of a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobInput {
+    /// The name map tasks see (by default the CID in text).
+    pub name: String,
+    /// The input file's root CID.
+    pub cid: Cid,
+}
+
+/// Limits every task of the job runs under (a daemon may lower them to its own maximum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLimits {
+    /// Linear memory cap, bytes.
+    pub memory: u64,
+    /// Time limit per task, milliseconds.
+    pub timeout_ms: u64,
+    /// Output cap per task, bytes.
+    pub output: u64,
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        Self {
+            memory: 512 << 20,
+            timeout_ms: 60_000,
+            output: 256 << 20,
+        }
+    }
+}
+
+/// A MapReduce job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSpec {
+    /// CID of the wasm module (as `p2pmr add` prints it).
+    pub module: Cid,
+    /// The inputs, in order.
+    pub inputs: Vec<JobInput>,
+    /// Number of reduce partitions.
+    pub reducers: u32,
+    /// Job arguments; kept sorted by key (and unique), so equal argument sets encode equally.
+    args: Vec<(String, String)>,
+    /// Per-task limits.
+    pub limits: TaskLimits,
+    /// Bytes of input per map task (a multiple of nothing in particular; tasks are ranges).
+    pub split_size: u64,
+}
+
+/// Why a spec is invalid.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JobSpecError {
+    /// The bytes are not a spec.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A field is out of range or inconsistent.
+    #[error("invalid job spec: {0}")]
+    Invalid(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireSpec<'a> {
+    version: u8,
+    #[serde(borrow, with = "serde_bytes")]
+    module: &'a [u8],
+    #[serde(borrow)]
+    inputs: Vec<(&'a str, &'a serde_bytes::Bytes)>,
+    reducers: u32,
+    #[serde(borrow)]
+    args: Vec<(&'a str, &'a str)>,
+    limits: (u64, u64, u64),
+    split_size: u64,
+}
+
+const SPEC_VERSION: u8 = 1;
+
+impl JobSpec {
+    /// A spec with default limits and a 64 MiB split size. Arguments may come in any order;
+    /// a repeated key keeps its last value.
+    pub fn new(
+        module: Cid,
+        inputs: Vec<JobInput>,
+        reducers: u32,
+        args: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, JobSpecError> {
+        let mut sorted: Vec<(String, String)> = Vec::new();
+        for (k, v) in args {
+            match sorted.binary_search_by(|(key, _)| key.as_str().cmp(&k)) {
+                Ok(i) => sorted[i].1 = v,
+                Err(i) => sorted.insert(i, (k, v)),
+            }
+        }
+        let spec = Self {
+            module,
+            inputs,
+            reducers,
+            args: sorted,
+            limits: TaskLimits::default(),
+            split_size: 64 << 20,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The arguments, sorted by key.
+    pub fn args(&self) -> &[(String, String)] {
+        &self.args
+    }
+
+    fn validate(&self) -> Result<(), JobSpecError> {
+        let invalid = |m: String| Err(JobSpecError::Invalid(m));
+        if self.inputs.is_empty() || self.inputs.len() > MAX_INPUTS {
+            return invalid(format!("{} inputs (1 to {MAX_INPUTS})", self.inputs.len()));
+        }
+        if !(1..=MAX_REDUCERS).contains(&self.reducers) {
+            return invalid(format!("{} reducers (1 to {MAX_REDUCERS})", self.reducers));
+        }
+        if self.split_size < MIN_SPLIT {
+            return invalid(format!(
+                "split size {} (at least {MIN_SPLIT})",
+                self.split_size
+            ));
+        }
+        let mut names: Vec<&str> = self.inputs.iter().map(|i| i.name.as_str()).collect();
+        names.sort();
+        if names.iter().any(|n| n.is_empty() || n.contains('\n')) {
+            return invalid("an input name is empty or has a newline".into());
+        }
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return invalid("two inputs have the same name".into());
+        }
+        for (k, v) in &self.args {
+            if k.is_empty() || k.contains(['=', '\n']) || v.contains('\n') {
+                return invalid(format!("argument '{k}' is not KEY=VALUE on one line"));
+            }
+        }
+        if self.args.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return invalid("arguments are not sorted and unique".into());
+        }
+        if self.limits.memory == 0 || self.limits.timeout_ms == 0 || self.limits.output == 0 {
+            return invalid("a task limit is zero".into());
+        }
+        Ok(())
+    }
+
+    /// The canonical encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let module = self.module.to_bytes();
+        let cids: Vec<Vec<u8>> = self.inputs.iter().map(|i| i.cid.to_bytes()).collect();
+        let wire = WireSpec {
+            version: SPEC_VERSION,
+            module: &module,
+            inputs: self
+                .inputs
+                .iter()
+                .zip(&cids)
+                .map(|(i, c)| (i.name.as_str(), serde_bytes::Bytes::new(c)))
+                .collect(),
+            reducers: self.reducers,
+            args: self
+                .args
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            limits: (
+                self.limits.memory,
+                self.limits.timeout_ms,
+                self.limits.output,
+            ),
+            split_size: self.split_size,
+        };
+        postcard::to_allocvec(&wire).expect("in-memory encoding of plain data cannot fail")
+    }
+
+    /// Decodes and validates a spec; only the canonical encoding of a valid spec is accepted,
+    /// so a decoded spec's id is the id of the bytes it came from.
+    pub fn decode(bytes: &[u8]) -> Result<Self, JobSpecError> {
+        if bytes.len() > MAX_SPEC_SIZE {
+            return Err(WireError::TooLarge {
+                what: "job spec",
+                size: bytes.len(),
+                limit: MAX_SPEC_SIZE,
+            }
+            .into());
+        }
+        let wire: WireSpec<'_> =
+            postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
+        if wire.version != SPEC_VERSION {
+            return Err(JobSpecError::Invalid(format!(
+                "spec version {} (this peer reads {SPEC_VERSION})",
+                wire.version
+            )));
+        }
+        let cid = |b: &[u8]| Cid::try_from(b).map_err(|_| WireError::BadCid);
+        let spec = Self {
+            module: cid(wire.module)?,
+            inputs: wire
+                .inputs
+                .iter()
+                .map(|(name, c)| {
+                    Ok(JobInput {
+                        name: (*name).to_owned(),
+                        cid: cid(c)?,
+                    })
+                })
+                .collect::<Result<_, WireError>>()?,
+            reducers: wire.reducers,
+            args: wire
+                .args
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            limits: TaskLimits {
+                memory: wire.limits.0,
+                timeout_ms: wire.limits.1,
+                output: wire.limits.2,
+            },
+            split_size: wire.split_size,
+        };
+        spec.validate()?;
+        if spec.encode() != bytes {
+            return Err(JobSpecError::Invalid("not the canonical encoding".into()));
+        }
+        Ok(spec)
+    }
+
+    /// The job id: the CID (raw codec, sha2-256) of the encoded spec.
+    pub fn id(&self) -> Cid {
+        *Block::raw(self.encode()).cid()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cid(n: u8) -> Cid {
+        *Block::raw(vec![n]).cid()
+    }
+
+    fn spec(args: &[(&str, &str)]) -> JobSpec {
+        JobSpec::new(
+            cid(0),
+            vec![
+                JobInput {
+                    name: "a".into(),
+                    cid: cid(1),
+                },
+                JobInput {
+                    name: "b".into(),
+                    cid: cid(2),
+                },
+            ],
+            3,
+            args.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_stable_ids() {
+        let s = spec(&[("pattern", "x"), ("mode", "y")]);
+        assert_eq!(JobSpec::decode(&s.encode()).unwrap(), s);
+        // Argument order does not matter; values and everything else do.
+        assert_eq!(s.id(), spec(&[("mode", "y"), ("pattern", "x")]).id());
+        assert_ne!(s.id(), spec(&[("mode", "z"), ("pattern", "x")]).id());
+        let mut more = s.clone();
+        more.reducers = 4;
+        assert_ne!(s.id(), more.id());
+        assert_eq!(s.args()[0].0, "mode");
+        // The id is the raw CID of the bytes.
+        assert_eq!(s.id().codec(), crate::block::RAW);
+    }
+
+    #[test]
+    fn invalid_specs_are_refused() {
+        let bad = |f: &dyn Fn(&mut JobSpec)| {
+            let mut s = spec(&[]);
+            f(&mut s);
+            JobSpec::decode(&s.encode()).unwrap_err()
+        };
+        assert!(matches!(bad(&|s| s.reducers = 0), JobSpecError::Invalid(_)));
+        assert!(matches!(
+            bad(&|s| s.inputs.clear()),
+            JobSpecError::Invalid(_)
+        ));
+        assert!(matches!(
+            bad(&|s| s.inputs[1].name = "a".into()),
+            JobSpecError::Invalid(_)
+        ));
+        assert!(matches!(
+            bad(&|s| s.split_size = 1),
+            JobSpecError::Invalid(_)
+        ));
+        assert!(matches!(
+            bad(&|s| s.limits.timeout_ms = 0),
+            JobSpecError::Invalid(_)
+        ));
+        assert!(matches!(
+            bad(&|s| s.args = vec![("b".into(), "1".into()), ("a".into(), "2".into())]),
+            JobSpecError::Invalid(_)
+        ));
+        assert!(JobSpec::new(cid(0), vec![], 1, []).is_err());
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic() {
+        let good = spec(&[("k", "v")]).encode();
+        for cut in 0..good.len() {
+            assert!(JobSpec::decode(&good[..cut]).is_err());
+        }
+        for i in 0..good.len() {
+            for x in [1u8, 0x80, 0xff] {
+                let mut m = good.clone();
+                m[i] ^= x;
+                let _ = JobSpec::decode(&m);
+            }
+        }
+        let mut trailing = good.clone();
+        trailing.push(0);
+        assert!(JobSpec::decode(&trailing).is_err());
+    }
+}
