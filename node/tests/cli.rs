@@ -328,3 +328,127 @@ fn home_from_environment() {
     assert!(out.status.success());
     assert!(dir.path().join("envrepo/blocks").is_dir());
 }
+
+#[test]
+fn run_local_jobs_and_their_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("repo");
+    let a = write_file(dir.path(), "a.txt", b"the cat\nthe dog\r\n");
+    let b = write_file(dir.path(), "b.txt", b"TRAP the end");
+    let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let out = p2pmr(
+        &home,
+        &[
+            "run-local",
+            "--job",
+            "wordcount",
+            "--input",
+            a_s,
+            "--input",
+            b_s,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "TRAP\t1\ncat\t1\ndog\t1\nend\t1\nthe\t3\n"
+    );
+    // --output DIR: one file per partition, together the same lines.
+    let parts = dir.path().join("out");
+    let out = p2pmr(
+        &home,
+        &[
+            "run-local",
+            "--job",
+            "wordcount",
+            "--reducers",
+            "3",
+            "--input",
+            a_s,
+            "--input",
+            b_s,
+            "--output",
+            parts.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success());
+    let mut lines: Vec<String> = (0..3)
+        .flat_map(|r| {
+            fs::read_to_string(parts.join(format!("part-{r:05}")))
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["TRAP\t1", "cat\t1", "dog\t1", "end\t1", "the\t3"]);
+
+    let bad_wasm = write_file(dir.path(), "bad.wasm", b"\0asm garbage");
+    let cases: Vec<(Vec<&str>, u8, &str)> = vec![
+        (vec!["--job", "nope", "--input", a_s], 1, "no job 'nope'"),
+        (
+            vec!["--job", bad_wasm.to_str().unwrap(), "--input", a_s],
+            1,
+            "not valid WebAssembly",
+        ),
+        (
+            vec![
+                "--job",
+                "hostile",
+                "--arg",
+                "mode=trap",
+                "--input",
+                a_s,
+                "--input",
+                b_s,
+            ],
+            1,
+            "at record offset 0: panicked",
+        ),
+        (
+            vec![
+                "--job",
+                "hostile",
+                "--arg",
+                "mode=loop",
+                "--timeout-secs",
+                "1",
+                "--input",
+                a_s,
+            ],
+            1,
+            "time limit",
+        ),
+        (
+            vec!["--job", "wordcount", "--input", "/nonexistent/x"],
+            1,
+            "cannot read",
+        ),
+        (
+            vec!["--job", "wordcount", "--reducers", "0", "--input", a_s],
+            2,
+            "reducers",
+        ),
+        (
+            vec!["--job", "grep", "--arg", "novalue", "--input", a_s],
+            2,
+            "KEY=VALUE",
+        ),
+        (vec!["--job", "wordcount"], 2, "--input"),
+    ];
+    for (args, code, needle) in cases {
+        let mut full = vec!["run-local"];
+        full.extend(args.iter().copied());
+        let out = p2pmr(&home, &full);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(i32::from(code)), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}
