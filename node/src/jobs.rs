@@ -643,23 +643,37 @@ impl Executor {
             parts: vec![Vec::new(); reducers.max(1) as usize],
             reducers: reducers.max(1),
         };
+        let mut t = self.start(module, task, args, limits, collect)?;
+        let input_name = t.task.input.clone();
+        t.call_with_input(input_name.as_bytes(), |f, s, len| f.map_begin.call(s, len))?;
+        Ok(t)
+    }
+
+    /// A fresh instance of `module` in its own store, initialised with `args`.
+    fn start(
+        &self,
+        module: &JobModule,
+        task: TaskName,
+        args: &[u8],
+        limits: Limits,
+        collect: Collect,
+    ) -> Result<MapTask, JobError> {
         let mut store = self.store(limits, collect);
         let instance = module
             .pre
             .instantiate(&mut store)
             .map_err(|e| classify(&store, &task, e, None, limits))?;
+        let funcs = MapFuncs::new(&instance, &mut store)
+            .map_err(|e| classify(&store, &task, e, None, limits))?;
         let mut t = MapTask {
-            funcs: MapFuncs::new(&instance, &mut store)
-                .map_err(|e| classify(&store, &task, e, None, limits))?,
+            funcs,
             instance,
             store,
             task,
             limits,
             batch_offset: None,
         };
-        let input_name = t.task.input.clone();
         t.call_with_input(args, |f, s, len| f.init.call(s, len))?;
-        t.call_with_input(input_name.as_bytes(), |f, s, len| f.map_begin.call(s, len))?;
         Ok(t)
     }
 
@@ -679,22 +693,7 @@ impl Executor {
         I: IntoIterator<Item = (Vec<u8>, ValueIter)>,
     {
         let limits = limits.capped_by(self.max);
-        let mut store = self.store(limits, Collect::Reduce { out });
-        let instance = module
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| classify(&store, &task, e, None, limits))?;
-        let funcs = MapFuncs::new(&instance, &mut store)
-            .map_err(|e| classify(&store, &task, e, None, limits))?;
-        let mut t = MapTask {
-            funcs,
-            instance,
-            store,
-            task,
-            limits,
-            batch_offset: None,
-        };
-        t.call_with_input(args, |f, s, len| f.init.call(s, len))?;
+        let mut t = self.start(module, task, args, limits, Collect::Reduce { out })?;
         for (key, mut values) in groups {
             t.store.data_mut().values = Some(Box::new(move || values.next()));
             t.store.data_mut().pending = None;

@@ -23,7 +23,7 @@ use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::unixfs::{FileReader, Layout, UnixFsError};
 use p2pmr_protocol::wire::{rank_peers, BlockRequest, BlockResponse, BUSY, MAX_HAS};
 use p2pmr_protocol::{Block, Cid};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -204,7 +204,7 @@ pub async fn add(
         })
     });
     let window = Arc::new(Semaphore::new(WINDOW));
-    let daemons = Arc::new(daemons);
+    let daemons: Arc<Vec<Placed>> = Arc::new(daemons.into_iter().map(Placed::new).collect());
     let mut uploads = JoinSet::new();
     let mut failure = None;
     while let Some(block) = rx.recv().await {
@@ -238,19 +238,43 @@ pub async fn add(
     Ok(built?)
 }
 
+/// A daemon and its peer id's bytes, the form the placement rule hashes (computed once, not
+/// per block).
+#[derive(Debug)]
+struct Placed {
+    id: PeerId,
+    bytes: Vec<u8>,
+}
+
+impl Placed {
+    fn new(id: PeerId) -> Self {
+        Self {
+            bytes: id.to_bytes(),
+            id,
+        }
+    }
+}
+
+impl AsRef<[u8]> for Placed {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// `daemons` ranked for holding `cid`, best first.
+fn placement(cid: &Cid, daemons: &[Placed]) -> Vec<PeerId> {
+    rank_peers(cid, daemons).into_iter().map(|d| d.id).collect()
+}
+
 /// Stores `block` on `replicas` daemons, best-ranked first, moving down the ranking past
 /// daemons that refuse or fail.
 async fn push(
     net: &NetClient,
-    daemons: &[PeerId],
+    daemons: &[Placed],
     block: Block,
     replicas: usize,
 ) -> Result<(), RemoteError> {
-    let ids: Vec<Vec<u8>> = daemons.iter().map(|p| p.to_bytes()).collect();
-    let ranked: Vec<PeerId> = rank_peers(block.cid(), &ids)
-        .into_iter()
-        .map(|b| PeerId::from_bytes(b).expect("our own peer ids"))
-        .collect();
+    let ranked = placement(block.cid(), daemons);
     let mut stored = 0;
     let mut next = 0;
     let mut reason = String::from("not enough daemons");
@@ -377,17 +401,14 @@ impl Fetcher {
     /// The daemons to ask for `cid`, in order: placement rank, but among the first three
     /// (the likely holders) the fastest to answer so far first.
     fn candidates(&self, net: &NetClient, cid: &Cid) -> Vec<PeerId> {
-        let scores = self.scores.lock().expect("poisoned").clone();
-        let ids: Vec<Vec<u8>> = net
+        let scores = self.scores.lock().expect("poisoned");
+        let daemons: Vec<Placed> = net
             .daemons()
             .into_keys()
             .filter(|p| !scores.get(p).is_some_and(|s| s.banned))
-            .map(|p| p.to_bytes())
+            .map(Placed::new)
             .collect();
-        let mut ranked: Vec<PeerId> = rank_peers(cid, &ids)
-            .into_iter()
-            .map(|b| PeerId::from_bytes(b).expect("our own peer ids"))
-            .collect();
+        let mut ranked = placement(cid, &daemons);
         let head = ranked.len().min(3);
         ranked[..head].sort_by(|a, b| {
             let la = scores.get(a).map_or(0.0, |s| s.latency_ms);
@@ -505,16 +526,23 @@ impl Fetcher {
         let mut reader = FileReader::starting_at(root, offset);
         let mut inflight: HashMap<Cid, tokio::task::JoinHandle<Result<Block, RemoteError>>> =
             HashMap::new();
+        // Blocks of the window found in the local store: asked once each, not once per turn.
+        let mut local = HashSet::new();
         let mut written = 0;
         while let Some(&next) = reader.next_needed() {
             // Only network fetches are worth running ahead; local blocks are read in turn.
             for &cid in reader.upcoming().take(WINDOW) {
-                if !inflight.contains_key(&cid) && !self.local.as_ref().is_some_and(|s| s.has(&cid))
-                {
+                if inflight.contains_key(&cid) || local.contains(&cid) {
+                    continue;
+                }
+                if self.local.as_ref().is_some_and(|s| s.has(&cid)) {
+                    local.insert(cid);
+                } else {
                     let fetcher = self.clone();
                     inflight.insert(cid, tokio::spawn(async move { fetcher.fetch(cid).await }));
                 }
             }
+            local.remove(&next);
             let block = match inflight.remove(&next) {
                 Some(handle) => handle.await.expect("fetch task panicked")?,
                 None => self.fetch(next).await?,

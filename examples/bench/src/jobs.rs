@@ -132,15 +132,7 @@ pub(crate) fn jobs(size_mib: u64, big_mib: u64, rounds: usize) -> Result<()> {
     }
     let overhead_us = median(overhead);
 
-    let row = |name: &str, ts: Vec<f64>, base: f64, n: f64| {
-        let m = median(ts);
-        Row {
-            name: name.to_owned(),
-            median_s: m,
-            mb_s: n / m / 1e6,
-            ratio: base / m,
-        }
-    };
+    let row = Row::new;
     let plain_m = median(plain.clone());
     let sdk_m = median(sdk.clone());
     let plain_big_m = median(plain_big.clone());

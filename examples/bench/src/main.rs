@@ -226,6 +226,20 @@ struct Row {
     ratio: f64,
 }
 
+impl Row {
+    /// A row from a measurement's times over `bytes` bytes, its ratio taken against a
+    /// baseline whose median is `base` seconds.
+    fn new(name: &str, times: Vec<f64>, base: f64, bytes: f64) -> Self {
+        let m = median(times);
+        Self {
+            name: name.to_owned(),
+            median_s: m,
+            mb_s: bytes / m / 1e6,
+            ratio: base / m,
+        }
+    }
+}
+
 fn foundation(size_mib: u64, rss_size_mib: u64, rounds: usize) -> Result<()> {
     let bin = p2pmr_bin()?;
     let input = corpus(size_mib)?;
@@ -263,7 +277,6 @@ fn foundation(size_mib: u64, rss_size_mib: u64, rounds: usize) -> Result<()> {
         );
     }
     let base = median(sha.clone());
-    let mb = |t: f64| bytes / t / 1e6;
     let rows: Vec<Row> = [
         ("sha2-256, 1 thread (baseline)", sha),
         ("write only: copy into 256 KiB files + syncfs", write_only),
@@ -272,15 +285,7 @@ fn foundation(size_mib: u64, rss_size_mib: u64, rounds: usize) -> Result<()> {
         ("p2pmr cat (verify every block)", cat),
     ]
     .into_iter()
-    .map(|(name, ts)| {
-        let m = median(ts);
-        Row {
-            name: name.to_owned(),
-            median_s: m,
-            mb_s: mb(m),
-            ratio: base / m,
-        }
-    })
+    .map(|(name, ts)| Row::new(name, ts, base, bytes))
     .collect();
 
     // Peak RSS on the large corpus.

@@ -190,15 +190,7 @@ pub(crate) fn peers(size_mib: u64, add_size_mib: u64, rounds: usize) -> Result<(
     drop(holder);
     let _ = fs::remove_dir_all(&scratch);
 
-    let row = |name: &str, ts: Vec<f64>, base: f64, n: f64| {
-        let m = median(ts);
-        Row {
-            name: name.to_owned(),
-            median_s: m,
-            mb_s: n / m / 1e6,
-            ratio: base / m,
-        }
-    };
+    let row = Row::new;
     let tcp_m = median(tcp.clone());
     let sha_m = median(sha_big.clone());
     let rows = vec![

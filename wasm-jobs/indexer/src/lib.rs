@@ -10,16 +10,15 @@ use std::collections::BTreeSet;
 #[derive(Debug)]
 pub struct Indexer;
 
-fn unique(key: &[u8], values: &mut Values, emit: &mut Emit) {
+/// The distinct values, sorted.
+fn distinct(values: &mut Values) -> BTreeSet<Vec<u8>> {
     let mut names = BTreeSet::new();
     while let Some(v) = values.next() {
         if !names.contains(v) {
             names.insert(v.to_vec());
         }
     }
-    for name in names {
-        emit.emit(key, name);
-    }
+    names
 }
 
 impl Job for Indexer {
@@ -32,12 +31,7 @@ impl Job for Indexer {
     }
 
     fn reduce(key: &[u8], values: &mut Values, emit: &mut Emit) {
-        let mut names = BTreeSet::new();
-        while let Some(v) = values.next() {
-            if !names.contains(v) {
-                names.insert(v.to_vec());
-            }
-        }
+        let names = distinct(values);
         let list: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
         let mut value = format!("{} ", list.len()).into_bytes();
         value.extend_from_slice(&list.join(&b","[..]));
@@ -47,7 +41,9 @@ impl Job for Indexer {
     const HAS_COMBINE: bool = true;
 
     fn combine(key: &[u8], values: &mut Values, emit: &mut Emit) {
-        unique(key, values, emit);
+        for name in distinct(values) {
+            emit.emit(key, name);
+        }
     }
 }
 

@@ -295,26 +295,6 @@ pub fn eq_bytes(a: &[u8], b: &[u8]) -> bool {
     true
 }
 
-/// A borrowed byte-string key for hash maps: fast equality ([`eq_bytes`]) and hashing.
-#[derive(Debug, Clone, Copy, PartialOrd, Ord)]
-pub struct Key<'a>(pub &'a [u8]);
-
-impl PartialEq for Key<'_> {
-    #[inline]
-    fn eq(&self, other: &Self) -> bool {
-        eq_bytes(self.0, other.0)
-    }
-}
-
-impl Eq for Key<'_> {}
-
-impl std::hash::Hash for Key<'_> {
-    #[inline]
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write(self.0);
-    }
-}
-
 /// The unsized, borrowed form of a [`KeyBuf`], for lookups without allocating:
 /// `map.get_mut(KeyRef::new(bytes))`.
 #[derive(Debug)]
@@ -374,7 +354,7 @@ impl KeyBuf {
 impl PartialEq for KeyBuf {
     #[inline]
     fn eq(&self, other: &Self) -> bool {
-        eq_bytes(&self.0, &other.0)
+        KeyRef::new(&self.0) == KeyRef::new(&other.0)
     }
 }
 
@@ -383,7 +363,7 @@ impl Eq for KeyBuf {}
 impl std::hash::Hash for KeyBuf {
     #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write(&self.0);
+        KeyRef::new(&self.0).hash(state);
     }
 }
 
@@ -508,12 +488,25 @@ impl<'a> Values<'a> {
         }
     }
 
-    fn from_host() -> Self {
+    /// Values pulled from the host into `buf` (kept by the caller across keys, so a reduce
+    /// task allocates its value buffer once, not once per key).
+    fn from_host(mut buf: Vec<u8>) -> Self {
+        if buf.len() < 64 << 10 {
+            buf.resize(64 << 10, 0);
+        }
         Self {
-            buf: Src::Host(vec![0; 64 << 10]),
+            buf: Src::Host(buf),
             pos: 0,
             len: 0,
             done: false,
+        }
+    }
+
+    /// The host buffer back, for the next key.
+    fn into_buffer(self) -> Vec<u8> {
+        match self.buf {
+            Src::Host(buf) => buf,
+            Src::Encoded(_) => Vec::new(),
         }
     }
 
@@ -831,6 +824,9 @@ pub mod rt {
         args: Args,
         name: String,
         sink: Option<MapSink>,
+        /// Reduce buffers, reused from key to key.
+        values: Vec<u8>,
+        output: Vec<u8>,
     }
 
     thread_local! {
@@ -839,6 +835,8 @@ pub mod rt {
             args: Args { pairs: Vec::new() },
             name: String::new(),
             sink: None,
+            values: Vec::new(),
+            output: Vec::new(),
         }) };
     }
 
@@ -919,6 +917,7 @@ pub mod rt {
                 args,
                 name,
                 sink,
+                ..
             } = t;
             let Some(sink) = sink else { return 1 };
             let input_ref = Input { name, args };
@@ -949,10 +948,24 @@ pub mod rt {
     }
 
     pub fn reduce<J: Job>(len: i32) -> i32 {
-        let key = TASK.with_borrow(|t| t.input[..len as usize].to_vec());
-        let mut out = Output::new(true);
-        J::reduce(&key, &mut Values::from_host(), &mut Emit { sink: &mut out });
+        let (key, values, output) = TASK.with_borrow_mut(|t| {
+            (
+                t.input[..len as usize].to_vec(),
+                std::mem::take(&mut t.values),
+                std::mem::take(&mut t.output),
+            )
+        });
+        let mut out = Output {
+            buf: output,
+            to_host: true,
+        };
+        let mut values = Values::from_host(values);
+        J::reduce(&key, &mut values, &mut Emit { sink: &mut out });
         out.flush();
+        TASK.with_borrow_mut(|t| {
+            t.values = values.into_buffer();
+            t.output = out.buf;
+        });
         0
     }
 
