@@ -8,8 +8,10 @@
 //! `syncfs` covers every block stored while the previous sync ran, so replication costs one
 //! sync per batch rather than one per block.
 
-use crate::net::{self, Inbound, NetClient, NetConfig, NetError};
+use crate::coordinator::Coordinator;
+use crate::net::{self, Inbound, JobInbound, NetClient, NetConfig, NetError};
 use crate::store::{StoreError, SyncTracker};
+use crate::worker::Worker;
 use crate::Repo;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
@@ -41,6 +43,9 @@ pub enum DaemonError {
     /// The network failed.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// The job runtime could not start.
+    #[error(transparent)]
+    Jobs(#[from] crate::jobs::JobError),
     /// The identity key could not be read or written.
     #[error("identity key {path}: {reason}")]
     Identity {
@@ -61,7 +66,12 @@ pub struct DaemonConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// LAN discovery with mDNS.
     pub mdns: bool,
+    /// Tasks run at once (0: one per core).
+    pub slots: u32,
 }
+
+/// Job requests (tasks, watches) handled at once; each may wait for a task or for events.
+pub const MAX_JOB_HANDLERS: usize = 256;
 
 /// A running daemon.
 #[derive(Debug)]
@@ -70,6 +80,8 @@ pub struct Daemon {
     net: NetClient,
     net_task: JoinHandle<()>,
     server: JoinHandle<()>,
+    jobs: JoinHandle<()>,
+    coordinator: Coordinator,
 }
 
 /// Loads the repository's identity key, creating one on first use, so the peer id survives
@@ -143,11 +155,24 @@ impl Daemon {
         })
         .await?;
         let server = tokio::spawn(serve(repo.clone(), network.client.clone(), network.inbound));
+        let slots = match config.slots {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            n => n,
+        };
+        let worker = Worker::new(repo.clone(), network.client.clone(), slots)?;
+        let coordinator = Coordinator::new(worker);
+        let jobs = tokio::spawn(serve_jobs(
+            coordinator.clone(),
+            network.client.clone(),
+            network.jobs,
+        ));
         Ok(Self {
             repo,
             net: network.client,
             net_task: network.task,
             server,
+            jobs,
+            coordinator,
         })
     }
 
@@ -171,6 +196,11 @@ impl Daemon {
         &self.repo
     }
 
+    /// The daemon's coordinator (which also runs its tasks).
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coordinator
+    }
+
     /// Runs until `shutdown` completes, then stops cleanly.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
         shutdown.await;
@@ -184,6 +214,7 @@ impl Daemon {
         let _ = self.net_task.await;
         // The server ends when the network's inbound queue closes and its handlers are done.
         let _ = tokio::time::timeout(Duration::from_secs(10), self.server).await;
+        self.jobs.abort();
         let store = self.repo.blocks().clone();
         tokio::task::spawn_blocking(move || SyncTracker::new(&store).finish())
             .await
@@ -195,6 +226,7 @@ impl Daemon {
     pub fn abort(self) {
         self.net_task.abort();
         self.server.abort();
+        self.jobs.abort();
     }
 }
 
@@ -223,6 +255,40 @@ async fn serve(repo: Repo, net: NetClient, mut inbound: mpsc::Receiver<Inbound>)
     }
     // Wait for in-flight handlers.
     let _ = permits.acquire_many(MAX_HANDLERS as u32).await;
+}
+
+/// Answers job-protocol requests until the network stops: each in its own task (a task
+/// request is answered when the task has run; a watch when there are events), at most
+/// [`MAX_JOB_HANDLERS`] at once.
+async fn serve_jobs(
+    coordinator: Coordinator,
+    net: NetClient,
+    mut inbound: mpsc::Receiver<JobInbound>,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_JOB_HANDLERS));
+    let mut handlers = tokio::task::JoinSet::new();
+    while let Some(JobInbound {
+        request, channel, ..
+    }) = inbound.recv().await
+    {
+        while handlers.try_join_next().is_some() {}
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            net.respond_job(
+                channel,
+                p2pmr_protocol::engine::JobResponse::Failed(p2pmr_protocol::wire::BUSY.into()),
+            )
+            .await;
+            continue;
+        };
+        let (coordinator, net) = (coordinator.clone(), net.clone());
+        handlers.spawn(async move {
+            let response = coordinator.handle(request).await;
+            net.respond_job(channel, response).await;
+            drop(permit);
+        });
+    }
+    // The network stopped: tasks still running are dropped with their handlers.
+    handlers.abort_all();
 }
 
 async fn handle(repo: &Repo, syncer: &Syncer, request: BlockRequest) -> BlockResponse {

@@ -156,6 +156,119 @@ pub(crate) fn build(
     Ok(Added { root, size, blocks })
 }
 
+/// A file being written into the store as a byte stream (`io::Write`), chunked and linked as
+/// kubo would. Reduce tasks write their output through it.
+#[derive(Debug)]
+pub struct FileWriter {
+    store: BlockStore,
+    builder: FileBuilder,
+    chunk: Vec<u8>,
+    size: u64,
+    tsize: u64,
+    lines: u64,
+    cids: Vec<Cid>,
+    /// `None` for scratch files (map outputs), which need not survive a crash: a lost map
+    /// output is recomputed, so syncing it would only slow the map phase.
+    durable: Option<SyncTracker>,
+}
+
+/// What a [`FileWriter`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The file's root.
+    pub root: Cid,
+    /// File size in bytes.
+    pub size: u64,
+    /// Cumulative size of its blocks (a directory link's `Tsize`).
+    pub tsize: u64,
+    /// Newlines written.
+    pub lines: u64,
+    /// Every distinct block of the file.
+    pub cids: Vec<Cid>,
+}
+
+impl FileWriter {
+    /// A writer into `store` with kubo's layout; `finish` makes the file durable.
+    pub fn new(store: &BlockStore) -> Self {
+        let mut w = Self::scratch(store);
+        w.durable = Some(SyncTracker::new(store));
+        w
+    }
+
+    /// A writer whose file is not synced (intermediate data that can be recomputed).
+    pub fn scratch(store: &BlockStore) -> Self {
+        Self {
+            store: store.clone(),
+            builder: FileBuilder::new(Layout::KUBO),
+            chunk: Vec::with_capacity(Layout::KUBO.chunk_size()),
+            size: 0,
+            tsize: 0,
+            lines: 0,
+            cids: Vec::new(),
+            durable: None,
+        }
+    }
+
+    fn store_blocks(&mut self, blocks: Vec<Block>) -> io::Result<()> {
+        for block in blocks {
+            self.tsize += block.len() as u64;
+            self.store.put(&block).map_err(io::Error::other)?;
+            if let Some(d) = &mut self.durable {
+                d.written(block.cid()).map_err(io::Error::other)?;
+            }
+            self.cids.push(*block.cid());
+        }
+        Ok(())
+    }
+
+    /// Stores the last blocks, makes the file durable and returns its root.
+    pub fn finish(mut self) -> Result<Written, FileError> {
+        let chunk = std::mem::take(&mut self.chunk);
+        let blocks = self.builder.push_chunk(chunk)?;
+        self.store_blocks(blocks).map_err(FileError::Output)?;
+        let builder = std::mem::replace(&mut self.builder, FileBuilder::new(Layout::KUBO));
+        let (root, rest) = builder.finish();
+        self.store_blocks(rest).map_err(FileError::Output)?;
+        if let Some(d) = self.durable.take() {
+            d.finish()?;
+        }
+        let mut cids = self.cids;
+        cids.sort();
+        cids.dedup();
+        Ok(Written {
+            root,
+            size: self.size,
+            tsize: self.tsize,
+            lines: self.lines,
+            cids,
+        })
+    }
+}
+
+impl io::Write for FileWriter {
+    fn write(&mut self, mut buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len();
+        self.size += n as u64;
+        self.lines += buf.iter().filter(|&&b| b == b'\n').count() as u64;
+        let chunk_size = self.builder.layout().chunk_size();
+        while !buf.is_empty() {
+            let take = (chunk_size - self.chunk.len()).min(buf.len());
+            self.chunk.extend_from_slice(&buf[..take]);
+            buf = &buf[take..];
+            if self.chunk.len() == chunk_size {
+                let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(chunk_size));
+                let blocks = self.builder.push_chunk(chunk).map_err(io::Error::other)?;
+                self.store_blocks(blocks)?;
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Streams the file at `root` from byte `offset` into `sink`, verifying every block. Returns the
 /// number of bytes passed to `sink`.
 pub fn read(
@@ -207,6 +320,45 @@ mod tests {
                 out,
                 data.get(offset as usize..).unwrap_or_default(),
                 "offset {offset}"
+            );
+        }
+    }
+
+    #[test]
+    fn writer_matches_import() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::open(dir.path()).unwrap();
+        for size in [0usize, 1, 262_143, 262_144, 262_145, 600_000] {
+            let data: Vec<u8> = (0..size)
+                .map(|i| {
+                    if i % 77 == 0 {
+                        b'\n'
+                    } else {
+                        b'a' + (i % 26) as u8
+                    }
+                })
+                .collect();
+            let mut w = FileWriter::new(&store);
+            // Odd write sizes, so chunk edges fall inside writes.
+            for piece in data.chunks(100_003) {
+                io::Write::write_all(&mut w, piece).unwrap();
+            }
+            let written = w.finish().unwrap();
+            let imported = import(&data[..], None, Layout::KUBO).unwrap();
+            assert_eq!(written.root, imported.root, "size {size}");
+            assert_eq!(written.size, size as u64);
+            assert_eq!(
+                written.lines,
+                data.iter().filter(|&&b| b == b'\n').count() as u64
+            );
+            let stored: u64 = written
+                .cids
+                .iter()
+                .map(|c| store.get(c).unwrap().len() as u64)
+                .sum();
+            assert_eq!(
+                written.tsize, stored,
+                "size {size}: tsize counts every block"
             );
         }
     }

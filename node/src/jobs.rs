@@ -252,6 +252,12 @@ impl Run {
         self.buf.len()
     }
 
+    /// The encoded pairs, back to back in key order: the form a run is stored in for the
+    /// shuffle.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// The pair at byte `at` and the position of the next one.
     pub fn pair_at(&self, at: usize) -> Option<(&[u8], &[u8], usize)> {
         if at >= self.buf.len() {
@@ -519,6 +525,11 @@ impl Executor {
     }
 
     /// Validates and compiles `wasm` (once per `cid`; later calls return the cached module).
+    /// The module compiled for `cid`, if it was loaded before.
+    pub fn cached(&self, cid: &Cid) -> Option<Arc<JobModule>> {
+        self.modules.lock().expect("poisoned").get(cid).cloned()
+    }
+
     pub fn load(&self, cid: Cid, name: &str, wasm: &[u8]) -> Result<Arc<JobModule>, JobError> {
         if let Some(m) = self.modules.lock().expect("poisoned").get(&cid) {
             return Ok(m.clone());

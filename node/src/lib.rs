@@ -4,14 +4,20 @@
 //! [`Repo`] is the local half of a peer: the directory that holds its blocks. The binary in
 //! `main.rs` only parses arguments and calls into this crate.
 
+pub mod client;
+pub mod coordinator;
 pub mod daemon;
+pub mod demo;
 pub mod files;
 pub mod jobs;
 pub mod local;
 pub mod net;
+pub mod progress;
 pub mod remote;
 pub mod shipped;
+pub mod shuffle;
 pub mod store;
+pub mod worker;
 
 use p2pmr_protocol::unixfs::Layout;
 use p2pmr_protocol::Cid;

@@ -4,11 +4,17 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
+use p2pmr_node::client;
+use p2pmr_node::coordinator::DEFAULT_SPLIT;
 use p2pmr_node::daemon::{Daemon, DaemonConfig};
+use p2pmr_node::demo::{self, DemoConfig};
 use p2pmr_node::jobs::{Executor, Limits};
 use p2pmr_node::local::{self, LocalJob};
+use p2pmr_node::progress::{Mode, Progress};
 use p2pmr_node::remote::{self, ClientConfig, ClientPeer, Fetcher};
 use p2pmr_node::{files, shipped, FileError, Repo};
+use p2pmr_protocol::engine::{Event, JobState};
+use p2pmr_protocol::job::{JobInput, JobSpec, TaskLimits};
 use p2pmr_protocol::unixfs::Layout;
 use p2pmr_protocol::Cid;
 use std::fs::File;
@@ -96,6 +102,97 @@ enum Command {
         /// 4001 or the next free one]
         #[arg(long, value_name = "MULTIADDR")]
         listen: Vec<Multiaddr>,
+        /// Tasks to run at once [default: the number of cores]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        slots: Option<u32>,
+    },
+    /// Run a job on the network: hand it to a coordinating daemon and watch it.
+    ///
+    /// Shows live progress on stderr and prints the output CID (a directory of part-00000,
+    /// ...) as the last line on stdout. The job goes on if this command is stopped; `p2pmr
+    /// watch JOBID` follows it again. Exit status 0 only if the job succeeded.
+    Run {
+        /// A shipped job (wordcount, grep, indexer), a .wasm file (published first), or the
+        /// CID of a published module
+        #[arg(long, value_name = "JOB")]
+        job: String,
+        /// Input file CID (repeatable); NAME=CID names it for the job
+        #[arg(long = "input", value_name = "CID", required = true)]
+        inputs: Vec<String>,
+        /// Number of reduce partitions
+        #[arg(long, default_value_t = 1, value_name = "R",
+              value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        reducers: u32,
+        /// A job argument (repeatable), e.g. --arg pattern=foo
+        #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_arg)]
+        args: Vec<(String, String)>,
+        /// Map split size [default: 8 MiB]
+        #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+        split_mib: Option<u64>,
+        /// Memory limit per task
+        #[arg(long, default_value_t = 512, value_name = "MIB")]
+        memory_mib: u64,
+        /// Time limit per task
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        timeout_secs: u64,
+        /// Print one JSON event per line on stdout instead of progress bars
+        #[arg(long)]
+        json: bool,
+        /// Print the job id once the job is accepted, and exit
+        #[arg(long)]
+        detach: bool,
+        /// The daemon to coordinate the job [default: the one the job id ranks first]
+        #[arg(long, value_name = "PEERID")]
+        coordinator: Option<libp2p::PeerId>,
+    },
+    /// Follow a job's progress (from its first event) until it ends.
+    Watch {
+        /// Print one JSON event per line
+        #[arg(long)]
+        json: bool,
+        /// The job's coordinator [default: the one the job id ranks first]
+        #[arg(long, value_name = "PEERID")]
+        coordinator: Option<libp2p::PeerId>,
+        /// The job id
+        job: String,
+    },
+    /// List the jobs of every reachable daemon.
+    Jobs,
+    /// Stop a job everywhere.
+    Cancel {
+        /// The job's coordinator [default: the one the job id ranks first]
+        #[arg(long, value_name = "PEERID")]
+        coordinator: Option<libp2p::PeerId>,
+        /// The job id
+        job: String,
+    },
+    /// Write a file or directory (e.g. a job's output) to PATH.
+    Get {
+        /// Where to write it (must not exist)
+        #[arg(short, long, value_name = "PATH")]
+        output: PathBuf,
+        /// The CID
+        cid: String,
+    },
+    /// See p2pmr work: 3 daemons on 127.0.0.1, a corpus, wordcount, the top 10 words.
+    ///
+    /// Everything runs in this process with temporary repositories; the output is copied into
+    /// your repository so `p2pmr cat` can show it afterwards.
+    Demo {
+        /// Count the words of this file instead of a generated corpus
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+        /// Size of the generated corpus
+        #[arg(long, default_value_t = 48, value_name = "MIB",
+              value_parser = clap::value_parser!(u64).range(1..=65536))]
+        size: u64,
+        /// Number of reduce partitions
+        #[arg(long, default_value_t = 2, value_name = "R",
+              value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        reducers: u32,
+        /// Print one JSON event per line instead of progress bars
+        #[arg(long)]
+        json: bool,
     },
     /// Run a job in this process over local files, on all cores (what job authors test with).
     ///
@@ -221,9 +318,181 @@ fn run(cli: Cli) -> Result<()> {
             let mut out = io::stdout().lock();
             runtime()?.block_on(async {
                 let fetcher = Fetcher::lazy(local.map(|r| r.blocks().clone()), client);
-                fetcher.cat(cid, offset, |bytes| out.write_all(bytes)).await
+                if offset == 0 {
+                    // Files and directories (a job's output: its parts in order).
+                    let mut sink = |bytes: &[u8]| out.write_all(bytes);
+                    fetcher.cat_tree(cid, &mut sink).await
+                } else {
+                    fetcher.cat(cid, offset, |bytes| out.write_all(bytes)).await
+                }
             })?;
             out.flush().map_err(FileError::Output)?;
+        }
+        Command::Get { output, cid } => {
+            let cid = parse_cid(&cid)?;
+            if output.exists() {
+                bail!("{} exists; get does not overwrite", output.display());
+            }
+            let local = existing_repo(cli.home)?;
+            runtime()?.block_on(async {
+                let fetcher = Fetcher::lazy(local.map(|r| r.blocks().clone()), client);
+                fetcher.get(cid, &output).await
+            })?;
+        }
+        Command::Run {
+            job,
+            inputs,
+            reducers,
+            args,
+            split_mib,
+            memory_mib,
+            timeout_secs,
+            json,
+            detach,
+            coordinator,
+        } => {
+            let inputs = inputs
+                .iter()
+                .map(|i| {
+                    let (name, cid) = match i.split_once('=') {
+                        Some((name, cid)) => (name.to_owned(), parse_cid(cid)?),
+                        None => (i.trim().to_owned(), parse_cid(i)?),
+                    };
+                    Ok(JobInput { name, cid })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let home = cli.home;
+            runtime()?.block_on(async {
+                let peer = ClientPeer::connect(client, 1).await?;
+                let net = peer.net();
+                let module = match Cid::try_from(job.as_str()) {
+                    Ok(cid) => cid,
+                    Err(_) => {
+                        let (_, wasm) = resolve_job(&job, home)?;
+                        client::publish_module(net, wasm, 2).await?
+                    }
+                };
+                let spec = JobSpec::new(module, inputs, reducers, args)?
+                    .with_split_size(split_mib.map_or(DEFAULT_SPLIT, |m| m << 20))
+                    .with_limits(TaskLimits {
+                        memory: memory_mib << 20,
+                        timeout_ms: timeout_secs.saturating_mul(1000),
+                        ..TaskLimits::default()
+                    });
+                let coordinator = client::coordinator_for(net, &spec.id(), coordinator)?;
+                let job = client::submit(net, coordinator, &spec).await?;
+                if detach {
+                    println!("{job}");
+                    peer.close().await;
+                    return Ok(());
+                }
+                let result = follow(net, coordinator, job, json).await;
+                peer.close().await;
+                result
+            })?;
+        }
+        Command::Watch {
+            json,
+            coordinator,
+            job,
+        } => {
+            let job = parse_cid(&job)?;
+            runtime()?.block_on(async {
+                let peer = ClientPeer::connect(client, 1).await?;
+                let coordinator = client::coordinator_for(peer.net(), &job, coordinator)?;
+                let result = follow(peer.net(), coordinator, job, json).await;
+                peer.close().await;
+                result
+            })?;
+        }
+        Command::Jobs => {
+            let listed = runtime()?.block_on(async {
+                let peer = ClientPeer::connect(client, usize::MAX).await?;
+                let listed = client::list(peer.net()).await;
+                peer.close().await;
+                Ok::<_, anyhow::Error>(listed)
+            })?;
+            for (peer, jobs) in listed {
+                match jobs {
+                    Err(e) => eprintln!("{peer}: {e}"),
+                    Ok(jobs) => {
+                        for j in jobs {
+                            let state = match &j.state {
+                                JobState::Running => "running".to_string(),
+                                JobState::Succeeded { output } => format!("succeeded {output}"),
+                                JobState::Failed(reason) => format!("failed: {reason}"),
+                                JobState::Cancelled => "cancelled".to_string(),
+                            };
+                            println!(
+                                "{} maps {}/{} reduces {}/{} {:.1}s in={}B out={}lines {state} (coordinator {peer})",
+                                j.job,
+                                j.maps.0,
+                                j.maps.1,
+                                j.reduces.0,
+                                j.reduces.1,
+                                j.elapsed_ms as f64 / 1e3,
+                                j.counters.input_bytes,
+                                j.counters.reduce_output_records,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Command::Cancel { coordinator, job } => {
+            let job = parse_cid(&job)?;
+            runtime()?.block_on(async {
+                let peer = ClientPeer::connect(client, 1).await?;
+                let coordinator = client::coordinator_for(peer.net(), &job, coordinator)?;
+                let r = client::cancel(peer.net(), coordinator, job).await;
+                peer.close().await;
+                r
+            })?;
+            eprintln!("cancelled {job}");
+        }
+        Command::Demo {
+            input,
+            size,
+            reducers,
+            json,
+        } => {
+            let keep_in = open_repo(cli.home).ok().map(|r| r.blocks().clone());
+            let kept = keep_in.is_some();
+            let report = runtime()?.block_on(demo::run(DemoConfig {
+                input,
+                size: size << 20,
+                reducers,
+                mode: if json { Mode::Json } else { Mode::Human },
+                keep_in,
+            }))?;
+            let mut out = io::stdout().lock();
+            if !json {
+                writeln!(
+                    out,
+                    "top 10 words of {} ({:.1} MB):",
+                    report.input,
+                    report.input_bytes as f64 / 1e6
+                )?;
+                for (i, (word, n)) in report.top.iter().enumerate() {
+                    writeln!(out, "{:>3}. {word:<16} {n}", i + 1)?;
+                }
+                writeln!(
+                    out,
+                    "add took {:.2}s, the job {:.2}s ({:.0} MB/s).",
+                    report.add_time.as_secs_f64(),
+                    report.job_time.as_secs_f64(),
+                    report.input_bytes as f64 / 1e6 / report.job_time.as_secs_f64()
+                )?;
+                if kept {
+                    writeln!(
+                        out,
+                        "the output was copied into your repository; see it all with:"
+                    )?;
+                    writeln!(out, "  p2pmr cat {}", report.output)?;
+                }
+                writeln!(out, "output CID:")?;
+            }
+            writeln!(out, "{}", report.output)?;
         }
         Command::Stat { cid } => {
             let cid = parse_cid(&cid)?;
@@ -253,7 +522,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{id} {} {}", info.agent, addrs.join(" "));
             }
         }
-        Command::Daemon { listen } => {
+        Command::Daemon { listen, slots } => {
             let home = home_dir(cli.home)?;
             runtime()?.block_on(async {
                 let daemon = Daemon::start(
@@ -262,6 +531,7 @@ fn run(cli: Cli) -> Result<()> {
                         listen,
                         bootstrap: cli.net.peers.clone(),
                         mdns: !cli.net.no_mdns,
+                        slots: slots.unwrap_or(0),
                     },
                 )
                 .await
@@ -375,6 +645,28 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Shows a job's events until it ends; prints the output CID on success.
+async fn follow(
+    net: &p2pmr_node::net::NetClient,
+    coordinator: libp2p::PeerId,
+    job: Cid,
+    json: bool,
+) -> Result<()> {
+    let mut progress = Progress::new(if json { Mode::Json } else { Mode::Human });
+    let last = client::watch(net, coordinator, job, |e| progress.event(e)).await?;
+    match last {
+        Event::Completed { output, .. } => {
+            if !json {
+                println!("{output}");
+            }
+            Ok(())
+        }
+        Event::Failed { reason } => bail!("job {job} failed: {reason}"),
+        Event::Cancelled => bail!("job {job} was cancelled"),
+        other => bail!("job {job} ended with {other:?}"),
+    }
 }
 
 /// A job by shipped name, .wasm path, or CID in the local repository: `(name, module bytes)`.

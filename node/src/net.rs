@@ -17,11 +17,14 @@ use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
 };
+use p2pmr_protocol::engine::{JobRequest, JobResponse, JOB_PROTOCOL, MAX_JOB_MESSAGE};
 use p2pmr_protocol::wire::{
-    BlockRequest, BlockResponse, BLOCK_PROTOCOL, BUSY, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE,
+    BlockRequest, BlockResponse, WireError, BLOCK_PROTOCOL, BUSY, MAX_REQUEST_SIZE,
+    MAX_RESPONSE_SIZE,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
+use std::marker::PhantomData;
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -39,6 +42,10 @@ const INBOUND_QUEUE: usize = 32;
 const MAX_STREAMS: usize = 32;
 /// A request not answered within this time fails (the peer is slow or gone).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Job requests are answered when a task finishes, so they may take as long as a task may.
+pub const JOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Inbound job requests queued before new ones are refused as busy.
+const JOB_QUEUE: usize = 64;
 
 /// Errors of the network layer.
 #[derive(Debug, Error)]
@@ -82,16 +89,20 @@ pub struct NetConfig {
     pub serve: bool,
 }
 
-/// A block request received from a peer, to be answered with [`NetClient::respond`].
+/// A request received from a peer, to be answered with [`NetClient::respond`] (block
+/// protocol) or [`NetClient::respond_job`] (job protocol).
 #[derive(Debug)]
-pub struct Inbound {
+pub struct Inbound<Req = BlockRequest, Resp = BlockResponse> {
     /// Who asked.
     pub peer: PeerId,
     /// What they asked.
-    pub request: BlockRequest,
+    pub request: Req,
     /// Where the answer goes.
-    pub channel: ResponseChannel<BlockResponse>,
+    pub channel: ResponseChannel<Resp>,
 }
+
+/// A job-protocol request received from a peer.
+pub type JobInbound = Inbound<JobRequest, JobResponse>;
 
 /// A connected daemon as seen from here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +120,8 @@ pub struct Network {
     pub client: NetClient,
     /// Inbound block requests (never yields for client peers).
     pub inbound: mpsc::Receiver<Inbound>,
+    /// Inbound job requests (never yields for client peers).
+    pub jobs: mpsc::Receiver<JobInbound>,
     /// The event loop task; it ends after [`NetClient::shutdown`] or when every handle is gone.
     pub task: JoinHandle<()>,
 }
@@ -123,6 +136,15 @@ enum Command {
     Respond {
         channel: ResponseChannel<BlockResponse>,
         response: BlockResponse,
+    },
+    JobRequest {
+        peer: PeerId,
+        request: JobRequest,
+        reply: oneshot::Sender<Result<JobResponse, NetError>>,
+    },
+    JobRespond {
+        channel: ResponseChannel<JobResponse>,
+        response: JobResponse,
     },
     Dial {
         addr: Multiaddr,
@@ -169,6 +191,28 @@ impl NetClient {
         let _ = self.send(Command::Respond { channel, response }).await;
     }
 
+    /// Sends a job-protocol `request` to `peer` and waits for the answer (for a task: until it
+    /// has run).
+    pub async fn job_request(
+        &self,
+        peer: PeerId,
+        request: JobRequest,
+    ) -> Result<JobResponse, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::JobRequest {
+            peer,
+            request,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| NetError::Stopped)?
+    }
+
+    /// Answers an inbound job request.
+    pub async fn respond_job(&self, channel: ResponseChannel<JobResponse>, response: JobResponse) {
+        let _ = self.send(Command::JobRespond { channel, response }).await;
+    }
+
     /// Dials `addr` (which may name the peer with `/p2p/...`) and waits for the connection.
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetError> {
         let (reply, rx) = oneshot::channel();
@@ -213,6 +257,7 @@ impl NetClient {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     blocks: request_response::Behaviour<BlockCodec>,
+    jobs: request_response::Behaviour<JobCodec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -242,10 +287,17 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
                 ProtocolSupport::Outbound
             };
             let blocks = request_response::Behaviour::with_codec(
-                BlockCodec,
-                [(StreamProtocol::new(BLOCK_PROTOCOL), support)],
+                BlockCodec::default(),
+                [(StreamProtocol::new(BLOCK_PROTOCOL), support.clone())],
                 request_response::Config::default()
                     .with_request_timeout(REQUEST_TIMEOUT)
+                    .with_max_concurrent_streams(MAX_STREAMS),
+            );
+            let jobs = request_response::Behaviour::with_codec(
+                JobCodec::default(),
+                [(StreamProtocol::new(JOB_PROTOCOL), support)],
+                request_response::Config::default()
+                    .with_request_timeout(JOB_REQUEST_TIMEOUT)
                     .with_max_concurrent_streams(MAX_STREAMS),
             );
             let identify = identify::Behaviour::new(
@@ -270,6 +322,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
             };
             Ok(Behaviour {
                 blocks,
+                jobs,
                 identify,
                 ping: ping::Behaviour::new(ping::Config::new()),
                 kad,
@@ -292,13 +345,16 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     }
     let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
     let (inbound_tx, inbound) = mpsc::channel(INBOUND_QUEUE);
+    let (jobs_tx, jobs) = mpsc::channel(JOB_QUEUE);
     let (daemons_tx, daemons) = watch::channel(BTreeMap::new());
     let (listen_tx, listen) = watch::channel(Vec::new());
     let mut event_loop = EventLoop {
         swarm,
         commands,
         inbound: inbound_tx,
+        jobs: jobs_tx,
         pending: HashMap::new(),
+        pending_jobs: HashMap::new(),
         dials: HashMap::new(),
         daemons: daemons_tx,
         listen: listen_tx,
@@ -338,6 +394,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     Ok(Network {
         client,
         inbound,
+        jobs,
         task,
     })
 }
@@ -346,7 +403,9 @@ struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
     inbound: mpsc::Sender<Inbound>,
+    jobs: mpsc::Sender<JobInbound>,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<BlockResponse, NetError>>>,
+    pending_jobs: HashMap<OutboundRequestId, oneshot::Sender<Result<JobResponse, NetError>>>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetError>>>>,
     daemons: watch::Sender<BTreeMap<PeerId, PeerInfo>>,
     listen: watch::Sender<Vec<Multiaddr>>,
@@ -375,6 +434,9 @@ impl EventLoop {
         for (_, reply) in self.pending.drain() {
             let _ = reply.send(Err(NetError::Stopped));
         }
+        for (_, reply) in self.pending_jobs.drain() {
+            let _ = reply.send(Err(NetError::Stopped));
+        }
     }
 
     fn handle_command(&mut self, command: Command) {
@@ -397,6 +459,21 @@ impl EventLoop {
                     .swarm
                     .behaviour_mut()
                     .blocks
+                    .send_response(channel, response);
+            }
+            Command::JobRequest {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self.swarm.behaviour_mut().jobs.send_request(&peer, request);
+                self.pending_jobs.insert(id, reply);
+            }
+            Command::JobRespond { channel, response } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .jobs
                     .send_response(channel, response);
             }
             Command::Dial { addr, reply } => {
@@ -479,7 +556,20 @@ impl EventLoop {
 
     fn handle_behaviour(&mut self, event: BehaviourEvent) {
         match event {
-            BehaviourEvent::Blocks(event) => self.handle_blocks(event),
+            BehaviourEvent::Blocks(event) => route(
+                event,
+                &mut self.swarm.behaviour_mut().blocks,
+                &self.inbound,
+                &mut self.pending,
+                || BlockResponse::Refused(BUSY.into()),
+            ),
+            BehaviourEvent::Jobs(event) => route(
+                event,
+                &mut self.swarm.behaviour_mut().jobs,
+                &self.jobs,
+                &mut self.pending_jobs,
+                || JobResponse::Failed(BUSY.into()),
+            ),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let block = StreamProtocol::new(BLOCK_PROTOCOL);
                 if !info.protocols.contains(&block)
@@ -540,72 +630,123 @@ impl EventLoop {
             tracing::debug!("dial {peer}: {e}");
         }
     }
+}
 
-    fn handle_blocks(&mut self, event: request_response::Event<BlockRequest, BlockResponse>) {
-        use request_response::{Event, Message};
-        match event {
-            Event::Message {
+/// Routes a request-response event: an inbound request to its queue (answered `busy` at once
+/// when the queue is full), a response or failure to the waiting caller.
+fn route<Req: WireMessage + std::fmt::Debug, Resp: WireMessage + std::fmt::Debug>(
+    event: request_response::Event<Req, Resp>,
+    behaviour: &mut request_response::Behaviour<FramedCodec<Req, Resp>>,
+    inbound: &mpsc::Sender<Inbound<Req, Resp>>,
+    pending: &mut HashMap<OutboundRequestId, oneshot::Sender<Result<Resp, NetError>>>,
+    busy: impl FnOnce() -> Resp,
+) {
+    use request_response::{Event, Message};
+    match event {
+        Event::Message {
+            peer,
+            message: Message::Request {
+                request, channel, ..
+            },
+            ..
+        } => {
+            if let Err(e) = inbound.try_send(Inbound {
                 peer,
-                message:
-                    Message::Request {
-                        request, channel, ..
-                    },
-                ..
-            } => {
-                let inbound = Inbound {
-                    peer,
-                    request,
-                    channel,
+                request,
+                channel,
+            }) {
+                let inbound = match e {
+                    mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i) => i,
                 };
-                if let Err(e) = self.inbound.try_send(inbound) {
-                    let inbound = match e {
-                        mpsc::error::TrySendError::Full(i)
-                        | mpsc::error::TrySendError::Closed(i) => i,
-                    };
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .blocks
-                        .send_response(inbound.channel, BlockResponse::Refused(BUSY.into()));
-                }
+                let _ = behaviour.send_response(inbound.channel, busy());
             }
-            Event::Message {
-                message:
-                    Message::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.pending.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            Event::OutboundFailure {
-                peer,
-                request_id,
-                error,
-                ..
-            } => {
-                if let Some(reply) = self.pending.remove(&request_id) {
-                    let _ = reply.send(Err(NetError::Request {
-                        peer,
-                        reason: error.to_string(),
-                    }));
-                }
-            }
-            Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!("inbound request from {peer} failed: {error}");
-            }
-            Event::ResponseSent { .. } => {}
         }
+        Event::Message {
+            message:
+                Message::Response {
+                    request_id,
+                    response,
+                },
+            ..
+        } => {
+            if let Some(reply) = pending.remove(&request_id) {
+                let _ = reply.send(Ok(response));
+            }
+        }
+        Event::OutboundFailure {
+            peer,
+            request_id,
+            error,
+            ..
+        } => {
+            if let Some(reply) = pending.remove(&request_id) {
+                let _ = reply.send(Err(NetError::Request {
+                    peer,
+                    reason: error.to_string(),
+                }));
+            }
+        }
+        Event::InboundFailure { peer, error, .. } => {
+            tracing::debug!("inbound request from {peer} failed: {error}");
+        }
+        Event::ResponseSent { .. } => {}
     }
 }
 
-/// Frames block-protocol messages as a 4-byte big-endian length and the encoded message, and
-/// refuses frames over the protocol's limits before allocating for them.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct BlockCodec;
+/// A message of one of our request-response protocols: its encoding and its size limit.
+pub trait WireMessage: Sized + Send + 'static {
+    /// Largest encoded message accepted.
+    const LIMIT: usize;
+    /// Encodes the message.
+    fn to_wire(&self) -> Vec<u8>;
+    /// Decodes and validates a message.
+    fn from_wire(bytes: &[u8]) -> Result<Self, WireError>;
+}
+
+macro_rules! wire_message {
+    ($t:ty, $limit:expr) => {
+        impl WireMessage for $t {
+            const LIMIT: usize = $limit;
+            fn to_wire(&self) -> Vec<u8> {
+                self.encode()
+            }
+            fn from_wire(bytes: &[u8]) -> Result<Self, WireError> {
+                Self::decode(bytes)
+            }
+        }
+    };
+}
+wire_message!(BlockRequest, MAX_REQUEST_SIZE);
+wire_message!(BlockResponse, MAX_RESPONSE_SIZE);
+wire_message!(JobRequest, MAX_JOB_MESSAGE);
+wire_message!(JobResponse, MAX_JOB_MESSAGE);
+
+/// Frames messages as a 4-byte big-endian length and the encoded message, and refuses frames
+/// over the message type's limit before allocating for them.
+pub struct FramedCodec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
+
+impl<Req, Resp> std::fmt::Debug for FramedCodec<Req, Resp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FramedCodec")
+    }
+}
+
+impl<Req, Resp> Default for FramedCodec<Req, Resp> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<Req, Resp> Clone for FramedCodec<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// The block protocol's codec.
+pub type BlockCodec = FramedCodec<BlockRequest, BlockResponse>;
+/// The job protocol's codec.
+pub type JobCodec = FramedCodec<JobRequest, JobResponse>;
 
 async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
@@ -634,52 +775,48 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
-impl request_response::Codec for BlockCodec {
+impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCodec<Req, Resp> {
     type Protocol = StreamProtocol;
-    type Request = BlockRequest;
-    type Response = BlockResponse;
+    type Request = Req;
+    type Response = Resp;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<BlockRequest>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let frame = read_frame(io, MAX_REQUEST_SIZE).await?;
-        BlockRequest::decode(&frame).map_err(invalid)
+        let frame = read_frame(io, Req::LIMIT).await?;
+        Req::from_wire(&frame).map_err(invalid)
     }
 
-    async fn read_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> io::Result<BlockResponse>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
     where
         T: AsyncRead + Unpin + Send,
     {
-        let frame = read_frame(io, MAX_RESPONSE_SIZE).await?;
-        BlockResponse::decode(&frame).map_err(invalid)
+        let frame = read_frame(io, Resp::LIMIT).await?;
+        Resp::from_wire(&frame).map_err(invalid)
     }
 
     async fn write_request<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        request: BlockRequest,
+        request: Req,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &request.encode()).await
+        write_frame(io, &request.to_wire()).await
     }
 
     async fn write_response<T>(
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        response: BlockResponse,
+        response: Resp,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &response.encode()).await
+        write_frame(io, &response.to_wire()).await
     }
 }

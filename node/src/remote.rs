@@ -20,7 +20,7 @@ use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
-use p2pmr_protocol::unixfs::{FileReader, Layout, UnixFsError};
+use p2pmr_protocol::unixfs::{directory_entries, FileReader, Layout, UnixFsError};
 use p2pmr_protocol::wire::{rank_peers, BlockRequest, BlockResponse, BUSY, MAX_HAS};
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -238,6 +238,53 @@ pub async fn add(
     Ok(built?)
 }
 
+/// Copies the blocks `cids` of `store` to `copies` other daemons each, chosen by the placement
+/// rule among the connected daemons (this peer excluded: it holds them already). Used for job
+/// outputs, which are written on the peer that computed them.
+pub async fn replicate(
+    net: &NetClient,
+    store: &BlockStore,
+    cids: &[Cid],
+    copies: usize,
+) -> Result<(), RemoteError> {
+    if copies == 0 {
+        return Ok(());
+    }
+    let me = net.local_peer_id();
+    let daemons: Arc<Vec<Placed>> = Arc::new(
+        net.daemons()
+            .into_keys()
+            .filter(|p| *p != me)
+            .map(Placed::new)
+            .collect(),
+    );
+    if daemons.len() < copies {
+        return Err(RemoteError::NotEnoughDaemons {
+            need: copies + 1,
+            found: daemons.len() + 1,
+        });
+    }
+    let mut uploads = JoinSet::new();
+    let window = Arc::new(Semaphore::new(WINDOW));
+    for &cid in cids {
+        let permit = window.clone().acquire_owned().await.expect("never closed");
+        let (net, daemons, store) = (net.clone(), daemons.clone(), store.clone());
+        uploads.spawn(async move {
+            let block = tokio::task::spawn_blocking(move || store.get(&cid))
+                .await
+                .expect("store task panicked")
+                .map_err(FileError::Store)?;
+            let r = push(&net, &daemons, block, copies).await;
+            drop(permit);
+            r
+        });
+    }
+    while let Some(done) = uploads.join_next().await {
+        done.expect("upload task panicked")?;
+    }
+    Ok(())
+}
+
 /// A daemon and its peer id's bytes, the form the placement rule hashes (computed once, not
 /// per block).
 #[derive(Debug)]
@@ -442,6 +489,16 @@ impl Fetcher {
     /// Fetches and verifies one block. A block found corrupt in the local store is fetched
     /// from the network and repaired locally; if no daemon has it, the corruption is the error.
     pub async fn fetch(&self, cid: Cid) -> Result<Block, RemoteError> {
+        self.fetch_hinted(cid, None).await.map(|(block, _)| block)
+    }
+
+    /// Like [`Fetcher::fetch`], asking `hint` first when the block is not local (e.g. the
+    /// mapper that holds a map output), and saying whether the block came from the network.
+    pub async fn fetch_hinted(
+        &self,
+        cid: Cid,
+        hint: Option<PeerId>,
+    ) -> Result<(Block, bool), RemoteError> {
         let mut corrupt = None;
         if let Some(store) = &self.local {
             let store = store.clone();
@@ -449,7 +506,7 @@ impl Fetcher {
                 .await
                 .expect("store task panicked");
             match local {
-                Ok(block) => return Ok(block),
+                Ok(block) => return Ok((block, false)),
                 Err(StoreError::NotFound(_)) => {}
                 Err(e @ StoreError::Corrupt { .. }) => {
                     tracing::debug!("{e}; fetching it from the network");
@@ -458,7 +515,7 @@ impl Fetcher {
                 Err(e) => return Err(FileError::Store(e).into()),
             }
         }
-        match (self.fetch_remote(cid).await, corrupt) {
+        match (self.fetch_remote(cid, hint).await, corrupt) {
             (Ok(block), Some(_)) => {
                 let store = self.local.clone().expect("corruption was found in it");
                 let repaired = block.clone();
@@ -468,19 +525,23 @@ impl Fetcher {
                     Ok(Err(e)) => tracing::warn!("cannot repair {cid} in the local store: {e}"),
                     Err(e) => tracing::warn!("cannot repair {cid} in the local store: {e}"),
                 }
-                Ok(block)
+                Ok((block, true))
             }
-            (Ok(block), None) => Ok(block),
+            (Ok(block), None) => Ok((block, true)),
             (Err(_), Some(e)) => Err(FileError::Store(e).into()),
             (Err(e), None) => Err(e),
         }
     }
 
-    async fn fetch_remote(&self, cid: Cid) -> Result<Block, RemoteError> {
+    async fn fetch_remote(&self, cid: Cid, hint: Option<PeerId>) -> Result<Block, RemoteError> {
         let Some(net) = self.network().await? else {
             return Err(FileError::Store(StoreError::NotFound(cid)).into());
         };
-        let candidates = self.candidates(net, &cid);
+        let mut candidates = self.candidates(net, &cid);
+        if let Some(hint) = hint.filter(|h| *h != net.local_peer_id()) {
+            candidates.retain(|p| *p != hint);
+            candidates.insert(0, hint);
+        }
         if candidates.is_empty() {
             return Err(RemoteError::NoDaemons { cid });
         }
@@ -523,41 +584,190 @@ impl Fetcher {
         offset: u64,
         mut sink: impl FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<u64, RemoteError> {
+        let (tx, mut rx) = mpsc::channel::<Chunk>(2);
+        let this = self.clone();
+        let producer = tokio::spawn(async move { this.stream(root, offset, tx).await });
+        let mut written = 0;
+        while let Some(chunk) = rx.recv().await {
+            if let Err(e) = sink(&chunk.bytes) {
+                producer.abort();
+                return Err(FileError::Output(e).into());
+            }
+            written += chunk.bytes.len() as u64;
+        }
+        producer.await.expect("reader task panicked")?;
+        Ok(written)
+    }
+
+    /// Sends the bytes of the file at `root` from `offset` on, leaf by leaf, into `tx`, keeping
+    /// up to [`WINDOW`] network fetches in flight ahead of the reader. Stops early, without
+    /// error, when the receiver is dropped (a map task that has read enough). Returns the
+    /// number of bytes sent.
+    pub async fn stream(
+        &self,
+        root: Cid,
+        offset: u64,
+        tx: mpsc::Sender<Chunk>,
+    ) -> Result<u64, RemoteError> {
         let mut reader = FileReader::starting_at(root, offset);
-        let mut inflight: HashMap<Cid, tokio::task::JoinHandle<Result<Block, RemoteError>>> =
-            HashMap::new();
+        let mut inflight: HashMap<Cid, Inflight> = HashMap::new();
         // Blocks of the window found in the local store: asked once each, not once per turn.
         let mut local = HashSet::new();
-        let mut written = 0;
-        while let Some(&next) = reader.next_needed() {
-            // Only network fetches are worth running ahead; local blocks are read in turn.
-            for &cid in reader.upcoming().take(WINDOW) {
-                if inflight.contains_key(&cid) || local.contains(&cid) {
+        let mut sent = 0;
+        let result = async {
+            while let Some(&next) = reader.next_needed() {
+                // Only network fetches are worth running ahead; local blocks are read in turn.
+                for &cid in reader.upcoming().take(WINDOW) {
+                    if inflight.contains_key(&cid) || local.contains(&cid) {
+                        continue;
+                    }
+                    if self.local.as_ref().is_some_and(|s| s.has(&cid)) {
+                        local.insert(cid);
+                    } else {
+                        let fetcher = self.clone();
+                        inflight.insert(
+                            cid,
+                            tokio::spawn(async move { fetcher.fetch_hinted(cid, None).await }),
+                        );
+                    }
+                }
+                local.remove(&next);
+                let (block, remote) = match inflight.remove(&next) {
+                    Some(handle) => handle.await.expect("fetch task panicked")?,
+                    None => self.fetch_hinted(next, None).await?,
+                };
+                let bytes = reader.feed(&block)?;
+                if bytes.is_empty() {
                     continue;
                 }
-                if self.local.as_ref().is_some_and(|s| s.has(&cid)) {
-                    local.insert(cid);
-                } else {
-                    let fetcher = self.clone();
-                    inflight.insert(cid, tokio::spawn(async move { fetcher.fetch(cid).await }));
+                // `bytes` is a slice of the block: hand over the block's buffer, trimmed,
+                // instead of copying it.
+                let start = bytes.as_ptr() as usize - block.data().as_ptr() as usize;
+                let end = start + bytes.len();
+                let mut data = block.into_data();
+                data.truncate(end);
+                data.drain(..start);
+                sent += data.len() as u64;
+                if tx
+                    .send(Chunk {
+                        bytes: data,
+                        remote,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break;
                 }
             }
-            local.remove(&next);
-            let block = match inflight.remove(&next) {
-                Some(handle) => handle.await.expect("fetch task panicked")?,
-                None => self.fetch(next).await?,
-            };
-            let bytes = reader.feed(&block)?;
-            if !bytes.is_empty() {
-                sink(bytes).map_err(FileError::Output)?;
-                written += bytes.len() as u64;
-            }
+            Ok(sent)
         }
+        .await;
         for (_, h) in inflight {
             h.abort();
         }
+        result
+    }
+}
+
+impl Fetcher {
+    /// Writes the file or directory at `root` into `sink`: a file's bytes, or every file of a
+    /// directory (recursively) in name order, so a job's output `cat`s as its partitions in
+    /// order.
+    pub async fn cat_tree<F>(&self, root: Cid, sink: &mut F) -> Result<u64, RemoteError>
+    where
+        F: FnMut(&[u8]) -> io::Result<()>,
+    {
+        let mut written = 0;
+        let mut stack = vec![(root, 0usize)];
+        while let Some((cid, depth)) = stack.pop() {
+            if depth > p2pmr_protocol::unixfs::MAX_DEPTH {
+                return Err(UnixFsError::TooDeep { cid }.into());
+            }
+            let block = self.fetch(cid).await?;
+            match directory_entries(&block)? {
+                Some(entries) => {
+                    stack.extend(entries.into_iter().rev().map(|e| (e.cid, depth + 1)));
+                }
+                None => written += self.cat(cid, 0, &mut *sink).await?,
+            }
+        }
         Ok(written)
     }
+
+    /// Writes the file or directory at `root` to `path` (a directory becomes a directory of
+    /// the same tree). Refuses to overwrite an existing path.
+    pub async fn get(&self, root: Cid, path: &std::path::Path) -> Result<u64, RemoteError> {
+        let mut written = 0;
+        let mut stack = vec![(root, path.to_owned(), 0usize)];
+        while let Some((cid, path, depth)) = stack.pop() {
+            if depth > p2pmr_protocol::unixfs::MAX_DEPTH {
+                return Err(UnixFsError::TooDeep { cid }.into());
+            }
+            let block = self.fetch(cid).await?;
+            match directory_entries(&block)? {
+                Some(entries) => {
+                    std::fs::create_dir(&path).map_err(FileError::Output)?;
+                    stack.extend(
+                        entries
+                            .into_iter()
+                            .rev()
+                            .map(|e| (e.cid, path.join(&e.name), depth + 1)),
+                    );
+                }
+                None => {
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .map_err(FileError::Output)?;
+                    let mut out = io::BufWriter::new(file);
+                    written += self
+                        .cat(cid, 0, |b| io::Write::write_all(&mut out, b))
+                        .await?;
+                    io::Write::flush(&mut out).map_err(FileError::Output)?;
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    /// Copies every block of the DAG at `root` (file or directory) into `store`, so it can be
+    /// read without the network.
+    pub async fn copy_into(&self, root: Cid, store: &BlockStore) -> Result<u64, RemoteError> {
+        let mut copied = 0;
+        let mut stack = vec![(root, 0usize)];
+        while let Some((cid, depth)) = stack.pop() {
+            if depth > p2pmr_protocol::unixfs::MAX_DEPTH {
+                return Err(UnixFsError::TooDeep { cid }.into());
+            }
+            let block = self.fetch(cid).await?;
+            if cid.codec() != RAW {
+                let node = PbNode::decode(block.data()).map_err(UnixFsError::from)?;
+                stack.extend(node.links.iter().map(|l| (l.hash, depth + 1)));
+            }
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || {
+                store.put(&block).and_then(|_| store.sync([block.cid()]))
+            })
+            .await
+            .expect("store task panicked")
+            .map_err(FileError::Store)?;
+            copied += 1;
+        }
+        Ok(copied)
+    }
+}
+
+/// A block fetch running ahead of the reader.
+type Inflight = tokio::task::JoinHandle<Result<(Block, bool), RemoteError>>;
+
+/// Bytes of a file in order, as [`Fetcher::stream`] sends them.
+#[derive(Debug)]
+pub struct Chunk {
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// They came from another peer (not the local store).
+    pub remote: bool,
 }
 
 /// Where a file's blocks are.

@@ -452,3 +452,199 @@ fn run_local_jobs_and_their_errors() {
         assert!(out.stdout.is_empty(), "{args:?}");
     }
 }
+
+/// A `p2pmr daemon` process on 127.0.0.1, killed when dropped.
+struct DaemonProcess {
+    child: std::process::Child,
+    addr: String,
+    _home: tempfile::TempDir,
+}
+
+impl DaemonProcess {
+    fn start(peers: &[&str]) -> Self {
+        use std::io::BufRead;
+        let home = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--home").arg(home.path()).args([
+            "--no-mdns",
+            "daemon",
+            "--slots",
+            "2",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ]);
+        for p in peers {
+            cmd.args(["--peer", p]);
+        }
+        let mut child = cmd
+            .env_remove("P2PMR_PEERS")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("daemon printed its address").unwrap();
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                break addr.to_owned();
+            }
+        };
+        Self {
+            child,
+            addr,
+            _home: home,
+        }
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn run_watch_jobs_get_and_demo_from_the_command_line() {
+    let a = DaemonProcess::start(&[]);
+    let b = DaemonProcess::start(&[&a.addr]);
+    let client = tempfile::tempdir().unwrap();
+    let with_peers = |args: &[&str]| {
+        let mut all: Vec<&str> = vec!["--peer", &a.addr, "--peer", &b.addr];
+        all.extend_from_slice(args);
+        p2pmr(client.path(), &all)
+    };
+    let text = "the cat sat on the mat\nthe dog sat\n".repeat(5000);
+    let input = write_file(client.path(), "in.txt", text.as_bytes());
+    let added = with_peers(&["add", input.to_str().unwrap()]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let cid = stdout(&added);
+
+    // Give the daemons a moment to find each other (a's address was given to b).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let ran = with_peers(&[
+        "run",
+        "--job",
+        "wordcount",
+        "--input",
+        &cid,
+        "--reducers",
+        "2",
+    ]);
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let output = stdout(&ran).lines().last().unwrap().to_owned();
+    let cat = with_peers(&["cat", &output]);
+    assert!(cat.status.success());
+    let mut lines: Vec<&str> = std::str::from_utf8(&cat.stdout).unwrap().lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "cat\t5000",
+            "dog\t5000",
+            "mat\t5000",
+            "on\t5000",
+            "sat\t10000",
+            "the\t15000"
+        ]
+    );
+
+    // The same job with --json: one event per line, the last one completed with the output.
+    let json = with_peers(&[
+        "run",
+        "--json",
+        "--job",
+        "wordcount",
+        "--input",
+        &cid,
+        "--reducers",
+        "2",
+    ]);
+    assert!(json.status.success());
+    let events: Vec<serde_json::Value> = stdout(&json)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events[0]["event"], "accepted");
+    let last = events.last().unwrap();
+    assert_eq!(last["event"], "completed");
+    assert_eq!(last["output"], output.as_str());
+    let job = events[0]["job"].as_str().unwrap().to_owned();
+
+    // watch re-attaches; jobs lists; get writes the directory.
+    let watched = with_peers(&["watch", &job]);
+    assert!(watched.status.success());
+    assert_eq!(stdout(&watched).lines().last(), Some(output.as_str()));
+    let jobs = with_peers(&["jobs"]);
+    assert!(stdout(&jobs).contains(&job) && stdout(&jobs).contains("succeeded"));
+    let dir = client.path().join("out");
+    let got = with_peers(&["get", &output, "-o", dir.to_str().unwrap()]);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let parts: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert!(with_peers(&["get", &output, "-o", dir.to_str().unwrap()])
+        .status
+        .code()
+        .is_some_and(|c| c != 0));
+
+    // Bad jobs: one line, non-zero exit.
+    let bad = with_peers(&["run", "--job", "nope", "--input", &cid]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("no job 'nope'"));
+    let looping = with_peers(&[
+        "run",
+        "--job",
+        "hostile",
+        "--arg",
+        "mode=loop",
+        "--timeout-secs",
+        "1",
+        "--input",
+        &cid,
+    ]);
+    assert_eq!(looping.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&looping.stderr);
+    assert!(err.contains("map task 0") && err.contains("time"), "{err}");
+    let unknown = *p2pmr_protocol::Block::raw(b"nobody has this".to_vec()).cid();
+    let missing = with_peers(&["run", "--job", "wordcount", "--input", &unknown.to_string()]);
+    assert_eq!(missing.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("failed") && err.contains(&unknown.to_string()),
+        "{err}"
+    );
+    let no_daemons = p2pmr(
+        client.path(),
+        &["run", "--job", "wordcount", "--input", &cid],
+    );
+    assert_eq!(no_daemons.status.code(), Some(1));
+
+    // The demo, small: the top words and an output CID readable from this repository after.
+    let demo = p2pmr(client.path(), &["demo", "--size", "4"]);
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    let out = stdout(&demo);
+    assert!(out.contains("top 10 words"), "{out}");
+    let demo_output = out.lines().last().unwrap();
+    let shown = p2pmr(client.path(), &["cat", demo_output]);
+    assert!(shown.status.success());
+    assert!(shown.stdout.split(|&b| b == b'\n').count() > 1000);
+}

@@ -51,6 +51,7 @@ fn loopback(bootstrap: Vec<Multiaddr>) -> DaemonConfig {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         bootstrap,
         mdns: false,
+        slots: 2,
     }
 }
 

@@ -119,6 +119,22 @@ impl JobSpec {
         Ok(spec)
     }
 
+    /// This spec with another split size (at least [`MIN_SPLIT`]).
+    pub fn with_split_size(mut self, bytes: u64) -> Self {
+        self.split_size = bytes.max(MIN_SPLIT);
+        self
+    }
+
+    /// This spec with other task limits (each at least 1).
+    pub fn with_limits(mut self, limits: TaskLimits) -> Self {
+        self.limits = TaskLimits {
+            memory: limits.memory.max(1),
+            timeout_ms: limits.timeout_ms.max(1),
+            output: limits.output.max(1),
+        };
+        self
+    }
+
     /// The arguments, sorted by key.
     pub fn args(&self) -> &[(String, String)] {
         &self.args

@@ -1,0 +1,160 @@
+//! The client side of the job protocol: publish a module, submit a job to a coordinator,
+//! follow its events, list and cancel jobs. Used alike by `p2pmr run`/`watch`/`jobs`/`cancel`,
+//! `p2pmr demo`, the benchmarks and the tests.
+//!
+//! A client only hands the job over and then watches: the coordinator owns it, so the job
+//! goes on if the client goes away, and `watch` re-attaches from event 0.
+
+use crate::net::{NetClient, NetError};
+use crate::remote::{self, RemoteError};
+use libp2p::PeerId;
+use p2pmr_protocol::engine::{Event, JobRequest, JobResponse, JobSummary};
+use p2pmr_protocol::job::JobSpec;
+use p2pmr_protocol::wire::rank_peers;
+use p2pmr_protocol::Cid;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Errors of job commands.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// No daemon is connected.
+    #[error("no daemon found to coordinate the job (start `p2pmr daemon`, or pass --peer)")]
+    NoCoordinator,
+    /// The named coordinator is not connected.
+    #[error("coordinator {0} is not among the connected daemons")]
+    UnknownCoordinator(PeerId),
+    /// The coordinator refused or failed the request.
+    #[error("{0}")]
+    Refused(String),
+    /// The coordinator answered something unexpected.
+    #[error("unexpected answer from the coordinator: {0}")]
+    Protocol(String),
+    /// The network failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// Publishing the module failed.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+}
+
+/// The coordinator for `job`: `chosen` if given (it must be connected), else the daemon the
+/// placement rule ranks first for the job id, so every client picks the same one for the same
+/// job (and finds its recorded result).
+pub fn coordinator_for(
+    net: &NetClient,
+    job: &Cid,
+    chosen: Option<PeerId>,
+) -> Result<PeerId, ClientError> {
+    let daemons: Vec<Vec<u8>> = net.daemons().keys().map(|p| p.to_bytes()).collect();
+    if let Some(peer) = chosen {
+        return if daemons.contains(&peer.to_bytes()) {
+            Ok(peer)
+        } else {
+            Err(ClientError::UnknownCoordinator(peer))
+        };
+    }
+    let first = rank_peers(job, &daemons)
+        .first()
+        .map(|b| PeerId::from_bytes(b).expect("peer ids from the swarm"))
+        .ok_or(ClientError::NoCoordinator)?;
+    Ok(first)
+}
+
+/// Publishes a wasm module: its blocks go to `replicas` daemons (at most as many as are
+/// connected). Returns its CID.
+pub async fn publish_module(
+    net: &NetClient,
+    wasm: Vec<u8>,
+    replicas: usize,
+) -> Result<Cid, ClientError> {
+    let replicas = replicas.clamp(1, net.daemons().len().max(1));
+    let added = remote::add(net, std::io::Cursor::new(wasm), replicas).await?;
+    Ok(added.root)
+}
+
+/// Hands `spec` to `coordinator`; returns the job id once it is accepted.
+pub async fn submit(
+    net: &NetClient,
+    coordinator: PeerId,
+    spec: &JobSpec,
+) -> Result<Cid, ClientError> {
+    match net
+        .job_request(
+            coordinator,
+            JobRequest::Submit {
+                spec: spec.encode(),
+            },
+        )
+        .await?
+    {
+        JobResponse::Accepted { job } => Ok(job),
+        JobResponse::Failed(reason) => Err(ClientError::Refused(reason)),
+        other => Err(ClientError::Protocol(format!("{other:?}"))),
+    }
+}
+
+/// Follows `job`'s events from the first, handing each to `on_event`, until the final one,
+/// which is returned.
+pub async fn watch(
+    net: &NetClient,
+    coordinator: PeerId,
+    job: Cid,
+    mut on_event: impl FnMut(&Event),
+) -> Result<Event, ClientError> {
+    let mut from = 0;
+    let mut busy_pause = Duration::from_millis(50);
+    loop {
+        match net
+            .job_request(coordinator, JobRequest::Watch { job, from })
+            .await?
+        {
+            JobResponse::Events { events, next, done } => {
+                let mut last = None;
+                for e in events {
+                    on_event(&e);
+                    last = Some(e);
+                }
+                if done {
+                    return last.filter(Event::is_final).ok_or_else(|| {
+                        ClientError::Protocol("ended without a final event".into())
+                    });
+                }
+                from = next;
+            }
+            JobResponse::Failed(reason) if reason == p2pmr_protocol::wire::BUSY => {
+                tokio::time::sleep(busy_pause).await;
+                busy_pause = (busy_pause * 2).min(Duration::from_secs(2));
+            }
+            JobResponse::Failed(reason) => return Err(ClientError::Refused(reason)),
+            other => return Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+/// The jobs every connected daemon coordinates.
+pub async fn list(net: &NetClient) -> Vec<(PeerId, Result<Vec<JobSummary>, ClientError>)> {
+    let mut out = Vec::new();
+    for peer in net.daemons().into_keys() {
+        let r = match net.job_request(peer, JobRequest::List).await {
+            Ok(JobResponse::Jobs(jobs)) => Ok(jobs),
+            Ok(JobResponse::Failed(reason)) => Err(ClientError::Refused(reason)),
+            Ok(other) => Err(ClientError::Protocol(format!("{other:?}"))),
+            Err(e) => Err(e.into()),
+        };
+        out.push((peer, r));
+    }
+    out
+}
+
+/// Cancels `job` on its coordinator.
+pub async fn cancel(net: &NetClient, coordinator: PeerId, job: Cid) -> Result<(), ClientError> {
+    match net
+        .job_request(coordinator, JobRequest::Cancel { job })
+        .await?
+    {
+        JobResponse::Ok => Ok(()),
+        JobResponse::Failed(reason) => Err(ClientError::Refused(reason)),
+        other => Err(ClientError::Protocol(format!("{other:?}"))),
+    }
+}

@@ -1,0 +1,862 @@
+//! The coordinator half of a daemon: accepts jobs from clients, plans them, schedules their
+//! tasks on the daemons (data locality first), gathers the output and tells watchers.
+//!
+//! A job goes: check the module compiles; walk each input's DAG for its leaves (inner nodes
+//! only); cut the inputs into map tasks of about `split_size` bytes on leaf edges; ask every
+//! daemon which leaves it holds (`Has`) and how many task slots it has; run the map phase;
+//! run one reduce task per partition, each fed the partition's run from every map task;
+//! write the output directory (`part-00000`, ...) and replicate it. Each step appends
+//! [`Event`]s to the job's log; watchers long-poll the log (`Watch`), so a slow watcher only
+//! ever delays itself.
+//!
+//! Scheduling is round-robin over daemons with free slots; for map tasks each daemon takes the
+//! pending task of which it holds the most bytes, and a daemon holding none of the remaining
+//! tasks waits [`LOCALITY_DELAY`] before taking one anyway (delay scheduling). Finished jobs
+//! are recorded in `<home>/jobs/<job id>`, so the same spec over the same inputs is answered
+//! with the existing output at once.
+
+use crate::net::NetClient;
+use crate::remote::{self, Fetcher, RemoteError};
+use crate::worker::Worker;
+use libp2p::PeerId;
+use p2pmr_protocol::block::RAW;
+use p2pmr_protocol::dagpb::PbNode;
+use p2pmr_protocol::engine::{
+    Counters, Event, JobRequest, JobResponse, JobState, JobSummary, MapOutput, MapTask, Phase,
+    ReduceTask, RunRef, TaskKind, MAX_EVENTS_PER_REPLY,
+};
+use p2pmr_protocol::job::JobSpec;
+use p2pmr_protocol::unixfs::{self, DirEntry, UnixFsData, UnixFsError};
+use p2pmr_protocol::wire::{BlockRequest, BlockResponse, MAX_HAS};
+use p2pmr_protocol::Cid;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// How long a daemon with a free slot waits for a task whose blocks it holds before it takes
+/// one it must fetch.
+pub const LOCALITY_DELAY: Duration = Duration::from_millis(300);
+/// Map task size clients use unless told otherwise: 32 blocks. Big enough that a task's
+/// fixed costs (a round trip, a wasm instance, R small files) are noise next to its 8 MiB of
+/// input; small enough that a 1 GiB input makes 128 tasks, which keeps every slot busy to the
+/// end and lets a lost task be redone cheaply.
+pub const DEFAULT_SPLIT: u64 = 8 << 20;
+/// How long a watch request waits for new events before answering with none.
+const WATCH_WAIT: Duration = Duration::from_secs(5);
+/// Attempts per task before the job fails (failures of the peer, not of the task's code).
+const MAX_ATTEMPTS: u32 = 4;
+/// Jobs a coordinator keeps in memory (finished ones are dropped oldest first).
+const MAX_JOBS: usize = 256;
+/// Jobs a coordinator runs at once.
+const MAX_RUNNING: usize = 16;
+
+/// Runs jobs for clients. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    worker: Worker,
+    dir: PathBuf,
+    jobs: Mutex<HashMap<Cid, Arc<JobHandle>>>,
+}
+
+#[derive(Debug)]
+struct JobHandle {
+    log: Mutex<JobLog>,
+    changed: watch::Sender<u64>,
+    cancel: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct JobLog {
+    id: Cid,
+    events: Vec<Event>,
+    state: JobState,
+    maps: (u32, u32),
+    reduces: (u32, u32),
+    counters: Counters,
+    started: Instant,
+    ended: Option<Duration>,
+}
+
+impl JobHandle {
+    fn new(id: Cid) -> Arc<Self> {
+        Arc::new(Self {
+            log: Mutex::new(JobLog {
+                id,
+                events: Vec::new(),
+                state: JobState::Running,
+                maps: (0, 0),
+                reduces: (0, 0),
+                counters: Counters::default(),
+                started: Instant::now(),
+                ended: None,
+            }),
+            changed: watch::channel(0).0,
+            cancel: watch::channel(false).0,
+        })
+    }
+
+    fn emit(&self, event: Event) {
+        let n = {
+            let mut log = self.log.lock().expect("poisoned");
+            match &event {
+                Event::Planned { maps, reduces, .. } => {
+                    log.maps = (0, *maps);
+                    log.reduces = (0, *reduces);
+                }
+                Event::TaskFinished { kind, .. } => match kind {
+                    TaskKind::Map => log.maps.0 += 1,
+                    TaskKind::Reduce => log.reduces.0 += 1,
+                },
+                Event::Completed {
+                    output, counters, ..
+                } => {
+                    log.state = JobState::Succeeded { output: *output };
+                    log.counters = *counters;
+                }
+                Event::Failed { reason } => log.state = JobState::Failed(reason.clone()),
+                Event::Cancelled => log.state = JobState::Cancelled,
+                _ => {}
+            }
+            if event.is_final() {
+                log.ended = Some(log.started.elapsed());
+            }
+            log.events.push(event);
+            log.events.len() as u64
+        };
+        self.changed.send_replace(n);
+    }
+
+    fn summary(&self) -> JobSummary {
+        let log = self.log.lock().expect("poisoned");
+        JobSummary {
+            job: log.id,
+            state: log.state.clone(),
+            maps: log.maps,
+            reduces: log.reduces,
+            elapsed_ms: log
+                .ended
+                .unwrap_or_else(|| log.started.elapsed())
+                .as_millis() as u64,
+            counters: log.counters,
+        }
+    }
+}
+
+/// Why a job stopped early.
+enum Stop {
+    Failed(String),
+    Cancelled,
+}
+
+impl From<String> for Stop {
+    fn from(reason: String) -> Self {
+        Self::Failed(reason)
+    }
+}
+
+/// One map task as planned.
+#[derive(Debug, Clone)]
+struct PlannedMap {
+    input: u32,
+    start: u64,
+    end: u64,
+    leaves: Vec<(Cid, u64)>,
+}
+
+impl Coordinator {
+    /// A coordinator whose tasks run on `worker`'s daemon and the daemons it is connected to.
+    pub fn new(worker: Worker) -> Self {
+        let dir = worker.repo().home().join("jobs");
+        Self {
+            inner: Arc::new(Inner {
+                worker,
+                dir,
+                jobs: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    fn net(&self) -> &NetClient {
+        self.inner.worker.net()
+    }
+
+    /// Answers a client request (`Submit`, `Watch`, `List`, `Cancel`); worker requests go to
+    /// the worker.
+    pub async fn handle(&self, request: JobRequest) -> JobResponse {
+        match request {
+            JobRequest::Submit { spec } => match self.submit(&spec) {
+                Ok(job) => JobResponse::Accepted { job },
+                Err(reason) => JobResponse::Failed(reason),
+            },
+            JobRequest::Watch { job, from } => self.watch(job, from).await,
+            JobRequest::List => {
+                let jobs = self.inner.jobs.lock().expect("poisoned");
+                let mut list: Vec<JobSummary> = jobs.values().map(|h| h.summary()).collect();
+                list.sort_by_key(|s| std::cmp::Reverse(s.elapsed_ms));
+                JobResponse::Jobs(list)
+            }
+            JobRequest::Cancel { job } => match self.handle_of(&job) {
+                Some(h) => {
+                    h.cancel.send_replace(true);
+                    JobResponse::Ok
+                }
+                None => JobResponse::Failed(format!("no job {job} here")),
+            },
+            other => self.inner.worker.handle(other).await,
+        }
+    }
+
+    fn result_path(&self, job: &Cid) -> PathBuf {
+        self.inner.dir.join(job.to_string())
+    }
+
+    /// The job's handle: in memory, or rebuilt from its recorded result.
+    fn handle_of(&self, job: &Cid) -> Option<Arc<JobHandle>> {
+        if let Some(h) = self.inner.jobs.lock().expect("poisoned").get(job) {
+            return Some(h.clone());
+        }
+        let bytes = std::fs::read(self.result_path(job)).ok()?;
+        let summary: JobSummary = postcard::from_bytes(&bytes).ok()?;
+        let JobState::Succeeded { output } = summary.state else {
+            return None;
+        };
+        let h = JobHandle::new(*job);
+        h.emit(Event::Accepted {
+            job: *job,
+            coordinator: self.net().local_peer_id().to_string(),
+        });
+        h.emit(Event::Completed {
+            output,
+            counters: summary.counters,
+            elapsed_ms: 0,
+            cached: true,
+        });
+        self.insert(*job, h.clone());
+        Some(h)
+    }
+
+    fn insert(&self, job: Cid, handle: Arc<JobHandle>) {
+        let mut jobs = self.inner.jobs.lock().expect("poisoned");
+        if jobs.len() >= MAX_JOBS {
+            // Forget the oldest finished job (its result stays on disk).
+            let oldest = jobs
+                .iter()
+                .filter(|(_, h)| h.log.lock().expect("poisoned").ended.is_some())
+                .min_by_key(|(_, h)| h.log.lock().expect("poisoned").started)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                jobs.remove(&k);
+            }
+        }
+        jobs.insert(job, handle);
+    }
+
+    fn submit(&self, bytes: &[u8]) -> Result<Cid, String> {
+        let spec = JobSpec::decode(bytes).map_err(|e| e.to_string())?;
+        let id = spec.id();
+        if let Some(h) = self.handle_of(&id) {
+            let state = h.log.lock().expect("poisoned").state.clone();
+            if matches!(state, JobState::Running | JobState::Succeeded { .. }) {
+                return Ok(id);
+            }
+        }
+        let running = {
+            let jobs = self.inner.jobs.lock().expect("poisoned");
+            jobs.values()
+                .filter(|h| h.log.lock().expect("poisoned").ended.is_none())
+                .count()
+        };
+        if running >= MAX_RUNNING {
+            return Err(format!(
+                "this coordinator is running {running} jobs already; try again later"
+            ));
+        }
+        let handle = JobHandle::new(id);
+        handle.emit(Event::Accepted {
+            job: id,
+            coordinator: self.net().local_peer_id().to_string(),
+        });
+        self.insert(id, handle.clone());
+        let this = self.clone();
+        let bytes = bytes.to_vec();
+        tokio::spawn(async move { this.drive(handle, spec, bytes).await });
+        Ok(id)
+    }
+
+    async fn watch(&self, job: Cid, from: u64) -> JobResponse {
+        let Some(h) = self.handle_of(&job) else {
+            return JobResponse::Failed(format!("no job {job} is known to this coordinator"));
+        };
+        let mut changed = h.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + WATCH_WAIT;
+        loop {
+            {
+                let log = h.log.lock().expect("poisoned");
+                let total = log.events.len() as u64;
+                let ended = log.ended.is_some();
+                if from < total || ended {
+                    let start = from.min(total) as usize;
+                    let events: Vec<Event> = log.events[start..]
+                        .iter()
+                        .take(MAX_EVENTS_PER_REPLY)
+                        .cloned()
+                        .collect();
+                    let next = (start + events.len()) as u64;
+                    return JobResponse::Events {
+                        events,
+                        next,
+                        done: ended && next == total,
+                    };
+                }
+            }
+            if tokio::time::timeout_at(deadline, changed.changed())
+                .await
+                .is_err()
+            {
+                return JobResponse::Events {
+                    events: Vec::new(),
+                    next: from,
+                    done: false,
+                };
+            }
+        }
+    }
+
+    async fn drive(&self, handle: Arc<JobHandle>, spec: JobSpec, bytes: Vec<u8>) {
+        let mut cancel = handle.cancel.subscribe();
+        let id = spec.id();
+        let outcome = tokio::select! {
+            r = self.run(&handle, &spec, &bytes) => r,
+            _ = cancel.wait_for(|c| *c) => Err(Stop::Cancelled),
+        };
+        match outcome {
+            Ok((output, counters, elapsed)) => {
+                handle.emit(Event::Completed {
+                    output,
+                    counters,
+                    elapsed_ms: elapsed.as_millis() as u64,
+                    cached: false,
+                });
+                self.record(&id, &handle);
+            }
+            Err(stop) => {
+                // Stop whatever still runs anywhere.
+                let peers: Vec<PeerId> = self.net().daemons().into_keys().collect();
+                let _ = self
+                    .inner
+                    .worker
+                    .handle(JobRequest::Abort { job: id })
+                    .await;
+                for peer in peers {
+                    let net = self.net().clone();
+                    tokio::spawn(async move {
+                        let _ = net.job_request(peer, JobRequest::Abort { job: id }).await;
+                    });
+                }
+                handle.emit(match stop {
+                    Stop::Failed(reason) => Event::Failed { reason },
+                    Stop::Cancelled => Event::Cancelled,
+                });
+            }
+        }
+    }
+
+    /// Records a succeeded job's summary (temp file + rename), so it is answered from here
+    /// next time, also after a restart.
+    fn record(&self, id: &Cid, handle: &JobHandle) {
+        let summary = handle.summary();
+        let bytes = postcard::to_allocvec(&summary).expect("in-memory encoding");
+        let path = self.result_path(id);
+        let tmp = path.with_extension("tmp");
+        let write = std::fs::create_dir_all(&self.inner.dir)
+            .and_then(|()| std::fs::write(&tmp, &bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = write {
+            tracing::warn!("cannot record the result of job {id}: {e}");
+        }
+    }
+
+    /// Sends `request` to `peer` (this daemon's own worker when it is us). A network failure
+    /// is `Err`; a worker's refusal or failure is `Ok(Failed)`.
+    async fn call(&self, peer: PeerId, request: JobRequest) -> Result<JobResponse, String> {
+        if peer == self.net().local_peer_id() {
+            return Ok(self.inner.worker.handle(request).await);
+        }
+        self.net()
+            .job_request(peer, request)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn run(
+        &self,
+        handle: &JobHandle,
+        spec: &JobSpec,
+        bytes: &[u8],
+    ) -> Result<(Cid, Counters, Duration), Stop> {
+        let started = Instant::now();
+        let worker = &self.inner.worker;
+        let me = self.net().local_peer_id();
+        // The reason names the module; a module that does not load fails the job before any
+        // task is planned.
+        worker.module(spec).await?;
+
+        // Plan the map tasks.
+        let fetcher = worker.fetcher();
+        let mut maps = Vec::new();
+        let mut input_bytes = 0;
+        for (i, input) in spec.inputs.iter().enumerate() {
+            let leaves = leaves(fetcher, input.cid)
+                .await
+                .map_err(|e| format!("input {} ({}): {e}", input.name, input.cid))?;
+            let mut offset = 0;
+            let mut current: Option<PlannedMap> = None;
+            for (cid, len) in leaves {
+                let task = current.get_or_insert_with(|| PlannedMap {
+                    input: i as u32,
+                    start: offset,
+                    end: offset,
+                    leaves: Vec::new(),
+                });
+                task.leaves.push((cid, len));
+                task.end += len;
+                offset += len;
+                if task.end - task.start >= spec.split_size {
+                    maps.extend(current.take());
+                }
+            }
+            maps.extend(current.take());
+            input_bytes += offset;
+        }
+
+        // Who can work, with how many slots, holding which blocks.
+        let mut peers = vec![me];
+        peers.extend(self.net().daemons().into_keys().filter(|p| *p != me));
+        let all_leaves: Vec<Cid> = {
+            let mut set: Vec<Cid> = maps
+                .iter()
+                .flat_map(|m| m.leaves.iter().map(|l| l.0))
+                .collect();
+            set.sort();
+            set.dedup();
+            set
+        };
+        let mut slots = Vec::new();
+        let mut holdings = Vec::new();
+        for &peer in &peers {
+            let n = match self.call(peer, JobRequest::Slots).await {
+                Ok(JobResponse::Slots(n)) => n.clamp(1, 1024),
+                _ => 0,
+            };
+            slots.push(n);
+            holdings.push(if n == 0 {
+                HashSet::new()
+            } else {
+                self.held(peer, &all_leaves).await
+            });
+        }
+        let workers = slots.iter().filter(|&&n| n > 0).count();
+        // Outputs are replicated like the inputs: as many copies as the least-copied input
+        // block has (at least one, at most one per daemon).
+        let replicas = all_leaves
+            .iter()
+            .map(|c| holdings.iter().filter(|h| h.contains(c)).count())
+            .min()
+            .unwrap_or(1)
+            .clamp(1, workers.max(1));
+        let local: Vec<Vec<u64>> = maps
+            .iter()
+            .map(|m| {
+                holdings
+                    .iter()
+                    .map(|h| {
+                        m.leaves
+                            .iter()
+                            .filter(|(c, _)| h.contains(c))
+                            .map(|(_, len)| len)
+                            .sum()
+                    })
+                    .collect()
+            })
+            .collect();
+        handle.emit(Event::Planned {
+            maps: maps.len() as u32,
+            reduces: spec.reducers,
+            input_bytes,
+            workers: workers as u32,
+        });
+
+        let mut counters = Counters::default();
+        // Map phase.
+        handle.emit(Event::Phase(Phase::Map));
+        let mut outputs: Vec<Option<(MapOutput, PeerId)>> = vec![None; maps.len()];
+        {
+            let maps = &maps;
+            let sched = Schedule {
+                kind: TaskKind::Map,
+                peers: &peers,
+                slots: &slots,
+                local: Some(&local),
+                bytes: maps.iter().map(|m| m.end - m.start).collect(),
+            };
+            let done = self
+                .phase(handle, sched, &mut counters, |t, attempt| {
+                    let m = &maps[t];
+                    JobRequest::Map(MapTask {
+                        spec: bytes.to_vec(),
+                        task: t as u32,
+                        input: m.input,
+                        start: m.start,
+                        end: m.end,
+                        attempt,
+                    })
+                })
+                .await?;
+            for (t, response, peer) in done {
+                let JobResponse::MapDone(out) = response else {
+                    unreachable!("phase checks the response kind")
+                };
+                if out.parts.len() != spec.reducers as usize {
+                    return Err(format!(
+                        "map task {t} on {peer} returned {} partitions, not {}",
+                        out.parts.len(),
+                        spec.reducers
+                    )
+                    .into());
+                }
+                counters.add(&out.counters);
+                outputs[t] = Some((out, peer));
+            }
+        }
+
+        // Reduce phase.
+        handle.emit(Event::Phase(Phase::Reduce));
+        let runs: Vec<Vec<RunRef>> = (0..spec.reducers as usize)
+            .map(|r| {
+                outputs
+                    .iter()
+                    .flatten()
+                    .filter_map(|(out, peer)| {
+                        out.parts[r].as_ref().map(|p| RunRef {
+                            cid: p.cid,
+                            holder: peer.to_bytes(),
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let run_bytes: Vec<u64> = (0..spec.reducers as usize)
+            .map(|r| {
+                outputs
+                    .iter()
+                    .flatten()
+                    .filter_map(|(out, _)| out.parts[r].as_ref().map(|p| p.bytes))
+                    .sum()
+            })
+            .collect();
+        let sched = Schedule {
+            kind: TaskKind::Reduce,
+            peers: &peers,
+            slots: &slots,
+            local: None,
+            bytes: run_bytes,
+        };
+        let done = self
+            .phase(handle, sched, &mut counters, |r, attempt| {
+                JobRequest::Reduce(ReduceTask {
+                    spec: bytes.to_vec(),
+                    partition: r as u32,
+                    runs: runs[r].clone(),
+                    replicas: replicas as u32,
+                    attempt,
+                })
+            })
+            .await?;
+        let mut entries = Vec::new();
+        for (r, response, _) in done {
+            let JobResponse::ReduceDone(out) = response else {
+                unreachable!("phase checks the response kind")
+            };
+            counters.add(&out.counters);
+            entries.push(DirEntry {
+                name: format!("part-{r:05}"),
+                cid: out.cid,
+                tsize: out.tsize,
+            });
+        }
+
+        // Store the output directory, replicated like the parts.
+        handle.emit(Event::Phase(Phase::Store));
+        let dir = unixfs::directory(entries);
+        let root = *dir.cid();
+        let store = worker.repo().blocks().clone();
+        tokio::task::spawn_blocking(move || {
+            store.put(&dir)?;
+            store.sync([dir.cid()])
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot store the output directory: {e}"))?;
+        remote::replicate(
+            self.net(),
+            worker.repo().blocks(),
+            &[root],
+            replicas.saturating_sub(1),
+        )
+        .await
+        .map_err(|e| format!("cannot replicate the output directory: {e}"))?;
+        Ok((root, counters, started.elapsed()))
+    }
+
+    /// Which of `cids` `peer` holds.
+    async fn held(&self, peer: PeerId, cids: &[Cid]) -> HashSet<Cid> {
+        let mut held = HashSet::new();
+        if peer == self.net().local_peer_id() {
+            let store = self.inner.worker.repo().blocks().clone();
+            let cids = cids.to_vec();
+            return tokio::task::spawn_blocking(move || {
+                cids.into_iter().filter(|c| store.has(c)).collect()
+            })
+            .await
+            .unwrap_or_default();
+        }
+        for chunk in cids.chunks(MAX_HAS) {
+            match self
+                .net()
+                .request(peer, BlockRequest::Has(chunk.to_vec()))
+                .await
+            {
+                Ok(BlockResponse::Have(flags)) if flags.len() == chunk.len() => {
+                    held.extend(chunk.iter().zip(flags).filter(|(_, f)| *f).map(|(c, _)| *c))
+                }
+                _ => tracing::debug!("{peer} did not say which blocks it holds"),
+            }
+        }
+        held
+    }
+
+    /// Runs every task of a phase to completion: round-robin over the peers with free slots,
+    /// map tasks by locality; a task whose peer fails (network error, busy) is tried again
+    /// elsewhere, a task that fails by itself fails the job. Returns each task's response and
+    /// the peer that ran it.
+    async fn phase(
+        &self,
+        handle: &JobHandle,
+        sched: Schedule<'_>,
+        counters: &mut Counters,
+        request: impl Fn(usize, u32) -> JobRequest,
+    ) -> Result<Vec<(usize, JobResponse, PeerId)>, Stop> {
+        let n = sched.bytes.len();
+        let kind = sched.kind;
+        let mut pending: Vec<usize> = (0..n).rev().collect();
+        let mut free: Vec<u32> = sched.slots.to_vec();
+        let mut dead = vec![false; sched.peers.len()];
+        let mut idle_since: Vec<Option<Instant>> = vec![None; sched.peers.len()];
+        let mut attempts = vec![0u32; n];
+        let mut done = Vec::with_capacity(n);
+        let mut running: JoinSet<(usize, usize, Instant, Result<JobResponse, String>)> =
+            JoinSet::new();
+        let mut cancel = handle.cancel.subscribe();
+        while done.len() < n {
+            // Assign: one task per peer per round, so tasks spread over the peers.
+            loop {
+                let mut assigned = false;
+                for p in 0..sched.peers.len() {
+                    if free[p] == 0 || dead[p] || pending.is_empty() {
+                        continue;
+                    }
+                    let (at, score) = match sched.local {
+                        Some(local) => pending
+                            .iter()
+                            .enumerate()
+                            .max_by_key(|(i, &t)| (local[t][p], std::cmp::Reverse(*i)))
+                            .map(|(i, &t)| (i, local[t][p]))
+                            .expect("not empty"),
+                        None => (pending.len() - 1, 0),
+                    };
+                    if sched.local.is_some() && score == 0 {
+                        // Delay scheduling: wait a little for a task this peer holds.
+                        let since = *idle_since[p].get_or_insert_with(Instant::now);
+                        if since.elapsed() < LOCALITY_DELAY {
+                            continue;
+                        }
+                    }
+                    idle_since[p] = None;
+                    let t = pending.remove(at);
+                    attempts[t] += 1;
+                    match kind {
+                        TaskKind::Map => counters.map_attempts += 1,
+                        TaskKind::Reduce => counters.reduce_attempts += 1,
+                    }
+                    free[p] -= 1;
+                    let peer = sched.peers[p];
+                    let local_percent = match sched.local {
+                        Some(local) if sched.bytes[t] > 0 => {
+                            (local[t][p] * 100 / sched.bytes[t]) as u8
+                        }
+                        _ => 100,
+                    };
+                    handle.emit(Event::TaskStarted {
+                        kind,
+                        task: t as u32,
+                        attempt: attempts[t],
+                        peer: peer.to_string(),
+                        local_percent,
+                    });
+                    let req = request(t, attempts[t]);
+                    let this = self.clone();
+                    running.spawn(async move {
+                        let started = Instant::now();
+                        (t, p, started, this.call(peer, req).await)
+                    });
+                    assigned = true;
+                }
+                if !assigned {
+                    break;
+                }
+            }
+            if running.is_empty() && !pending.is_empty() && dead.iter().all(|d| *d) {
+                return Err(format!("no daemon is left to run {kind:?} tasks").into());
+            }
+            let next = tokio::select! {
+                r = running.join_next(), if !running.is_empty() => r,
+                _ = tokio::time::sleep(LOCALITY_DELAY / 3) => None,
+                _ = cancel.wait_for(|c| *c) => return Err(Stop::Cancelled),
+            };
+            let Some(joined) = next else { continue };
+            let (t, p, started, result) = joined.map_err(|e| e.to_string())?;
+            let peer = sched.peers[p];
+            let what = match kind {
+                TaskKind::Map => "map",
+                TaskKind::Reduce => "reduce",
+            };
+            match result {
+                Ok(response @ (JobResponse::MapDone(_) | JobResponse::ReduceDone(_))) => {
+                    let right_kind = matches!(
+                        (&response, kind),
+                        (JobResponse::MapDone(_), TaskKind::Map)
+                            | (JobResponse::ReduceDone(_), TaskKind::Reduce)
+                    );
+                    if !right_kind {
+                        return Err(format!(
+                            "{peer} answered {what} task {t} with the wrong kind of result"
+                        )
+                        .into());
+                    }
+                    free[p] += 1;
+                    handle.emit(Event::TaskFinished {
+                        kind,
+                        task: t as u32,
+                        peer: peer.to_string(),
+                        bytes: sched.bytes[t],
+                        millis: started.elapsed().as_millis() as u64,
+                    });
+                    done.push((t, response, peer));
+                }
+                Ok(JobResponse::Failed(reason)) if reason == p2pmr_protocol::wire::BUSY => {
+                    // The worker's queue was full: not the task's fault.
+                    free[p] += 1;
+                    pending.push(t);
+                    attempts[t] -= 1;
+                }
+                Ok(JobResponse::Failed(reason)) => {
+                    handle.emit(Event::TaskFailed {
+                        kind,
+                        task: t as u32,
+                        peer: peer.to_string(),
+                        reason: reason.clone(),
+                        retry: false,
+                    });
+                    return Err(format!("{what} task {t} failed on {peer}: {reason}").into());
+                }
+                Ok(other) => {
+                    return Err(format!("{peer} answered {what} task {t} with {other:?}").into());
+                }
+                Err(reason) => {
+                    // The peer is unreachable: run the task elsewhere.
+                    dead[p] = true;
+                    let retry = attempts[t] < MAX_ATTEMPTS;
+                    handle.emit(Event::TaskFailed {
+                        kind,
+                        task: t as u32,
+                        peer: peer.to_string(),
+                        reason: reason.clone(),
+                        retry,
+                    });
+                    if !retry {
+                        return Err(format!(
+                            "{what} task {t} failed {MAX_ATTEMPTS} times; last on {peer}: {reason}"
+                        )
+                        .into());
+                    }
+                    pending.push(t);
+                }
+            }
+        }
+        done.sort_by_key(|d| d.0);
+        Ok(done)
+    }
+}
+
+struct Schedule<'a> {
+    kind: TaskKind,
+    peers: &'a [PeerId],
+    slots: &'a [u32],
+    /// For map tasks: bytes of each task held by each peer.
+    local: Option<&'a [Vec<u64>]>,
+    /// Input bytes of each task.
+    bytes: Vec<u64>,
+}
+
+/// The leaves of the file at `root`, in order, with their sizes (fetching inner nodes only).
+pub async fn leaves(fetcher: &Fetcher, root: Cid) -> Result<Vec<(Cid, u64)>, RemoteError> {
+    let mut out = Vec::new();
+    // Depth-first, children pushed in reverse so they pop in order; the depth is capped as the
+    // reader caps it.
+    let mut stack = vec![(root, None::<u64>, 0usize)];
+    while let Some((cid, size, depth)) = stack.pop() {
+        if depth > unixfs::MAX_DEPTH {
+            return Err(UnixFsError::TooDeep { cid }.into());
+        }
+        if cid.codec() == RAW {
+            let len = match size {
+                Some(len) => len,
+                None => fetcher.fetch(cid).await?.len() as u64,
+            };
+            out.push((cid, len));
+            continue;
+        }
+        let block = fetcher.fetch(cid).await?;
+        let node = PbNode::decode(block.data()).map_err(UnixFsError::from)?;
+        let malformed = |what| UnixFsError::Malformed { cid, what };
+        let data = UnixFsData::decode(node.data.ok_or(malformed("node without Data"))?)
+            .map_err(|_| malformed("bad UnixFS Data"))?;
+        if data.kind != unixfs::NodeType::File && data.kind != unixfs::NodeType::Raw {
+            return Err(UnixFsError::NotAFile {
+                cid,
+                kind: "not a file",
+            }
+            .into());
+        }
+        if node.links.is_empty() {
+            // Inline data (dag-pb leaves of older files): read it whole through the reader.
+            out.push((cid, data.data.map_or(0, |d| d.len() as u64)));
+            continue;
+        }
+        if data.blocksizes.len() != node.links.len() {
+            return Err(malformed("blocksizes do not match links").into());
+        }
+        for (link, &len) in node.links.iter().zip(&data.blocksizes).rev() {
+            stack.push((link.hash, Some(len), depth + 1));
+        }
+    }
+    Ok(out)
+}

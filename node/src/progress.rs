@@ -1,0 +1,290 @@
+//! Showing a job's progress events: live bars on stderr (map and reduce tasks, bytes/s, ETA,
+//! active peers, retries), plain lines when stderr is not a terminal, or one JSON object per
+//! event on stdout (`--json`).
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use p2pmr_protocol::engine::{Counters, Event, Phase, TaskKind};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+/// How to show events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Bars (or plain lines) on stderr.
+    Human,
+    /// One JSON object per line on stdout.
+    Json,
+    /// Nothing.
+    Quiet,
+}
+
+/// Renders a job's events as they arrive.
+#[derive(Debug)]
+pub struct Progress {
+    mode: Mode,
+    tty: bool,
+    multi: MultiProgress,
+    map: Option<ProgressBar>,
+    reduce: Option<ProgressBar>,
+    started: Instant,
+    input_bytes: u64,
+    mapped: u64,
+    running: HashMap<(TaskKind, u32), String>,
+    retries: u32,
+}
+
+fn kind_name(kind: TaskKind) -> &'static str {
+    match kind {
+        TaskKind::Map => "map",
+        TaskKind::Reduce => "reduce",
+    }
+}
+
+fn counters_json(c: &Counters) -> Value {
+    json!({
+        "input_records": c.input_records,
+        "input_bytes": c.input_bytes,
+        "map_output_records": c.map_output_records,
+        "map_output_bytes": c.map_output_bytes,
+        "combine_input_records": c.combine_input_records,
+        "combine_output_records": c.combine_output_records,
+        "shuffle_bytes": c.shuffle_bytes,
+        "reduce_output_records": c.reduce_output_records,
+        "reduce_output_bytes": c.reduce_output_bytes,
+        "local_map_bytes": c.local_map_bytes,
+        "remote_map_bytes": c.remote_map_bytes,
+        "map_attempts": c.map_attempts,
+        "reduce_attempts": c.reduce_attempts,
+    })
+}
+
+/// An event as a JSON object with an `event` field naming it.
+pub fn event_json(event: &Event) -> Value {
+    match event {
+        Event::Accepted { job, coordinator } => {
+            json!({"event": "accepted", "job": job.to_string(), "coordinator": coordinator})
+        }
+        Event::Planned {
+            maps,
+            reduces,
+            input_bytes,
+            workers,
+        } => json!({"event": "planned", "maps": maps, "reduces": reduces,
+                   "input_bytes": input_bytes, "workers": workers}),
+        Event::Phase(p) => json!({"event": "phase", "phase": match p {
+            Phase::Map => "map",
+            Phase::Reduce => "reduce",
+            Phase::Store => "store",
+        }}),
+        Event::TaskStarted {
+            kind,
+            task,
+            attempt,
+            peer,
+            local_percent,
+        } => json!({"event": "task_started", "kind": kind_name(*kind), "task": task,
+                   "attempt": attempt, "peer": peer, "local_percent": local_percent}),
+        Event::TaskFinished {
+            kind,
+            task,
+            peer,
+            bytes,
+            millis,
+        } => json!({"event": "task_finished", "kind": kind_name(*kind), "task": task,
+                   "peer": peer, "bytes": bytes, "millis": millis}),
+        Event::TaskFailed {
+            kind,
+            task,
+            peer,
+            reason,
+            retry,
+        } => json!({"event": "task_failed", "kind": kind_name(*kind), "task": task,
+                   "peer": peer, "reason": reason, "retry": retry}),
+        Event::Completed {
+            output,
+            counters,
+            elapsed_ms,
+            cached,
+        } => json!({"event": "completed", "output": output.to_string(),
+                   "counters": counters_json(counters), "elapsed_ms": elapsed_ms,
+                   "cached": cached}),
+        Event::Failed { reason } => json!({"event": "failed", "reason": reason}),
+        Event::Cancelled => json!({"event": "cancelled"}),
+    }
+}
+
+fn short(peer: &str) -> &str {
+    &peer[peer.len().saturating_sub(6)..]
+}
+
+impl Progress {
+    /// A renderer in `mode`.
+    pub fn new(mode: Mode) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let target = if mode == Mode::Human && tty {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Self {
+            mode,
+            tty,
+            multi: MultiProgress::with_draw_target(target),
+            map: None,
+            reduce: None,
+            started: Instant::now(),
+            input_bytes: 0,
+            mapped: 0,
+            running: HashMap::new(),
+            retries: 0,
+        }
+    }
+
+    fn line(&self, text: String) {
+        if self.mode == Mode::Human {
+            if self.tty {
+                let _ = self.multi.println(text);
+            } else {
+                eprintln!("{text}");
+            }
+        }
+    }
+
+    fn bar(&self, prefix: &'static str, len: u32) -> ProgressBar {
+        let bar = self.multi.add(ProgressBar::new(u64::from(len)));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>7} [{bar:30}] {pos}/{len} tasks {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(prefix);
+        bar
+    }
+
+    fn status(&self) -> String {
+        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = self.mapped as f64 / secs;
+        let eta = if self.mapped > 0 && self.input_bytes > self.mapped {
+            format!(
+                ", ETA {:.0}s",
+                (self.input_bytes - self.mapped) as f64 / rate
+            )
+        } else {
+            String::new()
+        };
+        let mut peers: Vec<&str> = self.running.values().map(|p| short(p)).collect();
+        peers.sort();
+        peers.dedup();
+        format!(
+            "{:.1} MB/s{eta}, {} peers busy, {} retries",
+            rate / 1e6,
+            peers.len(),
+            self.retries
+        )
+    }
+
+    /// Shows one event.
+    pub fn event(&mut self, event: &Event) {
+        if self.mode == Mode::Json {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", event_json(event));
+            let _ = out.flush();
+            return;
+        }
+        if self.mode == Mode::Quiet {
+            return;
+        }
+        match event {
+            Event::Accepted { job, coordinator } => {
+                self.line(format!("job {job} accepted by {coordinator}"));
+            }
+            Event::Planned {
+                maps,
+                reduces,
+                input_bytes,
+                workers,
+            } => {
+                self.input_bytes = *input_bytes;
+                self.line(format!(
+                    "{maps} map and {reduces} reduce tasks over {:.1} MB on {workers} daemons",
+                    *input_bytes as f64 / 1e6
+                ));
+                self.map = Some(self.bar("map", *maps));
+                self.reduce = Some(self.bar("reduce", *reduces));
+            }
+            Event::Phase(_) => {}
+            Event::TaskStarted {
+                kind, task, peer, ..
+            } => {
+                self.running.insert((*kind, *task), peer.clone());
+            }
+            Event::TaskFinished {
+                kind, task, bytes, ..
+            } => {
+                self.running.remove(&(*kind, *task));
+                let bar = match kind {
+                    TaskKind::Map => {
+                        self.mapped += bytes;
+                        &self.map
+                    }
+                    TaskKind::Reduce => &self.reduce,
+                };
+                if let Some(bar) = bar {
+                    bar.inc(1);
+                }
+            }
+            Event::TaskFailed {
+                kind,
+                task,
+                peer,
+                reason,
+                retry,
+            } => {
+                self.running.remove(&(*kind, *task));
+                if *retry {
+                    self.retries += 1;
+                }
+                self.line(format!(
+                    "{} task {task} failed on {}{}: {reason}",
+                    kind_name(*kind),
+                    short(peer),
+                    if *retry { " (retrying)" } else { "" }
+                ));
+            }
+            Event::Completed {
+                counters,
+                elapsed_ms,
+                cached,
+                ..
+            } => {
+                self.finish_bars();
+                if *cached {
+                    self.line("done: the same job ran before; its output is reused".into());
+                } else {
+                    let local = counters.local_map_bytes as f64
+                        / (counters.local_map_bytes + counters.remote_map_bytes).max(1) as f64;
+                    self.line(format!(
+                        "done in {:.2}s: {} records in, {} lines out, {:.0}% of map input read locally",
+                        *elapsed_ms as f64 / 1e3,
+                        counters.input_records,
+                        counters.reduce_output_records,
+                        local * 100.0
+                    ));
+                }
+            }
+            Event::Failed { .. } | Event::Cancelled => self.finish_bars(),
+        }
+        let status = self.status();
+        for bar in [&self.map, &self.reduce].into_iter().flatten() {
+            bar.set_message(status.clone());
+        }
+    }
+
+    fn finish_bars(&mut self) {
+        for bar in [self.map.take(), self.reduce.take()].into_iter().flatten() {
+            bar.finish();
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The reduce side of the shuffle: each map task's run for a partition is a UnixFS file of
+//! ABI-encoded pairs sorted by key, held by its mapper; a reduce task streams every run
+//! (a bounded number of block fetches at a time, a couple of blocks buffered per run) and
+//! merges them into `(key, values)` groups for the executor, so a partition is never held
+//! whole in memory.
+//!
+//! The fetching is async (the network); the merge runs on the reduce task's blocking thread
+//! and pulls decoded bytes from one bounded channel per run.
+
+use crate::jobs::ValueIter;
+use crate::remote::{Fetcher, RemoteError};
+use libp2p::PeerId;
+use p2pmr_protocol::unixfs::FileReader;
+use p2pmr_protocol::Cid;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, Semaphore};
+
+/// Blocks buffered per run between the fetcher and the merge.
+const RUN_BUFFER: usize = 2;
+/// Largest key or value accepted from a run (a run is another peer's output).
+const MAX_FIELD: usize = 256 << 20;
+
+/// Why the shuffle failed, shared between the fetch tasks and the merge.
+pub type ShuffleError = Arc<Mutex<Option<String>>>;
+
+/// Starts fetching `runs` (each with the peer that holds it) with at most `concurrency` block
+/// fetches in flight, and returns one stream per run plus the counter of bytes that came over
+/// the network. Fetch tasks stop when their stream is dropped.
+pub fn open_runs(
+    fetcher: &Fetcher,
+    runs: Vec<(Cid, Option<PeerId>)>,
+    concurrency: usize,
+    error: &ShuffleError,
+) -> (Vec<RunStream>, Arc<AtomicU64>, tokio::task::JoinSet<()>) {
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let remote_bytes = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut streams = Vec::with_capacity(runs.len());
+    for (cid, holder) in runs {
+        let (tx, rx) = mpsc::channel(RUN_BUFFER);
+        let (fetcher, permits, remote_bytes) =
+            (fetcher.clone(), permits.clone(), remote_bytes.clone());
+        tasks.spawn(async move {
+            let result = fetch_run(&fetcher, cid, holder, &permits, &remote_bytes, &tx).await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(format!("map output {cid}: {e}"))).await;
+            }
+        });
+        streams.push(RunStream {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+            error: error.clone(),
+        });
+    }
+    (streams, remote_bytes, tasks)
+}
+
+async fn fetch_run(
+    fetcher: &Fetcher,
+    cid: Cid,
+    holder: Option<PeerId>,
+    permits: &Semaphore,
+    remote_bytes: &AtomicU64,
+    tx: &mpsc::Sender<Result<Vec<u8>, String>>,
+) -> Result<(), RemoteError> {
+    let mut reader = FileReader::new(cid);
+    while let Some(&next) = reader.next_needed() {
+        let (block, remote) = {
+            let _permit = permits.acquire().await.expect("never closed");
+            fetcher.fetch_hinted(next, holder).await?
+        };
+        if remote {
+            remote_bytes.fetch_add(block.len() as u64, Ordering::Relaxed);
+        }
+        let bytes = reader.feed(&block)?;
+        if !bytes.is_empty() && tx.send(Ok(bytes.to_vec())).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// One run being read: decoded pair by pair as its bytes arrive.
+#[derive(Debug)]
+pub struct RunStream {
+    rx: mpsc::Receiver<Result<Vec<u8>, String>>,
+    buf: Vec<u8>,
+    pos: usize,
+    error: ShuffleError,
+}
+
+fn field(buf: &[u8], at: usize) -> Option<(usize, usize)> {
+    let len = u32::from_le_bytes(buf.get(at..at + 4)?.try_into().ok()?) as usize;
+    Some((at + 4, len))
+}
+
+impl RunStream {
+    fn fail(&self, reason: String) {
+        self.error.lock().expect("poisoned").get_or_insert(reason);
+    }
+
+    /// The next pair, or `None` at the end of the run or on an error (recorded in the shared
+    /// error, which the reduce task checks when the merge is over).
+    fn next_pair(&mut self) -> Option<(Vec<u8>, Vec<u8>)> {
+        loop {
+            if let Some((k, klen)) = field(&self.buf, self.pos) {
+                if klen > MAX_FIELD {
+                    self.fail(format!("a map output key of {klen} bytes"));
+                    return None;
+                }
+                if let Some((v, vlen)) = field(&self.buf, k + klen) {
+                    if vlen > MAX_FIELD {
+                        self.fail(format!("a map output value of {vlen} bytes"));
+                        return None;
+                    }
+                    if v + vlen <= self.buf.len() {
+                        let pair = (
+                            self.buf[k..k + klen].to_vec(),
+                            self.buf[v..v + vlen].to_vec(),
+                        );
+                        self.pos = v + vlen;
+                        return Some(pair);
+                    }
+                }
+            }
+            match self.rx.blocking_recv() {
+                Some(Ok(bytes)) => {
+                    self.buf.drain(..self.pos);
+                    self.pos = 0;
+                    self.buf.extend_from_slice(&bytes);
+                }
+                Some(Err(e)) => {
+                    self.fail(e);
+                    return None;
+                }
+                None => {
+                    if self.pos < self.buf.len() {
+                        self.fail("a map output ends inside a pair".into());
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Merges run streams into `(key, values)` groups in key order; equal keys' values come in
+/// run order, then emission order (as in `local::Merge`), so output does not depend on timing.
+#[derive(Debug)]
+pub struct StreamMerge {
+    runs: Vec<RunStream>,
+    /// The value of the pair at the head of each run (its key is in the heap).
+    heads: Vec<Option<Vec<u8>>>,
+    heap: BinaryHeap<Reverse<(Vec<u8>, usize)>>,
+}
+
+impl StreamMerge {
+    /// Starts the merge (blocks until every run has its first pair). Call from a blocking
+    /// thread.
+    pub fn new(mut runs: Vec<RunStream>) -> Self {
+        let mut heads = Vec::with_capacity(runs.len());
+        let mut heap = BinaryHeap::new();
+        for (i, run) in runs.iter_mut().enumerate() {
+            match run.next_pair() {
+                Some((k, v)) => {
+                    heads.push(Some(v));
+                    heap.push(Reverse((k, i)));
+                }
+                None => heads.push(None),
+            }
+        }
+        Self { runs, heads, heap }
+    }
+}
+
+impl Iterator for StreamMerge {
+    type Item = (Vec<u8>, ValueIter);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let Reverse((key, _)) = self.heap.peek()?.clone();
+        let mut values = Vec::new();
+        while self.heap.peek().is_some_and(|Reverse((k, _))| *k == key) {
+            let Reverse((_, i)) = self.heap.pop().expect("peeked");
+            values.extend(self.heads[i].take());
+            while let Some((k, v)) = self.runs[i].next_pair() {
+                if k == key {
+                    values.push(v);
+                } else {
+                    self.heads[i] = Some(v);
+                    self.heap.push(Reverse((k, i)));
+                    break;
+                }
+            }
+        }
+        Some((key, Box::new(values.into_iter())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::Run;
+    use crate::local::Merge;
+    use p2pmr_protocol::abi::encode_pair;
+
+    fn run(pairs: &[(&str, &str)]) -> Run {
+        let mut buf = Vec::new();
+        for (k, v) in pairs {
+            encode_pair(&mut buf, k.as_bytes(), v.as_bytes());
+        }
+        Run::sort(&buf)
+    }
+
+    fn stream(run: &Run, piece: usize) -> RunStream {
+        let pieces: Vec<Vec<u8>> = run
+            .as_bytes()
+            .chunks(piece.max(1))
+            .map(<[u8]>::to_vec)
+            .collect();
+        let (tx, rx) = mpsc::channel(pieces.len().max(1));
+        for p in pieces {
+            tx.try_send(Ok(p)).unwrap();
+        }
+        RunStream {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+            error: ShuffleError::default(),
+        }
+    }
+
+    fn collect(it: impl Iterator<Item = (Vec<u8>, ValueIter)>) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
+        it.map(|(k, v)| (k, v.collect())).collect()
+    }
+
+    #[test]
+    fn streaming_merge_equals_in_memory_merge_at_any_piece_size() {
+        let runs = vec![
+            run(&[("b", "1"), ("a", "2"), ("c", "3"), ("a", "4")]),
+            run(&[]),
+            run(&[("a", "5"), ("d", "6"), ("bb", "")]),
+            run(&[("", "empty key"), ("c", "7")]),
+        ];
+        let expected = collect(Merge::new(runs.clone()));
+        for piece in [1, 2, 3, 7, 1000] {
+            let streams = runs.iter().map(|r| stream(r, piece)).collect();
+            assert_eq!(
+                collect(StreamMerge::new(streams)),
+                expected,
+                "piece {piece}"
+            );
+        }
+    }
+
+    #[test]
+    fn truncated_and_hostile_runs_are_errors() {
+        let r = run(&[("a", "1"), ("b", "2")]);
+        let bytes = r.as_bytes();
+        let (tx, rx) = mpsc::channel(1);
+        tx.try_send(Ok(bytes[..bytes.len() - 1].to_vec())).unwrap();
+        drop(tx);
+        let error = ShuffleError::default();
+        let s = RunStream {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+            error: error.clone(),
+        };
+        let got = collect(StreamMerge::new(vec![s]));
+        assert_eq!(got.len(), 1);
+        assert!(error
+            .lock()
+            .unwrap()
+            .as_deref()
+            .unwrap()
+            .contains("ends inside"));
+
+        let (tx, rx) = mpsc::channel(1);
+        tx.try_send(Ok(u32::MAX.to_le_bytes().to_vec())).unwrap();
+        let error = ShuffleError::default();
+        let s = RunStream {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+            error: error.clone(),
+        };
+        assert!(collect(StreamMerge::new(vec![s])).is_empty());
+        assert!(error.lock().unwrap().is_some());
+    }
+}

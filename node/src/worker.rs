@@ -1,0 +1,408 @@
+//! The worker half of a daemon: runs the map and reduce tasks a coordinator sends over the job
+//! protocol, on the blocks at hand.
+//!
+//! A map task reads its byte range of an input file through the [`Fetcher`] (local store first,
+//! then the peers that hold the rest), cuts it into records by the rule in
+//! `p2pmr_protocol::records`, runs the job's wasm over them and keeps the R sorted runs it
+//! produces as UnixFS files in the local store: the reducers pull them from here. A reduce task
+//! streams its partition's runs from every mapper ([`crate::shuffle`]), reduces them and writes
+//! the output as a durable UnixFS file, copied to other daemons before it is reported.
+//!
+//! At most `slots` tasks run at once (a semaphore); a coordinator learns the count with
+//! `Slots`. Tasks of a job can be aborted (`Abort`); every task runs in its own tokio task so
+//! aborting drops its fetches.
+
+use crate::files::FileWriter;
+use crate::jobs::{Executor, JobModule, Limits, TaskName};
+use crate::net::NetClient;
+use crate::remote::{self, Chunk, Fetcher};
+use crate::shuffle::{self, ShuffleError, StreamMerge};
+use crate::Repo;
+use libp2p::PeerId;
+use p2pmr_protocol::abi::encode_args;
+use p2pmr_protocol::engine::{
+    Counters, JobRequest, JobResponse, MapOutput, MapTask, PartOut, ReduceOutput, ReduceTask,
+};
+use p2pmr_protocol::job::JobSpec;
+use p2pmr_protocol::records::RecordSplitter;
+use p2pmr_protocol::Cid;
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+
+/// Records are handed to the job in batches of about this many bytes.
+const BATCH: usize = 1 << 20;
+/// Largest job module accepted.
+pub const MAX_MODULE_SIZE: u64 = 64 << 20;
+/// Block fetches in flight per reduce task during the shuffle.
+const SHUFFLE_CONCURRENCY: usize = 16;
+/// Input chunks buffered between a map task's reader and its wasm.
+const MAP_BUFFER: usize = 4;
+
+/// Runs tasks for coordinators. Cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    repo: Repo,
+    net: NetClient,
+    exec: Arc<Executor>,
+    fetcher: Fetcher,
+    slots: u32,
+    permits: Arc<Semaphore>,
+    running: Mutex<HashMap<Cid, Vec<tokio::task::AbortHandle>>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("slots", &self.inner.slots)
+            .finish()
+    }
+}
+
+impl Worker {
+    /// A worker over `repo` and `net` running up to `slots` tasks at once.
+    pub fn new(repo: Repo, net: NetClient, slots: u32) -> Result<Self, crate::jobs::JobError> {
+        let exec = Executor::new(Limits::default())?;
+        let fetcher = Fetcher::new(Some(net.clone()), Some(repo.blocks().clone()));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                repo,
+                net,
+                exec,
+                fetcher,
+                slots: slots.max(1),
+                permits: Arc::new(Semaphore::new(slots.max(1) as usize)),
+                running: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Task slots.
+    pub fn slots(&self) -> u32 {
+        self.inner.slots
+    }
+
+    /// The fetcher tasks read through (local store first).
+    pub fn fetcher(&self) -> &Fetcher {
+        &self.inner.fetcher
+    }
+
+    /// The network handle.
+    pub fn net(&self) -> &NetClient {
+        &self.inner.net
+    }
+
+    /// The repository.
+    pub fn repo(&self) -> &Repo {
+        &self.inner.repo
+    }
+
+    /// Answers a worker request (`Map`, `Reduce`, `Abort`, `Slots`).
+    pub async fn handle(&self, request: JobRequest) -> JobResponse {
+        match request {
+            JobRequest::Slots => JobResponse::Slots(self.inner.slots),
+            JobRequest::Abort { job } => {
+                let handles = self
+                    .inner
+                    .running
+                    .lock()
+                    .expect("poisoned")
+                    .remove(&job)
+                    .unwrap_or_default();
+                for h in handles {
+                    h.abort();
+                }
+                JobResponse::Ok
+            }
+            JobRequest::Map(task) => {
+                let (this, spec) = (self.clone(), task.spec.clone());
+                self.tracked(&spec, async move {
+                    this.map(task).await.map(JobResponse::MapDone)
+                })
+                .await
+            }
+            JobRequest::Reduce(task) => {
+                let (this, spec) = (self.clone(), task.spec.clone());
+                self.tracked(&spec, async move {
+                    this.reduce(task).await.map(JobResponse::ReduceDone)
+                })
+                .await
+            }
+            other => JobResponse::Failed(format!("not a worker request: {other:?}")),
+        }
+    }
+
+    /// Runs `body` as its own task, abortable by the job's id.
+    async fn tracked(
+        &self,
+        spec: &[u8],
+        body: impl std::future::Future<Output = Result<JobResponse, String>> + Send + 'static,
+    ) -> JobResponse {
+        let job = match JobSpec::decode(spec) {
+            Ok(spec) => spec.id(),
+            Err(e) => return JobResponse::Failed(e.to_string()),
+        };
+        let task = tokio::spawn(body);
+        {
+            let mut running = self.inner.running.lock().expect("poisoned");
+            let handles = running.entry(job).or_default();
+            handles.retain(|h| !h.is_finished());
+            handles.push(task.abort_handle());
+        }
+        match task.await {
+            Ok(Ok(response)) => response,
+            Ok(Err(reason)) => JobResponse::Failed(reason),
+            Err(e) if e.is_cancelled() => JobResponse::Failed("aborted".into()),
+            Err(e) => JobResponse::Failed(format!("task panicked: {e}")),
+        }
+    }
+
+    /// The job's module, compiled (fetched and compiled on first use).
+    pub async fn module(&self, spec: &JobSpec) -> Result<Arc<JobModule>, String> {
+        if let Some(m) = self.inner.exec.cached(&spec.module) {
+            return Ok(m);
+        }
+        let mut wasm = Vec::new();
+        self.inner
+            .fetcher
+            .cat(spec.module, 0, |b| {
+                if wasm.len() as u64 + b.len() as u64 > MAX_MODULE_SIZE {
+                    return Err(std::io::Error::other(format!(
+                        "module is larger than {MAX_MODULE_SIZE} bytes"
+                    )));
+                }
+                wasm.extend_from_slice(b);
+                Ok(())
+            })
+            .await
+            .map_err(|e| format!("cannot fetch job module {}: {e}", spec.module))?;
+        let exec = self.inner.exec.clone();
+        let cid = spec.module;
+        tokio::task::spawn_blocking(move || exec.load(cid, &cid.to_string(), &wasm))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// The job's module and a task slot (held until the task is done).
+    async fn prepare(
+        &self,
+        spec: &JobSpec,
+    ) -> Result<(Arc<JobModule>, tokio::sync::SemaphorePermit<'_>), String> {
+        let module = self.module(spec).await?;
+        let permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((module, permit))
+    }
+
+    async fn map(&self, task: MapTask) -> Result<MapOutput, String> {
+        let spec = JobSpec::decode(&task.spec).map_err(|e| e.to_string())?;
+        let input = spec
+            .inputs
+            .get(task.input as usize)
+            .ok_or_else(|| format!("the job has no input {}", task.input))?
+            .clone();
+        let (module, _permit) = self.prepare(&spec).await?;
+        let mut splitter = RecordSplitter::new(task.start, task.end, BATCH);
+        let (tx, mut rx) = mpsc::channel::<Chunk>(MAP_BUFFER);
+        let fetcher = self.inner.fetcher.clone();
+        let from = splitter.feed_from();
+        let producer = tokio::spawn(async move { fetcher.stream(input.cid, from, tx).await });
+        let exec = self.inner.exec.clone();
+        let store = self.inner.repo.blocks().clone();
+        let name = TaskName {
+            job: module.name().to_owned(),
+            task: format!("map {} (attempt {})", task.task, task.attempt),
+            input: input.name.clone(),
+        };
+        let args = encode_args(spec.args().iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let limits = limits_of(&spec);
+        let reducers = spec.reducers;
+        let mapped = tokio::task::spawn_blocking(move || {
+            let mut c = Counters::default();
+            let mut map = exec
+                .map_task(&module, name, &args, reducers, limits)
+                .map_err(|e| e.to_string())?;
+            let mut feed = |map: &mut crate::jobs::MapTask, offset: u64, batch: &[u8]| {
+                c.input_bytes += batch.len() as u64;
+                c.input_records += records_in(batch);
+                map.batch(batch, offset).map_err(|e| e.to_string())
+            };
+            while !splitter.is_done() {
+                let Some(chunk) = rx.blocking_recv() else {
+                    break;
+                };
+                if chunk.remote {
+                    c.remote_map_bytes += chunk.bytes.len() as u64;
+                } else {
+                    c.local_map_bytes += chunk.bytes.len() as u64;
+                }
+                for (offset, batch) in splitter.feed(&chunk.bytes) {
+                    feed(&mut map, offset, &batch)?;
+                }
+            }
+            // Whether the reader delivered everything the range needed; if not, its error
+            // says why.
+            let complete = splitter.is_done();
+            drop(rx);
+            if let Some((offset, batch)) = splitter.finish() {
+                feed(&mut map, offset, &batch)?;
+            }
+            let parts = map.finish().map_err(|e| e.to_string())?;
+            let mut out = Vec::with_capacity(parts.len());
+            for run in parts {
+                if run.is_empty() {
+                    out.push(None);
+                    continue;
+                }
+                c.map_output_records += run.len() as u64;
+                c.map_output_bytes += run.bytes() as u64;
+                let mut w = FileWriter::scratch(&store);
+                w.write_all(run.as_bytes()).map_err(|e| e.to_string())?;
+                let written = w.finish().map_err(|e| e.to_string())?;
+                out.push(Some(PartOut {
+                    cid: written.root,
+                    bytes: written.size,
+                }));
+            }
+            Ok::<_, String>((out, c, complete))
+        })
+        .await
+        .map_err(|e| format!("map task panicked: {e}"))?;
+        let read = producer.await.map_err(|e| e.to_string())?;
+        let (parts, counters, complete) = mapped?;
+        if let (false, Err(e)) = (complete, read) {
+            return Err(format!("cannot read input {}: {e}", input.name));
+        }
+        Ok(MapOutput { parts, counters })
+    }
+
+    async fn reduce(&self, task: ReduceTask) -> Result<ReduceOutput, String> {
+        let spec = JobSpec::decode(&task.spec).map_err(|e| e.to_string())?;
+        if task.partition >= spec.reducers {
+            return Err(format!("the job has no partition {}", task.partition));
+        }
+        let (module, _permit) = self.prepare(&spec).await?;
+        let runs = task
+            .runs
+            .iter()
+            .map(|r| (r.cid, PeerId::from_bytes(&r.holder).ok()))
+            .collect();
+        let error = ShuffleError::default();
+        let (streams, remote_bytes, mut fetches) =
+            shuffle::open_runs(&self.inner.fetcher, runs, SHUFFLE_CONCURRENCY, &error);
+        let exec = self.inner.exec.clone();
+        let store = self.inner.repo.blocks().clone();
+        let name = TaskName {
+            job: module.name().to_owned(),
+            task: format!("reduce {} (attempt {})", task.partition, task.attempt),
+            input: String::new(),
+        };
+        let args = encode_args(spec.args().iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let limits = limits_of(&spec);
+        let shuffle_error = error.clone();
+        let reduced = tokio::task::spawn_blocking(move || {
+            let writer = Arc::new(Mutex::new(FileWriter::new(&store)));
+            let merge = StreamMerge::new(streams);
+            exec.reduce_task(
+                &module,
+                name,
+                &args,
+                limits,
+                merge,
+                Box::new(SharedWriter(writer.clone())),
+            )
+            .map_err(|e| e.to_string())?;
+            if let Some(e) = shuffle_error.lock().expect("poisoned").take() {
+                return Err(e);
+            }
+            let writer = Arc::try_unwrap(writer)
+                .map_err(|_| "the reduce output is still in use".to_string())?
+                .into_inner()
+                .expect("poisoned");
+            writer.finish().map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| format!("reduce task panicked: {e}"))?;
+        fetches.abort_all();
+        let written = reduced?;
+        let copies = task.replicas.saturating_sub(1) as usize;
+        remote::replicate(
+            &self.inner.net,
+            self.inner.repo.blocks(),
+            &written.cids,
+            copies,
+        )
+        .await
+        .map_err(|e| format!("cannot replicate the output: {e}"))?;
+        Ok(ReduceOutput {
+            cid: written.root,
+            size: written.size,
+            tsize: written.tsize,
+            counters: Counters {
+                shuffle_bytes: remote_bytes.load(Ordering::Relaxed),
+                reduce_output_records: written.lines,
+                reduce_output_bytes: written.size,
+                ..Counters::default()
+            },
+        })
+    }
+}
+
+/// Lines in a batch of whole records (the last may lack its newline at the end of input).
+fn records_in(batch: &[u8]) -> u64 {
+    let newlines = batch.iter().filter(|&&b| b == b'\n').count() as u64;
+    newlines + u64::from(batch.last().is_some_and(|&b| b != b'\n'))
+}
+
+/// The spec's limits as the executor takes them.
+pub fn limits_of(spec: &JobSpec) -> Limits {
+    Limits {
+        memory: usize::try_from(spec.limits.memory).unwrap_or(usize::MAX),
+        timeout: Duration::from_millis(spec.limits.timeout_ms),
+        output: spec.limits.output,
+    }
+}
+
+/// Hands the reduce output to a writer the task gets back when the executor is done.
+struct SharedWriter(Arc<Mutex<FileWriter>>);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("poisoned").write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_lines() {
+        for (batch, n) in [
+            (&b""[..], 0),
+            (b"\n", 1),
+            (b"a", 1),
+            (b"a\n", 1),
+            (b"a\nb", 2),
+            (b"a\r\nb\n\n", 3),
+        ] {
+            assert_eq!(records_in(batch), n, "{batch:?}");
+        }
+    }
+}

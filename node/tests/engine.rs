@@ -1,0 +1,579 @@
+//! The MapReduce engine end to end: in-process daemons on 127.0.0.1 that know each other, a
+//! client peer that adds inputs, publishes a shipped job, submits it to a coordinator and
+//! follows its events; outputs are checked against `run-local` over the same bytes.
+
+use anyhow::{bail, Result};
+use libp2p::Multiaddr;
+use p2pmr_node::client;
+use p2pmr_node::coordinator::DEFAULT_SPLIT;
+use p2pmr_node::daemon::{Daemon, DaemonConfig};
+use p2pmr_node::jobs::{Executor, Limits};
+use p2pmr_node::local::{self, LocalJob};
+use p2pmr_node::remote::{self, ClientConfig, ClientPeer, Fetcher};
+use p2pmr_node::shipped;
+use p2pmr_protocol::engine::{Event, TaskKind};
+use p2pmr_protocol::job::{JobInput, JobSpec, MIN_SPLIT};
+use p2pmr_protocol::Cid;
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+use tempfile::TempDir;
+
+struct Cluster {
+    daemons: Vec<Daemon>,
+    _dirs: Vec<TempDir>,
+}
+
+impl Cluster {
+    /// `n` daemons that all know each other.
+    async fn start(n: usize, slots: u32) -> Result<Self> {
+        let mut daemons: Vec<Daemon> = Vec::new();
+        let mut dirs = Vec::new();
+        for _ in 0..n {
+            let dir = tempfile::tempdir()?;
+            let bootstrap = daemons
+                .first()
+                .map(|d| d.listen_addrs())
+                .unwrap_or_default();
+            let d = Daemon::start(
+                dir.path(),
+                DaemonConfig {
+                    listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+                    bootstrap,
+                    mdns: false,
+                    slots,
+                },
+            )
+            .await?;
+            daemons.push(d);
+            dirs.push(dir);
+        }
+        for d in &daemons {
+            let mut watch = d.net().watch_daemons();
+            tokio::time::timeout(
+                Duration::from_secs(20),
+                watch.wait_for(|m| m.len() >= n - 1),
+            )
+            .await??;
+        }
+        Ok(Self {
+            daemons,
+            _dirs: dirs,
+        })
+    }
+
+    fn addrs(&self) -> Vec<Multiaddr> {
+        self.daemons
+            .iter()
+            .map(|d| d.listen_addrs()[0].clone())
+            .collect()
+    }
+
+    async fn client(&self) -> Result<ClientPeer> {
+        let config = ClientConfig {
+            peers: self.addrs(),
+            mdns: false,
+            discovery: Duration::from_secs(5),
+        };
+        Ok(ClientPeer::connect(config, self.daemons.len()).await?)
+    }
+
+    async fn stop(self) {
+        for d in self.daemons {
+            let _ = d.stop().await;
+        }
+    }
+}
+
+/// A finished job: every event, and the output if it succeeded.
+struct Ran {
+    events: Vec<Event>,
+    output: Option<Cid>,
+    reason: Option<String>,
+}
+
+async fn run_job(
+    client: &ClientPeer,
+    module: Cid,
+    inputs: &[(String, Cid)],
+    reducers: u32,
+    args: &[(&str, &str)],
+    split: u64,
+) -> Result<Ran> {
+    let spec = JobSpec::new(
+        module,
+        inputs
+            .iter()
+            .map(|(name, cid)| JobInput {
+                name: name.clone(),
+                cid: *cid,
+            })
+            .collect(),
+        reducers,
+        args.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+    )?
+    .with_split_size(split);
+    let net = client.net();
+    let coordinator = client::coordinator_for(net, &spec.id(), None)?;
+    let job = client::submit(net, coordinator, &spec).await?;
+    assert_eq!(job, spec.id(), "the job id is the spec's CID");
+    let mut events = Vec::new();
+    let last = tokio::time::timeout(
+        Duration::from_secs(300),
+        client::watch(net, coordinator, job, |e| events.push(e.clone())),
+    )
+    .await??;
+    Ok(match last {
+        Event::Completed { output, .. } => Ran {
+            events,
+            output: Some(output),
+            reason: None,
+        },
+        Event::Failed { reason } => Ran {
+            events,
+            output: None,
+            reason: Some(reason),
+        },
+        other => bail!("unexpected end {other:?}"),
+    })
+}
+
+async fn add(client: &ClientPeer, bytes: Vec<u8>, replicas: usize) -> Result<Cid> {
+    Ok(
+        remote::add(client.net(), std::io::Cursor::new(bytes), replicas)
+            .await?
+            .root,
+    )
+}
+
+/// The output read back from the network by a fresh client, as sorted lines.
+async fn read_output(cluster: &Cluster, output: Cid) -> Result<Vec<Vec<u8>>> {
+    let reader = cluster.client().await?;
+    let fetcher = Fetcher::new(Some(reader.net().clone()), None);
+    let mut bytes = Vec::new();
+    fetcher
+        .cat_tree(output, &mut |b: &[u8]| {
+            bytes.extend_from_slice(b);
+            Ok(())
+        })
+        .await?;
+    reader.close().await;
+    Ok(sorted_lines(&bytes))
+}
+
+fn sorted_lines(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut lines: Vec<Vec<u8>> = bytes
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// `run-local` over the same inputs (written to files named as the job's inputs are).
+fn run_local(
+    job: &str,
+    inputs: &[(String, Vec<u8>)],
+    reducers: u32,
+    args: &[(&str, &str)],
+) -> Result<Vec<Vec<u8>>> {
+    let dir = tempfile::tempdir()?;
+    // Map tasks see the input's name; run-local names inputs by path, so give the files the
+    // job's input names inside a directory we then run from.
+    let mut paths = Vec::new();
+    for (name, bytes) in inputs {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes)?;
+        paths.push(path);
+    }
+    let exec = Executor::new(Limits::default())?;
+    let wasm = shipped::by_name(job).expect("shipped");
+    let cid = p2pmr_node::files::import(wasm, None, Default::default())?.root;
+    let module = exec.load(cid, job, wasm)?;
+    let spec = LocalJob {
+        args: p2pmr_protocol::abi::encode_args(args.iter().copied()),
+        reducers,
+        split: MIN_SPLIT,
+        ..LocalJob::default()
+    };
+    let out = tempfile::tempdir()?;
+    let part = |r: u32| out.path().join(format!("part-{r:05}"));
+    // Run from inside the directory with relative paths so the names match the job's.
+    let rel: Vec<PathBuf> = inputs.iter().map(|(n, _)| PathBuf::from(n)).collect();
+    // The working directory is the process's: one test at a time changes it.
+    let _guard = CWD.lock().unwrap();
+    let cwd = std::env::current_dir()?;
+    std::env::set_current_dir(dir.path())?;
+    let result = local::run(&exec, &module, &spec, &rel, |r| {
+        std::fs::File::create(part(r))
+    });
+    std::env::set_current_dir(cwd)?;
+    result?;
+    let mut all = Vec::new();
+    for r in 0..reducers {
+        all.extend(std::fs::read(part(r))?);
+    }
+    drop(paths);
+    Ok(sorted_lines(&all))
+}
+
+static CWD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Inputs whose records straddle block edges in every awkward way.
+fn boundary_inputs() -> Vec<(String, Vec<u8>)> {
+    const B: usize = 262_144;
+    let mut long_line = b"start ".to_vec();
+    while long_line.len() < 3 * B + 1000 {
+        long_line.extend_from_slice(b"longword ");
+    }
+    long_line.extend_from_slice(b"end\nafter the long line\n");
+    // Multi-byte letters (2, 3 and 4 bytes) placed across every block edge.
+    let mut utf8 = Vec::new();
+    let mut i = 0;
+    while utf8.len() < 3 * B {
+        let edge = (utf8.len() / B + 1) * B;
+        if edge - utf8.len() < 8 {
+            let c = ["é", "ж", "日本", "𐐷x"][i % 4];
+            utf8.extend_from_slice(c.as_bytes());
+            i += 1;
+        } else {
+            utf8.extend_from_slice("mot ".as_bytes());
+        }
+        if utf8.len() % 97 == 0 {
+            utf8.push(b'\n');
+        }
+    }
+    // Invalid UTF-8 (lone continuation bytes, truncated sequences) across edges too.
+    let mut invalid = Vec::new();
+    while invalid.len() < 2 * B + 100 {
+        invalid.extend_from_slice(b"abc \xff\xfe word\xc3 \xe6\x97 ok\n");
+    }
+    vec![
+        ("empty".into(), Vec::new()),
+        ("no-final-newline".into(), b"one two\nthree".to_vec()),
+        (
+            "crlf".into(),
+            b"alpha beta\r\ngamma\r\n\r\nalpha\r\n".repeat(30_000),
+        ),
+        ("long-line".into(), long_line),
+        ("utf8-edges".into(), utf8),
+        ("invalid-utf8".into(), invalid),
+    ]
+}
+
+fn count_tasks(events: &[Event], kind: TaskKind) -> (usize, usize, HashSet<u32>) {
+    let started: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::TaskStarted { kind: k, task, .. } if *k == kind => Some(*task),
+            _ => None,
+        })
+        .collect();
+    let finished = events
+        .iter()
+        .filter(|e| matches!(e, Event::TaskFinished { kind: k, .. } if *k == kind))
+        .count();
+    let distinct = started.iter().copied().collect();
+    (started.len(), finished, distinct)
+}
+
+fn planned(events: &[Event]) -> (u32, u32) {
+    events
+        .iter()
+        .find_map(|e| match e {
+            Event::Planned { maps, reduces, .. } => Some((*maps, *reduces)),
+            _ => None,
+        })
+        .expect("a Planned event")
+}
+
+/// Whether two tasks of `kind` ran at the same time on different peers: one started on a
+/// peer while another, on another peer, had started and not finished.
+fn ran_in_parallel(events: &[Event], kind: TaskKind) -> bool {
+    let mut running: BTreeMap<u32, String> = BTreeMap::new();
+    for e in events {
+        match e {
+            Event::TaskStarted {
+                kind: k,
+                task,
+                peer,
+                ..
+            } if *k == kind => {
+                if running.values().any(|p| p != peer) {
+                    return true;
+                }
+                running.insert(*task, peer.clone());
+            }
+            Event::TaskFinished { kind: k, task, .. } if *k == kind => {
+                running.remove(task);
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wordcount_on_boundary_inputs_equals_run_local_and_runs_each_task_once() -> Result<()> {
+    let cluster = Cluster::start(3, 2).await?;
+    let client = cluster.client().await?;
+    let inputs = boundary_inputs();
+    let mut named = Vec::new();
+    for (name, bytes) in &inputs {
+        named.push((name.clone(), add(&client, bytes.clone(), 2).await?));
+    }
+    let module = client::publish_module(
+        client.net(),
+        shipped::by_name("wordcount").unwrap().to_vec(),
+        2,
+    )
+    .await?;
+    // One-block splits: every block edge is a task edge.
+    let ran = run_job(&client, module, &named, 3, &[], MIN_SPLIT).await?;
+    let output = ran
+        .output
+        .ok_or_else(|| anyhow::anyhow!("{:?}", ran.reason))?;
+    let expected = run_local("wordcount", &inputs, 3, &[])?;
+    assert!(!expected.is_empty());
+    assert_eq!(read_output(&cluster, output).await?, expected);
+
+    // Exactly once, and in parallel on different peers.
+    let (maps, reduces) = planned(&ran.events);
+    let (started, finished, distinct) = count_tasks(&ran.events, TaskKind::Map);
+    assert_eq!(
+        (started, finished, distinct.len()),
+        (maps as usize, maps as usize, maps as usize)
+    );
+    let (started, finished, distinct) = count_tasks(&ran.events, TaskKind::Reduce);
+    assert_eq!(
+        (started, finished, distinct.len()),
+        (reduces as usize, reduces as usize, 3)
+    );
+    assert!(
+        ran_in_parallel(&ran.events, TaskKind::Map),
+        "maps ran one at a time"
+    );
+    assert!(
+        ran_in_parallel(&ran.events, TaskKind::Reduce),
+        "reduces ran one at a time"
+    );
+    if let Some(Event::Completed { counters, .. }) = ran.events.last() {
+        let total: u64 = inputs.iter().map(|(_, b)| b.len() as u64).sum();
+        assert_eq!(counters.input_bytes, total, "every input byte mapped once");
+        assert_eq!(counters.map_attempts, u64::from(maps));
+        assert_eq!(counters.reduce_output_records as usize, expected.len());
+    }
+
+    // The same job again: the coordinator answers with the job it ran (same events, same
+    // output); nothing runs again.
+    let again = run_job(&client, module, &named, 3, &[], MIN_SPLIT).await?;
+    assert_eq!(again.output, Some(output));
+    assert_eq!(again.events, ran.events);
+    client.close().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexer_over_eight_inputs_and_grep_equal_run_local() -> Result<()> {
+    let cluster = Cluster::start(3, 2).await?;
+    let client = cluster.client().await?;
+    let words = [
+        "apple", "banana", "cherry", "date", "elder", "fig", "grape", "hazel",
+    ];
+    let inputs: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| {
+            let mut text = Vec::new();
+            for line in 0..(20_000 + i * 3_000) {
+                let a = words[(line * 7 + i) % 8];
+                let b = words[(line * 3 + i * 5) % 8];
+                text.extend_from_slice(format!("{a} {b} line{line} in{i}\n").as_bytes());
+            }
+            (format!("doc-{i}"), text)
+        })
+        .collect();
+    let mut named = Vec::new();
+    for (name, bytes) in &inputs {
+        named.push((name.clone(), add(&client, bytes.clone(), 2).await?));
+    }
+    for (job, args, reducers) in [
+        ("indexer", &[][..], 2),
+        ("grep", &[("pattern", "^cherry [a-f]")][..], 1),
+    ] {
+        let module =
+            client::publish_module(client.net(), shipped::by_name(job).unwrap().to_vec(), 2)
+                .await?;
+        let ran = run_job(&client, module, &named, reducers, args, MIN_SPLIT).await?;
+        let output = ran
+            .output
+            .ok_or_else(|| anyhow::anyhow!("{job}: {:?}", ran.reason))?;
+        let expected = run_local(job, &inputs, reducers, args)?;
+        assert!(!expected.is_empty(), "{job}");
+        assert_eq!(read_output(&cluster, output).await?, expected, "{job}");
+    }
+    client.close().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
+    let cluster = Cluster::start(2, 2).await?;
+    let client = cluster.client().await?;
+    let text = b"good line\nthis one TRAPs\nfine\n".repeat(1000);
+    let input = add(&client, text.clone(), 2).await?;
+    let wordcount = client::publish_module(
+        client.net(),
+        shipped::by_name("wordcount").unwrap().to_vec(),
+        2,
+    )
+    .await?;
+
+    // An input nobody has.
+    let unknown = *p2pmr_protocol::Block::raw(b"never added".to_vec()).cid();
+    let ran = run_job(
+        &client,
+        wordcount,
+        &[("x".into(), unknown)],
+        1,
+        &[],
+        DEFAULT_SPLIT,
+    )
+    .await?;
+    let reason = ran.reason.expect("fails");
+    assert!(
+        reason.contains("input x") && reason.contains(&unknown.to_string()),
+        "{reason}"
+    );
+
+    // Bytes that are not WebAssembly.
+    let garbage = client::publish_module(client.net(), b"\0asm garbage".to_vec(), 2).await?;
+    let ran = run_job(
+        &client,
+        garbage,
+        &[("in".into(), input)],
+        1,
+        &[],
+        DEFAULT_SPLIT,
+    )
+    .await?;
+    let reason = ran.reason.expect("fails");
+    assert!(reason.contains("not valid WebAssembly"), "{reason}");
+
+    // A job that traps on some record: the reason names the task and the record.
+    let hostile = client::publish_module(
+        client.net(),
+        shipped::by_name("hostile").unwrap().to_vec(),
+        2,
+    )
+    .await?;
+    let ran = run_job(
+        &client,
+        hostile,
+        &[("in".into(), input)],
+        1,
+        &[("mode", "trap")],
+        DEFAULT_SPLIT,
+    )
+    .await?;
+    let reason = ran.reason.expect("fails");
+    assert!(reason.contains("map task 0"), "{reason}");
+    assert!(
+        ran.events
+            .iter()
+            .any(|e| matches!(e, Event::TaskFailed { retry: false, .. })),
+        "the failure is an event"
+    );
+
+    // The daemons still work.
+    let ran = run_job(
+        &client,
+        wordcount,
+        &[("in".into(), input)],
+        2,
+        &[],
+        DEFAULT_SPLIT,
+    )
+    .await?;
+    let output = ran.output.expect("succeeds");
+    let lines = read_output(&cluster, output).await?;
+    assert!(lines.contains(&b"TRAPs\t1000".to_vec()), "{lines:?}");
+    client.close().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+/// The corpus for the large test: `make-corpus.sh` text when the script is available (it is in
+/// this project's development setup), else the demo's generated corpus.
+fn big_corpus(mib: u64) -> Result<Vec<u8>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let script = std::env::var_os("P2PMR_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("shared"))
+        .join("bench/make-corpus.sh");
+    if script.is_file() {
+        let out = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target")
+            .join(format!("corpus-{mib}.txt"));
+        if !out.is_file() {
+            let status = std::process::Command::new("bash")
+                .arg(&script)
+                .arg(&out)
+                .arg(mib.to_string())
+                .stdout(std::process::Stdio::null())
+                .status()?;
+            if !status.success() {
+                bail!("{} failed", script.display());
+            }
+        }
+        return Ok(std::fs::read(out)?);
+    }
+    eprintln!("{} not found: using the generated corpus", script.display());
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut p2pmr_node::demo::Corpus::new(mib << 20), &mut bytes)?;
+    Ok(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()> {
+    let corpus = big_corpus(101)?;
+    assert!(corpus.len() >= 100 << 20);
+    let expected = run_local("wordcount", &[("corpus".into(), corpus.clone())], 3, &[])?;
+    let cluster = Cluster::start(4, 2).await?;
+    let client = cluster.client().await?;
+    let input = add(&client, corpus, 3).await?;
+    let module = client::publish_module(
+        client.net(),
+        shipped::by_name("wordcount").unwrap().to_vec(),
+        2,
+    )
+    .await?;
+    let ran = run_job(
+        &client,
+        module,
+        &[("corpus".into(), input)],
+        3,
+        &[],
+        DEFAULT_SPLIT,
+    )
+    .await?;
+    let output = ran
+        .output
+        .ok_or_else(|| anyhow::anyhow!("{:?}", ran.reason))?;
+    assert!(ran_in_parallel(&ran.events, TaskKind::Map));
+    // No early exit: the output is complete and readable from any peer, here a new client.
+    assert_eq!(read_output(&cluster, output).await?, expected);
+    if let Some(Event::Completed { counters, .. }) = ran.events.last() {
+        // With 3 replicas on 4 daemons most map input is local.
+        let local = counters.local_map_bytes as f64
+            / (counters.local_map_bytes + counters.remote_map_bytes) as f64;
+        assert!(
+            local > 0.5,
+            "only {local:.2} of the map input was read locally"
+        );
+    }
+    client.close().await;
+    cluster.stop().await;
+    Ok(())
+}

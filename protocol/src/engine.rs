@@ -1,0 +1,601 @@
+//! Messages of the job protocol, `/mapreduce/job/1.0.0`: what a client says to a coordinator
+//! (submit, watch, list, cancel), what a coordinator says to workers (run this map or reduce
+//! task, abort a job), the progress [`Event`]s watchers receive and the job [`Counters`].
+//!
+//! The node's network layer frames these like block messages (a 4-byte length and a postcard
+//! body) under their own size limit; decoding checks the limits and parses every CID, so a
+//! daemon never acts on a malformed message. Map outputs travel as blocks over the block
+//! protocol; only their CIDs are named here.
+
+use crate::block::canonical;
+use crate::wire::WireError;
+use crate::Cid;
+use serde::{Deserialize, Serialize};
+
+/// Protocol name of the job protocol.
+pub const JOB_PROTOCOL: &str = "/mapreduce/job/1.0.0";
+/// Largest job-protocol message (a reduce task names one run per map task; a spec is at most
+/// 1 MiB).
+pub const MAX_JOB_MESSAGE: usize = 4 << 20;
+/// Most events in one watch reply; a watcher that is behind gets the rest in the next ones.
+pub const MAX_EVENTS_PER_REPLY: usize = 1024;
+/// Longest reason (failure message) carried.
+const MAX_REASON: usize = 1024;
+
+mod cid_bytes {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(cid: &Cid, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&cid.to_bytes())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Cid, D::Error> {
+        let bytes: &serde_bytes::Bytes = Deserialize::deserialize(d)?;
+        Cid::try_from(&bytes[..])
+            .map(|c| canonical(&c))
+            .map_err(|_| serde::de::Error::custom("malformed CID"))
+    }
+}
+
+/// A request of the job protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobRequest {
+    /// Client to coordinator: run this job (an encoded [`crate::job::JobSpec`]).
+    Submit {
+        /// The encoded spec.
+        #[serde(with = "serde_bytes")]
+        spec: Vec<u8>,
+    },
+    /// Client to coordinator: the job's events from number `from` on. Answered when there is
+    /// at least one, when the job has ended, or after a few seconds with none.
+    Watch {
+        /// The job id.
+        #[serde(with = "cid_bytes")]
+        job: Cid,
+        /// Index of the first event wanted.
+        from: u64,
+    },
+    /// Client to coordinator: the jobs it knows.
+    List,
+    /// Client to coordinator: stop a job everywhere.
+    Cancel {
+        /// The job id.
+        #[serde(with = "cid_bytes")]
+        job: Cid,
+    },
+    /// Coordinator to worker: run a map task; answered when it has finished.
+    Map(MapTask),
+    /// Coordinator to worker: run a reduce task; answered when it has finished.
+    Reduce(ReduceTask),
+    /// Coordinator to worker: stop the job's running tasks.
+    Abort {
+        /// The job id.
+        #[serde(with = "cid_bytes")]
+        job: Cid,
+    },
+    /// Anyone to a daemon: how many task slots it has.
+    Slots,
+}
+
+/// A map task: the records that start in `[start, end)` of one input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapTask {
+    /// The encoded job spec (the worker checks it decodes to a valid spec).
+    #[serde(with = "serde_bytes")]
+    pub spec: Vec<u8>,
+    /// Task number.
+    pub task: u32,
+    /// Index of the input in the spec.
+    pub input: u32,
+    /// First byte of the range.
+    pub start: u64,
+    /// End of the range (exclusive).
+    pub end: u64,
+    /// Attempt number (1 for the first).
+    pub attempt: u32,
+}
+
+/// One map task's output for one partition, held by the mapper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRef {
+    /// The run's root CID (a UnixFS file of ABI-encoded pairs, sorted by key).
+    #[serde(with = "cid_bytes")]
+    pub cid: Cid,
+    /// The mapper's peer id (binary), which holds it.
+    #[serde(with = "serde_bytes")]
+    pub holder: Vec<u8>,
+}
+
+/// A reduce task: merge the runs of one partition, reduce, store the output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReduceTask {
+    /// The encoded job spec.
+    #[serde(with = "serde_bytes")]
+    pub spec: Vec<u8>,
+    /// The partition.
+    pub partition: u32,
+    /// The partition's run from every map task that emitted to it, in task order.
+    pub runs: Vec<RunRef>,
+    /// Copies of the output to keep on distinct daemons.
+    pub replicas: u32,
+    /// Attempt number (1 for the first).
+    pub attempt: u32,
+}
+
+/// A response of the job protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobResponse {
+    /// The job is accepted (or was already known) under this id.
+    Accepted {
+        /// The job id.
+        #[serde(with = "cid_bytes")]
+        job: Cid,
+    },
+    /// Events `from..next` of a job.
+    Events {
+        /// The events.
+        events: Vec<Event>,
+        /// Index of the event after the last one here.
+        next: u64,
+        /// The job has ended and no events follow.
+        done: bool,
+    },
+    /// The jobs a coordinator knows.
+    Jobs(Vec<JobSummary>),
+    /// Done (cancel, abort).
+    Ok,
+    /// A map task finished.
+    MapDone(MapOutput),
+    /// A reduce task finished.
+    ReduceDone(ReduceOutput),
+    /// The daemon's task slots.
+    Slots(u32),
+    /// The request failed or was refused; the reason is for humans.
+    Failed(String),
+}
+
+/// What a map task produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapOutput {
+    /// One entry per partition: the run's CID, or `None` when the task emitted nothing to it.
+    pub parts: Vec<Option<PartOut>>,
+    /// The task's counters.
+    pub counters: Counters,
+}
+
+/// One partition's run of a map task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartOut {
+    /// Root CID of the run.
+    #[serde(with = "cid_bytes")]
+    pub cid: Cid,
+    /// Encoded bytes.
+    pub bytes: u64,
+}
+
+/// What a reduce task produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReduceOutput {
+    /// Root CID of the partition's output file.
+    #[serde(with = "cid_bytes")]
+    pub cid: Cid,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Cumulative size of its blocks (the directory link's `Tsize`).
+    pub tsize: u64,
+    /// The task's counters.
+    pub counters: Counters,
+}
+
+/// Job counters, summed over tasks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Input records (lines) mapped.
+    pub input_records: u64,
+    /// Input bytes mapped (the records' bytes).
+    pub input_bytes: u64,
+    /// Pairs the map tasks handed over (after combining).
+    pub map_output_records: u64,
+    /// Bytes of those pairs as stored for the shuffle.
+    pub map_output_bytes: u64,
+    /// Pairs the jobs' combiners took in.
+    pub combine_input_records: u64,
+    /// Pairs the jobs' combiners gave out.
+    pub combine_output_records: u64,
+    /// Map output bytes the reducers fetched from other peers.
+    pub shuffle_bytes: u64,
+    /// Lines the reduce tasks wrote.
+    pub reduce_output_records: u64,
+    /// Bytes the reduce tasks wrote.
+    pub reduce_output_bytes: u64,
+    /// Map input bytes read from the mapper's own store.
+    pub local_map_bytes: u64,
+    /// Map input bytes fetched from other peers.
+    pub remote_map_bytes: u64,
+    /// Map task attempts started.
+    pub map_attempts: u64,
+    /// Reduce task attempts started.
+    pub reduce_attempts: u64,
+}
+
+impl Counters {
+    /// Adds `other` to these counters.
+    pub fn add(&mut self, other: &Counters) {
+        self.input_records += other.input_records;
+        self.input_bytes += other.input_bytes;
+        self.map_output_records += other.map_output_records;
+        self.map_output_bytes += other.map_output_bytes;
+        self.combine_input_records += other.combine_input_records;
+        self.combine_output_records += other.combine_output_records;
+        self.shuffle_bytes += other.shuffle_bytes;
+        self.reduce_output_records += other.reduce_output_records;
+        self.reduce_output_bytes += other.reduce_output_bytes;
+        self.local_map_bytes += other.local_map_bytes;
+        self.remote_map_bytes += other.remote_map_bytes;
+        self.map_attempts += other.map_attempts;
+        self.reduce_attempts += other.reduce_attempts;
+    }
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Being planned or run.
+    Running,
+    /// Finished; the output is complete and replicated.
+    Succeeded {
+        /// The output directory's CID.
+        #[serde(with = "cid_bytes")]
+        output: Cid,
+    },
+    /// Failed for the reason given.
+    Failed(String),
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+/// A job as `p2pmr jobs` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// The job id.
+    #[serde(with = "cid_bytes")]
+    pub job: Cid,
+    /// Its state.
+    pub state: JobState,
+    /// Map tasks finished and planned.
+    pub maps: (u32, u32),
+    /// Reduce tasks finished and planned.
+    pub reduces: (u32, u32),
+    /// Milliseconds since it was accepted (until it ended).
+    pub elapsed_ms: u64,
+    /// The counters so far.
+    pub counters: Counters,
+}
+
+/// The phases of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Map tasks run.
+    Map,
+    /// Reduce tasks run.
+    Reduce,
+    /// The output directory is stored and replicated.
+    Store,
+}
+
+/// Map or reduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TaskKind {
+    /// A map task.
+    Map,
+    /// A reduce task.
+    Reduce,
+}
+
+/// A progress event. Peers are named by their base58 peer id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// The coordinator accepted the job.
+    Accepted {
+        /// The job id.
+        #[serde(with = "cid_bytes")]
+        job: Cid,
+        /// The coordinator.
+        coordinator: String,
+    },
+    /// The tasks are planned.
+    Planned {
+        /// Map tasks.
+        maps: u32,
+        /// Reduce tasks.
+        reduces: u32,
+        /// Input bytes.
+        input_bytes: u64,
+        /// Daemons that will run tasks.
+        workers: u32,
+    },
+    /// A phase began.
+    Phase(Phase),
+    /// A task attempt started on a peer.
+    TaskStarted {
+        /// Map or reduce.
+        kind: TaskKind,
+        /// Task number (the partition for reduce tasks).
+        task: u32,
+        /// Attempt number.
+        attempt: u32,
+        /// The worker.
+        peer: String,
+        /// For a map task: the share of its input the worker holds, in percent.
+        local_percent: u8,
+    },
+    /// A task attempt finished.
+    TaskFinished {
+        /// Map or reduce.
+        kind: TaskKind,
+        /// Task number.
+        task: u32,
+        /// The worker.
+        peer: String,
+        /// Input bytes it processed.
+        bytes: u64,
+        /// Wall time in milliseconds.
+        millis: u64,
+    },
+    /// A task attempt failed.
+    TaskFailed {
+        /// Map or reduce.
+        kind: TaskKind,
+        /// Task number.
+        task: u32,
+        /// The worker.
+        peer: String,
+        /// Why.
+        reason: String,
+        /// Whether the task will be tried again.
+        retry: bool,
+    },
+    /// The job succeeded.
+    Completed {
+        /// The output directory's CID.
+        #[serde(with = "cid_bytes")]
+        output: Cid,
+        /// The counters.
+        counters: Counters,
+        /// Milliseconds from acceptance to completion (0 when answered from a previous run).
+        elapsed_ms: u64,
+        /// The output came from a previous run of the same job.
+        cached: bool,
+    },
+    /// The job failed.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// The job was cancelled.
+    Cancelled,
+}
+
+impl Event {
+    /// Whether no events follow this one.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            Self::Completed { .. } | Self::Failed { .. } | Self::Cancelled
+        )
+    }
+}
+
+fn cut(reason: &str) -> String {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    reason[..end].to_owned()
+}
+
+fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    postcard::to_allocvec(msg).expect("in-memory encoding of plain data cannot fail")
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_JOB_MESSAGE {
+        return Err(WireError::TooLarge {
+            what: "job message",
+            size: bytes.len(),
+            limit: MAX_JOB_MESSAGE,
+        });
+    }
+    postcard::from_bytes(bytes).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+impl JobRequest {
+    /// Encodes the request (without framing).
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Decodes a request, enforcing the size limit.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        decode(bytes)
+    }
+}
+
+impl JobResponse {
+    /// Encodes the response (without framing); failure reasons are cut to 1 KiB.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Failed(reason) if reason.len() > MAX_REASON => encode(&Self::Failed(cut(reason))),
+            _ => encode(self),
+        }
+    }
+
+    /// Decodes a response, enforcing the size limits.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let response: Self = decode(bytes)?;
+        if let Self::Events { events, .. } = &response {
+            if events.len() > MAX_EVENTS_PER_REPLY {
+                return Err(WireError::TooLarge {
+                    what: "event list",
+                    size: events.len(),
+                    limit: MAX_EVENTS_PER_REPLY,
+                });
+            }
+        }
+        Ok(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Block;
+
+    fn cid(n: u8) -> Cid {
+        *Block::raw(vec![n]).cid()
+    }
+
+    fn samples() -> (Vec<JobRequest>, Vec<JobResponse>) {
+        let requests = vec![
+            JobRequest::Submit { spec: vec![1, 2] },
+            JobRequest::Watch {
+                job: cid(1),
+                from: 7,
+            },
+            JobRequest::List,
+            JobRequest::Cancel { job: cid(2) },
+            JobRequest::Map(MapTask {
+                spec: vec![3],
+                task: 4,
+                input: 0,
+                start: 262_144,
+                end: 524_288,
+                attempt: 1,
+            }),
+            JobRequest::Reduce(ReduceTask {
+                spec: vec![3],
+                partition: 2,
+                runs: vec![RunRef {
+                    cid: cid(3),
+                    holder: vec![0, 1, 2],
+                }],
+                replicas: 2,
+                attempt: 1,
+            }),
+            JobRequest::Abort { job: cid(4) },
+            JobRequest::Slots,
+        ];
+        let counters = Counters {
+            input_records: 5,
+            map_attempts: 2,
+            ..Counters::default()
+        };
+        let responses = vec![
+            JobResponse::Accepted { job: cid(1) },
+            JobResponse::Events {
+                events: vec![
+                    Event::Accepted {
+                        job: cid(1),
+                        coordinator: "12D3".into(),
+                    },
+                    Event::Phase(Phase::Reduce),
+                    Event::TaskFailed {
+                        kind: TaskKind::Map,
+                        task: 1,
+                        peer: "p".into(),
+                        reason: "trap".into(),
+                        retry: false,
+                    },
+                    Event::Completed {
+                        output: cid(9),
+                        counters,
+                        elapsed_ms: 12,
+                        cached: false,
+                    },
+                ],
+                next: 4,
+                done: true,
+            },
+            JobResponse::Jobs(vec![JobSummary {
+                job: cid(1),
+                state: JobState::Succeeded { output: cid(2) },
+                maps: (3, 3),
+                reduces: (1, 2),
+                elapsed_ms: 5,
+                counters,
+            }]),
+            JobResponse::Ok,
+            JobResponse::MapDone(MapOutput {
+                parts: vec![
+                    None,
+                    Some(PartOut {
+                        cid: cid(5),
+                        bytes: 10,
+                    }),
+                ],
+                counters,
+            }),
+            JobResponse::ReduceDone(ReduceOutput {
+                cid: cid(6),
+                size: 1,
+                tsize: 1,
+                counters,
+            }),
+            JobResponse::Slots(2),
+            JobResponse::Failed("no".into()),
+        ];
+        (requests, responses)
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let (requests, responses) = samples();
+        for r in requests {
+            assert_eq!(JobRequest::decode(&r.encode()).unwrap(), r);
+        }
+        for r in responses {
+            assert_eq!(JobResponse::decode(&r.encode()).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn limits_and_hostile_bytes() {
+        assert!(matches!(
+            JobRequest::decode(&vec![0; MAX_JOB_MESSAGE + 1]),
+            Err(WireError::TooLarge { .. })
+        ));
+        let long = JobResponse::Failed("é".repeat(5000));
+        match JobResponse::decode(&long.encode()).unwrap() {
+            JobResponse::Failed(r) => assert!(r.len() <= MAX_REASON),
+            other => panic!("{other:?}"),
+        }
+        let too_many = JobResponse::Events {
+            events: vec![Event::Cancelled; MAX_EVENTS_PER_REPLY + 1],
+            next: 0,
+            done: false,
+        };
+        assert!(JobResponse::decode(&too_many.encode()).is_err());
+        let (requests, responses) = samples();
+        let encoded: Vec<Vec<u8>> = requests
+            .iter()
+            .map(JobRequest::encode)
+            .chain(responses.iter().map(JobResponse::encode))
+            .collect();
+        for s in &encoded {
+            for cut in 0..s.len() {
+                let _ = JobRequest::decode(&s[..cut]);
+                let _ = JobResponse::decode(&s[..cut]);
+            }
+            for i in 0..s.len() {
+                let mut m = s.clone();
+                m[i] ^= 0x5a;
+                let _ = JobRequest::decode(&m);
+                let _ = JobResponse::decode(&m);
+            }
+        }
+        // A CID field holding garbage is refused, not passed on (variant 3 is Cancel).
+        assert!(JobRequest::decode(&[3, 3, 0xff, 0xff, 0xff]).is_err());
+        assert!(JobRequest::decode(&JobRequest::Cancel { job: cid(1) }.encode()).is_ok());
+    }
+}
