@@ -215,12 +215,8 @@ mod tests {
         Run::sort(&buf)
     }
 
-    fn stream(run: &Run, piece: usize) -> RunStream {
-        let pieces: Vec<Vec<u8>> = run
-            .as_bytes()
-            .chunks(piece.max(1))
-            .map(<[u8]>::to_vec)
-            .collect();
+    /// A stream that yields `pieces` and then ends, recording errors in `error`.
+    fn stream_of(pieces: Vec<Vec<u8>>, error: &ShuffleError) -> RunStream {
         let (tx, rx) = mpsc::channel(pieces.len().max(1));
         for p in pieces {
             tx.try_send(Ok(p)).unwrap();
@@ -229,8 +225,17 @@ mod tests {
             rx,
             buf: Vec::new(),
             pos: 0,
-            error: ShuffleError::default(),
+            error: error.clone(),
         }
+    }
+
+    fn stream(run: &Run, piece: usize) -> RunStream {
+        let pieces = run
+            .as_bytes()
+            .chunks(piece.max(1))
+            .map(<[u8]>::to_vec)
+            .collect();
+        stream_of(pieces, &ShuffleError::default())
     }
 
     fn collect(it: impl Iterator<Item = (Vec<u8>, ValueIter)>) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
@@ -260,35 +265,15 @@ mod tests {
     fn truncated_and_hostile_runs_are_errors() {
         let r = run(&[("a", "1"), ("b", "2")]);
         let bytes = r.as_bytes();
-        let (tx, rx) = mpsc::channel(1);
-        tx.try_send(Ok(bytes[..bytes.len() - 1].to_vec())).unwrap();
-        drop(tx);
         let error = ShuffleError::default();
-        let s = RunStream {
-            rx,
-            buf: Vec::new(),
-            pos: 0,
-            error: error.clone(),
-        };
-        let got = collect(StreamMerge::new(vec![s]));
-        assert_eq!(got.len(), 1);
-        assert!(error
-            .lock()
-            .unwrap()
-            .as_deref()
-            .unwrap()
-            .contains("ends inside"));
+        let truncated = stream_of(vec![bytes[..bytes.len() - 1].to_vec()], &error);
+        assert_eq!(collect(StreamMerge::new(vec![truncated])).len(), 1);
+        let reason = error.lock().unwrap().clone().unwrap();
+        assert!(reason.contains("ends inside"), "{reason}");
 
-        let (tx, rx) = mpsc::channel(1);
-        tx.try_send(Ok(u32::MAX.to_le_bytes().to_vec())).unwrap();
         let error = ShuffleError::default();
-        let s = RunStream {
-            rx,
-            buf: Vec::new(),
-            pos: 0,
-            error: error.clone(),
-        };
-        assert!(collect(StreamMerge::new(vec![s])).is_empty());
+        let huge = stream_of(vec![u32::MAX.to_le_bytes().to_vec()], &error);
+        assert!(collect(StreamMerge::new(vec![huge])).is_empty());
         assert!(error.lock().unwrap().is_some());
     }
 }
