@@ -47,7 +47,7 @@ fn batches(path: &Path, mut f: impl FnMut(&[u8], u64) -> Result<()>) -> Result<(
 }
 
 /// The baseline: what one would write by hand, single-threaded.
-fn native_plain(path: &Path) -> Result<usize> {
+pub(crate) fn native_plain(path: &Path) -> Result<usize> {
     let mut counts: HashMap<Box<[u8]>, u64> = HashMap::new();
     batches(path, |batch, _| {
         for line in batch.split(|&b| b == b'\n') {

@@ -9,6 +9,7 @@
 //! Corpora come from `../shared/bench/make-corpus.sh` and are cached in `target/bench-corpus/`.
 //! Results are printed as a table and written to `target/bench-results/<suite>.json`.
 
+mod engine;
 mod jobs;
 mod peers;
 
@@ -55,6 +56,16 @@ enum Suite {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// wordcount over the network (2 daemons) vs native single-thread; daemon RSS; tiny-job
+    /// latency on 3 daemons; per-task overhead
+    Engine {
+        /// Corpus size for the wordcount rounds
+        #[arg(long, default_value_t = 1024)]
+        big_mib: u64,
+        /// Interleaved rounds per measurement
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// wordcount in wasm vs native; run-local on all cores vs native single-thread; per-task
     /// overhead
     Jobs {
@@ -87,6 +98,7 @@ fn main() -> Result<()> {
             big_mib,
             rounds,
         } => jobs::jobs(size_mib, big_mib, rounds),
+        Suite::Engine { big_mib, rounds } => engine::engine(big_mib, rounds),
     }
 }
 

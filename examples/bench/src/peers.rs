@@ -16,14 +16,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 /// A `p2pmr daemon` child process, killed when dropped.
-struct DaemonProc {
+pub(crate) struct DaemonProc {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl DaemonProc {
-    fn start(bin: &Path, home: &Path) -> Result<Self> {
-        let mut child = Command::new(bin)
+    pub(crate) fn start(bin: &Path, home: &Path) -> Result<Self> {
+        Self::start_with(bin, home, &[])
+    }
+
+    /// A daemon that dials `peers` at start (so the daemons of a job know each other).
+    pub(crate) fn start_with(bin: &Path, home: &Path, peers: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new(bin);
+        for p in peers {
+            cmd.args(["--peer", p]);
+        }
+        let mut child = cmd
             .args(["--home", home.to_str().unwrap(), "--no-mdns", "daemon"])
             .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
             .stdout(Stdio::piped())
@@ -42,7 +51,7 @@ impl DaemonProc {
     }
 
     /// A line of /proc/PID/status, in KiB.
-    fn status_kib(&self, key: &str) -> Result<u64> {
+    pub(crate) fn status_kib(&self, key: &str) -> Result<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
         status
             .lines()
@@ -59,7 +68,7 @@ impl Drop for DaemonProc {
     }
 }
 
-fn client(bin: &Path, daemons: &[&DaemonProc]) -> Command {
+pub(crate) fn client(bin: &Path, daemons: &[&DaemonProc]) -> Command {
     let mut cmd = Command::new(bin);
     cmd.args(["--no-mdns", "--home", "/nonexistent-p2pmr-bench-home"]);
     for d in daemons {
@@ -69,7 +78,7 @@ fn client(bin: &Path, daemons: &[&DaemonProc]) -> Command {
     cmd
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed");

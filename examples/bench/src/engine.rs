@@ -1,0 +1,241 @@
+//! `p2pmr-bench engine`: the MapReduce engine's figures, with real `p2pmr daemon` processes on
+//! 127.0.0.1 and the `p2pmr run` client as a user runs it.
+//!
+//! - wordcount of the 1 GiB corpus on 2 daemons (added beforehand with 2 replicas, not timed),
+//!   end to end (`p2pmr run`: client start, module publish, map, shuffle, reduce, output
+//!   replicated), against the plain native single-thread wordcount in the same run; at split
+//!   sizes 4, 8 and 16 MiB (the default is picked from these);
+//! - peak RSS of each daemon over those jobs;
+//! - a tiny job (1 KiB input) on 3 daemons, 20 runs: median submit-to-output latency, from an
+//!   in-process client peer already connected;
+//! - coordinator overhead per task: the same 16 MiB job as 64 tasks and as 1 task, the
+//!   difference per extra task.
+//!
+//! Each round uses a different `--arg round=N` (ignored by wordcount) so every run is a new
+//! job: the same spec would be answered from the coordinator's record of the last run.
+
+use crate::jobs::native_plain;
+use crate::peers::{client, output, DaemonProc};
+use crate::{corpus, median, p2pmr_bin, tempdir_in_target, time, write_results, Row};
+use anyhow::{bail, Result};
+use p2pmr_node::client as job_client;
+use p2pmr_node::remote::{self, ClientConfig, ClientPeer};
+use p2pmr_node::shipped;
+use p2pmr_protocol::engine::Event;
+use p2pmr_protocol::job::{JobInput, JobSpec};
+use std::fs;
+use std::time::{Duration, Instant};
+
+/// `n` daemons, each dialling the first, given a moment to identify each other.
+fn cluster(
+    bin: &std::path::Path,
+    scratch: &std::path::Path,
+    name: &str,
+    n: usize,
+) -> Result<Vec<DaemonProc>> {
+    let first = DaemonProc::start(bin, &scratch.join(format!("{name}-0")))?;
+    let addr = first.addr.clone();
+    let mut all = vec![first];
+    for i in 1..n {
+        all.push(DaemonProc::start_with(
+            bin,
+            &scratch.join(format!("{name}-{i}")),
+            &[&addr],
+        )?);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    Ok(all)
+}
+
+fn run_job(
+    bin: &std::path::Path,
+    daemons: &[&DaemonProc],
+    cid: &str,
+    split_mib: u64,
+    round: usize,
+) -> Result<()> {
+    output(
+        client(bin, daemons)
+            .args([
+                "run",
+                "--job",
+                "wordcount",
+                "--reducers",
+                "2",
+                "--input",
+                cid,
+            ])
+            .args(["--split-mib", &split_mib.to_string()])
+            .args(["--arg", &format!("round={round}-{split_mib}")]),
+    )?;
+    Ok(())
+}
+
+pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
+    let bin = p2pmr_bin()?;
+    let big = corpus(big_mib)?;
+    let big_bytes = big.metadata()?.len() as f64;
+    let scratch = tempdir_in_target("engine")?;
+
+    // Two daemons holding the whole corpus.
+    let two = cluster(&bin, &scratch, "two", 2)?;
+    let refs: Vec<&DaemonProc> = two.iter().collect();
+    let cid = output(
+        client(&bin, &refs)
+            .args(["add", "--replicas", "2"])
+            .arg(&big),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let splits = [4u64, 8, 16];
+    let mut native = Vec::new();
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); splits.len()];
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        native.push(time(|| native_plain(&big))?.0);
+        for (i, &split) in splits.iter().enumerate() {
+            runs[i].push(time(|| run_job(&bin, &refs, &cid, split, round))?.0);
+        }
+    }
+    let rss: Vec<u64> = two
+        .iter()
+        .map(|d| d.status_kib("VmHWM:"))
+        .collect::<Result<_>>()?;
+
+    // Per-task overhead: 16 MiB as 64 tasks (256 KiB splits) and as 1 task.
+    let small = corpus(16)?;
+    let small_cid = output(
+        client(&bin, &refs)
+            .args(["add", "--replicas", "2"])
+            .arg(&small),
+    )?;
+    let (mut many, mut one) = (Vec::new(), Vec::new());
+    for round in 0..rounds.max(3) {
+        many.push(
+            time(|| {
+                output(
+                    client(&bin, &refs)
+                        .args(["run", "--job", "wordcount", "--input", &small_cid])
+                        .args(["--split-mib", "1", "--arg", &format!("many={round}")]),
+                )
+            })?
+            .0,
+        );
+        one.push(
+            time(|| {
+                output(
+                    client(&bin, &refs)
+                        .args(["run", "--job", "wordcount", "--input", &small_cid])
+                        .args(["--split-mib", "64", "--arg", &format!("one={round}")]),
+                )
+            })?
+            .0,
+        );
+    }
+    drop(two);
+
+    // Tiny job latency on three daemons, from a connected in-process client.
+    let three = cluster(&bin, &scratch, "three", 3)?;
+    let latencies = tokio::runtime::Runtime::new()?.block_on(tiny_jobs(&three, 20))?;
+    drop(three);
+    let _ = fs::remove_dir_all(&scratch);
+
+    let native_m = median(native.clone());
+    let mut rows = vec![Row::new(
+        &format!("native wordcount, 1 thread, {big_mib} MiB (baseline)"),
+        native,
+        native_m,
+        big_bytes,
+    )];
+    for (i, times) in runs.into_iter().enumerate() {
+        rows.push(Row::new(
+            &format!(
+                "p2pmr run wordcount on 2 daemons, {big_mib} MiB, {} MiB splits",
+                splits[i]
+            ),
+            times,
+            native_m,
+            big_bytes,
+        ));
+    }
+    let many_m = median(many);
+    let one_m = median(one);
+    // 16 MiB in 1 MiB splits is 16 tasks (the spec's minimum split is 256 KiB, the CLI's 1 MiB).
+    let per_task_ms = (many_m - one_m) / 15.0 * 1e3;
+    let tiny_ms = median(latencies.clone()) * 1e3;
+    let extra = format!(
+        "\"rss_kib\":{{\"daemon_a\":{},\"daemon_b\":{}}},\"tiny_job_median_ms\":{tiny_ms:.1},\"tiny_job_runs_ms\":[{}],\"per_task_overhead_ms\":{per_task_ms:.2},\"sixteen_tasks_s\":{many_m:.3},\"one_task_s\":{one_m:.3}",
+        rss[0],
+        rss[1],
+        latencies
+            .iter()
+            .map(|l| format!("{:.1}", l * 1e3))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    println!("\nengine: {rounds} interleaved rounds, medians; ratios to the native baseline");
+    write_results("engine", &rows, &extra)?;
+    println!(
+        "\npeak RSS per daemon over the {big_mib} MiB jobs: {:.1} / {:.1} MiB",
+        rss[0] as f64 / 1024.0,
+        rss[1] as f64 / 1024.0
+    );
+    println!("tiny job (1 KiB, 3 daemons), submit to output: median {tiny_ms:.1} ms of 20");
+    println!(
+        "per-task overhead: 16 MiB as 16 tasks {many_m:.3}s vs 1 task {one_m:.3}s = {per_task_ms:.2} ms per extra task"
+    );
+    Ok(())
+}
+
+/// Runs `n` tiny wordcount jobs (distinct specs) and returns each submit-to-output time.
+async fn tiny_jobs(daemons: &[DaemonProc], n: usize) -> Result<Vec<f64>> {
+    let peer = ClientPeer::connect(
+        ClientConfig {
+            peers: daemons
+                .iter()
+                .map(|d| d.addr.parse())
+                .collect::<Result<_, _>>()?,
+            mdns: false,
+            discovery: Duration::from_secs(5),
+        },
+        daemons.len(),
+    )
+    .await?;
+    let net = peer.net().clone();
+    let text = "the quick brown fox jumps over the lazy dog\n".repeat(24);
+    let input = remote::add(
+        &net,
+        std::io::Cursor::new(text.into_bytes()[..1024].to_vec()),
+        2,
+    )
+    .await?
+    .root;
+    let module =
+        job_client::publish_module(&net, shipped::by_name("wordcount").unwrap().to_vec(), 2)
+            .await?;
+    let mut times = Vec::new();
+    for i in 0..n + 1 {
+        let spec = JobSpec::new(
+            module,
+            vec![JobInput {
+                name: "tiny".into(),
+                cid: input,
+            }],
+            1,
+            [("run".to_string(), i.to_string())],
+        )?;
+        let started = Instant::now();
+        let coordinator = job_client::coordinator_for(&net, &spec.id(), None)?;
+        let job = job_client::submit(&net, coordinator, &spec).await?;
+        let last = job_client::watch(&net, coordinator, job, |_| {}).await?;
+        if !matches!(last, Event::Completed { .. }) {
+            bail!("tiny job ended with {last:?}");
+        }
+        // The first run compiles the module on each daemon: not what this measures.
+        if i > 0 {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    peer.close().await;
+    Ok(times)
+}
