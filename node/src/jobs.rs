@@ -762,7 +762,6 @@ impl MapFuncs {
 /// A running map task (also used for reduce tasks internally).
 pub struct MapTask {
     funcs: MapFuncs,
-    #[allow(dead_code)] // keeps the instance's exports alive with the store
     instance: Instance,
     store: Store<TaskState>,
     task: TaskName,
@@ -839,7 +838,13 @@ impl MapTask {
     }
 
     /// Ends the task (the combiner runs) and returns its output, sorted per partition.
-    pub fn finish(mut self) -> Result<Partitions, JobError> {
+    pub fn finish(self) -> Result<Partitions, JobError> {
+        self.finish_counted().map(|(parts, _)| parts)
+    }
+
+    /// Like [`MapTask::finish`], also returning the combiner's pair counts (in, out) when the
+    /// module reports them (the optional `p2pmr_combined` export of the SDK).
+    pub fn finish_counted(mut self) -> Result<(Partitions, Option<(u64, u64)>), JobError> {
         let end = self.funcs.map_end.call(&mut self.store, ());
         match end {
             Ok(0) => {}
@@ -860,7 +865,16 @@ impl MapTask {
         let Collect::Map { parts, .. } = collect else {
             unreachable!("map tasks collect pairs")
         };
-        Ok(parts.iter().map(|p| Run::sort(p)).collect())
+        let combined = self
+            .instance
+            .get_typed_func::<i32, i64>(&mut self.store, "p2pmr_combined")
+            .ok()
+            .and_then(|f| {
+                let taken = f.call(&mut self.store, 0).ok()?;
+                let given = f.call(&mut self.store, 1).ok()?;
+                Some((u64::try_from(taken).ok()?, u64::try_from(given).ok()?))
+            });
+        Ok((parts.iter().map(|p| Run::sort(p)).collect(), combined))
     }
 }
 

@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Semaphore};
 
-/// Blocks buffered per run between the fetcher and the merge.
-const RUN_BUFFER: usize = 2;
+/// Blocks buffered per run between the fetcher and the merge (besides the one being merged):
+/// a reduce task holds about (1 + this) blocks per map task, so this is kept at one.
+const RUN_BUFFER: usize = 1;
 /// Largest key or value accepted from a run (a run is another peer's output).
 const MAX_FIELD: usize = 256 << 20;
 
@@ -69,6 +70,11 @@ async fn fetch_run(
 ) -> Result<(), RemoteError> {
     let mut reader = FileReader::new(cid);
     while let Some(&next) = reader.next_needed() {
+        // Room in the run's buffer first, then the fetch: a run holds at most the block being
+        // merged and one more, however far ahead the network could run.
+        let Ok(slot) = tx.reserve().await else {
+            return Ok(());
+        };
         let (block, remote) = {
             let _permit = permits.acquire().await.expect("never closed");
             fetcher.fetch_hinted(next, holder).await?
@@ -77,9 +83,16 @@ async fn fetch_run(
             remote_bytes.fetch_add(block.len() as u64, Ordering::Relaxed);
         }
         let bytes = reader.feed(&block)?;
-        if !bytes.is_empty() && tx.send(Ok(bytes.to_vec())).await.is_err() {
-            return Ok(());
+        if bytes.is_empty() {
+            continue;
         }
+        // Leaves are raw blocks whose bytes are the run's: pass the buffer on, uncopied.
+        let bytes = if bytes.len() == block.len() {
+            block.into_data()
+        } else {
+            bytes.to_vec()
+        };
+        slot.send(Ok(bytes));
     }
     Ok(())
 }
@@ -129,9 +142,14 @@ impl RunStream {
             }
             match self.rx.blocking_recv() {
                 Some(Ok(bytes)) => {
-                    self.buf.drain(..self.pos);
+                    if self.pos == self.buf.len() {
+                        // Nothing left over: take the block's buffer as it is.
+                        self.buf = bytes;
+                    } else {
+                        self.buf.drain(..self.pos);
+                        self.buf.extend_from_slice(&bytes);
+                    }
                     self.pos = 0;
-                    self.buf.extend_from_slice(&bytes);
                 }
                 Some(Err(e)) => {
                     self.fail(e);
@@ -141,6 +159,7 @@ impl RunStream {
                     if self.pos < self.buf.len() {
                         self.fail("a map output ends inside a pair".into());
                     }
+                    self.buf = Vec::new();
                     return None;
                 }
             }

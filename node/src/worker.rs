@@ -259,7 +259,11 @@ impl Worker {
             if let Some((offset, batch)) = splitter.finish() {
                 feed(&mut map, offset, &batch)?;
             }
-            let parts = map.finish().map_err(|e| e.to_string())?;
+            let (parts, combined) = map.finish_counted().map_err(|e| e.to_string())?;
+            if let Some((taken, given)) = combined {
+                c.combine_input_records += taken;
+                c.combine_output_records += given;
+            }
             let mut out = Vec::with_capacity(parts.len());
             for run in parts {
                 if run.is_empty() {

@@ -363,6 +363,10 @@ async fn wordcount_on_boundary_inputs_equals_run_local_and_runs_each_task_once()
         assert_eq!(counters.input_bytes, total, "every input byte mapped once");
         assert_eq!(counters.map_attempts, u64::from(maps));
         assert_eq!(counters.reduce_output_records as usize, expected.len());
+        // wordcount's map output all comes out of its combiner, which took at least as much.
+        assert_eq!(counters.combine_output_records, counters.map_output_records);
+        assert!(counters.combine_input_records >= counters.combine_output_records);
+        assert!(counters.combine_output_records > 0);
     }
 
     // The same job again: the coordinator answers with the job it ran (same events, same
@@ -573,6 +577,92 @@ async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()>
             "only {local:.2} of the map input was read locally"
         );
     }
+    client.close().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_job_everywhere() -> Result<()> {
+    let cluster = Cluster::start(2, 2).await?;
+    let client = cluster.client().await?;
+    let input = add(&client, b"spin here\n".repeat(100_000), 2).await?;
+    let hostile = client::publish_module(
+        client.net(),
+        shipped::by_name("hostile").unwrap().to_vec(),
+        2,
+    )
+    .await?;
+    let spec = JobSpec::new(
+        hostile,
+        vec![JobInput {
+            name: "in".into(),
+            cid: input,
+        }],
+        1,
+        [("mode".to_string(), "loop".to_string())],
+    )?
+    .with_split_size(MIN_SPLIT)
+    .with_limits(p2pmr_protocol::job::TaskLimits {
+        timeout_ms: 5_000,
+        ..Default::default()
+    });
+    let net = client.net();
+    let coordinator = client::coordinator_for(net, &spec.id(), None)?;
+    let job = client::submit(net, coordinator, &spec).await?;
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let mut started_tx = Some(started_tx);
+    let watcher = {
+        let net = net.clone();
+        tokio::spawn(async move {
+            let mut events = Vec::new();
+            let last = client::watch(&net, coordinator, job, |e| {
+                if matches!(e, Event::TaskStarted { .. }) {
+                    if let Some(tx) = started_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                events.push(e.clone());
+            })
+            .await;
+            (last, events)
+        })
+    };
+    started_rx.await?;
+    let cancelled_at = std::time::Instant::now();
+    client::cancel(net, coordinator, job).await?;
+    let (last, _) = watcher.await?;
+    assert_eq!(last?, Event::Cancelled);
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(3),
+        "cancel took {:?}",
+        cancelled_at.elapsed()
+    );
+    // Listed as cancelled; the daemons go on serving.
+    let jobs = client::list(net).await;
+    assert!(jobs.iter().any(|(_, j)| j.as_ref().is_ok_and(|j| j
+        .iter()
+        .any(|s| s.job == job && s.state == p2pmr_protocol::engine::JobState::Cancelled))));
+    let wordcount = client::publish_module(
+        client.net(),
+        shipped::by_name("wordcount").unwrap().to_vec(),
+        2,
+    )
+    .await?;
+    let ran = run_job(
+        &client,
+        wordcount,
+        &[("in".into(), input)],
+        1,
+        &[],
+        DEFAULT_SPLIT,
+    )
+    .await?;
+    let lines = read_output(&cluster, ran.output.expect("succeeds")).await?;
+    assert_eq!(
+        lines,
+        vec![b"here\t100000".to_vec(), b"spin\t100000".to_vec()]
+    );
     client.close().await;
     cluster.stop().await;
     Ok(())

@@ -31,6 +31,10 @@
 //! | `p2pmr_cursor() -> i32` | offset in the current batch of the record being mapped |
 //! | `p2pmr_has_combine() -> i32` | 1 if the job has a combiner |
 //!
+//! Optional: `p2pmr_combined(which) -> i64`, read after `p2pmr_map_end`: the task's pairs into
+//! the combiner (`which` = 0) and out of it (1), for the job counters. Modules without it are
+//! still v1 modules; their combine counters read 0.
+//!
 //! # Imports (module `p2pmr`)
 //!
 //! | import | meaning |

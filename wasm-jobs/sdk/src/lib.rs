@@ -123,6 +123,8 @@ impl<'a> Record<'a> {
 thread_local! {
     /// Offset (within the batch) of the record being mapped, for error reports after a trap.
     static CURSOR: Cell<usize> = const { Cell::new(0) };
+    /// The last map task's combiner input and output pair counts.
+    static COMBINED: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
 }
 
 /// The records of a batch, in order.
@@ -211,6 +213,8 @@ struct Output {
     buf: Vec<u8>,
     /// Hand full buffers to the host; natively everything is kept for [`local`].
     to_host: bool,
+    /// Pairs written.
+    pairs: u64,
 }
 
 impl Output {
@@ -218,6 +222,7 @@ impl Output {
         Self {
             buf: Vec::with_capacity(if to_host { OUTPUT_FLUSH + 1024 } else { 0 }),
             to_host,
+            pairs: 0,
         }
     }
 
@@ -231,6 +236,7 @@ impl Output {
 
 impl Sink for Output {
     fn pair(&mut self, key: &[u8], value: &[u8]) {
+        self.pairs += 1;
         self.buf
             .extend_from_slice(&(key.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(key);
@@ -377,6 +383,8 @@ impl std::borrow::Borrow<KeyRef> for KeyBuf {
 struct Combining {
     groups: FxMap<KeyBuf, Vec<u8>>,
     bytes: usize,
+    /// Pairs handed to the combiner.
+    taken: u64,
     combine: fn(&[u8], &mut Values, &mut Emit),
     out: Output,
 }
@@ -388,6 +396,7 @@ impl Combining {
             bytes,
             combine,
             out,
+            ..
         } = self;
         for (key, values) in groups.drain() {
             let mut values = Values::encoded(&values);
@@ -399,6 +408,7 @@ impl Combining {
 
 impl Sink for Combining {
     fn pair(&mut self, key: &[u8], value: &[u8]) {
+        self.taken += 1;
         match self.groups.get_mut(KeyRef::new(key)) {
             Some(values) => {
                 values.extend_from_slice(&(value.len() as u32).to_le_bytes());
@@ -431,6 +441,7 @@ impl MapSink {
             Self::Combining(Combining {
                 groups: FxMap::default(),
                 bytes: 0,
+                taken: 0,
                 combine: J::combine,
                 out: Output::new(to_host),
             })
@@ -453,7 +464,10 @@ impl MapSink {
         }
         let mut out = match self {
             Self::Plain(o) => o,
-            Self::Combining(c) => c.out,
+            Self::Combining(c) => {
+                COMBINED.set((c.taken, c.out.pairs));
+                c.out
+            }
         };
         out.flush();
         out.buf
@@ -958,6 +972,7 @@ pub mod rt {
         let mut out = Output {
             buf: output,
             to_host: true,
+            pairs: 0,
         };
         let mut values = Values::from_host(values);
         J::reduce(&key, &mut values, &mut Emit { sink: &mut out });
@@ -971,6 +986,12 @@ pub mod rt {
 
     pub fn cursor() -> i32 {
         CURSOR.with(|c| c.get() as i32)
+    }
+
+    /// The map task's combiner counts: pairs in (`which` 0) or out (1).
+    pub fn combined(which: i32) -> i64 {
+        let (taken, given) = COMBINED.get();
+        (if which == 0 { taken } else { given }) as i64
     }
 }
 
@@ -1013,6 +1034,10 @@ macro_rules! export {
             #[unsafe(no_mangle)]
             extern "C" fn p2pmr_cursor() -> i32 {
                 $crate::rt::cursor()
+            }
+            #[unsafe(no_mangle)]
+            extern "C" fn p2pmr_combined(which: i32) -> i64 {
+                $crate::rt::combined(which)
             }
             #[unsafe(no_mangle)]
             extern "C" fn p2pmr_has_combine() -> i32 {
