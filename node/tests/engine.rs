@@ -138,6 +138,12 @@ async fn run_job(
     })
 }
 
+/// Publishes a shipped job's module to 2 daemons.
+async fn publish(client: &ClientPeer, job: &str) -> Result<Cid> {
+    let wasm = shipped::by_name(job).expect("shipped").to_vec();
+    Ok(client::publish_module(client.net(), wasm, 2).await?)
+}
+
 async fn add(client: &ClientPeer, bytes: Vec<u8>, replicas: usize) -> Result<Cid> {
     Ok(
         remote::add(client.net(), std::io::Cursor::new(bytes), replicas)
@@ -323,12 +329,7 @@ async fn wordcount_on_boundary_inputs_equals_run_local_and_runs_each_task_once()
     for (name, bytes) in &inputs {
         named.push((name.clone(), add(&client, bytes.clone(), 2).await?));
     }
-    let module = client::publish_module(
-        client.net(),
-        shipped::by_name("wordcount").unwrap().to_vec(),
-        2,
-    )
-    .await?;
+    let module = publish(&client, "wordcount").await?;
     // One-block splits: every block edge is a task edge.
     let ran = run_job(&client, module, &named, 3, &[], MIN_SPLIT).await?;
     let output = ran
@@ -405,9 +406,7 @@ async fn indexer_over_eight_inputs_and_grep_equal_run_local() -> Result<()> {
         ("indexer", &[][..], 2),
         ("grep", &[("pattern", "^cherry [a-f]")][..], 1),
     ] {
-        let module =
-            client::publish_module(client.net(), shipped::by_name(job).unwrap().to_vec(), 2)
-                .await?;
+        let module = publish(&client, job).await?;
         let ran = run_job(&client, module, &named, reducers, args, MIN_SPLIT).await?;
         let output = ran
             .output
@@ -427,12 +426,7 @@ async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
     let client = cluster.client().await?;
     let text = b"good line\nthis one TRAPs\nfine\n".repeat(1000);
     let input = add(&client, text.clone(), 2).await?;
-    let wordcount = client::publish_module(
-        client.net(),
-        shipped::by_name("wordcount").unwrap().to_vec(),
-        2,
-    )
-    .await?;
+    let wordcount = publish(&client, "wordcount").await?;
 
     // An input nobody has.
     let unknown = *p2pmr_protocol::Block::raw(b"never added".to_vec()).cid();
@@ -466,12 +460,7 @@ async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
     assert!(reason.contains("not valid WebAssembly"), "{reason}");
 
     // A job that traps on some record: the reason names the task and the record.
-    let hostile = client::publish_module(
-        client.net(),
-        shipped::by_name("hostile").unwrap().to_vec(),
-        2,
-    )
-    .await?;
+    let hostile = publish(&client, "hostile").await?;
     let ran = run_job(
         &client,
         hostile,
@@ -547,12 +536,7 @@ async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()>
     let cluster = Cluster::start(4, 2).await?;
     let client = cluster.client().await?;
     let input = add(&client, corpus, 3).await?;
-    let module = client::publish_module(
-        client.net(),
-        shipped::by_name("wordcount").unwrap().to_vec(),
-        2,
-    )
-    .await?;
+    let module = publish(&client, "wordcount").await?;
     let ran = run_job(
         &client,
         module,
@@ -587,12 +571,7 @@ async fn cancel_stops_a_job_everywhere() -> Result<()> {
     let cluster = Cluster::start(2, 2).await?;
     let client = cluster.client().await?;
     let input = add(&client, b"spin here\n".repeat(100_000), 2).await?;
-    let hostile = client::publish_module(
-        client.net(),
-        shipped::by_name("hostile").unwrap().to_vec(),
-        2,
-    )
-    .await?;
+    let hostile = publish(&client, "hostile").await?;
     let spec = JobSpec::new(
         hostile,
         vec![JobInput {
@@ -643,12 +622,7 @@ async fn cancel_stops_a_job_everywhere() -> Result<()> {
     assert!(jobs.iter().any(|(_, j)| j.as_ref().is_ok_and(|j| j
         .iter()
         .any(|s| s.job == job && s.state == p2pmr_protocol::engine::JobState::Cancelled))));
-    let wordcount = client::publish_module(
-        client.net(),
-        shipped::by_name("wordcount").unwrap().to_vec(),
-        2,
-    )
-    .await?;
+    let wordcount = publish(&client, "wordcount").await?;
     let ran = run_job(
         &client,
         wordcount,
