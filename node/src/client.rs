@@ -61,6 +61,25 @@ pub fn coordinator_for(
     Ok(first)
 }
 
+/// The coordinator of an existing `job`: `chosen` if given, else the connected daemon that
+/// lists it, else the one the job id ranks first (which may have it recorded on disk).
+pub async fn locate(
+    net: &NetClient,
+    job: &Cid,
+    chosen: Option<PeerId>,
+) -> Result<PeerId, ClientError> {
+    let first = coordinator_for(net, job, chosen)?;
+    if chosen.is_some() {
+        return Ok(first);
+    }
+    for (peer, jobs) in list(net).await {
+        if jobs.is_ok_and(|jobs| jobs.iter().any(|j| j.job == *job)) {
+            return Ok(peer);
+        }
+    }
+    Ok(first)
+}
+
 /// Publishes a wasm module: its blocks go to `replicas` daemons (at most as many as are
 /// connected). Returns its CID.
 pub async fn publish_module(

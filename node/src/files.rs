@@ -190,17 +190,18 @@ pub struct Written {
 impl FileWriter {
     /// A writer into `store` with kubo's layout; `finish` makes the file durable.
     pub fn new(store: &BlockStore) -> Self {
-        let mut w = Self::scratch(store);
+        let mut w = Self::scratch(store, Layout::KUBO);
         w.durable = Some(SyncTracker::new(store));
         w
     }
 
-    /// A writer whose file is not synced (intermediate data that can be recomputed).
-    pub fn scratch(store: &BlockStore) -> Self {
+    /// A writer whose file is not synced (intermediate data that can be recomputed), in
+    /// `layout`.
+    pub fn scratch(store: &BlockStore, layout: Layout) -> Self {
         Self {
             store: store.clone(),
-            builder: FileBuilder::new(Layout::KUBO),
-            chunk: Vec::with_capacity(Layout::KUBO.chunk_size()),
+            builder: FileBuilder::new(layout),
+            chunk: Vec::with_capacity(layout.chunk_size()),
             size: 0,
             tsize: 0,
             lines: 0,
@@ -226,7 +227,8 @@ impl FileWriter {
         let chunk = std::mem::take(&mut self.chunk);
         let blocks = self.builder.push_chunk(chunk)?;
         self.store_blocks(blocks).map_err(FileError::Output)?;
-        let builder = std::mem::replace(&mut self.builder, FileBuilder::new(Layout::KUBO));
+        let layout = self.builder.layout();
+        let builder = std::mem::replace(&mut self.builder, FileBuilder::new(layout));
         let (root, rest) = builder.finish();
         self.store_blocks(rest).map_err(FileError::Output)?;
         if let Some(d) = self.durable.take() {

@@ -399,7 +399,7 @@ fn run(cli: Cli) -> Result<()> {
             let job = parse_cid(&job)?;
             runtime()?.block_on(async {
                 let peer = ClientPeer::connect(client, 1).await?;
-                let coordinator = client::coordinator_for(peer.net(), &job, coordinator)?;
+                let coordinator = client::locate(peer.net(), &job, coordinator).await?;
                 let result = follow(peer.net(), coordinator, job, json).await;
                 peer.close().await;
                 result
@@ -443,7 +443,7 @@ fn run(cli: Cli) -> Result<()> {
             let job = parse_cid(&job)?;
             runtime()?.block_on(async {
                 let peer = ClientPeer::connect(client, 1).await?;
-                let coordinator = client::coordinator_for(peer.net(), &job, coordinator)?;
+                let coordinator = client::locate(peer.net(), &job, coordinator).await?;
                 let r = client::cancel(peer.net(), coordinator, job).await;
                 peer.close().await;
                 r

@@ -56,6 +56,8 @@ struct Inner {
     slots: u32,
     permits: Arc<Semaphore>,
     running: Mutex<HashMap<Cid, Vec<tokio::task::AbortHandle>>>,
+    /// Modules being fetched and compiled: tasks of the same job wait for one load.
+    loading: Mutex<HashMap<Cid, Arc<tokio::sync::OnceCell<Arc<JobModule>>>>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -80,6 +82,7 @@ impl Worker {
                 slots: slots.max(1),
                 permits: Arc::new(Semaphore::new(slots.max(1) as usize)),
                 running: Mutex::new(HashMap::new()),
+                loading: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -169,10 +172,24 @@ impl Worker {
         if let Some(m) = self.inner.exec.cached(&spec.module) {
             return Ok(m);
         }
+        let cell = self
+            .inner
+            .loading
+            .lock()
+            .expect("poisoned")
+            .entry(spec.module)
+            .or_default()
+            .clone();
+        // Failures are not kept: the next task tries again.
+        let module = cell.get_or_try_init(|| self.load(spec.module)).await?;
+        Ok(module.clone())
+    }
+
+    async fn load(&self, cid: Cid) -> Result<Arc<JobModule>, String> {
         let mut wasm = Vec::new();
         self.inner
             .fetcher
-            .cat(spec.module, 0, |b| {
+            .cat(cid, 0, |b| {
                 if wasm.len() as u64 + b.len() as u64 > MAX_MODULE_SIZE {
                     return Err(std::io::Error::other(format!(
                         "module is larger than {MAX_MODULE_SIZE} bytes"
@@ -182,9 +199,8 @@ impl Worker {
                 Ok(())
             })
             .await
-            .map_err(|e| format!("cannot fetch job module {}: {e}", spec.module))?;
+            .map_err(|e| format!("cannot fetch job module {cid}: {e}"))?;
         let exec = self.inner.exec.clone();
-        let cid = spec.module;
         tokio::task::spawn_blocking(move || exec.load(cid, &cid.to_string(), &wasm))
             .await
             .map_err(|e| e.to_string())?
@@ -272,7 +288,7 @@ impl Worker {
                 }
                 c.map_output_records += run.len() as u64;
                 c.map_output_bytes += run.bytes() as u64;
-                let mut w = FileWriter::scratch(&store);
+                let mut w = FileWriter::scratch(&store, run_layout());
                 w.write_all(run.as_bytes()).map_err(|e| e.to_string())?;
                 let written = w.finish().map_err(|e| e.to_string())?;
                 out.push(Some(PartOut {
@@ -362,6 +378,14 @@ impl Worker {
             },
         })
     }
+}
+
+/// The layout map outputs are stored in: 64 KiB chunks instead of 256 KiB, because a reduce
+/// task holds about two blocks of every map task's run at once (the one being merged and the
+/// next), so with hundreds of map tasks the chunk size is what bounds its memory. Runs are
+/// internal, so they need not be kubo's layout.
+fn run_layout() -> p2pmr_protocol::unixfs::Layout {
+    p2pmr_protocol::unixfs::Layout::new(64 << 10, 174).expect("a valid layout")
 }
 
 /// Lines in a batch of whole records (the last may lack its newline at the end of input).

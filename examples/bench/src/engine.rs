@@ -24,24 +24,30 @@ use p2pmr_node::shipped;
 use p2pmr_protocol::engine::Event;
 use p2pmr_protocol::job::{JobInput, JobSpec};
 use std::fs;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// `n` daemons, each dialling the first, given a moment to identify each other.
+/// `n` daemons with `slots` task slots each (0: the default, one per core), each dialling the
+/// first, given a moment to identify each other.
 fn cluster(
-    bin: &std::path::Path,
-    scratch: &std::path::Path,
+    bin: &Path,
+    scratch: &Path,
     name: &str,
     n: usize,
+    slots: u32,
 ) -> Result<Vec<DaemonProc>> {
-    let first = DaemonProc::start(bin, &scratch.join(format!("{name}-0")))?;
+    let slots_arg = slots.to_string();
+    let args: Vec<&str> = if slots == 0 {
+        vec![]
+    } else {
+        vec!["--slots", &slots_arg]
+    };
+    let first = DaemonProc::start_args(bin, &scratch.join(format!("{name}-0")), &[], &args)?;
     let addr = first.addr.clone();
     let mut all = vec![first];
     for i in 1..n {
-        all.push(DaemonProc::start_with(
-            bin,
-            &scratch.join(format!("{name}-{i}")),
-            &[&addr],
-        )?);
+        let home = scratch.join(format!("{name}-{i}"));
+        all.push(DaemonProc::start_args(bin, &home, &[&addr], &args)?);
     }
     std::thread::sleep(Duration::from_millis(1000));
     Ok(all)
@@ -77,65 +83,63 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
     let big_bytes = big.metadata()?.len() as f64;
     let scratch = tempdir_in_target("engine")?;
 
-    // Two daemons holding the whole corpus.
-    let two = cluster(&bin, &scratch, "two", 2)?;
-    let refs: Vec<&DaemonProc> = two.iter().collect();
-    let cid = output(
-        client(&bin, &refs)
-            .args(["add", "--replicas", "2"])
-            .arg(&big),
-    )?;
-    std::thread::sleep(Duration::from_millis(500));
+    // Two daemons holding the whole corpus: with the default slots (one per core, so four
+    // tasks on this machine's two cores) and with one slot each (the two cores shared out).
+    let default_slots = cluster(&bin, &scratch, "default", 2, 0)?;
+    let one_slot = cluster(&bin, &scratch, "one", 2, 1)?;
+    let a: Vec<&DaemonProc> = default_slots.iter().collect();
+    let b: Vec<&DaemonProc> = one_slot.iter().collect();
+    let cid = output(client(&bin, &a).args(["add", "--replicas", "2"]).arg(&big))?;
+    output(client(&bin, &b).args(["add", "--replicas", "2"]).arg(&big))?;
 
-    let splits = [4u64, 8, 16];
+    // (label, daemons, split MiB)
+    let configs: Vec<(String, &[&DaemonProc], u64)> = vec![
+        ("default slots (2 each), 8 MiB splits".into(), &a, 8),
+        ("1 slot each, 4 MiB splits".into(), &b, 4),
+        ("1 slot each, 8 MiB splits".into(), &b, 8),
+        ("1 slot each, 16 MiB splits".into(), &b, 16),
+    ];
     let mut native = Vec::new();
-    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); splits.len()];
+    let mut runs: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
         native.push(time(|| native_plain(&big))?.0);
-        for (i, &split) in splits.iter().enumerate() {
-            runs[i].push(time(|| run_job(&bin, &refs, &cid, split, round))?.0);
+        for (i, (_, daemons, split)) in configs.iter().enumerate() {
+            runs[i].push(time(|| run_job(&bin, daemons, &cid, *split, round))?.0);
         }
     }
-    let rss: Vec<u64> = two
+    let rss: Vec<u64> = default_slots
         .iter()
+        .chain(&one_slot)
         .map(|d| d.status_kib("VmHWM:"))
         .collect::<Result<_>>()?;
 
-    // Per-task overhead: 16 MiB as 64 tasks (256 KiB splits) and as 1 task.
-    let small = corpus(16)?;
+    // Per-task cost: 32 MiB as 32 tasks and as 4, both keeping the two slots busy.
+    let small = corpus(32)?;
     let small_cid = output(
-        client(&bin, &refs)
+        client(&bin, &b)
             .args(["add", "--replicas", "2"])
             .arg(&small),
     )?;
-    let (mut many, mut one) = (Vec::new(), Vec::new());
-    for round in 0..rounds.max(3) {
-        many.push(
-            time(|| {
-                output(
-                    client(&bin, &refs)
-                        .args(["run", "--job", "wordcount", "--input", &small_cid])
-                        .args(["--split-mib", "1", "--arg", &format!("many={round}")]),
-                )
-            })?
-            .0,
-        );
-        one.push(
-            time(|| {
-                output(
-                    client(&bin, &refs)
-                        .args(["run", "--job", "wordcount", "--input", &small_cid])
-                        .args(["--split-mib", "64", "--arg", &format!("one={round}")]),
-                )
-            })?
-            .0,
-        );
+    let (mut many, mut few) = (Vec::new(), Vec::new());
+    for round in 0..rounds.max(5) {
+        for (times, split) in [(&mut many, "1"), (&mut few, "8")] {
+            times.push(
+                time(|| {
+                    output(
+                        client(&bin, &b)
+                            .args(["run", "--job", "wordcount", "--input", &small_cid])
+                            .args(["--split-mib", split])
+                            .args(["--arg", &format!("r={round}")]),
+                    )
+                })?
+                .0,
+            );
+        }
     }
-    drop(two);
 
     // Tiny job latency on three daemons, from a connected in-process client.
-    let three = cluster(&bin, &scratch, "three", 3)?;
+    let three = cluster(&bin, &scratch, "three", 3, 0)?;
     let latencies = tokio::runtime::Runtime::new()?.block_on(tiny_jobs(&three, 20))?;
     drop(three);
     let _ = fs::remove_dir_all(&scratch);
@@ -150,8 +154,8 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
     for (i, times) in runs.into_iter().enumerate() {
         rows.push(Row::new(
             &format!(
-                "p2pmr run wordcount on 2 daemons, {big_mib} MiB, {} MiB splits",
-                splits[i]
+                "p2pmr run wordcount, 2 daemons, {big_mib} MiB, {}",
+                configs[i].0
             ),
             times,
             native_m,
@@ -159,14 +163,13 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
         ));
     }
     let many_m = median(many);
-    let one_m = median(one);
-    // 16 MiB in 1 MiB splits is 16 tasks (the spec's minimum split is 256 KiB, the CLI's 1 MiB).
-    let per_task_ms = (many_m - one_m) / 15.0 * 1e3;
+    let few_m = median(few);
+    let per_task_ms = (many_m - few_m) / 28.0 * 1e3;
     let tiny_ms = median(latencies.clone()) * 1e3;
+    let rss_json: Vec<String> = rss.iter().map(|r| r.to_string()).collect();
     let extra = format!(
-        "\"rss_kib\":{{\"daemon_a\":{},\"daemon_b\":{}}},\"tiny_job_median_ms\":{tiny_ms:.1},\"tiny_job_runs_ms\":[{}],\"per_task_overhead_ms\":{per_task_ms:.2},\"sixteen_tasks_s\":{many_m:.3},\"one_task_s\":{one_m:.3}",
-        rss[0],
-        rss[1],
+        "\"rss_kib\":[{}],\"tiny_job_median_ms\":{tiny_ms:.1},\"tiny_job_runs_ms\":[{}],\"per_task_ms\":{per_task_ms:.2},\"tasks32_s\":{many_m:.3},\"tasks4_s\":{few_m:.3}",
+        rss_json.join(","),
         latencies
             .iter()
             .map(|l| format!("{:.1}", l * 1e3))
@@ -175,14 +178,17 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
     );
     println!("\nengine: {rounds} interleaved rounds, medians; ratios to the native baseline");
     write_results("engine", &rows, &extra)?;
+    let mib = |k: &u64| format!("{:.0}", *k as f64 / 1024.0);
     println!(
-        "\npeak RSS per daemon over the {big_mib} MiB jobs: {:.1} / {:.1} MiB",
-        rss[0] as f64 / 1024.0,
-        rss[1] as f64 / 1024.0
+        "\npeak RSS per daemon over the {big_mib} MiB jobs (MiB): default slots {} / {}, one slot {} / {}",
+        mib(&rss[0]),
+        mib(&rss[1]),
+        mib(&rss[2]),
+        mib(&rss[3])
     );
     println!("tiny job (1 KiB, 3 daemons), submit to output: median {tiny_ms:.1} ms of 20");
     println!(
-        "per-task overhead: 16 MiB as 16 tasks {many_m:.3}s vs 1 task {one_m:.3}s = {per_task_ms:.2} ms per extra task"
+        "per-task cost: 32 MiB as 32 tasks {many_m:.3}s vs as 4 tasks {few_m:.3}s = {per_task_ms:.2} ms per extra task"
     );
     Ok(())
 }

@@ -28,6 +28,16 @@ impl DaemonProc {
 
     /// A daemon that dials `peers` at start (so the daemons of a job know each other).
     pub(crate) fn start_with(bin: &Path, home: &Path, peers: &[&str]) -> Result<Self> {
+        Self::start_args(bin, home, peers, &[])
+    }
+
+    /// A daemon that dials `peers` at start, with extra daemon arguments (e.g. `--slots 1`).
+    pub(crate) fn start_args(
+        bin: &Path,
+        home: &Path,
+        peers: &[&str],
+        args: &[&str],
+    ) -> Result<Self> {
         let mut cmd = Command::new(bin);
         for p in peers {
             cmd.args(["--peer", p]);
@@ -35,6 +45,7 @@ impl DaemonProc {
         let mut child = cmd
             .args(["--home", home.to_str().unwrap(), "--no-mdns", "daemon"])
             .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
