@@ -495,102 +495,190 @@ impl Coordinator {
         });
 
         let mut counters = Counters::default();
-        // Map phase.
-        handle.emit(Event::Phase(Phase::Map));
+        let map_bytes: Vec<u64> = maps.iter().map(|m| m.end - m.start).collect();
+        let mut map_attempts = vec![0u32; maps.len()];
+        let mut reduce_attempts = vec![0u32; spec.reducers as usize];
         let mut outputs: Vec<Option<(MapOutput, PeerId)>> = vec![None; maps.len()];
-        {
-            let maps = &maps;
+        let mut entries: Vec<Option<DirEntry>> = vec![None; spec.reducers as usize];
+        let mut to_map: Vec<usize> = (0..maps.len()).collect();
+        handle.emit(Event::Phase(Phase::Map));
+        // Map, then reduce; when map outputs are lost (their holder is gone, or a reducer
+        // could not fetch them) those map tasks run again and the reduces that need them
+        // after them: the MapReduce paper's rule. Each round loses at least one holder, so
+        // the rounds are bounded by the number of daemons.
+        for round in 0.. {
+            if round > peers.len() + 1 {
+                return Err("map outputs kept being lost; giving up".to_string().into());
+            }
+            if !to_map.is_empty() {
+                let maps = &maps;
+                let sched = Schedule {
+                    kind: TaskKind::Map,
+                    peers: &peers,
+                    slots: &slots,
+                    local: Some(&local),
+                    bytes: &map_bytes,
+                    tasks: std::mem::take(&mut to_map),
+                };
+                let done = self
+                    .phase(
+                        handle,
+                        sched,
+                        &mut counters,
+                        &mut map_attempts,
+                        |t, attempt| {
+                            let m = &maps[t];
+                            JobRequest::Map(MapTask {
+                                spec: bytes.to_vec(),
+                                task: t as u32,
+                                input: m.input,
+                                start: m.start,
+                                end: m.end,
+                                attempt,
+                            })
+                        },
+                    )
+                    .await?;
+                for (t, response, peer) in done {
+                    let JobResponse::MapDone(out) = response else {
+                        return Err(
+                            format!("{peer} answered map task {t} with {response:?}").into()
+                        );
+                    };
+                    if out.parts.len() != spec.reducers as usize {
+                        return Err(format!(
+                            "map task {t} on {peer} returned {} partitions, not {}",
+                            out.parts.len(),
+                            spec.reducers
+                        )
+                        .into());
+                    }
+                    outputs[t] = Some((out, peer));
+                }
+                if round == 0 {
+                    handle.emit(Event::Phase(Phase::Reduce));
+                }
+            }
+            // Map outputs on daemons that have left are lost: run those tasks again first.
+            let connected = self.net().daemons();
+            let lost: Vec<usize> = outputs
+                .iter()
+                .enumerate()
+                .filter_map(|(t, o)| match o {
+                    Some((_, peer)) if *peer != me && !connected.contains_key(peer) => Some(t),
+                    _ => None,
+                })
+                .collect();
+            if !lost.is_empty() {
+                self.lose_outputs(handle, &mut outputs, &lost, "its holder left the network");
+                to_map = lost;
+                continue;
+            }
+
+            let pending: Vec<usize> = (0..spec.reducers as usize)
+                .filter(|r| entries[*r].is_none())
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            let runs: Vec<Vec<RunRef>> = (0..spec.reducers as usize)
+                .map(|r| {
+                    outputs
+                        .iter()
+                        .flatten()
+                        .filter_map(|(out, peer)| {
+                            out.parts[r].as_ref().map(|p| RunRef {
+                                cid: p.cid,
+                                holder: peer.to_bytes(),
+                            })
+                        })
+                        .collect()
+                })
+                .collect();
+            let run_bytes: Vec<u64> = (0..spec.reducers as usize)
+                .map(|r| {
+                    outputs
+                        .iter()
+                        .flatten()
+                        .filter_map(|(out, _)| out.parts[r].as_ref().map(|p| p.bytes))
+                        .sum()
+                })
+                .collect();
             let sched = Schedule {
-                kind: TaskKind::Map,
+                kind: TaskKind::Reduce,
                 peers: &peers,
                 slots: &slots,
-                local: Some(&local),
-                bytes: maps.iter().map(|m| m.end - m.start).collect(),
+                local: None,
+                bytes: &run_bytes,
+                tasks: pending,
             };
             let done = self
-                .phase(handle, sched, &mut counters, |t, attempt| {
-                    let m = &maps[t];
-                    JobRequest::Map(MapTask {
-                        spec: bytes.to_vec(),
-                        task: t as u32,
-                        input: m.input,
-                        start: m.start,
-                        end: m.end,
-                        attempt,
-                    })
-                })
+                .phase(
+                    handle,
+                    sched,
+                    &mut counters,
+                    &mut reduce_attempts,
+                    |r, attempt| {
+                        JobRequest::Reduce(ReduceTask {
+                            spec: bytes.to_vec(),
+                            partition: r as u32,
+                            runs: runs[r].clone(),
+                            replicas: replicas as u32,
+                            attempt,
+                        })
+                    },
+                )
                 .await?;
-            for (t, response, peer) in done {
-                let JobResponse::MapDone(out) = response else {
-                    unreachable!("phase checks the response kind")
-                };
-                if out.parts.len() != spec.reducers as usize {
-                    return Err(format!(
-                        "map task {t} on {peer} returned {} partitions, not {}",
-                        out.parts.len(),
-                        spec.reducers
-                    )
-                    .into());
+            let mut missing = HashSet::new();
+            for (r, response, peer) in done {
+                match response {
+                    JobResponse::ReduceDone(out) => {
+                        counters.add(&out.counters);
+                        entries[r] = Some(DirEntry {
+                            name: format!("part-{r:05}"),
+                            cid: out.cid,
+                            tsize: out.tsize,
+                        });
+                    }
+                    JobResponse::MissingRuns(runs) => {
+                        missing.extend(runs.into_iter().map(|r| r.cid))
+                    }
+                    other => {
+                        return Err(format!("{peer} answered reduce task {r} with {other:?}").into())
+                    }
                 }
-                counters.add(&out.counters);
-                outputs[t] = Some((out, peer));
+            }
+            if !missing.is_empty() {
+                let lost: Vec<usize> = outputs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(t, o)| {
+                        let (out, _) = o.as_ref()?;
+                        out.parts
+                            .iter()
+                            .flatten()
+                            .any(|p| missing.contains(&p.cid))
+                            .then_some(t)
+                    })
+                    .collect();
+                if lost.is_empty() {
+                    return Err("a reducer reported map outputs this job never made"
+                        .to_string()
+                        .into());
+                }
+                self.lose_outputs(
+                    handle,
+                    &mut outputs,
+                    &lost,
+                    "a reducer could not fetch its output",
+                );
+                to_map = lost;
             }
         }
-
-        // Reduce phase.
-        handle.emit(Event::Phase(Phase::Reduce));
-        let runs: Vec<Vec<RunRef>> = (0..spec.reducers as usize)
-            .map(|r| {
-                outputs
-                    .iter()
-                    .flatten()
-                    .filter_map(|(out, peer)| {
-                        out.parts[r].as_ref().map(|p| RunRef {
-                            cid: p.cid,
-                            holder: peer.to_bytes(),
-                        })
-                    })
-                    .collect()
-            })
-            .collect();
-        let run_bytes: Vec<u64> = (0..spec.reducers as usize)
-            .map(|r| {
-                outputs
-                    .iter()
-                    .flatten()
-                    .filter_map(|(out, _)| out.parts[r].as_ref().map(|p| p.bytes))
-                    .sum()
-            })
-            .collect();
-        let sched = Schedule {
-            kind: TaskKind::Reduce,
-            peers: &peers,
-            slots: &slots,
-            local: None,
-            bytes: run_bytes,
-        };
-        let done = self
-            .phase(handle, sched, &mut counters, |r, attempt| {
-                JobRequest::Reduce(ReduceTask {
-                    spec: bytes.to_vec(),
-                    partition: r as u32,
-                    runs: runs[r].clone(),
-                    replicas: replicas as u32,
-                    attempt,
-                })
-            })
-            .await?;
-        let mut entries = Vec::new();
-        for (r, response, _) in done {
-            let JobResponse::ReduceDone(out) = response else {
-                unreachable!("phase checks the response kind")
-            };
+        let entries: Vec<DirEntry> = entries.into_iter().flatten().collect();
+        // Map counters of the outputs used (a lost and re-run task counts once).
+        for (out, _) in outputs.iter().flatten() {
             counters.add(&out.counters);
-            entries.push(DirEntry {
-                name: format!("part-{r:05}"),
-                cid: out.cid,
-                tsize: out.tsize,
-            });
         }
 
         // Store the output directory, replicated like the parts.
@@ -614,6 +702,27 @@ impl Coordinator {
         .await
         .map_err(|e| format!("cannot replicate the output directory: {e}"))?;
         Ok((root, counters, started.elapsed()))
+    }
+
+    /// Forgets the outputs of map tasks `lost`, telling watchers why they run again.
+    fn lose_outputs(
+        &self,
+        handle: &JobHandle,
+        outputs: &mut [Option<(MapOutput, PeerId)>],
+        lost: &[usize],
+        why: &str,
+    ) {
+        for &t in lost {
+            if let Some((_, peer)) = outputs[t].take() {
+                handle.emit(Event::TaskFailed {
+                    kind: TaskKind::Map,
+                    task: t as u32,
+                    peer: peer.to_string(),
+                    reason: format!("output lost: {why}"),
+                    retry: true,
+                });
+            }
+        }
     }
 
     /// Which of `cids` `peer` holds.
@@ -652,15 +761,22 @@ impl Coordinator {
         handle: &JobHandle,
         sched: Schedule<'_>,
         counters: &mut Counters,
+        attempts: &mut [u32],
         request: impl Fn(usize, u32) -> JobRequest,
     ) -> Result<Vec<(usize, JobResponse, PeerId)>, Stop> {
-        let n = sched.bytes.len();
+        let n = sched.tasks.len();
         let kind = sched.kind;
-        let mut pending: Vec<usize> = (0..n).rev().collect();
+        let mut pending: Vec<usize> = sched.tasks.iter().rev().copied().collect();
         let mut free: Vec<u32> = sched.slots.to_vec();
-        let mut dead = vec![false; sched.peers.len()];
+        // Daemons that have left since the job was planned take no more tasks.
+        let connected = self.net().daemons();
+        let me = self.net().local_peer_id();
+        let mut dead: Vec<bool> = sched
+            .peers
+            .iter()
+            .map(|p| *p != me && !connected.contains_key(p))
+            .collect();
         let mut idle_since: Vec<Option<Instant>> = vec![None; sched.peers.len()];
-        let mut attempts = vec![0u32; n];
         let mut done = Vec::with_capacity(n);
         let mut running: JoinSet<(usize, usize, Instant, Result<JobResponse, String>)> =
             JoinSet::new();
@@ -739,6 +855,18 @@ impl Coordinator {
                 TaskKind::Reduce => "reduce",
             };
             match result {
+                Ok(JobResponse::MissingRuns(runs)) if kind == TaskKind::Reduce => {
+                    // Not this reducer's fault: the caller re-runs the maps and tries again.
+                    free[p] += 1;
+                    handle.emit(Event::TaskFailed {
+                        kind,
+                        task: t as u32,
+                        peer: peer.to_string(),
+                        reason: format!("{} map output(s) could not be fetched", runs.len()),
+                        retry: true,
+                    });
+                    done.push((t, JobResponse::MissingRuns(runs), peer));
+                }
                 Ok(response @ (JobResponse::MapDone(_) | JobResponse::ReduceDone(_))) => {
                     let right_kind = matches!(
                         (&response, kind),
@@ -812,8 +940,10 @@ struct Schedule<'a> {
     slots: &'a [u32],
     /// For map tasks: bytes of each task held by each peer.
     local: Option<&'a [Vec<u64>]>,
-    /// Input bytes of each task.
-    bytes: Vec<u64>,
+    /// Input bytes of each task of the job.
+    bytes: &'a [u64],
+    /// The tasks to run now.
+    tasks: Vec<usize>,
 }
 
 /// The leaves of the file at `root`, in order, with their sizes (fetching inner nodes only).

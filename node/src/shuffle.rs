@@ -26,6 +26,8 @@ const MAX_FIELD: usize = 256 << 20;
 
 /// Why the shuffle failed, shared between the fetch tasks and the merge.
 pub type ShuffleError = Arc<Mutex<Option<String>>>;
+/// The runs that could not be fetched (their holder is gone), by root CID.
+pub type MissingRuns = Arc<Mutex<Vec<Cid>>>;
 
 /// Starts fetching `runs` (each with the peer that holds it) with at most `concurrency` block
 /// fetches in flight, and returns one stream per run plus the counter of bytes that came over
@@ -35,6 +37,7 @@ pub fn open_runs(
     runs: Vec<(Cid, Option<PeerId>)>,
     concurrency: usize,
     error: &ShuffleError,
+    missing: &MissingRuns,
 ) -> (Vec<RunStream>, Arc<AtomicU64>, tokio::task::JoinSet<()>) {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let remote_bytes = Arc::new(AtomicU64::new(0));
@@ -42,11 +45,17 @@ pub fn open_runs(
     let mut streams = Vec::with_capacity(runs.len());
     for (cid, holder) in runs {
         let (tx, rx) = mpsc::channel(RUN_BUFFER);
-        let (fetcher, permits, remote_bytes) =
-            (fetcher.clone(), permits.clone(), remote_bytes.clone());
+        let (fetcher, permits, remote_bytes, missing) = (
+            fetcher.clone(),
+            permits.clone(),
+            remote_bytes.clone(),
+            missing.clone(),
+        );
         tasks.spawn(async move {
             let result = fetch_run(&fetcher, cid, holder, &permits, &remote_bytes, &tx).await;
             if let Err(e) = result {
+                // Whatever the cause, running the map task again is a remedy.
+                missing.lock().expect("poisoned").push(cid);
                 let _ = tx.send(Err(format!("map output {cid}: {e}"))).await;
             }
         });

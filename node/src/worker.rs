@@ -16,7 +16,7 @@ use crate::files::FileWriter;
 use crate::jobs::{Executor, JobModule, Limits, TaskName};
 use crate::net::NetClient;
 use crate::remote::{self, Chunk, Fetcher};
-use crate::shuffle::{self, ShuffleError, StreamMerge};
+use crate::shuffle::{self, MissingRuns, ShuffleError, StreamMerge};
 use crate::Repo;
 use libp2p::PeerId;
 use p2pmr_protocol::abi::encode_args;
@@ -133,10 +133,8 @@ impl Worker {
             }
             JobRequest::Reduce(task) => {
                 let (this, spec) = (self.clone(), task.spec.clone());
-                self.tracked(&spec, async move {
-                    this.reduce(task).await.map(JobResponse::ReduceDone)
-                })
-                .await
+                self.tracked(&spec, async move { this.reduce(task).await })
+                    .await
             }
             other => JobResponse::Failed(format!("not a worker request: {other:?}")),
         }
@@ -308,7 +306,7 @@ impl Worker {
         Ok(MapOutput { parts, counters })
     }
 
-    async fn reduce(&self, task: ReduceTask) -> Result<ReduceOutput, String> {
+    async fn reduce(&self, task: ReduceTask) -> Result<JobResponse, String> {
         let spec = JobSpec::decode(&task.spec).map_err(|e| e.to_string())?;
         if task.partition >= spec.reducers {
             return Err(format!("the job has no partition {}", task.partition));
@@ -320,8 +318,14 @@ impl Worker {
             .map(|r| (r.cid, PeerId::from_bytes(&r.holder).ok()))
             .collect();
         let error = ShuffleError::default();
-        let (streams, remote_bytes, mut fetches) =
-            shuffle::open_runs(&self.inner.fetcher, runs, SHUFFLE_CONCURRENCY, &error);
+        let missing = MissingRuns::default();
+        let (streams, remote_bytes, mut fetches) = shuffle::open_runs(
+            &self.inner.fetcher,
+            runs,
+            SHUFFLE_CONCURRENCY,
+            &error,
+            &missing,
+        );
         let exec = self.inner.exec.clone();
         let store = self.inner.repo.blocks().clone();
         let name = TaskName {
@@ -356,6 +360,16 @@ impl Worker {
         .await
         .map_err(|e| format!("reduce task panicked: {e}"))?;
         fetches.abort_all();
+        let lost: Vec<Cid> = std::mem::take(&mut *missing.lock().expect("poisoned"));
+        if !lost.is_empty() {
+            // Partial output is dropped, never reported.
+            return Ok(JobResponse::MissingRuns(
+                task.runs
+                    .into_iter()
+                    .filter(|r| lost.contains(&r.cid))
+                    .collect(),
+            ));
+        }
         let written = reduced?;
         let copies = task.replicas.saturating_sub(1) as usize;
         remote::replicate(
@@ -366,7 +380,7 @@ impl Worker {
         )
         .await
         .map_err(|e| format!("cannot replicate the output: {e}"))?;
-        Ok(ReduceOutput {
+        Ok(JobResponse::ReduceDone(ReduceOutput {
             cid: written.root,
             size: written.size,
             tsize: written.tsize,
@@ -376,7 +390,7 @@ impl Worker {
                 reduce_output_bytes: written.size,
                 ..Counters::default()
             },
-        })
+        }))
     }
 }
 

@@ -524,7 +524,10 @@ fn big_corpus(mib: u64) -> Result<Vec<u8>> {
             return Ok(std::fs::read(out)?);
         }
     }
-    eprintln!("{} unavailable: using the generated corpus", script.display());
+    eprintln!(
+        "{} unavailable: using the generated corpus",
+        script.display()
+    );
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut p2pmr_node::demo::Corpus::new(mib << 20), &mut bytes)?;
     Ok(bytes)
@@ -639,6 +642,110 @@ async fn cancel_stops_a_job_everywhere() -> Result<()> {
         lines,
         vec![b"here\t100000".to_vec(), b"spin\t100000".to_vec()]
     );
+    client.close().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+/// Runs `spec` while `kill_when` watches the events: when it names a daemon (by peer id), that
+/// daemon is killed (its swarm dropped, as a crash). Returns the events and the output.
+async fn run_and_kill(
+    cluster: &mut Cluster,
+    client: &ClientPeer,
+    spec: &JobSpec,
+    mut kill_when: impl FnMut(&Event, &str) -> Option<String>,
+) -> Result<(Vec<Event>, Option<Cid>)> {
+    let net = client.net().clone();
+    let coordinator = client::coordinator_for(&net, &spec.id(), None)?;
+    let job = client::submit(&net, coordinator, spec).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = tokio::spawn(async move {
+        client::watch(&net, coordinator, job, |e| {
+            let _ = tx.send(e.clone());
+        })
+        .await
+    });
+    let mut events = Vec::new();
+    let mut killed = false;
+    while let Some(e) = rx.recv().await {
+        if !killed {
+            if let Some(victim) = kill_when(&e, &coordinator.to_string()) {
+                let at = cluster
+                    .daemons
+                    .iter()
+                    .position(|d| d.peer_id().to_string() == victim)
+                    .expect("a daemon of the cluster");
+                cluster.daemons.remove(at).abort();
+                killed = true;
+            }
+        }
+        events.push(e);
+    }
+    assert!(killed, "the scenario's moment never came");
+    let last = watcher.await??;
+    let output = match last {
+        Event::Completed { output, .. } => Some(output),
+        _ => None,
+    };
+    Ok((events, output))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_mappers_and_reducers_still_give_the_exact_output() -> Result<()> {
+    let mut corpus = Vec::new();
+    std::io::Read::read_to_end(&mut p2pmr_node::demo::Corpus::new(12 << 20), &mut corpus)?;
+    let expected = run_local("wordcount", &[("corpus".into(), corpus.clone())], 3, &[])?;
+    let mut cluster = Cluster::start(4, 1).await?;
+    let client = cluster.client().await?;
+    let input = add(&client, corpus, 3).await?;
+    let module = publish(&client, "wordcount").await?;
+    let spec = |scenario: &str| -> Result<JobSpec> {
+        Ok(JobSpec::new(
+            module,
+            vec![JobInput {
+                name: "corpus".into(),
+                cid: input,
+            }],
+            3,
+            [("scenario".to_string(), scenario.to_string())],
+        )?
+        .with_split_size(MIN_SPLIT))
+    };
+
+    // A mapper dies after finishing a map task, during the map phase: the tasks it finished
+    // run again elsewhere (their output went with it), the ones it was running too.
+    // Then a reducer dies while reducing: its task runs elsewhere; the map outputs it held
+    // are made again first. Partial output is never published.
+    for (scenario, kind) in [("mapper", TaskKind::Map), ("reducer", TaskKind::Reduce)] {
+        let (events, output) = run_and_kill(&mut cluster, &client, &spec(scenario)?, |e, coord| {
+            // The first non-coordinator peer to finish a map task / to start a reduce task.
+            let (k, peer) = match e {
+                Event::TaskFinished { kind, peer, .. } if *kind == TaskKind::Map => (*kind, peer),
+                Event::TaskStarted { kind, peer, .. } if *kind == TaskKind::Reduce => (*kind, peer),
+                _ => return None,
+            };
+            (k == kind && peer != coord).then(|| peer.clone())
+        })
+        .await?;
+        let output =
+            output.ok_or_else(|| anyhow::anyhow!("{scenario}: failed: {:?}", events.last()))?;
+        assert_eq!(read_output(&cluster, output).await?, expected, "{scenario}");
+        let redone = events.iter().any(|e| match e {
+            Event::TaskFailed {
+                kind: TaskKind::Map,
+                retry: true,
+                reason,
+                ..
+            } => reason.contains("output lost"),
+            Event::TaskFailed {
+                kind: TaskKind::Reduce,
+                retry: true,
+                ..
+            } => scenario == "reducer",
+            _ => false,
+        });
+        assert!(redone, "{scenario}: lost work was not redone");
+    }
     client.close().await;
     cluster.stop().await;
     Ok(())

@@ -149,6 +149,9 @@ pub enum JobResponse {
     MapDone(MapOutput),
     /// A reduce task finished.
     ReduceDone(ReduceOutput),
+    /// A reduce task could not fetch these map outputs (their holder is gone): the
+    /// coordinator re-runs the map tasks that made them and tries the reduce again.
+    MissingRuns(Vec<RunRef>),
     /// The daemon's task slots.
     Slots(u32),
     /// The request failed or was refused; the reason is for humans.
@@ -543,6 +546,10 @@ mod tests {
                 counters,
             }),
             JobResponse::Slots(2),
+            JobResponse::MissingRuns(vec![RunRef {
+                cid: cid(7),
+                holder: vec![],
+            }]),
             JobResponse::Failed("no".into()),
         ];
         (requests, responses)
