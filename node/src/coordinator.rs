@@ -44,6 +44,8 @@ pub const LOCALITY_DELAY: Duration = Duration::from_millis(300);
 /// input; small enough that a 1 GiB input makes 128 tasks, which keeps every slot busy to the
 /// end and lets a lost task be redone cheaply.
 pub const DEFAULT_SPLIT: u64 = 8 << 20;
+/// Default liveness timeout (see [`Coordinator::new`]).
+pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(3);
 /// How long a watch request waits for new events before answering with none.
 const WATCH_WAIT: Duration = Duration::from_secs(5);
 /// Attempts per task before the job fails (failures of the peer, not of the task's code).
@@ -62,6 +64,9 @@ pub struct Coordinator {
 #[derive(Debug)]
 struct Inner {
     worker: Worker,
+    /// A daemon running a task that does not answer a probe within this time is taken for
+    /// dead (stalled, cut off): its tasks run elsewhere and its map outputs are made again.
+    liveness: Duration,
     dir: PathBuf,
     jobs: Mutex<HashMap<Cid, Arc<JobHandle>>>,
 }
@@ -172,12 +177,14 @@ struct PlannedMap {
 }
 
 impl Coordinator {
-    /// A coordinator whose tasks run on `worker`'s daemon and the daemons it is connected to.
-    pub fn new(worker: Worker) -> Self {
+    /// A coordinator whose tasks run on `worker`'s daemon and the daemons it is connected to;
+    /// a worker that does not answer a probe within `liveness` is given up on.
+    pub fn new(worker: Worker, liveness: Duration) -> Self {
         let dir = worker.repo().home().join("jobs");
         Self {
             inner: Arc::new(Inner {
                 worker,
+                liveness,
                 dir,
                 jobs: Mutex::new(HashMap::new()),
             }),
@@ -452,8 +459,11 @@ impl Coordinator {
         let mut slots = Vec::new();
         let mut holdings = Vec::new();
         for &peer in &peers {
-            let n = match self.call(peer, JobRequest::Slots).await {
-                Ok(JobResponse::Slots(n)) => n.clamp(1, 1024),
+            // A daemon that does not answer in time (stalled) gets no tasks.
+            let asked =
+                tokio::time::timeout(self.inner.liveness, self.call(peer, JobRequest::Slots));
+            let n = match asked.await {
+                Ok(Ok(JobResponse::Slots(n))) => n.clamp(1, 1024),
                 _ => 0,
             };
             slots.push(n);
@@ -501,6 +511,8 @@ impl Coordinator {
         let mut outputs: Vec<Option<(MapOutput, PeerId)>> = vec![None; maps.len()];
         let mut entries: Vec<Option<DirEntry>> = vec![None; spec.reducers as usize];
         let mut to_map: Vec<usize> = (0..maps.len()).collect();
+        // Daemons this job has given up on (stalled or unreachable), even if still connected.
+        let mut gone: HashSet<PeerId> = HashSet::new();
         handle.emit(Event::Phase(Phase::Map));
         // Map, then reduce; when map outputs are lost (their holder is gone, or a reducer
         // could not fetch them) those map tasks run again and the reduces that need them
@@ -526,6 +538,7 @@ impl Coordinator {
                         sched,
                         &mut counters,
                         &mut map_attempts,
+                        &mut gone,
                         |t, attempt| {
                             let m = &maps[t];
                             JobRequest::Map(MapTask {
@@ -565,7 +578,12 @@ impl Coordinator {
                 .iter()
                 .enumerate()
                 .filter_map(|(t, o)| match o {
-                    Some((_, peer)) if *peer != me && !connected.contains_key(peer) => Some(t),
+                    Some((_, peer))
+                        if *peer != me
+                            && (!connected.contains_key(peer) || gone.contains(peer)) =>
+                    {
+                        Some(t)
+                    }
                     _ => None,
                 })
                 .collect();
@@ -604,6 +622,13 @@ impl Coordinator {
                         .sum()
                 })
                 .collect();
+            // Copies go to the daemons still with us; as many as the inputs had, if they can.
+            let avoid: Vec<Vec<u8>> = gone.iter().map(|p| p.to_bytes()).collect();
+            let live = 1 + connected
+                .keys()
+                .filter(|p| **p != me && !gone.contains(*p))
+                .count();
+            let replicas_now = replicas.min(live);
             let sched = Schedule {
                 kind: TaskKind::Reduce,
                 peers: &peers,
@@ -618,12 +643,14 @@ impl Coordinator {
                     sched,
                     &mut counters,
                     &mut reduce_attempts,
+                    &mut gone,
                     |r, attempt| {
                         JobRequest::Reduce(ReduceTask {
                             spec: bytes.to_vec(),
                             partition: r as u32,
                             runs: runs[r].clone(),
-                            replicas: replicas as u32,
+                            replicas: replicas_now as u32,
+                            avoid: avoid.clone(),
                             attempt,
                         })
                     },
@@ -693,11 +720,18 @@ impl Coordinator {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot store the output directory: {e}"))?;
+        let connected = self.net().daemons();
+        let avoid: Vec<PeerId> = gone.iter().copied().collect();
+        let live = connected
+            .keys()
+            .filter(|p| **p != me && !gone.contains(*p))
+            .count();
         remote::replicate(
             self.net(),
             worker.repo().blocks(),
             &[root],
-            replicas.saturating_sub(1),
+            replicas.saturating_sub(1).min(live),
+            &avoid,
         )
         .await
         .map_err(|e| format!("cannot replicate the output directory: {e}"))?;
@@ -762,6 +796,7 @@ impl Coordinator {
         sched: Schedule<'_>,
         counters: &mut Counters,
         attempts: &mut [u32],
+        gone: &mut HashSet<PeerId>,
         request: impl Fn(usize, u32) -> JobRequest,
     ) -> Result<Vec<(usize, JobResponse, PeerId)>, Stop> {
         let n = sched.tasks.len();
@@ -774,8 +809,15 @@ impl Coordinator {
         let mut dead: Vec<bool> = sched
             .peers
             .iter()
-            .map(|p| *p != me && !connected.contains_key(p))
+            .map(|p| *p != me && (!connected.contains_key(p) || gone.contains(p)))
             .collect();
+        // Running attempts by task id, so a stalled peer's can be aborted and retried.
+        let mut on_peer: HashMap<tokio::task::Id, (usize, usize, tokio::task::AbortHandle)> =
+            HashMap::new();
+        let mut probes: JoinSet<(usize, bool)> = JoinSet::new();
+        let mut probing: HashSet<usize> = HashSet::new();
+        let mut probe_tick = tokio::time::interval(self.inner.liveness / 3);
+        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut idle_since: Vec<Option<Instant>> = vec![None; sched.peers.len()];
         let mut done = Vec::with_capacity(n);
         let mut running: JoinSet<(usize, usize, Instant, Result<JobResponse, String>)> =
@@ -829,10 +871,11 @@ impl Coordinator {
                     });
                     let req = request(t, attempts[t]);
                     let this = self.clone();
-                    running.spawn(async move {
+                    let abort = running.spawn(async move {
                         let started = Instant::now();
                         (t, p, started, this.call(peer, req).await)
                     });
+                    on_peer.insert(abort.id(), (t, p, abort));
                     assigned = true;
                 }
                 if !assigned {
@@ -843,12 +886,56 @@ impl Coordinator {
                 return Err(format!("no daemon is left to run {kind:?} tasks").into());
             }
             let next = tokio::select! {
-                r = running.join_next(), if !running.is_empty() => r,
+                r = running.join_next_with_id(), if !running.is_empty() => r,
                 _ = tokio::time::sleep(LOCALITY_DELAY / 3) => None,
+                _ = probe_tick.tick() => {
+                    // Probe every other daemon that is running a task of ours.
+                    let busy: HashSet<usize> = on_peer.values().map(|(_, p, _)| *p).collect();
+                    for p in busy {
+                        let peer = sched.peers[p];
+                        if peer == me || dead[p] || !probing.insert(p) {
+                            continue;
+                        }
+                        let (this, limit) = (self.clone(), self.inner.liveness);
+                        probes.spawn(async move {
+                            let answer = tokio::time::timeout(limit, this.call(peer, JobRequest::Slots)).await;
+                            (p, matches!(answer, Ok(Ok(JobResponse::Slots(_)))))
+                        });
+                    }
+                    None
+                }
+                Some(probe) = probes.join_next(), if !probes.is_empty() => {
+                    let (p, alive) = probe.map_err(|e| e.to_string())?;
+                    probing.remove(&p);
+                    if !alive && !dead[p] {
+                        // Stalled or cut off: give up on it for this job; its attempts are
+                        // aborted and come back below as failures to retry elsewhere.
+                        dead[p] = true;
+                        gone.insert(sched.peers[p]);
+                        for (_, q, abort) in on_peer.values() {
+                            if *q == p {
+                                abort.abort();
+                            }
+                        }
+                    }
+                    None
+                }
                 _ = cancel.wait_for(|c| *c) => return Err(Stop::Cancelled),
             };
             let Some(joined) = next else { continue };
-            let (t, p, started, result) = joined.map_err(|e| e.to_string())?;
+            let (t, p, started, result) = match joined {
+                Ok((id, done)) => {
+                    on_peer.remove(&id);
+                    done
+                }
+                Err(e) if e.is_cancelled() => {
+                    let (t, p, _) = on_peer.remove(&e.id()).expect("a task we started");
+                    let limit = self.inner.liveness.as_secs_f64();
+                    let reason = format!("no answer to a liveness probe within {limit:.1}s");
+                    (t, p, Instant::now(), Err(reason))
+                }
+                Err(e) => return Err(e.to_string().into()),
+            };
             let peer = sched.peers[p];
             let what = match kind {
                 TaskKind::Map => "map",
@@ -909,8 +996,9 @@ impl Coordinator {
                     return Err(format!("{peer} answered {what} task {t} with {other:?}").into());
                 }
                 Err(reason) => {
-                    // The peer is unreachable: run the task elsewhere.
+                    // The peer is unreachable or stalled: run the task elsewhere.
                     dead[p] = true;
+                    gone.insert(peer);
                     let retry = attempts[t] < MAX_ATTEMPTS;
                     handle.emit(Event::TaskFailed {
                         kind,

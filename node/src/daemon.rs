@@ -68,6 +68,9 @@ pub struct DaemonConfig {
     pub mdns: bool,
     /// Tasks run at once (0: one per core).
     pub slots: u32,
+    /// How long a daemon coordinating a job waits for a worker to answer a liveness probe
+    /// before running its tasks elsewhere.
+    pub liveness: Duration,
 }
 
 /// Job requests (tasks, watches) handled at once; each may wait for a task or for events.
@@ -160,7 +163,7 @@ impl Daemon {
             n => n,
         };
         let worker = Worker::new(repo.clone(), network.client.clone(), slots)?;
-        let coordinator = Coordinator::new(worker);
+        let coordinator = Coordinator::new(worker, config.liveness);
         let jobs = tokio::spawn(serve_jobs(
             coordinator.clone(),
             network.client.clone(),

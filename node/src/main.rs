@@ -105,6 +105,11 @@ enum Command {
         /// Tasks to run at once [default: the number of cores]
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
         slots: Option<u32>,
+        /// When coordinating, give up on a worker that does not answer a probe within this
+        /// many seconds (it is stalled or cut off): its tasks run elsewhere
+        #[arg(long, default_value_t = 3.0, value_name = "SECS",
+              value_parser = parse_liveness)]
+        liveness_secs: f64,
     },
     /// Run a job on the network: hand it to a coordinating daemon and watch it.
     ///
@@ -235,6 +240,13 @@ enum Command {
     /// Inspect or check the local repository.
     #[command(subcommand)]
     Repo(RepoCommand),
+}
+
+fn parse_liveness(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds from 0.1 to 3600")),
+    }
 }
 
 fn parse_arg(s: &str) -> std::result::Result<(String, String), String> {
@@ -522,7 +534,11 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{id} {} {}", info.agent, addrs.join(" "));
             }
         }
-        Command::Daemon { listen, slots } => {
+        Command::Daemon {
+            listen,
+            slots,
+            liveness_secs,
+        } => {
             let home = home_dir(cli.home)?;
             runtime()?.block_on(async {
                 let daemon = Daemon::start(
@@ -532,6 +548,7 @@ fn run(cli: Cli) -> Result<()> {
                         bootstrap: cli.net.peers.clone(),
                         mdns: !cli.net.no_mdns,
                         slots: slots.unwrap_or(0),
+                        liveness: std::time::Duration::from_secs_f64(liveness_secs),
                     },
                 )
                 .await

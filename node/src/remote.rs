@@ -239,13 +239,15 @@ pub async fn add(
 }
 
 /// Copies the blocks `cids` of `store` to `copies` other daemons each, chosen by the placement
-/// rule among the connected daemons (this peer excluded: it holds them already). Used for job
+/// rule among the connected daemons (this peer and `avoid` excluded: this peer holds them
+/// already, and a coordinator may have given up on some daemons). Used for job
 /// outputs, which are written on the peer that computed them.
 pub async fn replicate(
     net: &NetClient,
     store: &BlockStore,
     cids: &[Cid],
     copies: usize,
+    avoid: &[PeerId],
 ) -> Result<(), RemoteError> {
     if copies == 0 {
         return Ok(());
@@ -254,7 +256,7 @@ pub async fn replicate(
     let daemons: Arc<Vec<Placed>> = Arc::new(
         net.daemons()
             .into_keys()
-            .filter(|p| *p != me)
+            .filter(|p| *p != me && !avoid.contains(p))
             .map(Placed::new)
             .collect(),
     );

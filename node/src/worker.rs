@@ -372,11 +372,17 @@ impl Worker {
         }
         let written = reduced?;
         let copies = task.replicas.saturating_sub(1) as usize;
+        let avoid: Vec<PeerId> = task
+            .avoid
+            .iter()
+            .filter_map(|p| PeerId::from_bytes(p).ok())
+            .collect();
         remote::replicate(
             &self.inner.net,
             self.inner.repo.blocks(),
             &written.cids,
             copies,
+            &avoid,
         )
         .await
         .map_err(|e| format!("cannot replicate the output: {e}"))?;

@@ -457,22 +457,23 @@ fn run_local_jobs_and_their_errors() {
 struct DaemonProcess {
     child: std::process::Child,
     addr: String,
+    peer_id: String,
     _home: tempfile::TempDir,
 }
 
 impl DaemonProcess {
     fn start(peers: &[&str]) -> Self {
+        Self::start_args(peers, &["--slots", "2"])
+    }
+
+    fn start_args(peers: &[&str], args: &[&str]) -> Self {
         use std::io::BufRead;
         let home = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.arg("--home").arg(home.path()).args([
-            "--no-mdns",
-            "daemon",
-            "--slots",
-            "2",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-        ]);
+        cmd.arg("--home")
+            .arg(home.path())
+            .args(["--no-mdns", "daemon", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(args);
         for p in peers {
             cmd.args(["--peer", p]);
         }
@@ -483,8 +484,12 @@ impl DaemonProcess {
             .spawn()
             .unwrap();
         let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut peer_id = String::new();
         let addr = loop {
             let line = lines.next().expect("daemon printed its address").unwrap();
+            if let Some(id) = line.strip_prefix("peer id: ") {
+                peer_id = id.to_owned();
+            }
             if let Some(addr) = line.strip_prefix("listening on ") {
                 break addr.to_owned();
             }
@@ -492,6 +497,7 @@ impl DaemonProcess {
         Self {
             child,
             addr,
+            peer_id,
             _home: home,
         }
     }
@@ -647,4 +653,106 @@ fn run_watch_jobs_get_and_demo_from_the_command_line() {
     let shown = p2pmr(client.path(), &["cat", demo_output]);
     assert!(shown.status.success());
     assert!(shown.stdout.split(|&b| b == b'\n').count() > 1000);
+}
+
+#[test]
+fn a_stalled_worker_is_given_up_on_and_its_tasks_run_elsewhere() {
+    let args = ["--slots", "1", "--liveness-secs", "1"];
+    let a = DaemonProcess::start_args(&[], &args);
+    let b = DaemonProcess::start_args(&[&a.addr], &args);
+    let c = DaemonProcess::start_args(&[&a.addr, &b.addr], &args);
+    let client = tempfile::tempdir().unwrap();
+    let all = [&a, &b, &c];
+    let peer_args: Vec<&str> = all
+        .iter()
+        .flat_map(|d| ["--peer", d.addr.as_str()])
+        .collect();
+    let with_peers = |args: &[&str]| {
+        let mut full = peer_args.clone();
+        full.extend_from_slice(args);
+        p2pmr(client.path(), &full)
+    };
+    // 8 MiB of lines on every daemon; 8 tasks of 1 MiB, each spinning ~600 ms.
+    let line = "a line of text to count\n";
+    let n = (8 << 20) / line.len();
+    let input = write_file(client.path(), "in.txt", line.repeat(n).as_bytes());
+    let added = with_peers(&["add", "--replicas", "3", input.to_str().unwrap()]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let cid = stdout(&added);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    // Follow the job's events; when a daemon other than the coordinator starts a task,
+    // stop it (SIGSTOP: its connections stay up, it just never answers).
+    let mut run = Command::new(BIN)
+        .arg("--home")
+        .arg(client.path())
+        .arg("--no-mdns")
+        .args(&peer_args)
+        .args([
+            "run",
+            "--json",
+            "--job",
+            "hostile",
+            "--arg",
+            "mode=slow",
+            "--arg",
+            "ms=600",
+        ])
+        .args(["--split-mib", "1", "--input", &cid])
+        .env_remove("P2PMR_PEERS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let signal = |sig: &str, d: &DaemonProcess| {
+        let pid = d.child.id().to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let mut coordinator = String::new();
+    let mut stopped: Option<&DaemonProcess> = None;
+    let mut stopped_at = std::time::Instant::now();
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(run.stdout.take().unwrap()).lines() {
+        let e: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if e["event"] == "accepted" {
+            coordinator = e["coordinator"].as_str().unwrap().to_owned();
+        }
+        if stopped.is_none() && e["event"] == "task_started" && e["peer"] != coordinator.as_str() {
+            let victim = all.iter().find(|d| d.peer_id == e["peer"]).unwrap();
+            signal("-STOP", victim);
+            stopped = Some(victim);
+            stopped_at = std::time::Instant::now();
+        }
+        events.push(e);
+    }
+    let took = stopped_at.elapsed();
+    let status = run.wait().unwrap();
+    if let Some(victim) = stopped {
+        signal("-CONT", victim);
+    }
+    assert!(status.success(), "{events:?}");
+    assert!(
+        stopped.is_some(),
+        "no task ran outside the coordinator: {events:?}"
+    );
+    let given_up = events.iter().any(|e| {
+        e["event"] == "task_failed" && e["reason"].as_str().unwrap_or("").contains("liveness")
+    });
+    assert!(given_up, "{events:?}");
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+    let output = events.last().unwrap()["output"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let counted = with_peers(&["cat", &output]);
+    assert_eq!(stdout(&counted), format!("lines\t{n}"));
 }

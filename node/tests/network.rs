@@ -52,6 +52,7 @@ fn loopback(bootstrap: Vec<Multiaddr>) -> DaemonConfig {
         bootstrap,
         mdns: false,
         slots: 2,
+        liveness: p2pmr_node::coordinator::DEFAULT_LIVENESS,
     }
 }
 

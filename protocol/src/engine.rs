@@ -119,6 +119,8 @@ pub struct ReduceTask {
     pub runs: Vec<RunRef>,
     /// Copies of the output to keep on distinct daemons.
     pub replicas: u32,
+    /// Daemons (binary peer ids) the coordinator has given up on: not to be used for copies.
+    pub avoid: Vec<Vec<u8>>,
     /// Attempt number (1 for the first).
     pub attempt: u32,
 }
@@ -484,6 +486,7 @@ mod tests {
                     holder: vec![0, 1, 2],
                 }],
                 replicas: 2,
+                avoid: vec![vec![9; 38]],
                 attempt: 1,
             }),
             JobRequest::Abort { job: cid(4) },

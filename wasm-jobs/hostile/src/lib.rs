@@ -1,6 +1,7 @@
 //! `hostile`: a test fixture that misbehaves on purpose, chosen with `--arg mode=...`:
 //! `loop` (map never returns), `oom` (map grows memory without bound), `trap` (map panics on
-//! any record containing `TRAP`; fine otherwise), `flood` (map emits without bound).
+//! any record containing `TRAP`; fine otherwise), `flood` (map emits without bound), `slow`
+//! (counts lines, taking about `ms` milliseconds per batch: tests that need a job to last).
 //! Otherwise it counts lines, like a well-behaved job.
 
 use p2pmr_guest::{Emit, Input, Job, Records, Values};
@@ -28,6 +29,19 @@ impl Job for Hostile {
             "flood" => loop {
                 emit.emit("flood", "x".repeat(1000));
             },
+            "slow" => {
+                // No clock in the sandbox: spin a calibrated amount (~1 ms per 300k rounds
+                // of this loop on a 2020s core).
+                let ms: u64 = input.arg("ms").and_then(|v| v.parse().ok()).unwrap_or(100);
+                let mut x = 0u64;
+                for _ in 0..ms.saturating_mul(300_000) {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                }
+                std::hint::black_box(x);
+                for _ in records {
+                    emit.emit("lines", "1");
+                }
+            }
             mode => {
                 for record in records {
                     if mode == "trap" && record.bytes.windows(4).any(|w| w == b"TRAP") {
