@@ -50,6 +50,9 @@ pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(3);
 const WATCH_WAIT: Duration = Duration::from_secs(5);
 /// Attempts per task before the job fails (failures of the peer, not of the task's code).
 const MAX_ATTEMPTS: u32 = 4;
+/// Times a task may fail by itself (trap, time or memory limit), each on another peer when
+/// there is one, before the job fails: a flaky peer is not the job's fault, a bad record is.
+const TASK_FAILURES: usize = 3;
 /// Jobs a coordinator keeps in memory (finished ones are dropped oldest first).
 const MAX_JOBS: usize = 256;
 /// Jobs a coordinator runs at once.
@@ -819,6 +822,9 @@ impl Coordinator {
         let mut probe_tick = tokio::time::interval(self.inner.liveness / 3);
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut idle_since: Vec<Option<Instant>> = vec![None; sched.peers.len()];
+        // How often, and on which peers, each task failed by itself.
+        let mut failed: HashMap<usize, usize> = HashMap::new();
+        let mut failed_on: HashMap<usize, HashSet<usize>> = HashMap::new();
         let mut done = Vec::with_capacity(n);
         let mut running: JoinSet<(usize, usize, Instant, Result<JobResponse, String>)> =
             JoinSet::new();
@@ -831,15 +837,28 @@ impl Coordinator {
                     if free[p] == 0 || dead[p] || pending.is_empty() {
                         continue;
                     }
-                    let (at, score) = match sched.local {
+                    // A task that failed on this peer goes elsewhere while there is elsewhere.
+                    let live = dead.iter().filter(|d| !**d).count();
+                    let eligible = |t: usize| {
+                        failed_on
+                            .get(&t)
+                            .is_none_or(|on: &HashSet<usize>| !on.contains(&p) || on.len() >= live)
+                    };
+                    let pick = match sched.local {
                         Some(local) => pending
                             .iter()
                             .enumerate()
+                            .filter(|(_, &t)| eligible(t))
                             .max_by_key(|(i, &t)| (local[t][p], std::cmp::Reverse(*i)))
-                            .map(|(i, &t)| (i, local[t][p]))
-                            .expect("not empty"),
-                        None => (pending.len() - 1, 0),
+                            .map(|(i, &t)| (i, local[t][p])),
+                        None => pending
+                            .iter()
+                            .enumerate()
+                            .rev()
+                            .find(|(_, &t)| eligible(t))
+                            .map(|(i, _)| (i, 0)),
                     };
+                    let Some((at, score)) = pick else { continue };
                     if sched.local.is_some() && score == 0 {
                         // Delay scheduling: wait a little for a task this peer holds.
                         let since = *idle_since[p].get_or_insert_with(Instant::now);
@@ -983,14 +1002,27 @@ impl Coordinator {
                     attempts[t] -= 1;
                 }
                 Ok(JobResponse::Failed(reason)) => {
+                    // The task failed by itself (trap, time or memory limit): try it on other
+                    // peers a bounded number of times, then fail the job with the reason.
+                    free[p] += 1;
+                    let failures = failed.entry(t).or_default();
+                    *failures += 1;
+                    failed_on.entry(t).or_default().insert(p);
+                    let retry = *failures < TASK_FAILURES;
                     handle.emit(Event::TaskFailed {
                         kind,
                         task: t as u32,
                         peer: peer.to_string(),
                         reason: reason.clone(),
-                        retry: false,
+                        retry,
                     });
-                    return Err(format!("{what} task {t} failed on {peer}: {reason}").into());
+                    if !retry {
+                        return Err(format!(
+                            "{what} task {t} failed {TASK_FAILURES} times; last on {peer}: {reason}"
+                        )
+                        .into());
+                    }
+                    pending.push(t);
                 }
                 Ok(other) => {
                     return Err(format!("{peer} answered {what} task {t} with {other:?}").into());

@@ -473,6 +473,17 @@ async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
     .await?;
     let reason = ran.reason.expect("fails");
     assert!(reason.contains("map task 0"), "{reason}");
+    // Tried three times, on both daemons, before the job gave up.
+    let failures: Vec<&String> = ran
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::TaskFailed { peer, .. } => Some(peer),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failures.len(), 3, "{:?}", ran.events);
+    assert_eq!(failures.iter().collect::<HashSet<_>>().len(), 2);
     assert!(
         ran.events
             .iter()
