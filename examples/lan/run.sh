@@ -54,7 +54,9 @@ done
 
 export RUST_LOG=${RUST_LOG:-warn}
 for i in 1 2 3 4; do
-    in_ns "$i" "$bin" --home "$work/d$i" daemon >"$work/d$i.out" 2>"$work/d$i.err" &
+    # Not through in_ns: a backgrounded function is a subshell, and killing it would leave
+    # the daemon running. `ip netns exec` execs the daemon, so $! is the daemon itself.
+    ip netns exec "$tag-$i" "$bin" --home "$work/d$i" daemon >"$work/d$i.out" 2>"$work/d$i.err" &
     pids+=($!)
 done
 for i in 1 2 3 4; do
@@ -77,6 +79,9 @@ in_ns 5 "$bin" --home "$work/none" stat "$cid"
 
 kill -9 "${pids[0]}"
 wait "${pids[0]}" 2>/dev/null || true
+if kill -0 "${pids[0]}" 2>/dev/null || pgrep -f -- "--home $work/d1 daemon" >/dev/null; then
+    echo "the daemon in namespace 1 is still running" >&2; exit 1
+fi
 echo "lan: killed the daemon in namespace 1"
 in_ns 6 "$bin" --home "$work/none" cat "$cid" | cmp - "$work/file"
 [[ ! -e $work/none ]] || { echo "a client created a repository" >&2; exit 1; }
