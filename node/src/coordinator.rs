@@ -49,7 +49,7 @@ pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(3);
 /// How long a watch request waits for new events before answering with none.
 const WATCH_WAIT: Duration = Duration::from_secs(5);
 /// Attempts per task before the job fails (failures of the peer, not of the task's code).
-const MAX_ATTEMPTS: u32 = 4;
+const MAX_ATTEMPTS: usize = 4;
 /// Times a task may fail by itself (trap, time or memory limit), each on another peer when
 /// there is one, before the job fails: a flaky peer is not the job's fault, a bad record is.
 const TASK_FAILURES: usize = 3;
@@ -823,8 +823,7 @@ impl Coordinator {
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut idle_since: Vec<Option<Instant>> = vec![None; sched.peers.len()];
         // How often, and on which peers, each task failed by itself.
-        let mut failed: HashMap<usize, usize> = HashMap::new();
-        let mut failed_on: HashMap<usize, HashSet<usize>> = HashMap::new();
+        let mut failed: HashMap<usize, (usize, HashSet<usize>)> = HashMap::new();
         let mut done = Vec::with_capacity(n);
         let mut running: JoinSet<(usize, usize, Instant, Result<JobResponse, String>)> =
             JoinSet::new();
@@ -840,9 +839,9 @@ impl Coordinator {
                     // A task that failed on this peer goes elsewhere while there is elsewhere.
                     let live = dead.iter().filter(|d| !**d).count();
                     let eligible = |t: usize| {
-                        failed_on
+                        failed
                             .get(&t)
-                            .is_none_or(|on: &HashSet<usize>| !on.contains(&p) || on.len() >= live)
+                            .is_none_or(|(_, on)| !on.contains(&p) || on.len() >= live)
                     };
                     let pick = match sched.local {
                         Some(local) => pending
@@ -956,10 +955,7 @@ impl Coordinator {
                 Err(e) => return Err(e.to_string().into()),
             };
             let peer = sched.peers[p];
-            let what = match kind {
-                TaskKind::Map => "map",
-                TaskKind::Reduce => "reduce",
-            };
+            let what = kind.name();
             match result {
                 Ok(JobResponse::MissingRuns(runs)) if kind == TaskKind::Reduce => {
                     // Not this reducer's fault: the caller re-runs the maps and tries again.
@@ -1005,23 +1001,11 @@ impl Coordinator {
                     // The task failed by itself (trap, time or memory limit): try it on other
                     // peers a bounded number of times, then fail the job with the reason.
                     free[p] += 1;
-                    let failures = failed.entry(t).or_default();
-                    *failures += 1;
-                    failed_on.entry(t).or_default().insert(p);
-                    let retry = *failures < TASK_FAILURES;
-                    handle.emit(Event::TaskFailed {
-                        kind,
-                        task: t as u32,
-                        peer: peer.to_string(),
-                        reason: reason.clone(),
-                        retry,
-                    });
-                    if !retry {
-                        return Err(format!(
-                            "{what} task {t} failed {TASK_FAILURES} times; last on {peer}: {reason}"
-                        )
-                        .into());
-                    }
+                    let (count, on) = failed.entry(t).or_default();
+                    *count += 1;
+                    on.insert(p);
+                    let retry = *count < TASK_FAILURES;
+                    retry_or_fail(handle, kind, t, peer, reason, retry, TASK_FAILURES)?;
                     pending.push(t);
                 }
                 Ok(other) => {
@@ -1031,20 +1015,8 @@ impl Coordinator {
                     // The peer is unreachable or stalled: run the task elsewhere.
                     dead[p] = true;
                     gone.insert(peer);
-                    let retry = attempts[t] < MAX_ATTEMPTS;
-                    handle.emit(Event::TaskFailed {
-                        kind,
-                        task: t as u32,
-                        peer: peer.to_string(),
-                        reason: reason.clone(),
-                        retry,
-                    });
-                    if !retry {
-                        return Err(format!(
-                            "{what} task {t} failed {MAX_ATTEMPTS} times; last on {peer}: {reason}"
-                        )
-                        .into());
-                    }
+                    let retry = attempts[t] < MAX_ATTEMPTS as u32;
+                    retry_or_fail(handle, kind, t, peer, reason, retry, MAX_ATTEMPTS)?;
                     pending.push(t);
                 }
             }
@@ -1052,6 +1024,31 @@ impl Coordinator {
         done.sort_by_key(|d| d.0);
         Ok(done)
     }
+}
+
+/// Tells watchers attempt `t` failed on `peer`; unless it is to be retried, the job fails
+/// with the reason (`limit` attempts were made).
+fn retry_or_fail(
+    handle: &JobHandle,
+    kind: TaskKind,
+    t: usize,
+    peer: PeerId,
+    reason: String,
+    retry: bool,
+    limit: usize,
+) -> Result<(), Stop> {
+    handle.emit(Event::TaskFailed {
+        kind,
+        task: t as u32,
+        peer: peer.to_string(),
+        reason: reason.clone(),
+        retry,
+    });
+    if retry {
+        return Ok(());
+    }
+    let what = kind.name();
+    Err(format!("{what} task {t} failed {limit} times; last on {peer}: {reason}").into())
 }
 
 struct Schedule<'a> {

@@ -525,11 +525,6 @@ impl Executor {
     }
 
     /// Validates and compiles `wasm` (once per `cid`; later calls return the cached module).
-    /// The module compiled for `cid`, if it was loaded before.
-    pub fn cached(&self, cid: &Cid) -> Option<Arc<JobModule>> {
-        self.modules.lock().expect("poisoned").get(cid).cloned()
-    }
-
     pub fn load(&self, cid: Cid, name: &str, wasm: &[u8]) -> Result<Arc<JobModule>, JobError> {
         if let Some(m) = self.modules.lock().expect("poisoned").get(&cid) {
             return Ok(m.clone());

@@ -35,13 +35,6 @@ pub struct Progress {
     retries: u32,
 }
 
-fn kind_name(kind: TaskKind) -> &'static str {
-    match kind {
-        TaskKind::Map => "map",
-        TaskKind::Reduce => "reduce",
-    }
-}
-
 fn counters_json(c: &Counters) -> Value {
     json!({
         "input_records": c.input_records,
@@ -84,7 +77,7 @@ pub fn event_json(event: &Event) -> Value {
             attempt,
             peer,
             local_percent,
-        } => json!({"event": "task_started", "kind": kind_name(*kind), "task": task,
+        } => json!({"event": "task_started", "kind": kind.name(), "task": task,
                    "attempt": attempt, "peer": peer, "local_percent": local_percent}),
         Event::TaskFinished {
             kind,
@@ -92,7 +85,7 @@ pub fn event_json(event: &Event) -> Value {
             peer,
             bytes,
             millis,
-        } => json!({"event": "task_finished", "kind": kind_name(*kind), "task": task,
+        } => json!({"event": "task_finished", "kind": kind.name(), "task": task,
                    "peer": peer, "bytes": bytes, "millis": millis}),
         Event::TaskFailed {
             kind,
@@ -100,7 +93,7 @@ pub fn event_json(event: &Event) -> Value {
             peer,
             reason,
             retry,
-        } => json!({"event": "task_failed", "kind": kind_name(*kind), "task": task,
+        } => json!({"event": "task_failed", "kind": kind.name(), "task": task,
                    "peer": peer, "reason": reason, "retry": retry}),
         Event::Completed {
             output,
@@ -248,7 +241,7 @@ impl Progress {
                 }
                 self.line(format!(
                     "{} task {task} failed on {}{}: {reason}",
-                    kind_name(*kind),
+                    kind.name(),
                     short(peer),
                     if *retry { " (retrying)" } else { "" }
                 ));

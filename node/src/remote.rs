@@ -736,7 +736,7 @@ impl Fetcher {
     /// Copies every block of the DAG at `root` (file or directory) into `store`, so it can be
     /// read without the network.
     pub async fn copy_into(&self, root: Cid, store: &BlockStore) -> Result<u64, RemoteError> {
-        let mut copied = 0;
+        let mut copied = Vec::new();
         let mut stack = vec![(root, 0usize)];
         while let Some((cid, depth)) = stack.pop() {
             if depth > p2pmr_protocol::unixfs::MAX_DEPTH {
@@ -748,15 +748,20 @@ impl Fetcher {
                 stack.extend(node.links.iter().map(|l| (l.hash, depth + 1)));
             }
             let store = store.clone();
-            tokio::task::spawn_blocking(move || {
-                store.put(&block).and_then(|_| store.sync([block.cid()]))
-            })
+            tokio::task::spawn_blocking(move || store.put(&block))
+                .await
+                .expect("store task panicked")
+                .map_err(FileError::Store)?;
+            copied.push(cid);
+        }
+        // One sync for the whole DAG, not one per block.
+        let n = copied.len() as u64;
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.sync(copied.iter()))
             .await
             .expect("store task panicked")
             .map_err(FileError::Store)?;
-            copied += 1;
-        }
-        Ok(copied)
+        Ok(n)
     }
 }
 

@@ -125,15 +125,23 @@ impl Worker {
                 JobResponse::Ok
             }
             JobRequest::Map(task) => {
-                let (this, spec) = (self.clone(), task.spec.clone());
-                self.tracked(&spec, async move {
-                    this.map(task).await.map(JobResponse::MapDone)
+                let spec = match JobSpec::decode(&task.spec) {
+                    Ok(spec) => spec,
+                    Err(e) => return JobResponse::Failed(e.to_string()),
+                };
+                let (this, job) = (self.clone(), spec.id());
+                self.tracked(job, async move {
+                    this.map(spec, task).await.map(JobResponse::MapDone)
                 })
                 .await
             }
             JobRequest::Reduce(task) => {
-                let (this, spec) = (self.clone(), task.spec.clone());
-                self.tracked(&spec, async move { this.reduce(task).await })
+                let spec = match JobSpec::decode(&task.spec) {
+                    Ok(spec) => spec,
+                    Err(e) => return JobResponse::Failed(e.to_string()),
+                };
+                let (this, job) = (self.clone(), spec.id());
+                self.tracked(job, async move { this.reduce(spec, task).await })
                     .await
             }
             other => JobResponse::Failed(format!("not a worker request: {other:?}")),
@@ -143,13 +151,9 @@ impl Worker {
     /// Runs `body` as its own task, abortable by the job's id.
     async fn tracked(
         &self,
-        spec: &[u8],
+        job: Cid,
         body: impl std::future::Future<Output = Result<JobResponse, String>> + Send + 'static,
     ) -> JobResponse {
-        let job = match JobSpec::decode(spec) {
-            Ok(spec) => spec.id(),
-            Err(e) => return JobResponse::Failed(e.to_string()),
-        };
         let task = tokio::spawn(body);
         {
             let mut running = self.inner.running.lock().expect("poisoned");
@@ -167,9 +171,6 @@ impl Worker {
 
     /// The job's module, compiled (fetched and compiled on first use).
     pub async fn module(&self, spec: &JobSpec) -> Result<Arc<JobModule>, String> {
-        if let Some(m) = self.inner.exec.cached(&spec.module) {
-            return Ok(m);
-        }
         let cell = self
             .inner
             .loading
@@ -178,9 +179,18 @@ impl Worker {
             .entry(spec.module)
             .or_default()
             .clone();
-        // Failures are not kept: the next task tries again.
-        let module = cell.get_or_try_init(|| self.load(spec.module)).await?;
-        Ok(module.clone())
+        // Failures are not kept: the next task tries again, and the entry goes, so module
+        // CIDs that never load (any peer can submit them) do not pile up here.
+        match cell.get_or_try_init(|| self.load(spec.module)).await {
+            Ok(module) => Ok(module.clone()),
+            Err(e) => {
+                let mut loading = self.inner.loading.lock().expect("poisoned");
+                if loading.get(&spec.module).is_some_and(|c| c.get().is_none()) {
+                    loading.remove(&spec.module);
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn load(&self, cid: Cid) -> Result<Arc<JobModule>, String> {
@@ -220,8 +230,7 @@ impl Worker {
         Ok((module, permit))
     }
 
-    async fn map(&self, task: MapTask) -> Result<MapOutput, String> {
-        let spec = JobSpec::decode(&task.spec).map_err(|e| e.to_string())?;
+    async fn map(&self, spec: JobSpec, task: MapTask) -> Result<MapOutput, String> {
         let input = spec
             .inputs
             .get(task.input as usize)
@@ -306,8 +315,7 @@ impl Worker {
         Ok(MapOutput { parts, counters })
     }
 
-    async fn reduce(&self, task: ReduceTask) -> Result<JobResponse, String> {
-        let spec = JobSpec::decode(&task.spec).map_err(|e| e.to_string())?;
+    async fn reduce(&self, spec: JobSpec, task: ReduceTask) -> Result<JobResponse, String> {
         if task.partition >= spec.reducers {
             return Err(format!("the job has no partition {}", task.partition));
         }

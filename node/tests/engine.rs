@@ -360,16 +360,21 @@ async fn wordcount_on_boundary_inputs_equals_run_local_and_runs_each_task_once()
         ran_in_parallel(&ran.events, TaskKind::Reduce),
         "reduces ran one at a time"
     );
-    if let Some(Event::Completed { counters, .. }) = ran.events.last() {
-        let total: u64 = inputs.iter().map(|(_, b)| b.len() as u64).sum();
-        assert_eq!(counters.input_bytes, total, "every input byte mapped once");
-        assert_eq!(counters.map_attempts, u64::from(maps));
-        assert_eq!(counters.reduce_output_records as usize, expected.len());
-        // wordcount's map output all comes out of its combiner, which took at least as much.
-        assert_eq!(counters.combine_output_records, counters.map_output_records);
-        assert!(counters.combine_input_records >= counters.combine_output_records);
-        assert!(counters.combine_output_records > 0);
-    }
+    // The last event is the completion (the job succeeded above); its counters must hold.
+    let Some(Event::Completed { counters, .. }) = ran.events.last() else {
+        panic!(
+            "the last event is not the completion: {:?}",
+            ran.events.last()
+        );
+    };
+    let total: u64 = inputs.iter().map(|(_, b)| b.len() as u64).sum();
+    assert_eq!(counters.input_bytes, total, "every input byte mapped once");
+    assert_eq!(counters.map_attempts, u64::from(maps));
+    assert_eq!(counters.reduce_output_records as usize, expected.len());
+    // wordcount's map output all comes out of its combiner, which took at least as much.
+    assert_eq!(counters.combine_output_records, counters.map_output_records);
+    assert!(counters.combine_input_records >= counters.combine_output_records);
+    assert!(counters.combine_output_records > 0);
 
     // The same job again: the coordinator answers with the job it ran (same events, same
     // output); nothing runs again.
@@ -569,15 +574,20 @@ async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()>
     assert!(ran_in_parallel(&ran.events, TaskKind::Map));
     // No early exit: the output is complete and readable from any peer, here a new client.
     assert_eq!(read_output(&cluster, output).await?, expected);
-    if let Some(Event::Completed { counters, .. }) = ran.events.last() {
-        // With 3 replicas on 4 daemons most map input is local.
-        let local = counters.local_map_bytes as f64
-            / (counters.local_map_bytes + counters.remote_map_bytes) as f64;
-        assert!(
-            local > 0.5,
-            "only {local:.2} of the map input was read locally"
+    // The last event is the completion (the job succeeded above); its counters must hold.
+    let Some(Event::Completed { counters, .. }) = ran.events.last() else {
+        panic!(
+            "the last event is not the completion: {:?}",
+            ran.events.last()
         );
-    }
+    };
+    // With 3 replicas on 4 daemons most map input is local.
+    let local = counters.local_map_bytes as f64
+        / (counters.local_map_bytes + counters.remote_map_bytes) as f64;
+    assert!(
+        local > 0.5,
+        "only {local:.2} of the map input was read locally"
+    );
     client.close().await;
     cluster.stop().await;
     Ok(())

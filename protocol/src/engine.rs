@@ -298,6 +298,16 @@ pub enum TaskKind {
     Reduce,
 }
 
+impl TaskKind {
+    /// `map` or `reduce`, as messages and JSON events name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Map => "map",
+            Self::Reduce => "reduce",
+        }
+    }
+}
+
 /// A progress event. Peers are named by their base58 peer id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
