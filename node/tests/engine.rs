@@ -371,8 +371,9 @@ async fn wordcount_on_boundary_inputs_equals_run_local_and_runs_each_task_once()
     assert_eq!(counters.input_bytes, total, "every input byte mapped once");
     assert_eq!(counters.map_attempts, u64::from(maps));
     assert_eq!(counters.reduce_output_records as usize, expected.len());
-    // wordcount's map output all comes out of its combiner, which took at least as much.
-    assert_eq!(counters.combine_output_records, counters.map_output_records);
+    // wordcount's combiner sees a task's first pairs at least (it may then step aside: its
+    // mapper already counts) and never gives back more than it took.
+    assert!(counters.combine_output_records <= counters.map_output_records);
     assert!(counters.combine_input_records >= counters.combine_output_records);
     assert!(counters.combine_output_records > 0);
 

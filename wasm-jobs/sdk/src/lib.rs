@@ -25,6 +25,9 @@
 //! assert_eq!(out.concat(), b"a\t2\nb\t1\n");
 //! ```
 
+mod counter;
+
+pub use counter::{decimal, Counter};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -36,6 +39,8 @@ pub const ABI_VERSION: i32 = 1;
 const OUTPUT_FLUSH: usize = 64 << 10;
 /// The combiner runs when the pairs it holds reach about this many bytes (and at task end).
 const COMBINE_LIMIT: usize = 16 << 20;
+/// After this many pairs a map task checks whether its combiner is combining anything.
+const BYPASS_SAMPLE: u64 = 4096;
 
 /// A MapReduce job. `map` sees whole records (lines), `reduce` sees each key once with all of
 /// its values, in ascending key order within a partition.
@@ -385,6 +390,10 @@ struct Combining {
     bytes: usize,
     /// Pairs handed to the combiner.
     taken: u64,
+    /// Pairs the combiner gave back.
+    produced: u64,
+    /// Set once the combiner proved useless for this task: pairs then go straight out.
+    bypass: bool,
     combine: fn(&[u8], &mut Values, &mut Emit),
     out: Output,
 }
@@ -396,18 +405,34 @@ impl Combining {
             bytes,
             combine,
             out,
+            produced,
             ..
         } = self;
+        let before = out.pairs;
         for (key, values) in groups.drain() {
             let mut values = Values::encoded(&values);
             combine(key.as_bytes(), &mut values, &mut Emit { sink: out });
         }
+        *produced += out.pairs - before;
         *bytes = 0;
     }
 }
 
 impl Sink for Combining {
     fn pair(&mut self, key: &[u8], value: &[u8]) {
+        if self.bypass {
+            return self.out.pair(key, value);
+        }
+        // A combiner may run any number of times, zero included (the MapReduce contract), so
+        // when the first pairs of a task have (almost) no key twice, buffering and grouping
+        // the rest would only cost time: a job that already aggregates in its mapper, like
+        // wordcount, emits each key once. Same idea as Spark's skipping of partial
+        // aggregation that does not aggregate.
+        if self.taken == BYPASS_SAMPLE && (self.groups.len() as u64) * 100 >= BYPASS_SAMPLE * 99 {
+            self.drain();
+            self.bypass = true;
+            return self.out.pair(key, value);
+        }
         self.taken += 1;
         match self.groups.get_mut(KeyRef::new(key)) {
             Some(values) => {
@@ -442,6 +467,8 @@ impl MapSink {
                 groups: FxMap::default(),
                 bytes: 0,
                 taken: 0,
+                produced: 0,
+                bypass: false,
                 combine: J::combine,
                 out: Output::new(to_host),
             })
@@ -465,7 +492,7 @@ impl MapSink {
         let mut out = match self {
             Self::Plain(o) => o,
             Self::Combining(c) => {
-                COMBINED.set((c.taken, c.out.pairs));
+                COMBINED.set((c.taken, c.produced));
                 c.out
             }
         };
@@ -1105,5 +1132,33 @@ mod tests {
         lines.retain(|l| !l.is_empty());
         lines.sort();
         assert_eq!(lines, vec![&b"x\t3"[..], &b"y\t1"[..]]);
+    }
+
+    /// (pairs the combiner took, pairs it gave back, pairs out of the task) for `lines`.
+    fn combined(lines: impl Iterator<Item = String>) -> (u64, u64, usize) {
+        let text: String = lines.map(|l| l + "\n").collect();
+        let mut task = local::MapTask::<Sum>::new("in", &[]);
+        task.batch(text.as_bytes(), 0);
+        let out = local::pairs(&task.finish()).len();
+        let (taken, given) = COMBINED.get();
+        (taken, given, out)
+    }
+
+    #[test]
+    fn a_combiner_that_combines_nothing_steps_aside() {
+        // Every key distinct: after the sample the rest goes straight out, uncombined.
+        let n = 3 * BYPASS_SAMPLE as usize;
+        let (taken, given, out) = combined((0..n).map(|i| format!("k{i}")));
+        assert_eq!((taken, given, out), (BYPASS_SAMPLE, BYPASS_SAMPLE, n));
+        // A few repeats in the sample (under 1%) still count as nothing to combine.
+        let (taken, given, out) =
+            combined((0..n).map(|i| format!("k{}", if i < 30 { 0 } else { i })));
+        assert_eq!(
+            (taken, given, out),
+            (BYPASS_SAMPLE, BYPASS_SAMPLE - 29, n - 29)
+        );
+        // Keys that repeat keep the combiner on to the end.
+        let (taken, given, out) = combined((0..n).map(|i| format!("k{}", i % 100)));
+        assert_eq!((taken, given, out), (n as u64, 100, 100));
     }
 }

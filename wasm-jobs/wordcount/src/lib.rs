@@ -3,12 +3,12 @@
 //! including bytes that are not valid UTF-8, separates words. With a combiner.
 
 use p2pmr_guest::text::words;
-use p2pmr_guest::{Emit, FxHashMap, Input, Job, KeyBuf, KeyRef, Records, Values};
+use p2pmr_guest::{decimal, Counter, Emit, Input, Job, Records, Values};
 use std::cell::RefCell;
 
 thread_local! {
     /// The current map task's counts.
-    static COUNTS: RefCell<FxHashMap<KeyBuf, u64>> = RefCell::new(FxHashMap::default());
+    static COUNTS: RefCell<Counter> = RefCell::new(Counter::new());
 }
 
 /// The job.
@@ -22,21 +22,17 @@ impl Job for WordCount {
         COUNTS.with_borrow_mut(|counts| {
             for record in records {
                 for word in words(record.bytes) {
-                    match counts.get_mut(KeyRef::new(word)) {
-                        Some(n) => *n += 1,
-                        None => {
-                            counts.insert(KeyBuf::new(word), 1);
-                        }
-                    }
+                    counts.add(word, 1);
                 }
             }
         });
     }
 
     fn map_end(_: &Input, emit: &mut Emit) {
-        for (word, n) in COUNTS.take() {
-            emit.emit(word.as_bytes(), n.to_string());
-        }
+        let mut buf = [0; 20];
+        COUNTS
+            .take()
+            .for_each(|word, n| emit.emit(word, decimal(n, &mut buf)));
     }
 
     fn reduce(key: &[u8], values: &mut Values, emit: &mut Emit) {
