@@ -102,8 +102,8 @@ enum Command {
         /// 4001 or the next free one]
         #[arg(long, value_name = "MULTIADDR")]
         listen: Vec<Multiaddr>,
-        /// Tasks to run at once [default: the number of cores]
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+        /// Tasks to run at once [default: the number of cores; at most 128]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=128))]
         slots: Option<u32>,
         /// When coordinating, give up on a worker that does not answer a probe within this
         /// many seconds (it is stalled or cut off): its tasks run elsewhere
@@ -233,8 +233,8 @@ enum Command {
         #[arg(long, default_value_t = 64, value_name = "MIB",
               value_parser = clap::value_parser!(u64).range(1..))]
         split_mib: u64,
-        /// Worker threads [default: the number of cores]
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+        /// Worker threads [default: the number of cores; at most 128]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=128))]
         threads: Option<u64>,
     },
     /// Inspect or check the local repository.

@@ -79,8 +79,10 @@ impl Worker {
                 net,
                 exec,
                 fetcher,
-                slots: slots.max(1),
-                permits: Arc::new(Semaphore::new(slots.max(1) as usize)),
+                slots: slots.clamp(1, crate::jobs::MAX_INSTANCES),
+                permits: Arc::new(Semaphore::new(
+                    slots.clamp(1, crate::jobs::MAX_INSTANCES) as usize
+                )),
                 running: Mutex::new(HashMap::new()),
                 loading: Mutex::new(HashMap::new()),
             }),
