@@ -360,6 +360,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         listen: listen_tx,
         bootstrapped: false,
         banned: HashSet::new(),
+        known: HashMap::new(),
     };
     // Wait (briefly) until every listener reports its addresses, so callers can print them.
     // A wildcard listener reports one per interface, in a burst: take what comes within 50 ms
@@ -412,13 +413,34 @@ struct EventLoop {
     bootstrapped: bool,
     /// Peers caught misbehaving: never connected to again by this peer.
     banned: HashSet<PeerId>,
+    /// Daemons seen (with the addresses they listen on), redialled while disconnected: a
+    /// daemon that was restarted, frozen or cut off comes back into the network by itself.
+    known: HashMap<PeerId, Vec<Multiaddr>>,
 }
+
+/// How often disconnected known daemons are dialled again.
+const REDIAL: Duration = Duration::from_secs(2);
+/// Most daemons remembered for redialling.
+const MAX_KNOWN: usize = 1024;
 
 impl EventLoop {
     async fn run(mut self) {
         let mut refresh = tokio::time::interval(Duration::from_secs(300));
+        let mut redial = tokio::time::interval(REDIAL);
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = redial.tick() => {
+                    let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
+                        .known
+                        .iter()
+                        .filter(|(p, _)| !self.swarm.is_connected(p))
+                        .map(|(p, a)| (*p, a.clone()))
+                        .collect();
+                    for (peer, addrs) in lost {
+                        self.dial_peer(peer, addrs);
+                    }
+                }
                 event = self.swarm.select_next_some() => self.handle_event(event),
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
@@ -502,6 +524,7 @@ impl EventLoop {
             }
             Command::Ban(peer) => {
                 self.banned.insert(peer);
+                self.known.remove(&peer);
                 self.daemons.send_if_modified(|d| d.remove(&peer).is_some());
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
@@ -583,6 +606,9 @@ impl EventLoop {
                         .behaviour_mut()
                         .kad
                         .add_address(&peer_id, addr.clone());
+                }
+                if self.known.len() < MAX_KNOWN || self.known.contains_key(&peer_id) {
+                    self.known.insert(peer_id, info.listen_addrs.clone());
                 }
                 let info = PeerInfo {
                     addrs: info.listen_addrs,
