@@ -36,7 +36,18 @@ pub enum ClientError {
     /// Publishing the module failed.
     #[error(transparent)]
     Remote(#[from] RemoteError),
+    /// The coordinator stopped answering.
+    #[error("coordinator {0} stopped answering")]
+    Silent(PeerId),
 }
+
+/// How long a watched coordinator may stay silent before it is taken for dead or stalled
+/// (its long poll answers within about 5 s).
+pub const WATCH_SILENCE: Duration = Duration::from_secs(15);
+/// Most times [`follow`] hands a job to another coordinator.
+const MAX_HANDOVERS: u32 = 16;
+/// Pause before a handover, so the network notices who left.
+const HANDOVER_PAUSE: Duration = Duration::from_secs(1);
 
 /// The coordinator for `job`: `chosen` if given (it must be connected), else the daemon the
 /// placement rule ranks first for the job id, so every client picks the same one for the same
@@ -81,7 +92,8 @@ pub async fn locate(
 }
 
 /// Publishes a wasm module: its blocks go to `replicas` daemons (at most as many as are
-/// connected). Returns its CID.
+/// connected; pass `usize::MAX` for all: every worker needs the module, and a job must not
+/// fail because the few daemons holding it are down). Returns its CID.
 pub async fn publish_module(
     net: &NetClient,
     wasm: Vec<u8>,
@@ -113,8 +125,88 @@ pub async fn submit(
     }
 }
 
-/// Follows `job`'s events from the first, handing each to `on_event`, until the final one,
-/// which is returned.
+/// Publishes the encoded spec as a block of its own, whose CID is the job id, on `replicas`
+/// daemons: with it, anyone who knows only the job id (`p2pmr watch JOBID`) can hand the job
+/// to another coordinator if its coordinator dies.
+pub async fn publish_spec(
+    net: &NetClient,
+    spec: &JobSpec,
+    replicas: usize,
+) -> Result<(), ClientError> {
+    let replicas = replicas.clamp(1, net.daemons().len().max(1));
+    remote::add(net, std::io::Cursor::new(spec.encode()), replicas).await?;
+    Ok(())
+}
+
+/// The spec of `job`, fetched from the network (see [`publish_spec`]).
+pub async fn fetch_spec(net: &NetClient, job: Cid) -> Result<JobSpec, ClientError> {
+    let block = remote::Fetcher::new(Some(net.clone()), None)
+        .fetch(job)
+        .await?;
+    JobSpec::decode(block.data()).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// Follows `job` to its end like [`watch`]; when its coordinator dies, stalls or forgets the
+/// job, hands the spec (given, else fetched by the job id) to the next daemon the job id
+/// ranks and follows it there. The new coordinator reuses the tasks already finished.
+pub async fn follow(
+    net: &NetClient,
+    mut coordinator: PeerId,
+    job: Cid,
+    mut spec: Option<JobSpec>,
+    mut on_event: impl FnMut(&Event),
+) -> Result<Event, ClientError> {
+    let mut handovers = 0;
+    let mut tried: Vec<PeerId> = Vec::new();
+    loop {
+        let error = match watch(net, coordinator, job, &mut on_event).await {
+            Ok(last) => return Ok(last),
+            Err(e @ (ClientError::Protocol(_) | ClientError::Remote(_))) => return Err(e),
+            Err(e) => e,
+        };
+        handovers += 1;
+        if handovers > MAX_HANDOVERS {
+            return Err(error);
+        }
+        tracing::warn!("lost the coordinator {coordinator} of {job} ({error}); handing it over");
+        if spec.is_none() {
+            match fetch_spec(net, job).await {
+                Ok(s) => spec = Some(s),
+                Err(e) => {
+                    tracing::debug!("no spec for {job}: {e}");
+                    return Err(error);
+                }
+            }
+        }
+        let spec = spec.as_ref().expect("set above");
+        tried.push(coordinator);
+        tokio::time::sleep(HANDOVER_PAUSE).await;
+        let daemons: Vec<Vec<u8>> = net
+            .daemons()
+            .keys()
+            .filter(|p| !tried.contains(p))
+            .map(|p| p.to_bytes())
+            .collect();
+        coordinator = match rank_peers(&job, &daemons).first() {
+            Some(b) => PeerId::from_bytes(b).expect("peer ids from the swarm"),
+            None => {
+                // Everyone was tried once: start over (a restarted daemon may be back).
+                tried.clear();
+                coordinator_for(net, &job, None)?
+            }
+        };
+        // A frozen daemon would hold the submission; the next round tries another.
+        match tokio::time::timeout(WATCH_SILENCE, submit(net, coordinator, spec)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("{coordinator} did not take {job}: {e}"),
+            Err(_) => tracing::warn!("{coordinator} did not answer the submission of {job}"),
+        }
+    }
+}
+
+/// Follows `job`'s events on `coordinator` from the first, handing each to `on_event`, until
+/// the final one, which is returned. A coordinator silent for [`WATCH_SILENCE`] (dead or
+/// stalled) is an error.
 pub async fn watch(
     net: &NetClient,
     coordinator: PeerId,
@@ -124,10 +216,11 @@ pub async fn watch(
     let mut from = 0;
     let mut busy_pause = Duration::from_millis(50);
     loop {
-        match net
-            .job_request(coordinator, JobRequest::Watch { job, from })
-            .await?
-        {
+        let asked = net.job_request(coordinator, JobRequest::Watch { job, from });
+        let answer = tokio::time::timeout(WATCH_SILENCE, asked)
+            .await
+            .map_err(|_| ClientError::Silent(coordinator))??;
+        match answer {
             JobResponse::Events { events, next, done } => {
                 let mut last = None;
                 for e in events {

@@ -22,8 +22,8 @@ use libp2p::PeerId;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::engine::{
-    Counters, Event, JobRequest, JobResponse, JobState, JobSummary, MapOutput, MapTask, Phase,
-    ReduceTask, RunRef, TaskKind, MAX_EVENTS_PER_REPLY,
+    Counters, Event, FinishedTask, JobRequest, JobResponse, JobState, JobSummary, MapOutput,
+    MapTask, Phase, ReduceTask, RunRef, TaskKind, MAX_EVENTS_PER_REPLY,
 };
 use p2pmr_protocol::job::JobSpec;
 use p2pmr_protocol::unixfs::{self, DirEntry, UnixFsData, UnixFsError};
@@ -50,6 +50,9 @@ pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(3);
 const WATCH_WAIT: Duration = Duration::from_secs(5);
 /// Attempts per task before the job fails (failures of the peer, not of the task's code).
 const MAX_ATTEMPTS: usize = 4;
+/// Times planning asks again for input blocks no reachable daemon has, and the pause between.
+const PLAN_RETRIES: u32 = 3;
+const PLAN_RETRY_PAUSE: Duration = Duration::from_secs(2);
 /// Times a task may fail by itself (trap, time or memory limit), each on another peer when
 /// there is one, before the job fails: a flaky peer is not the job's fault, a bad record is.
 const TASK_FAILURES: usize = 3;
@@ -424,9 +427,24 @@ impl Coordinator {
         let mut maps = Vec::new();
         let mut input_bytes = 0;
         for (i, input) in spec.inputs.iter().enumerate() {
-            let leaves = leaves(fetcher, input.cid)
-                .await
-                .map_err(|e| format!("input {} ({}): {e}", input.name, input.cid))?;
+            // A block no reachable daemon has may be on one that is restarting or was just
+            // cut off (daemons redial each other every few seconds): ask again a few times
+            // before failing the job.
+            let mut tries = 0;
+            let leaves = loop {
+                match leaves(fetcher, input.cid).await {
+                    Err(RemoteError::Unavailable { .. } | RemoteError::NoDaemons { .. })
+                        if tries < PLAN_RETRIES =>
+                    {
+                        tries += 1;
+                        tokio::time::sleep(PLAN_RETRY_PAUSE).await;
+                    }
+                    other => {
+                        break other
+                            .map_err(|e| format!("input {} ({}): {e}", input.name, input.cid))?
+                    }
+                }
+            };
             let mut offset = 0;
             let mut current: Option<PlannedMap> = None;
             for (cid, len) in leaves {
@@ -513,7 +531,31 @@ impl Coordinator {
         let mut reduce_attempts = vec![0u32; spec.reducers as usize];
         let mut outputs: Vec<Option<(MapOutput, PeerId)>> = vec![None; maps.len()];
         let mut entries: Vec<Option<DirEntry>> = vec![None; spec.reducers as usize];
-        let mut to_map: Vec<usize> = (0..maps.len()).collect();
+        // Work done for an earlier coordinator of this job (it died, and a client or another
+        // daemon handed the job to this one): the workers remember the tasks they finished,
+        // and planning is deterministic, so task numbers and ranges match.
+        let (reused_maps, reused_reduces) = self
+            .reuse(
+                spec,
+                &maps,
+                &peers,
+                &slots,
+                &mut outputs,
+                &mut entries,
+                &mut counters,
+            )
+            .await;
+        if reused_maps + reused_reduces > 0 {
+            handle.emit(Event::Reused {
+                maps: reused_maps,
+                reduces: reused_reduces,
+            });
+        }
+        let mut to_map: Vec<usize> = if entries.iter().all(Option::is_some) {
+            Vec::new() // every partition is done: no map output is needed any more
+        } else {
+            (0..maps.len()).filter(|t| outputs[*t].is_none()).collect()
+        };
         // Daemons this job has given up on (stalled or unreachable), even if still connected.
         let mut gone: HashSet<PeerId> = HashSet::new();
         handle.emit(Event::Phase(Phase::Map));
@@ -522,7 +564,9 @@ impl Coordinator {
         // after them: the MapReduce paper's rule. Each round loses at least one holder, so
         // the rounds are bounded by the number of daemons.
         for round in 0.. {
-            if round > peers.len() + 1 {
+            // Bounded so a job cannot loop for ever; generous, as daemons may die and come
+            // back several times over a long job.
+            if round > 3 * peers.len() + 2 {
                 return Err("map outputs kept being lost; giving up".to_string().into());
             }
             if !to_map.is_empty() {
@@ -571,9 +615,9 @@ impl Coordinator {
                     }
                     outputs[t] = Some((out, peer));
                 }
-                if round == 0 {
-                    handle.emit(Event::Phase(Phase::Reduce));
-                }
+            }
+            if round == 0 {
+                handle.emit(Event::Phase(Phase::Reduce));
             }
             // Map outputs on daemons that have left are lost: run those tasks again first.
             let connected = self.net().daemons();
@@ -739,6 +783,64 @@ impl Coordinator {
         .await
         .map_err(|e| format!("cannot replicate the output directory: {e}"))?;
         Ok((root, counters, started.elapsed()))
+    }
+
+    /// Asks the live workers which tasks of this job they finished and takes those outputs
+    /// (see [`JobRequest::Finished`]); returns how many map and reduce tasks it took.
+    #[allow(clippy::too_many_arguments)]
+    async fn reuse(
+        &self,
+        spec: &JobSpec,
+        maps: &[PlannedMap],
+        peers: &[PeerId],
+        slots: &[u32],
+        outputs: &mut [Option<(MapOutput, PeerId)>],
+        entries: &mut [Option<DirEntry>],
+        counters: &mut Counters,
+    ) -> (u32, u32) {
+        let job = spec.id();
+        let (mut reused_maps, mut reused_reduces) = (0, 0);
+        for (&peer, _) in peers.iter().zip(slots).filter(|(_, n)| **n > 0) {
+            let asked = self.call(peer, JobRequest::Finished { job });
+            let Ok(Ok(JobResponse::Finished(tasks))) =
+                tokio::time::timeout(self.inner.liveness, asked).await
+            else {
+                continue;
+            };
+            for task in tasks {
+                match task {
+                    FinishedTask::Map {
+                        task,
+                        input,
+                        start,
+                        end,
+                        output,
+                    } => {
+                        let t = task as usize;
+                        let same_range = maps
+                            .get(t)
+                            .is_some_and(|m| (m.input, m.start, m.end) == (input, start, end));
+                        if same_range && output.parts.len() == entries.len() && outputs[t].is_none()
+                        {
+                            outputs[t] = Some((output, peer));
+                            reused_maps += 1;
+                        }
+                    }
+                    FinishedTask::Reduce { partition, output } => {
+                        if let Some(entry @ None) = entries.get_mut(partition as usize) {
+                            counters.add(&output.counters);
+                            *entry = Some(DirEntry {
+                                name: format!("part-{partition:05}"),
+                                cid: output.cid,
+                                tsize: output.tsize,
+                            });
+                            reused_reduces += 1;
+                        }
+                    }
+                }
+            }
+        }
+        (reused_maps, reused_reduces)
     }
 
     /// Forgets the outputs of map tasks `lost`, telling watchers why they run again.

@@ -162,7 +162,7 @@ async fn drive(daemons: &[Daemon], config: &DemoConfig) -> Result<DemoReport, De
     ));
 
     let wasm = shipped::by_name("wordcount").expect("wordcount is shipped");
-    let module = client::publish_module(&net, wasm.to_vec(), 2)
+    let module = client::publish_module(&net, wasm.to_vec(), usize::MAX)
         .await
         .map_err(|e| fail("cannot publish the job")(e.to_string()))?;
     let spec = JobSpec::new(
@@ -183,7 +183,7 @@ async fn drive(daemons: &[Daemon], config: &DemoConfig) -> Result<DemoReport, De
         .await
         .map_err(|e| DemoError(e.to_string()))?;
     let mut progress = Progress::new(config.mode);
-    let last = client::watch(&net, coordinator, job, |e| progress.event(e))
+    let last = client::follow(&net, coordinator, job, Some(spec), |e| progress.event(e))
         .await
         .map_err(|e| DemoError(e.to_string()))?;
     let job_time = started.elapsed();

@@ -381,7 +381,7 @@ fn run(cli: Cli) -> Result<()> {
                     Ok(cid) => cid,
                     Err(_) => {
                         let (_, wasm) = resolve_job(&job, home)?;
-                        client::publish_module(net, wasm, 2).await?
+                        client::publish_module(net, wasm, usize::MAX).await?
                     }
                 };
                 let spec = JobSpec::new(module, inputs, reducers, args)?
@@ -392,13 +392,16 @@ fn run(cli: Cli) -> Result<()> {
                         ..TaskLimits::default()
                     });
                 let coordinator = client::coordinator_for(net, &spec.id(), coordinator)?;
+                // The spec goes on the network too: whoever watches the job can hand it to
+                // another coordinator if this one dies.
+                client::publish_spec(net, &spec, usize::MAX).await?;
                 let job = client::submit(net, coordinator, &spec).await?;
                 if detach {
                     println!("{job}");
                     peer.close().await;
                     return Ok(());
                 }
-                let result = follow(net, coordinator, job, json).await;
+                let result = follow(net, coordinator, job, Some(spec), json).await;
                 peer.close().await;
                 result
             })?;
@@ -412,7 +415,7 @@ fn run(cli: Cli) -> Result<()> {
             runtime()?.block_on(async {
                 let peer = ClientPeer::connect(client, 1).await?;
                 let coordinator = client::locate(peer.net(), &job, coordinator).await?;
-                let result = follow(peer.net(), coordinator, job, json).await;
+                let result = follow(peer.net(), coordinator, job, None, json).await;
                 peer.close().await;
                 result
             })?;
@@ -669,10 +672,11 @@ async fn follow(
     net: &p2pmr_node::net::NetClient,
     coordinator: libp2p::PeerId,
     job: Cid,
+    spec: Option<JobSpec>,
     json: bool,
 ) -> Result<()> {
     let mut progress = Progress::new(if json { Mode::Json } else { Mode::Human });
-    let last = client::watch(net, coordinator, job, |e| progress.event(e)).await?;
+    let last = client::follow(net, coordinator, job, spec, |e| progress.event(e)).await?;
     match last {
         Event::Completed { output, .. } => {
             if !json {

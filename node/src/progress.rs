@@ -66,6 +66,9 @@ pub fn event_json(event: &Event) -> Value {
             workers,
         } => json!({"event": "planned", "maps": maps, "reduces": reduces,
                    "input_bytes": input_bytes, "workers": workers}),
+        Event::Reused { maps, reduces } => {
+            json!({"event": "reused", "maps": maps, "reduces": reduces})
+        }
         Event::Phase(p) => json!({"event": "phase", "phase": match p {
             Phase::Map => "map",
             Phase::Reduce => "reduce",
@@ -206,6 +209,16 @@ impl Progress {
                 ));
                 self.map = Some(self.bar("map", *maps));
                 self.reduce = Some(self.bar("reduce", *reduces));
+            }
+            Event::Reused { maps, reduces } => {
+                self.line(format!(
+                    "took over the job: {maps} map and {reduces} reduce tasks already done are reused"
+                ));
+                for (bar, n) in [(&self.map, maps), (&self.reduce, reduces)] {
+                    if let Some(bar) = bar {
+                        bar.inc(u64::from(*n));
+                    }
+                }
             }
             Event::Phase(_) => {}
             Event::TaskStarted {

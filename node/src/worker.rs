@@ -21,12 +21,13 @@ use crate::Repo;
 use libp2p::PeerId;
 use p2pmr_protocol::abi::encode_args;
 use p2pmr_protocol::engine::{
-    Counters, JobRequest, JobResponse, MapOutput, MapTask, PartOut, ReduceOutput, ReduceTask,
+    Counters, FinishedTask, JobRequest, JobResponse, MapOutput, MapTask, PartOut, ReduceOutput,
+    ReduceTask,
 };
 use p2pmr_protocol::job::JobSpec;
 use p2pmr_protocol::records::RecordSplitter;
 use p2pmr_protocol::Cid;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,11 @@ pub const MAX_MODULE_SIZE: u64 = 64 << 20;
 const SHUFFLE_CONCURRENCY: usize = 16;
 /// Input chunks buffered between a map task's reader and its wasm.
 const MAP_BUFFER: usize = 4;
+/// Jobs whose finished tasks a worker remembers.
+const FINISHED_JOBS: usize = 64;
+/// Finished tasks remembered per job, in (over-estimated) encoded bytes: the answer must
+/// stay under the 4 MiB message limit.
+const FINISHED_BYTES: usize = 2 << 20;
 
 /// Runs tasks for coordinators. Cheap to clone.
 #[derive(Clone)]
@@ -58,6 +64,9 @@ struct Inner {
     running: Mutex<HashMap<Cid, Vec<tokio::task::AbortHandle>>>,
     /// Modules being fetched and compiled: tasks of the same job wait for one load.
     loading: Mutex<HashMap<Cid, Arc<tokio::sync::OnceCell<Arc<JobModule>>>>>,
+    /// Tasks finished here, per job, newest jobs last: what a coordinator taking over a job
+    /// asks for, so work done for a coordinator that died is not done again.
+    finished: Mutex<VecDeque<(Cid, Vec<FinishedTask>)>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -85,6 +94,7 @@ impl Worker {
                 )),
                 running: Mutex::new(HashMap::new()),
                 loading: Mutex::new(HashMap::new()),
+                finished: Mutex::new(VecDeque::new()),
             }),
         })
     }
@@ -132,22 +142,86 @@ impl Worker {
                     Err(e) => return JobResponse::Failed(e.to_string()),
                 };
                 let (this, job) = (self.clone(), spec.id());
-                self.tracked(job, async move {
-                    this.map(spec, task).await.map(JobResponse::MapDone)
-                })
-                .await
+                let (number, input, start, end) = (task.task, task.input, task.start, task.end);
+                let response = self
+                    .tracked(job, async move {
+                        this.map(spec, task).await.map(JobResponse::MapDone)
+                    })
+                    .await;
+                if let JobResponse::MapDone(output) = &response {
+                    self.remember(
+                        job,
+                        FinishedTask::Map {
+                            task: number,
+                            input,
+                            start,
+                            end,
+                            output: output.clone(),
+                        },
+                    );
+                }
+                response
             }
+            JobRequest::Finished { job } => JobResponse::Finished(
+                self.inner
+                    .finished
+                    .lock()
+                    .expect("poisoned")
+                    .iter()
+                    .find(|(j, _)| *j == job)
+                    .map(|(_, tasks)| tasks.clone())
+                    .unwrap_or_default(),
+            ),
             JobRequest::Reduce(task) => {
                 let spec = match JobSpec::decode(&task.spec) {
                     Ok(spec) => spec,
                     Err(e) => return JobResponse::Failed(e.to_string()),
                 };
                 let (this, job) = (self.clone(), spec.id());
-                self.tracked(job, async move { this.reduce(spec, task).await })
-                    .await
+                let partition = task.partition;
+                let response = self
+                    .tracked(job, async move { this.reduce(spec, task).await })
+                    .await;
+                if let JobResponse::ReduceDone(output) = &response {
+                    self.remember(
+                        job,
+                        FinishedTask::Reduce {
+                            partition,
+                            output: output.clone(),
+                        },
+                    );
+                }
+                response
             }
             other => JobResponse::Failed(format!("not a worker request: {other:?}")),
         }
+    }
+
+    /// Records a finished task of `job` (bounded: the oldest jobs, then the oldest tasks,
+    /// are forgotten first, so the answer to `Finished` always fits in a message).
+    fn remember(&self, job: Cid, task: FinishedTask) {
+        let mut finished = self.inner.finished.lock().expect("poisoned");
+        let at = match finished.iter().position(|(j, _)| *j == job) {
+            Some(at) => at,
+            None => {
+                if finished.len() >= FINISHED_JOBS {
+                    finished.pop_front();
+                }
+                finished.push_back((job, Vec::new()));
+                finished.len() - 1
+            }
+        };
+        // Roughly what an entry costs on the wire: a CID and two numbers per partition.
+        let parts = match &task {
+            FinishedTask::Map { output, .. } => output.parts.len(),
+            FinishedTask::Reduce { .. } => 1,
+        };
+        let most = (FINISHED_BYTES / (128 + 64 * parts)).max(1);
+        let tasks = &mut finished[at].1;
+        while tasks.len() >= most {
+            tasks.remove(0);
+        }
+        tasks.push(task);
     }
 
     /// Runs `body` as its own task, abortable by the job's id.

@@ -142,7 +142,7 @@ async fn run_job(
 /// Publishes a shipped job's module to 2 daemons.
 async fn publish(client: &ClientPeer, job: &str) -> Result<Cid> {
     let wasm = shipped::by_name(job).expect("shipped").to_vec();
-    Ok(client::publish_module(client.net(), wasm, 2).await?)
+    Ok(client::publish_module(client.net(), wasm, usize::MAX).await?)
 }
 
 async fn add(client: &ClientPeer, bytes: Vec<u8>, replicas: usize) -> Result<Cid> {
@@ -682,8 +682,10 @@ async fn run_and_kill(
     let coordinator = client::coordinator_for(&net, &spec.id(), None)?;
     let job = client::submit(&net, coordinator, spec).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // `follow` hands the job to another coordinator if this one dies.
+    let spec = spec.clone();
     let watcher = tokio::spawn(async move {
-        client::watch(&net, coordinator, job, |e| {
+        client::follow(&net, coordinator, job, Some(spec), |e| {
             let _ = tx.send(e.clone());
         })
         .await
@@ -718,9 +720,11 @@ async fn lost_mappers_and_reducers_still_give_the_exact_output() -> Result<()> {
     let mut corpus = Vec::new();
     std::io::Read::read_to_end(&mut p2pmr_node::demo::Corpus::new(12 << 20), &mut corpus)?;
     let expected = run_local("wordcount", &[("corpus".into(), corpus.clone())], 3, &[])?;
-    let mut cluster = Cluster::start(4, 1).await?;
+    // Three daemons die in turn: five, with four copies of the input, leave every block a
+    // holder.
+    let mut cluster = Cluster::start(5, 1).await?;
     let client = cluster.client().await?;
-    let input = add(&client, corpus, 3).await?;
+    let input = add(&client, corpus, 4).await?;
     let module = publish(&client, "wordcount").await?;
     let spec = |scenario: &str| -> Result<JobSpec> {
         Ok(JobSpec::new(
@@ -769,6 +773,73 @@ async fn lost_mappers_and_reducers_still_give_the_exact_output() -> Result<()> {
         });
         assert!(redone, "{scenario}: lost work was not redone");
     }
+
+    // The coordinator dies halfway through the map phase. The client hands the job to the
+    // next daemon, which takes over the map outputs the live workers finished instead of
+    // running those tasks again.
+    let mut finished = 0;
+    let mut maps = u32::MAX;
+    let (events, output) =
+        run_and_kill(&mut cluster, &client, &spec("coordinator")?, |e, coord| {
+            match e {
+                Event::Planned { maps: m, .. } => maps = *m,
+                Event::TaskFinished {
+                    kind: TaskKind::Map,
+                    ..
+                } => finished += 1,
+                _ => {}
+            }
+            (finished * 2 >= maps).then(|| coord.to_owned())
+        })
+        .await?;
+    let output = output.ok_or_else(|| anyhow::anyhow!("coordinator: {:?}", events.last()))?;
+    assert_eq!(
+        read_output(&cluster, output).await?,
+        expected,
+        "coordinator"
+    );
+    let taken_over = events
+        .iter()
+        .rposition(|e| matches!(e, Event::Accepted { .. }));
+    let reused = events.iter().find_map(|e| match e {
+        Event::Reused { maps, .. } => Some(*maps),
+        _ => None,
+    });
+    assert!(taken_over > Some(0), "no second coordinator took the job");
+    let reused = reused.expect("the new coordinator reused no map output");
+    // What the new coordinator ran again: every map task it did not reuse.
+    let rerun = events[taken_over.unwrap()..]
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::TaskStarted {
+                    kind: TaskKind::Map,
+                    attempt: 1,
+                    ..
+                }
+            )
+        })
+        .count();
+    let done_before = events[..taken_over.unwrap()]
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::TaskFinished {
+                    kind: TaskKind::Map,
+                    ..
+                }
+            )
+        })
+        .count();
+    eprintln!(
+        "coordinator resume: {done_before} of {maps} map tasks had finished when the \
+         coordinator died; the new one reused {reused} and ran {rerun} (of the finished ones \
+         {} were redone: those whose output died with the coordinator)",
+        done_before.saturating_sub(reused as usize)
+    );
+    assert!(reused > 0 && reused < maps, "{reused} of {maps}");
     client.close().await;
     cluster.stop().await;
     Ok(())

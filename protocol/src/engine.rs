@@ -76,6 +76,38 @@ pub enum JobRequest {
     },
     /// Anyone to a daemon: how many task slots it has.
     Slots,
+    /// Coordinator to worker: the tasks of this job that the worker finished and still holds
+    /// the output of (how a coordinator that takes over a job reuses work already done).
+    Finished {
+        /// The job id.
+        #[serde(with = "cid_bytes")]
+        job: Cid,
+    },
+}
+
+/// A task a worker finished, as it answers [`JobRequest::Finished`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FinishedTask {
+    /// A map task: which range it covered, and its output (held by the answering worker).
+    Map {
+        /// Task number.
+        task: u32,
+        /// Index of the input in the spec.
+        input: u32,
+        /// First byte of the range.
+        start: u64,
+        /// End of the range (exclusive).
+        end: u64,
+        /// What it produced.
+        output: MapOutput,
+    },
+    /// A reduce task: its partition's output file, stored and replicated.
+    Reduce {
+        /// The partition.
+        partition: u32,
+        /// What it produced.
+        output: ReduceOutput,
+    },
 }
 
 /// A map task: the records that start in `[start, end)` of one input.
@@ -156,6 +188,8 @@ pub enum JobResponse {
     MissingRuns(Vec<RunRef>),
     /// The daemon's task slots.
     Slots(u32),
+    /// The tasks of a job the worker finished (see [`JobRequest::Finished`]).
+    Finished(Vec<FinishedTask>),
     /// The request failed or was refused; the reason is for humans.
     Failed(String),
 }
@@ -329,6 +363,14 @@ pub enum Event {
         input_bytes: u64,
         /// Daemons that will run tasks.
         workers: u32,
+    },
+    /// Tasks a previous coordinator of this job finished whose outputs still exist: they
+    /// are reused, not run again (this coordinator took over the job).
+    Reused {
+        /// Map tasks reused.
+        maps: u32,
+        /// Reduce tasks reused.
+        reduces: u32,
     },
     /// A phase began.
     Phase(Phase),
