@@ -9,6 +9,7 @@
 //! Corpora come from `../shared/bench/make-corpus.sh` and are cached in `target/bench-corpus/`.
 //! Results are printed as a table and written to `target/bench-results/<suite>.json`.
 
+mod chaos;
 mod engine;
 mod jobs;
 mod peers;
@@ -66,6 +67,9 @@ enum Suite {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Fault tolerance: wordcount while daemons are killed, restarted and frozen; the output
+    /// must equal the fault-free run's
+    Chaos(chaos::ChaosArgs),
     /// wordcount in wasm vs native; run-local on all cores vs native single-thread; per-task
     /// overhead
     Jobs {
@@ -99,6 +103,7 @@ fn main() -> Result<()> {
             rounds,
         } => jobs::jobs(size_mib, big_mib, rounds),
         Suite::Engine { big_mib, rounds } => engine::engine(big_mib, rounds),
+        Suite::Chaos(args) => chaos::chaos(args),
     }
 }
 

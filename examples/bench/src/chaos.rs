@@ -1,0 +1,358 @@
+//! `p2pmr-bench chaos`: the fault-tolerance acceptance run, with real `p2pmr daemon`
+//! processes on 127.0.0.1 and the `p2pmr` CLI as a user runs it.
+//!
+//! N daemons (one task slot each), a corpus added with R replicas, wordcount with 4 reducers
+//! run once without faults and once while daemons are killed with SIGKILL every few seconds
+//! and restarted (never more than 2 unavailable at once) and one is frozen with SIGSTOP for
+//! 20 s. The two runs differ only in an argument wordcount ignores, so their outputs must have
+//! the same CID (same bytes). Prints both times and their ratio; exits non-zero if the chaos
+//! run fails or its output differs. `examples/chaos/run.sh` runs it; `.ci/run` runs that.
+
+use crate::{corpus, tempdir_in_target, workspace};
+use anyhow::{bail, Context, Result};
+use std::fs::{self, File};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The chaos run's settings.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ChaosArgs {
+    /// Daemons
+    #[arg(long, default_value_t = 5)]
+    daemons: usize,
+    /// Corpus size (MiB)
+    #[arg(long, default_value_t = 200)]
+    mib: u64,
+    /// Replicas of the corpus
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// Reducers
+    #[arg(long, default_value_t = 4)]
+    reducers: u32,
+    /// Seconds between kills
+    #[arg(long, default_value_t = 3.0)]
+    kill_every: f64,
+    /// How long the frozen daemon stays frozen (seconds)
+    #[arg(long, default_value_t = 20.0)]
+    stop_secs: f64,
+    /// Most daemons unavailable (killed or frozen) at once
+    #[arg(long, default_value_t = 2)]
+    max_down: usize,
+    /// The `p2pmr` binary [default: the one built alongside this program]
+    #[arg(long)]
+    bin: Option<PathBuf>,
+    /// Seed for the choice of victims [default: from the clock]
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// One daemon of the run: its repo, its fixed port (a restarted daemon comes back on the same
+/// address, as a rebooted machine would), and its process while it runs.
+struct Node {
+    home: PathBuf,
+    port: u16,
+    addr: String,
+    child: Option<Child>,
+    restart_at: Option<Instant>,
+    frozen_until: Option<Instant>,
+}
+
+impl Node {
+    fn down(&self) -> bool {
+        self.child.is_none() || self.frozen_until.is_some()
+    }
+
+    fn pid(&self) -> Option<String> {
+        self.child.as_ref().map(|c| c.id().to_string())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            let _ = signal("CONT", &pid);
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn signal(name: &str, pid: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid)
+        .status()?;
+    if !status.success() {
+        bail!("kill -{name} {pid} failed");
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts (or restarts) `node`, dialling `peers`; waits for its listening line.
+fn start(bin: &Path, node: &mut Node, peers: &[String]) -> Result<()> {
+    let out_path = node.home.join("daemon.out");
+    let mut cmd = Command::new(bin);
+    cmd.args(["--home", node.home.to_str().unwrap(), "--no-mdns"]);
+    for p in peers {
+        cmd.args(["--peer", p]);
+    }
+    let err = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(node.home.join("daemon.err"))?;
+    let child = cmd
+        .args(["daemon", "--slots", "1"])
+        .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", node.port)])
+        .stdout(File::create(&out_path)?)
+        .stderr(err)
+        .spawn()?;
+    node.child = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = fs::read_to_string(&out_path).unwrap_or_default();
+        if let Some(addr) = out.lines().find_map(|l| l.strip_prefix("listening on ")) {
+            node.addr = addr.to_owned();
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("daemon {} did not start", node.home.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn client(bin: &Path, dir: &Path, nodes: &[Node]) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args(["--no-mdns", "--home", dir.join("client").to_str().unwrap()]);
+    for n in nodes.iter().filter(|n| n.child.is_some()) {
+        cmd.args(["--peer", &n.addr]);
+    }
+    cmd
+}
+
+/// A small deterministic generator for the victims (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+/// The corpus: the shared generator's when it is there, else the demo's deterministic one.
+fn corpus_any(mib: u64) -> Result<PathBuf> {
+    if workspace().join("../shared/bench/make-corpus.sh").is_file() {
+        return corpus(mib);
+    }
+    let path = workspace().join(format!("target/bench-corpus/demo-corpus-{mib}.txt"));
+    if !path.is_file() {
+        fs::create_dir_all(path.parent().unwrap())?;
+        let tmp = path.with_extension("tmp");
+        std::io::copy(
+            &mut p2pmr_node::demo::Corpus::new(mib << 20),
+            &mut File::create(&tmp)?,
+        )?;
+        fs::rename(&tmp, &path)?;
+    }
+    Ok(path)
+}
+
+pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
+    let bin = match &args.bin {
+        Some(b) => b.clone(),
+        None => crate::p2pmr_bin()?,
+    };
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1
+    });
+    eprintln!("chaos: seed {seed}");
+    let mut rng = Rng(seed);
+    let corpus = corpus_any(args.mib)?;
+    let dir = tempdir_in_target("chaos")?;
+    let mut nodes = Vec::new();
+    for i in 0..args.daemons {
+        let home = dir.join(format!("d{i}"));
+        fs::create_dir_all(&home)?;
+        nodes.push(Node {
+            home,
+            port: free_port()?,
+            addr: String::new(),
+            child: None,
+            restart_at: None,
+            frozen_until: None,
+        });
+    }
+    for i in 0..nodes.len() {
+        let peers: Vec<String> = nodes[..i].iter().map(|n| n.addr.clone()).collect();
+        start(&bin, &mut nodes[i], &peers)?;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+
+    let added = client(&bin, &dir, &nodes)
+        .args(["add", "--replicas", &args.replicas.to_string()])
+        .arg(&corpus)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !added.status.success() {
+        bail!("add failed");
+    }
+    let cid = String::from_utf8(added.stdout)?.trim().to_owned();
+    eprintln!(
+        "chaos: {} MiB added with {} replicas: {cid}",
+        args.mib, args.replicas
+    );
+    let run = |nodes: &[Node], tag: &str| {
+        let mut cmd = client(&bin, &dir, nodes);
+        cmd.args([
+            "run",
+            "--job",
+            "wordcount",
+            "--input",
+            &format!("corpus={cid}"),
+        ])
+        .args(["--reducers", &args.reducers.to_string()])
+        .args(["--arg", &format!("run={tag}")]);
+        cmd
+    };
+
+    // The fault-free run.
+    let started = Instant::now();
+    let clean = run(&nodes, "clean").stderr(Stdio::inherit()).output()?;
+    let clean_s = started.elapsed().as_secs_f64();
+    if !clean.status.success() {
+        bail!("the fault-free run failed");
+    }
+    let clean_cid = last_line(&clean.stdout)?;
+    eprintln!("chaos: fault-free run {clean_s:.1} s -> {clean_cid}");
+
+    // The chaos run.
+    let log = dir.join("chaos-run.err");
+    let started = Instant::now();
+    let mut job = run(&nodes, "chaos")
+        .stdout(Stdio::piped())
+        .stderr(File::create(&log)?)
+        .spawn()?;
+    let (mut kills, mut next_kill) = (0, started + Duration::from_secs_f64(args.kill_every));
+    let mut freeze_at = Some(started + Duration::from_millis(1500));
+    let deadline = started + Duration::from_secs(900);
+    let status = loop {
+        if let Some(status) = job.try_wait()? {
+            break status;
+        }
+        let now = Instant::now();
+        if now > deadline {
+            let _ = job.kill();
+            bail!(
+                "the chaos run did not finish in 15 minutes (log: {})",
+                log.display()
+            );
+        }
+        let down = nodes.iter().filter(|n| n.down()).count();
+        if freeze_at.is_some_and(|t| now >= t) && down < args.max_down {
+            let up: Vec<usize> = (0..nodes.len()).filter(|&i| !nodes[i].down()).collect();
+            let victim = up[rng.below(up.len())];
+            signal("STOP", &nodes[victim].pid().expect("running"))?;
+            nodes[victim].frozen_until = Some(now + Duration::from_secs_f64(args.stop_secs));
+            eprintln!(
+                "chaos: {:5.1}s froze d{victim}",
+                started.elapsed().as_secs_f64()
+            );
+            freeze_at = None;
+        } else if now >= next_kill {
+            next_kill = now + Duration::from_secs_f64(args.kill_every);
+            if down < args.max_down {
+                let up: Vec<usize> = (0..nodes.len()).filter(|&i| !nodes[i].down()).collect();
+                let victim = up[rng.below(up.len())];
+                let mut child = nodes[victim].child.take().expect("running");
+                let killed = child.kill(); // SIGKILL
+                child.wait()?;
+                killed?;
+                kills += 1;
+                let back = 2.0 + rng.below(30) as f64 / 10.0;
+                nodes[victim].restart_at = Some(now + Duration::from_secs_f64(back));
+                eprintln!(
+                    "chaos: {:5.1}s killed d{victim} (back in {back:.1}s)",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        for i in 0..nodes.len() {
+            if nodes[i].frozen_until.is_some_and(|t| now >= t) {
+                signal("CONT", &nodes[i].pid().expect("running"))?;
+                nodes[i].frozen_until = None;
+                eprintln!(
+                    "chaos: {:5.1}s thawed d{i}",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            if nodes[i].restart_at.is_some_and(|t| now >= t) {
+                let peers: Vec<String> = nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, n)| *j != i && n.child.is_some())
+                    .map(|(_, n)| n.addr.clone())
+                    .collect();
+                start(&bin, &mut nodes[i], &peers)?;
+                nodes[i].restart_at = None;
+                eprintln!(
+                    "chaos: {:5.1}s restarted d{i}",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let chaos_s = started.elapsed().as_secs_f64();
+    let mut stdout = Vec::new();
+    std::io::Read::read_to_end(job.stdout.as_mut().expect("piped"), &mut stdout)?;
+    if !status.success() {
+        bail!(
+            "the chaos run failed: {}",
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .last()
+                .unwrap_or("?")
+        );
+    }
+    let chaos_cid = last_line(&stdout)?;
+    let handovers = fs::read_to_string(&log)?.matches("handing it over").count();
+    println!("| run | s | output |");
+    println!("|---|---:|---|");
+    println!("| fault-free | {clean_s:.1} | {clean_cid} |");
+    println!(
+        "| chaos ({kills} kills, 1 freeze of {:.0} s, {handovers} coordinator handovers) | {chaos_s:.1} | {chaos_cid} |",
+        args.stop_secs
+    );
+    println!("chaos / fault-free time: {:.2}", chaos_s / clean_s);
+    if chaos_cid != clean_cid {
+        bail!("the chaos run's output {chaos_cid} differs from the fault-free {clean_cid}");
+    }
+    if kills == 0 {
+        bail!("the job ended before any daemon was killed: nothing was tested");
+    }
+    println!("chaos: same output as the fault-free run");
+    Ok(())
+}
+
+fn last_line(out: &[u8]) -> Result<String> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .last()
+        .map(str::to_owned)
+        .context("no output CID printed")
+}
