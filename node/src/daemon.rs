@@ -10,7 +10,7 @@
 
 use crate::coordinator::Coordinator;
 use crate::net::{self, Inbound, JobInbound, NetClient, NetConfig, NetError};
-use crate::store::{StoreError, SyncTracker};
+use crate::store::{BlockStore, StoreError, SyncTracker};
 use crate::worker::Worker;
 use crate::Repo;
 use libp2p::identity::Keypair;
@@ -248,7 +248,7 @@ async fn serve(repo: Repo, net: NetClient, mut inbound: mpsc::Receiver<Inbound>)
         };
         let (repo, net, syncer) = (repo.clone(), net.clone(), syncer.clone());
         tokio::spawn(async move {
-            let response = handle(&repo, &syncer, request).await;
+            let response = handle(&repo, &net, &syncer, request).await;
             if let BlockResponse::Refused(reason) = &response {
                 tracing::debug!("refused a request from {peer}: {reason}");
             }
@@ -294,7 +294,35 @@ async fn serve_jobs(
     handlers.abort_all();
 }
 
-async fn handle(repo: &Repo, syncer: &Syncer, request: BlockRequest) -> BlockResponse {
+/// Replaces a block found corrupt (and quarantined) with a verified copy from another daemon,
+/// stored durably.
+async fn repair(store: BlockStore, net: NetClient, cid: Cid) {
+    // No local store in the fetcher: the copy must come from the network.
+    let fetched = crate::remote::Fetcher::new(Some(net), None)
+        .fetch(cid)
+        .await;
+    let block = match fetched {
+        Ok(block) => block,
+        Err(e) => return tracing::warn!("cannot repair {cid}: {e}"),
+    };
+    let stored = tokio::task::spawn_blocking(move || {
+        store.put(&block)?;
+        store.sync([block.cid()])
+    })
+    .await;
+    match stored {
+        Ok(Ok(())) => tracing::warn!("repaired corrupt block {cid} from a replica"),
+        Ok(Err(e)) => tracing::warn!("cannot store the repaired {cid}: {e}"),
+        Err(e) => tracing::warn!("cannot store the repaired {cid}: {e}"),
+    }
+}
+
+async fn handle(
+    repo: &Repo,
+    net: &NetClient,
+    syncer: &Syncer,
+    request: BlockRequest,
+) -> BlockResponse {
     let store = repo.blocks().clone();
     match request {
         BlockRequest::Get(cid) => {
@@ -303,8 +331,10 @@ async fn handle(repo: &Repo, syncer: &Syncer, request: BlockRequest) -> BlockRes
                 Ok(Ok(block)) => BlockResponse::Block(block.into_data()),
                 Ok(Err(StoreError::NotFound(_))) => BlockResponse::NotFound,
                 Ok(Err(e @ StoreError::Corrupt { .. })) => {
-                    // Quarantined by the store; for the asker it is simply not here.
-                    tracing::warn!("{e}");
+                    // Quarantined by the store; for the asker it is simply not here. This
+                    // daemon was meant to hold it, so it fetches a good copy from a replica.
+                    tracing::warn!("{e}; repairing it from a replica");
+                    tokio::spawn(repair(repo.blocks().clone(), net.clone(), cid));
                     BlockResponse::NotFound
                 }
                 Ok(Err(e)) => BlockResponse::Refused(e.to_string()),

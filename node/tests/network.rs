@@ -264,3 +264,58 @@ async fn identity_survives_restarts_and_peers_are_found_through_kademlia() -> Re
     .map_err(|_| anyhow::anyhow!("C never found A: {:?}", c.net().daemons()))?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_found_corrupt_on_disk_is_repaired_from_a_replica() -> Result<()> {
+    // Daemons that know each other (they dial the first at start).
+    let mut cluster = Cluster::start(1).await?;
+    for _ in 0..2 {
+        let dir = tempfile::tempdir()?;
+        let d = Daemon::start(dir.path(), loopback(cluster.addrs()[..1].to_vec())).await?;
+        cluster.daemons.push(Some(d));
+        cluster._dirs.push(dir);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let bytes = data(3 * 262_144, 11);
+    let client = cluster.client(3).await?;
+    let added = remote::add(client.net(), std::io::Cursor::new(bytes.clone()), 2).await?;
+    // A daemon holding a leaf; flip one bit of the leaf's file on its disk.
+    let leaf = *Block::raw(bytes[..262_144].to_vec()).cid();
+    let holder = cluster
+        .daemons
+        .iter()
+        .flatten()
+        .find(|d| d.repo().blocks().has(&leaf))
+        .expect("a holder");
+    let name = leaf.to_string();
+    let file = std::fs::read_dir(holder.repo().home().join("blocks"))?
+        .flat_map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap() == name)
+        .expect("the leaf's file");
+    let mut on_disk = std::fs::read(&file)?;
+    on_disk[1000] ^= 0x10;
+    std::fs::write(&file, on_disk)?;
+
+    // Asked for it, the holder finds the corruption: it answers "not here" (never the bad
+    // bytes) and fetches a good copy from the other replica.
+    let answer = client
+        .net()
+        .request(holder.peer_id(), BlockRequest::Get(leaf))
+        .await?;
+    assert!(matches!(answer, BlockResponse::NotFound), "{answer:?}");
+    let mut repaired = false;
+    for _ in 0..100 {
+        if holder.repo().blocks().get(&leaf).is_ok() {
+            repaired = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(repaired, "the corrupt block was not repaired");
+    assert!(std::fs::read_dir(holder.repo().home().join("quarantine"))?.count() >= 1);
+    let fetcher = Fetcher::new(Some(client.net().clone()), None);
+    assert_eq!(cat_all(&fetcher, added.root).await?, bytes);
+    client.close().await;
+    Ok(())
+}
