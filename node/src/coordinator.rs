@@ -439,12 +439,10 @@ impl Coordinator {
                         tries += 1;
                         tokio::time::sleep(PLAN_RETRY_PAUSE).await;
                     }
-                    other => {
-                        break other
-                            .map_err(|e| format!("input {} ({}): {e}", input.name, input.cid))?
-                    }
+                    other => break other,
                 }
-            };
+            }
+            .map_err(|e| format!("input {} ({}): {e}", input.name, input.cid))?;
             let mut offset = 0;
             let mut current: Option<PlannedMap> = None;
             for (cid, len) in leaves {
