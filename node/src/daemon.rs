@@ -6,9 +6,11 @@
 //! store. Store calls block, so each runs on tokio's blocking pool, at most [`MAX_HANDLERS`] at a
 //! time. A `Put` is acknowledged only once durable; acknowledgements are group-committed: one
 //! `syncfs` covers every block stored while the previous sync ran, so replication costs one
-//! sync per batch rather than one per block.
+//! sync per batch rather than one per block. A `Put` also records the block's replica target,
+//! which the [`Keeper`] task keeps up when holders vanish.
 
 use crate::coordinator::Coordinator;
+use crate::keeper::{Keeper, KeeperError};
 use crate::net::{self, Inbound, JobInbound, NetClient, NetConfig, NetError};
 use crate::store::{BlockStore, StoreError, SyncTracker};
 use crate::worker::Worker;
@@ -46,6 +48,9 @@ pub enum DaemonError {
     /// The job runtime could not start.
     #[error(transparent)]
     Jobs(#[from] crate::jobs::JobError),
+    /// The replica log could not be opened.
+    #[error(transparent)]
+    Keeper(#[from] KeeperError),
     /// The identity key could not be read or written.
     #[error("identity key {path}: {reason}")]
     Identity {
@@ -71,6 +76,24 @@ pub struct DaemonConfig {
     /// How long a daemon coordinating a job waits for a worker to answer a liveness probe
     /// before running its tasks elsewhere.
     pub liveness: Duration,
+    /// How long a daemon holding copies of this daemon's blocks may be gone before the blocks
+    /// are copied to others.
+    pub grace: Duration,
+}
+
+impl Default for DaemonConfig {
+    /// All interfaces on the default port, no bootstrap peers, mDNS on, a slot per core, and
+    /// the default liveness and grace periods.
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            mdns: true,
+            slots: 0,
+            liveness: crate::coordinator::DEFAULT_LIVENESS,
+            grace: crate::keeper::DEFAULT_GRACE,
+        }
+    }
 }
 
 /// Job requests (tasks, watches) handled at once; each may wait for a task or for events.
@@ -84,6 +107,7 @@ pub struct Daemon {
     net_task: JoinHandle<()>,
     server: JoinHandle<()>,
     jobs: JoinHandle<()>,
+    keeper: JoinHandle<()>,
     coordinator: Coordinator,
 }
 
@@ -144,6 +168,7 @@ impl Daemon {
     pub async fn start(home: &Path, config: DaemonConfig) -> Result<Self, DaemonError> {
         let repo = Repo::open(home)?;
         let keypair = identity(&repo)?;
+        let replicas = Keeper::open(repo.home())?;
         let listen = if config.listen.is_empty() {
             default_listen()
         } else {
@@ -157,7 +182,14 @@ impl Daemon {
             serve: true,
         })
         .await?;
-        let server = tokio::spawn(serve(repo.clone(), network.client.clone(), network.inbound));
+        let server = tokio::spawn(serve(
+            repo.clone(),
+            replicas.clone(),
+            network.client.clone(),
+            network.inbound,
+        ));
+        let keeper =
+            tokio::spawn(replicas.run(network.client.clone(), repo.blocks().clone(), config.grace));
         let slots = match config.slots {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             n => n,
@@ -175,6 +207,7 @@ impl Daemon {
             net_task: network.task,
             server,
             jobs,
+            keeper,
             coordinator,
         })
     }
@@ -218,6 +251,7 @@ impl Daemon {
         // The server ends when the network's inbound queue closes and its handlers are done.
         let _ = tokio::time::timeout(Duration::from_secs(10), self.server).await;
         self.jobs.abort();
+        self.keeper.abort();
         let store = self.repo.blocks().clone();
         tokio::task::spawn_blocking(move || SyncTracker::new(&store).finish())
             .await
@@ -230,13 +264,14 @@ impl Daemon {
         self.net_task.abort();
         self.server.abort();
         self.jobs.abort();
+        self.keeper.abort();
     }
 }
 
 /// Answers inbound requests until the network stops.
-async fn serve(repo: Repo, net: NetClient, mut inbound: mpsc::Receiver<Inbound>) {
+async fn serve(repo: Repo, keeper: Keeper, net: NetClient, mut inbound: mpsc::Receiver<Inbound>) {
     let permits = Arc::new(Semaphore::new(MAX_HANDLERS));
-    let syncer = Syncer::start(repo.clone());
+    let syncer = Syncer::start(repo.clone(), keeper.clone());
     while let Some(Inbound {
         peer,
         request,
@@ -246,9 +281,10 @@ async fn serve(repo: Repo, net: NetClient, mut inbound: mpsc::Receiver<Inbound>)
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let (repo, net, syncer) = (repo.clone(), net.clone(), syncer.clone());
+        let (repo, net, syncer, keeper) =
+            (repo.clone(), net.clone(), syncer.clone(), keeper.clone());
         tokio::spawn(async move {
-            let response = handle(&repo, &net, &syncer, request).await;
+            let response = handle(&repo, &keeper, &net, &syncer, request).await;
             if let BlockResponse::Refused(reason) = &response {
                 tracing::debug!("refused a request from {peer}: {reason}");
             }
@@ -319,6 +355,7 @@ async fn repair(store: BlockStore, net: NetClient, cid: Cid) {
 
 async fn handle(
     repo: &Repo,
+    keeper: &Keeper,
     net: &NetClient,
     syncer: &Syncer,
     request: BlockRequest,
@@ -351,10 +388,18 @@ async fn handle(
                 Err(e) => BlockResponse::Refused(e.to_string()),
             }
         }
-        BlockRequest::Put { cid, data } => {
+        BlockRequest::Put {
+            cid,
+            data,
+            replicas,
+        } => {
+            let keeper = keeper.clone();
             let stored = tokio::task::spawn_blocking(move || {
                 let block = Block::new(cid, data).map_err(|e| e.to_string())?;
                 store.put(&block).map_err(|e| e.to_string())?;
+                keeper
+                    .note(*block.cid(), replicas)
+                    .map_err(|e| e.to_string())?;
                 Ok::<Cid, String>(*block.cid())
             })
             .await;
@@ -372,14 +417,15 @@ async fn handle(
 
 type SyncRequest = (Cid, oneshot::Sender<Result<(), String>>);
 
-/// Group commit: collects stored blocks while a sync runs and makes them durable together.
+/// Group commit: collects stored blocks while a sync runs and makes them durable together,
+/// with the replica targets noted for them.
 #[derive(Debug, Clone)]
 struct Syncer {
     tx: mpsc::Sender<SyncRequest>,
 }
 
 impl Syncer {
-    fn start(repo: Repo) -> Self {
+    fn start(repo: Repo, keeper: Keeper) -> Self {
         let (tx, mut rx) = mpsc::channel::<SyncRequest>(MAX_HANDLERS * 2);
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -387,12 +433,15 @@ impl Syncer {
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
-                let store = repo.blocks().clone();
+                let (store, keeper) = (repo.blocks().clone(), keeper.clone());
                 let cids: Vec<Cid> = batch.iter().map(|(c, _)| *c).collect();
-                let synced = tokio::task::spawn_blocking(move || store.sync(cids.iter()))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
+                let synced = tokio::task::spawn_blocking(move || {
+                    store.sync(cids.iter()).map_err(|e| e.to_string())?;
+                    keeper.sync().map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
                 for (_, reply) in batch {
                     let _ = reply.send(synced.clone());
                 }

@@ -89,7 +89,7 @@ pub async fn run(config: DemoConfig) -> Result<DemoReport, DemoError> {
                 bootstrap,
                 mdns: false,
                 slots: 0,
-                liveness: crate::coordinator::DEFAULT_LIVENESS,
+                ..Default::default()
             },
         )
         .await

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod demo;
 pub mod files;
 pub mod jobs;
+pub mod keeper;
 pub mod local;
 pub mod net;
 pub mod progress;

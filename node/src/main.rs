@@ -108,8 +108,12 @@ enum Command {
         /// When coordinating, give up on a worker that does not answer a probe within this
         /// many seconds (it is stalled or cut off): its tasks run elsewhere
         #[arg(long, default_value_t = 3.0, value_name = "SECS",
-              value_parser = parse_liveness)]
+              value_parser = parse_secs)]
         liveness_secs: f64,
+        /// Copy this daemon's blocks to other daemons when a daemon holding copies of them
+        /// has been gone this many seconds, so each block is back to its replica count
+        #[arg(long, default_value_t = 60.0, value_name = "SECS", value_parser = parse_secs)]
+        grace_secs: f64,
     },
     /// Run a job on the network: hand it to a coordinating daemon and watch it.
     ///
@@ -242,7 +246,7 @@ enum Command {
     Repo(RepoCommand),
 }
 
-fn parse_liveness(s: &str) -> std::result::Result<f64, String> {
+fn parse_secs(s: &str) -> std::result::Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
         _ => Err(format!("'{s}' is not a number of seconds from 0.1 to 3600")),
@@ -541,6 +545,7 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             slots,
             liveness_secs,
+            grace_secs,
         } => {
             let home = home_dir(cli.home)?;
             runtime()?.block_on(async {
@@ -552,6 +557,7 @@ fn run(cli: Cli) -> Result<()> {
                         mdns: !cli.net.no_mdns,
                         slots: slots.unwrap_or(0),
                         liveness: std::time::Duration::from_secs_f64(liveness_secs),
+                        grace: std::time::Duration::from_secs_f64(grace_secs),
                     },
                 )
                 .await

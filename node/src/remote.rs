@@ -220,7 +220,7 @@ pub async fn add(
         let permit = window.clone().acquire_owned().await.expect("never closed");
         let (net, daemons) = (net.clone(), daemons.clone());
         uploads.spawn(async move {
-            let r = push(&net, &daemons, block, replicas).await;
+            let r = push(&net, &daemons, block, replicas, replicas).await;
             drop(permit);
             r
         });
@@ -276,7 +276,7 @@ pub async fn replicate(
                 .await
                 .expect("store task panicked")
                 .map_err(FileError::Store)?;
-            let r = push(&net, &daemons, block, copies).await;
+            let r = push(&net, &daemons, block, copies, copies + 1).await;
             drop(permit);
             r
         });
@@ -290,13 +290,13 @@ pub async fn replicate(
 /// A daemon and its peer id's bytes, the form the placement rule hashes (computed once, not
 /// per block).
 #[derive(Debug)]
-struct Placed {
-    id: PeerId,
+pub(crate) struct Placed {
+    pub(crate) id: PeerId,
     bytes: Vec<u8>,
 }
 
 impl Placed {
-    fn new(id: PeerId) -> Self {
+    pub(crate) fn new(id: PeerId) -> Self {
         Self {
             bytes: id.to_bytes(),
             id,
@@ -315,14 +315,17 @@ fn placement(cid: &Cid, daemons: &[Placed]) -> Vec<PeerId> {
     rank_peers(cid, daemons).into_iter().map(|d| d.id).collect()
 }
 
-/// Stores `block` on `replicas` daemons, best-ranked first, moving down the ranking past
-/// daemons that refuse or fail.
-async fn push(
+/// Stores `block` on `replicas` of `daemons`, best-ranked first, moving down the ranking past
+/// daemons that refuse or fail. `target` is the block's replica count in all, which the
+/// receivers keep up.
+pub(crate) async fn push(
     net: &NetClient,
     daemons: &[Placed],
     block: Block,
     replicas: usize,
+    target: usize,
 ) -> Result<(), RemoteError> {
+    let target = u8::try_from(target).unwrap_or(u8::MAX);
     let ranked = placement(block.cid(), daemons);
     let mut stored = 0;
     let mut next = 0;
@@ -334,6 +337,7 @@ async fn push(
             patiently(net, peer, || BlockRequest::Put {
                 cid: *block.cid(),
                 data: block.data().to_vec(),
+                replicas: target,
             })
         });
         for (peer, result) in batch.iter().zip(join_all(puts).await) {

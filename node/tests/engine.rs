@@ -42,7 +42,7 @@ impl Cluster {
                     bootstrap,
                     mdns: false,
                     slots,
-                    liveness: p2pmr_node::coordinator::DEFAULT_LIVENESS,
+                    ..Default::default()
                 },
             )
             .await?;

@@ -33,6 +33,39 @@ impl Cluster {
         })
     }
 
+    /// `n` daemons that know each other (each dials the first at start; identify and
+    /// Kademlia do the rest), with the given replica grace period.
+    async fn linked(n: usize, grace: Duration) -> Result<Self> {
+        let mut cluster = Self {
+            daemons: Vec::new(),
+            _dirs: Vec::new(),
+        };
+        for _ in 0..n {
+            let dir = tempfile::tempdir()?;
+            let config = DaemonConfig {
+                grace,
+                ..loopback(cluster.addrs()[..cluster.daemons.len().min(1)].to_vec())
+            };
+            cluster
+                .daemons
+                .push(Some(Daemon::start(dir.path(), config).await?));
+            cluster._dirs.push(dir);
+        }
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while cluster
+                .daemons
+                .iter()
+                .flatten()
+                .any(|d| d.net().daemons().len() < n - 1)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("the daemons did not all find each other"))?;
+        Ok(cluster)
+    }
+
     fn addrs(&self) -> Vec<Multiaddr> {
         self.daemons
             .iter()
@@ -52,7 +85,7 @@ fn loopback(bootstrap: Vec<Multiaddr>) -> DaemonConfig {
         bootstrap,
         mdns: false,
         slots: 2,
-        liveness: p2pmr_node::coordinator::DEFAULT_LIVENESS,
+        ..Default::default()
     }
 }
 
@@ -194,6 +227,7 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
     let lie = BlockRequest::Put {
         cid: *good.cid(),
         data: b"other bytes".to_vec(),
+        replicas: 1,
     };
     assert!(matches!(
         client.net().request(daemon, lie).await?,
@@ -210,12 +244,14 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
     let huge = BlockRequest::Put {
         cid: *good.cid(),
         data: vec![0; p2pmr_protocol::MAX_BLOCK_SIZE + 1],
+        replicas: 1,
     };
     assert!(client.net().request(daemon, huge).await.is_err());
     // The daemon still serves.
     let put = BlockRequest::Put {
         cid: *good.cid(),
         data: good.data().to_vec(),
+        replicas: 1,
     };
     assert_eq!(
         client.net().request(daemon, put).await?,
@@ -267,15 +303,7 @@ async fn identity_survives_restarts_and_peers_are_found_through_kademlia() -> Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_found_corrupt_on_disk_is_repaired_from_a_replica() -> Result<()> {
-    // Daemons that know each other (they dial the first at start).
-    let mut cluster = Cluster::start(1).await?;
-    for _ in 0..2 {
-        let dir = tempfile::tempdir()?;
-        let d = Daemon::start(dir.path(), loopback(cluster.addrs()[..1].to_vec())).await?;
-        cluster.daemons.push(Some(d));
-        cluster._dirs.push(dir);
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cluster = Cluster::linked(3, p2pmr_node::keeper::DEFAULT_GRACE).await?;
     let bytes = data(3 * 262_144, 11);
     let client = cluster.client(3).await?;
     let added = remote::add(client.net(), std::io::Cursor::new(bytes.clone()), 2).await?;
@@ -315,6 +343,62 @@ async fn a_block_found_corrupt_on_disk_is_repaired_from_a_replica() -> Result<()
     assert!(repaired, "the corrupt block was not repaired");
     assert!(std::fs::read_dir(holder.repo().home().join("quarantine"))?.count() >= 1);
     let fetcher = Fetcher::new(Some(client.net().clone()), None);
+    assert_eq!(cat_all(&fetcher, added.root).await?, bytes);
+    client.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_of_a_daemon_lost_for_good_are_copied_back_to_their_replica_count() -> Result<()> {
+    let grace = Duration::from_secs(2);
+    let mut cluster = Cluster::linked(5, grace).await?;
+    let bytes = data(12 * 262_144 + 5, 17);
+    let client = cluster.client(5).await?;
+    let added = remote::add(client.net(), std::io::Cursor::new(bytes.clone()), 3).await?;
+    let fetcher = Fetcher::new(Some(client.net().clone()), None);
+    // 13 leaves and the root, each on 3 daemons.
+    let full = vec![0, 0, 0, 14];
+    assert_eq!(remote::stat(&fetcher, added.root).await?.replicas, full);
+
+    // The daemon holding the most blocks dies for good.
+    let victim = (0..5)
+        .max_by_key(|&i| {
+            let d = cluster.daemons[i].as_ref().unwrap();
+            d.repo().blocks().stats().unwrap().blocks
+        })
+        .unwrap();
+    let lost = cluster.daemons[victim]
+        .as_ref()
+        .unwrap()
+        .repo()
+        .blocks()
+        .stats()?
+        .blocks;
+    cluster.daemons[victim].take().unwrap().abort();
+    let killed = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Within the grace period nothing is copied: the blocks it held are one copy short.
+    let stat = remote::stat(&fetcher, added.root).await?;
+    assert_eq!(stat.replicas[2], lost, "{stat:?}");
+
+    // After it, the survivors copy them back: every block on 3 of the 4 daemons left.
+    let restored = tokio::time::timeout(grace + Duration::from_secs(20), async {
+        loop {
+            let stat = remote::stat(&fetcher, added.root).await?;
+            if stat.replicas == full {
+                return anyhow::Ok(stat);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("replication was not restored"))??;
+    let took = killed.elapsed();
+    assert!(
+        took >= grace,
+        "copied before the grace period ended ({took:?})"
+    );
+    assert_eq!(restored.holders.len(), 4);
     assert_eq!(cat_all(&fetcher, added.root).await?, bytes);
     client.close().await;
     Ok(())

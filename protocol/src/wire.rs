@@ -1,4 +1,4 @@
-//! Messages peers exchange over `/mapreduce/block/1.0.0`, their byte encoding and size limits,
+//! Messages peers exchange over `/mapreduce/block/2.0.0`, their byte encoding and size limits,
 //! and the placement rule that decides which peers hold a block.
 //!
 //! The node's libp2p codec frames each message as a 4-byte big-endian length followed by the
@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// Protocol name of block exchange. The version changes with any incompatible message change.
-pub const BLOCK_PROTOCOL: &str = "/mapreduce/block/1.0.0";
+pub const BLOCK_PROTOCOL: &str = "/mapreduce/block/2.0.0";
 
 /// Most CIDs one `Has` request may ask about.
 pub const MAX_HAS: usize = 4096;
@@ -44,6 +44,9 @@ pub enum BlockRequest {
         cid: Cid,
         /// The block's bytes.
         data: Vec<u8>,
+        /// How many daemons in all should hold the block. The receiver keeps the count up
+        /// when holders vanish; 0 or 1 means nobody watches over it.
+        replicas: u8,
     },
     /// Which of these blocks do you hold? (At most [`MAX_HAS`].)
     Has(Vec<Cid>),
@@ -92,6 +95,7 @@ enum WireRequest<'a> {
     Put(
         #[serde(borrow, with = "serde_bytes")] &'a [u8],
         #[serde(borrow, with = "serde_bytes")] &'a [u8],
+        u8,
     ),
     Has(#[serde(borrow)] Vec<&'a serde_bytes::Bytes>),
 }
@@ -131,7 +135,11 @@ impl BlockRequest {
     pub fn encode(&self) -> Vec<u8> {
         match self {
             Self::Get(cid) => encode(&WireRequest::Get(&cid.to_bytes())),
-            Self::Put { cid, data } => encode(&WireRequest::Put(&cid.to_bytes(), data)),
+            Self::Put {
+                cid,
+                data,
+                replicas,
+            } => encode(&WireRequest::Put(&cid.to_bytes(), data, *replicas)),
             Self::Has(cids) => {
                 let bytes: Vec<Vec<u8>> = cids.iter().map(Cid::to_bytes).collect();
                 let refs = bytes.iter().map(|b| serde_bytes::Bytes::new(b)).collect();
@@ -145,11 +153,12 @@ impl BlockRequest {
         check("request", bytes.len(), MAX_REQUEST_SIZE)?;
         Ok(match postcard::from_bytes(bytes).map_err(malformed)? {
             WireRequest::Get(cid) => Self::Get(parse_cid(cid)?),
-            WireRequest::Put(cid, data) => {
+            WireRequest::Put(cid, data, replicas) => {
                 check("block", data.len(), MAX_BLOCK_SIZE)?;
                 Self::Put {
                     cid: parse_cid(cid)?,
                     data: data.to_vec(),
+                    replicas,
                 }
             }
             WireRequest::Has(cids) => {
@@ -247,6 +256,7 @@ mod tests {
             BlockRequest::Put {
                 cid: *block.cid(),
                 data: block.data().to_vec(),
+                replicas: 3,
             },
             BlockRequest::Has(cids(3)),
             BlockRequest::Has(vec![]),
@@ -270,6 +280,7 @@ mod tests {
         let too_big = BlockRequest::Put {
             cid: cids(1)[0],
             data: vec![0; MAX_BLOCK_SIZE + 1],
+            replicas: 1,
         };
         assert!(matches!(
             BlockRequest::decode(&too_big.encode()),
