@@ -2,7 +2,9 @@
 # The fault-tolerance acceptance run: 5 `p2pmr daemon` processes on 127.0.0.1, a 200 MiB
 # corpus added with 3 replicas, wordcount with 4 reducers once without faults and once while
 # a daemon is killed (SIGKILL) every 3 s and restarted, never more than 2 down at once, and
-# one is frozen (SIGSTOP) for 20 s. Fails unless both runs give the same output CID.
+# one is frozen (SIGSTOP) for 20 s. Fails unless both runs give the same output CID. Then,
+# with every daemon back, no block may be missing; one daemon is killed for good and every
+# block must be back to 3 copies within the grace period (10 s here) plus 120 s.
 #
 #   examples/chaos/run.sh            # debug build (what .ci/run uses)
 #   examples/chaos/run.sh --release  # release build

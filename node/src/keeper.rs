@@ -62,7 +62,8 @@ pub struct Keeper {
 
 #[derive(Debug)]
 struct Targets {
-    map: HashMap<Cid, u8>,
+    /// Target and when it was noted (for targets read from the log: when it was opened).
+    map: HashMap<Cid, (u8, Instant)>,
     log: File,
     unsynced: bool,
     /// Bumped on every change, so the census knows when to look again.
@@ -87,14 +88,14 @@ impl Keeper {
         let mut bytes = Vec::new();
         log.read_to_end(&mut bytes).map_err(err)?;
         // Records: target (1 byte), CID length (1 byte), CID bytes.
-        let (mut map, mut good) = (HashMap::new(), 0);
+        let (mut map, mut good, opened) = (HashMap::new(), 0, Instant::now());
         while let [target, len, rest @ ..] = &bytes[good..] {
             let len = usize::from(*len);
             let Some(cid) = rest.get(..len).and_then(|b| Cid::try_from(b).ok()) else {
                 break;
             };
-            let slot = map.entry(cid).or_insert(0u8);
-            *slot = (*slot).max(*target);
+            let slot = map.entry(cid).or_insert((0u8, opened));
+            slot.0 = slot.0.max(*target);
             good += 2 + len;
         }
         if good < bytes.len() {
@@ -125,14 +126,14 @@ impl Keeper {
             return Ok(());
         }
         let mut t = self.inner.lock().expect("keeper lock");
-        if t.map.get(&cid).is_some_and(|&r| r >= replicas) {
+        if t.map.get(&cid).is_some_and(|&(r, _)| r >= replicas) {
             return Ok(());
         }
         let bytes = cid.to_bytes();
         let mut record = vec![replicas, bytes.len() as u8];
         record.extend_from_slice(&bytes);
         t.log.write_all(&record).map_err(|e| self.err(e))?;
-        t.map.insert(cid, replicas);
+        t.map.insert(cid, (replicas, Instant::now()));
         t.unsynced = true;
         t.generation += 1;
         Ok(())
@@ -155,20 +156,27 @@ impl Keeper {
             .expect("keeper lock")
             .map
             .get(cid)
-            .copied()
+            .map(|&(r, _)| r)
     }
 
-    fn snapshot(&self) -> (u64, Vec<(Cid, u8)>) {
+    fn snapshot(&self) -> (u64, Vec<Want>) {
         let t = self.inner.lock().expect("keeper lock");
-        (t.generation, t.map.iter().map(|(c, r)| (*c, *r)).collect())
+        let wants = t
+            .map
+            .iter()
+            .map(|(&cid, &(target, noted))| Want { cid, target, noted });
+        (t.generation, wants.collect())
     }
 
     /// Watches over the targets until the network stops: takes censuses and copies blocks
     /// short of their target once a holder has been gone for `grace`.
     pub async fn run(self, net: NetClient, store: BlockStore, grace: Duration) {
         let tick = (grace / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
-        let started = Instant::now();
+        let mut started = Instant::now();
+        let mut last_tick = started;
         let mut answers: HashMap<PeerId, Answer> = HashMap::new();
+        // Blocks found short of their target, since when.
+        let mut short: HashMap<Cid, Instant> = HashMap::new();
         // What the last census that needed no copying saw: targets generation, live
         // daemons, when.
         let mut last: Option<(u64, BTreeSet<PeerId>, Instant)> = None;
@@ -177,6 +185,17 @@ impl Keeper {
         loop {
             interval.tick().await;
             let now = Instant::now();
+            // Time this daemon did not run (SIGSTOP, a suspended machine) is not time the
+            // others were gone: without this, a daemon thawed after a long freeze would find
+            // every holder past its grace period and copy everything it holds.
+            let stalled = now.duration_since(last_tick).saturating_sub(2 * tick);
+            last_tick = now;
+            if !stalled.is_zero() {
+                started += stalled;
+                for a in answers.values_mut() {
+                    a.seen += stalled;
+                }
+            }
             let live: BTreeSet<PeerId> = net.daemons().into_keys().collect();
             // A holder counts while it is connected and answers; the grace period runs from
             // the last moment it did both.
@@ -205,14 +224,14 @@ impl Keeper {
             let Ok(mine) = tokio::task::spawn_blocking(move || {
                 targets
                     .into_iter()
-                    .filter(|(c, _)| store2.has(c))
+                    .filter(|w| store2.has(&w.cid))
                     .collect::<Vec<_>>()
             })
             .await
             else {
                 return;
             };
-            let cids: Vec<Cid> = mine.iter().map(|(c, _)| *c).collect();
+            let cids: Vec<Cid> = mine.iter().map(|w| w.cid).collect();
             let census_at = Instant::now();
             let asked = futures::future::join_all(live.iter().map(|&p| ask(&net, p, &cids))).await;
             let mut fresh = Vec::new();
@@ -224,6 +243,7 @@ impl Keeper {
                             peer,
                             Answer {
                                 held,
+                                answered: census_at,
                                 seen: census_at,
                                 answering: true,
                             },
@@ -241,11 +261,15 @@ impl Keeper {
                 // Too early to tell a restart from a loss: look again next tick.
                 continue;
             }
-            let plan = plan(net.local_peer_id(), &mine, &answers, &fresh);
+            let me = net.local_peer_id();
+            let (plan, waiting) = plan(me, &mine, &answers, &fresh, &mut short, (census_at, tick));
             let copied = copy(&net, &store, plan).await;
             if copied > 0 {
                 tracing::info!("copied {copied} under-replicated block(s) to other daemons");
-                // Look again at once to confirm the counts (and to finish if some failed).
+            }
+            if copied > 0 || waiting {
+                // Look again next tick: to confirm the counts after copying (and finish if
+                // some copies failed), or to take the second look at short blocks.
                 last = None;
             } else {
                 last = Some((generation, live, census_at));
@@ -254,11 +278,20 @@ impl Keeper {
     }
 }
 
-/// A daemon's answer to a census: which of our blocks it held; when it was last connected and
-/// answering; whether it answered the latest question.
+/// A block this daemon holds and watches over: its replica target, and since when.
+#[derive(Debug, Clone, Copy)]
+struct Want {
+    cid: Cid,
+    target: u8,
+    noted: Instant,
+}
+
+/// A daemon's answer to a census: which of our blocks it held, when it said so; when it was
+/// last connected and answering; whether it answered the latest question.
 #[derive(Debug)]
 struct Answer {
     held: HashSet<Cid>,
+    answered: Instant,
     seen: Instant,
     answering: bool,
 }
@@ -290,23 +323,42 @@ struct Copy {
 /// The copies this daemon (`me`) must make: blocks short of their target for which it is the
 /// first live holder in the placement ranking, to daemons that answered the latest census
 /// (`fresh`) and lack them.
+///
+/// A block is being placed while its replicas are stored (not all at the same instant), so two
+/// rules keep a census taken meanwhile from passing for a shortfall: a daemon whose latest
+/// answer predates the block's target (plus `settle`) counts as holding it, and a block must be
+/// found short by censuses at least `settle` apart (`short` remembers since when, across
+/// calls). Also says whether short blocks await that second look.
 fn plan(
     me: PeerId,
-    mine: &[(Cid, u8)],
+    mine: &[Want],
     answers: &HashMap<PeerId, Answer>,
     fresh: &[PeerId],
-) -> Vec<Copy> {
+    short: &mut HashMap<Cid, Instant>,
+    (now, settle): (Instant, Duration),
+) -> (Vec<Copy>, bool) {
     let mut copies = Vec::new();
-    for &(cid, target) in mine {
+    let mut still_short = HashMap::new();
+    let mut waiting = false;
+    for &Want { cid, target, noted } in mine {
         let mut holders = vec![Placed::new(me)];
         holders.extend(
             answers
                 .iter()
-                .filter(|(_, a)| a.held.contains(&cid))
+                .filter(|(_, a)| a.held.contains(&cid) || a.answered < noted + settle)
                 .map(|(p, _)| Placed::new(*p)),
         );
         let have = holders.len();
-        if have >= usize::from(target) || rank_peers(&cid, &holders)[0].id != me {
+        if have >= usize::from(target) {
+            continue;
+        }
+        let since = *short.get(&cid).unwrap_or(&now);
+        still_short.insert(cid, since);
+        if now.duration_since(since) < settle {
+            waiting = true;
+            continue;
+        }
+        if rank_peers(&cid, &holders)[0].id != me {
             continue;
         }
         let to: Vec<PeerId> = fresh
@@ -323,7 +375,8 @@ fn plan(
             });
         }
     }
-    copies
+    *short = still_short;
+    (copies, waiting)
 }
 
 /// Makes the planned copies, [`COPIES_IN_FLIGHT`] at a time; returns how many blocks reached
@@ -366,12 +419,19 @@ mod tests {
     use super::*;
     use p2pmr_protocol::block::Block;
 
-    fn answer(held: &[Cid]) -> Answer {
+    /// An answer given at `at`.
+    fn answer(held: &[Cid], at: Instant) -> Answer {
         Answer {
             held: held.iter().copied().collect(),
-            seen: Instant::now(),
+            answered: at,
+            seen: at,
             answering: true,
         }
+    }
+
+    fn wants(blocks: &[Cid], target: u8, noted: Instant) -> Vec<Want> {
+        let want = |&cid| Want { cid, target, noted };
+        blocks.iter().map(want).collect()
     }
 
     #[test]
@@ -413,19 +473,48 @@ mod tests {
             .collect();
         // Peers 0 and 1 hold every block (target 3); peer 2 held some and is gone (absent
         // from the answers); peers 3 and 4 hold none.
-        let mine: Vec<(Cid, u8)> = blocks.iter().map(|c| (*c, 3)).collect();
+        let settle = Duration::from_secs(1);
+        let noted = Instant::now();
+        let t0 = noted + 2 * settle;
+        let mine = wants(&blocks, 3, noted);
         let mut copiers = HashMap::<Cid, usize>::new();
         for me in [0, 1] {
             let other = 1 - me;
             let answers: HashMap<PeerId, Answer> = [
-                (peers[other], answer(&blocks)),
-                (peers[3], answer(&[])),
-                (peers[4], answer(&[])),
+                (peers[other], answer(&blocks, t0)),
+                (peers[3], answer(&[], t0)),
+                (peers[4], answer(&[], t0)),
             ]
             .into_iter()
             .collect();
             let fresh = [peers[other], peers[3], peers[4]];
-            for c in plan(peers[me], &mine, &answers, &fresh) {
+            // An answer from before the blocks were placed says nothing about them.
+            let early: HashMap<PeerId, Answer> = [
+                (peers[other], answer(&blocks, t0)),
+                (peers[3], answer(&[], noted)),
+            ]
+            .into_iter()
+            .collect();
+            let mut short = HashMap::new();
+            assert_eq!(
+                plan(peers[me], &mine, &early, &fresh, &mut short, (t0, settle)),
+                (vec![], false)
+            );
+            // The first look only notes the shortfall; the second, a settle period later,
+            // acts on it.
+            let (first, waiting) =
+                plan(peers[me], &mine, &answers, &fresh, &mut short, (t0, settle));
+            assert!(first.is_empty() && waiting && short.len() == blocks.len());
+            let (copies, waiting) = plan(
+                peers[me],
+                &mine,
+                &answers,
+                &fresh,
+                &mut short,
+                (t0 + settle, settle),
+            );
+            assert!(!waiting);
+            for c in copies {
                 assert_eq!(c.more, 1);
                 assert_eq!(c.target, 3);
                 // Only daemons lacking the block are candidates.
@@ -436,10 +525,19 @@ mod tests {
         assert_eq!(copiers.len(), blocks.len(), "every short block is copied");
         assert!(copiers.values().all(|&n| n == 1), "by exactly one holder");
         // Blocks at their target are left alone.
-        let full: HashMap<PeerId, Answer> =
-            [(peers[1], answer(&blocks)), (peers[2], answer(&blocks))]
-                .into_iter()
-                .collect();
-        assert!(plan(peers[0], &mine, &full, &[peers[1], peers[2], peers[3]]).is_empty());
+        let full: HashMap<PeerId, Answer> = [
+            (peers[1], answer(&blocks, t0)),
+            (peers[2], answer(&blocks, t0)),
+        ]
+        .into_iter()
+        .collect();
+        let mut short = HashMap::new();
+        let now = (t0, Duration::ZERO);
+        let fresh = [peers[1], peers[2], peers[3]];
+        assert_eq!(
+            plan(peers[0], &mine, &full, &fresh, &mut short, now),
+            (vec![], false)
+        );
+        assert!(short.is_empty());
     }
 }

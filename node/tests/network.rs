@@ -359,6 +359,10 @@ async fn blocks_of_a_daemon_lost_for_good_are_copied_back_to_their_replica_count
     // 13 leaves and the root, each on 3 daemons.
     let full = vec![0, 0, 0, 14];
     assert_eq!(remote::stat(&fetcher, added.root).await?.replicas, full);
+    // While every holder is up nothing is copied, even past the grace period (a census taken
+    // in the middle of the add must not pass for a shortfall).
+    tokio::time::sleep(grace + Duration::from_secs(1)).await;
+    assert_eq!(remote::stat(&fetcher, added.root).await?.replicas, full);
 
     // The daemon holding the most blocks dies for good.
     let victim = (0..5)

@@ -5,12 +5,20 @@
 //! run once without faults and once while daemons are killed with SIGKILL every few seconds
 //! and restarted (never more than 2 unavailable at once) and one is frozen with SIGSTOP for
 //! 20 s. The two runs differ only in an argument wordcount ignores, so their outputs must have
-//! the same CID (same bytes). Prints both times and their ratio; exits non-zero if the chaos
-//! run fails or its output differs. `examples/chaos/run.sh` runs it; `.ci/run` runs that.
+//! the same CID (same bytes). Prints both times and their ratio, and how long the coordinator
+//! took to notice each fault (from the fault to the first `task_failed` event naming that
+//! daemon, as the JSON event stream shows it).
+//!
+//! Then the data checks: with every daemon back, no block of the corpus may be lost; one
+//! daemon is then killed for good, and the run measures how long the others take to bring
+//! every block back to R copies (the grace period plus the copying). Exits non-zero if the
+//! chaos run fails, its output differs, a block is lost, or replication is not restored.
+//! `examples/chaos/run.sh` runs it; `.ci/run` runs that.
 
 use crate::{corpus, tempdir_in_target, workspace};
 use anyhow::{bail, Context, Result};
 use std::fs::{self, File};
+use std::io::BufRead;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -46,6 +54,14 @@ pub(crate) struct ChaosArgs {
     /// Seed for the choice of victims [default: from the clock]
     #[arg(long)]
     seed: Option<u64>,
+    /// The daemons' replica grace period (seconds): how long a holder may be gone before its
+    /// blocks are copied elsewhere
+    #[arg(long, default_value_t = 10.0)]
+    grace_secs: f64,
+    /// How long replication may take to come back after a daemon is lost for good, beyond
+    /// the grace period (seconds)
+    #[arg(long, default_value_t = 120.0)]
+    restore_limit_secs: f64,
 }
 
 /// One daemon of the run: its repo, its fixed port (a restarted daemon comes back on the same
@@ -54,6 +70,7 @@ struct Node {
     home: PathBuf,
     port: u16,
     addr: String,
+    peer: String,
     child: Option<Child>,
     restart_at: Option<Instant>,
     frozen_until: Option<Instant>,
@@ -97,7 +114,7 @@ fn free_port() -> Result<u16> {
 }
 
 /// Starts (or restarts) `node`, dialling `peers`; waits for its listening line.
-fn start(bin: &Path, node: &mut Node, peers: &[String]) -> Result<()> {
+fn start(bin: &Path, node: &mut Node, peers: &[String], grace_secs: f64) -> Result<()> {
     let out_path = node.home.join("daemon.out");
     let mut cmd = Command::new(bin);
     cmd.args(["--home", node.home.to_str().unwrap(), "--no-mdns"]);
@@ -110,6 +127,7 @@ fn start(bin: &Path, node: &mut Node, peers: &[String]) -> Result<()> {
         .open(node.home.join("daemon.err"))?;
     let child = cmd
         .args(["daemon", "--slots", "1"])
+        .args(["--grace-secs", &grace_secs.to_string()])
         .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", node.port)])
         .stdout(File::create(&out_path)?)
         .stderr(err)
@@ -120,6 +138,11 @@ fn start(bin: &Path, node: &mut Node, peers: &[String]) -> Result<()> {
         let out = fs::read_to_string(&out_path).unwrap_or_default();
         if let Some(addr) = out.lines().find_map(|l| l.strip_prefix("listening on ")) {
             node.addr = addr.to_owned();
+            node.peer = out
+                .lines()
+                .find_map(|l| l.strip_prefix("peer id: "))
+                .unwrap_or_default()
+                .to_owned();
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -191,6 +214,7 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
             home,
             port: free_port()?,
             addr: String::new(),
+            peer: String::new(),
             child: None,
             restart_at: None,
             frozen_until: None,
@@ -198,7 +222,7 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
     }
     for i in 0..nodes.len() {
         let peers: Vec<String> = nodes[..i].iter().map(|n| n.addr.clone()).collect();
-        start(&bin, &mut nodes[i], &peers)?;
+        start(&bin, &mut nodes[i], &peers, args.grace_secs)?;
     }
     std::thread::sleep(Duration::from_secs(1));
 
@@ -239,17 +263,34 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
     let clean_cid = last_line(&clean.stdout)?;
     eprintln!("chaos: fault-free run {clean_s:.1} s -> {clean_cid}");
 
-    // The chaos run.
+    // The chaos run, with its events as timestamped JSON lines.
     let log = dir.join("chaos-run.err");
     let started = Instant::now();
     let mut job = run(&nodes, "chaos")
+        .arg("--json")
         .stdout(Stdio::piped())
         .stderr(File::create(&log)?)
         .spawn()?;
+    let (lines_tx, lines) = std::sync::mpsc::sync_channel::<(Instant, String)>(4096);
+    let stdout = job.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send((Instant::now(), line)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut events: Vec<(Instant, serde_json::Value)> = Vec::new();
+    // Faults: when, which daemon, what.
+    let mut faults: Vec<(Instant, usize, &str)> = Vec::new();
     let (mut kills, mut next_kill) = (0, started + Duration::from_secs_f64(args.kill_every));
     let mut freeze_at = Some(started + Duration::from_millis(1500));
     let deadline = started + Duration::from_secs(900);
     let status = loop {
+        events.extend(lines.try_iter().map(|(t, l)| (t, json_line(&l))));
         if let Some(status) = job.try_wait()? {
             break status;
         }
@@ -267,6 +308,7 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
             let victim = up[rng.below(up.len())];
             signal("STOP", &nodes[victim].pid().expect("running"))?;
             nodes[victim].frozen_until = Some(now + Duration::from_secs_f64(args.stop_secs));
+            faults.push((now, victim, "freeze"));
             eprintln!(
                 "chaos: {:5.1}s froze d{victim}",
                 started.elapsed().as_secs_f64()
@@ -282,6 +324,7 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
                 child.wait()?;
                 killed?;
                 kills += 1;
+                faults.push((now, victim, "kill"));
                 let back = 2.0 + rng.below(30) as f64 / 10.0;
                 nodes[victim].restart_at = Some(now + Duration::from_secs_f64(back));
                 eprintln!(
@@ -306,7 +349,7 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
                     .filter(|(j, n)| *j != i && n.child.is_some())
                     .map(|(_, n)| n.addr.clone())
                     .collect();
-                start(&bin, &mut nodes[i], &peers)?;
+                start(&bin, &mut nodes[i], &peers, args.grace_secs)?;
                 nodes[i].restart_at = None;
                 eprintln!(
                     "chaos: {:5.1}s restarted d{i}",
@@ -317,8 +360,8 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let chaos_s = started.elapsed().as_secs_f64();
-    let mut stdout = Vec::new();
-    std::io::Read::read_to_end(job.stdout.as_mut().expect("piped"), &mut stdout)?;
+    reader.join().expect("reader thread");
+    events.extend(lines.try_iter().map(|(t, l)| (t, json_line(&l))));
     if !status.success() {
         bail!(
             "the chaos run failed: {}",
@@ -329,7 +372,12 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
                 .unwrap_or("?")
         );
     }
-    let chaos_cid = last_line(&stdout)?;
+    let chaos_cid = events
+        .iter()
+        .find(|(_, e)| e["event"] == "completed")
+        .and_then(|(_, e)| e["output"].as_str())
+        .context("no completed event with the output CID")?
+        .to_owned();
     let handovers = fs::read_to_string(&log)?.matches("handing it over").count();
     println!("| run | s | output |");
     println!("|---|---:|---|");
@@ -339,6 +387,7 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
         args.stop_secs
     );
     println!("chaos / fault-free time: {:.2}", chaos_s / clean_s);
+    report_detection(&nodes, &faults, &events);
     if chaos_cid != clean_cid {
         bail!("the chaos run's output {chaos_cid} differs from the fault-free {clean_cid}");
     }
@@ -346,7 +395,129 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
         bail!("the job ended before any daemon was killed: nothing was tested");
     }
     println!("chaos: same output as the fault-free run");
-    Ok(())
+    restore(&bin, &args, &mut nodes, &cid)
+}
+
+fn json_line(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap_or(serde_json::Value::Null)
+}
+
+/// Prints, per kind of fault, how long the coordinator took to give up on the daemon: from
+/// the fault to the first `task_failed` event naming it (faults that hit a daemon running none
+/// of the job's tasks need no detecting and are not counted).
+fn report_detection(
+    nodes: &[Node],
+    faults: &[(Instant, usize, &str)],
+    events: &[(Instant, serde_json::Value)],
+) {
+    for kind in ["kill", "freeze"] {
+        let mut delays: Vec<f64> = faults
+            .iter()
+            .filter(|(_, _, k)| *k == kind)
+            .filter_map(|&(at, node, _)| {
+                events
+                    .iter()
+                    .find(|(t, e)| {
+                        *t >= at
+                            && e["event"] == "task_failed"
+                            && e["peer"] == nodes[node].peer.as_str()
+                    })
+                    .map(|(t, _)| t.duration_since(at).as_secs_f64())
+                    // A failure long after the fault is about something else.
+                    .filter(|d| *d < 15.0)
+            })
+            .collect();
+        delays.sort_by(f64::total_cmp);
+        match (delays.first(), delays.last()) {
+            (Some(_), Some(max)) => println!(
+                "time to detect a dead worker after a {kind}: median {:.2} s, max {max:.2} s ({} of {} faults hit a running task)",
+                delays[delays.len() / 2],
+                delays.len(),
+                faults.iter().filter(|(_, _, k)| *k == kind).count()
+            ),
+            _ => println!("time to detect a dead worker after a {kind}: no {kind} hit a running task"),
+        }
+    }
+}
+
+/// Brings every daemon back, checks no block of `cid` is lost, then kills one for good and
+/// measures how long the rest take to restore every block to `args.replicas` copies.
+fn restore(bin: &Path, args: &ChaosArgs, nodes: &mut [Node], cid: &str) -> Result<()> {
+    for i in 0..nodes.len() {
+        if nodes[i].frozen_until.take().is_some() {
+            signal("CONT", &nodes[i].pid().expect("running"))?;
+        }
+        if nodes[i].restart_at.take().is_some() {
+            let peers: Vec<String> = nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .map(|n| n.addr.clone())
+                .collect();
+            start(bin, &mut nodes[i], &peers, args.grace_secs)?;
+        }
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let want = args.replicas;
+    let copies = |nodes: &[Node]| -> Result<Vec<u64>> {
+        let addrs: Vec<libp2p::Multiaddr> = nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.addr.parse())
+            .collect::<Result<_, _>>()?;
+        let live = addrs.len();
+        let cid: p2pmr_protocol::Cid = cid.parse()?;
+        rt.block_on(async {
+            let config = p2pmr_node::remote::ClientConfig {
+                peers: addrs,
+                mdns: false,
+                discovery: Duration::from_secs(5),
+            };
+            let peer = p2pmr_node::remote::ClientPeer::connect(config, live).await?;
+            let fetcher = p2pmr_node::remote::Fetcher::new(Some(peer.net().clone()), None);
+            let stat = p2pmr_node::remote::stat(&fetcher, cid).await;
+            peer.close().await;
+            Ok(stat?.replicas)
+        })
+    };
+    let short = |replicas: &[u64]| replicas.iter().take(want).sum::<u64>();
+    // Every daemon is back: nothing may be missing (restarted daemons serve their stores).
+    let replicas = copies(nodes)?;
+    if replicas.first().copied().unwrap_or(0) > 0 {
+        bail!(
+            "{} block(s) of the corpus are lost: {replicas:?}",
+            replicas[0]
+        );
+    }
+    println!("chaos: no block lost (blocks by number of copies: {replicas:?})");
+
+    // One daemon lost for good.
+    let victim = nodes.len() - 1;
+    let mut child = nodes[victim].child.take().expect("running");
+    let killed = child.kill(); // SIGKILL
+    child.wait()?;
+    killed?;
+    let killed = Instant::now();
+    let limit = Duration::from_secs_f64(args.grace_secs + args.restore_limit_secs);
+    loop {
+        let replicas = copies(nodes)?;
+        if replicas.first().copied().unwrap_or(0) > 0 {
+            bail!("{} block(s) lost after a daemon died for good", replicas[0]);
+        }
+        if short(&replicas) == 0 {
+            let took = killed.elapsed().as_secs_f64();
+            println!(
+                "time to restore {want} copies of every block after losing a daemon for good: {took:.1} s (grace period {:.0} s + {:.1} s copying) of the {} MiB corpus",
+                args.grace_secs,
+                took - args.grace_secs,
+                args.mib
+            );
+            return Ok(());
+        }
+        if killed.elapsed() > limit {
+            bail!("replication not restored within {limit:?}: blocks by copies {replicas:?}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 fn last_line(out: &[u8]) -> Result<String> {
