@@ -50,6 +50,14 @@ pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(3);
 const WATCH_WAIT: Duration = Duration::from_secs(5);
 /// Attempts per task before the job fails (failures of the peer, not of the task's code).
 const MAX_ATTEMPTS: usize = 4;
+/// Backup copies of stragglers (the paper's backup tasks): see [`backup_after`].
+const BACKUP_FACTOR: u32 = 2;
+/// The shortest run after which a task may get a backup copy.
+const BACKUP_MIN: Duration = Duration::from_secs(1);
+/// When a task may get a backup copy while no task of its phase has finished.
+const BACKUP_BLIND: Duration = Duration::from_secs(10);
+/// How long the coordinator waits for a worker to confirm it stopped a losing copy.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Times planning asks again for input blocks no reachable daemon has, and the pause between.
 const PLAN_RETRIES: u32 = 3;
 const PLAN_RETRY_PAUSE: Duration = Duration::from_secs(2);
@@ -556,6 +564,7 @@ impl Coordinator {
         };
         // Daemons this job has given up on (stalled or unreachable), even if still connected.
         let mut gone: HashSet<PeerId> = HashSet::new();
+        let mut skips = Skips::new(spec.skip_bad_records);
         handle.emit(Event::Phase(Phase::Map));
         // Map, then reduce; when map outputs are lost (their holder is gone, or a reducer
         // could not fetch them) those map tasks run again and the reduces that need them
@@ -576,6 +585,7 @@ impl Coordinator {
                     local: Some(&local),
                     bytes: &map_bytes,
                     tasks: std::mem::take(&mut to_map),
+                    skips: &mut skips,
                 };
                 let done = self
                     .phase(
@@ -584,7 +594,7 @@ impl Coordinator {
                         &mut counters,
                         &mut map_attempts,
                         &mut gone,
-                        |t, attempt| {
+                        |t, attempt, skip| {
                             let m = &maps[t];
                             JobRequest::Map(MapTask {
                                 spec: bytes.to_vec(),
@@ -593,6 +603,7 @@ impl Coordinator {
                                 start: m.start,
                                 end: m.end,
                                 attempt,
+                                skip,
                             })
                         },
                     )
@@ -681,6 +692,7 @@ impl Coordinator {
                 local: None,
                 bytes: &run_bytes,
                 tasks: pending,
+                skips: &mut Skips::new(0),
             };
             let done = self
                 .phase(
@@ -689,7 +701,7 @@ impl Coordinator {
                     &mut counters,
                     &mut reduce_attempts,
                     &mut gone,
-                    |r, attempt| {
+                    |r, attempt, _| {
                         JobRequest::Reduce(ReduceTask {
                             spec: bytes.to_vec(),
                             partition: r as u32,
@@ -900,10 +912,11 @@ impl Coordinator {
         counters: &mut Counters,
         attempts: &mut [u32],
         gone: &mut HashSet<PeerId>,
-        request: impl Fn(usize, u32) -> JobRequest,
+        request: impl Fn(usize, u32, Vec<u64>) -> JobRequest,
     ) -> Result<Vec<(usize, JobResponse, PeerId)>, Stop> {
         let n = sched.tasks.len();
         let kind = sched.kind;
+        let skips = sched.skips;
         let mut pending: Vec<usize> = sched.tasks.iter().rev().copied().collect();
         let mut free: Vec<u32> = sched.slots.to_vec();
         // Daemons that have left since the job was planned take no more tasks.
@@ -915,8 +928,14 @@ impl Coordinator {
             .map(|p| *p != me && (!connected.contains_key(p) || gone.contains(p)))
             .collect();
         // Running attempts by task id, so a stalled peer's can be aborted and retried.
-        let mut on_peer: HashMap<tokio::task::Id, (usize, usize, tokio::task::AbortHandle)> =
-            HashMap::new();
+        let mut on_peer: HashMap<tokio::task::Id, Attempt> = HashMap::new();
+        // Backups: tasks given a second copy near the end of the phase, attempts stopped
+        // because the other copy finished first, and how long finished attempts took.
+        let mut backed: HashSet<usize> = HashSet::new();
+        let mut beaten: HashSet<tokio::task::Id> = HashSet::new();
+        let mut took: Vec<Duration> = Vec::new();
+        let mut complete: HashSet<usize> = HashSet::new();
+        let job = handle.log.lock().expect("poisoned").id;
         let mut probes: JoinSet<(usize, bool)> = JoinSet::new();
         let mut probing: HashSet<usize> = HashSet::new();
         let mut probe_tick = tokio::time::interval(self.inner.liveness / 3);
@@ -933,8 +952,29 @@ impl Coordinator {
             loop {
                 let mut assigned = false;
                 for p in 0..sched.peers.len() {
-                    if free[p] == 0 || dead[p] || pending.is_empty() {
+                    if free[p] == 0 || dead[p] {
                         continue;
+                    }
+                    if pending.is_empty() {
+                        // Near the end of the phase: an idle peer takes a backup copy of the
+                        // task that has run longest, once it runs well past the usual time.
+                        let after = backup_after(&mut took);
+                        let straggler = on_peer
+                            .values()
+                            .filter(|a| a.p != p && !backed.contains(&a.t))
+                            .filter(|a| !complete.contains(&a.t))
+                            .filter(|a| a.since.elapsed() >= after)
+                            .min_by_key(|a| a.since)
+                            .map(|a| (a.t, a.p));
+                        let Some((t, slow)) = straggler else { continue };
+                        backed.insert(t);
+                        handle.emit(Event::Backup {
+                            kind,
+                            task: t as u32,
+                            slow: sched.peers[slow].to_string(),
+                            peer: sched.peers[p].to_string(),
+                        });
+                        pending.push(t);
                     }
                     // A task that failed on this peer goes elsewhere while there is elsewhere.
                     let live = dead.iter().filter(|d| !**d).count();
@@ -987,13 +1027,21 @@ impl Coordinator {
                         peer: peer.to_string(),
                         local_percent,
                     });
-                    let req = request(t, attempts[t]);
+                    let req = request(t, attempts[t], skips.of(t));
                     let this = self.clone();
                     let abort = running.spawn(async move {
                         let started = Instant::now();
                         (t, p, started, this.call(peer, req).await)
                     });
-                    on_peer.insert(abort.id(), (t, p, abort));
+                    on_peer.insert(
+                        abort.id(),
+                        Attempt {
+                            t,
+                            p,
+                            abort,
+                            since: Instant::now(),
+                        },
+                    );
                     assigned = true;
                 }
                 if !assigned {
@@ -1008,7 +1056,7 @@ impl Coordinator {
                 _ = tokio::time::sleep(LOCALITY_DELAY / 3) => None,
                 _ = probe_tick.tick() => {
                     // Probe every other daemon that is running a task of ours.
-                    let busy: HashSet<usize> = on_peer.values().map(|(_, p, _)| *p).collect();
+                    let busy: HashSet<usize> = on_peer.values().map(|a| a.p).collect();
                     for p in busy {
                         let peer = sched.peers[p];
                         if peer == me || dead[p] || !probing.insert(p) {
@@ -1030,9 +1078,9 @@ impl Coordinator {
                         // aborted and come back below as failures to retry elsewhere.
                         dead[p] = true;
                         gone.insert(sched.peers[p]);
-                        for (_, q, abort) in on_peer.values() {
-                            if *q == p {
-                                abort.abort();
+                        for a in on_peer.values() {
+                            if a.p == p {
+                                a.abort.abort();
                             }
                         }
                     }
@@ -1047,12 +1095,29 @@ impl Coordinator {
                     done
                 }
                 Err(e) if e.is_cancelled() => {
-                    let (t, p, _) = on_peer.remove(&e.id()).expect("a task we started");
+                    let a = on_peer.remove(&e.id()).expect("a task we started");
+                    if beaten.remove(&e.id()) {
+                        // The other copy of its task finished first.
+                        free[a.p] += 1;
+                        continue;
+                    }
                     let limit = self.inner.liveness.as_secs_f64();
                     let reason = format!("no answer to a liveness probe within {limit:.1}s");
-                    (t, p, Instant::now(), Err(reason))
+                    (a.t, a.p, Instant::now(), Err(reason))
                 }
                 Err(e) => return Err(e.to_string().into()),
+            };
+            if complete.contains(&t) {
+                // The losing copy of a backed-up task answered before it could be stopped.
+                if result.is_ok() {
+                    free[p] += 1;
+                }
+                continue;
+            }
+            let ends_task = match &result {
+                Ok(JobResponse::MapDone(_) | JobResponse::ReduceDone(_)) => true,
+                Ok(JobResponse::MissingRuns(_)) => kind == TaskKind::Reduce,
+                _ => false,
             };
             let peer = sched.peers[p];
             let what = kind.name();
@@ -1082,6 +1147,7 @@ impl Coordinator {
                         .into());
                     }
                     free[p] += 1;
+                    took.push(started.elapsed());
                     handle.emit(Event::TaskFinished {
                         kind,
                         task: t as u32,
@@ -1097,7 +1163,30 @@ impl Coordinator {
                     pending.push(t);
                     attempts[t] -= 1;
                 }
-                Ok(JobResponse::Failed(reason)) => {
+                Ok(JobResponse::RecordFailed { reason, record })
+                    if kind == TaskKind::Map && skips.failed(t, record) =>
+                {
+                    // The same record failed the task again: leave it out from now on (the
+                    // task starts afresh, with a new count of failures).
+                    free[p] += 1;
+                    skips.skip(t, record).map_err(|limit| {
+                        format!(
+                            "map task {t} failed again on the record at input offset {record}, \
+                             and the job has already skipped its limit of {limit} bad records: \
+                             {reason}"
+                        )
+                    })?;
+                    failed.remove(&t);
+                    handle.emit(Event::TaskFailed {
+                        kind,
+                        task: t as u32,
+                        peer: peer.to_string(),
+                        reason: format!("{reason}; skipping that record from now on"),
+                        retry: true,
+                    });
+                    pending.push(t);
+                }
+                Ok(JobResponse::Failed(reason) | JobResponse::RecordFailed { reason, .. }) => {
                     // The task failed by itself (trap, time or memory limit): try it on other
                     // peers a bounded number of times, then fail the job with the reason.
                     free[p] += 1;
@@ -1120,10 +1209,51 @@ impl Coordinator {
                     pending.push(t);
                 }
             }
+            if ends_task {
+                // First copy home wins: stop the other, here and on its worker.
+                complete.insert(t);
+                pending.retain(|&x| x != t);
+                for (id, a) in on_peer.iter().filter(|(_, a)| a.t == t) {
+                    a.abort.abort();
+                    beaten.insert(*id);
+                    let (this, peer) = (self.clone(), sched.peers[a.p]);
+                    let stop = JobRequest::AbortTask {
+                        job,
+                        kind,
+                        task: t as u32,
+                    };
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(ABORT_TIMEOUT, this.call(peer, stop)).await;
+                    });
+                }
+            } else if on_peer.values().any(|a| a.t == t) {
+                // Another copy is still running: it is the retry.
+                pending.retain(|&x| x != t);
+            }
         }
         done.sort_by_key(|d| d.0);
         Ok(done)
     }
+}
+
+/// A running attempt: its task, its peer (index in the schedule), how to stop it, since when.
+struct Attempt {
+    t: usize,
+    p: usize,
+    abort: tokio::task::AbortHandle,
+    since: Instant,
+}
+
+/// How long a task runs before an idle peer takes a backup copy of it, once nothing is left to
+/// assign: [`BACKUP_FACTOR`] times the phase's median task time so far, at least
+/// [`BACKUP_MIN`]; [`BACKUP_BLIND`] while no task of the phase has finished.
+fn backup_after(took: &mut [Duration]) -> Duration {
+    if took.is_empty() {
+        return BACKUP_BLIND;
+    }
+    let mid = took.len() / 2;
+    let (_, median, _) = took.select_nth_unstable(mid);
+    (*median * BACKUP_FACTOR).max(BACKUP_MIN)
 }
 
 /// Tells watchers attempt `t` failed on `peer`; unless it is to be retried, the job fails
@@ -1151,6 +1281,54 @@ fn retry_or_fail(
     Err(format!("{what} task {t} failed {limit} times; last on {peer}: {reason}").into())
 }
 
+/// Bad records of a job's map tasks (`--skip-bad-records`): how often each failed its task,
+/// and those to leave out, per task. A record is skipped once it has failed twice, as in the
+/// MapReduce paper, at most `limit` records in all.
+#[derive(Debug, Default)]
+struct Skips {
+    limit: u32,
+    failures: HashMap<(usize, u64), u32>,
+    skipped: HashMap<usize, Vec<u64>>,
+    total: u32,
+}
+
+impl Skips {
+    fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
+    }
+
+    /// Counts a failure of task `t` on `record`; says whether the record is now to be skipped.
+    fn failed(&mut self, t: usize, record: u64) -> bool {
+        if self.limit == 0 {
+            return false;
+        }
+        let n = self.failures.entry((t, record)).or_default();
+        *n += 1;
+        *n >= 2
+    }
+
+    /// Leaves `record` out of task `t` from now on; the limit is the error if it is reached.
+    fn skip(&mut self, t: usize, record: u64) -> Result<(), u32> {
+        if self.total >= self.limit {
+            return Err(self.limit);
+        }
+        let list = self.skipped.entry(t).or_default();
+        if let Err(at) = list.binary_search(&record) {
+            list.insert(at, record);
+            self.total += 1;
+        }
+        Ok(())
+    }
+
+    /// The sorted offsets to leave out of task `t`.
+    fn of(&self, t: usize) -> Vec<u64> {
+        self.skipped.get(&t).cloned().unwrap_or_default()
+    }
+}
+
 struct Schedule<'a> {
     kind: TaskKind,
     peers: &'a [PeerId],
@@ -1161,6 +1339,8 @@ struct Schedule<'a> {
     bytes: &'a [u64],
     /// The tasks to run now.
     tasks: Vec<usize>,
+    /// Bad records to leave out of map tasks.
+    skips: &'a mut Skips,
 }
 
 /// The leaves of the file at `root`, in order, with their sizes (fetching inner nodes only).

@@ -186,6 +186,19 @@ pub enum JobError {
     },
 }
 
+impl JobError {
+    /// The input offset of the record the task was mapping when it failed, when known.
+    pub fn record(&self) -> Option<u64> {
+        match self {
+            Self::Timeout { offset, .. }
+            | Self::Memory { offset, .. }
+            | Self::Output { offset, .. }
+            | Self::Trap { offset, .. } => *offset,
+            _ => None,
+        }
+    }
+}
+
 /// A compiled, validated job module, ready to instantiate.
 pub struct JobModule {
     name: String,

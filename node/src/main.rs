@@ -144,6 +144,12 @@ enum Command {
         /// Time limit per task
         #[arg(long, default_value_t = 60, value_name = "SECS")]
         timeout_secs: u64,
+        /// Leave out input records that make a map task fail twice (trap, time or memory
+        /// limit), up to MAX of them, instead of failing the job; the count of skipped
+        /// records is reported
+        #[arg(long, value_name = "MAX", num_args = 0..=1, default_missing_value = "100",
+              value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        skip_bad_records: Option<u32>,
         /// Print one JSON event per line on stdout instead of progress bars
         #[arg(long)]
         json: bool,
@@ -363,6 +369,7 @@ fn run(cli: Cli) -> Result<()> {
             split_mib,
             memory_mib,
             timeout_secs,
+            skip_bad_records,
             json,
             detach,
             coordinator,
@@ -394,7 +401,8 @@ fn run(cli: Cli) -> Result<()> {
                         memory: memory_mib << 20,
                         timeout_ms: timeout_secs.saturating_mul(1000),
                         ..TaskLimits::default()
-                    });
+                    })
+                    .with_skip_bad_records(skip_bad_records.unwrap_or(0));
                 let coordinator = client::coordinator_for(net, &spec.id(), coordinator)?;
                 // The spec goes on the network too: whoever watches the job can hand it to
                 // another coordinator if this one dies.

@@ -50,6 +50,7 @@ fn counters_json(c: &Counters) -> Value {
         "remote_map_bytes": c.remote_map_bytes,
         "map_attempts": c.map_attempts,
         "reduce_attempts": c.reduce_attempts,
+        "skipped_records": c.skipped_records,
     })
 }
 
@@ -82,6 +83,13 @@ pub fn event_json(event: &Event) -> Value {
             local_percent,
         } => json!({"event": "task_started", "kind": kind.name(), "task": task,
                    "attempt": attempt, "peer": peer, "local_percent": local_percent}),
+        Event::Backup {
+            kind,
+            task,
+            slow,
+            peer,
+        } => json!({"event": "backup", "kind": kind.name(), "task": task, "slow": slow,
+                   "peer": peer}),
         Event::TaskFinished {
             kind,
             task,
@@ -226,6 +234,19 @@ impl Progress {
             } => {
                 self.running.insert((*kind, *task), peer.clone());
             }
+            Event::Backup {
+                kind,
+                task,
+                slow,
+                peer,
+            } => {
+                self.line(format!(
+                    "{} task {task} is slow on {}: a backup copy runs on {}",
+                    kind.name(),
+                    short(slow),
+                    short(peer)
+                ));
+            }
             Event::TaskFinished {
                 kind, task, bytes, ..
             } => {
@@ -278,6 +299,12 @@ impl Progress {
                         counters.reduce_output_records,
                         local * 100.0
                     ));
+                    if counters.skipped_records > 0 {
+                        self.line(format!(
+                            "skipped {} bad record(s) that kept failing their map task",
+                            counters.skipped_records
+                        ));
+                    }
                 }
             }
             Event::Failed { .. } | Event::Cancelled => self.finish_bars(),

@@ -22,10 +22,10 @@ use libp2p::PeerId;
 use p2pmr_protocol::abi::encode_args;
 use p2pmr_protocol::engine::{
     Counters, FinishedTask, JobRequest, JobResponse, MapOutput, MapTask, PartOut, ReduceOutput,
-    ReduceTask,
+    ReduceTask, TaskKind,
 };
 use p2pmr_protocol::job::JobSpec;
-use p2pmr_protocol::records::RecordSplitter;
+use p2pmr_protocol::records::{without_records, RecordSplitter};
 use p2pmr_protocol::Cid;
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -48,6 +48,26 @@ const FINISHED_JOBS: usize = 64;
 /// stay under the 4 MiB message limit.
 const FINISHED_BYTES: usize = 2 << 20;
 
+/// A running task of a job: map or reduce, its number, how to stop it.
+type RunningTask = (TaskKind, u32, tokio::task::AbortHandle);
+
+/// Why a map task failed, and the input offset of the record it was mapping if the job
+/// failed on one (the coordinator may then skip that record).
+#[derive(Debug)]
+struct MapFailure {
+    reason: String,
+    record: Option<u64>,
+}
+
+impl From<String> for MapFailure {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            record: None,
+        }
+    }
+}
+
 /// Runs tasks for coordinators. Cheap to clone.
 #[derive(Clone)]
 pub struct Worker {
@@ -61,7 +81,7 @@ struct Inner {
     fetcher: Fetcher,
     slots: u32,
     permits: Arc<Semaphore>,
-    running: Mutex<HashMap<Cid, Vec<tokio::task::AbortHandle>>>,
+    running: Mutex<HashMap<Cid, Vec<RunningTask>>>,
     /// Modules being fetched and compiled: tasks of the same job wait for one load.
     loading: Mutex<HashMap<Cid, Arc<tokio::sync::OnceCell<Arc<JobModule>>>>>,
     /// Tasks finished here, per job, newest jobs last: what a coordinator taking over a job
@@ -119,7 +139,7 @@ impl Worker {
         &self.inner.repo
     }
 
-    /// Answers a worker request (`Map`, `Reduce`, `Abort`, `Slots`).
+    /// Answers a worker request (`Map`, `Reduce`, `Abort`, `AbortTask`, `Slots`, `Finished`).
     pub async fn handle(&self, request: JobRequest) -> JobResponse {
         match request {
             JobRequest::Slots => JobResponse::Slots(self.inner.slots),
@@ -131,8 +151,21 @@ impl Worker {
                     .expect("poisoned")
                     .remove(&job)
                     .unwrap_or_default();
-                for h in handles {
+                for (_, _, h) in handles {
                     h.abort();
+                }
+                JobResponse::Ok
+            }
+            JobRequest::AbortTask { job, kind, task } => {
+                let mut running = self.inner.running.lock().expect("poisoned");
+                if let Some(handles) = running.get_mut(&job) {
+                    handles.retain(|(k, t, h)| {
+                        let hit = *k == kind && *t == task;
+                        if hit {
+                            h.abort();
+                        }
+                        !hit
+                    });
                 }
                 JobResponse::Ok
             }
@@ -144,8 +177,16 @@ impl Worker {
                 let (this, job) = (self.clone(), spec.id());
                 let (number, input, start, end) = (task.task, task.input, task.start, task.end);
                 let response = self
-                    .tracked(job, async move {
-                        this.map(spec, task).await.map(JobResponse::MapDone)
+                    .tracked(job, (TaskKind::Map, number), async move {
+                        match this.map(spec, task).await {
+                            Ok(output) => Ok(JobResponse::MapDone(output)),
+                            // The coordinator may skip a record that keeps failing.
+                            Err(MapFailure {
+                                reason,
+                                record: Some(record),
+                            }) => Ok(JobResponse::RecordFailed { reason, record }),
+                            Err(MapFailure { reason, .. }) => Err(reason),
+                        }
                     })
                     .await;
                 if let JobResponse::MapDone(output) = &response {
@@ -180,7 +221,9 @@ impl Worker {
                 let (this, job) = (self.clone(), spec.id());
                 let partition = task.partition;
                 let response = self
-                    .tracked(job, async move { this.reduce(spec, task).await })
+                    .tracked(job, (TaskKind::Reduce, partition), async move {
+                        this.reduce(spec, task).await
+                    })
                     .await;
                 if let JobResponse::ReduceDone(output) = &response {
                     self.remember(
@@ -228,14 +271,15 @@ impl Worker {
     async fn tracked(
         &self,
         job: Cid,
+        (kind, number): (TaskKind, u32),
         body: impl std::future::Future<Output = Result<JobResponse, String>> + Send + 'static,
     ) -> JobResponse {
         let task = tokio::spawn(body);
         {
             let mut running = self.inner.running.lock().expect("poisoned");
             let handles = running.entry(job).or_default();
-            handles.retain(|h| !h.is_finished());
-            handles.push(task.abort_handle());
+            handles.retain(|(_, _, h)| !h.is_finished());
+            handles.push((kind, number, task.abort_handle()));
         }
         match task.await {
             Ok(Ok(response)) => response,
@@ -306,7 +350,15 @@ impl Worker {
         Ok((module, permit))
     }
 
-    async fn map(&self, spec: JobSpec, task: MapTask) -> Result<MapOutput, String> {
+    async fn map(&self, spec: JobSpec, task: MapTask) -> Result<MapOutput, MapFailure> {
+        if task.skip.len() > spec.skip_bad_records as usize || !task.skip.is_sorted() {
+            return Err(format!(
+                "{} records to skip, unsorted or more than the job allows ({})",
+                task.skip.len(),
+                spec.skip_bad_records
+            )
+            .into());
+        }
         let input = spec
             .inputs
             .get(task.input as usize)
@@ -333,10 +385,19 @@ impl Worker {
             let mut map = exec
                 .map_task(&module, name, &args, reducers, limits)
                 .map_err(|e| e.to_string())?;
+            let skip = task.skip;
             let mut feed = |map: &mut crate::jobs::MapTask, offset: u64, batch: &[u8]| {
-                c.input_bytes += batch.len() as u64;
-                c.input_records += records_in(batch);
-                map.batch(batch, offset).map_err(|e| e.to_string())
+                let (pieces, skipped) = without_records(batch, offset, &skip);
+                c.skipped_records += skipped;
+                for (offset, piece) in pieces {
+                    c.input_bytes += piece.len() as u64;
+                    c.input_records += records_in(piece);
+                    map.batch(piece, offset).map_err(|e| MapFailure {
+                        record: e.record(),
+                        reason: e.to_string(),
+                    })?;
+                }
+                Ok::<(), MapFailure>(())
             };
             while !splitter.is_done() {
                 let Some(chunk) = rx.blocking_recv() else {
@@ -379,14 +440,14 @@ impl Worker {
                     bytes: written.size,
                 }));
             }
-            Ok::<_, String>((out, c, complete))
+            Ok::<_, MapFailure>((out, c, complete))
         })
         .await
         .map_err(|e| format!("map task panicked: {e}"))?;
         let read = producer.await.map_err(|e| e.to_string())?;
         let (parts, counters, complete) = mapped?;
         if let (false, Err(e)) = (complete, read) {
-            return Err(format!("cannot read input {}: {e}", input.name));
+            return Err(format!("cannot read input {}: {e}", input.name).into());
         }
         Ok(MapOutput { parts, counters })
     }

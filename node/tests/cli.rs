@@ -756,3 +756,100 @@ fn a_stalled_worker_is_given_up_on_and_its_tasks_run_elsewhere() {
     let counted = with_peers(&["cat", &output]);
     assert_eq!(stdout(&counted), format!("lines\t{n}"));
 }
+
+#[test]
+fn a_straggler_gets_a_backup_copy_and_the_first_copy_to_finish_wins() {
+    // Liveness probes so slow they never fire: only a backup copy can finish the map phase
+    // while a worker is frozen.
+    let args = ["--slots", "1", "--liveness-secs", "600"];
+    let a = DaemonProcess::start_args(&[], &args);
+    let b = DaemonProcess::start_args(&[&a.addr], &args);
+    let client = tempfile::tempdir().unwrap();
+    let all = [&a, &b];
+    let peer_args: Vec<&str> = all
+        .iter()
+        .flat_map(|d| ["--peer", d.addr.as_str()])
+        .collect();
+    let line = "a line of text to count\n";
+    let n = (8 << 20) / line.len();
+    let input = write_file(client.path(), "in.txt", line.repeat(n).as_bytes());
+    let mut add = peer_args.clone();
+    add.extend(["add", "--replicas", "2", input.to_str().unwrap()]);
+    let added = p2pmr(client.path(), &add);
+    assert!(added.status.success());
+    let cid = stdout(&added);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    let mut run = Command::new(BIN)
+        .arg("--home")
+        .arg(client.path())
+        .arg("--no-mdns")
+        .args(&peer_args)
+        .args(["run", "--json", "--job", "hostile", "--arg", "mode=slow"])
+        .args(["--arg", "ms=600", "--split-mib", "1", "--input", &cid])
+        .env_remove("P2PMR_PEERS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let signal = |sig: &str, d: &DaemonProcess| {
+        let pid = d.child.id().to_string();
+        assert!(Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    // Without backups the job would wait for the frozen worker for good: stop it after 90 s.
+    let run_pid = run.id().to_string();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(90));
+        let _ = Command::new("kill").args(["-9", &run_pid]).status();
+    });
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let mut coordinator = String::new();
+    let mut frozen: Option<&DaemonProcess> = None;
+    let mut reduced_while_frozen = false;
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(run.stdout.take().unwrap()).lines() {
+        let e: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if e["event"] == "accepted" {
+            coordinator = e["coordinator"].as_str().unwrap().to_owned();
+        }
+        if frozen.is_none() && e["event"] == "task_started" && e["peer"] != coordinator.as_str() {
+            // Freeze the other worker in the middle of its first task.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let victim = all.iter().find(|d| d.peer_id == e["peer"]).unwrap();
+            signal("-STOP", victim);
+            frozen = Some(victim);
+        }
+        if e["event"] == "phase" && e["phase"] == "reduce" {
+            if let Some(victim) = frozen {
+                // The map phase ended without it; let it go on with the reduces.
+                reduced_while_frozen = true;
+                signal("-CONT", victim);
+            }
+        }
+        events.push(e);
+    }
+    let status = run.wait().unwrap();
+    assert!(status.success(), "{events:?}");
+    let victim = frozen.expect("a task ran outside the coordinator");
+    assert!(reduced_while_frozen, "{events:?}");
+    let backup = events
+        .iter()
+        .find(|e| e["event"] == "backup" && e["kind"] == "map")
+        .unwrap_or_else(|| panic!("no backup: {events:?}"));
+    assert_eq!(backup["slow"], victim.peer_id.as_str());
+    assert!(
+        !events.iter().any(|e| e["event"] == "task_failed"),
+        "a backup is not a failure: {events:?}"
+    );
+    let output = events.last().unwrap()["output"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut cat = peer_args.clone();
+    cat.extend(["cat", &output]);
+    assert_eq!(stdout(&p2pmr(client.path(), &cat)), format!("lines\t{n}"));
+}

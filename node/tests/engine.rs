@@ -101,7 +101,17 @@ async fn run_job(
     args: &[(&str, &str)],
     split: u64,
 ) -> Result<Ran> {
-    let spec = JobSpec::new(
+    run_spec(client, job_spec(module, inputs, reducers, args, split)?).await
+}
+
+fn job_spec(
+    module: Cid,
+    inputs: &[(String, Cid)],
+    reducers: u32,
+    args: &[(&str, &str)],
+    split: u64,
+) -> Result<JobSpec> {
+    Ok(JobSpec::new(
         module,
         inputs
             .iter()
@@ -113,7 +123,10 @@ async fn run_job(
         reducers,
         args.iter().map(|(k, v)| (k.to_string(), v.to_string())),
     )?
-    .with_split_size(split);
+    .with_split_size(split))
+}
+
+async fn run_spec(client: &ClientPeer, spec: JobSpec) -> Result<Ran> {
     let net = client.net();
     let coordinator = client::coordinator_for(net, &spec.id(), None)?;
     let job = client::submit(net, coordinator, &spec).await?;
@@ -496,6 +509,48 @@ async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
             .any(|e| matches!(e, Event::TaskFailed { retry: false, .. })),
         "the failure is an event"
     );
+
+    // With --skip-bad-records the job leaves out each record that failed its task twice, and
+    // counts them: two bad records in one task, so the task fails four times and succeeds on
+    // its fifth attempt.
+    let mut text = b"good line\n".repeat(3000);
+    text.extend_from_slice(b"TRAP one\n");
+    text.extend_from_slice(&b"fine\n".repeat(2000));
+    text.extend_from_slice(b"TRAP two, the last record without a newline");
+    let bad = add(&client, text, 2).await?;
+    let spec = |skip| {
+        Ok::<_, anyhow::Error>(
+            job_spec(
+                hostile,
+                &[("in".into(), bad)],
+                1,
+                &[("mode", "trap")],
+                DEFAULT_SPLIT,
+            )?
+            .with_skip_bad_records(skip),
+        )
+    };
+    let ran = run_spec(&client, spec(2)?).await?;
+    let output = ran
+        .output
+        .ok_or_else(|| anyhow::anyhow!("{:?}", ran.reason))?;
+    assert_eq!(
+        read_output(&cluster, output).await?,
+        vec![b"lines\t5000".to_vec()]
+    );
+    let skipped = ran.events.iter().find_map(|e| match e {
+        Event::Completed { counters, .. } => Some(counters.skipped_records),
+        _ => None,
+    });
+    assert_eq!(skipped, Some(2));
+    let skipping = ran.events.iter().filter(|e| {
+        matches!(e, Event::TaskFailed { reason, retry: true, .. } if reason.contains("skipping that record"))
+    });
+    assert_eq!(skipping.count(), 2, "{:?}", ran.events);
+    // A limit of one is not enough: the job fails, naming the limit.
+    let ran = run_spec(&client, spec(1)?).await?;
+    let reason = ran.reason.expect("fails");
+    assert!(reason.contains("limit of 1 bad records"), "{reason}");
 
     // The daemons still work.
     let ran = run_job(

@@ -83,6 +83,16 @@ pub enum JobRequest {
         #[serde(with = "cid_bytes")]
         job: Cid,
     },
+    /// Coordinator to worker: stop one task of a job (a backup copy of it finished first).
+    AbortTask {
+        /// The job id.
+        #[serde(with = "cid_bytes")]
+        job: Cid,
+        /// Map or reduce.
+        kind: TaskKind,
+        /// Task number (the partition for reduce tasks).
+        task: u32,
+    },
 }
 
 /// A task a worker finished, as it answers [`JobRequest::Finished`].
@@ -126,6 +136,9 @@ pub struct MapTask {
     pub end: u64,
     /// Attempt number (1 for the first).
     pub attempt: u32,
+    /// Input offsets of records to leave out: each failed the task more than once (the
+    /// spec's `skip_bad_records` allows it; at most that many).
+    pub skip: Vec<u64>,
 }
 
 /// One map task's output for one partition, held by the mapper.
@@ -192,6 +205,14 @@ pub enum JobResponse {
     Finished(Vec<FinishedTask>),
     /// The request failed or was refused; the reason is for humans.
     Failed(String),
+    /// A map task failed by itself (trap, time or memory limit) while mapping the record
+    /// that starts at input offset `record`.
+    RecordFailed {
+        /// Why, for humans.
+        reason: String,
+        /// The record's input offset.
+        record: u64,
+    },
 }
 
 /// What a map task produced.
@@ -256,6 +277,8 @@ pub struct Counters {
     pub map_attempts: u64,
     /// Reduce task attempts started.
     pub reduce_attempts: u64,
+    /// Bad records left out (`--skip-bad-records`).
+    pub skipped_records: u64,
 }
 
 impl Counters {
@@ -274,6 +297,7 @@ impl Counters {
         self.remote_map_bytes += other.remote_map_bytes;
         self.map_attempts += other.map_attempts;
         self.reduce_attempts += other.reduce_attempts;
+        self.skipped_records += other.skipped_records;
     }
 }
 
@@ -387,6 +411,18 @@ pub enum Event {
         /// For a map task: the share of its input the worker holds, in percent.
         local_percent: u8,
     },
+    /// A task has run much longer than its phase's others: an idle peer runs a backup copy of
+    /// it; whichever copy finishes first is used, and the other is stopped.
+    Backup {
+        /// Map or reduce.
+        kind: TaskKind,
+        /// Task number.
+        task: u32,
+        /// The peer running the slow copy.
+        slow: String,
+        /// The peer running the backup.
+        peer: String,
+    },
     /// A task attempt finished.
     TaskFinished {
         /// Map or reduce.
@@ -484,6 +520,12 @@ impl JobResponse {
     pub fn encode(&self) -> Vec<u8> {
         match self {
             Self::Failed(reason) if reason.len() > MAX_REASON => encode(&Self::Failed(cut(reason))),
+            Self::RecordFailed { reason, record } if reason.len() > MAX_REASON => {
+                encode(&Self::RecordFailed {
+                    reason: cut(reason),
+                    record: *record,
+                })
+            }
             _ => encode(self),
         }
     }
@@ -522,6 +564,11 @@ mod tests {
             },
             JobRequest::List,
             JobRequest::Cancel { job: cid(2) },
+            JobRequest::AbortTask {
+                job: cid(2),
+                kind: TaskKind::Reduce,
+                task: 3,
+            },
             JobRequest::Map(MapTask {
                 spec: vec![3],
                 task: 4,
@@ -529,6 +576,7 @@ mod tests {
                 start: 262_144,
                 end: 524_288,
                 attempt: 1,
+                skip: vec![300_000],
             }),
             JobRequest::Reduce(ReduceTask {
                 spec: vec![3],
@@ -606,6 +654,10 @@ mod tests {
                 holder: vec![],
             }]),
             JobResponse::Failed("no".into()),
+            JobResponse::RecordFailed {
+                reason: "trap".into(),
+                record: 7,
+            },
         ];
         (requests, responses)
     }

@@ -14,6 +14,8 @@ pub const MAX_INPUTS: usize = 1024;
 pub const MAX_REDUCERS: u32 = 10_000;
 /// Smallest split size: one block (smaller splits would re-read the same block per task).
 pub const MIN_SPLIT: u64 = 262_144;
+/// Most bad records a job may skip (bounds the skip lists sent with map tasks).
+pub const MAX_SKIPPED_RECORDS: u32 = 10_000;
 /// Largest encoded spec.
 pub const MAX_SPEC_SIZE: usize = 1 << 20;
 
@@ -62,6 +64,10 @@ pub struct JobSpec {
     pub limits: TaskLimits,
     /// Bytes of input per map task (a multiple of nothing in particular; tasks are ranges).
     pub split_size: u64,
+    /// Most input records the job may leave out because they make map tasks fail again and
+    /// again (the MapReduce paper's skipping of bad records); 0 means none: such a record
+    /// fails the job.
+    pub skip_bad_records: u32,
 }
 
 /// Why a spec is invalid.
@@ -87,9 +93,10 @@ struct WireSpec<'a> {
     args: Vec<(&'a str, &'a str)>,
     limits: (u64, u64, u64),
     split_size: u64,
+    skip_bad_records: u32,
 }
 
-const SPEC_VERSION: u8 = 1;
+const SPEC_VERSION: u8 = 2;
 
 impl JobSpec {
     /// A spec with default limits and a 64 MiB split size. Arguments may come in any order;
@@ -114,6 +121,7 @@ impl JobSpec {
             args: sorted,
             limits: TaskLimits::default(),
             split_size: 64 << 20,
+            skip_bad_records: 0,
         };
         spec.validate()?;
         Ok(spec)
@@ -132,6 +140,13 @@ impl JobSpec {
             timeout_ms: limits.timeout_ms.max(1),
             output: limits.output.max(1),
         };
+        self
+    }
+
+    /// This spec allowing up to `records` bad records to be skipped (at most
+    /// [`MAX_SKIPPED_RECORDS`]).
+    pub fn with_skip_bad_records(mut self, records: u32) -> Self {
+        self.skip_bad_records = records.min(MAX_SKIPPED_RECORDS);
         self
     }
 
@@ -173,6 +188,12 @@ impl JobSpec {
         if self.limits.memory == 0 || self.limits.timeout_ms == 0 || self.limits.output == 0 {
             return invalid("a task limit is zero".into());
         }
+        if self.skip_bad_records > MAX_SKIPPED_RECORDS {
+            return invalid(format!(
+                "{} bad records to skip (at most {MAX_SKIPPED_RECORDS})",
+                self.skip_bad_records
+            ));
+        }
         Ok(())
     }
 
@@ -201,6 +222,7 @@ impl JobSpec {
                 self.limits.output,
             ),
             split_size: self.split_size,
+            skip_bad_records: self.skip_bad_records,
         };
         postcard::to_allocvec(&wire).expect("in-memory encoding of plain data cannot fail")
     }
@@ -249,6 +271,7 @@ impl JobSpec {
                 output: wire.limits.2,
             },
             split_size: wire.split_size,
+            skip_bad_records: wire.skip_bad_records,
         };
         spec.validate()?;
         if spec.encode() != bytes {

@@ -131,6 +131,41 @@ impl RecordSplitter {
     }
 }
 
+/// Splits a batch (first byte at input offset `offset`) around the records that start at the
+/// offsets in `skip` (sorted), the bad records a job was told to leave out: returns the pieces
+/// to map, each with its own input offset, and how many records were left out. Offsets in
+/// `skip` that start no record of this batch are ignored.
+pub fn without_records<'a>(
+    batch: &'a [u8],
+    offset: u64,
+    skip: &[u64],
+) -> (Vec<(u64, &'a [u8])>, u64) {
+    let end = offset + batch.len() as u64;
+    let first = skip.partition_point(|&s| s < offset);
+    let mut pieces = Vec::new();
+    let (mut from, mut skipped) = (0usize, 0u64);
+    for &s in skip[first..].iter().take_while(|&&s| s < end) {
+        let at = (s - offset) as usize;
+        // Only a record start: the batch's first byte, or the byte after a newline.
+        if at < from || (at > 0 && batch[at - 1] != b'\n') {
+            continue;
+        }
+        let next = batch[at..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(batch.len(), |p| at + p + 1);
+        if at > from {
+            pieces.push((offset + from as u64, &batch[from..at]));
+        }
+        skipped += 1;
+        from = next;
+    }
+    if from < batch.len() {
+        pieces.push((offset + from as u64, &batch[from..]));
+    }
+    (pieces, skipped)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,6 +261,32 @@ mod tests {
         assert_eq!(
             split(&input, 10, 5002, 100, 7),
             vec![(5001, b"short\n".to_vec())]
+        );
+    }
+
+    #[test]
+    fn bad_records_are_cut_out_of_batches() {
+        let batch = b"aa\nbad\ncc\nbad2";
+        let at = |b: &[u8], needle: &str| {
+            b.windows(needle.len())
+                .position(|w| w == needle.as_bytes())
+                .unwrap() as u64
+        };
+        let (bad, bad2) = (100 + at(batch, "bad\n"), 100 + at(batch, "bad2"));
+        let (pieces, n) = without_records(batch, 100, &[bad, bad2]);
+        assert_eq!(n, 2);
+        assert_eq!(pieces, vec![(100, &b"aa\n"[..]), (107, &b"cc\n"[..])]);
+        // The first record, a skip list for other batches, and a non-record offset.
+        let (pieces, n) = without_records(batch, 100, &[5, 100, 101, 500]);
+        assert_eq!(n, 1);
+        assert_eq!(pieces, vec![(103, &b"bad\ncc\nbad2"[..])]);
+        // Every record.
+        let all = [100, 103, 107, 110];
+        assert_eq!(without_records(batch, 100, &all), (vec![], 4));
+        assert_eq!(without_records(b"", 0, &[0]), (vec![], 0));
+        assert_eq!(
+            without_records(batch, 100, &[]),
+            (vec![(100, &batch[..])], 0)
         );
     }
 }
