@@ -18,39 +18,13 @@ fi
 bin=$(realpath "$bin")
 
 tag="p2pmr-lan-$$"
-switch="$tag-sw"
+veth="p2pmr$$h"
+subnet=10.77.0
+count=6
 work=$(mktemp -d)
 pids=()
-
-cleanup() {
-    local status=$?
-    for pid in "${pids[@]}"; do
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    for i in 1 2 3 4 5 6; do ip netns del "$tag-$i" 2>/dev/null || true; done
-    ip netns del "$switch" 2>/dev/null || true
-    rm -rf "$work"
-    if [[ $status -ne 0 ]]; then echo "lan: FAILED" >&2; fi
-    exit $status
-}
-trap cleanup EXIT INT TERM
-
-in_ns() { local ns=$1; shift; ip netns exec "$tag-$ns" "$@"; }
-
-ip netns add "$switch"
-ip -n "$switch" link add br0 type bridge
-ip -n "$switch" link set br0 up
-for i in 1 2 3 4 5 6; do
-    ns="$tag-$i"
-    ip netns add "$ns"
-    ip link add "p2pmr$$h$i" type veth peer name eth0 netns "$ns"
-    ip link set "p2pmr$$h$i" netns "$switch"
-    ip -n "$switch" link set "p2pmr$$h$i" master br0 up
-    ip -n "$ns" addr add "10.77.0.$i/24" dev eth0
-    ip -n "$ns" link set eth0 up
-    ip -n "$ns" link set lo up
-done
+source "$root/examples/lan/netns.sh"
+lan_up
 
 export RUST_LOG=${RUST_LOG:-warn}
 for i in 1 2 3 4; do

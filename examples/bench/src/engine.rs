@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 /// `n` daemons with `slots` task slots each (0: the default, one per core), each dialling the
 /// first, given a moment to identify each other.
-fn cluster(
+pub(crate) fn cluster(
     bin: &Path,
     scratch: &Path,
     name: &str,
@@ -53,13 +53,15 @@ fn cluster(
     Ok(all)
 }
 
-fn run_job(
+/// Runs wordcount (2 reducers) on `cid` with `split_mib` splits; `tag` makes the spec new
+/// (an argument wordcount ignores). Returns the output CID.
+pub(crate) fn run_job(
     bin: &std::path::Path,
     daemons: &[&DaemonProc],
     cid: &str,
     split_mib: u64,
-    round: usize,
-) -> Result<()> {
+    tag: &str,
+) -> Result<String> {
     output(
         client(bin, daemons)
             .args([
@@ -72,9 +74,8 @@ fn run_job(
                 cid,
             ])
             .args(["--split-mib", &split_mib.to_string()])
-            .args(["--arg", &format!("round={round}-{split_mib}")]),
-    )?;
-    Ok(())
+            .args(["--arg", &format!("round={tag}")]),
+    )
 }
 
 pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
@@ -105,7 +106,9 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
         eprintln!("round {}/{rounds}", round + 1);
         native.push(time(|| native_plain(&big))?.0);
         for (i, (_, daemons, split)) in configs.iter().enumerate() {
-            runs[i].push(time(|| run_job(&bin, daemons, &cid, *split, round))?.0);
+            runs[i].push(
+                time(|| run_job(&bin, daemons, &cid, *split, &format!("{round}-{split}")))?.0,
+            );
         }
     }
     let rss: Vec<u64> = default_slots
@@ -194,7 +197,7 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
 }
 
 /// Runs `n` tiny wordcount jobs (distinct specs) and returns each submit-to-output time.
-async fn tiny_jobs(daemons: &[DaemonProc], n: usize) -> Result<Vec<f64>> {
+pub(crate) async fn tiny_jobs(daemons: &[DaemonProc], n: usize) -> Result<Vec<f64>> {
     let peer = ClientPeer::connect(
         ClientConfig {
             peers: daemons

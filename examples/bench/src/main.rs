@@ -13,6 +13,7 @@ mod chaos;
 mod engine;
 mod jobs;
 mod peers;
+mod suite;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -70,6 +71,9 @@ enum Suite {
     /// Fault tolerance: wordcount while daemons are killed, restarted and frozen; the output
     /// must equal the fault-free run's
     Chaos(chaos::ChaosArgs),
+    /// Everything users compare, in one run: native, run-local, 1/2/4 daemons, add, tiny job,
+    /// transfer vs TCP, PySpark local[2], 16 daemons; table + target/bench-results/suite.json
+    All(suite::SuiteArgs),
     /// wordcount in wasm vs native; run-local on all cores vs native single-thread; per-task
     /// overhead
     Jobs {
@@ -104,6 +108,7 @@ fn main() -> Result<()> {
         } => jobs::jobs(size_mib, big_mib, rounds),
         Suite::Engine { big_mib, rounds } => engine::engine(big_mib, rounds),
         Suite::Chaos(args) => chaos::chaos(args),
+        Suite::All(args) => suite::suite(args),
     }
 }
 

@@ -99,7 +99,7 @@ pub(crate) fn output(cmd: &mut Command) -> Result<String> {
 
 /// The raw baseline: the file's bytes read in 256 KiB pieces and written to a loopback TCP
 /// socket; a thread on the other end reads and discards them.
-fn raw_tcp(path: &Path) -> Result<()> {
+pub(crate) fn raw_tcp(path: &Path) -> Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let reader = std::thread::spawn(move || -> std::io::Result<u64> {

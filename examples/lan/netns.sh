@@ -1,0 +1,43 @@
+# Network namespaces on one bridge, for the LAN scripts (sourced by run.sh and cut.sh).
+#
+# The caller sets: tag (namespace name prefix), veth (host-side interface name prefix, short:
+# names are at most 15 bytes), subnet (e.g. 10.77.0), count (namespaces), work (a scratch
+# directory) and pids (an array of processes to kill). `lan_up` makes namespaces
+# "$tag-1".."$tag-$count" with addresses $subnet.1..$subnet.$count/24, joined by a bridge
+# that lives in a namespace of its own ("$tag-sw"), so nothing touches the host's network.
+# `lan_cleanup`, installed as the EXIT trap, kills the processes and removes it all.
+
+lan_cleanup() {
+    local status=$?
+    for pid in "${pids[@]}"; do
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    for i in $(seq "$count"); do ip netns del "$tag-$i" 2>/dev/null || true; done
+    ip netns del "$tag-sw" 2>/dev/null || true
+    rm -rf "$work"
+    if [[ $status -ne 0 ]]; then echo "$(basename "$0"): FAILED" >&2; fi
+    exit $status
+}
+
+lan_up() {
+    trap lan_cleanup EXIT INT TERM
+    ip netns add "$tag-sw"
+    ip -n "$tag-sw" link add br0 type bridge
+    ip -n "$tag-sw" link set br0 up
+    for i in $(seq "$count"); do
+        ip netns add "$tag-$i"
+        ip link add "$veth$i" type veth peer name eth0 netns "$tag-$i"
+        ip link set "$veth$i" netns "$tag-sw"
+        ip -n "$tag-sw" link set "$veth$i" master br0 up
+        ip -n "$tag-$i" addr add "$subnet.$i/24" dev eth0
+        ip -n "$tag-$i" link set eth0 up
+        ip -n "$tag-$i" link set lo up
+    done
+}
+
+# Runs a command in namespace N.
+in_ns() { local ns=$1; shift; ip netns exec "$tag-$ns" "$@"; }
+
+# Sets namespace N's link on the bridge up or down (a cable plugged in or pulled).
+lan_link() { ip -n "$tag-sw" link set "$veth$1" "$2"; }
