@@ -13,11 +13,6 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
-bin=${1:-${P2PMR_BIN:-$root/target/debug/p2pmr}}
-if [[ ! -x $bin ]]; then
-    cargo build --quiet --manifest-path "$root/Cargo.toml" -p p2pmr-node
-fi
-bin=$(realpath "$bin")
 
 tag="p2pmr-cut-$$"
 veth="p2c$$h"
@@ -27,25 +22,14 @@ work=$(mktemp -d)
 pids=()
 source "$root/examples/lan/netns.sh"
 lan_up
+lan_bin "${1:-}"
 
 export RUST_LOG=${RUST_LOG:-warn}
-for i in 1 2 3 4 5; do
-    ip netns exec "$tag-$i" "$bin" --home "$work/d$i" daemon --slots 1 \
-        --liveness-secs 2 --grace-secs 5 >"$work/d$i.out" 2>"$work/d$i.err" &
-    pids+=($!)
-done
-for i in 1 2 3 4 5; do
-    for _ in $(seq 100); do
-        grep -q "^listening on /ip4/10.78.0.$i/" "$work/d$i.out" && break
-        sleep 0.1
-    done
-    grep -q "^listening on /ip4/10.78.0.$i/" "$work/d$i.out" || {
-        echo "daemon $i did not start:" >&2; cat "$work/d$i.out" "$work/d$i.err" >&2; exit 1; }
-done
+lan_daemons 5 --slots 1 --liveness-secs 2 --grace-secs 5
 
 # Text for wordcount: the shared generator when it is there, else words from a fixed list.
 corpus="$work/corpus.txt"
-if [[ -x $root/../shared/bench/make-corpus.sh || -f $root/../shared/bench/make-corpus.sh ]]; then
+if [[ -f $root/../shared/bench/make-corpus.sh ]]; then
     bash "$root/../shared/bench/make-corpus.sh" "$corpus" 48 >/dev/null 2>&1
 else
     awk 'BEGIN { split("the of and a to in is was that for on with as by at from his her it", w, " ");

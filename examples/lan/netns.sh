@@ -1,11 +1,12 @@
 # Network namespaces on one bridge, for the LAN scripts (sourced by run.sh and cut.sh).
 #
-# The caller sets: tag (namespace name prefix), veth (host-side interface name prefix, short:
+# The caller sets: root (the workspace), tag (namespace name prefix), veth (host-side interface name prefix, short:
 # names are at most 15 bytes), subnet (e.g. 10.77.0), count (namespaces), work (a scratch
 # directory) and pids (an array of processes to kill). `lan_up` makes namespaces
 # "$tag-1".."$tag-$count" with addresses $subnet.1..$subnet.$count/24, joined by a bridge
 # that lives in a namespace of its own ("$tag-sw"), so nothing touches the host's network.
 # `lan_cleanup`, installed as the EXIT trap, kills the processes and removes it all.
+# `lan_bin` and `lan_daemons` find the binary and start daemons in the first namespaces.
 
 lan_cleanup() {
     local status=$?
@@ -41,3 +42,34 @@ in_ns() { local ns=$1; shift; ip netns exec "$tag-$ns" "$@"; }
 
 # Sets namespace N's link on the bridge up or down (a cable plugged in or pulled).
 lan_link() { ip -n "$tag-sw" link set "$veth$1" "$2"; }
+
+# Sets bin: the given p2pmr binary, else $P2PMR_BIN, else the debug build (built if missing).
+lan_bin() {
+    bin=${1:-${P2PMR_BIN:-$root/target/debug/p2pmr}}
+    if [[ ! -x $bin ]]; then
+        cargo build --quiet --manifest-path "$root/Cargo.toml" -p p2pmr-node
+    fi
+    bin=$(realpath "$bin")
+}
+
+# Starts a daemon in each of namespaces 1..N (extra arguments go to `p2pmr daemon`), with
+# homes and logs under $work, and waits until each listens on its namespace's address.
+lan_daemons() {
+    local n=$1 i
+    shift
+    for i in $(seq "$n"); do
+        # Not through in_ns: a backgrounded function is a subshell, and killing it would leave
+        # the daemon running. `ip netns exec` execs the daemon, so $! is the daemon itself.
+        ip netns exec "$tag-$i" "$bin" --home "$work/d$i" daemon "$@" \
+            >"$work/d$i.out" 2>"$work/d$i.err" &
+        pids+=($!)
+    done
+    for i in $(seq "$n"); do
+        for _ in $(seq 100); do
+            grep -q "^listening on /ip4/$subnet.$i/" "$work/d$i.out" && break
+            sleep 0.1
+        done
+        grep -q "^listening on /ip4/$subnet.$i/" "$work/d$i.out" || {
+            echo "daemon $i did not start:" >&2; cat "$work/d$i.out" "$work/d$i.err" >&2; exit 1; }
+    done
+}

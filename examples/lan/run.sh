@@ -11,11 +11,6 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
-bin=${1:-${P2PMR_BIN:-$root/target/debug/p2pmr}}
-if [[ ! -x $bin ]]; then
-    cargo build --quiet --manifest-path "$root/Cargo.toml" -p p2pmr-node
-fi
-bin=$(realpath "$bin")
 
 tag="p2pmr-lan-$$"
 veth="p2pmr$$h"
@@ -25,22 +20,10 @@ work=$(mktemp -d)
 pids=()
 source "$root/examples/lan/netns.sh"
 lan_up
+lan_bin "${1:-}"
 
 export RUST_LOG=${RUST_LOG:-warn}
-for i in 1 2 3 4; do
-    # Not through in_ns: a backgrounded function is a subshell, and killing it would leave
-    # the daemon running. `ip netns exec` execs the daemon, so $! is the daemon itself.
-    ip netns exec "$tag-$i" "$bin" --home "$work/d$i" daemon >"$work/d$i.out" 2>"$work/d$i.err" &
-    pids+=($!)
-done
-for i in 1 2 3 4; do
-    for _ in $(seq 100); do
-        grep -q "^listening on /ip4/10.77.0.$i/" "$work/d$i.out" && break
-        sleep 0.1
-    done
-    grep -q "^listening on /ip4/10.77.0.$i/" "$work/d$i.out" || {
-        echo "daemon $i did not start:" >&2; cat "$work/d$i.out" "$work/d$i.err" >&2; exit 1; }
-done
+lan_daemons 4
 echo "lan: 4 daemons up: $(grep -h '^peer id' "$work"/d*.out | cut -d' ' -f3 | tr '\n' ' ')"
 
 head -c $((64 << 20)) /dev/urandom >"$work/file"

@@ -27,7 +27,6 @@ use p2pmr_protocol::engine::{
 };
 use p2pmr_protocol::job::JobSpec;
 use p2pmr_protocol::unixfs::{self, DirEntry, UnixFsData, UnixFsError};
-use p2pmr_protocol::wire::{BlockRequest, BlockResponse, MAX_HAS};
 use p2pmr_protocol::Cid;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -876,7 +875,6 @@ impl Coordinator {
 
     /// Which of `cids` `peer` holds.
     async fn held(&self, peer: PeerId, cids: &[Cid]) -> HashSet<Cid> {
-        let mut held = HashSet::new();
         if peer == self.net().local_peer_id() {
             let store = self.inner.worker.repo().blocks().clone();
             let cids = cids.to_vec();
@@ -886,19 +884,12 @@ impl Coordinator {
             .await
             .unwrap_or_default();
         }
-        for chunk in cids.chunks(MAX_HAS) {
-            match self
-                .net()
-                .request(peer, BlockRequest::Has(chunk.to_vec()))
-                .await
-            {
-                Ok(BlockResponse::Have(flags)) if flags.len() == chunk.len() => {
-                    held.extend(chunk.iter().zip(flags).filter(|(_, f)| *f).map(|(c, _)| *c))
-                }
-                _ => tracing::debug!("{peer} did not say which blocks it holds"),
-            }
-        }
-        held
+        remote::held_by(self.net(), peer, cids)
+            .await
+            .unwrap_or_else(|| {
+                tracing::debug!("{peer} did not say which blocks it holds");
+                HashSet::new()
+            })
     }
 
     /// Runs every task of a phase to completion: round-robin over the peers with free slots,
@@ -949,6 +940,7 @@ impl Coordinator {
         let mut cancel = handle.cancel.subscribe();
         while done.len() < n {
             // Assign: one task per peer per round, so tasks spread over the peers.
+            let after = backup_after(&mut took);
             loop {
                 let mut assigned = false;
                 for p in 0..sched.peers.len() {
@@ -958,7 +950,6 @@ impl Coordinator {
                     if pending.is_empty() {
                         // Near the end of the phase: an idle peer takes a backup copy of the
                         // task that has run longest, once it runs well past the usual time.
-                        let after = backup_after(&mut took);
                         let straggler = on_peer
                             .values()
                             .filter(|a| a.p != p && !backed.contains(&a.t))
@@ -978,10 +969,12 @@ impl Coordinator {
                     }
                     // A task that failed on this peer goes elsewhere while there is elsewhere.
                     let live = dead.iter().filter(|d| !**d).count();
+                    // Nor does a peer take a second copy of a task it is running.
                     let eligible = |t: usize| {
                         failed
                             .get(&t)
                             .is_none_or(|(_, on)| !on.contains(&p) || on.len() >= live)
+                            && !on_peer.values().any(|a| a.t == t && a.p == p)
                     };
                     let pick = match sched.local {
                         Some(local) => pending
@@ -1289,7 +1282,6 @@ struct Skips {
     limit: u32,
     failures: HashMap<(usize, u64), u32>,
     skipped: HashMap<usize, Vec<u64>>,
-    total: u32,
 }
 
 impl Skips {
@@ -1312,13 +1304,13 @@ impl Skips {
 
     /// Leaves `record` out of task `t` from now on; the limit is the error if it is reached.
     fn skip(&mut self, t: usize, record: u64) -> Result<(), u32> {
-        if self.total >= self.limit {
+        let total: usize = self.skipped.values().map(Vec::len).sum();
+        if total >= self.limit as usize {
             return Err(self.limit);
         }
         let list = self.skipped.entry(t).or_default();
         if let Err(at) = list.binary_search(&record) {
             list.insert(at, record);
-            self.total += 1;
         }
         Ok(())
     }

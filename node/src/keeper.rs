@@ -23,7 +23,7 @@ use crate::net::NetClient;
 use crate::remote::{self, Placed};
 use crate::store::BlockStore;
 use libp2p::PeerId;
-use p2pmr_protocol::wire::{rank_peers, BlockRequest, BlockResponse, MAX_HAS};
+use p2pmr_protocol::wire::rank_peers;
 use p2pmr_protocol::Cid;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -150,7 +150,8 @@ impl Keeper {
     }
 
     /// The target recorded for `cid`, if any.
-    pub fn target(&self, cid: &Cid) -> Option<u8> {
+    #[cfg(test)]
+    fn target(&self, cid: &Cid) -> Option<u8> {
         self.inner
             .lock()
             .expect("keeper lock")
@@ -298,17 +299,10 @@ struct Answer {
 
 /// Asks `peer` which of `cids` it holds; `None` if it does not answer in time.
 async fn ask(net: &NetClient, peer: PeerId, cids: &[Cid]) -> Option<HashSet<Cid>> {
-    let mut held = HashSet::new();
-    for chunk in cids.chunks(MAX_HAS) {
-        let request = net.request(peer, BlockRequest::Has(chunk.to_vec()));
-        match timeout(ANSWER_TIMEOUT, request).await {
-            Ok(Ok(BlockResponse::Have(flags))) if flags.len() == chunk.len() => {
-                held.extend(chunk.iter().zip(flags).filter(|(_, f)| *f).map(|(c, _)| *c));
-            }
-            _ => return None,
-        }
-    }
-    Some(held)
+    timeout(ANSWER_TIMEOUT, remote::held_by(net, peer, cids))
+        .await
+        .ok()
+        .flatten()
 }
 
 /// One block to copy: to how many more daemons, chosen from which, and its target.

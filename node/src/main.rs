@@ -148,7 +148,8 @@ enum Command {
         /// limit), up to MAX of them, instead of failing the job; the count of skipped
         /// records is reported
         #[arg(long, value_name = "MAX", num_args = 0..=1, default_missing_value = "100",
-              value_parser = clap::value_parser!(u32).range(1..=10_000))]
+              value_parser = clap::value_parser!(u32)
+                  .range(1..=i64::from(p2pmr_protocol::job::MAX_SKIPPED_RECORDS)))]
         skip_bad_records: Option<u32>,
         /// Print one JSON event per line on stdout instead of progress bars
         #[arg(long)]

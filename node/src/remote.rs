@@ -772,6 +772,21 @@ impl Fetcher {
 /// A block fetch running ahead of the reader.
 type Inflight = tokio::task::JoinHandle<Result<(Block, bool), RemoteError>>;
 
+/// Which of `cids` `peer` holds, asked with `Has` (in batches of [`MAX_HAS`]); `None` if it
+/// does not answer every batch.
+pub async fn held_by(net: &NetClient, peer: PeerId, cids: &[Cid]) -> Option<HashSet<Cid>> {
+    let mut held = HashSet::new();
+    for chunk in cids.chunks(MAX_HAS) {
+        match net.request(peer, BlockRequest::Has(chunk.to_vec())).await {
+            Ok(BlockResponse::Have(flags)) if flags.len() == chunk.len() => {
+                held.extend(chunk.iter().zip(flags).filter(|(_, f)| *f).map(|(c, _)| *c));
+            }
+            _ => return None,
+        }
+    }
+    Some(held)
+}
+
 /// Bytes of a file in order, as [`Fetcher::stream`] sends them.
 #[derive(Debug)]
 pub struct Chunk {
@@ -823,21 +838,18 @@ pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError>
     let mut counts = vec![0u64; all.len()];
     let mut holders = BTreeMap::new();
     for peer in daemons {
-        let mut held = 0;
-        for (ci, chunk) in all.chunks(MAX_HAS).enumerate() {
-            match net.request(peer, BlockRequest::Has(chunk.to_vec())).await {
-                Ok(BlockResponse::Have(flags)) if flags.len() == chunk.len() => {
-                    for (i, f) in flags.into_iter().enumerate() {
-                        if f {
-                            counts[ci * MAX_HAS + i] += 1;
-                            held += 1;
-                        }
-                    }
-                }
-                Ok(_) | Err(_) => tracing::warn!("{peer} did not answer which blocks it holds"),
+        let held = held_by(net, peer, &all).await.unwrap_or_else(|| {
+            tracing::warn!("{peer} did not answer which blocks it holds");
+            HashSet::new()
+        });
+        let mut n = 0;
+        for (count, cid) in counts.iter_mut().zip(&all) {
+            if held.contains(cid) {
+                *count += 1;
+                n += 1;
             }
         }
-        holders.insert(peer, held);
+        holders.insert(peer, n);
     }
     for c in counts {
         *copies.entry(c as usize).or_default() += 1;

@@ -655,6 +655,51 @@ fn run_watch_jobs_get_and_demo_from_the_command_line() {
     assert!(shown.stdout.split(|&b| b == b'\n').count() > 1000);
 }
 
+/// Sends `sig` (`-STOP`, `-CONT`) to a daemon.
+fn signal(sig: &str, d: &DaemonProcess) {
+    let pid = d.child.id().to_string();
+    assert!(Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Adds 8 MiB of lines with `replicas` copies and starts `run --json` of a job with 8 tasks of
+/// 1 MiB, each spinning ~600 ms; returns the running client and the number of lines.
+fn start_slow_job(
+    client: &std::path::Path,
+    peer_args: &[&str],
+    replicas: &str,
+) -> (std::process::Child, usize) {
+    let line = "a line of text to count\n";
+    let n = (8 << 20) / line.len();
+    let input = write_file(client, "in.txt", line.repeat(n).as_bytes());
+    let mut add = peer_args.to_vec();
+    add.extend(["add", "--replicas", replicas, input.to_str().unwrap()]);
+    let added = p2pmr(client, &add);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let cid = stdout(&added);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let run = Command::new(BIN)
+        .arg("--home")
+        .arg(client)
+        .arg("--no-mdns")
+        .args(peer_args)
+        .args(["run", "--json", "--job", "hostile", "--arg", "mode=slow"])
+        .args(["--arg", "ms=600", "--split-mib", "1", "--input", &cid])
+        .env_remove("P2PMR_PEERS")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    (run, n)
+}
+
 #[test]
 fn a_stalled_worker_is_given_up_on_and_its_tasks_run_elsewhere() {
     let args = ["--slots", "1", "--liveness-secs", "1"];
@@ -672,50 +717,9 @@ fn a_stalled_worker_is_given_up_on_and_its_tasks_run_elsewhere() {
         full.extend_from_slice(args);
         p2pmr(client.path(), &full)
     };
-    // 8 MiB of lines on every daemon; 8 tasks of 1 MiB, each spinning ~600 ms.
-    let line = "a line of text to count\n";
-    let n = (8 << 20) / line.len();
-    let input = write_file(client.path(), "in.txt", line.repeat(n).as_bytes());
-    let added = with_peers(&["add", "--replicas", "3", input.to_str().unwrap()]);
-    assert!(
-        added.status.success(),
-        "{}",
-        String::from_utf8_lossy(&added.stderr)
-    );
-    let cid = stdout(&added);
-    std::thread::sleep(std::time::Duration::from_millis(500));
-
     // Follow the job's events; when a daemon other than the coordinator starts a task,
     // stop it (SIGSTOP: its connections stay up, it just never answers).
-    let mut run = Command::new(BIN)
-        .arg("--home")
-        .arg(client.path())
-        .arg("--no-mdns")
-        .args(&peer_args)
-        .args([
-            "run",
-            "--json",
-            "--job",
-            "hostile",
-            "--arg",
-            "mode=slow",
-            "--arg",
-            "ms=600",
-        ])
-        .args(["--split-mib", "1", "--input", &cid])
-        .env_remove("P2PMR_PEERS")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let signal = |sig: &str, d: &DaemonProcess| {
-        let pid = d.child.id().to_string();
-        assert!(Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
-    };
+    let (mut run, n) = start_slow_job(client.path(), &peer_args, "3");
     let mut events: Vec<serde_json::Value> = Vec::new();
     let mut coordinator = String::new();
     let mut stopped: Option<&DaemonProcess> = None;
@@ -770,36 +774,7 @@ fn a_straggler_gets_a_backup_copy_and_the_first_copy_to_finish_wins() {
         .iter()
         .flat_map(|d| ["--peer", d.addr.as_str()])
         .collect();
-    let line = "a line of text to count\n";
-    let n = (8 << 20) / line.len();
-    let input = write_file(client.path(), "in.txt", line.repeat(n).as_bytes());
-    let mut add = peer_args.clone();
-    add.extend(["add", "--replicas", "2", input.to_str().unwrap()]);
-    let added = p2pmr(client.path(), &add);
-    assert!(added.status.success());
-    let cid = stdout(&added);
-    std::thread::sleep(std::time::Duration::from_millis(500));
-
-    let mut run = Command::new(BIN)
-        .arg("--home")
-        .arg(client.path())
-        .arg("--no-mdns")
-        .args(&peer_args)
-        .args(["run", "--json", "--job", "hostile", "--arg", "mode=slow"])
-        .args(["--arg", "ms=600", "--split-mib", "1", "--input", &cid])
-        .env_remove("P2PMR_PEERS")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let signal = |sig: &str, d: &DaemonProcess| {
-        let pid = d.child.id().to_string();
-        assert!(Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success());
-    };
+    let (mut run, n) = start_slow_job(client.path(), &peer_args, "2");
     // Without backups the job would wait for the frozen worker for good: stop it after 90 s.
     let run_pid = run.id().to_string();
     std::thread::spawn(move || {

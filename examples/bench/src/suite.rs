@@ -369,6 +369,8 @@ pub(crate) fn suite(args: SuiteArgs) -> Result<()> {
     let small_m = median(native_small.wall.clone());
     let sha_m = median(sha.wall.clone());
     let tcp_m = median(tcp.wall.clone());
+    let two_small_m = median(two_small.wall.clone());
+    let spark_m = (!spark.wall.is_empty()).then(|| median(spark.wall.clone()));
     let (big_mib, small_mib) = (args.big_mib, args.small_mib);
     let line = |name: String, samples: Samples, bytes, base, rss_mib| Line {
         name,
@@ -416,8 +418,7 @@ pub(crate) fn suite(args: SuiteArgs) -> Result<()> {
         small_m,
         None,
     ));
-    let spark_row = !spark.wall.is_empty();
-    if spark_row {
+    if spark_m.is_some() {
         lines.push(line(
             format!("PySpark local[2] RDD wordcount, {small_mib} MiB"),
             spark,
@@ -493,23 +494,7 @@ pub(crate) fn suite(args: SuiteArgs) -> Result<()> {
         args.many,
         many_total / args.many as f64
     );
-    let two_small_m = median(
-        lines
-            .iter()
-            .find(|l| l.name.starts_with("p2pmr run wordcount, 2 daemons"))
-            .map(|l| l.samples.wall.clone())
-            .unwrap_or_default(),
-    );
-    if spark_row {
-        let spark_m = median(
-            lines
-                .iter()
-                .find(|l| l.name.starts_with("PySpark"))
-                .unwrap()
-                .samples
-                .wall
-                .clone(),
-        );
+    if let Some(spark_m) = spark_m {
         println!(
             "p2pmr (2 daemons) vs PySpark local[2] on {small_mib} MiB: {:.1}x faster",
             spark_m / two_small_m
