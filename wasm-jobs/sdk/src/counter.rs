@@ -106,7 +106,32 @@ impl Counter {
     /// Adds `n` to `key`'s count (a new key starts at 0).
     #[inline]
     pub fn add(&mut self, key: &[u8], n: u64) {
-        let head = head_of(key);
+        self.add_with_head(key, head_of(key), n);
+    }
+
+    /// Counts each word of `text` ([`text::words`](crate::text::words)) once.
+    ///
+    /// Faster than `add` per word: a word's first 8 bytes come from one load of the text
+    /// (masked to the word's length) instead of a byte loop over each short word.
+    pub fn add_words(&mut self, text: &[u8]) {
+        let mut i = 0;
+        while let Some((start, end)) = crate::text::next_word(text, i) {
+            let word = &text[start..end];
+            let head = match text.get(start..start + 8) {
+                // Words are never empty, so the shift is 8 to 56.
+                Some(c) if word.len() < 8 => {
+                    u64::from_le_bytes(c.try_into().expect("8 bytes"))
+                        & ((1 << (8 * word.len())) - 1)
+                }
+                _ => head_of(word),
+            };
+            self.add_with_head(word, head, 1);
+            i = end;
+        }
+    }
+
+    #[inline]
+    fn add_with_head(&mut self, key: &[u8], head: u64, n: u64) {
         let hash = hash_of(head, key);
         let len = u32::try_from(key.len()).expect("a key under 4 GiB");
         let Self { slots, arena, .. } = self;
@@ -220,6 +245,28 @@ mod tests {
         c.for_each(|k, n| assert!(got.insert(k.to_vec(), n).is_none()));
         assert_eq!(got, want);
         assert_eq!(c.len(), want.len());
+    }
+
+    #[test]
+    fn add_words_counts_like_add() {
+        let text = [
+            &b"the cat, the Cat\t"[..],
+            "thé naïve δ ".as_bytes(),
+            b"abcdefgh abcdefghi x\xffy the",
+        ]
+        .concat();
+        let (mut a, mut b) = (Counter::new(), Counter::new());
+        a.add_words(&text);
+        for w in crate::text::words(&text) {
+            b.add(w, 1);
+        }
+        let (mut got, mut want) = (vec![], vec![]);
+        a.for_each(|k, n| got.push((k.to_vec(), n)));
+        b.for_each(|k, n| want.push((k.to_vec(), n)));
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 10);
     }
 
     #[test]

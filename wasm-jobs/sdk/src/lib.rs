@@ -649,41 +649,117 @@ pub mod text {
         s.chars().next().map(|c| (c, len))
     }
 
-    /// The words of `bytes`, in order.
-    pub fn words(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
-        let mut i = 0;
-        std::iter::from_fn(move || {
-            // Skip separators.
-            let start = loop {
+    /// Every byte 1 / every byte's top bit: constants of the 8-bytes-at-a-time scan.
+    const LO: u64 = u64::from_le_bytes([1; 8]);
+    const HI: u64 = LO << 7;
+
+    /// For 8 bytes read little-endian, bit 7 of each byte that is an ASCII letter. Exact only
+    /// below the first byte >= 0x80: above it the additions may carry (see [`ascii_prefix`]).
+    #[inline(always)]
+    fn ascii_letters(w: u64) -> u64 {
+        // `| 0x20` folds A-Z onto a-z and keeps ASCII bytes below 0x80; adding 0x80 - c then
+        // sets a byte's top bit exactly when it is >= c, without carrying out of the byte.
+        let x = w | (LO * 0x20);
+        let ge_a = x.wrapping_add(LO * (0x80 - u64::from(b'a')));
+        let gt_z = x.wrapping_add(LO * (0x80 - u64::from(b'z') - 1));
+        ge_a & !gt_z & HI
+    }
+
+    /// The bits of the bytes before the first byte >= 0x80 (all 64 if there is none).
+    #[inline(always)]
+    fn ascii_prefix(w: u64) -> u64 {
+        let t = w & HI;
+        if t == 0 {
+            u64::MAX
+        } else {
+            ((t & t.wrapping_neg()) >> 7) - 1
+        }
+    }
+
+    #[inline(always)]
+    fn load(chunk: &[u8]) -> u64 {
+        u64::from_le_bytes(chunk.try_into().expect("8 bytes"))
+    }
+
+    /// The next word at or after `i`, as `(start, end)`.
+    ///
+    /// ASCII text is scanned 8 bytes at a time (a word boundary is a bit found with
+    /// `trailing_zeros`), which takes the per-byte loop, and its spills and bounds checks, out
+    /// of the hottest path of every text job; a byte >= 0x80 drops to decoding one character.
+    #[inline]
+    pub(crate) fn next_word(bytes: &[u8], mut i: usize) -> Option<(usize, usize)> {
+        // Skip separators.
+        let start = loop {
+            if let Some(chunk) = bytes.get(i..i + 8) {
+                let w = load(chunk);
+                let ascii = ascii_prefix(w);
+                let letters = ascii_letters(w) & ascii;
+                if letters != 0 {
+                    break i + (letters.trailing_zeros() / 8) as usize;
+                }
+                if ascii == u64::MAX {
+                    i += 8;
+                    continue;
+                }
+                // Past the ASCII separators, to the byte >= 0x80.
+                i += (ascii.trailing_ones() / 8) as usize;
+            } else {
                 let b = *bytes.get(i)?;
                 if b < 0x80 {
                     if b.is_ascii_alphabetic() {
                         break i;
                     }
                     i += 1;
-                } else {
-                    match decode(&bytes[i..]) {
-                        Some((c, _)) if is_letter(c) => break i,
-                        Some((_, n)) => i += n,
-                        None => i += 1,
-                    }
-                }
-            };
-            // Take letters.
-            while let Some(&b) = bytes.get(i) {
-                if b < 0x80 {
-                    if !b.is_ascii_alphabetic() {
-                        break;
-                    }
-                    i += 1;
-                } else {
-                    match decode(&bytes[i..]) {
-                        Some((c, n)) if is_letter(c) => i += n,
-                        _ => break,
-                    }
+                    continue;
                 }
             }
-            Some(&bytes[start..i])
+            match decode(&bytes[i..]) {
+                Some((c, _)) if is_letter(c) => break i,
+                Some((_, n)) => i += n,
+                None => i += 1,
+            }
+        };
+        // Take letters.
+        i = start;
+        loop {
+            if let Some(chunk) = bytes.get(i..i + 8) {
+                let w = load(chunk);
+                let ascii = ascii_prefix(w);
+                let others = !ascii_letters(w) & HI & ascii;
+                if others != 0 {
+                    return Some((start, i + (others.trailing_zeros() / 8) as usize));
+                }
+                if ascii == u64::MAX {
+                    i += 8;
+                    continue;
+                }
+                i += (ascii.trailing_ones() / 8) as usize;
+            } else {
+                let Some(&b) = bytes.get(i) else {
+                    return Some((start, i));
+                };
+                if b < 0x80 {
+                    if !b.is_ascii_alphabetic() {
+                        return Some((start, i));
+                    }
+                    i += 1;
+                    continue;
+                }
+            }
+            match decode(&bytes[i..]) {
+                Some((c, n)) if is_letter(c) => i += n,
+                _ => return Some((start, i)),
+            }
+        }
+    }
+
+    /// The words of `bytes`, in order.
+    pub fn words(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+        let mut i = 0;
+        std::iter::from_fn(move || {
+            let (start, end) = next_word(bytes, i)?;
+            i = end;
+            Some(&bytes[start..end])
         })
     }
 
@@ -693,6 +769,85 @@ pub mod text {
 
         fn ws(b: &[u8]) -> Vec<&[u8]> {
             words(b).collect()
+        }
+
+        /// The plain byte-at-a-time scanner the fast one must agree with.
+        fn reference(bytes: &[u8]) -> Vec<&[u8]> {
+            let mut out = vec![];
+            let mut i = 0;
+            let mut start = None;
+            while i < bytes.len() {
+                let (letter, n) = match decode(&bytes[i..]) {
+                    Some((c, n)) => (is_letter(c), n),
+                    None if bytes[i] < 0x80 => (bytes[i].is_ascii_alphabetic(), 1),
+                    None => (false, 1),
+                };
+                match (letter, start) {
+                    (true, None) => start = Some(i),
+                    (false, Some(s)) => {
+                        out.push(&bytes[s..i]);
+                        start = None;
+                    }
+                    _ => {}
+                }
+                i += n;
+            }
+            if let Some(s) = start {
+                out.push(&bytes[s..]);
+            }
+            out
+        }
+
+        #[test]
+        fn the_fast_scan_agrees_with_the_byte_loop() {
+            // Pieces whose mixes put every kind of boundary at every offset of an 8-byte
+            // window: ASCII letters and separators (including those next to A-Z/a-z, @ [ ` {),
+            // multi-byte letters and non-letters, a mark, truncated and invalid UTF-8.
+            let pieces: [&[u8]; 16] = [
+                b"a",
+                b"Z",
+                b"word",
+                b"longerwordhere",
+                b" ",
+                b"@[`{",
+                b"\n",
+                b"\r\n",
+                b"9",
+                "é".as_bytes(),
+                "日本".as_bytes(),
+                "\u{301}".as_bytes(),
+                "\u{2161}".as_bytes(),
+                "—".as_bytes(),
+                b"\xff",
+                b"\xe6\x97",
+            ];
+            let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+            let mut next = move || {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed
+            };
+            for _ in 0..20_000 {
+                let mut text = vec![];
+                for _ in 0..next() % 12 {
+                    text.extend_from_slice(pieces[(next() % 16) as usize]);
+                }
+                assert_eq!(
+                    ws(&text),
+                    reference(&text),
+                    "{:?}",
+                    String::from_utf8_lossy(&text)
+                );
+            }
+            // Every byte value next to letters, at every offset.
+            for b in 0..=255u8 {
+                for at in 0..10 {
+                    let mut text = b"abcdefghijk".to_vec();
+                    text.insert(at, b);
+                    assert_eq!(ws(&text), reference(&text), "byte {b:#x} at {at}");
+                }
+            }
         }
 
         #[test]
