@@ -137,16 +137,20 @@ impl Counter {
         let Self { slots, arena, .. } = self;
         let mask = slots.len() - 1;
         let mut i = hash as usize & mask;
-        loop {
-            let slot = &mut slots[i];
-            if slot.hash == hash
+        let is_key = |slot: &Slot, arena: &[u8]| {
+            slot.hash == hash
                 && slot.head == head
                 && slot.len == len
                 && (len <= 8 || crate::eq_bytes(&arena[slot.at..][..key.len()], key))
-            {
-                slot.count += n;
-                return;
-            }
+        };
+        // The first probe, peeled out of the loop: it is nearly always the last, and in wasm
+        // every loop header also checks the epoch deadline.
+        if is_key(&slots[i], arena) {
+            slots[i].count += n;
+            return;
+        }
+        loop {
+            let slot = &mut slots[i];
             if slot.hash == 0 {
                 let at = if len > 8 {
                     let at = arena.len();
@@ -170,6 +174,10 @@ impl Counter {
                 return;
             }
             i = (i + 1) & mask;
+            if is_key(&slots[i], arena) {
+                slots[i].count += n;
+                return;
+            }
         }
     }
 
