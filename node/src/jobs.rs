@@ -32,7 +32,7 @@ const TABLE_ELEMENTS: usize = 100_000;
 /// checks unnecessary on 64-bit hosts).
 const MEMORY_RESERVATION: usize = 4 << 30;
 /// Linear memory (per pooled slot) kept mapped between tasks.
-const KEEP_RESIDENT: usize = 64 << 20;
+const KEEP_RESIDENT: usize = 16 << 20;
 
 /// Per-task limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,7 +437,9 @@ impl Executor {
         // Pooled instances: a task's linear memory reuses a slot an earlier task of the same
         // module used, with its first pages still mapped (zeroed, not unmapped). Fresh mmaps
         // per task cost a page fault and a page clear for every page a task touches: 130,000
-        // faults for 256 MiB of wordcount, a tenth of the job's CPU.
+        // faults for 256 MiB of wordcount, a tenth of the job's CPU. With huge pages (see
+        // `huge_pages`) a fault maps 2 MiB, so little needs to stay resident: 16 MiB, where
+        // 64 MiB per slot pushed a daemon's peak RSS past 300 MiB.
         let mut pool = PoolingAllocationConfig::new();
         pool.total_core_instances(MAX_INSTANCES)
             .total_memories(MAX_INSTANCES)

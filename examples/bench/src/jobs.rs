@@ -47,38 +47,62 @@ fn batches(path: &Path, mut f: impl FnMut(&[u8], u64) -> Result<()>) -> Result<(
     Ok(())
 }
 
-/// The baseline's word splitter: the byte-at-a-time loop one writes first (the SDK scans
-/// ASCII 8 bytes at a time; the baseline keeps the plain loop it was first measured with).
-fn plain_words(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
-    fn letter_at(b: &[u8]) -> Option<(bool, usize)> {
-        if b[0] < 0x80 {
-            return Some((b[0].is_ascii_alphabetic(), 1));
-        }
-        let len = match b[0] {
-            0xc2..=0xdf => 2,
-            0xe0..=0xef => 3,
-            0xf0..=0xf4 => 4,
-            _ => return None,
-        };
-        let c = std::str::from_utf8(b.get(..len)?).ok()?.chars().next()?;
-        Some((
-            c.general_category_group() == GeneralCategoryGroup::Letter,
-            len,
-        ))
+// The baseline's word splitter: the SDK's byte-at-a-time scanner as it was when the baseline
+// was first measured, kept verbatim (the SDK now scans 8 bytes at a time; a rewrite of this
+// copy measured 6-11% slower, which would have flattered every ratio).
+
+fn is_letter(c: char) -> bool {
+    if c.is_ascii() {
+        return c.is_ascii_alphabetic();
     }
+    c.general_category_group() == GeneralCategoryGroup::Letter
+}
+
+/// Decodes one UTF-8 character at the start of `b`: `(char, length)`, or `None` if the bytes
+/// there are not valid UTF-8 (then the first byte is a separator).
+fn decode(b: &[u8]) -> Option<(char, usize)> {
+    let len = match b[0] {
+        0xc2..=0xdf => 2,
+        0xe0..=0xef => 3,
+        0xf0..=0xf4 => 4,
+        _ => return None,
+    };
+    let s = std::str::from_utf8(b.get(..len)?).ok()?;
+    s.chars().next().map(|c| (c, len))
+}
+
+/// The words of `bytes`, in order.
+fn plain_words(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut i = 0;
     std::iter::from_fn(move || {
+        // Skip separators.
         let start = loop {
-            match letter_at(bytes.get(i..).filter(|b| !b.is_empty())?) {
-                Some((true, _)) => break i,
-                Some((false, n)) => i += n,
-                None => i += 1,
+            let b = *bytes.get(i)?;
+            if b < 0x80 {
+                if b.is_ascii_alphabetic() {
+                    break i;
+                }
+                i += 1;
+            } else {
+                match decode(&bytes[i..]) {
+                    Some((c, _)) if is_letter(c) => break i,
+                    Some((_, n)) => i += n,
+                    None => i += 1,
+                }
             }
         };
-        while i < bytes.len() {
-            match letter_at(&bytes[i..]) {
-                Some((true, n)) => i += n,
-                _ => break,
+        // Take letters.
+        while let Some(&b) = bytes.get(i) {
+            if b < 0x80 {
+                if !b.is_ascii_alphabetic() {
+                    break;
+                }
+                i += 1;
+            } else {
+                match decode(&bytes[i..]) {
+                    Some((c, n)) if is_letter(c) => i += n,
+                    _ => break,
+                }
             }
         }
         Some(&bytes[start..i])
