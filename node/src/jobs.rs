@@ -403,11 +403,12 @@ fn memory_of(caller: &mut Caller<'_, TaskState>) -> Option<Memory> {
 
 /// Asks Linux to back a linear memory with transparent huge pages where it can.
 ///
-/// A job's hash table is tens of MiB touched at random: with 4 KiB pages nearly every probe
-/// also misses the TLB, and under a hypervisor a page walk is itself several cache misses.
-/// Most systems (this one included) enable THP only for regions that ask (`madvise` mode).
-/// `len` covers the memory's whole reservation, so pages the memory grows into later are
-/// covered too.
+/// A task's memory grows to tens of MiB and all but the first 16 MiB is handed back between
+/// tasks; with 2 MiB pages it comes back in far fewer faults (run-local, 256 MiB in 8 MiB
+/// splits: 13,753 page faults instead of 49,781). CPU time measured the same either way: the
+/// hash-table probes miss the cache, not (measurably) the TLB. Most systems (this one
+/// included) enable THP only for regions that ask (`madvise` mode). `len` covers the memory's
+/// whole reservation, so pages the memory grows into later are covered too.
 #[allow(unsafe_code)]
 fn huge_pages(base: *mut u8, len: usize) {
     #[cfg(target_os = "linux")]
@@ -438,7 +439,7 @@ impl Executor {
         // module used, with its first pages still mapped (zeroed, not unmapped). Fresh mmaps
         // per task cost a page fault and a page clear for every page a task touches: 130,000
         // faults for 256 MiB of wordcount, a tenth of the job's CPU. With huge pages (see
-        // `huge_pages`) a fault maps 2 MiB, so little needs to stay resident: 16 MiB, where
+        // `huge_pages`) a fault maps 2 MiB, so less needs to stay resident: 16 MiB, where
         // 64 MiB per slot pushed a daemon's peak RSS past 300 MiB.
         let mut pool = PoolingAllocationConfig::new();
         pool.total_core_instances(MAX_INSTANCES)
