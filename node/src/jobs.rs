@@ -433,7 +433,7 @@ impl Executor {
     /// An executor whose tasks may ask for at most `max`.
     pub fn new(max: Limits) -> Result<Arc<Self>, JobError> {
         let mut config = Config::new();
-        config.epoch_interruption(std::env::var_os("P2PMR_NO_EPOCH").is_none());
+        config.epoch_interruption(true);
         config.cranelift_opt_level(OptLevel::Speed);
         // Pooled instances: a task's linear memory reuses a slot an earlier task of the same
         // module used, with its first pages still mapped (zeroed, not unmapped). Fresh mmaps

@@ -713,63 +713,41 @@ pub mod text {
     }
 
     /// [`next_word`] for any text.
-    fn next_word_slow(bytes: &[u8], mut i: usize) -> Option<(usize, usize)> {
-        // Skip separators.
-        let start = loop {
-            if let Some(chunk) = bytes.get(i..i + 8) {
-                let w = load(chunk);
-                let ascii = ascii_prefix(w);
-                let letters = ascii_letters(w) & ascii;
-                if letters != 0 {
-                    break i + (letters.trailing_zeros() / 8) as usize;
-                }
-                if ascii == u64::MAX {
-                    i += 8;
-                    continue;
-                }
-                // Past the ASCII separators, to the byte >= 0x80.
-                i += (ascii.trailing_ones() / 8) as usize;
-            } else {
-                let b = *bytes.get(i)?;
-                if b < 0x80 {
-                    if b.is_ascii_alphabetic() {
-                        break i;
-                    }
-                    i += 1;
-                    continue;
-                }
-            }
-            match decode(&bytes[i..]) {
-                Some((c, _)) if is_letter(c) => break i,
-                Some((_, n)) => i += n,
-                None => i += 1,
-            }
-        };
-        Some((start, word_end(bytes, start)))
+    fn next_word_slow(bytes: &[u8], i: usize) -> Option<(usize, usize)> {
+        let start = find::<true>(bytes, i);
+        (start < bytes.len()).then(|| (start, word_end(bytes, start)))
     }
 
     /// The end of the word that starts at `start`.
+    #[inline]
     fn word_end(bytes: &[u8], start: usize) -> usize {
-        let mut i = start;
+        find::<false>(bytes, start)
+    }
+
+    /// The first position at or after `i` where a letter starts (`LETTER`) or where anything
+    /// else does (`!LETTER`): `bytes.len()` if there is none. Invalid UTF-8 is not a letter.
+    fn find<const LETTER: bool>(bytes: &[u8], mut i: usize) -> usize {
         loop {
             if let Some(chunk) = bytes.get(i..i + 8) {
                 let w = load(chunk);
                 let ascii = ascii_prefix(w);
-                let others = !ascii_letters(w) & HI & ascii;
-                if others != 0 {
-                    return i + (others.trailing_zeros() / 8) as usize;
+                let letters = ascii_letters(w);
+                let hits = if LETTER { letters } else { !letters & HI } & ascii;
+                if hits != 0 {
+                    return i + (hits.trailing_zeros() / 8) as usize;
                 }
                 if ascii == u64::MAX {
                     i += 8;
                     continue;
                 }
+                // Past the ASCII bytes, to the byte >= 0x80.
                 i += (ascii.trailing_ones() / 8) as usize;
             } else {
                 let Some(&b) = bytes.get(i) else {
                     return i;
                 };
                 if b < 0x80 {
-                    if !b.is_ascii_alphabetic() {
+                    if b.is_ascii_alphabetic() == LETTER {
                         return i;
                     }
                     i += 1;
@@ -777,7 +755,8 @@ pub mod text {
                 }
             }
             match decode(&bytes[i..]) {
-                Some((c, n)) if is_letter(c) => i += n,
+                Some((c, n)) if is_letter(c) != LETTER => i += n,
+                None if LETTER => i += 1,
                 _ => return i,
             }
         }
