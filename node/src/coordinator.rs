@@ -2,7 +2,8 @@
 //! tasks on the daemons (data locality first), gathers the output and tells watchers.
 //!
 //! A job goes: check the module compiles; walk each input's DAG for its leaves (inner nodes
-//! only); cut the inputs into map tasks of about `split_size` bytes on leaf edges; ask every
+//! only); cut the inputs into map tasks of about the spec's split size (by default
+//! [`auto_split`](p2pmr_protocol::job::auto_split) of the total) on leaf edges; ask every
 //! daemon which leaves it holds (`Has`) and how many task slots it has; run the map phase;
 //! run one reduce task per partition, each fed the partition's run from every map task;
 //! write the output directory (`part-00000`, ...) and replicate it. Each step appends
@@ -38,11 +39,6 @@ use tokio::task::JoinSet;
 /// How long a daemon with a free slot waits for a task whose blocks it holds before it takes
 /// one it must fetch.
 pub const LOCALITY_DELAY: Duration = Duration::from_millis(300);
-/// Map task size clients use unless told otherwise: 32 blocks. Big enough that a task's
-/// fixed costs (a round trip, a wasm instance, R small files) are noise next to its 8 MiB of
-/// input; small enough that a 1 GiB input makes 128 tasks, which keeps every slot busy to the
-/// end and lets a lost task be redone cheaply.
-pub const DEFAULT_SPLIT: u64 = 8 << 20;
 /// Default liveness timeout (see [`Coordinator::new`]).
 pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(3);
 /// How long a watch request waits for new events before answering with none.
@@ -429,11 +425,11 @@ impl Coordinator {
         // task is planned.
         worker.module(spec).await?;
 
-        // Plan the map tasks.
+        // Plan the map tasks: every input's leaves first, as the split size may depend on
+        // the total.
         let fetcher = worker.fetcher();
-        let mut maps = Vec::new();
-        let mut input_bytes = 0;
-        for (i, input) in spec.inputs.iter().enumerate() {
+        let mut inputs = Vec::with_capacity(spec.inputs.len());
+        for input in &spec.inputs {
             // A block no reachable daemon has may be on one that is restarting or was just
             // cut off (daemons redial each other every few seconds): ask again a few times
             // before failing the job.
@@ -450,6 +446,12 @@ impl Coordinator {
                 }
             }
             .map_err(|e| format!("input {} ({}): {e}", input.name, input.cid))?;
+            inputs.push(leaves);
+        }
+        let input_bytes: u64 = inputs.iter().flatten().map(|(_, len)| len).sum();
+        let split = spec.split_for(input_bytes);
+        let mut maps = Vec::new();
+        for (i, leaves) in inputs.into_iter().enumerate() {
             let mut offset = 0;
             let mut current: Option<PlannedMap> = None;
             for (cid, len) in leaves {
@@ -462,12 +464,11 @@ impl Coordinator {
                 task.leaves.push((cid, len));
                 task.end += len;
                 offset += len;
-                if task.end - task.start >= spec.split_size {
+                if task.end - task.start >= split {
                     maps.extend(current.take());
                 }
             }
             maps.extend(current.take());
-            input_bytes += offset;
         }
 
         // Who can work, with how many slots, holding which blocks.

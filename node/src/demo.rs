@@ -174,8 +174,7 @@ async fn drive(daemons: &[Daemon], config: &DemoConfig) -> Result<DemoReport, De
         config.reducers,
         Vec::new(),
     )
-    .map_err(|e| DemoError(e.to_string()))?
-    .with_split_size(crate::coordinator::DEFAULT_SPLIT);
+    .map_err(|e| DemoError(e.to_string()))?;
     let started = Instant::now();
     let coordinator =
         client::coordinator_for(&net, &spec.id(), None).map_err(|e| DemoError(e.to_string()))?;

@@ -273,10 +273,7 @@ impl Run {
         for &(_, at) in &index {
             sorted.extend_from_slice(&buf[at..pair_end(at)]);
         }
-        Self {
-            buf: sorted,
-            pairs,
-        }
+        Self { buf: sorted, pairs }
     }
 
     /// Number of pairs.

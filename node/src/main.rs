@@ -5,7 +5,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use p2pmr_node::client;
-use p2pmr_node::coordinator::DEFAULT_SPLIT;
 use p2pmr_node::daemon::{Daemon, DaemonConfig};
 use p2pmr_node::demo::{self, DemoConfig};
 use p2pmr_node::jobs::{Executor, Limits};
@@ -135,7 +134,7 @@ enum Command {
         /// A job argument (repeatable), e.g. --arg pattern=foo
         #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_arg)]
         args: Vec<(String, String)>,
-        /// Map split size [default: 8 MiB]
+        /// Map split size [default: the total input size / 16, from 8 to 64 MiB]
         #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
         split_mib: Option<u64>,
         /// Memory limit per task
@@ -398,8 +397,11 @@ fn run(cli: Cli) -> Result<()> {
                         client::publish_module(net, wasm, usize::MAX).await?
                     }
                 };
-                let spec = JobSpec::new(module, inputs, reducers, args)?
-                    .with_split_size(split_mib.map_or(DEFAULT_SPLIT, |m| m << 20))
+                let mut spec = JobSpec::new(module, inputs, reducers, args)?;
+                if let Some(mib) = split_mib {
+                    spec = spec.with_split_size(mib << 20);
+                }
+                let spec = spec
                     .with_limits(TaskLimits {
                         memory: memory_mib << 20,
                         timeout_ms: timeout_secs.saturating_mul(1000),

@@ -5,14 +5,13 @@
 use anyhow::{bail, Result};
 use libp2p::Multiaddr;
 use p2pmr_node::client;
-use p2pmr_node::coordinator::DEFAULT_SPLIT;
 use p2pmr_node::daemon::{Daemon, DaemonConfig};
 use p2pmr_node::jobs::{Executor, Limits};
 use p2pmr_node::local::{self, LocalJob};
 use p2pmr_node::remote::{self, ClientConfig, ClientPeer, Fetcher};
 use p2pmr_node::shipped;
 use p2pmr_protocol::engine::{Event, TaskKind};
-use p2pmr_protocol::job::{JobInput, JobSpec, MIN_SPLIT};
+use p2pmr_protocol::job::{JobInput, JobSpec, AUTO_SPLIT, MIN_SPLIT};
 use p2pmr_protocol::Cid;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -122,8 +121,11 @@ fn job_spec(
             .collect(),
         reducers,
         args.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-    )?
-    .with_split_size(split))
+    )
+    .map(|spec| match split {
+        AUTO_SPLIT => spec,
+        bytes => spec.with_split_size(bytes),
+    })?)
 }
 
 async fn run_spec(client: &ClientPeer, spec: JobSpec) -> Result<Ran> {
@@ -456,7 +458,7 @@ async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
         &[("x".into(), unknown)],
         1,
         &[],
-        DEFAULT_SPLIT,
+        AUTO_SPLIT,
     )
     .await?;
     let reason = ran.reason.expect("fails");
@@ -473,7 +475,7 @@ async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
         &[("in".into(), input)],
         1,
         &[],
-        DEFAULT_SPLIT,
+        AUTO_SPLIT,
     )
     .await?;
     let reason = ran.reason.expect("fails");
@@ -487,7 +489,7 @@ async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
         &[("in".into(), input)],
         1,
         &[("mode", "trap")],
-        DEFAULT_SPLIT,
+        AUTO_SPLIT,
     )
     .await?;
     let reason = ran.reason.expect("fails");
@@ -525,7 +527,7 @@ async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
                 &[("in".into(), bad)],
                 1,
                 &[("mode", "trap")],
-                DEFAULT_SPLIT,
+                AUTO_SPLIT,
             )?
             .with_skip_bad_records(skip),
         )
@@ -559,7 +561,7 @@ async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
         &[("in".into(), input)],
         2,
         &[],
-        DEFAULT_SPLIT,
+        AUTO_SPLIT,
     )
     .await?;
     let output = ran.output.expect("succeeds");
@@ -621,7 +623,7 @@ async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()>
         &[("corpus".into(), input)],
         3,
         &[],
-        DEFAULT_SPLIT,
+        AUTO_SPLIT,
     )
     .await?;
     let output = ran
@@ -712,7 +714,7 @@ async fn cancel_stops_a_job_everywhere() -> Result<()> {
         &[("in".into(), input)],
         1,
         &[],
-        DEFAULT_SPLIT,
+        AUTO_SPLIT,
     )
     .await?;
     let lines = read_output(&cluster, ran.output.expect("succeeds")).await?;

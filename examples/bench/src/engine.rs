@@ -3,8 +3,8 @@
 //!
 //! - wordcount of the 1 GiB corpus on 2 daemons (added beforehand with 2 replicas, not timed),
 //!   end to end (`p2pmr run`: client start, module publish, map, shuffle, reduce, output
-//!   replicated), against the plain native single-thread wordcount in the same run; at split
-//!   sizes 4, 8 and 16 MiB (the default is picked from these);
+//!   replicated), against the plain native single-thread wordcount in the same run; with the
+//!   automatic split size and with 8 and 16 MiB splits, and with one slot per daemon;
 //! - peak RSS of each daemon over those jobs;
 //! - a tiny job (1 KiB input) on 3 daemons, 20 runs: median submit-to-output latency, from an
 //!   in-process client peer already connected;
@@ -53,15 +53,19 @@ pub(crate) fn cluster(
     Ok(all)
 }
 
-/// Runs wordcount (2 reducers) on `cid` with `split_mib` splits; `tag` makes the spec new
-/// (an argument wordcount ignores). Returns the output CID.
+/// Runs wordcount (2 reducers) on `cid` with `split_mib` splits (`None`: the automatic
+/// size); `tag` makes the spec new (an argument wordcount ignores). Returns the output CID.
 pub(crate) fn run_job(
     bin: &std::path::Path,
     daemons: &[&DaemonProc],
     cid: &str,
-    split_mib: u64,
+    split_mib: Option<u64>,
     tag: &str,
 ) -> Result<String> {
+    let split: Vec<String> = match split_mib {
+        Some(mib) => vec!["--split-mib".into(), mib.to_string()],
+        None => vec![],
+    };
     output(
         client(bin, daemons)
             .args([
@@ -73,7 +77,7 @@ pub(crate) fn run_job(
                 "--input",
                 cid,
             ])
-            .args(["--split-mib", &split_mib.to_string()])
+            .args(&split)
             .args(["--arg", &format!("round={tag}")]),
     )
 }
@@ -93,12 +97,21 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
     let cid = output(client(&bin, &a).args(["add", "--replicas", "2"]).arg(&big))?;
     output(client(&bin, &b).args(["add", "--replicas", "2"]).arg(&big))?;
 
-    // (label, daemons, split MiB)
-    let configs: Vec<(String, &[&DaemonProc], u64)> = vec![
-        ("default slots (2 each), 8 MiB splits".into(), &a, 8),
-        ("1 slot each, 4 MiB splits".into(), &b, 4),
-        ("1 slot each, 8 MiB splits".into(), &b, 8),
-        ("1 slot each, 16 MiB splits".into(), &b, 16),
+    // (label, daemons, split MiB or automatic)
+    let auto = p2pmr_protocol::job::auto_split(big_bytes as u64) >> 20;
+    let configs: Vec<(String, &[&DaemonProc], Option<u64>)> = vec![
+        (
+            format!("default slots (2 each), automatic splits ({auto} MiB)"),
+            &a,
+            None,
+        ),
+        ("default slots, 8 MiB splits".into(), &a, Some(8)),
+        ("default slots, 16 MiB splits".into(), &a, Some(16)),
+        (
+            format!("1 slot each, automatic splits ({auto} MiB)"),
+            &b,
+            None,
+        ),
     ];
     let mut native = Vec::new();
     let mut runs: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
@@ -106,9 +119,7 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
         eprintln!("round {}/{rounds}", round + 1);
         native.push(time(|| native_plain(&big))?.0);
         for (i, (_, daemons, split)) in configs.iter().enumerate() {
-            runs[i].push(
-                time(|| run_job(&bin, daemons, &cid, *split, &format!("{round}-{split}")))?.0,
-            );
+            runs[i].push(time(|| run_job(&bin, daemons, &cid, *split, &format!("{round}-{i}")))?.0);
         }
     }
     let rss: Vec<u64> = default_slots

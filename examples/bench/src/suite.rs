@@ -88,9 +88,9 @@ impl Samples {
     }
 }
 
-/// wordcount with the default 8 MiB splits.
+/// wordcount with the default (automatic) split size.
 fn wordcount(bin: &Path, daemons: &[&DaemonProc], cid: &str, tag: &str) -> Result<String> {
-    run_job(bin, daemons, cid, 8, tag)
+    run_job(bin, daemons, cid, None, tag)
 }
 
 /// A Python with PySpark: `target/pyspark-venv`, created and filled with pip on first use.
