@@ -13,7 +13,7 @@ use p2pmr_node::progress::{Mode, Progress};
 use p2pmr_node::remote::{self, ClientConfig, ClientPeer, Fetcher};
 use p2pmr_node::{files, shipped, FileError, Repo};
 use p2pmr_protocol::engine::{Event, JobState};
-use p2pmr_protocol::job::{JobInput, JobSpec, TaskLimits};
+use p2pmr_protocol::job::{JobInput, JobSpec, TaskLimits, AUTO_SPLIT};
 use p2pmr_protocol::unixfs::Layout;
 use p2pmr_protocol::Cid;
 use std::fs::File;
@@ -397,11 +397,8 @@ fn run(cli: Cli) -> Result<()> {
                         client::publish_module(net, wasm, usize::MAX).await?
                     }
                 };
-                let mut spec = JobSpec::new(module, inputs, reducers, args)?;
-                if let Some(mib) = split_mib {
-                    spec = spec.with_split_size(mib << 20);
-                }
-                let spec = spec
+                let spec = JobSpec::new(module, inputs, reducers, args)?
+                    .with_split_size(split_mib.map_or(AUTO_SPLIT, |m| m << 20))
                     .with_limits(TaskLimits {
                         memory: memory_mib << 20,
                         timeout_ms: timeout_secs.saturating_mul(1000),

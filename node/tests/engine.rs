@@ -121,11 +121,8 @@ fn job_spec(
             .collect(),
         reducers,
         args.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-    )
-    .map(|spec| match split {
-        AUTO_SPLIT => spec,
-        bytes => spec.with_split_size(bytes),
-    })?)
+    )?
+    .with_split_size(split))
 }
 
 async fn run_spec(client: &ClientPeer, spec: JobSpec) -> Result<Ran> {

@@ -151,9 +151,13 @@ impl JobSpec {
         Ok(spec)
     }
 
-    /// This spec with a fixed split size (at least [`MIN_SPLIT`]).
+    /// This spec with a fixed split size (at least [`MIN_SPLIT`]), or the automatic one for
+    /// [`AUTO_SPLIT`].
     pub fn with_split_size(mut self, bytes: u64) -> Self {
-        self.split_size = bytes.max(MIN_SPLIT);
+        self.split_size = match bytes {
+            AUTO_SPLIT => AUTO_SPLIT,
+            bytes => bytes.max(MIN_SPLIT),
+        };
         self
     }
 
@@ -378,6 +382,7 @@ mod tests {
         ] {
             assert_eq!(auto.split_for(input), split, "{input} bytes");
         }
+        assert_eq!(spec(&[]).with_split_size(AUTO_SPLIT), auto);
         let fixed = spec(&[]).with_split_size(1);
         assert_eq!(fixed.split_size, MIN_SPLIT);
         assert_eq!(fixed.split_for(1 << 40), MIN_SPLIT);

@@ -316,6 +316,14 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// Every key and its count, in key order.
+    fn sorted(c: &Counter) -> Vec<(Vec<u8>, u64)> {
+        let mut got = vec![];
+        c.for_each(|k, n| got.push((k.to_vec(), n)));
+        got.sort();
+        got
+    }
+
     #[test]
     fn counts_like_a_hash_map() {
         // Keys around the inline limit (7, 8, 9 bytes), empty, long, with zero bytes (which
@@ -359,11 +367,8 @@ mod tests {
         c.add(b"new", max);
         c.add(b"a longer new key", 1 << 40);
         c.add(b"a longer new key", 2);
-        let mut got = vec![];
-        c.for_each(|k, n| got.push((k.to_vec(), n)));
-        got.sort();
         assert_eq!(
-            got,
+            sorted(&c),
             [
                 (b"a longer new key".to_vec(), (1 << 40) + 2),
                 (b"edge".to_vec(), max + 7),
@@ -390,14 +395,11 @@ mod tests {
         for (i, k) in keys.iter().enumerate() {
             c.add(k, i as u64 + 1);
         }
-        let mut got = vec![];
-        c.for_each(|k, n| got.push((k.to_vec(), n)));
-        got.sort();
         let mut want: Vec<_> = (keys.iter().enumerate())
             .map(|(i, k)| (k.to_vec(), i as u64 + 1))
             .collect();
         want.sort();
-        assert_eq!(got, want);
+        assert_eq!(sorted(&c), want);
     }
 
     #[test]
@@ -413,12 +415,8 @@ mod tests {
         for w in crate::text::words(&text) {
             b.add(w, 1);
         }
-        let (mut got, mut want) = (vec![], vec![]);
-        a.for_each(|k, n| got.push((k.to_vec(), n)));
-        b.for_each(|k, n| want.push((k.to_vec(), n)));
-        got.sort();
-        want.sort();
-        assert_eq!(got, want);
+        let got = sorted(&a);
+        assert_eq!(got, sorted(&b));
         assert_eq!(got.len(), 10);
     }
 

@@ -693,7 +693,8 @@ pub mod text {
     pub(crate) fn next_word(bytes: &[u8], i: usize) -> Option<(usize, usize)> {
         // The common case in straight-line code: all ASCII, the word starts within the next 8
         // bytes and ends within 8 bytes of its start. No loop, so in wasm no loop header, and
-        // each of those checks the epoch deadline (a fifth of wordcount's time, measured).
+        // each of those checks the epoch deadline (10-18% of a task's CPU, measured by turning
+        // the checks off).
         if let Some(chunk) = bytes.get(i..i + 8) {
             let w = load(chunk);
             let letters = ascii_letters(w);
