@@ -615,7 +615,16 @@ impl Fetcher {
         offset: u64,
         tx: mpsc::Sender<Chunk>,
     ) -> Result<u64, RemoteError> {
-        let mut reader = FileReader::starting_at(root, offset);
+        self.stream_reader(FileReader::starting_at(root, offset), tx)
+            .await
+    }
+
+    /// [`Fetcher::stream`] for a reader already part way through its file.
+    async fn stream_reader(
+        &self,
+        mut reader: FileReader,
+        tx: mpsc::Sender<Chunk>,
+    ) -> Result<u64, RemoteError> {
         let mut inflight: HashMap<Cid, Inflight> = HashMap::new();
         // Blocks of the window found in the local store: asked once each, not once per turn.
         let mut local = HashSet::new();
@@ -642,26 +651,11 @@ impl Fetcher {
                     Some(handle) => handle.await.expect("fetch task panicked")?,
                     None => self.fetch_hinted(next, None).await?,
                 };
-                let bytes = reader.feed(&block)?;
-                if bytes.is_empty() {
+                let Some(chunk) = Chunk::feed(&mut reader, block, remote)? else {
                     continue;
-                }
-                // `bytes` is a slice of the block: hand over the block's buffer, trimmed,
-                // instead of copying it.
-                let start = bytes.as_ptr() as usize - block.data().as_ptr() as usize;
-                let end = start + bytes.len();
-                let mut data = block.into_data();
-                data.truncate(end);
-                data.drain(..start);
-                sent += data.len() as u64;
-                if tx
-                    .send(Chunk {
-                        bytes: data,
-                        remote,
-                    })
-                    .await
-                    .is_err()
-                {
+                };
+                sent += chunk.bytes.len() as u64;
+                if tx.send(chunk).await.is_err() {
                     break;
                 }
             }
@@ -676,6 +670,66 @@ impl Fetcher {
 }
 
 impl Fetcher {
+    /// Reads the file at `root` from `offset` on, for a caller on a blocking thread (a map
+    /// task): hands each piece to `sink` until the file ends or `sink` returns `Ok(false)`.
+    ///
+    /// Blocks in the local store are read and verified right on this thread. Streaming them
+    /// from an async task instead cost three thread hops per 256 KiB block (blocking pool,
+    /// reader task, map thread), each a wake-up and a context switch: a seventh of a 2-daemon
+    /// job's CPU went to rescheduling. From the first block that is not here (or is corrupt
+    /// here) on, the rest comes from [`Fetcher::stream`], run on `rt`, with its window of
+    /// concurrent network fetches and its repair of corrupt local copies.
+    ///
+    /// Returns `Err` with the sink's error if the sink failed, else `Ok` with the outcome of
+    /// reading (an error there only matters if the sink wanted more).
+    pub fn read_blocking<E>(
+        &self,
+        rt: &tokio::runtime::Handle,
+        root: Cid,
+        offset: u64,
+        buffer: usize,
+        mut sink: impl FnMut(Chunk) -> Result<bool, E>,
+    ) -> Result<Result<(), RemoteError>, E> {
+        let mut reader = FileReader::starting_at(root, offset);
+        if let Some(store) = &self.local {
+            while let Some(next) = reader.next_needed() {
+                let Ok(block) = store.get(next) else {
+                    break;
+                };
+                match Chunk::feed(&mut reader, block, false) {
+                    Ok(Some(chunk)) => {
+                        if !sink(chunk)? {
+                            return Ok(Ok(()));
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Ok(Err(e)),
+                }
+            }
+        }
+        if reader.next_needed().is_none() {
+            return Ok(Ok(()));
+        }
+        let (tx, mut rx) = mpsc::channel(buffer);
+        let this = self.clone();
+        let producer = rt.spawn(async move { this.stream_reader(reader, tx).await });
+        while let Some(chunk) = rx.blocking_recv() {
+            match sink(chunk) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    producer.abort();
+                    return Err(e);
+                }
+            }
+        }
+        drop(rx);
+        Ok(rt
+            .block_on(producer)
+            .expect("reader task panicked")
+            .map(drop))
+    }
+
     /// Writes the file or directory at `root` into `sink`: a file's bytes, or every file of a
     /// directory (recursively) in name order, so a job's output `cat`s as its partitions in
     /// order.
@@ -794,6 +848,31 @@ pub struct Chunk {
     pub bytes: Vec<u8>,
     /// They came from another peer (not the local store).
     pub remote: bool,
+}
+
+impl Chunk {
+    /// Feeds `block` to `reader`; the file bytes it contributes, if any, as a chunk.
+    fn feed(
+        reader: &mut FileReader,
+        block: Block,
+        remote: bool,
+    ) -> Result<Option<Self>, RemoteError> {
+        let bytes = reader.feed(&block)?;
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        // `bytes` is a slice of the block: hand over the block's buffer, trimmed, instead of
+        // copying it.
+        let start = bytes.as_ptr() as usize - block.data().as_ptr() as usize;
+        let end = start + bytes.len();
+        let mut data = block.into_data();
+        data.truncate(end);
+        data.drain(..start);
+        Ok(Some(Self {
+            bytes: data,
+            remote,
+        }))
+    }
 }
 
 /// Where a file's blocks are.

@@ -32,7 +32,7 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 
 /// Records are handed to the job in batches of about this many bytes.
 const BATCH: usize = 1 << 20;
@@ -366,10 +366,8 @@ impl Worker {
             .clone();
         let (module, _permit) = self.prepare(&spec).await?;
         let mut splitter = RecordSplitter::new(task.start, task.end, BATCH);
-        let (tx, mut rx) = mpsc::channel::<Chunk>(MAP_BUFFER);
         let fetcher = self.inner.fetcher.clone();
-        let from = splitter.feed_from();
-        let producer = tokio::spawn(async move { fetcher.stream(input.cid, from, tx).await });
+        let rt = tokio::runtime::Handle::current();
         let exec = self.inner.exec.clone();
         let store = self.inner.repo.blocks().clone();
         let name = TaskName {
@@ -399,23 +397,26 @@ impl Worker {
                 }
                 Ok::<(), MapFailure>(())
             };
-            while !splitter.is_done() {
-                let Some(chunk) = rx.blocking_recv() else {
-                    break;
-                };
-                if chunk.remote {
-                    c.remote_map_bytes += chunk.bytes.len() as u64;
-                } else {
-                    c.local_map_bytes += chunk.bytes.len() as u64;
-                }
-                for (offset, batch) in splitter.feed(&chunk.bytes) {
-                    feed(&mut map, offset, &batch)?;
-                }
-            }
+            let read = fetcher.read_blocking(
+                &rt,
+                input.cid,
+                splitter.feed_from(),
+                MAP_BUFFER,
+                |chunk: Chunk| {
+                    if chunk.remote {
+                        c.remote_map_bytes += chunk.bytes.len() as u64;
+                    } else {
+                        c.local_map_bytes += chunk.bytes.len() as u64;
+                    }
+                    for (offset, batch) in splitter.feed(&chunk.bytes) {
+                        feed(&mut map, offset, &batch)?;
+                    }
+                    Ok::<_, MapFailure>(!splitter.is_done())
+                },
+            )?;
             // Whether the reader delivered everything the range needed; if not, its error
             // says why.
             let complete = splitter.is_done();
-            drop(rx);
             if let Some((offset, batch)) = splitter.finish() {
                 feed(&mut map, offset, &batch)?;
             }
@@ -440,12 +441,11 @@ impl Worker {
                     bytes: written.size,
                 }));
             }
-            Ok::<_, MapFailure>((out, c, complete))
+            Ok::<_, MapFailure>((out, c, complete, read))
         })
         .await
         .map_err(|e| format!("map task panicked: {e}"))?;
-        let read = producer.await.map_err(|e| e.to_string())?;
-        let (parts, counters, complete) = mapped?;
+        let (parts, counters, complete, read) = mapped?;
         if let (false, Err(e)) = (complete, read) {
             return Err(format!("cannot read input {}: {e}", input.name).into());
         }

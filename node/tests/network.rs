@@ -407,3 +407,68 @@ async fn blocks_of_a_daemon_lost_for_good_are_copied_back_to_their_replica_count
     client.close().await;
     Ok(())
 }
+
+/// What [`Fetcher::read_blocking`] delivered: the bytes, how many came from the network, and
+/// the read's outcome. `stop_after` chunks, the sink asks for no more.
+async fn read_blocking(
+    fetcher: &Fetcher,
+    root: p2pmr_protocol::Cid,
+    offset: u64,
+    stop_after: usize,
+) -> Result<(Vec<u8>, usize, Result<(), RemoteError>)> {
+    let fetcher = fetcher.clone();
+    let rt = tokio::runtime::Handle::current();
+    Ok(tokio::task::spawn_blocking(move || {
+        let (mut bytes, mut remote, mut chunks) = (Vec::new(), 0, 0);
+        let read = fetcher.read_blocking(&rt, root, offset, 2, |chunk| {
+            bytes.extend_from_slice(&chunk.bytes);
+            remote += usize::from(chunk.remote) * chunk.bytes.len();
+            chunks += 1;
+            Ok::<_, std::convert::Infallible>(chunks < stop_after)
+        });
+        let Ok(read) = read;
+        (bytes, remote, read)
+    })
+    .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_reader_reads_local_blocks_then_the_network() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let bytes = data(6 * 262_144 + 9, 23);
+    let client = cluster.client(2).await?;
+    let added = remote::add(client.net(), std::io::Cursor::new(bytes.clone()), 2).await?;
+    // A map task's own store: all of the file but its third leaf.
+    let dir = TempDir::new()?;
+    let local = p2pmr_node::store::BlockStore::open(dir.path())?;
+    let layout = p2pmr_protocol::unixfs::Layout::KUBO;
+    assert_eq!(
+        p2pmr_node::files::import(&bytes[..], Some(&local), layout)?,
+        added
+    );
+    let third = *Block::raw(bytes[2 * 262_144..3 * 262_144].to_vec()).cid();
+    assert!(local.delete(&third)?);
+
+    // Without the network the first two leaves come, then the missing one is an error.
+    let offline = Fetcher::new(None, Some(local.clone()));
+    let (got, remote, read) = read_blocking(&offline, added.root, 5, usize::MAX).await?;
+    assert_eq!(got, bytes[5..2 * 262_144]);
+    assert_eq!(remote, 0);
+    assert!(read.is_err(), "a missing block must be an error");
+    // Stopping early is not an error.
+    let (got, _, read) = read_blocking(&offline, added.root, 5, 1).await?;
+    assert_eq!(got, bytes[5..262_144]);
+    assert!(read.is_ok(), "{read:?}");
+
+    // With the network, the rest of the file (from the missing leaf on) is streamed: exactly
+    // the file's bytes, only the missing leaf from the daemons (local ones are still read
+    // locally).
+    let online = Fetcher::new(Some(client.net().clone()), Some(local));
+    let from = 262_144 + 100;
+    let (got, remote, read) = read_blocking(&online, added.root, from, usize::MAX).await?;
+    read?;
+    assert_eq!(got, bytes[from as usize..]);
+    assert_eq!(remote, 262_144);
+    client.close().await;
+    Ok(())
+}
