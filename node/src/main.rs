@@ -848,8 +848,11 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn init_tracing() {
+    // Kademlia warns "Failed to trigger bootstrap: No known peers" whenever a peer that knows
+    // no other starts listening (every first daemon of a network): that is normal here, not
+    // something to act on, so its warnings stay hidden unless RUST_LOG asks for them.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,libp2p_kad=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
