@@ -139,8 +139,10 @@ impl ClientPeer {
             let named_ready = named.iter().all(|p| daemons.contains_key(p));
             let enough = daemons.len() >= want.max(1);
             let quiet = settled_at.elapsed() >= Duration::from_millis(300);
-            // Without mDNS there is nothing more to wait for once the named peers are in.
-            if named_ready && (!config.mdns || (enough && quiet)) {
+            // Without mDNS, more daemons can only come from Kademlia (the named peers' routing
+            // tables), which finds them within a round trip or two: wait for enough of them, but
+            // not for quiet, as mDNS answers may trickle in and Kademlia's do not.
+            if named_ready && enough && (!config.mdns || quiet) {
                 break;
             }
             if Instant::now() >= deadline {

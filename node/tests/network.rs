@@ -472,3 +472,22 @@ async fn a_blocking_reader_reads_local_blocks_then_the_network() -> Result<()> {
     client.close().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_told_of_one_daemon_finds_the_others_through_kademlia() -> Result<()> {
+    let cluster = Cluster::linked(3, p2pmr_node::keeper::DEFAULT_GRACE).await?;
+    // No mDNS, one address: the other two daemons can only come from the first's routing
+    // table, and `add --replicas 3` needs all three.
+    let first = cluster.addrs()[..1].to_vec();
+    let client = ClientPeer::connect(client_config(first), 3).await?;
+    assert_eq!(client.daemons().len(), 3, "{:?}", client.daemons());
+    let bytes = data(262_144 + 1, 3);
+    let added = remote::add(client.net(), std::io::Cursor::new(bytes.clone()), 3).await?;
+    let fetcher = Fetcher::new(Some(client.net().clone()), None);
+    assert_eq!(
+        remote::stat(&fetcher, added.root).await?.replicas,
+        vec![0, 0, 0, 3]
+    );
+    client.close().await;
+    Ok(())
+}
