@@ -40,7 +40,8 @@ const BATCH: usize = 1 << 20;
 pub const MAX_MODULE_SIZE: u64 = 64 << 20;
 /// Block fetches in flight per reduce task during the shuffle.
 const SHUFFLE_CONCURRENCY: usize = 16;
-/// Input chunks buffered between a map task's reader and its wasm.
+/// Input chunks fetched from the network buffered ahead of a map task (the blocks its daemon
+/// holds are read on the task's own thread, unbuffered).
 const MAP_BUFFER: usize = 4;
 /// Jobs whose finished tasks a worker remembers.
 const FINISHED_JOBS: usize = 64;
