@@ -2,9 +2,10 @@
 //! tasks on the daemons (data locality first), gathers the output and tells watchers.
 //!
 //! A job goes: check the module compiles; walk each input's DAG for its leaves (inner nodes
-//! only); cut the inputs into map tasks of about the spec's split size (by default
-//! [`auto_split`](p2pmr_protocol::job::auto_split) of the total) on leaf edges; ask every
-//! daemon which leaves it holds (`Has`) and how many task slots it has; run the map phase;
+//! only); ask every daemon which leaves it holds (`Has`) and how many task slots it has; cut
+//! the inputs into map tasks of about the spec's split size (by default
+//! [`auto_split`](p2pmr_protocol::job::auto_split): one task per slot) on leaf edges; run the
+//! map phase;
 //! run one reduce task per partition, each fed the partition's run from every map task;
 //! write the output directory (`part-00000`, ...) and replicate it. Each step appends
 //! [`Event`]s to the job's log; watchers long-poll the log (`Watch`), so a slow watcher only
@@ -26,7 +27,7 @@ use p2pmr_protocol::engine::{
     Counters, Event, FinishedTask, JobRequest, JobResponse, JobState, JobSummary, MapOutput,
     MapTask, Phase, ReduceTask, RunRef, TaskKind, MAX_EVENTS_PER_REPLY,
 };
-use p2pmr_protocol::job::JobSpec;
+use p2pmr_protocol::job::{JobSpec, AUTO_SPLIT, AUTO_SPLIT_MAX, AUTO_SPLIT_MIN};
 use p2pmr_protocol::unixfs::{self, DirEntry, UnixFsData, UnixFsError};
 use p2pmr_protocol::Cid;
 use std::collections::{HashMap, HashSet};
@@ -174,6 +175,54 @@ impl From<String> for Stop {
     fn from(reason: String) -> Self {
         Self::Failed(reason)
     }
+}
+
+/// Takes the outputs of `finished` tasks (from [`Coordinator::finished`]) that match this
+/// plan: map tasks planned with the same `split` over the same range, reduce tasks of a
+/// partition not yet done. Returns how many map and reduce tasks it took.
+fn reuse(
+    finished: Vec<(PeerId, FinishedTask)>,
+    maps: &[PlannedMap],
+    split: u64,
+    outputs: &mut [Option<(MapOutput, PeerId)>],
+    entries: &mut [Option<DirEntry>],
+    counters: &mut Counters,
+) -> (u32, u32) {
+    let (mut reused_maps, mut reused_reduces) = (0, 0);
+    for (peer, task) in finished {
+        match task {
+            FinishedTask::Map {
+                task,
+                input,
+                start,
+                end,
+                split: planned,
+                output,
+            } => {
+                let t = task as usize;
+                let same_range = planned == split
+                    && maps
+                        .get(t)
+                        .is_some_and(|m| (m.input, m.start, m.end) == (input, start, end));
+                if same_range && output.parts.len() == entries.len() && outputs[t].is_none() {
+                    outputs[t] = Some((output, peer));
+                    reused_maps += 1;
+                }
+            }
+            FinishedTask::Reduce { partition, output } => {
+                if let Some(entry @ None) = entries.get_mut(partition as usize) {
+                    counters.add(&output.counters);
+                    *entry = Some(DirEntry {
+                        name: format!("part-{partition:05}"),
+                        cid: output.cid,
+                        tsize: output.tsize,
+                    });
+                    reused_reduces += 1;
+                }
+            }
+        }
+    }
+    (reused_maps, reused_reduces)
 }
 
 /// One map task as planned.
@@ -449,36 +498,12 @@ impl Coordinator {
             inputs.push(leaves);
         }
         let input_bytes: u64 = inputs.iter().flatten().map(|(_, len)| len).sum();
-        let split = spec.split_for(input_bytes);
-        let mut maps = Vec::new();
-        for (i, leaves) in inputs.into_iter().enumerate() {
-            let mut offset = 0;
-            let mut current: Option<PlannedMap> = None;
-            for (cid, len) in leaves {
-                let task = current.get_or_insert_with(|| PlannedMap {
-                    input: i as u32,
-                    start: offset,
-                    end: offset,
-                    leaves: Vec::new(),
-                });
-                task.leaves.push((cid, len));
-                task.end += len;
-                offset += len;
-                if task.end - task.start >= split {
-                    maps.extend(current.take());
-                }
-            }
-            maps.extend(current.take());
-        }
 
         // Who can work, with how many slots, holding which blocks.
         let mut peers = vec![me];
         peers.extend(self.net().daemons().into_keys().filter(|p| *p != me));
         let all_leaves: Vec<Cid> = {
-            let mut set: Vec<Cid> = maps
-                .iter()
-                .flat_map(|m| m.leaves.iter().map(|l| l.0))
-                .collect();
+            let mut set: Vec<Cid> = inputs.iter().flatten().map(|l| l.0).collect();
             set.sort();
             set.dedup();
             set
@@ -499,6 +524,46 @@ impl Coordinator {
             } else {
                 self.held(peer, &all_leaves).await
             });
+        }
+
+        // Work done for an earlier coordinator of this job (it died, and a client or another
+        // daemon handed the job to this one): the workers remember the tasks they finished
+        // and the split they were planned with. Planning with that split is deterministic,
+        // so task numbers and ranges match; the automatic split would not, as it depends on
+        // the slots, and a daemon may have died with the first coordinator.
+        let finished = self.finished(spec, &peers, &slots).await;
+        let earlier = finished.iter().find_map(|(_, task)| match task {
+            FinishedTask::Map { split, .. } => Some(*split),
+            FinishedTask::Reduce { .. } => None,
+        });
+        let split = match earlier {
+            Some(split)
+                if spec.split_size == AUTO_SPLIT
+                    && (AUTO_SPLIT_MIN..=AUTO_SPLIT_MAX).contains(&split) =>
+            {
+                split
+            }
+            _ => spec.split_for(input_bytes, slots.iter().map(|&n| u64::from(n)).sum()),
+        };
+        let mut maps = Vec::new();
+        for (i, leaves) in inputs.into_iter().enumerate() {
+            let mut offset = 0;
+            let mut current: Option<PlannedMap> = None;
+            for (cid, len) in leaves {
+                let task = current.get_or_insert_with(|| PlannedMap {
+                    input: i as u32,
+                    start: offset,
+                    end: offset,
+                    leaves: Vec::new(),
+                });
+                task.leaves.push((cid, len));
+                task.end += len;
+                offset += len;
+                if task.end - task.start >= split {
+                    maps.extend(current.take());
+                }
+            }
+            maps.extend(current.take());
         }
         let workers = slots.iter().filter(|&&n| n > 0).count();
         // Outputs are replicated like the inputs: as many copies as the least-copied input
@@ -537,20 +602,14 @@ impl Coordinator {
         let mut reduce_attempts = vec![0u32; spec.reducers as usize];
         let mut outputs: Vec<Option<(MapOutput, PeerId)>> = vec![None; maps.len()];
         let mut entries: Vec<Option<DirEntry>> = vec![None; spec.reducers as usize];
-        // Work done for an earlier coordinator of this job (it died, and a client or another
-        // daemon handed the job to this one): the workers remember the tasks they finished,
-        // and planning is deterministic, so task numbers and ranges match.
-        let (reused_maps, reused_reduces) = self
-            .reuse(
-                spec,
-                &maps,
-                &peers,
-                &slots,
-                &mut outputs,
-                &mut entries,
-                &mut counters,
-            )
-            .await;
+        let (reused_maps, reused_reduces) = reuse(
+            finished,
+            &maps,
+            split,
+            &mut outputs,
+            &mut entries,
+            &mut counters,
+        );
         if reused_maps + reused_reduces > 0 {
             handle.emit(Event::Reused {
                 maps: reused_maps,
@@ -602,6 +661,7 @@ impl Coordinator {
                                 input: m.input,
                                 start: m.start,
                                 end: m.end,
+                                split,
                                 attempt,
                                 skip,
                             })
@@ -795,62 +855,25 @@ impl Coordinator {
         Ok((root, counters, started.elapsed()))
     }
 
-    /// Asks the live workers which tasks of this job they finished and takes those outputs
-    /// (see [`JobRequest::Finished`]); returns how many map and reduce tasks it took.
-    #[allow(clippy::too_many_arguments)]
-    async fn reuse(
+    /// Asks the live workers which tasks of this job they finished and still hold the output
+    /// of (see [`JobRequest::Finished`]).
+    async fn finished(
         &self,
         spec: &JobSpec,
-        maps: &[PlannedMap],
         peers: &[PeerId],
         slots: &[u32],
-        outputs: &mut [Option<(MapOutput, PeerId)>],
-        entries: &mut [Option<DirEntry>],
-        counters: &mut Counters,
-    ) -> (u32, u32) {
+    ) -> Vec<(PeerId, FinishedTask)> {
         let job = spec.id();
-        let (mut reused_maps, mut reused_reduces) = (0, 0);
+        let mut all = Vec::new();
         for (&peer, _) in peers.iter().zip(slots).filter(|(_, n)| **n > 0) {
             let asked = self.call(peer, JobRequest::Finished { job });
-            let Ok(Ok(JobResponse::Finished(tasks))) =
+            if let Ok(Ok(JobResponse::Finished(tasks))) =
                 tokio::time::timeout(self.inner.liveness, asked).await
-            else {
-                continue;
-            };
-            for task in tasks {
-                match task {
-                    FinishedTask::Map {
-                        task,
-                        input,
-                        start,
-                        end,
-                        output,
-                    } => {
-                        let t = task as usize;
-                        let same_range = maps
-                            .get(t)
-                            .is_some_and(|m| (m.input, m.start, m.end) == (input, start, end));
-                        if same_range && output.parts.len() == entries.len() && outputs[t].is_none()
-                        {
-                            outputs[t] = Some((output, peer));
-                            reused_maps += 1;
-                        }
-                    }
-                    FinishedTask::Reduce { partition, output } => {
-                        if let Some(entry @ None) = entries.get_mut(partition as usize) {
-                            counters.add(&output.counters);
-                            *entry = Some(DirEntry {
-                                name: format!("part-{partition:05}"),
-                                cid: output.cid,
-                                tsize: output.tsize,
-                            });
-                            reused_reduces += 1;
-                        }
-                    }
-                }
+            {
+                all.extend(tasks.into_iter().map(|t| (peer, t)));
             }
         }
-        (reused_maps, reused_reduces)
+        all
     }
 
     /// Forgets the outputs of map tasks `lost`, telling watchers why they run again.

@@ -176,7 +176,8 @@ impl Worker {
                     Err(e) => return JobResponse::Failed(e.to_string()),
                 };
                 let (this, job) = (self.clone(), spec.id());
-                let (number, input, start, end) = (task.task, task.input, task.start, task.end);
+                let (number, input, start, end, split) =
+                    (task.task, task.input, task.start, task.end, task.split);
                 let response = self
                     .tracked(job, (TaskKind::Map, number), async move {
                         match this.map(spec, task).await {
@@ -198,6 +199,7 @@ impl Worker {
                             input,
                             start,
                             end,
+                            split,
                             output: output.clone(),
                         },
                     );

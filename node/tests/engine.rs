@@ -830,22 +830,24 @@ async fn lost_mappers_and_reducers_still_give_the_exact_output() -> Result<()> {
 
     // The coordinator dies halfway through the map phase. The client hands the job to the
     // next daemon, which takes over the map outputs the live workers finished instead of
-    // running those tasks again.
+    // running those tasks again. The split is the automatic one: one task per slot, three
+    // tasks on the three daemons left; the new coordinator sees two slots, and plans with
+    // the split the workers report, not two tasks of its own.
     let mut finished = 0;
     let mut maps = u32::MAX;
-    let (events, output) =
-        run_and_kill(&mut cluster, &client, &spec("coordinator")?, |e, coord| {
-            match e {
-                Event::Planned { maps: m, .. } => maps = *m,
-                Event::TaskFinished {
-                    kind: TaskKind::Map,
-                    ..
-                } => finished += 1,
-                _ => {}
-            }
-            (finished * 2 >= maps).then(|| coord.to_owned())
-        })
-        .await?;
+    let auto = spec("coordinator")?.with_split_size(AUTO_SPLIT);
+    let (events, output) = run_and_kill(&mut cluster, &client, &auto, |e, coord| {
+        match e {
+            Event::Planned { maps: m, .. } => maps = *m,
+            Event::TaskFinished {
+                kind: TaskKind::Map,
+                ..
+            } => finished += 1,
+            _ => {}
+        }
+        (finished * 2 >= maps).then(|| coord.to_owned())
+    })
+    .await?;
     let output = output.ok_or_else(|| anyhow::anyhow!("coordinator: {:?}", events.last()))?;
     assert_eq!(
         read_output(&cluster, output).await?,
@@ -894,6 +896,18 @@ async fn lost_mappers_and_reducers_still_give_the_exact_output() -> Result<()> {
         done_before.saturating_sub(reused as usize)
     );
     assert!(reused > 0 && reused < maps, "{reused} of {maps}");
+    let planned: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Planned { maps, .. } => Some(*maps),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        planned,
+        [3, 3],
+        "one map task per slot, the same plan after the takeover"
+    );
     client.close().await;
     cluster.stop().await;
     Ok(())

@@ -1,4 +1,4 @@
-//! Messages of the job protocol, `/mapreduce/job/1.0.0`: what a client says to a coordinator
+//! Messages of the job protocol, `/mapreduce/job/2.0.0`: what a client says to a coordinator
 //! (submit, watch, list, cancel), what a coordinator says to workers (run this map or reduce
 //! task, abort a job), the progress [`Event`]s watchers receive and the job [`Counters`].
 //!
@@ -13,7 +13,7 @@ use crate::Cid;
 use serde::{Deserialize, Serialize};
 
 /// Protocol name of the job protocol.
-pub const JOB_PROTOCOL: &str = "/mapreduce/job/1.0.0";
+pub const JOB_PROTOCOL: &str = "/mapreduce/job/2.0.0";
 /// Largest job-protocol message (a reduce task names one run per map task; a spec is at most
 /// 1 MiB).
 pub const MAX_JOB_MESSAGE: usize = 4 << 20;
@@ -108,6 +108,8 @@ pub enum FinishedTask {
         start: u64,
         /// End of the range (exclusive).
         end: u64,
+        /// The split size the job's tasks were planned with.
+        split: u64,
         /// What it produced.
         output: MapOutput,
     },
@@ -134,6 +136,9 @@ pub struct MapTask {
     pub start: u64,
     /// End of the range (exclusive).
     pub end: u64,
+    /// The split size the coordinator planned the job's tasks with (the worker reports it
+    /// with the finished task, so a coordinator taking over plans the same ranges).
+    pub split: u64,
     /// Attempt number (1 for the first).
     pub attempt: u32,
     /// Input offsets of records to leave out: each failed the task more than once (the
@@ -575,6 +580,7 @@ mod tests {
                 input: 0,
                 start: 262_144,
                 end: 524_288,
+                split: 262_144,
                 attempt: 1,
                 skip: vec![300_000],
             }),
@@ -649,6 +655,28 @@ mod tests {
                 counters,
             }),
             JobResponse::Slots(2),
+            JobResponse::Finished(vec![
+                FinishedTask::Map {
+                    task: 1,
+                    input: 0,
+                    start: 0,
+                    end: 4 << 20,
+                    split: 4 << 20,
+                    output: MapOutput {
+                        parts: vec![None],
+                        counters,
+                    },
+                },
+                FinishedTask::Reduce {
+                    partition: 0,
+                    output: ReduceOutput {
+                        cid: cid(8),
+                        size: 1,
+                        tsize: 1,
+                        counters,
+                    },
+                },
+            ]),
             JobResponse::MissingRuns(vec![RunRef {
                 cid: cid(7),
                 holder: vec![],

@@ -98,17 +98,17 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
     output(client(&bin, &b).args(["add", "--replicas", "2"]).arg(&big))?;
 
     // (label, daemons, split MiB or automatic)
-    let auto = p2pmr_protocol::job::auto_split(big_bytes as u64) >> 20;
+    let auto = |slots| p2pmr_protocol::job::auto_split(big_bytes as u64, slots) >> 20;
     let configs: Vec<(String, &[&DaemonProc], Option<u64>)> = vec![
         (
-            format!("default slots (2 each), automatic splits ({auto} MiB)"),
+            format!("default slots (2 each), automatic splits ({} MiB)", auto(4)),
             &a,
             None,
         ),
         ("default slots, 8 MiB splits".into(), &a, Some(8)),
         ("default slots, 16 MiB splits".into(), &a, Some(16)),
         (
-            format!("1 slot each, automatic splits ({auto} MiB)"),
+            format!("1 slot each, automatic splits ({} MiB)", auto(2)),
             &b,
             None,
         ),
