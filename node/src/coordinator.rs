@@ -177,6 +177,31 @@ impl From<String> for Stop {
     }
 }
 
+/// Shares each machine's slots out among the daemons on it (those reporting the same `hosts`
+/// entry, not 0): a machine runs as many tasks at once as the most any of its daemons
+/// offers, split evenly, at least one per daemon so each can still map the blocks it holds.
+///
+/// Slots default to the cores, so two daemons on one 2-core machine offered four and ran
+/// four map tasks on two cores, each with its own multi-megabyte count table; the automatic
+/// split then also cut the input in four instead of two. Measured on 256 MiB over two such
+/// daemons: one 128 MiB task each took 1.45 s, two 64 MiB tasks each 1.62 s (medians of six
+/// interleaved runs).
+fn share_hosts(slots: &mut [u32], hosts: &[u64]) {
+    let mut machines: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, (&n, &host)) in slots.iter().zip(hosts).enumerate() {
+        if n > 0 && host != 0 {
+            machines.entry(host).or_default().push(i);
+        }
+    }
+    for daemons in machines.values() {
+        let k = daemons.len() as u32;
+        let most = daemons.iter().map(|&i| slots[i]).max().unwrap_or(1);
+        for (j, &i) in daemons.iter().enumerate() {
+            slots[i] = (most / k + u32::from((j as u32) < most % k)).max(1);
+        }
+    }
+}
+
 /// Takes the outputs of `finished` tasks (from [`Coordinator::finished`]) that match this
 /// plan: map tasks planned with the same `split` over the same range, reduce tasks of a
 /// partition not yet done. Returns how many map and reduce tasks it took.
@@ -509,22 +534,25 @@ impl Coordinator {
             set
         };
         let mut slots = Vec::new();
+        let mut hosts = Vec::new();
         let mut holdings = Vec::new();
         for &peer in &peers {
             // A daemon that does not answer in time (stalled) gets no tasks.
             let asked =
                 tokio::time::timeout(self.inner.liveness, self.call(peer, JobRequest::Slots));
-            let n = match asked.await {
-                Ok(Ok(JobResponse::Slots(n))) => n.clamp(1, 1024),
-                _ => 0,
+            let (n, host) = match asked.await {
+                Ok(Ok(JobResponse::Slots { slots, host })) => (slots.clamp(1, 1024), host),
+                _ => (0, 0),
             };
             slots.push(n);
+            hosts.push(host);
             holdings.push(if n == 0 {
                 HashSet::new()
             } else {
                 self.held(peer, &all_leaves).await
             });
         }
+        share_hosts(&mut slots, &hosts);
 
         // Work done for an earlier coordinator of this job (it died, and a client or another
         // daemon handed the job to this one): the workers remember the tasks they finished
@@ -1082,7 +1110,7 @@ impl Coordinator {
                         let (this, limit) = (self.clone(), self.inner.liveness);
                         probes.spawn(async move {
                             let answer = tokio::time::timeout(limit, this.call(peer, JobRequest::Slots)).await;
-                            (p, matches!(answer, Ok(Ok(JobResponse::Slots(_)))))
+                            (p, matches!(answer, Ok(Ok(JobResponse::Slots { .. }))))
                         });
                     }
                     None
@@ -1402,4 +1430,40 @@ pub async fn leaves(fetcher: &Fetcher, root: Cid) -> Result<Vec<(Cid, u64)>, Rem
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machines_share_their_slots_out_among_their_daemons() {
+        // (slots offered, hosts) → slots used. Host 0 is unknown: never grouped; 0 slots is a
+        // daemon that did not answer: never given any.
+        for (offered, hosts, used) in [
+            (vec![], vec![], vec![]),
+            (vec![2], vec![7], vec![2]),
+            (vec![2, 2], vec![7, 8], vec![2, 2]),
+            (vec![2, 2], vec![7, 7], vec![1, 1]),
+            (vec![2, 2], vec![0, 0], vec![2, 2]),
+            (vec![2, 2, 2, 2], vec![7; 4], vec![1, 1, 1, 1]),
+            (vec![8, 8, 8], vec![7; 3], vec![3, 3, 2]),
+            (vec![1, 4], vec![7, 7], vec![2, 2]),
+            (vec![2, 0, 2], vec![7; 3], vec![1, 0, 1]),
+            (vec![4, 4, 2], vec![7, 7, 8], vec![2, 2, 2]),
+        ] {
+            let mut slots = offered.clone();
+            share_hosts(&mut slots, &hosts);
+            assert_eq!(slots, used, "{offered:?} on {hosts:?}");
+        }
+    }
+
+    #[test]
+    fn this_machine_has_a_stable_id() {
+        let id = crate::worker::host_id();
+        assert_eq!(id, crate::worker::host_id());
+        if cfg!(target_os = "linux") {
+            assert_ne!(id, 0, "no boot id");
+        }
+    }
 }

@@ -101,7 +101,8 @@ enum Command {
         /// 4001 or the next free one]
         #[arg(long, value_name = "MULTIADDR")]
         listen: Vec<Multiaddr>,
-        /// Tasks to run at once [default: the number of cores; at most 128]
+        /// Tasks to run at once [default: the number of cores; at most 128]. Coordinators
+        /// share a machine's slots out among the daemons running on it
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=128))]
         slots: Option<u32>,
         /// When coordinating, give up on a worker that does not answer a probe within this

@@ -81,6 +81,8 @@ struct Inner {
     exec: Arc<Executor>,
     fetcher: Fetcher,
     slots: u32,
+    /// [`host_id`], sent with the slots.
+    host: u64,
     permits: Arc<Semaphore>,
     running: Mutex<HashMap<Cid, Vec<RunningTask>>>,
     /// Modules being fetched and compiled: tasks of the same job wait for one load.
@@ -98,6 +100,21 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// Names the machine this daemon runs on, for coordinators to see which daemons share its
+/// cores: a hash of the kernel's boot id (Linux's `/proc/sys/kernel/random/boot_id`, the same
+/// for every process and container on one kernel, new at each boot). 0 (unknown) elsewhere.
+pub(crate) fn host_id() -> u64 {
+    match std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        Ok(id) if !id.trim().is_empty() => {
+            // Hashed, so peers learn which daemons share a machine and nothing else.
+            let block = p2pmr_protocol::block::Block::raw(id.trim().as_bytes().to_vec());
+            let digest = block.cid().hash().digest();
+            u64::from_le_bytes(digest[..8].try_into().expect("sha2-256 has 32 bytes")).max(1)
+        }
+        _ => 0,
+    }
+}
+
 impl Worker {
     /// A worker over `repo` and `net` running up to `slots` tasks at once.
     pub fn new(repo: Repo, net: NetClient, slots: u32) -> Result<Self, crate::jobs::JobError> {
@@ -110,6 +127,7 @@ impl Worker {
                 exec,
                 fetcher,
                 slots: slots.clamp(1, crate::jobs::MAX_INSTANCES),
+                host: host_id(),
                 permits: Arc::new(Semaphore::new(
                     slots.clamp(1, crate::jobs::MAX_INSTANCES) as usize
                 )),
@@ -143,7 +161,10 @@ impl Worker {
     /// Answers a worker request (`Map`, `Reduce`, `Abort`, `AbortTask`, `Slots`, `Finished`).
     pub async fn handle(&self, request: JobRequest) -> JobResponse {
         match request {
-            JobRequest::Slots => JobResponse::Slots(self.inner.slots),
+            JobRequest::Slots => JobResponse::Slots {
+                slots: self.inner.slots,
+                host: self.inner.host,
+            },
             JobRequest::Abort { job } => {
                 let handles = self
                     .inner

@@ -627,6 +627,13 @@ async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()>
         .output
         .ok_or_else(|| anyhow::anyhow!("{:?}", ran.reason))?;
     assert!(ran_in_parallel(&ran.events, TaskKind::Map));
+    // The four daemons share this machine, so its two slots are shared out, one each (at
+    // least one per daemon): four slots, one automatic split each.
+    let planned = ran.events.iter().find_map(|e| match e {
+        Event::Planned { maps, .. } => Some(*maps),
+        _ => None,
+    });
+    assert_eq!(planned, Some(4));
     // No early exit: the output is complete and readable from any peer, here a new client.
     assert_eq!(read_output(&cluster, output).await?, expected);
     // The last event is the completion (the job succeeded above); its counters must hold.

@@ -204,8 +204,14 @@ pub enum JobResponse {
     /// A reduce task could not fetch these map outputs (their holder is gone): the
     /// coordinator re-runs the map tasks that made them and tries the reduce again.
     MissingRuns(Vec<RunRef>),
-    /// The daemon's task slots.
-    Slots(u32),
+    /// The daemon's task slots, and the machine it runs on.
+    Slots {
+        /// Tasks it runs at once.
+        slots: u32,
+        /// Names the machine (the running kernel) without revealing it; 0 when unknown.
+        /// Daemons that report the same one share its cores.
+        host: u64,
+    },
     /// The tasks of a job the worker finished (see [`JobRequest::Finished`]).
     Finished(Vec<FinishedTask>),
     /// The request failed or was refused; the reason is for humans.
@@ -654,7 +660,10 @@ mod tests {
                 tsize: 1,
                 counters,
             }),
-            JobResponse::Slots(2),
+            JobResponse::Slots {
+                slots: 2,
+                host: 0x5eed,
+            },
             JobResponse::Finished(vec![
                 FinishedTask::Map {
                     task: 1,
