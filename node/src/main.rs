@@ -135,7 +135,8 @@ enum Command {
         /// A job argument (repeatable), e.g. --arg pattern=foo
         #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_arg)]
         args: Vec<(String, String)>,
-        /// Map split size [default: the total input size / 16, from 8 to 64 MiB]
+        /// Map split size [default: the total input over the daemons' task slots, from 4 to
+        /// 128 MiB]
         #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
         split_mib: Option<u64>,
         /// Memory limit per task

@@ -88,8 +88,9 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
     let big_bytes = big.metadata()?.len() as f64;
     let scratch = tempdir_in_target("engine")?;
 
-    // Two daemons holding the whole corpus: with the default slots (one per core, so four
-    // tasks on this machine's two cores) and with one slot each (the two cores shared out).
+    // Two daemons holding the whole corpus: with the default slots (one per core each; the
+    // coordinator shares the machine's out, so one task per core in all) and with one slot
+    // each (the machine then has one, and each daemon still gets one).
     let default_slots = cluster(&bin, &scratch, "default", 2, 0)?;
     let one_slot = cluster(&bin, &scratch, "one", 2, 1)?;
     let a: Vec<&DaemonProc> = default_slots.iter().collect();
@@ -99,9 +100,14 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
 
     // (label, daemons, split MiB or automatic)
     let auto = |slots| p2pmr_protocol::job::auto_split(big_bytes as u64, slots) >> 20;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     let configs: Vec<(String, &[&DaemonProc], Option<u64>)> = vec![
         (
-            format!("default slots (2 each), automatic splits ({} MiB)", auto(4)),
+            format!(
+                "default slots ({} in all), automatic splits ({} MiB)",
+                cores.max(2),
+                auto(cores.max(2))
+            ),
             &a,
             None,
         ),
