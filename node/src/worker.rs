@@ -120,17 +120,16 @@ impl Worker {
     pub fn new(repo: Repo, net: NetClient, slots: u32) -> Result<Self, crate::jobs::JobError> {
         let exec = Executor::new(Limits::default())?;
         let fetcher = Fetcher::new(Some(net.clone()), Some(repo.blocks().clone()));
+        let slots = slots.clamp(1, crate::jobs::MAX_INSTANCES);
         Ok(Self {
             inner: Arc::new(Inner {
                 repo,
                 net,
                 exec,
                 fetcher,
-                slots: slots.clamp(1, crate::jobs::MAX_INSTANCES),
+                slots,
                 host: host_id(),
-                permits: Arc::new(Semaphore::new(
-                    slots.clamp(1, crate::jobs::MAX_INSTANCES) as usize
-                )),
+                permits: Arc::new(Semaphore::new(slots as usize)),
                 running: Mutex::new(HashMap::new()),
                 loading: Mutex::new(HashMap::new()),
                 finished: Mutex::new(VecDeque::new()),
@@ -608,6 +607,15 @@ impl Write for SharedWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_machine_has_a_stable_id() {
+        let id = host_id();
+        assert_eq!(id, host_id());
+        if cfg!(target_os = "linux") {
+            assert_ne!(id, 0, "no boot id");
+        }
+    }
 
     #[test]
     fn records_are_lines() {

@@ -207,8 +207,9 @@ async fn a_lying_peer_is_detected_and_dropped() -> Result<()> {
     let fetcher = Fetcher::new(Some(reader.net().clone()), None);
     // Whether `cat` alone asks the liar depends on where placement ranks its random key
     // (with all blocks fetched at once, only where it ranks first: by the odds, (3/4)^9 or
-    // 7% of runs it never does, and CI hit one). Named as the holder, as a reducer is told a mapper, it is asked first: its
-    // answer is caught, it is dropped, and the block comes from an honest daemon.
+    // 7% of runs it never does, and CI hit one). Named as the holder, as a reducer is told
+    // a mapper, it is asked first: its answer is caught, it is dropped, and the block comes
+    // from an honest daemon.
     let (root, remote) = fetcher.fetch_hinted(added.root, Some(liar_id)).await?;
     assert_eq!((root.cid(), remote), (&added.root, true));
     assert_eq!(fetcher.banned(), vec![liar_id]);
