@@ -16,7 +16,7 @@ use crate::store::{BlockStore, StoreError, SyncTracker};
 use p2pmr_protocol::unixfs::{FileBuilder, FileReader, Layout, UnixFsError};
 use p2pmr_protocol::{Block, Cid};
 use std::io::{self, Read};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use thiserror::Error;
 
 /// Blocks in flight between the hashing and the writing threads (8 MiB of 256 KiB leaves).
@@ -70,17 +70,25 @@ pub fn import(
     // fault in and munmap (on another core) a fresh 256 KiB buffer per chunk. Its effect was
     // within this VM's noise; it is kept because it costs a dozen lines and no risk.
     let (recycle_tx, recycle_rx) = mpsc::sync_channel::<Vec<u8>>(WRITE_QUEUE + 2);
-    let writer_store = store.clone();
-    let writer = std::thread::Builder::new()
-        .name("p2pmr-add-writer".into())
-        .spawn(move || write_blocks(&writer_store, rx, recycle_tx))
-        .map_err(|e| {
-            FileError::Store(StoreError::Io {
-                what: "start writer for",
-                path: ".".into(),
-                source: e,
-            })
-        })?;
+    // Two writers: a block's write waits on the device (direct I/O, see `store`), so a second
+    // one keeps the device busy meanwhile.
+    let rx = Arc::new(Mutex::new(rx));
+    let writers = (0..WRITERS)
+        .map(|_| {
+            let (store, rx, recycle_tx) = (store.clone(), rx.clone(), recycle_tx.clone());
+            std::thread::Builder::new()
+                .name("p2pmr-add-writer".into())
+                .spawn(move || write_blocks(&store, &rx, recycle_tx))
+                .map_err(|e| {
+                    FileError::Store(StoreError::Io {
+                        what: "start writer for",
+                        path: ".".into(),
+                        source: e,
+                    })
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    drop((rx, recycle_tx));
     let buffer = || match recycle_rx.try_recv() {
         Ok(mut buf) => {
             buf.clear();
@@ -88,28 +96,47 @@ pub fn import(
         }
         Err(_) => Vec::with_capacity(layout.chunk_size()),
     };
-    // If the writer fails it drops the receiver; `send` then fails and we stop reading, and
-    // the writer's error (the real cause) is what gets reported.
+    // If the writers fail they drop the receiver; `send` then fails and we stop reading, and
+    // a writer's error (the real cause) is what gets reported.
     let built = build(source, layout, buffer, |block| tx.send(block).is_ok());
     drop(tx);
-    // The writer must finish (and sync) before the CID is returned.
-    writer.join().expect("block writer panicked")?;
+    // The writers must finish, and their blocks be synced, before the CID is returned.
+    let mut trackers = Vec::new();
+    let mut failed = None;
+    for writer in writers {
+        match writer.join().expect("block writer panicked") {
+            Ok(tracker) => trackers.push(tracker),
+            Err(e) => failed = failed.or(Some(e)),
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    for tracker in trackers {
+        tracker.finish()?;
+    }
     built
 }
 
+/// Threads writing an import's blocks.
+const WRITERS: usize = 2;
+
 fn write_blocks(
     store: &BlockStore,
-    rx: mpsc::Receiver<Block>,
+    rx: &Mutex<mpsc::Receiver<Block>>,
     recycle: mpsc::SyncSender<Vec<u8>>,
-) -> Result<(), StoreError> {
+) -> Result<SyncTracker, StoreError> {
     let mut durable = SyncTracker::new(store);
-    for block in rx {
+    loop {
+        // The lock is held only while waiting for the next block, not while writing it.
+        let Ok(block) = rx.lock().expect("writer queue lock").recv() else {
+            return Ok(durable);
+        };
         store.put(&block)?;
         // Also when it was already there: an earlier add may have been killed before its sync.
         durable.written(block.cid())?;
         let _ = recycle.try_send(block.into_data());
     }
-    durable.finish()
 }
 
 /// Reads `source` in chunks (into buffers from `buffer`), builds the DAG and hands each block

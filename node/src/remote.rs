@@ -638,7 +638,8 @@ impl Fetcher {
                     if inflight.contains_key(&cid) || local.contains(&cid) {
                         continue;
                     }
-                    if self.local.as_ref().is_some_and(|s| s.has(&cid)) {
+                    if let Some(store) = self.local.as_ref().filter(|s| s.has(&cid)) {
+                        store.prefetch(&cid);
                         local.insert(cid);
                     } else {
                         let fetcher = self.clone();
@@ -694,8 +695,16 @@ impl Fetcher {
     ) -> Result<Result<(), RemoteError>, E> {
         let mut reader = FileReader::starting_at(root, offset);
         if let Some(store) = &self.local {
-            while let Some(next) = reader.next_needed() {
-                let Ok(block) = store.get(next) else {
+            // Blocks already asked of the OS; keeps a window of reads ahead of this thread.
+            let mut prefetched = HashSet::new();
+            while let Some(&next) = reader.next_needed() {
+                for &cid in reader.upcoming().take(WINDOW) {
+                    if prefetched.insert(cid) {
+                        store.prefetch(&cid);
+                    }
+                }
+                prefetched.remove(&next);
+                let Ok(block) = store.get(&next) else {
                     break;
                 };
                 match Chunk::feed(&mut reader, block, false) {

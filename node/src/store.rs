@@ -4,9 +4,11 @@
 //! its next-to-last two characters, as kubo's flatfs shards, which spreads blocks evenly over
 //! at most 1024 directories.
 //!
-//! Crash safety: a block is written to `tmp/` and renamed into place, so a `kill -9` at any
-//! moment leaves either no file or the whole block under the final name. Leftover temporary
-//! files of dead processes are removed when a store is opened. Durability against power loss
+//! Crash safety: on Linux a block is written to an unnamed file (`O_TMPFILE`) in its shard
+//! and linked under its final name once whole; elsewhere, or on filesystems without unnamed
+//! files, it is written to `tmp/` and renamed into place. Either way a `kill -9` at any moment
+//! leaves either no file or the whole block under the final name. Leftover temporary files of
+//! dead processes are removed when a store is opened. Durability against power loss
 //! is explicit: [`BlockStore::sync`] fsyncs given blocks and their directories, and callers
 //! acknowledge data (print a CID, answer a peer) only after it returns.
 //!
@@ -91,6 +93,10 @@ struct Inner {
     tmp: PathBuf,
     quarantine: PathBuf,
     next_tmp: AtomicU64,
+    /// Whether blocks are written as unnamed files (see [`put_unnamed`]); cleared for good
+    /// the first time the filesystem refuses one.
+    #[cfg(target_os = "linux")]
+    tmpfile: std::sync::atomic::AtomicBool,
 }
 
 impl BlockStore {
@@ -102,6 +108,8 @@ impl BlockStore {
             tmp: dir.join("tmp"),
             quarantine: dir.join("quarantine"),
             next_tmp: AtomicU64::new(0),
+            #[cfg(target_os = "linux")]
+            tmpfile: std::sync::atomic::AtomicBool::new(true),
         };
         let new = !inner.blocks.is_dir();
         for d in [&inner.blocks, &inner.tmp, &inner.quarantine] {
@@ -152,6 +160,19 @@ impl BlockStore {
     /// Whether a block is stored (without verifying it).
     pub fn has(&self, cid: &Cid) -> bool {
         self.path_of(cid).is_file()
+    }
+
+    /// Asks the OS to start reading a stored block from disk into its cache, so that a later
+    /// [`get`](Self::get) does not wait for the device. Readers call it for the next blocks of
+    /// a file: read one at a time, cold blocks cost a device round trip each (a cold `cat` of
+    /// 256 MiB took 0.82 s here, against 0.28 s cached). A hint only: errors are ignored.
+    pub fn prefetch(&self, cid: &Cid) {
+        #[cfg(target_os = "linux")]
+        if let Ok(file) = File::open(self.path_of(cid)) {
+            let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = cid;
     }
 
     /// Reads and verifies a block. A block whose bytes do not hash to `cid` is quarantined and
@@ -212,6 +233,15 @@ impl BlockStore {
         let path = self.path_of(block.cid());
         if path.is_file() {
             return Ok(false);
+        }
+        #[cfg(target_os = "linux")]
+        if self.inner.tmpfile.load(Ordering::Relaxed) {
+            match put_unnamed(&path, block.data()) {
+                Ok(stored) => return Ok(stored),
+                Err(Unnamed::Io(e)) => return Err(io_err("store", &path)(e)),
+                Err(Unnamed::Unsupported) => self.inner.tmpfile.store(false, Ordering::Relaxed),
+                Err(Unnamed::Retry) => {}
+            }
         }
         let n = self.inner.next_tmp.fetch_add(1, Ordering::Relaxed);
         let tmp = self.inner.tmp.join(format!("{}.{n}", std::process::id()));
@@ -365,6 +395,123 @@ impl SyncTracker {
     }
 }
 
+/// Why [`put_unnamed`] did not store a block.
+#[cfg(target_os = "linux")]
+enum Unnamed {
+    /// The filesystem has no unnamed files: use named temporaries from now on.
+    Unsupported,
+    /// This once the named temporary's path must be taken (e.g. a shard to remake).
+    Retry,
+    /// A real failure (disk full, ...).
+    Io(io::Error),
+}
+
+/// Writes `data` into an unnamed file (`O_TMPFILE`) in `path`'s directory and links it there
+/// under its final name. Returns `false` if the name was taken meanwhile (identical bytes).
+///
+/// Why not a named temporary in `tmp/` and a rename: that writes two directories per block and
+/// locks both for the rename, and a `kill -9` leaves the temporary behind. An unnamed file is
+/// invisible until linked whole and is freed by the kernel if the process dies first.
+#[cfg(target_os = "linux")]
+fn put_unnamed(path: &Path, data: &[u8]) -> Result<bool, Unnamed> {
+    use rustix::fs::{linkat, open, AtFlags, Mode, OFlags, CWD};
+    use rustix::io::Errno;
+    let dir = path.parent().expect("sharded path");
+    let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
+    let direct = data.len() >= DIRECT_ALIGN && DIRECT.load(Ordering::Relaxed);
+    let opened = if direct {
+        open(dir, flags | OFlags::DIRECT, Mode::from(0o644)).or_else(|e| {
+            if e == Errno::INVAL {
+                // This filesystem has no direct I/O: buffered writes from now on.
+                DIRECT.store(false, Ordering::Relaxed);
+                open(dir, flags, Mode::from(0o644))
+            } else {
+                Err(e)
+            }
+        })
+    } else {
+        open(dir, flags, Mode::from(0o644))
+    };
+    let fd = match opened {
+        Ok(fd) => fd,
+        // EISDIR: a kernel without O_TMPFILE read it as O_DIRECTORY; EOPNOTSUPP: a filesystem
+        // without it (e.g. some FUSE and network filesystems).
+        Err(Errno::ISDIR | Errno::OPNOTSUPP | Errno::INVAL) => return Err(Unnamed::Unsupported),
+        Err(Errno::NOENT) => return Err(Unnamed::Retry),
+        Err(e) => return Err(Unnamed::Io(e.into())),
+    };
+    let mut file = File::from(fd);
+    if direct && DIRECT.load(Ordering::Relaxed) {
+        write_direct(&mut file, data).map_err(Unnamed::Io)?;
+    } else {
+        file.write_all(data).map_err(Unnamed::Io)?;
+    }
+    // The /proc path, not AT_EMPTY_PATH: the latter needs CAP_DAC_READ_SEARCH.
+    let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+    match linkat(CWD, &proc, CWD, path, AtFlags::SYMLINK_FOLLOW) {
+        Ok(()) => Ok(true),
+        Err(Errno::EXIST) => Ok(false),
+        // No /proc mounted, or the shard vanished: the named temporary's path copes with both.
+        Err(Errno::NOENT) => Err(Unnamed::Retry),
+        Err(e) => Err(Unnamed::Io(e.into())),
+    }
+}
+
+/// Direct I/O wants buffers, offsets and lengths aligned to the device's blocks; 4096 covers
+/// every common device.
+#[cfg(target_os = "linux")]
+const DIRECT_ALIGN: usize = 4096;
+
+/// Whether block contents are written with `O_DIRECT`; cleared for good the first time the
+/// filesystem refuses it.
+#[cfg(target_os = "linux")]
+static DIRECT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+thread_local! {
+    /// An aligned staging buffer per writer thread, reused so its pages stay resident.
+    #[cfg(target_os = "linux")]
+    static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Writes `data` to `file` (opened with `O_DIRECT`): the aligned bulk straight from a reused
+/// staging buffer to the device, the last partial 4 KiB through the page cache.
+///
+/// Why: a buffered write copies every byte into freshly allocated page-cache pages, and on
+/// this VM a first touch of a page costs 3-12 µs (the hypervisor backs guest memory lazily
+/// and takes freed pages back), so the copy alone took 0.1-0.9 s per 256 MiB, 72% of `add`'s
+/// profile at worst. Direct writes skip that copy and do not evict the cache to hold data
+/// that is mostly read once, by a job, later. Durability is unchanged: the caller's
+/// `syncfs`/`fsync` still commits the file's metadata and flushes the device's cache.
+#[cfg(target_os = "linux")]
+fn write_direct(file: &mut File, data: &[u8]) -> io::Result<()> {
+    use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
+    let bulk = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    let written = STAGING.with_borrow_mut(|staging| {
+        if staging.len() < bulk + DIRECT_ALIGN {
+            *staging = vec![0; bulk.max(MAX_BLOCK_SIZE) + DIRECT_ALIGN];
+        }
+        let at = staging.as_ptr().align_offset(DIRECT_ALIGN);
+        let aligned = &mut staging[at..at + bulk];
+        aligned.copy_from_slice(&data[..bulk]);
+        file.write_all(aligned)
+    });
+    let flags = fcntl_getfl(&*file)?;
+    match written {
+        Ok(()) => {
+            fcntl_setfl(&*file, flags - OFlags::DIRECT)?;
+            file.write_all(&data[bulk..])
+        }
+        // A device wanting a larger alignment: buffered writes from now on, this block too
+        // (a refused direct write wrote nothing).
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+            DIRECT.store(false, Ordering::Relaxed);
+            fcntl_setfl(&*file, flags - OFlags::DIRECT)?;
+            std::os::unix::fs::FileExt::write_all_at(file, data, 0)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(target_os = "linux")]
 fn process_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
@@ -500,9 +647,39 @@ mod tests {
         assert!(mine.exists(), "a live process's temporary is left alone");
     }
 
+    /// The same store, writing through named temporaries in `tmp/` as where `O_TMPFILE` is
+    /// refused, so both write paths are tested on any machine.
+    fn named(store: BlockStore) -> BlockStore {
+        #[cfg(target_os = "linux")]
+        store.inner.tmpfile.store(false, Ordering::Relaxed);
+        store
+    }
+
+    #[test]
+    fn a_removed_shard_is_remade_by_either_write_path() {
+        for unnamed in [true, false] {
+            let (dir, store) = store();
+            let store = if unnamed { store } else { named(store) };
+            let block = Block::raw(format!("unnamed {unnamed}").into_bytes());
+            let shard = store.path_of(block.cid()).parent().unwrap().to_owned();
+            fs::remove_dir(&shard).unwrap();
+            assert!(store.put(&block).unwrap(), "unnamed {unnamed}");
+            assert_eq!(store.get(block.cid()).unwrap(), block);
+            assert!(!store.put(&block).unwrap(), "unnamed {unnamed}");
+            assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        }
+    }
+
     #[test]
     fn concurrent_puts_and_gets() {
-        let (_dir, store) = store();
+        for unnamed in [true, false] {
+            let (dir, store) = store();
+            let store = if unnamed { store } else { named(store) };
+            concurrent_puts_and_gets_on(&dir, &store);
+        }
+    }
+
+    fn concurrent_puts_and_gets_on(dir: &tempfile::TempDir, store: &BlockStore) {
         let blocks: Vec<Block> = (0..64u8).map(|i| Block::raw(vec![i; 10_000])).collect();
         std::thread::scope(|s| {
             for t in 0..8 {
@@ -521,6 +698,6 @@ mod tests {
             }
         });
         assert_eq!(store.stats().unwrap().blocks, 64);
-        assert_eq!(fs::read_dir(_dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }
 }
