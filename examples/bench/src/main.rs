@@ -22,7 +22,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Parser)]
 #[command(about = "p2pmr benchmarks (build first: cargo build --release --workspace)")]
@@ -281,6 +281,14 @@ fn foundation(size_mib: u64, rss_size_mib: u64, rounds: usize) -> Result<()> {
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     // Warm the page cache so every contender reads from memory.
     sha256_file(&input)?;
+    // ext4 without a journal (this VM's root) will not reuse an inode freed in the last 30 s
+    // (35 s while its table block is dirty), and checks every such inode on each file creation:
+    // right after a previous run (or `tempdir_in_target`) deleted its ~1000s of block files,
+    // `recently_deleted` took a third of `add`'s time in `perf` and doubled it. The rounds
+    // below delete nothing, so one wait here covers them all.
+    eprintln!("waiting 36 s for recently deleted inodes to age out");
+    settle()?;
+    std::thread::sleep(Duration::from_secs(36));
 
     let (mut sha, mut add, mut add_n, mut cat, mut write_only) =
         (vec![], vec![], vec![], vec![], vec![]);
