@@ -488,7 +488,9 @@ fn write_direct(file: &mut File, data: &[u8]) -> io::Result<()> {
     let bulk = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
     let written = STAGING.with_borrow_mut(|staging| {
         if staging.len() < bulk + DIRECT_ALIGN {
-            *staging = vec![0; bulk.max(MAX_BLOCK_SIZE) + DIRECT_ALIGN];
+            // Sized to the largest block seen (256 KiB for chunks), not to the 2 MiB limit:
+            // every thread that writes blocks keeps one.
+            *staging = vec![0; bulk + DIRECT_ALIGN];
         }
         let at = staging.as_ptr().align_offset(DIRECT_ALIGN);
         let aligned = &mut staging[at..at + bulk];
