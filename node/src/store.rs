@@ -451,7 +451,9 @@ fn put_unnamed(path: &Path, data: &[u8]) -> Result<bool, Unnamed> {
     match linkat(CWD, &proc, CWD, path, AtFlags::SYMLINK_FOLLOW) {
         Ok(()) => Ok(true),
         Err(Errno::EXIST) => Ok(false),
-        // No /proc mounted, or the shard vanished: the named temporary's path copes with both.
+        // The shard is there, so /proc is not: named temporaries from now on.
+        Err(Errno::NOENT) if dir.is_dir() => Err(Unnamed::Unsupported),
+        // The shard vanished: the named temporary's path remakes it.
         Err(Errno::NOENT) => Err(Unnamed::Retry),
         Err(e) => Err(Unnamed::Io(e.into())),
     }
