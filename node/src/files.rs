@@ -100,21 +100,20 @@ pub fn import(
     // a writer's error (the real cause) is what gets reported.
     let built = build(source, layout, buffer, |block| tx.send(block).is_ok());
     drop(tx);
-    // The writers must finish, and their blocks be synced, before the CID is returned.
-    let mut trackers = Vec::new();
+    // The writers must finish, and their blocks be synced (once, for both), before the CID is
+    // returned. Every writer is joined, so none is still writing when an error is returned.
+    let mut durable = SyncTracker::new(store);
     let mut failed = None;
     for writer in writers {
         match writer.join().expect("block writer panicked") {
-            Ok(tracker) => trackers.push(tracker),
+            Ok(written) => durable.absorb(written),
             Err(e) => failed = failed.or(Some(e)),
         }
     }
     if let Some(e) = failed {
         return Err(e.into());
     }
-    for tracker in trackers {
-        tracker.finish()?;
-    }
+    durable.finish()?;
     built
 }
 

@@ -377,6 +377,14 @@ impl SyncTracker {
         Ok(())
     }
 
+    /// Takes over what `other` recorded, so that one [`finish`](Self::finish) covers both.
+    pub fn absorb(&mut self, other: SyncTracker) {
+        #[cfg(not(target_os = "linux"))]
+        self.dirs.extend(other.dirs);
+        #[cfg(target_os = "linux")]
+        let _ = other;
+    }
+
     /// Makes everything recorded durable.
     pub fn finish(self) -> Result<(), StoreError> {
         let blocks = &self.store.inner.blocks;
@@ -418,19 +426,23 @@ fn put_unnamed(path: &Path, data: &[u8]) -> Result<bool, Unnamed> {
     use rustix::io::Errno;
     let dir = path.parent().expect("sharded path");
     let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
-    let direct = data.len() >= DIRECT_ALIGN && DIRECT.load(Ordering::Relaxed);
-    let opened = if direct {
-        open(dir, flags | OFlags::DIRECT, Mode::from(0o644)).or_else(|e| {
-            if e == Errno::INVAL {
-                // This filesystem has no direct I/O: buffered writes from now on.
-                DIRECT.store(false, Ordering::Relaxed);
-                open(dir, flags, Mode::from(0o644))
-            } else {
-                Err(e)
-            }
-        })
+    let mode = Mode::from(0o644);
+    // Whether this file is opened for direct I/O: decided here, not re-read from `DIRECT`
+    // later, since another thread may clear that between the open and the write.
+    let mut direct = data.len() >= DIRECT_ALIGN && DIRECT.load(Ordering::Relaxed);
+    let first = if direct {
+        flags | OFlags::DIRECT
     } else {
-        open(dir, flags, Mode::from(0o644))
+        flags
+    };
+    let opened = match open(dir, first, mode) {
+        Err(Errno::INVAL) if direct => {
+            // This filesystem has no direct I/O: buffered writes from now on.
+            DIRECT.store(false, Ordering::Relaxed);
+            direct = false;
+            open(dir, flags, mode)
+        }
+        opened => opened,
     };
     let fd = match opened {
         Ok(fd) => fd,
@@ -441,7 +453,7 @@ fn put_unnamed(path: &Path, data: &[u8]) -> Result<bool, Unnamed> {
         Err(e) => return Err(Unnamed::Io(e.into())),
     };
     let mut file = File::from(fd);
-    if direct && DIRECT.load(Ordering::Relaxed) {
+    if direct {
         write_direct(&mut file, data).map_err(Unnamed::Io)?;
     } else {
         file.write_all(data).map_err(Unnamed::Io)?;
@@ -475,8 +487,9 @@ thread_local! {
     static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Writes `data` to `file` (opened with `O_DIRECT`): the aligned bulk straight from a reused
-/// staging buffer to the device, the last partial 4 KiB through the page cache.
+/// Writes `data` to `file` (opened with `O_DIRECT`): the whole 4 KiB pages straight to the
+/// device (from `data` itself if it is aligned, else from a reused aligned staging buffer),
+/// the last partial 4 KiB, if any, through the page cache.
 ///
 /// Why: a buffered write copies every byte into freshly allocated page-cache pages, and on
 /// this VM a first touch of a page costs 3-12 µs (the hypervisor backs guest memory lazily
@@ -487,28 +500,34 @@ thread_local! {
 #[cfg(target_os = "linux")]
 fn write_direct(file: &mut File, data: &[u8]) -> io::Result<()> {
     use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
-    let bulk = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-    let written = STAGING.with_borrow_mut(|staging| {
-        if staging.len() < bulk + DIRECT_ALIGN {
-            // Sized to the largest block seen (256 KiB for chunks), not to the 2 MiB limit:
-            // every thread that writes blocks keeps one.
-            *staging = vec![0; bulk + DIRECT_ALIGN];
-        }
-        let at = staging.as_ptr().align_offset(DIRECT_ALIGN);
-        let aligned = &mut staging[at..at + bulk];
-        aligned.copy_from_slice(&data[..bulk]);
-        file.write_all(aligned)
-    });
-    let flags = fcntl_getfl(&*file)?;
+    let (bulk, tail) = data.split_at(data.len() / DIRECT_ALIGN * DIRECT_ALIGN);
+    let written = if bulk.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
+        file.write_all(bulk)
+    } else {
+        STAGING.with_borrow_mut(|staging| {
+            if staging.len() < bulk.len() + DIRECT_ALIGN {
+                // Sized to the largest block seen (256 KiB for chunks), not to the 2 MiB
+                // limit: every thread that writes blocks keeps one.
+                *staging = vec![0; bulk.len() + DIRECT_ALIGN];
+            }
+            let at = staging.as_ptr().align_offset(DIRECT_ALIGN);
+            let aligned = &mut staging[at..at + bulk.len()];
+            aligned.copy_from_slice(bulk);
+            file.write_all(aligned)
+        })
+    };
     match written {
+        Ok(()) if tail.is_empty() => Ok(()),
         Ok(()) => {
+            let flags = fcntl_getfl(&*file)?;
             fcntl_setfl(&*file, flags - OFlags::DIRECT)?;
-            file.write_all(&data[bulk..])
+            file.write_all(tail)
         }
         // A device wanting a larger alignment: buffered writes from now on, this block too
         // (a refused direct write wrote nothing).
         Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
             DIRECT.store(false, Ordering::Relaxed);
+            let flags = fcntl_getfl(&*file)?;
             fcntl_setfl(&*file, flags - OFlags::DIRECT)?;
             std::os::unix::fs::FileExt::write_all_at(file, data, 0)
         }
