@@ -492,9 +492,9 @@ thread_local! {
 /// the last partial 4 KiB, if any, through the page cache.
 ///
 /// Why: a buffered write copies every byte into freshly allocated page-cache pages, and on
-/// this VM a first touch of a page costs 3-12 µs (the hypervisor backs guest memory lazily
-/// and takes freed pages back), so the copy alone took 0.1-0.9 s per 256 MiB, 72% of `add`'s
-/// profile at worst. Direct writes skip that copy and do not evict the cache to hold data
+/// this VM a first touch of a page can cost ~12 µs (the hypervisor backs guest memory lazily
+/// and takes freed pages back): buffered adds spent 0.1-0.9 s of system time per 256 MiB, the
+/// copy 72% of `add`'s profile at worst. Direct writes skip that copy and do not evict the cache to hold data
 /// that is mostly read once, by a job, later. Durability is unchanged: the caller's
 /// `syncfs`/`fsync` still commits the file's metadata and flushes the device's cache.
 #[cfg(target_os = "linux")]
