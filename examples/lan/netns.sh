@@ -47,7 +47,7 @@ lan_link() { ip -n "$tag-sw" link set "$veth$1" "$2"; }
 lan_bin() {
     bin=${1:-${P2PMR_BIN:-$root/target/debug/p2pmr}}
     if [[ ! -x $bin ]]; then
-        cargo build --quiet --manifest-path "$root/Cargo.toml" -p p2pmr-node
+        cargo build --quiet --manifest-path "$root/Cargo.toml" -p p2pmr
     fi
     bin=$(realpath "$bin")
 }

@@ -9,12 +9,12 @@
 //! sync per batch rather than one per block. A `Put` also records the block's replica target,
 //! which the [`Keeper`] task keeps up when holders vanish.
 
-use crate::coordinator::Coordinator;
-use crate::keeper::{Keeper, KeeperError};
+use crate::blocks::keeper::{Keeper, KeeperError};
+use crate::engine::coordinator::Coordinator;
+use crate::engine::worker::Worker;
 use crate::net::{self, Inbound, JobInbound, NetClient, NetConfig, NetError};
-use crate::store::{BlockStore, StoreError, SyncTracker};
-use crate::worker::Worker;
-use crate::Repo;
+use crate::repo::store::{BlockStore, StoreError, SyncTracker};
+use crate::{Node, Repo};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use p2pmr_protocol::wire::{BlockRequest, BlockResponse};
@@ -47,7 +47,7 @@ pub enum DaemonError {
     Net(#[from] NetError),
     /// The job runtime could not start.
     #[error(transparent)]
-    Jobs(#[from] crate::jobs::JobError),
+    Jobs(#[from] crate::engine::runtime::JobError),
     /// The replica log could not be opened.
     #[error(transparent)]
     Keeper(#[from] KeeperError),
@@ -90,8 +90,8 @@ impl Default for DaemonConfig {
             bootstrap: Vec::new(),
             mdns: true,
             slots: 0,
-            liveness: crate::coordinator::DEFAULT_LIVENESS,
-            grace: crate::keeper::DEFAULT_GRACE,
+            liveness: crate::engine::coordinator::DEFAULT_LIVENESS,
+            grace: crate::blocks::keeper::DEFAULT_GRACE,
         }
     }
 }
@@ -109,6 +109,7 @@ pub struct Daemon {
     jobs: JoinHandle<()>,
     keeper: JoinHandle<()>,
     coordinator: Coordinator,
+    node: Node,
 }
 
 /// Loads the repository's identity key, creating one on first use, so the peer id survives
@@ -202,6 +203,7 @@ impl Daemon {
             network.jobs,
         ));
         Ok(Self {
+            node: Node::serving(network.client.clone(), repo.clone()),
             repo,
             net: network.client,
             net_task: network.task,
@@ -220,6 +222,12 @@ impl Daemon {
     /// The addresses it listens on, each ending in `/p2p/<peer id>`.
     pub fn listen_addrs(&self) -> Vec<Multiaddr> {
         self.net.listen_addrs()
+    }
+
+    /// The daemon as a [`Node`]: the same API clients use, over the daemon's own network and
+    /// repository.
+    pub fn node(&self) -> &Node {
+        &self.node
     }
 
     /// The network handle.
@@ -334,7 +342,7 @@ async fn serve_jobs(
 /// stored durably.
 async fn repair(store: BlockStore, net: NetClient, cid: Cid) {
     // No local store in the fetcher: the copy must come from the network.
-    let fetched = crate::remote::Fetcher::new(Some(net), None)
+    let fetched = crate::blocks::Fetcher::new(Some(net), None)
         .fetch(cid)
         .await;
     let block = match fetched {

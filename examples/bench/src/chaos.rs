@@ -183,7 +183,7 @@ fn corpus_any(mib: u64) -> Result<PathBuf> {
         fs::create_dir_all(path.parent().unwrap())?;
         let tmp = path.with_extension("tmp");
         std::io::copy(
-            &mut p2pmr_node::demo::Corpus::new(mib << 20),
+            &mut p2pmr_node::corpus::Corpus::new(mib << 20),
             &mut File::create(&tmp)?,
         )?;
         fs::rename(&tmp, &path)?;
@@ -467,15 +467,14 @@ fn restore(bin: &Path, args: &ChaosArgs, nodes: &mut [Node], cid: &str) -> Resul
         let live = addrs.len();
         let cid: p2pmr_protocol::Cid = cid.parse()?;
         rt.block_on(async {
-            let config = p2pmr_node::remote::ClientConfig {
-                peers: addrs,
-                mdns: false,
-                discovery: Duration::from_secs(5),
-            };
-            let peer = p2pmr_node::remote::ClientPeer::connect(config, live).await?;
-            let fetcher = p2pmr_node::remote::Fetcher::new(Some(peer.net().clone()), None);
-            let stat = p2pmr_node::remote::stat(&fetcher, cid).await;
-            peer.close().await;
+            let node = p2pmr_node::Node::builder()
+                .peers(addrs)
+                .mdns(false)
+                .discovery(Duration::from_secs(5))
+                .build();
+            node.peers().wait_for(live).await?;
+            let stat = node.blocks().stat(cid).await;
+            node.shutdown().await;
             Ok(stat?.replicas)
         })
     };

@@ -17,11 +17,9 @@
 use crate::jobs::native_plain;
 use crate::peers::{client, output, DaemonProc};
 use crate::{corpus, median, p2pmr_bin, tempdir_in_target, time, write_results, Row};
-use anyhow::{bail, Result};
-use p2pmr_node::client as job_client;
-use p2pmr_node::remote::{self, ClientConfig, ClientPeer};
-use p2pmr_node::shipped;
-use p2pmr_protocol::engine::Event;
+use anyhow::Result;
+use p2pmr_node::engine::shipped;
+use p2pmr_node::{Node, Replicas};
 use p2pmr_protocol::job::{JobInput, JobSpec};
 use std::fs;
 use std::path::Path;
@@ -215,30 +213,22 @@ pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {
 
 /// Runs `n` tiny wordcount jobs (distinct specs) and returns each submit-to-output time.
 pub(crate) async fn tiny_jobs(daemons: &[DaemonProc], n: usize) -> Result<Vec<f64>> {
-    let peer = ClientPeer::connect(
-        ClientConfig {
-            peers: daemons
+    let node = Node::builder()
+        .peers(
+            daemons
                 .iter()
                 .map(|d| d.addr.parse())
                 .collect::<Result<_, _>>()?,
-            mdns: false,
-            discovery: Duration::from_secs(5),
-        },
-        daemons.len(),
-    )
-    .await?;
-    let net = peer.net().clone();
+        )
+        .mdns(false)
+        .discovery(Duration::from_secs(5))
+        .build();
+    node.peers().wait_for(daemons.len()).await?;
     let text = "the quick brown fox jumps over the lazy dog\n".repeat(24);
-    let input = remote::add(
-        &net,
-        std::io::Cursor::new(text.into_bytes()[..1024].to_vec()),
-        2,
-    )
-    .await?
-    .root;
-    let module =
-        job_client::publish_module(&net, shipped::by_name("wordcount").unwrap().to_vec(), 2)
-            .await?;
+    let tiny = std::io::Cursor::new(text.into_bytes()[..1024].to_vec());
+    let input = node.blocks().add(tiny, Replicas::network(2)).await?.root;
+    let wordcount = shipped::by_name("wordcount").unwrap().to_vec();
+    let module = node.jobs().publish(wordcount).await?;
     let mut times = Vec::new();
     for i in 0..n + 1 {
         let spec = JobSpec::new(
@@ -251,17 +241,12 @@ pub(crate) async fn tiny_jobs(daemons: &[DaemonProc], n: usize) -> Result<Vec<f6
             [("run".to_string(), i.to_string())],
         )?;
         let started = Instant::now();
-        let coordinator = job_client::coordinator_for(&net, &spec.id(), None)?;
-        let job = job_client::submit(&net, coordinator, &spec).await?;
-        let last = job_client::watch(&net, coordinator, job, |_| {}).await?;
-        if !matches!(last, Event::Completed { .. }) {
-            bail!("tiny job ended with {last:?}");
-        }
+        node.jobs().submit(spec, None).await?.wait(|_| {}).await?;
         // The first run compiles the module on each daemon: not what this measures.
         if i > 0 {
             times.push(started.elapsed().as_secs_f64());
         }
     }
-    peer.close().await;
+    node.shutdown().await;
     Ok(times)
 }

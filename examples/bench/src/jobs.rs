@@ -12,8 +12,8 @@
 use crate::{corpus, median, p2pmr_bin, time, write_results, Row};
 use anyhow::{bail, Result};
 use p2pmr_job_wordcount::WordCount;
-use p2pmr_node::jobs::{Executor, Limits, TaskName};
-use p2pmr_node::shipped;
+use p2pmr_node::engine::runtime::{Executor, Limits, TaskName};
+use p2pmr_node::engine::shipped;
 use p2pmr_protocol::records::RecordSplitter;
 use p2pmr_protocol::Block;
 use std::collections::HashMap;
@@ -149,7 +149,7 @@ fn wasm(exec: &Executor, path: &Path) -> Result<usize> {
     let parts = task.finish()?;
     Ok(std::hint::black_box(parts)
         .iter()
-        .map(p2pmr_node::jobs::Run::len)
+        .map(p2pmr_node::engine::runtime::Run::len)
         .sum())
 }
 

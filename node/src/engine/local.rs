@@ -7,7 +7,9 @@
 //! sorted runs of every map task. Map outputs are kept in memory between the phases (combined
 //! jobs like wordcount keep little; the distributed engine keeps them as blocks instead).
 
-use crate::jobs::{Executor, JobError, JobModule, Limits, Partitions, Run, TaskName, ValueIter};
+use crate::engine::runtime::{
+    Executor, JobError, JobModule, Limits, Partitions, Run, TaskName, ValueIter,
+};
 use p2pmr_protocol::records::RecordSplitter;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -5,18 +5,20 @@
 //! then the peers that hold the rest), cuts it into records by the rule in
 //! `p2pmr_protocol::records`, runs the job's wasm over them and keeps the R sorted runs it
 //! produces as UnixFS files in the local store: the reducers pull them from here. A reduce task
-//! streams its partition's runs from every mapper ([`crate::shuffle`]), reduces them and writes
+//! streams its partition's runs from every mapper ([`crate::engine::worker::shuffle`]), reduces them and writes
 //! the output as a durable UnixFS file, copied to other daemons before it is reported.
 //!
 //! At most `slots` tasks run at once (a semaphore); a coordinator learns the count with
 //! `Slots`. Tasks of a job can be aborted (`Abort`); every task runs in its own tokio task so
 //! aborting drops its fetches.
 
-use crate::files::FileWriter;
-use crate::jobs::{Executor, JobModule, Limits, TaskName};
+pub mod shuffle;
+
+use self::shuffle::{MissingRuns, ShuffleError, StreamMerge};
+use crate::blocks::{self, Chunk, Fetcher};
+use crate::engine::runtime::{Executor, JobModule, Limits, TaskName};
 use crate::net::NetClient;
-use crate::remote::{self, Chunk, Fetcher};
-use crate::shuffle::{self, MissingRuns, ShuffleError, StreamMerge};
+use crate::repo::files::FileWriter;
 use crate::Repo;
 use libp2p::PeerId;
 use p2pmr_protocol::abi::encode_args;
@@ -117,10 +119,14 @@ pub(crate) fn host_id() -> u64 {
 
 impl Worker {
     /// A worker over `repo` and `net` running up to `slots` tasks at once.
-    pub fn new(repo: Repo, net: NetClient, slots: u32) -> Result<Self, crate::jobs::JobError> {
+    pub fn new(
+        repo: Repo,
+        net: NetClient,
+        slots: u32,
+    ) -> Result<Self, crate::engine::runtime::JobError> {
         let exec = Executor::new(Limits::default())?;
         let fetcher = Fetcher::new(Some(net.clone()), Some(repo.blocks().clone()));
-        let slots = slots.clamp(1, crate::jobs::MAX_INSTANCES);
+        let slots = slots.clamp(1, crate::engine::runtime::MAX_INSTANCES);
         Ok(Self {
             inner: Arc::new(Inner {
                 repo,
@@ -407,19 +413,20 @@ impl Worker {
                 .map_task(&module, name, &args, reducers, limits)
                 .map_err(|e| e.to_string())?;
             let skip = task.skip;
-            let mut feed = |map: &mut crate::jobs::MapTask, offset: u64, batch: &[u8]| {
-                let (pieces, skipped) = without_records(batch, offset, &skip);
-                c.skipped_records += skipped;
-                for (offset, piece) in pieces {
-                    c.input_bytes += piece.len() as u64;
-                    c.input_records += records_in(piece);
-                    map.batch(piece, offset).map_err(|e| MapFailure {
-                        record: e.record(),
-                        reason: e.to_string(),
-                    })?;
-                }
-                Ok::<(), MapFailure>(())
-            };
+            let mut feed =
+                |map: &mut crate::engine::runtime::MapTask, offset: u64, batch: &[u8]| {
+                    let (pieces, skipped) = without_records(batch, offset, &skip);
+                    c.skipped_records += skipped;
+                    for (offset, piece) in pieces {
+                        c.input_bytes += piece.len() as u64;
+                        c.input_records += records_in(piece);
+                        map.batch(piece, offset).map_err(|e| MapFailure {
+                            record: e.record(),
+                            reason: e.to_string(),
+                        })?;
+                    }
+                    Ok::<(), MapFailure>(())
+                };
             let read = fetcher.read_blocking(
                 &rt,
                 input.cid,
@@ -545,7 +552,7 @@ impl Worker {
             .iter()
             .filter_map(|p| PeerId::from_bytes(p).ok())
             .collect();
-        remote::replicate(
+        blocks::replicate(
             &self.inner.net,
             self.inner.repo.blocks(),
             &written.cids,

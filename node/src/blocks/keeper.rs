@@ -19,9 +19,9 @@
 //! before copying anything, because it cannot yet tell a daemon that is down for a moment from
 //! one that is gone.
 
+use crate::blocks::{self, Placed};
 use crate::net::NetClient;
-use crate::remote::{self, Placed};
-use crate::store::BlockStore;
+use crate::repo::store::BlockStore;
 use libp2p::PeerId;
 use p2pmr_protocol::wire::rank_peers;
 use p2pmr_protocol::Cid;
@@ -299,7 +299,7 @@ struct Answer {
 
 /// Asks `peer` which of `cids` it holds; `None` if it does not answer in time.
 async fn ask(net: &NetClient, peer: PeerId, cids: &[Cid]) -> Option<HashSet<Cid>> {
-    timeout(ANSWER_TIMEOUT, remote::held_by(net, peer, cids))
+    timeout(ANSWER_TIMEOUT, blocks::held_by(net, peer, cids))
         .await
         .ok()
         .flatten()
@@ -394,7 +394,7 @@ async fn copy(net: &NetClient, store: &BlockStore, plan: Vec<Copy>) -> usize {
             };
             let to: Vec<Placed> = c.to.into_iter().map(Placed::new).collect();
             let more = c.more.min(to.len());
-            match remote::push(net, &to, block, more, c.target.into()).await {
+            match blocks::push(net, &to, block, more, c.target.into()).await {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!("re-replicating {cid}: {e}");

@@ -1,10 +1,10 @@
-//! Client commands as peers: `add` pushes a file's blocks to N daemons chosen by the placement
-//! rule, `cat` streams a file from whoever holds it, `stat` counts who holds what.
+//! Moving blocks between peers: `add` pushes a file's blocks to N daemons chosen by the
+//! placement rule, the [`Fetcher`] streams a file from whoever holds it, `stat` counts who holds
+//! what, and the [`keeper`] restores replica counts when daemons leave.
 //!
-//! A [`ClientPeer`] is a short-lived libp2p peer with a fresh identity that finds daemons by
-//! mDNS and/or `--peer` addresses. It never uses a local daemon's repository directly: a daemon
-//! on the same machine is found and used over the network like any other, so the commands work
-//! the same with or without one. `cat` does read blocks from the local repository first when
+//! A client never uses a local daemon's repository directly: a daemon on the same machine is
+//! found and used over the network like any other, so the commands work the same with or
+//! without one. `cat` does read blocks from the local repository first when
 //! one exists, which is free and keeps `add --local` files readable without any daemon.
 //!
 //! Placement is rendezvous hashing over the connected daemons' peer ids
@@ -12,12 +12,13 @@
 //! a reader ranks the daemons it knows the same way and asks the likely holders first, falling
 //! back to the rest, so finding a block costs no lookup and no DHT state.
 
-use crate::files::{self, Added, FileError};
-use crate::net::{self, NetClient, NetConfig, NetError};
-use crate::store::{BlockStore, StoreError};
+pub mod keeper;
+
+use crate::net::{Link, NetClient, NetError};
+use crate::repo::files::{self, Added, FileError};
+use crate::repo::store::{BlockStore, StoreError};
 use futures::future::join_all;
-use libp2p::identity::Keypair;
-use libp2p::{Multiaddr, PeerId};
+use libp2p::PeerId;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::unixfs::{directory_entries, FileReader, Layout, UnixFsError};
@@ -28,7 +29,7 @@ use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
-use tokio::sync::{mpsc, OnceCell, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
 /// Blocks being pushed or fetched at once by one command.
@@ -85,103 +86,6 @@ impl From<UnixFsError> for RemoteError {
     fn from(e: UnixFsError) -> Self {
         Self::File(FileError::Format(e))
     }
-}
-
-/// How a client peer finds daemons.
-#[derive(Debug, Clone)]
-pub struct ClientConfig {
-    /// Daemons to dial.
-    pub peers: Vec<Multiaddr>,
-    /// Also discover daemons on the LAN with mDNS.
-    pub mdns: bool,
-    /// How long to look for daemons by mDNS.
-    pub discovery: Duration,
-}
-
-/// A short-lived peer for client commands.
-#[derive(Debug)]
-pub struct ClientPeer {
-    net: NetClient,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ClientPeer {
-    /// Starts a client peer and looks for daemons: dials every `--peer` address and, with mDNS,
-    /// listens for daemons on the LAN until `want` are found and no more arrive for 300 ms, or
-    /// `discovery` has passed.
-    pub async fn connect(config: ClientConfig, want: usize) -> Result<Self, RemoteError> {
-        let network = net::spawn(NetConfig {
-            keypair: Keypair::generate_ed25519(),
-            listen: vec![],
-            bootstrap: vec![],
-            mdns: config.mdns,
-            serve: false,
-        })
-        .await?;
-        let peer = Self {
-            net: network.client,
-            task: network.task,
-        };
-        let dials = config.peers.iter().map(|a| peer.net.dial(a.clone()));
-        // The reachable `--peer`s we wait to hear from (identify follows the connection).
-        let mut named = Vec::new();
-        for (addr, result) in config.peers.iter().zip(join_all(dials).await) {
-            match result {
-                Ok(()) => named.extend(peer_of(addr)),
-                Err(e) => tracing::warn!("cannot reach {addr}: {e}"),
-            }
-        }
-        let deadline = Instant::now() + config.discovery.max(Duration::from_millis(500));
-        let mut changes = peer.net.watch_daemons();
-        let mut settled_at = Instant::now();
-        loop {
-            let daemons = peer.net.daemons();
-            let named_ready = named.iter().all(|p| daemons.contains_key(p));
-            let enough = daemons.len() >= want.max(1);
-            let quiet = settled_at.elapsed() >= Duration::from_millis(300);
-            // Without mDNS, more daemons can only come from Kademlia (the named peers' routing
-            // tables), which finds them within a round trip or two: wait for enough of them, but
-            // not for quiet, as mDNS answers may trickle in and Kademlia's do not.
-            if named_ready && enough && (!config.mdns || quiet) {
-                break;
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-            let wait = tokio::time::sleep(Duration::from_millis(50));
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() { break; }
-                    settled_at = Instant::now();
-                }
-                _ = wait => {}
-            }
-        }
-        Ok(peer)
-    }
-
-    /// The network handle.
-    pub fn net(&self) -> &NetClient {
-        &self.net
-    }
-
-    /// The connected daemons.
-    pub fn daemons(&self) -> BTreeMap<PeerId, net::PeerInfo> {
-        self.net.daemons()
-    }
-
-    /// Closes the peer's connections.
-    pub async fn close(self) {
-        self.net.shutdown().await;
-        let _ = self.task.await;
-    }
-}
-
-fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
-    addr.iter().find_map(|p| match p {
-        libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
 }
 
 /// Adds `source` to the network: every block is stored durably on `replicas` distinct daemons
@@ -401,8 +305,7 @@ struct PeerScore {
 /// likely to hold them, fastest first. A daemon that sends wrong bytes is dropped.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
-    net: Arc<OnceCell<NetClient>>,
-    connect: Option<ClientConfig>,
+    link: Arc<Link>,
     local: Option<BlockStore>,
     scores: Arc<Mutex<HashMap<PeerId, PeerScore>>>,
 }
@@ -410,37 +313,22 @@ pub struct Fetcher {
 impl Fetcher {
     /// A fetcher over `net` (if any) and `local` (if any).
     pub fn new(net: Option<NetClient>, local: Option<BlockStore>) -> Self {
-        Self {
-            net: Arc::new(OnceCell::new_with(net)),
-            connect: None,
-            local,
-            scores: Arc::default(),
-        }
+        let link = net.map_or_else(Link::offline, Link::given);
+        Self::over(Arc::new(link), local)
     }
 
-    /// A fetcher that reads `local` first and starts a client peer with `config` only when a
+    /// A fetcher that reads `local` first and goes to the network through `link` only when a
     /// block is missing there (so reading local files never waits for discovery).
-    pub fn lazy(local: Option<BlockStore>, config: ClientConfig) -> Self {
+    pub fn over(link: Arc<Link>, local: Option<BlockStore>) -> Self {
         Self {
-            net: Arc::default(),
-            connect: Some(config),
+            link,
             local,
             scores: Arc::default(),
         }
     }
 
     async fn network(&self) -> Result<Option<&NetClient>, RemoteError> {
-        if let Some(config) = &self.connect {
-            let net = self
-                .net
-                .get_or_try_init(|| async {
-                    let peer = ClientPeer::connect(config.clone(), 1).await?;
-                    Ok::<_, RemoteError>(peer.net)
-                })
-                .await?;
-            return Ok(Some(net));
-        }
-        Ok(self.net.get())
+        Ok(self.link.ready(1).await?)
     }
 
     /// Peers found lying so far.

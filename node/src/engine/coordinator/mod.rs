@@ -17,9 +17,9 @@
 //! are recorded in `<home>/jobs/<job id>`, so the same spec over the same inputs is answered
 //! with the existing output at once.
 
+use crate::blocks::{self, Fetcher, RemoteError};
+use crate::engine::worker::Worker;
 use crate::net::NetClient;
-use crate::remote::{self, Fetcher, RemoteError};
-use crate::worker::Worker;
 use libp2p::PeerId;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
@@ -871,7 +871,7 @@ impl Coordinator {
             .keys()
             .filter(|p| **p != me && !gone.contains(*p))
             .count();
-        remote::replicate(
+        blocks::replicate(
             self.net(),
             worker.repo().blocks(),
             &[root],
@@ -936,7 +936,7 @@ impl Coordinator {
             .await
             .unwrap_or_default();
         }
-        remote::held_by(self.net(), peer, cids)
+        blocks::held_by(self.net(), peer, cids)
             .await
             .unwrap_or_else(|| {
                 tracing::debug!("{peer} did not say which blocks it holds");

@@ -12,7 +12,7 @@
 //! and rename into sharded directories, process start) still costs a third on top of the
 //! filesystem; hashing alone (`--only-hash`) runs at sha2-256 speed.
 
-use crate::store::{BlockStore, StoreError, SyncTracker};
+use crate::repo::store::{BlockStore, StoreError, SyncTracker};
 use p2pmr_protocol::unixfs::{FileBuilder, FileReader, Layout, UnixFsError};
 use p2pmr_protocol::{Block, Cid};
 use std::io::{self, Read};

@@ -2,88 +2,20 @@
 //! client peer that adds inputs, publishes a shipped job, submits it to a coordinator and
 //! follows its events; outputs are checked against `run-local` over the same bytes.
 
-use anyhow::{bail, Result};
-use libp2p::Multiaddr;
-use p2pmr_node::client;
-use p2pmr_node::daemon::{Daemon, DaemonConfig};
-use p2pmr_node::jobs::{Executor, Limits};
-use p2pmr_node::local::{self, LocalJob};
-use p2pmr_node::remote::{self, ClientConfig, ClientPeer, Fetcher};
-use p2pmr_node::shipped;
+use super::{cat_all, linked};
+use anyhow::Result;
+use futures::StreamExt;
+use p2pmr_node::cluster::Cluster;
+use p2pmr_node::engine::local::{self, LocalJob};
+use p2pmr_node::engine::runtime::{Executor, Limits};
+use p2pmr_node::engine::shipped;
+use p2pmr_node::{Error, Node, Replicas};
 use p2pmr_protocol::engine::{Event, TaskKind};
 use p2pmr_protocol::job::{JobInput, JobSpec, AUTO_SPLIT, MIN_SPLIT};
 use p2pmr_protocol::Cid;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
-use tempfile::TempDir;
-
-struct Cluster {
-    daemons: Vec<Daemon>,
-    _dirs: Vec<TempDir>,
-}
-
-impl Cluster {
-    /// `n` daemons that all know each other.
-    async fn start(n: usize, slots: u32) -> Result<Self> {
-        let mut daemons: Vec<Daemon> = Vec::new();
-        let mut dirs = Vec::new();
-        for _ in 0..n {
-            let dir = tempfile::tempdir()?;
-            let bootstrap = daemons
-                .first()
-                .map(|d| d.listen_addrs())
-                .unwrap_or_default();
-            let d = Daemon::start(
-                dir.path(),
-                DaemonConfig {
-                    listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
-                    bootstrap,
-                    mdns: false,
-                    slots,
-                    ..Default::default()
-                },
-            )
-            .await?;
-            daemons.push(d);
-            dirs.push(dir);
-        }
-        for d in &daemons {
-            let mut watch = d.net().watch_daemons();
-            tokio::time::timeout(
-                Duration::from_secs(20),
-                watch.wait_for(|m| m.len() >= n - 1),
-            )
-            .await??;
-        }
-        Ok(Self {
-            daemons,
-            _dirs: dirs,
-        })
-    }
-
-    fn addrs(&self) -> Vec<Multiaddr> {
-        self.daemons
-            .iter()
-            .map(|d| d.listen_addrs()[0].clone())
-            .collect()
-    }
-
-    async fn client(&self) -> Result<ClientPeer> {
-        let config = ClientConfig {
-            peers: self.addrs(),
-            mdns: false,
-            discovery: Duration::from_secs(5),
-        };
-        Ok(ClientPeer::connect(config, self.daemons.len()).await?)
-    }
-
-    async fn stop(self) {
-        for d in self.daemons {
-            let _ = d.stop().await;
-        }
-    }
-}
 
 /// A finished job: every event, and the output if it succeeded.
 struct Ran {
@@ -93,7 +25,7 @@ struct Ran {
 }
 
 async fn run_job(
-    client: &ClientPeer,
+    client: &Node,
     module: Cid,
     inputs: &[(String, Cid)],
     reducers: u32,
@@ -125,58 +57,50 @@ fn job_spec(
     .with_split_size(split))
 }
 
-async fn run_spec(client: &ClientPeer, spec: JobSpec) -> Result<Ran> {
-    let net = client.net();
-    let coordinator = client::coordinator_for(net, &spec.id(), None)?;
-    let job = client::submit(net, coordinator, &spec).await?;
-    assert_eq!(job, spec.id(), "the job id is the spec's CID");
+async fn run_spec(client: &Node, spec: JobSpec) -> Result<Ran> {
+    let job = client.jobs().submit(spec.clone(), None).await?;
+    assert_eq!(job.id(), spec.id(), "the job id is the spec's CID");
     let mut events = Vec::new();
-    let last = tokio::time::timeout(
+    let waited = tokio::time::timeout(
         Duration::from_secs(300),
-        client::watch(net, coordinator, job, |e| events.push(e.clone())),
+        job.wait(|e| events.push(e.clone())),
     )
-    .await??;
-    Ok(match last {
-        Event::Completed { output, .. } => Ran {
+    .await?;
+    Ok(match waited {
+        Ok(output) => Ran {
             events,
             output: Some(output),
             reason: None,
         },
-        Event::Failed { reason } => Ran {
+        Err(Error::JobFailed { reason, .. }) => Ran {
             events,
             output: None,
             reason: Some(reason),
         },
-        other => bail!("unexpected end {other:?}"),
+        Err(other) => return Err(other.into()),
     })
 }
 
-/// Publishes a shipped job's module to 2 daemons.
-async fn publish(client: &ClientPeer, job: &str) -> Result<Cid> {
+/// Publishes a shipped job's module to every daemon.
+async fn publish(client: &Node, job: &str) -> Result<Cid> {
     let wasm = shipped::by_name(job).expect("shipped").to_vec();
-    Ok(client::publish_module(client.net(), wasm, usize::MAX).await?)
+    Ok(client.jobs().publish(wasm).await?)
 }
 
-async fn add(client: &ClientPeer, bytes: Vec<u8>, replicas: usize) -> Result<Cid> {
-    Ok(
-        remote::add(client.net(), std::io::Cursor::new(bytes), replicas)
-            .await?
-            .root,
-    )
+async fn add(client: &Node, bytes: Vec<u8>, replicas: usize) -> Result<Cid> {
+    let added = client
+        .blocks()
+        .add(std::io::Cursor::new(bytes), Replicas::network(replicas))
+        .await?;
+    Ok(added.root)
 }
 
 /// The output read back from the network by a fresh client, as sorted lines.
 async fn read_output(cluster: &Cluster, output: Cid) -> Result<Vec<Vec<u8>>> {
-    let reader = cluster.client().await?;
-    let fetcher = Fetcher::new(Some(reader.net().clone()), None);
-    let mut bytes = Vec::new();
-    fetcher
-        .cat_tree(output, &mut |b: &[u8]| {
-            bytes.extend_from_slice(b);
-            Ok(())
-        })
-        .await?;
-    reader.close().await;
+    let reader = cluster.client();
+    reader.peers().wait_for(cluster.daemons().count()).await?;
+    let bytes = cat_all(&reader, output).await?;
+    reader.shutdown().await;
     Ok(sorted_lines(&bytes))
 }
 
@@ -208,7 +132,7 @@ fn run_local(
     }
     let exec = Executor::new(Limits::default())?;
     let wasm = shipped::by_name(job).expect("shipped");
-    let cid = p2pmr_node::files::import(wasm, None, Default::default())?.root;
+    let cid = p2pmr_node::repo::files::import(wasm, None, Default::default())?.root;
     let module = exec.load(cid, job, wasm)?;
     let spec = LocalJob {
         args: p2pmr_protocol::abi::encode_args(args.iter().copied()),
@@ -335,8 +259,8 @@ fn ran_in_parallel(events: &[Event], kind: TaskKind) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wordcount_on_boundary_inputs_equals_run_local_and_runs_each_task_once() -> Result<()> {
-    let cluster = Cluster::start(3, 2).await?;
-    let client = cluster.client().await?;
+    let cluster = linked(3, 2).await?;
+    let client = super::client(&cluster, 3).await?;
     let inputs = boundary_inputs();
     let mut named = Vec::new();
     for (name, bytes) in &inputs {
@@ -394,15 +318,15 @@ async fn wordcount_on_boundary_inputs_equals_run_local_and_runs_each_task_once()
     let again = run_job(&client, module, &named, 3, &[], MIN_SPLIT).await?;
     assert_eq!(again.output, Some(output));
     assert_eq!(again.events, ran.events);
-    client.close().await;
+    client.shutdown().await;
     cluster.stop().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn indexer_over_eight_inputs_and_grep_equal_run_local() -> Result<()> {
-    let cluster = Cluster::start(3, 2).await?;
-    let client = cluster.client().await?;
+    let cluster = linked(3, 2).await?;
+    let client = super::client(&cluster, 3).await?;
     let words = [
         "apple", "banana", "cherry", "date", "elder", "fig", "grape", "hazel",
     ];
@@ -434,15 +358,15 @@ async fn indexer_over_eight_inputs_and_grep_equal_run_local() -> Result<()> {
         assert!(!expected.is_empty(), "{job}");
         assert_eq!(read_output(&cluster, output).await?, expected, "{job}");
     }
-    client.close().await;
+    client.shutdown().await;
     cluster.stop().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
-    let cluster = Cluster::start(2, 2).await?;
-    let client = cluster.client().await?;
+    let cluster = linked(2, 2).await?;
+    let client = super::client(&cluster, 2).await?;
     let text = b"good line\nthis one TRAPs\nfine\n".repeat(1000);
     let input = add(&client, text.clone(), 2).await?;
     let wordcount = publish(&client, "wordcount").await?;
@@ -465,7 +389,7 @@ async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
     );
 
     // Bytes that are not WebAssembly.
-    let garbage = client::publish_module(client.net(), b"\0asm garbage".to_vec(), 2).await?;
+    let garbage = client.jobs().publish(b"\0asm garbage".to_vec()).await?;
     let ran = run_job(
         &client,
         garbage,
@@ -564,7 +488,7 @@ async fn bad_jobs_fail_with_a_reason_and_harm_no_daemon() -> Result<()> {
     let output = ran.output.expect("succeeds");
     let lines = read_output(&cluster, output).await?;
     assert!(lines.contains(&b"TRAPs\t1000".to_vec()), "{lines:?}");
-    client.close().await;
+    client.shutdown().await;
     cluster.stop().await;
     Ok(())
 }
@@ -601,7 +525,7 @@ fn big_corpus(mib: u64) -> Result<Vec<u8>> {
         script.display()
     );
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut p2pmr_node::demo::Corpus::new(mib << 20), &mut bytes)?;
+    std::io::Read::read_to_end(&mut p2pmr_node::corpus::Corpus::new(mib << 20), &mut bytes)?;
     Ok(bytes)
 }
 
@@ -610,8 +534,8 @@ async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()>
     let corpus = big_corpus(101)?;
     assert!(corpus.len() >= 100 << 20);
     let expected = run_local("wordcount", &[("corpus".into(), corpus.clone())], 3, &[])?;
-    let cluster = Cluster::start(4, 2).await?;
-    let client = cluster.client().await?;
+    let cluster = linked(4, 2).await?;
+    let client = super::client(&cluster, 4).await?;
     let input = add(&client, corpus, 3).await?;
     let module = publish(&client, "wordcount").await?;
     let ran = run_job(
@@ -650,15 +574,15 @@ async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()>
         local > 0.5,
         "only {local:.2} of the map input was read locally"
     );
-    client.close().await;
+    client.shutdown().await;
     cluster.stop().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_a_job_everywhere() -> Result<()> {
-    let cluster = Cluster::start(2, 2).await?;
-    let client = cluster.client().await?;
+    let cluster = linked(2, 2).await?;
+    let client = super::client(&cluster, 2).await?;
     let input = add(&client, b"spin here\n".repeat(100_000), 2).await?;
     let hostile = publish(&client, "hostile").await?;
     let spec = JobSpec::new(
@@ -675,42 +599,38 @@ async fn cancel_stops_a_job_everywhere() -> Result<()> {
         timeout_ms: 5_000,
         ..Default::default()
     });
-    let net = client.net();
-    let coordinator = client::coordinator_for(net, &spec.id(), None)?;
-    let job = client::submit(net, coordinator, &spec).await?;
+    let job = client.jobs().submit(spec, None).await?;
+    let id = job.id();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let mut started_tx = Some(started_tx);
-    let watcher = {
-        let net = net.clone();
-        tokio::spawn(async move {
-            let mut events = Vec::new();
-            let last = client::watch(&net, coordinator, job, |e| {
-                if matches!(e, Event::TaskStarted { .. }) {
-                    if let Some(tx) = started_tx.take() {
-                        let _ = tx.send(());
-                    }
+    let watcher = tokio::spawn(async move {
+        job.wait(|e| {
+            if matches!(e, Event::TaskStarted { .. }) {
+                if let Some(tx) = started_tx.take() {
+                    let _ = tx.send(());
                 }
-                events.push(e.clone());
-            })
-            .await;
-            (last, events)
+            }
         })
-    };
+        .await
+    });
     started_rx.await?;
     let cancelled_at = std::time::Instant::now();
-    client::cancel(net, coordinator, job).await?;
-    let (last, _) = watcher.await?;
-    assert_eq!(last?, Event::Cancelled);
+    client.jobs().cancel(id, None).await?;
+    let last = watcher.await?;
+    assert!(
+        matches!(last, Err(Error::JobCancelled { job }) if job == id),
+        "{last:?}"
+    );
     assert!(
         cancelled_at.elapsed() < Duration::from_secs(3),
         "cancel took {:?}",
         cancelled_at.elapsed()
     );
     // Listed as cancelled; the daemons go on serving.
-    let jobs = client::list(net).await;
+    let jobs = client.jobs().list().await?;
     assert!(jobs.iter().any(|(_, j)| j.as_ref().is_ok_and(|j| j
         .iter()
-        .any(|s| s.job == job && s.state == p2pmr_protocol::engine::JobState::Cancelled))));
+        .any(|s| s.job == id && s.state == p2pmr_protocol::engine::JobState::Cancelled))));
     let wordcount = publish(&client, "wordcount").await?;
     let ran = run_job(
         &client,
@@ -726,7 +646,7 @@ async fn cancel_stops_a_job_everywhere() -> Result<()> {
         lines,
         vec![b"here\t100000".to_vec(), b"spin\t100000".to_vec()]
     );
-    client.close().await;
+    client.shutdown().await;
     cluster.stop().await;
     Ok(())
 }
@@ -735,42 +655,31 @@ async fn cancel_stops_a_job_everywhere() -> Result<()> {
 /// daemon is killed (its swarm dropped, as a crash). Returns the events and the output.
 async fn run_and_kill(
     cluster: &mut Cluster,
-    client: &ClientPeer,
+    client: &Node,
     spec: &JobSpec,
     mut kill_when: impl FnMut(&Event, &str) -> Option<String>,
 ) -> Result<(Vec<Event>, Option<Cid>)> {
-    let net = client.net().clone();
-    let coordinator = client::coordinator_for(&net, &spec.id(), None)?;
-    let job = client::submit(&net, coordinator, spec).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    // `follow` hands the job to another coordinator if this one dies.
-    let spec = spec.clone();
-    let watcher = tokio::spawn(async move {
-        client::follow(&net, coordinator, job, Some(spec), |e| {
-            let _ = tx.send(e.clone());
-        })
-        .await
-    });
+    let job = client.jobs().submit(spec.clone(), None).await?;
+    let coordinator = job.coordinator().to_string();
+    // The stream follows the job to another coordinator if this one dies.
+    let mut stream = Box::pin(job.events());
     let mut events = Vec::new();
     let mut killed = false;
-    while let Some(e) = rx.recv().await {
+    while let Some(e) = stream.next().await {
+        let e = e?;
         if !killed {
-            if let Some(victim) = kill_when(&e, &coordinator.to_string()) {
-                let at = cluster
-                    .daemons
-                    .iter()
-                    .position(|d| d.peer_id().to_string() == victim)
-                    .expect("a daemon of the cluster");
-                cluster.daemons.remove(at).abort();
+            if let Some(victim) = kill_when(&e, &coordinator) {
+                let peer: libp2p::PeerId = victim.parse()?;
+                let at = cluster.index_of(&peer).expect("a daemon of the cluster");
+                cluster.take(at).expect("running").abort();
                 killed = true;
             }
         }
         events.push(e);
     }
     assert!(killed, "the scenario's moment never came");
-    let last = watcher.await??;
-    let output = match last {
-        Event::Completed { output, .. } => Some(output),
+    let output = match events.last() {
+        Some(Event::Completed { output, .. }) => Some(*output),
         _ => None,
     };
     Ok((events, output))
@@ -779,12 +688,12 @@ async fn run_and_kill(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_mappers_and_reducers_still_give_the_exact_output() -> Result<()> {
     let mut corpus = Vec::new();
-    std::io::Read::read_to_end(&mut p2pmr_node::demo::Corpus::new(12 << 20), &mut corpus)?;
+    std::io::Read::read_to_end(&mut p2pmr_node::corpus::Corpus::new(12 << 20), &mut corpus)?;
     let expected = run_local("wordcount", &[("corpus".into(), corpus.clone())], 3, &[])?;
     // Three daemons die in turn: five, with four copies of the input, leave every block a
     // holder.
-    let mut cluster = Cluster::start(5, 1).await?;
-    let client = cluster.client().await?;
+    let mut cluster = linked(5, 1).await?;
+    let client = super::client(&cluster, 5).await?;
     let input = add(&client, corpus, 4).await?;
     let module = publish(&client, "wordcount").await?;
     let spec = |scenario: &str| -> Result<JobSpec> {
@@ -915,7 +824,7 @@ async fn lost_mappers_and_reducers_still_give_the_exact_output() -> Result<()> {
         [3, 3],
         "one map task per slot, the same plan after the takeover"
     );
-    client.close().await;
+    client.shutdown().await;
     cluster.stop().await;
     Ok(())
 }

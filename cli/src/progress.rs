@@ -11,7 +11,7 @@ use std::time::Instant;
 
 /// How to show events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Bars (or plain lines) on stderr.
     Human,
     /// One JSON object per line on stdout.
@@ -22,7 +22,7 @@ pub enum Mode {
 
 /// Renders a job's events as they arrive.
 #[derive(Debug)]
-pub struct Progress {
+pub(crate) struct Progress {
     mode: Mode,
     tty: bool,
     multi: MultiProgress,
@@ -55,7 +55,7 @@ fn counters_json(c: &Counters) -> Value {
 }
 
 /// An event as a JSON object with an `event` field naming it.
-pub fn event_json(event: &Event) -> Value {
+pub(crate) fn event_json(event: &Event) -> Value {
     match event {
         Event::Accepted { job, coordinator } => {
             json!({"event": "accepted", "job": job.to_string(), "coordinator": coordinator})
@@ -125,7 +125,7 @@ fn short(peer: &str) -> &str {
 
 impl Progress {
     /// A renderer in `mode`.
-    pub fn new(mode: Mode) -> Self {
+    pub(crate) fn new(mode: Mode) -> Self {
         let tty = std::io::stderr().is_terminal();
         let target = if mode == Mode::Human && tty {
             ProgressDrawTarget::stderr()
@@ -190,7 +190,7 @@ impl Progress {
     }
 
     /// Shows one event.
-    pub fn event(&mut self, event: &Event) {
+    pub(crate) fn event(&mut self, event: &Event) {
         if self.mode == Mode::Json {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{}", event_json(event));

@@ -5,8 +5,8 @@
 //! A client only hands the job over and then watches: the coordinator owns it, so the job
 //! goes on if the client goes away, and `watch` re-attaches from event 0.
 
+use crate::blocks::{self, RemoteError};
 use crate::net::{NetClient, NetError};
-use crate::remote::{self, RemoteError};
 use libp2p::PeerId;
 use p2pmr_protocol::engine::{Event, JobRequest, JobResponse, JobSummary};
 use p2pmr_protocol::job::JobSpec;
@@ -100,7 +100,7 @@ pub async fn publish_module(
     replicas: usize,
 ) -> Result<Cid, ClientError> {
     let replicas = replicas.clamp(1, net.daemons().len().max(1));
-    let added = remote::add(net, std::io::Cursor::new(wasm), replicas).await?;
+    let added = blocks::add(net, std::io::Cursor::new(wasm), replicas).await?;
     Ok(added.root)
 }
 
@@ -134,113 +134,173 @@ pub async fn publish_spec(
     replicas: usize,
 ) -> Result<(), ClientError> {
     let replicas = replicas.clamp(1, net.daemons().len().max(1));
-    remote::add(net, std::io::Cursor::new(spec.encode()), replicas).await?;
+    blocks::add(net, std::io::Cursor::new(spec.encode()), replicas).await?;
     Ok(())
 }
 
 /// The spec of `job`, fetched from the network (see [`publish_spec`]).
 pub async fn fetch_spec(net: &NetClient, job: Cid) -> Result<JobSpec, ClientError> {
-    let block = remote::Fetcher::new(Some(net.clone()), None)
+    let block = blocks::Fetcher::new(Some(net.clone()), None)
         .fetch(job)
         .await?;
     JobSpec::decode(block.data()).map_err(|e| ClientError::Protocol(e.to_string()))
 }
 
-/// Follows `job` to its end like [`watch`]; when its coordinator dies, stalls or forgets the
-/// job, hands the spec (given, else fetched by the job id) to the next daemon the job id
-/// ranks and follows it there. The new coordinator reuses the tasks already finished.
+/// Follows `job` to its end, handing each event to `on_event`, and returns the final one.
+/// When its coordinator dies, stalls or forgets the job, the spec (given, else fetched by
+/// the job id) goes to the next daemon the job id ranks, which reuses the tasks already
+/// finished; see [`Follower`].
 pub async fn follow(
     net: &NetClient,
-    mut coordinator: PeerId,
+    coordinator: PeerId,
     job: Cid,
-    mut spec: Option<JobSpec>,
+    spec: Option<JobSpec>,
     mut on_event: impl FnMut(&Event),
 ) -> Result<Event, ClientError> {
-    let mut handovers = 0;
-    let mut tried: Vec<PeerId> = Vec::new();
-    loop {
-        let error = match watch(net, coordinator, job, &mut on_event).await {
-            Ok(last) => return Ok(last),
-            Err(e @ (ClientError::Protocol(_) | ClientError::Remote(_))) => return Err(e),
-            Err(e) => e,
-        };
-        handovers += 1;
-        if handovers > MAX_HANDOVERS {
+    let mut follower = Follower::new(net.clone(), coordinator, job, spec);
+    while let Some(events) = follower.next_batch().await? {
+        for e in &events {
+            on_event(e);
+        }
+        if let Some(last) = events.into_iter().last().filter(|_| follower.is_done()) {
+            return Ok(last);
+        }
+    }
+    Err(ClientError::Protocol("ended without a final event".into()))
+}
+
+/// A job's events, pulled in batches from its coordinator's log (long polls), from the first
+/// to the final one, following the job to another coordinator when its own is lost.
+#[derive(Debug)]
+pub struct Follower {
+    net: NetClient,
+    coordinator: PeerId,
+    job: Cid,
+    spec: Option<JobSpec>,
+    /// The next event index to ask the coordinator for.
+    from: u64,
+    busy_pause: Duration,
+    handovers: u32,
+    tried: Vec<PeerId>,
+    done: bool,
+}
+
+impl Follower {
+    /// Follows `job` on `coordinator`, from its first event.
+    pub fn new(net: NetClient, coordinator: PeerId, job: Cid, spec: Option<JobSpec>) -> Self {
+        Self {
+            net,
+            coordinator,
+            job,
+            spec,
+            from: 0,
+            busy_pause: Duration::from_millis(50),
+            handovers: 0,
+            tried: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// The coordinator followed now.
+    pub fn coordinator(&self) -> PeerId {
+        self.coordinator
+    }
+
+    /// Whether the final event has been delivered.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The next events (never an empty batch), or `None` after the final one. A new
+    /// coordinator's log starts over from its own first event.
+    pub async fn next_batch(&mut self) -> Result<Option<Vec<Event>>, ClientError> {
+        while !self.done {
+            let error = match self.poll().await {
+                Ok(Some(events)) => return Ok(Some(events)),
+                Ok(None) => continue,
+                Err(e @ (ClientError::Protocol(_) | ClientError::Remote(_))) => return Err(e),
+                Err(e) => e,
+            };
+            self.hand_over(error).await?;
+        }
+        Ok(None)
+    }
+
+    /// One long poll: events, or `None` when the coordinator was busy.
+    async fn poll(&mut self) -> Result<Option<Vec<Event>>, ClientError> {
+        let (coordinator, job, from) = (self.coordinator, self.job, self.from);
+        let asked = self
+            .net
+            .job_request(coordinator, JobRequest::Watch { job, from });
+        let answer = tokio::time::timeout(WATCH_SILENCE, asked)
+            .await
+            .map_err(|_| ClientError::Silent(coordinator))??;
+        match answer {
+            JobResponse::Events { events, next, done } => {
+                if done && !events.last().is_some_and(Event::is_final) {
+                    return Err(ClientError::Protocol("ended without a final event".into()));
+                }
+                self.done = done;
+                self.from = next;
+                self.busy_pause = Duration::from_millis(50);
+                Ok((!events.is_empty()).then_some(events))
+            }
+            JobResponse::Failed(reason) if reason == p2pmr_protocol::wire::BUSY => {
+                tokio::time::sleep(self.busy_pause).await;
+                self.busy_pause = (self.busy_pause * 2).min(Duration::from_secs(2));
+                Ok(None)
+            }
+            JobResponse::Failed(reason) => Err(ClientError::Refused(reason)),
+            other => Err(ClientError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Hands the job to the next daemon the job id ranks, after `error` lost the current one.
+    async fn hand_over(&mut self, error: ClientError) -> Result<(), ClientError> {
+        let (net, job) = (&self.net, self.job);
+        self.handovers += 1;
+        if self.handovers > MAX_HANDOVERS {
             return Err(error);
         }
-        tracing::warn!("lost the coordinator {coordinator} of {job} ({error}); handing it over");
-        if spec.is_none() {
+        tracing::warn!(
+            "lost the coordinator {} of {job} ({error}); handing it over",
+            self.coordinator
+        );
+        if self.spec.is_none() {
             match fetch_spec(net, job).await {
-                Ok(s) => spec = Some(s),
+                Ok(s) => self.spec = Some(s),
                 Err(e) => {
                     tracing::debug!("no spec for {job}: {e}");
                     return Err(error);
                 }
             }
         }
-        let spec = spec.as_ref().expect("set above");
-        tried.push(coordinator);
+        let spec = self.spec.as_ref().expect("set above");
+        self.tried.push(self.coordinator);
         tokio::time::sleep(HANDOVER_PAUSE).await;
         let daemons: Vec<Vec<u8>> = net
             .daemons()
             .keys()
-            .filter(|p| !tried.contains(p))
+            .filter(|p| !self.tried.contains(p))
             .map(|p| p.to_bytes())
             .collect();
-        coordinator = match rank_peers(&job, &daemons).first() {
+        let next = match rank_peers(&job, &daemons).first() {
             Some(b) => PeerId::from_bytes(b).expect("peer ids from the swarm"),
             None => {
                 // Everyone was tried once: start over (a restarted daemon may be back).
-                tried.clear();
+                self.tried.clear();
                 coordinator_for(net, &job, None)?
             }
         };
         // A frozen daemon would hold the submission; the next round tries another.
-        match tokio::time::timeout(WATCH_SILENCE, submit(net, coordinator, spec)).await {
+        match tokio::time::timeout(WATCH_SILENCE, submit(net, next, spec)).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!("{coordinator} did not take {job}: {e}"),
-            Err(_) => tracing::warn!("{coordinator} did not answer the submission of {job}"),
+            Ok(Err(e)) => tracing::warn!("{next} did not take {job}: {e}"),
+            Err(_) => tracing::warn!("{next} did not answer the submission of {job}"),
         }
-    }
-}
-
-/// Follows `job`'s events on `coordinator` from the first, handing each to `on_event`, until
-/// the final one, which is returned. A coordinator silent for [`WATCH_SILENCE`] (dead or
-/// stalled) is an error.
-pub async fn watch(
-    net: &NetClient,
-    coordinator: PeerId,
-    job: Cid,
-    mut on_event: impl FnMut(&Event),
-) -> Result<Event, ClientError> {
-    let mut from = 0;
-    let mut busy_pause = Duration::from_millis(50);
-    loop {
-        let asked = net.job_request(coordinator, JobRequest::Watch { job, from });
-        let answer = tokio::time::timeout(WATCH_SILENCE, asked)
-            .await
-            .map_err(|_| ClientError::Silent(coordinator))??;
-        match answer {
-            JobResponse::Events { events, next, done } => {
-                let mut last = None;
-                for e in events {
-                    on_event(&e);
-                    last = Some(e);
-                }
-                if done {
-                    return last.filter(Event::is_final).ok_or_else(|| {
-                        ClientError::Protocol("ended without a final event".into())
-                    });
-                }
-                from = next;
-            }
-            JobResponse::Failed(reason) if reason == p2pmr_protocol::wire::BUSY => {
-                tokio::time::sleep(busy_pause).await;
-                busy_pause = (busy_pause * 2).min(Duration::from_secs(2));
-            }
-            JobResponse::Failed(reason) => return Err(ClientError::Refused(reason)),
-            other => return Err(ClientError::Protocol(format!("{other:?}"))),
-        }
+        self.coordinator = next;
+        self.from = 0;
+        Ok(())
     }
 }
 

@@ -9,6 +9,10 @@
 //! Which connected peers are daemons is learnt from identify (they list the block protocol)
 //! and published on a `watch` channel that placement and fetching read.
 
+mod link;
+
+pub use link::{ClientConfig, Link};
+
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
@@ -66,6 +70,14 @@ pub enum NetError {
     Request {
         /// The peer.
         peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// An address could not be dialled.
+    #[error("cannot dial {addr}: {reason}")]
+    Dial {
+        /// The address.
+        addr: Multiaddr,
         /// Why.
         reason: String,
     },
@@ -499,10 +511,7 @@ impl EventLoop {
                     .send_response(channel, response);
             }
             Command::Dial { addr, reply } => {
-                let peer = addr.iter().find_map(|p| match p {
-                    libp2p::multiaddr::Protocol::P2p(id) => Some(id),
-                    _ => None,
-                });
+                let peer = link::peer_of(&addr);
                 match self.swarm.dial(addr.clone()) {
                     Ok(()) => match peer {
                         Some(peer) if !self.swarm.is_connected(&peer) => {
@@ -515,9 +524,9 @@ impl EventLoop {
                         }
                     },
                     Err(e) => {
-                        let _ = reply.send(Err(NetError::Request {
-                            peer: peer.unwrap_or(PeerId::random()),
-                            reason: format!("cannot dial {addr}: {e}"),
+                        let _ = reply.send(Err(NetError::Dial {
+                            reason: e.to_string(),
+                            addr,
                         }));
                     }
                 }

@@ -4,9 +4,9 @@
 //! limits while the executor goes on serving.
 
 use p2pmr_guest::Job;
-use p2pmr_node::jobs::{Executor, JobError, JobModule, Limits, TaskName};
-use p2pmr_node::local::{self, LocalJob};
-use p2pmr_node::shipped;
+use p2pmr_node::engine::local::{self, LocalJob};
+use p2pmr_node::engine::runtime::{Executor, JobError, JobModule, Limits, TaskName};
+use p2pmr_node::engine::shipped;
 use p2pmr_protocol::abi::encode_args;
 use p2pmr_protocol::Block;
 use std::path::PathBuf;

@@ -1,83 +1,19 @@
-//! Multi-peer scenarios over real libp2p connections on 127.0.0.1: daemons in this process,
+//! Blocks across peers over real libp2p connections on 127.0.0.1: daemons in this process,
 //! each with its own repository in a temporary directory, found through explicit addresses.
 
+use super::{cat_all, client, linked, unlinked};
 use anyhow::Result;
 use libp2p::identity::Keypair;
 use libp2p::Multiaddr;
-use p2pmr_node::daemon::{Daemon, DaemonConfig};
+use p2pmr_node::blocks::{Fetcher, RemoteError};
+use p2pmr_node::cluster::{Cluster, ClusterConfig};
 use p2pmr_node::net::{self, NetConfig};
-use p2pmr_node::remote::{self, ClientConfig, ClientPeer, Fetcher, RemoteError};
+use p2pmr_node::{Daemon, DaemonConfig, Error, Replicas};
 use p2pmr_protocol::wire::{BlockRequest, BlockResponse};
 use p2pmr_protocol::Block;
+use std::io::Cursor;
 use std::time::Duration;
 use tempfile::TempDir;
-
-struct Cluster {
-    daemons: Vec<Option<Daemon>>,
-    _dirs: Vec<TempDir>,
-}
-
-impl Cluster {
-    async fn start(n: usize) -> Result<Self> {
-        let mut daemons = Vec::new();
-        let mut dirs = Vec::new();
-        for _ in 0..n {
-            let dir = tempfile::tempdir()?;
-            let d = Daemon::start(dir.path(), loopback(vec![])).await?;
-            daemons.push(Some(d));
-            dirs.push(dir);
-        }
-        Ok(Self {
-            daemons,
-            _dirs: dirs,
-        })
-    }
-
-    /// `n` daemons that know each other (each dials the first at start; identify and
-    /// Kademlia do the rest), with the given replica grace period.
-    async fn linked(n: usize, grace: Duration) -> Result<Self> {
-        let mut cluster = Self {
-            daemons: Vec::new(),
-            _dirs: Vec::new(),
-        };
-        for _ in 0..n {
-            let dir = tempfile::tempdir()?;
-            let config = DaemonConfig {
-                grace,
-                ..loopback(cluster.addrs()[..cluster.daemons.len().min(1)].to_vec())
-            };
-            cluster
-                .daemons
-                .push(Some(Daemon::start(dir.path(), config).await?));
-            cluster._dirs.push(dir);
-        }
-        tokio::time::timeout(Duration::from_secs(20), async {
-            while cluster
-                .daemons
-                .iter()
-                .flatten()
-                .any(|d| d.net().daemons().len() < n - 1)
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .map_err(|_| anyhow::anyhow!("the daemons did not all find each other"))?;
-        Ok(cluster)
-    }
-
-    fn addrs(&self) -> Vec<Multiaddr> {
-        self.daemons
-            .iter()
-            .flatten()
-            .map(|d| d.listen_addrs()[0].clone())
-            .collect()
-    }
-
-    async fn client(&self, want: usize) -> Result<ClientPeer> {
-        Ok(ClientPeer::connect(client_config(self.addrs()), want).await?)
-    }
-}
 
 fn loopback(bootstrap: Vec<Multiaddr>) -> DaemonConfig {
     DaemonConfig {
@@ -89,12 +25,11 @@ fn loopback(bootstrap: Vec<Multiaddr>) -> DaemonConfig {
     }
 }
 
-fn client_config(peers: Vec<Multiaddr>) -> ClientConfig {
-    ClientConfig {
-        peers,
-        mdns: false,
-        discovery: Duration::from_secs(5),
-    }
+/// `n` linked daemons with the given replica grace period.
+async fn linked_with_grace(n: usize, grace: Duration) -> Result<Cluster> {
+    let mut config = ClusterConfig::linked(n, 2);
+    config.daemon.grace = grace;
+    Ok(Cluster::start(config).await?)
 }
 
 /// Deterministic, incompressible-ish test data.
@@ -110,62 +45,60 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-async fn cat_all(fetcher: &Fetcher, root: p2pmr_protocol::Cid) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    fetcher
-        .cat(root, 0, |b| {
-            out.extend_from_slice(b);
-            Ok(())
-        })
-        .await?;
-    Ok(out)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_cat_stat_and_survive_a_dead_peer() -> Result<()> {
-    let mut cluster = Cluster::start(3).await?;
+    let mut cluster = unlinked(3).await?;
     let bytes = data(5 * 262_144 + 17, 7);
-    let writer = cluster.client(3).await?;
-    assert_eq!(writer.daemons().len(), 3);
-    let added = remote::add(writer.net(), std::io::Cursor::new(bytes.clone()), 2).await?;
+    let writer = client(&cluster, 3).await?;
+    assert_eq!(writer.peers().wait_for(3).await?.len(), 3);
+    let added = writer
+        .blocks()
+        .add(Cursor::new(bytes.clone()), Replicas::network(2))
+        .await?;
     assert_eq!(
         added,
-        p2pmr_node::files::import(&bytes[..], None, p2pmr_protocol::unixfs::Layout::KUBO)?,
+        p2pmr_node::repo::files::import(&bytes[..], None, p2pmr_protocol::unixfs::Layout::KUBO)?,
         "same CID as a local add"
     );
-    writer.close().await;
+    writer.shutdown().await;
 
     // Every block is on exactly two daemons, and they are spread over all three.
-    let reader = cluster.client(3).await?;
-    let fetcher = Fetcher::new(Some(reader.net().clone()), None);
-    let stat = remote::stat(&fetcher, added.root).await?;
+    let reader = client(&cluster, 3).await?;
+    let stat = reader.blocks().stat(added.root).await?;
     assert_eq!(stat.size, bytes.len() as u64);
     assert_eq!(stat.blocks, 7);
     assert_eq!(stat.replicas, vec![0, 0, 7], "{stat:?}");
     assert_eq!(stat.holders.len(), 3);
     assert!(stat.holders.values().all(|&n| n > 0), "{stat:?}");
-    assert_eq!(cat_all(&fetcher, added.root).await?, bytes);
+    assert_eq!(cat_all(&reader, added.root).await?, bytes);
     // Reading from an offset streams only the tail.
     let mut tail = Vec::new();
-    fetcher
+    reader
+        .blocks()
         .cat(added.root, 262_144 * 2 + 5, |b| {
             tail.extend_from_slice(b);
             Ok(())
         })
         .await?;
     assert_eq!(tail, bytes[262_144 * 2 + 5..]);
-    reader.close().await;
+    reader.shutdown().await;
 
     // A daemon dies without warning; with two replicas the file is still whole.
-    cluster.daemons[1].take().unwrap().abort();
-    let reader = cluster.client(2).await?;
-    let fetcher = Fetcher::new(Some(reader.net().clone()), None);
-    assert_eq!(cat_all(&fetcher, added.root).await?, bytes);
+    cluster.take(1).unwrap().abort();
+    let reader = client(&cluster, 2).await?;
+    assert_eq!(cat_all(&reader, added.root).await?, bytes);
 
     // And with one replica required there are enough daemons, with three there are not.
-    let err = remote::add(reader.net(), &b"x"[..], 3).await.unwrap_err();
+    let err = reader
+        .blocks()
+        .add(&b"x"[..], Replicas::network(3))
+        .await
+        .unwrap_err();
     assert!(
-        matches!(err, RemoteError::NotEnoughDaemons { need: 3, found: 2 }),
+        matches!(
+            err,
+            Error::Blocks(RemoteError::NotEnoughDaemons { need: 3, found: 2 })
+        ),
         "{err}"
     );
     Ok(())
@@ -173,11 +106,14 @@ async fn add_cat_stat_and_survive_a_dead_peer() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_peer_is_detected_and_dropped() -> Result<()> {
-    let cluster = Cluster::start(3).await?;
+    let cluster = unlinked(3).await?;
     let bytes = data(8 * 262_144, 11);
-    let writer = cluster.client(3).await?;
-    let added = remote::add(writer.net(), std::io::Cursor::new(bytes.clone()), 3).await?;
-    writer.close().await;
+    let writer = client(&cluster, 3).await?;
+    let added = writer
+        .blocks()
+        .add(Cursor::new(bytes.clone()), Replicas::network(3))
+        .await?;
+    writer.shutdown().await;
 
     // A peer that speaks the block protocol but answers every Get with wrong bytes.
     let liar = net::spawn(NetConfig {
@@ -202,9 +138,9 @@ async fn a_lying_peer_is_detected_and_dropped() -> Result<()> {
     });
     let mut addrs = cluster.addrs();
     addrs.push(liar.client.listen_addrs()[0].clone());
-    let reader = ClientPeer::connect(client_config(addrs), 4).await?;
-    assert_eq!(reader.daemons().len(), 4);
-    let fetcher = Fetcher::new(Some(reader.net().clone()), None);
+    let reader = cluster.client_of(addrs);
+    assert_eq!(reader.peers().wait_for(4).await?.len(), 4);
+    let fetcher = reader.fetcher();
     // Whether `cat` alone asks the liar depends on where placement ranks its random key
     // (with all blocks fetched at once, only where it ranks first: by the odds, (3/4)^9 or
     // 7% of runs it never does, and CI hit one). Named as the holder, as a reducer is told
@@ -213,10 +149,10 @@ async fn a_lying_peer_is_detected_and_dropped() -> Result<()> {
     let (root, remote) = fetcher.fetch_hinted(added.root, Some(liar_id)).await?;
     assert_eq!((root.cid(), remote), (&added.root, true));
     assert_eq!(fetcher.banned(), vec![liar_id]);
-    assert_eq!(cat_all(&fetcher, added.root).await?, bytes);
+    assert_eq!(cat_all(&reader, added.root).await?, bytes);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        !reader.daemons().contains_key(&liar_id),
+        !reader.net(1).await?.daemons().contains_key(&liar_id),
         "and stays dropped"
     );
     Ok(())
@@ -224,8 +160,9 @@ async fn a_lying_peer_is_detected_and_dropped() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
-    let cluster = Cluster::start(1).await?;
-    let client = cluster.client(1).await?;
+    let cluster = unlinked(1).await?;
+    let node = client(&cluster, 1).await?;
+    let client = node.net(1).await?;
     let daemon = *client.daemons().keys().next().unwrap();
     let good = Block::raw(b"good bytes".to_vec());
 
@@ -236,12 +173,11 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
         replicas: 1,
     };
     assert!(matches!(
-        client.net().request(daemon, lie).await?,
+        client.request(daemon, lie).await?,
         BlockResponse::Refused(_)
     ));
     assert_eq!(
         client
-            .net()
             .request(daemon, BlockRequest::Get(*good.cid()))
             .await?,
         BlockResponse::NotFound
@@ -252,27 +188,22 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
         data: vec![0; p2pmr_protocol::MAX_BLOCK_SIZE + 1],
         replicas: 1,
     };
-    assert!(client.net().request(daemon, huge).await.is_err());
+    assert!(client.request(daemon, huge).await.is_err());
     // The daemon still serves.
     let put = BlockRequest::Put {
         cid: *good.cid(),
         data: good.data().to_vec(),
         replicas: 1,
     };
-    assert_eq!(
-        client.net().request(daemon, put).await?,
-        BlockResponse::Stored
-    );
+    assert_eq!(client.request(daemon, put).await?, BlockResponse::Stored);
     assert_eq!(
         client
-            .net()
             .request(daemon, BlockRequest::Get(*good.cid()))
             .await?,
         BlockResponse::Block(good.data().to_vec())
     );
     assert_eq!(
         client
-            .net()
             .request(
                 daemon,
                 BlockRequest::Has(vec![*good.cid(), *Block::raw(vec![]).cid()])
@@ -309,16 +240,18 @@ async fn identity_survives_restarts_and_peers_are_found_through_kademlia() -> Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_block_found_corrupt_on_disk_is_repaired_from_a_replica() -> Result<()> {
-    let cluster = Cluster::linked(3, p2pmr_node::keeper::DEFAULT_GRACE).await?;
+    let cluster = linked(3, 2).await?;
     let bytes = data(3 * 262_144, 11);
-    let client = cluster.client(3).await?;
-    let added = remote::add(client.net(), std::io::Cursor::new(bytes.clone()), 2).await?;
+    let node = client(&cluster, 3).await?;
+    let added = node
+        .blocks()
+        .add(Cursor::new(bytes.clone()), Replicas::network(2))
+        .await?;
+    let client = node.net(3).await?;
     // A daemon holding a leaf; flip one bit of the leaf's file on its disk.
     let leaf = *Block::raw(bytes[..262_144].to_vec()).cid();
     let holder = cluster
-        .daemons
-        .iter()
-        .flatten()
+        .daemons()
         .find(|d| d.repo().blocks().has(&leaf))
         .expect("a holder");
     let name = leaf.to_string();
@@ -334,7 +267,6 @@ async fn a_block_found_corrupt_on_disk_is_repaired_from_a_replica() -> Result<()
     // Asked for it, the holder finds the corruption: it answers "not here" (never the bad
     // bytes) and fetches a good copy from the other replica.
     let answer = client
-        .net()
         .request(holder.peer_id(), BlockRequest::Get(leaf))
         .await?;
     assert!(matches!(answer, BlockResponse::NotFound), "{answer:?}");
@@ -348,53 +280,45 @@ async fn a_block_found_corrupt_on_disk_is_repaired_from_a_replica() -> Result<()
     }
     assert!(repaired, "the corrupt block was not repaired");
     assert!(std::fs::read_dir(holder.repo().home().join("quarantine"))?.count() >= 1);
-    let fetcher = Fetcher::new(Some(client.net().clone()), None);
-    assert_eq!(cat_all(&fetcher, added.root).await?, bytes);
-    client.close().await;
+    assert_eq!(cat_all(&node, added.root).await?, bytes);
+    node.shutdown().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_of_a_daemon_lost_for_good_are_copied_back_to_their_replica_count() -> Result<()> {
     let grace = Duration::from_secs(2);
-    let mut cluster = Cluster::linked(5, grace).await?;
+    let mut cluster = linked_with_grace(5, grace).await?;
     let bytes = data(12 * 262_144 + 5, 17);
-    let client = cluster.client(5).await?;
-    let added = remote::add(client.net(), std::io::Cursor::new(bytes.clone()), 3).await?;
-    let fetcher = Fetcher::new(Some(client.net().clone()), None);
+    let client = client(&cluster, 5).await?;
+    let added = client
+        .blocks()
+        .add(Cursor::new(bytes.clone()), Replicas::network(3))
+        .await?;
     // 13 leaves and the root, each on 3 daemons.
     let full = vec![0, 0, 0, 14];
-    assert_eq!(remote::stat(&fetcher, added.root).await?.replicas, full);
+    assert_eq!(client.blocks().stat(added.root).await?.replicas, full);
     // While every holder is up nothing is copied, even past the grace period (a census taken
     // in the middle of the add must not pass for a shortfall).
     tokio::time::sleep(grace + Duration::from_secs(1)).await;
-    assert_eq!(remote::stat(&fetcher, added.root).await?.replicas, full);
+    assert_eq!(client.blocks().stat(added.root).await?.replicas, full);
 
     // The daemon holding the most blocks dies for good.
     let victim = (0..5)
-        .max_by_key(|&i| {
-            let d = cluster.daemons[i].as_ref().unwrap();
-            d.repo().blocks().stats().unwrap().blocks
-        })
+        .max_by_key(|&i| cluster.daemon(i).repo().blocks().stats().unwrap().blocks)
         .unwrap();
-    let lost = cluster.daemons[victim]
-        .as_ref()
-        .unwrap()
-        .repo()
-        .blocks()
-        .stats()?
-        .blocks;
-    cluster.daemons[victim].take().unwrap().abort();
+    let lost = cluster.daemon(victim).repo().blocks().stats()?.blocks;
+    cluster.take(victim).unwrap().abort();
     let killed = std::time::Instant::now();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Within the grace period nothing is copied: the blocks it held are one copy short.
-    let stat = remote::stat(&fetcher, added.root).await?;
+    let stat = client.blocks().stat(added.root).await?;
     assert_eq!(stat.replicas[2], lost, "{stat:?}");
 
     // After it, the survivors copy them back: every block on 3 of the 4 daemons left.
     let restored = tokio::time::timeout(grace + Duration::from_secs(20), async {
         loop {
-            let stat = remote::stat(&fetcher, added.root).await?;
+            let stat = client.blocks().stat(added.root).await?;
             if stat.replicas == full {
                 return anyhow::Ok(stat);
             }
@@ -409,8 +333,8 @@ async fn blocks_of_a_daemon_lost_for_good_are_copied_back_to_their_replica_count
         "copied before the grace period ended ({took:?})"
     );
     assert_eq!(restored.holders.len(), 4);
-    assert_eq!(cat_all(&fetcher, added.root).await?, bytes);
-    client.close().await;
+    assert_eq!(cat_all(&client, added.root).await?, bytes);
+    client.shutdown().await;
     Ok(())
 }
 
@@ -440,16 +364,19 @@ async fn read_blocking(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocking_reader_reads_local_blocks_then_the_network() -> Result<()> {
-    let cluster = Cluster::start(2).await?;
+    let cluster = unlinked(2).await?;
     let bytes = data(6 * 262_144 + 9, 23);
-    let client = cluster.client(2).await?;
-    let added = remote::add(client.net(), std::io::Cursor::new(bytes.clone()), 2).await?;
+    let client = client(&cluster, 2).await?;
+    let added = client
+        .blocks()
+        .add(Cursor::new(bytes.clone()), Replicas::network(2))
+        .await?;
     // A map task's own store: all of the file but its third leaf.
     let dir = TempDir::new()?;
-    let local = p2pmr_node::store::BlockStore::open(dir.path())?;
+    let local = p2pmr_node::repo::store::BlockStore::open(dir.path())?;
     let layout = p2pmr_protocol::unixfs::Layout::KUBO;
     assert_eq!(
-        p2pmr_node::files::import(&bytes[..], Some(&local), layout)?,
+        p2pmr_node::repo::files::import(&bytes[..], Some(&local), layout)?,
         added
     );
     let third = *Block::raw(bytes[2 * 262_144..3 * 262_144].to_vec()).cid();
@@ -469,31 +396,34 @@ async fn a_blocking_reader_reads_local_blocks_then_the_network() -> Result<()> {
     // With the network, the rest of the file (from the missing leaf on) is streamed: exactly
     // the file's bytes, only the missing leaf from the daemons (local ones are still read
     // locally).
-    let online = Fetcher::new(Some(client.net().clone()), Some(local));
+    let online = Fetcher::new(Some(client.net(2).await?.clone()), Some(local));
     let from = 262_144 + 100;
     let (got, remote, read) = read_blocking(&online, added.root, from, usize::MAX).await?;
     read?;
     assert_eq!(got, bytes[from as usize..]);
     assert_eq!(remote, 262_144);
-    client.close().await;
+    client.shutdown().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_told_of_one_daemon_finds_the_others_through_kademlia() -> Result<()> {
-    let cluster = Cluster::linked(3, p2pmr_node::keeper::DEFAULT_GRACE).await?;
+    let cluster = linked(3, 2).await?;
     // No mDNS, one address: the other two daemons can only come from the first's routing
     // table, and `add --replicas 3` needs all three.
     let first = cluster.addrs()[..1].to_vec();
-    let client = ClientPeer::connect(client_config(first), 3).await?;
-    assert_eq!(client.daemons().len(), 3, "{:?}", client.daemons());
+    let client = cluster.client_of(first);
+    let daemons = client.peers().wait_for(3).await?;
+    assert_eq!(daemons.len(), 3, "{daemons:?}");
     let bytes = data(262_144 + 1, 3);
-    let added = remote::add(client.net(), std::io::Cursor::new(bytes.clone()), 3).await?;
-    let fetcher = Fetcher::new(Some(client.net().clone()), None);
+    let added = client
+        .blocks()
+        .add(Cursor::new(bytes.clone()), Replicas::network(3))
+        .await?;
     assert_eq!(
-        remote::stat(&fetcher, added.root).await?.replicas,
+        client.blocks().stat(added.root).await?.replicas,
         vec![0, 0, 0, 3]
     );
-    client.close().await;
+    client.shutdown().await;
     Ok(())
 }

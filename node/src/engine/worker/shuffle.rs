@@ -7,8 +7,8 @@
 //! The fetching is async (the network); the merge runs on the reduce task's blocking thread
 //! and pulls decoded bytes from one bounded channel per run.
 
-use crate::jobs::ValueIter;
-use crate::remote::{Fetcher, RemoteError};
+use crate::blocks::{Fetcher, RemoteError};
+use crate::engine::runtime::ValueIter;
 use libp2p::PeerId;
 use p2pmr_protocol::unixfs::FileReader;
 use p2pmr_protocol::Cid;
@@ -231,8 +231,8 @@ impl Iterator for StreamMerge {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::Run;
-    use crate::local::Merge;
+    use crate::engine::local::Merge;
+    use crate::engine::runtime::Run;
     use p2pmr_protocol::abi::encode_pair;
 
     fn run(pairs: &[(&str, &str)]) -> Run {

@@ -1,0 +1,283 @@
+//! The command line: every subcommand and flag, with the help text users see.
+
+use clap::{Parser, Subcommand};
+use libp2p::Multiaddr;
+use std::path::PathBuf;
+
+/// p2pmr: a peer-to-peer, content-addressed MapReduce network.
+///
+/// Files are split into kubo-compatible blocks addressed by CID and kept in a repository
+/// directory (--home, else $P2PMR_HOME, else ~/.p2pmr).
+#[derive(Debug, Parser)]
+#[command(name = "p2pmr", version, max_term_width = 100)]
+pub(crate) struct Cli {
+    /// Repository directory holding this peer's blocks [default: $P2PMR_HOME, else ~/.p2pmr]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub(crate) home: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub(crate) net: NetArgs,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// How this peer finds others (used by daemon, add, cat, stat and peers).
+#[derive(Debug, clap::Args)]
+pub(crate) struct NetArgs {
+    /// A peer to dial, e.g. /ip4/10.0.0.2/tcp/4001/p2p/12D3Koo... (repeatable; also
+    /// $P2PMR_PEERS, separated by commas or spaces)
+    #[arg(long = "peer", global = true, value_name = "MULTIADDR")]
+    pub(crate) peers: Vec<Multiaddr>,
+    /// Do not discover peers on the LAN with mDNS
+    #[arg(long, global = true)]
+    pub(crate) no_mdns: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Add a file: split it into blocks, store them, print its CID.
+    ///
+    /// The CID is the one `ipfs add --cid-version=1` prints for the same bytes (256 KiB chunks,
+    /// raw leaves, sha2-256, balanced DAG). It is printed only once every block is on disk.
+    ///
+    /// By default the blocks go to --replicas daemons found on the LAN or given with --peer,
+    /// and the CID is printed only when every block is durably stored on that many daemons.
+    Add(AddArgs),
+    /// Write the bytes of the file CID to standard output, verifying every block.
+    ///
+    /// Blocks come from the local repository when it has them, else from the daemons that
+    /// hold them (found as for add).
+    Cat {
+        /// Start at this byte offset
+        #[arg(long, default_value_t = 0, value_name = "BYTES")]
+        offset: u64,
+        /// The file's CID (as printed by `add`)
+        cid: String,
+    },
+    /// Show a file's size, block count and which daemons hold how many of its blocks.
+    Stat {
+        /// The file's CID
+        cid: String,
+    },
+    /// List the daemons this client can reach.
+    Peers,
+    /// Run a daemon: hold blocks in the repository and serve them to the network.
+    ///
+    /// Prints `peer id: ID` and one `listening on ADDR` line per address on stdout, then logs
+    /// on stderr (RUST_LOG is respected). Stops cleanly on SIGINT or SIGTERM.
+    Daemon(DaemonArgs),
+    /// Run a job on the network: hand it to a coordinating daemon and watch it.
+    ///
+    /// Shows live progress on stderr and prints the output CID (a directory of part-00000,
+    /// ...) as the last line on stdout. The job goes on if this command is stopped; `p2pmr
+    /// watch JOBID` follows it again. Exit status 0 only if the job succeeded.
+    Run(RunArgs),
+    /// Follow a job's progress (from its first event) until it ends.
+    Watch {
+        /// Print one JSON event per line
+        #[arg(long)]
+        json: bool,
+        /// The job's coordinator [default: the one the job id ranks first]
+        #[arg(long, value_name = "PEERID")]
+        coordinator: Option<libp2p::PeerId>,
+        /// The job id
+        job: String,
+    },
+    /// List the jobs of every reachable daemon.
+    Jobs,
+    /// Stop a job everywhere.
+    Cancel {
+        /// The job's coordinator [default: the one the job id ranks first]
+        #[arg(long, value_name = "PEERID")]
+        coordinator: Option<libp2p::PeerId>,
+        /// The job id
+        job: String,
+    },
+    /// Write a file or directory (e.g. a job's output) to PATH.
+    Get {
+        /// Where to write it (must not exist)
+        #[arg(short, long, value_name = "PATH")]
+        output: PathBuf,
+        /// The CID
+        cid: String,
+    },
+    /// See p2pmr work: 3 daemons on 127.0.0.1, a corpus, wordcount, the top 10 words.
+    ///
+    /// Everything runs in this process with temporary repositories; the output is copied into
+    /// your repository so `p2pmr cat` can show it afterwards.
+    Demo(DemoArgs),
+    /// Run a job in this process over local files, on all cores (what job authors test with).
+    ///
+    /// Output is `key<TAB>value` lines, partition after partition, each in key order.
+    RunLocal(RunLocalArgs),
+    /// Inspect or check the local repository.
+    #[command(subcommand)]
+    Repo(RepoCommand),
+}
+
+fn parse_secs(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds from 0.1 to 3600")),
+    }
+}
+
+fn parse_arg(s: &str) -> std::result::Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not KEY=VALUE"))?;
+    if k.is_empty() || v.contains('\n') {
+        return Err(format!("'{s}' is not KEY=VALUE (non-empty key, one line)"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RepoCommand {
+    /// Print the number of blocks and bytes stored.
+    Stat,
+    /// Read and verify every block; quarantine corrupt ones and report them.
+    Verify,
+}
+
+/// The arguments of `p2pmr add`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct AddArgs {
+    /// Only compute and print the CID; store nothing, contact no one (as kubo's `add -n`)
+    #[arg(short = 'n', long, conflicts_with_all = ["local", "replicas"])]
+    pub(crate) only_hash: bool,
+    /// Store the blocks in the local repository only, without the network
+    #[arg(long)]
+    pub(crate) local: bool,
+    /// Distinct daemons that must each hold every block
+    #[arg(long, default_value_t = 2, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) replicas: u16,
+    /// The file to add; `-` reads standard input
+    pub(crate) file: PathBuf,
+}
+
+/// The arguments of `p2pmr daemon`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DaemonArgs {
+    /// Address to listen on (repeatable) [default: all interfaces, TCP and QUIC, port
+    /// 4001 or the next free one]
+    #[arg(long, value_name = "MULTIADDR")]
+    pub(crate) listen: Vec<Multiaddr>,
+    /// Tasks to run at once [default: the number of cores; at most 128]. Coordinators
+    /// share a machine's slots out among the daemons running on it
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub(crate) slots: Option<u32>,
+    /// When coordinating, give up on a worker that does not answer a probe within this
+    /// many seconds (it is stalled or cut off): its tasks run elsewhere
+    #[arg(long, default_value_t = 3.0, value_name = "SECS",
+          value_parser = parse_secs)]
+    pub(crate) liveness_secs: f64,
+    /// Copy this daemon's blocks to other daemons when a daemon holding copies of them
+    /// has been gone this many seconds, so each block is back to its replica count
+    #[arg(long, default_value_t = 60.0, value_name = "SECS", value_parser = parse_secs)]
+    pub(crate) grace_secs: f64,
+}
+
+/// The arguments of `p2pmr run`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunArgs {
+    /// A shipped job (wordcount, grep, indexer), a .wasm file (published first), or the
+    /// CID of a published module
+    #[arg(long, value_name = "JOB")]
+    pub(crate) job: String,
+    /// Input file CID (repeatable); NAME=CID names it for the job
+    #[arg(long = "input", value_name = "CID", required = true)]
+    pub(crate) inputs: Vec<String>,
+    /// Number of reduce partitions
+    #[arg(long, default_value_t = 1, value_name = "R",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub(crate) reducers: u32,
+    /// A job argument (repeatable), e.g. --arg pattern=foo
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_arg)]
+    pub(crate) args: Vec<(String, String)>,
+    /// Map split size [default: the total input over the daemons' task slots, from 4 to
+    /// 128 MiB]
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) split_mib: Option<u64>,
+    /// Memory limit per task
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    pub(crate) memory_mib: u64,
+    /// Time limit per task
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub(crate) timeout_secs: u64,
+    /// Leave out input records that make a map task fail twice (trap, time or memory
+    /// limit), up to MAX of them, instead of failing the job; the count of skipped
+    /// records is reported
+    #[arg(long, value_name = "MAX", num_args = 0..=1, default_missing_value = "100",
+          value_parser = clap::value_parser!(u32)
+              .range(1..=i64::from(p2pmr_protocol::job::MAX_SKIPPED_RECORDS)))]
+    pub(crate) skip_bad_records: Option<u32>,
+    /// Print one JSON event per line on stdout instead of progress bars
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Print the job id once the job is accepted, and exit
+    #[arg(long)]
+    pub(crate) detach: bool,
+    /// The daemon to coordinate the job [default: the one the job id ranks first]
+    #[arg(long, value_name = "PEERID")]
+    pub(crate) coordinator: Option<libp2p::PeerId>,
+}
+
+/// The arguments of `p2pmr demo`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct DemoArgs {
+    /// Count the words of this file instead of a generated corpus
+    #[arg(long, value_name = "FILE")]
+    pub(crate) input: Option<PathBuf>,
+    /// Size of the generated corpus
+    #[arg(long, default_value_t = 48, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub(crate) size: u64,
+    /// Number of reduce partitions
+    #[arg(long, default_value_t = 2, value_name = "R",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub(crate) reducers: u32,
+    /// Print one JSON event per line instead of progress bars
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// The arguments of `p2pmr run-local`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunLocalArgs {
+    /// A shipped job (wordcount, grep, indexer), a .wasm file, or the CID of one in the
+    /// local repository
+    #[arg(long, value_name = "JOB")]
+    pub(crate) job: String,
+    /// Input files (repeatable; each is also the name map tasks see)
+    #[arg(long = "input", value_name = "FILE", required = true)]
+    pub(crate) inputs: Vec<PathBuf>,
+    /// Number of reduce partitions
+    #[arg(long, default_value_t = 1, value_name = "R",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub(crate) reducers: u32,
+    /// A job argument (repeatable), e.g. --arg pattern=foo
+    #[arg(long = "arg", value_name = "KEY=VALUE", value_parser = parse_arg)]
+    pub(crate) args: Vec<(String, String)>,
+    /// Write one file per partition (part-00000, ...) into DIR instead of stdout
+    #[arg(long, value_name = "DIR")]
+    pub(crate) output: Option<PathBuf>,
+    /// Memory limit per task
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    pub(crate) memory_mib: u64,
+    /// Time limit per task
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub(crate) timeout_secs: u64,
+    /// Most bytes a task may emit
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub(crate) output_limit_mib: u64,
+    /// Map split size
+    #[arg(long, default_value_t = 64, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) split_mib: u64,
+    /// Worker threads [default: the number of cores; at most 128]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=128))]
+    pub(crate) threads: Option<u64>,
+}

@@ -1,0 +1,50 @@
+//! `p2pmr daemon`: serve blocks and jobs until SIGINT or SIGTERM.
+
+use crate::args::DaemonArgs;
+use crate::env::Env;
+use anyhow::{Context, Result};
+use p2pmr_node::{Daemon, DaemonConfig};
+use std::io::{self, Write};
+use std::time::Duration;
+
+pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
+    let home = env.home_dir()?;
+    let daemon = Daemon::start(
+        &home,
+        DaemonConfig {
+            listen: args.listen,
+            bootstrap: env.peers.clone(),
+            mdns: env.mdns,
+            slots: args.slots.unwrap_or(0),
+            liveness: Duration::from_secs_f64(args.liveness_secs),
+            grace: Duration::from_secs_f64(args.grace_secs),
+        },
+    )
+    .await
+    .with_context(|| format!("cannot start the daemon in {}", home.display()))?;
+    let mut out = io::stdout().lock();
+    writeln!(out, "peer id: {}", daemon.peer_id())?;
+    for addr in daemon.listen_addrs() {
+        writeln!(out, "listening on {addr}")?;
+    }
+    out.flush()?;
+    drop(out);
+    daemon.run_until(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler cannot fail on unix");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

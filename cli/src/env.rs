@@ -1,0 +1,132 @@
+//! What every command starts from: the repository directory, how to reach peers, and the
+//! [`Node`] built from them.
+
+use crate::args::NetArgs;
+use anyhow::{bail, Context, Result};
+use libp2p::Multiaddr;
+use p2pmr_node::engine::shipped;
+use p2pmr_node::{Node, Repo};
+use p2pmr_protocol::Cid;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+/// Environment variable listing peers to dial, as `--peer` does.
+const PEERS_ENV: &str = "P2PMR_PEERS";
+
+/// The repository directory as given (not yet opened) and the peers to dial.
+#[derive(Debug)]
+pub(crate) struct Env {
+    home: Option<PathBuf>,
+    pub(crate) peers: Vec<Multiaddr>,
+    pub(crate) mdns: bool,
+}
+
+impl Env {
+    pub(crate) fn new(home: Option<PathBuf>, net: &NetArgs) -> Result<Self> {
+        let mut peers = net.peers.clone();
+        if let Some(env) = std::env::var_os(PEERS_ENV) {
+            let env = env.to_string_lossy();
+            for addr in env.split([',', ' ']).filter(|a| !a.is_empty()) {
+                peers.push(addr.parse().map_err(|e| {
+                    anyhow::anyhow!("{PEERS_ENV}: '{addr}' is not a multiaddr ({e})")
+                })?);
+            }
+        }
+        Ok(Self {
+            home,
+            peers,
+            mdns: !net.no_mdns,
+        })
+    }
+
+    /// A client node that reads `repo` first, if given.
+    pub(crate) fn node(&self, repo: Option<Repo>) -> Node {
+        let mut builder = Node::builder().peers(self.peers.clone()).mdns(self.mdns);
+        if let Some(repo) = repo {
+            builder = builder.repo(repo);
+        }
+        builder.build()
+    }
+
+    pub(crate) fn home_dir(&self) -> Result<PathBuf> {
+        self.home
+            .clone()
+            .or_else(|| {
+                std::env::var_os(p2pmr_node::HOME_ENV)
+                    .filter(|h| !h.is_empty())
+                    .map(PathBuf::from)
+            })
+            .or_else(p2pmr_node::default_home)
+            .context("no repository: pass --home DIR or set P2PMR_HOME (HOME is not set)")
+    }
+
+    pub(crate) fn open_repo(&self) -> Result<Repo> {
+        let home = self.home_dir()?;
+        Repo::open(&home).with_context(|| format!("cannot open repository {}", home.display()))
+    }
+
+    /// The repository if one exists; client commands never create one.
+    pub(crate) fn existing_repo(&self) -> Result<Option<Repo>> {
+        let Ok(home) = self.home_dir() else {
+            return Ok(None);
+        };
+        if !home.join("blocks").is_dir() {
+            return Ok(None);
+        }
+        Repo::open(&home)
+            .map(Some)
+            .with_context(|| format!("cannot open repository {}", home.display()))
+    }
+
+    /// A job by shipped name, .wasm path, or CID in the local repository: `(name, module bytes)`.
+    pub(crate) fn resolve_job(&self, job: &str) -> Result<(String, Vec<u8>)> {
+        if let Some(wasm) = shipped::by_name(job) {
+            return Ok((job.to_owned(), wasm.to_vec()));
+        }
+        let path = Path::new(job);
+        if path.is_file() {
+            let wasm = std::fs::read(path).with_context(|| format!("cannot read {job}"))?;
+            return Ok((job.to_owned(), wasm));
+        }
+        if let Ok(cid) = Cid::try_from(job) {
+            if let Some(repo) = self.existing_repo()? {
+                let mut wasm = Vec::new();
+                repo.cat(cid, 0, |b| {
+                    wasm.extend_from_slice(b);
+                    Ok(())
+                })?;
+                return Ok((job.to_owned(), wasm));
+            }
+            bail!("job {job} is not in the local repository");
+        }
+        let names: Vec<&str> = shipped::JOBS
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| *n != "hostile")
+            .collect();
+        bail!(
+            "no job '{job}': not a shipped job ({}), a .wasm file or a CID",
+            names.join(", ")
+        )
+    }
+}
+
+pub(crate) fn open_input(path: &Path) -> Result<Box<dyn Read + Send>> {
+    if path == Path::new("-") {
+        return Ok(Box::new(io::stdin()));
+    }
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    if file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .is_dir()
+    {
+        bail!("{} is a directory; add takes a file", path.display());
+    }
+    Ok(Box::new(file))
+}
+
+pub(crate) fn parse_cid(s: &str) -> Result<Cid> {
+    Cid::try_from(s.trim()).map_err(|e| anyhow::anyhow!("'{s}' is not a CID ({e})"))
+}

@@ -1,0 +1,9 @@
+//! The MapReduce engine: the job client, the coordinator that plans and schedules a job, the
+//! worker that runs its tasks, and the WebAssembly runtime they run in.
+
+pub mod client;
+pub mod coordinator;
+pub mod local;
+pub mod runtime;
+pub mod shipped;
+pub mod worker;

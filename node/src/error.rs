@@ -1,0 +1,68 @@
+//! The one error type of the [`Node`](crate::Node) API: each layer keeps its own typed error,
+//! and this wraps them so a caller of "add a file, then run a job" handles one type.
+
+use crate::blocks::RemoteError;
+use crate::daemon::DaemonError;
+use crate::engine::client::ClientError;
+use crate::engine::runtime::JobError;
+use crate::net::NetError;
+use crate::repo::files::FileError;
+use crate::repo::store::StoreError;
+use p2pmr_protocol::job::JobSpecError;
+use p2pmr_protocol::Cid;
+use thiserror::Error;
+
+/// Errors of the [`Node`](crate::Node) API.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The local block store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading or writing a file failed.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// Moving blocks over the network failed.
+    #[error(transparent)]
+    Blocks(#[from] RemoteError),
+    /// A job request failed.
+    #[error(transparent)]
+    Jobs(#[from] ClientError),
+    /// The network failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// A wasm module could not be loaded or run.
+    #[error(transparent)]
+    Runtime(#[from] JobError),
+    /// A job spec is not valid.
+    #[error(transparent)]
+    Spec(#[from] JobSpecError),
+    /// Starting or stopping a daemon failed.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// The job ended in failure.
+    #[error("job {job} failed: {reason}")]
+    JobFailed {
+        /// The job id.
+        job: Cid,
+        /// Why, naming the task, peer and record.
+        reason: String,
+    },
+    /// The job was cancelled.
+    #[error("job {job} was cancelled")]
+    JobCancelled {
+        /// The job id.
+        job: Cid,
+    },
+    /// The operation needs a repository and this node has none.
+    #[error("this needs a repository (pass --home or set $P2PMR_HOME)")]
+    NoRepo,
+    /// Something did not happen in time.
+    #[error("{0} did not happen in time")]
+    TimedOut(&'static str),
+    /// Creating a temporary repository failed.
+    #[error("cannot create a temporary directory: {0}")]
+    TempDir(#[source] std::io::Error),
+    /// The operation needs the network and this node is offline.
+    #[error("this needs the network and the node was built offline")]
+    Offline,
+}

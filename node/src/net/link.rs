@@ -1,0 +1,201 @@
+//! How a peer gets onto the network: a daemon's running swarm, or a short-lived client peer
+//! started on first use that looks for daemons only as long as the command at hand needs.
+//!
+//! A client peer dials every `--peer` address at once and then waits, per request, for as
+//! many daemons as that request needs (an `add` with 2 replicas needs 2, `peers` wants all it
+//! can find within the discovery window). Nothing is started for a command that never touches
+//! the network, so a `cat` of a local file does not wait for discovery.
+
+use super::{spawn, NetClient, NetConfig, NetError};
+use futures::future::join_all;
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::OnceCell;
+use tokio::task::JoinHandle;
+
+/// How long an mDNS peer waits for more daemons to answer once it has enough.
+const QUIET: Duration = Duration::from_millis(300);
+/// The shortest discovery window.
+const MIN_DISCOVERY: Duration = Duration::from_millis(500);
+
+/// How a client peer finds daemons.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Daemons to dial.
+    pub peers: Vec<Multiaddr>,
+    /// Also discover daemons on the LAN with mDNS.
+    pub mdns: bool,
+    /// How long to look for daemons before using what was found.
+    pub discovery: Duration,
+}
+
+/// A peer's way onto the network (see the module docs).
+#[derive(Debug)]
+pub struct Link {
+    kind: Kind,
+    started: OnceCell<Started>,
+}
+
+#[derive(Debug)]
+enum Kind {
+    /// No network at all.
+    Offline,
+    /// A network someone else runs (a daemon's).
+    Given,
+    /// A client peer, started on first use.
+    Lazy(ClientConfig),
+}
+
+#[derive(Debug)]
+struct Started {
+    net: NetClient,
+    /// The `--peer`s that answered the dial: requests wait until identify has classified them.
+    named: Vec<PeerId>,
+    /// When discovery stops being worth waiting for.
+    deadline: Instant,
+    /// The most daemons a wait has already been satisfied with (`usize::MAX` once the
+    /// deadline has passed): later requests for as many do not wait again.
+    satisfied: AtomicUsize,
+    /// The client peer's event loop, when this link started it.
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Link {
+    /// No network: only local data is reachable.
+    pub fn offline() -> Self {
+        Self {
+            kind: Kind::Offline,
+            started: OnceCell::new(),
+        }
+    }
+
+    /// A network that is already running (a daemon's own); requests never wait for discovery.
+    pub fn given(net: NetClient) -> Self {
+        let started = Started {
+            net,
+            named: Vec::new(),
+            deadline: Instant::now(),
+            satisfied: AtomicUsize::new(usize::MAX),
+            task: Mutex::new(None),
+        };
+        Self {
+            kind: Kind::Given,
+            started: OnceCell::new_with(Some(started)),
+        }
+    }
+
+    /// A client peer started with `config` on first use.
+    pub fn lazy(config: ClientConfig) -> Self {
+        Self {
+            kind: Kind::Lazy(config),
+            started: OnceCell::new(),
+        }
+    }
+
+    /// The network, if it is running (never starts it).
+    pub fn get(&self) -> Option<&NetClient> {
+        self.started.get().map(|s| &s.net)
+    }
+
+    /// The network, started if need be, once `want` daemons are connected or discovery is
+    /// over (`None` when offline). `want` = `usize::MAX` waits for the whole window.
+    pub async fn ready(&self, want: usize) -> Result<Option<&NetClient>, NetError> {
+        let config = match &self.kind {
+            Kind::Offline => return Ok(None),
+            Kind::Given => return Ok(self.get()),
+            Kind::Lazy(config) => config,
+        };
+        let started = self.started.get_or_try_init(|| start(config)).await?;
+        started.wait(want, config.mdns).await;
+        Ok(Some(&started.net))
+    }
+
+    /// Stops the client peer this link started (connections close); a given network is left
+    /// running.
+    pub async fn close(&self) {
+        let Some(started) = self.started.get() else {
+            return;
+        };
+        let task = started.task.lock().expect("poisoned").take();
+        if let Some(task) = task {
+            started.net.shutdown().await;
+            let _ = task.await;
+        }
+    }
+}
+
+async fn start(config: &ClientConfig) -> Result<Started, NetError> {
+    let network = spawn(NetConfig {
+        keypair: Keypair::generate_ed25519(),
+        listen: vec![],
+        bootstrap: vec![],
+        mdns: config.mdns,
+        serve: false,
+    })
+    .await?;
+    let net = network.client;
+    let dials = config.peers.iter().map(|a| net.dial(a.clone()));
+    let mut named = Vec::new();
+    for (addr, result) in config.peers.iter().zip(join_all(dials).await) {
+        match result {
+            Ok(()) => named.extend(peer_of(addr)),
+            Err(e) => tracing::warn!("cannot reach {addr}: {e}"),
+        }
+    }
+    Ok(Started {
+        net,
+        named,
+        deadline: Instant::now() + config.discovery.max(MIN_DISCOVERY),
+        satisfied: AtomicUsize::new(0),
+        task: Mutex::new(Some(network.task)),
+    })
+}
+
+impl Started {
+    /// Waits until the named peers are classified and `want` daemons are connected (with
+    /// mDNS, also until no more have arrived for a moment), or the deadline passes.
+    async fn wait(&self, want: usize, mdns: bool) {
+        if want <= self.satisfied.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut changes = self.net.watch_daemons();
+        let mut settled_at = Instant::now();
+        loop {
+            let daemons = self.net.daemons();
+            let named_ready = self.named.iter().all(|p| daemons.contains_key(p));
+            let enough = daemons.len() >= want.max(1);
+            // Without mDNS, more daemons can only come from Kademlia (the named peers'
+            // routing tables), which finds them within a round trip or two: wait for enough
+            // of them, but not for quiet, as mDNS answers may trickle in and Kademlia's do not.
+            let quiet = settled_at.elapsed() >= QUIET;
+            if named_ready && enough && (!mdns || quiet) {
+                self.satisfied.fetch_max(want, Ordering::Relaxed);
+                return;
+            }
+            if Instant::now() >= self.deadline {
+                self.satisfied.store(usize::MAX, Ordering::Relaxed);
+                return;
+            }
+            let wait = tokio::time::sleep(Duration::from_millis(50));
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() { return; }
+                    settled_at = Instant::now();
+                }
+                _ = wait => {}
+            }
+        }
+    }
+}
+
+/// The peer id an address names with `/p2p/<id>`, if any.
+pub(super) fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
+    addr.iter().find_map(|p| match p {
+        Protocol::P2p(id) => Some(id),
+        _ => None,
+    })
+}

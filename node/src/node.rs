@@ -1,0 +1,417 @@
+//! [`Node`]: the one handle to a p2pmr peer, used alike by the CLI, the demo, the benchmarks and
+//! the tests: `node.blocks()` to add and read files, `node.jobs()` to publish modules and run
+//! jobs, `node.peers()` to see the daemons.
+//!
+//! A node is a client peer (started on first network use, see [`Link`]) or a daemon's own view
+//! of itself ([`Daemon::node`](crate::Daemon::node)). Clones share the network, the repository
+//! and one [`Fetcher`], so the peers' latency scores and bans persist across calls.
+
+use crate::blocks::{self, Fetcher, FileStat, DISCOVERY};
+use crate::engine::client::{self, Follower};
+use crate::error::Error;
+use crate::net::{ClientConfig, Link, NetClient, PeerInfo};
+use crate::repo::files::{self, Added};
+use crate::repo::store::BlockStore;
+use crate::Repo;
+use futures::Stream;
+use libp2p::{Multiaddr, PeerId};
+use p2pmr_protocol::engine::{Event, JobSummary};
+use p2pmr_protocol::job::JobSpec;
+use p2pmr_protocol::unixfs::Layout;
+use p2pmr_protocol::Cid;
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, Read};
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A p2pmr peer. Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), p2pmr_node::Error> {
+/// use p2pmr_node::{Node, Replicas};
+/// let node = Node::builder().peers(vec!["/ip4/127.0.0.1/tcp/4001".parse().unwrap()]).build();
+/// let added = node.blocks().add(&b"hello world\n"[..], Replicas::network(2)).await?;
+/// let mut text = Vec::new();
+/// node.blocks().cat(added.root, 0, |b| { text.extend_from_slice(b); Ok(()) }).await?;
+/// node.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    link: Arc<Link>,
+    repo: Option<Repo>,
+    fetcher: Fetcher,
+}
+
+/// How to build a client [`Node`].
+#[derive(Debug, Clone)]
+pub struct NodeBuilder {
+    repo: Option<Repo>,
+    config: ClientConfig,
+    offline: bool,
+}
+
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        Self {
+            repo: None,
+            config: ClientConfig {
+                peers: Vec::new(),
+                mdns: true,
+                discovery: DISCOVERY,
+            },
+            offline: false,
+        }
+    }
+}
+
+impl NodeBuilder {
+    /// Reads (and with [`Replicas::Local`], writes) this repository first.
+    pub fn repo(mut self, repo: Repo) -> Self {
+        self.repo = Some(repo);
+        self
+    }
+
+    /// Daemons to dial (each may end in `/p2p/<peer id>`).
+    pub fn peers(mut self, peers: Vec<Multiaddr>) -> Self {
+        self.config.peers = peers;
+        self
+    }
+
+    /// LAN discovery with mDNS (on by default).
+    pub fn mdns(mut self, on: bool) -> Self {
+        self.config.mdns = on;
+        self
+    }
+
+    /// How long to look for daemons before using what was found.
+    pub fn discovery(mut self, window: Duration) -> Self {
+        self.config.discovery = window;
+        self
+    }
+
+    /// No network at all: only the repository is reachable.
+    pub fn offline(mut self) -> Self {
+        self.offline = true;
+        self
+    }
+
+    /// The node. Its network starts on first use.
+    pub fn build(self) -> Node {
+        let link = if self.offline {
+            Link::offline()
+        } else {
+            Link::lazy(self.config)
+        };
+        Node::with_link(link, self.repo)
+    }
+}
+
+impl Node {
+    /// How to build a client node.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// A daemon's view of itself: its running network and repository.
+    pub(crate) fn serving(net: NetClient, repo: Repo) -> Self {
+        Self::with_link(Link::given(net), Some(repo))
+    }
+
+    fn with_link(link: Link, repo: Option<Repo>) -> Self {
+        let link = Arc::new(link);
+        let fetcher = Fetcher::over(link.clone(), repo.as_ref().map(|r| r.blocks().clone()));
+        Self {
+            inner: Arc::new(Inner {
+                link,
+                repo,
+                fetcher,
+            }),
+        }
+    }
+
+    /// The repository, if this node has one.
+    pub fn repo(&self) -> Option<&Repo> {
+        self.inner.repo.as_ref()
+    }
+
+    /// The fetcher every read of this node goes through.
+    pub fn fetcher(&self) -> &Fetcher {
+        &self.inner.fetcher
+    }
+
+    /// The network, started if need be, once `want` daemons are connected or discovery is over.
+    pub async fn net(&self, want: usize) -> Result<&NetClient, Error> {
+        self.inner.link.ready(want).await?.ok_or(Error::Offline)
+    }
+
+    /// The daemons.
+    pub fn peers(&self) -> Peers<'_> {
+        Peers(self)
+    }
+
+    /// Files and blocks.
+    pub fn blocks(&self) -> Blocks<'_> {
+        Blocks(self)
+    }
+
+    /// Jobs.
+    pub fn jobs(&self) -> Jobs<'_> {
+        Jobs(self)
+    }
+
+    /// Closes the client peer this node started, if any (a daemon's network keeps running
+    /// until the daemon stops).
+    pub async fn shutdown(&self) {
+        self.inner.link.close().await;
+    }
+}
+
+/// The daemons a [`Node`] can reach.
+#[derive(Debug, Clone, Copy)]
+pub struct Peers<'a>(&'a Node);
+
+impl Peers<'_> {
+    /// Every daemon found within the discovery window.
+    pub async fn list(&self) -> Result<BTreeMap<PeerId, PeerInfo>, Error> {
+        self.wait_for(usize::MAX).await
+    }
+
+    /// The daemons, once `n` are connected or discovery is over.
+    pub async fn wait_for(&self, n: usize) -> Result<BTreeMap<PeerId, PeerInfo>, Error> {
+        Ok(self.0.net(n).await?.daemons())
+    }
+}
+
+/// Where [`Blocks::add`] stores a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replicas {
+    /// Nowhere: only compute the CID.
+    OnlyHash,
+    /// In the node's repository only.
+    Local,
+    /// Durably on this many distinct daemons.
+    Network(NonZeroUsize),
+}
+
+impl Replicas {
+    /// [`Replicas::Network`] with `n` copies (at least one).
+    pub fn network(n: usize) -> Self {
+        Self::Network(NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN))
+    }
+}
+
+/// Files and blocks, local and on the network.
+#[derive(Debug, Clone, Copy)]
+pub struct Blocks<'a>(&'a Node);
+
+impl Blocks<'_> {
+    /// Adds `source` (kubo's layout and CIDs) and returns once it is stored as asked.
+    pub async fn add(
+        &self,
+        source: impl Read + Send + 'static,
+        replicas: Replicas,
+    ) -> Result<Added, Error> {
+        match replicas {
+            Replicas::OnlyHash => blocking(move || files::import(source, None, Layout::KUBO)).await,
+            Replicas::Local => {
+                let repo = self.0.repo().ok_or(Error::NoRepo)?.clone();
+                blocking(move || repo.add(source)).await
+            }
+            Replicas::Network(n) => {
+                let net = self.0.net(n.get()).await?;
+                Ok(blocks::add(net, source, n.get()).await?)
+            }
+        }
+    }
+
+    /// Streams the file at `root` from byte `offset` into `sink`; returns the bytes written.
+    pub async fn cat(
+        &self,
+        root: Cid,
+        offset: u64,
+        sink: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<u64, Error> {
+        Ok(self.0.fetcher().cat(root, offset, sink).await?)
+    }
+
+    /// Streams a file, or every file of a directory in name order (a job's output: its
+    /// partitions in order), into `sink`.
+    pub async fn cat_tree<F>(&self, root: Cid, sink: &mut F) -> Result<u64, Error>
+    where
+        F: FnMut(&[u8]) -> io::Result<()>,
+    {
+        Ok(self.0.fetcher().cat_tree(root, sink).await?)
+    }
+
+    /// Writes the file or directory at `root` to `path`, which must not exist.
+    pub async fn get(&self, root: Cid, path: &Path) -> Result<u64, Error> {
+        Ok(self.0.fetcher().get(root, path).await?)
+    }
+
+    /// Size, block count and who holds which blocks.
+    pub async fn stat(&self, root: Cid) -> Result<FileStat, Error> {
+        Ok(blocks::stat(self.0.fetcher(), root).await?)
+    }
+
+    /// Copies every block of the DAG at `root` into `store`.
+    pub async fn copy_into(&self, root: Cid, store: &BlockStore) -> Result<u64, Error> {
+        Ok(self.0.fetcher().copy_into(root, store).await?)
+    }
+}
+
+/// Jobs: publish modules, submit specs, follow, list and cancel.
+#[derive(Debug, Clone, Copy)]
+pub struct Jobs<'a>(&'a Node);
+
+impl Jobs<'_> {
+    /// Publishes a wasm module to every daemon; returns its CID.
+    pub async fn publish(&self, wasm: Vec<u8>) -> Result<Cid, Error> {
+        let net = self.0.net(1).await?;
+        Ok(client::publish_module(net, wasm, usize::MAX).await?)
+    }
+
+    /// Publishes `spec` (so whoever follows the job can hand it to another coordinator) and
+    /// hands it to `coordinator`, by default the daemon the job id ranks first.
+    pub async fn submit(
+        &self,
+        spec: JobSpec,
+        coordinator: Option<PeerId>,
+    ) -> Result<JobHandle, Error> {
+        let net = self.0.net(1).await?;
+        let coordinator = client::coordinator_for(net, &spec.id(), coordinator)?;
+        client::publish_spec(net, &spec, usize::MAX).await?;
+        let id = client::submit(net, coordinator, &spec).await?;
+        Ok(JobHandle {
+            node: self.0.clone(),
+            id,
+            coordinator,
+            spec: Some(spec),
+        })
+    }
+
+    /// A handle to the existing job `id`, on `coordinator` or whichever daemon lists it.
+    pub async fn attach(&self, id: Cid, coordinator: Option<PeerId>) -> Result<JobHandle, Error> {
+        let net = self.0.net(1).await?;
+        let coordinator = client::locate(net, &id, coordinator).await?;
+        Ok(JobHandle {
+            node: self.0.clone(),
+            id,
+            coordinator,
+            spec: None,
+        })
+    }
+
+    /// Every reachable daemon's jobs.
+    pub async fn list(&self) -> Result<Vec<(PeerId, Result<Vec<JobSummary>, Error>)>, Error> {
+        let net = self.0.net(usize::MAX).await?;
+        let listed = client::list(net).await;
+        Ok(listed
+            .into_iter()
+            .map(|(peer, r)| (peer, r.map_err(Error::from)))
+            .collect())
+    }
+
+    /// Stops the job `id` everywhere.
+    pub async fn cancel(&self, id: Cid, coordinator: Option<PeerId>) -> Result<(), Error> {
+        let net = self.0.net(1).await?;
+        let coordinator = client::locate(net, &id, coordinator).await?;
+        Ok(client::cancel(net, coordinator, id).await?)
+    }
+}
+
+/// A submitted or attached job.
+#[derive(Debug, Clone)]
+pub struct JobHandle {
+    node: Node,
+    id: Cid,
+    coordinator: PeerId,
+    spec: Option<JobSpec>,
+}
+
+impl JobHandle {
+    /// The job id (the CID of its spec).
+    pub fn id(&self) -> Cid {
+        self.id
+    }
+
+    /// The daemon the job was handed to.
+    pub fn coordinator(&self) -> PeerId {
+        self.coordinator
+    }
+
+    /// Follows the job's events from the first (see [`Follower`]).
+    pub async fn follower(&self) -> Result<Follower, Error> {
+        let net = self.node.net(1).await?.clone();
+        Ok(Follower::new(
+            net,
+            self.coordinator,
+            self.id,
+            self.spec.clone(),
+        ))
+    }
+
+    /// Follows the job to its end, handing each event to `on_event`; the output CID if it
+    /// succeeded.
+    pub async fn wait(&self, mut on_event: impl FnMut(&Event)) -> Result<Cid, Error> {
+        let mut follower = self.follower().await?;
+        while let Some(events) = follower.next_batch().await? {
+            for e in &events {
+                on_event(e);
+            }
+            if follower.is_done() {
+                return match events.into_iter().last() {
+                    Some(Event::Completed { output, .. }) => Ok(output),
+                    Some(Event::Failed { reason }) => Err(Error::JobFailed {
+                        job: self.id,
+                        reason,
+                    }),
+                    _ => Err(Error::JobCancelled { job: self.id }),
+                };
+            }
+        }
+        Err(Error::JobCancelled { job: self.id })
+    }
+
+    /// The job's events from the first to the final one, as a stream.
+    pub fn events(&self) -> impl Stream<Item = Result<Event, Error>> + Send + 'static {
+        let handle = self.clone();
+        let state = (None::<Follower>, VecDeque::<Event>::new(), Some(handle));
+        futures::stream::unfold(state, |(mut follower, mut queue, mut handle)| async move {
+            loop {
+                if let Some(e) = queue.pop_front() {
+                    return Some((Ok(e), (follower, queue, handle)));
+                }
+                if follower.is_none() {
+                    let h = handle.take()?;
+                    match h.follower().await {
+                        Ok(f) => follower = Some(f),
+                        Err(e) => return Some((Err(e), (None, queue, None))),
+                    }
+                }
+                let f = follower.as_mut().expect("set above");
+                match f.next_batch().await {
+                    Ok(Some(events)) => queue.extend(events),
+                    Ok(None) => return None,
+                    Err(e) => return Some((Err(e.into()), (None, queue, None))),
+                }
+            }
+        })
+    }
+}
+
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, files::FileError> + Send + 'static,
+) -> Result<T, Error> {
+    Ok(tokio::task::spawn_blocking(work)
+        .await
+        .expect("file task panicked")?)
+}

@@ -1,0 +1,52 @@
+//! The node's integration tests, in one binary (one link of libp2p and wasmtime): real peers
+//! over TCP on 127.0.0.1 in this process, each with its own repository in a temporary
+//! directory, started by the library's shared [`Cluster`](p2pmr_node::cluster::Cluster).
+//!
+//! - `blocks`: adding, reading and keeping blocks across peers (lying peers, corrupt disks,
+//!   lost daemons, Kademlia discovery).
+//! - `engine`: MapReduce jobs over the network, checked against `run-local`.
+//! - `jobs`: the wasm runtime on its own (shipped jobs against native code, hostile modules).
+
+mod blocks;
+mod engine;
+mod jobs;
+
+use anyhow::Result;
+use p2pmr_node::cluster::{Cluster, ClusterConfig};
+use p2pmr_node::{DaemonConfig, Node};
+use p2pmr_protocol::Cid;
+
+/// `n` daemons with `slots` slots each that know each other.
+async fn linked(n: usize, slots: u32) -> Result<Cluster> {
+    Ok(Cluster::start(ClusterConfig::linked(n, slots)).await?)
+}
+
+/// `n` daemons with 2 slots each that know no one (clients dial them all).
+async fn unlinked(n: usize) -> Result<Cluster> {
+    Ok(Cluster::start(ClusterConfig {
+        daemons: n,
+        slots: 2,
+        linked: false,
+        daemon: DaemonConfig::default(),
+    })
+    .await?)
+}
+
+/// A client of every daemon of `cluster`, once it sees `want` of them.
+async fn client(cluster: &Cluster, want: usize) -> Result<Node> {
+    let node = cluster.client();
+    node.peers().wait_for(want).await?;
+    Ok(node)
+}
+
+/// The whole file or directory at `root`, read through `node`.
+async fn cat_all(node: &Node, root: Cid) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    node.blocks()
+        .cat_tree(root, &mut |b: &[u8]| {
+            out.extend_from_slice(b);
+            Ok(())
+        })
+        .await?;
+    Ok(out)
+}
