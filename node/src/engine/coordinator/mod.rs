@@ -37,29 +37,20 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-/// How long a daemon with a free slot waits for a task whose blocks it holds before it takes
-/// one it must fetch.
-pub const LOCALITY_DELAY: Duration = Duration::from_millis(300);
+mod schedule;
+
+pub use schedule::LOCALITY_DELAY;
+use schedule::{Action, AttemptId, PhaseState, Schedule, Skips, Tally};
+
 /// Default liveness timeout (see [`Coordinator::new`]).
 pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(3);
 /// How long a watch request waits for new events before answering with none.
 const WATCH_WAIT: Duration = Duration::from_secs(5);
-/// Attempts per task before the job fails (failures of the peer, not of the task's code).
-const MAX_ATTEMPTS: usize = 4;
-/// Backup copies of stragglers (the paper's backup tasks): see [`backup_after`].
-const BACKUP_FACTOR: u32 = 2;
-/// The shortest run after which a task may get a backup copy.
-const BACKUP_MIN: Duration = Duration::from_secs(1);
-/// When a task may get a backup copy while no task of its phase has finished.
-const BACKUP_BLIND: Duration = Duration::from_secs(10);
 /// How long the coordinator waits for a worker to confirm it stopped a losing copy.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Times planning asks again for input blocks no reachable daemon has, and the pause between.
 const PLAN_RETRIES: u32 = 3;
 const PLAN_RETRY_PAUSE: Duration = Duration::from_secs(2);
-/// Times a task may fail by itself (trap, time or memory limit), each on another peer when
-/// there is one, before the job fails: a flaky peer is not the job's fault, a bad record is.
-const TASK_FAILURES: usize = 3;
 /// Jobs a coordinator keeps in memory (finished ones are dropped oldest first).
 const MAX_JOBS: usize = 256;
 /// Jobs a coordinator runs at once.
@@ -166,6 +157,7 @@ impl JobHandle {
 }
 
 /// Why a job stopped early.
+#[derive(Debug)]
 enum Stop {
     Failed(String),
     Cancelled,
@@ -678,9 +670,11 @@ impl Coordinator {
                     .phase(
                         handle,
                         sched,
-                        &mut counters,
-                        &mut map_attempts,
-                        &mut gone,
+                        Tally {
+                            counters: &mut counters,
+                            attempts: &mut map_attempts,
+                            gone: &mut gone,
+                        },
                         |t, attempt, skip| {
                             let m = &maps[t];
                             JobRequest::Map(MapTask {
@@ -786,9 +780,11 @@ impl Coordinator {
                 .phase(
                     handle,
                     sched,
-                    &mut counters,
-                    &mut reduce_attempts,
-                    &mut gone,
+                    Tally {
+                        counters: &mut counters,
+                        attempts: &mut reduce_attempts,
+                        gone: &mut gone,
+                    },
                     |r, attempt, _| {
                         JobRequest::Reduce(ReduceTask {
                             spec: bytes.to_vec(),
@@ -948,443 +944,116 @@ impl Coordinator {
     /// map tasks by locality; a task whose peer fails (network error, busy) is tried again
     /// elsewhere, a task that fails by itself fails the job. Returns each task's response and
     /// the peer that ran it.
+    /// Runs one phase: carries out what the phase's [`PhaseState`] decides (calls, aborts,
+    /// probes, events) and feeds it the answers and the time, until every task has answered.
     async fn phase(
         &self,
         handle: &JobHandle,
         sched: Schedule<'_>,
-        counters: &mut Counters,
-        attempts: &mut [u32],
-        gone: &mut HashSet<PeerId>,
+        tally: Tally<'_>,
         request: impl Fn(usize, u32, Vec<u64>) -> JobRequest,
     ) -> Result<Vec<(usize, JobResponse, PeerId)>, Stop> {
-        let n = sched.tasks.len();
         let kind = sched.kind;
-        let skips = sched.skips;
-        let mut pending: Vec<usize> = sched.tasks.iter().rev().copied().collect();
-        let mut free: Vec<u32> = sched.slots.to_vec();
-        // Daemons that have left since the job was planned take no more tasks.
         let connected = self.net().daemons();
         let me = self.net().local_peer_id();
-        let mut dead: Vec<bool> = sched
-            .peers
-            .iter()
-            .map(|p| *p != me && (!connected.contains_key(p) || gone.contains(p)))
-            .collect();
-        // Running attempts by task id, so a stalled peer's can be aborted and retried.
-        let mut on_peer: HashMap<tokio::task::Id, Attempt> = HashMap::new();
-        // Backups: tasks given a second copy near the end of the phase, attempts stopped
-        // because the other copy finished first, and how long finished attempts took.
-        let mut backed: HashSet<usize> = HashSet::new();
-        let mut beaten: HashSet<tokio::task::Id> = HashSet::new();
-        let mut took: Vec<Duration> = Vec::new();
-        let mut complete: HashSet<usize> = HashSet::new();
+        let mut state = PhaseState::new(sched, tally, me, self.inner.liveness, |p| {
+            connected.contains_key(p)
+        });
         let job = handle.log.lock().expect("poisoned").id;
+        let mut calls: JoinSet<(AttemptId, Result<JobResponse, String>)> = JoinSet::new();
+        let mut attempts: HashMap<tokio::task::Id, AttemptId> = HashMap::new();
+        let mut aborts: HashMap<AttemptId, tokio::task::AbortHandle> = HashMap::new();
         let mut probes: JoinSet<(usize, bool)> = JoinSet::new();
-        let mut probing: HashSet<usize> = HashSet::new();
         let mut probe_tick = tokio::time::interval(self.inner.liveness / 3);
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut idle_since: Vec<Option<Instant>> = vec![None; sched.peers.len()];
-        // How often, and on which peers, each task failed by itself.
-        let mut failed: HashMap<usize, (usize, HashSet<usize>)> = HashMap::new();
-        let mut done = Vec::with_capacity(n);
-        let mut running: JoinSet<(usize, usize, Instant, Result<JobResponse, String>)> =
-            JoinSet::new();
         let mut cancel = handle.cancel.subscribe();
-        while done.len() < n {
-            // Assign: one task per peer per round, so tasks spread over the peers.
-            let after = backup_after(&mut took);
-            loop {
-                let mut assigned = false;
-                for p in 0..sched.peers.len() {
-                    if free[p] == 0 || dead[p] {
-                        continue;
+        loop {
+            if !state.is_done() {
+                state.assign(Instant::now());
+            }
+            // The last answer's actions (its event, stopping a backup's loser) go out too.
+            for action in state.take_actions() {
+                match action {
+                    Action::Emit(event) => handle.emit(event),
+                    Action::Start(start) => {
+                        let this = self.clone();
+                        let req = request(start.task, start.attempt, start.skip);
+                        let (id, peer) = (start.id, start.peer);
+                        let abort = calls.spawn(async move { (id, this.call(peer, req).await) });
+                        attempts.insert(abort.id(), id);
+                        aborts.insert(id, abort);
                     }
-                    if pending.is_empty() {
-                        // Near the end of the phase: an idle peer takes a backup copy of the
-                        // task that has run longest, once it runs well past the usual time.
-                        let straggler = on_peer
-                            .values()
-                            .filter(|a| a.p != p && !backed.contains(&a.t))
-                            .filter(|a| !complete.contains(&a.t))
-                            .filter(|a| a.since.elapsed() >= after)
-                            .min_by_key(|a| a.since)
-                            .map(|a| (a.t, a.p));
-                        let Some((t, slow)) = straggler else { continue };
-                        backed.insert(t);
-                        handle.emit(Event::Backup {
+                    Action::Abort(id) => {
+                        if let Some(abort) = aborts.get(&id) {
+                            abort.abort();
+                        }
+                    }
+                    Action::StopOnWorker { peer, task } => {
+                        let this = self.clone();
+                        let stop = JobRequest::AbortTask {
+                            job,
                             kind,
-                            task: t as u32,
-                            slow: sched.peers[slow].to_string(),
-                            peer: sched.peers[p].to_string(),
+                            task: task as u32,
+                        };
+                        tokio::spawn(async move {
+                            let _ =
+                                tokio::time::timeout(ABORT_TIMEOUT, this.call(peer, stop)).await;
                         });
-                        pending.push(t);
                     }
-                    // A task that failed on this peer goes elsewhere while there is elsewhere.
-                    let live = dead.iter().filter(|d| !**d).count();
-                    // Nor does a peer take a second copy of a task it is running.
-                    let eligible = |t: usize| {
-                        failed
-                            .get(&t)
-                            .is_none_or(|(_, on)| !on.contains(&p) || on.len() >= live)
-                            && !on_peer.values().any(|a| a.t == t && a.p == p)
-                    };
-                    let pick = match sched.local {
-                        Some(local) => pending
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, &t)| eligible(t))
-                            .max_by_key(|(i, &t)| (local[t][p], std::cmp::Reverse(*i)))
-                            .map(|(i, &t)| (i, local[t][p])),
-                        None => pending
-                            .iter()
-                            .enumerate()
-                            .rev()
-                            .find(|(_, &t)| eligible(t))
-                            .map(|(i, _)| (i, 0)),
-                    };
-                    let Some((at, score)) = pick else { continue };
-                    if sched.local.is_some() && score == 0 {
-                        // Delay scheduling: wait a little for a task this peer holds.
-                        let since = *idle_since[p].get_or_insert_with(Instant::now);
-                        if since.elapsed() < LOCALITY_DELAY {
-                            continue;
-                        }
-                    }
-                    idle_since[p] = None;
-                    let t = pending.remove(at);
-                    attempts[t] += 1;
-                    match kind {
-                        TaskKind::Map => counters.map_attempts += 1,
-                        TaskKind::Reduce => counters.reduce_attempts += 1,
-                    }
-                    free[p] -= 1;
-                    let peer = sched.peers[p];
-                    let local_percent = match sched.local {
-                        Some(local) if sched.bytes[t] > 0 => {
-                            (local[t][p] * 100 / sched.bytes[t]) as u8
-                        }
-                        _ => 100,
-                    };
-                    handle.emit(Event::TaskStarted {
-                        kind,
-                        task: t as u32,
-                        attempt: attempts[t],
-                        peer: peer.to_string(),
-                        local_percent,
-                    });
-                    let req = request(t, attempts[t], skips.of(t));
-                    let this = self.clone();
-                    let abort = running.spawn(async move {
-                        let started = Instant::now();
-                        (t, p, started, this.call(peer, req).await)
-                    });
-                    on_peer.insert(
-                        abort.id(),
-                        Attempt {
-                            t,
-                            p,
-                            abort,
-                            since: Instant::now(),
-                        },
-                    );
-                    assigned = true;
-                }
-                if !assigned {
-                    break;
                 }
             }
-            if running.is_empty() && !pending.is_empty() && dead.iter().all(|d| *d) {
-                return Err(format!("no daemon is left to run {kind:?} tasks").into());
+            if state.is_done() {
+                break;
             }
-            let next = tokio::select! {
-                r = running.join_next_with_id(), if !running.is_empty() => r,
-                _ = tokio::time::sleep(LOCALITY_DELAY / 3) => None,
+            if let Some(stop) = state.stuck() {
+                return Err(stop);
+            }
+            let outcome = tokio::select! {
+                r = calls.join_next_with_id(), if !calls.is_empty() => match r {
+                    Some(Ok((task, (id, result)))) => {
+                        attempts.remove(&task);
+                        aborts.remove(&id);
+                        state.answered(id, result, Instant::now())
+                    }
+                    Some(Err(e)) if e.is_cancelled() => {
+                        let id = attempts.remove(&e.id()).expect("a call we started");
+                        aborts.remove(&id);
+                        state.cancelled(id, Instant::now())
+                    }
+                    Some(Err(e)) => Err(e.to_string().into()),
+                    None => Ok(()),
+                },
+                _ = tokio::time::sleep(LOCALITY_DELAY / 3) => Ok(()),
                 _ = probe_tick.tick() => {
-                    // Probe every other daemon that is running a task of ours.
-                    let busy: HashSet<usize> = on_peer.values().map(|a| a.p).collect();
-                    for p in busy {
-                        let peer = sched.peers[p];
-                        if peer == me || dead[p] || !probing.insert(p) {
-                            continue;
-                        }
+                    for (p, peer) in state.probe_targets() {
                         let (this, limit) = (self.clone(), self.inner.liveness);
                         probes.spawn(async move {
-                            let answer = tokio::time::timeout(limit, this.call(peer, JobRequest::Slots)).await;
+                            let answer =
+                                tokio::time::timeout(limit, this.call(peer, JobRequest::Slots)).await;
                             (p, matches!(answer, Ok(Ok(JobResponse::Slots { .. }))))
                         });
                     }
-                    None
+                    Ok(())
                 }
                 Some(probe) = probes.join_next(), if !probes.is_empty() => {
                     let (p, alive) = probe.map_err(|e| e.to_string())?;
-                    probing.remove(&p);
-                    if !alive && !dead[p] {
-                        // Stalled or cut off: give up on it for this job; its attempts are
-                        // aborted and come back below as failures to retry elsewhere.
-                        dead[p] = true;
-                        gone.insert(sched.peers[p]);
-                        for a in on_peer.values() {
-                            if a.p == p {
-                                a.abort.abort();
-                            }
-                        }
-                    }
-                    None
+                    state.probed(p, alive);
+                    Ok(())
                 }
-                _ = cancel.wait_for(|c| *c) => return Err(Stop::Cancelled),
+                _ = cancel.wait_for(|c| *c) => Err(Stop::Cancelled),
             };
-            let Some(joined) = next else { continue };
-            let (t, p, started, result) = match joined {
-                Ok((id, done)) => {
-                    on_peer.remove(&id);
-                    done
-                }
-                Err(e) if e.is_cancelled() => {
-                    let a = on_peer.remove(&e.id()).expect("a task we started");
-                    if beaten.remove(&e.id()) {
-                        // The other copy of its task finished first.
-                        free[a.p] += 1;
-                        continue;
+            if let Err(stop) = outcome {
+                // The events that explain the failure go out before it does.
+                for action in state.take_actions() {
+                    if let Action::Emit(event) = action {
+                        handle.emit(event);
                     }
-                    let limit = self.inner.liveness.as_secs_f64();
-                    let reason = format!("no answer to a liveness probe within {limit:.1}s");
-                    (a.t, a.p, Instant::now(), Err(reason))
                 }
-                Err(e) => return Err(e.to_string().into()),
-            };
-            if complete.contains(&t) {
-                // The losing copy of a backed-up task answered before it could be stopped.
-                if result.is_ok() {
-                    free[p] += 1;
-                }
-                continue;
-            }
-            let ends_task = match &result {
-                Ok(JobResponse::MapDone(_) | JobResponse::ReduceDone(_)) => true,
-                Ok(JobResponse::MissingRuns(_)) => kind == TaskKind::Reduce,
-                _ => false,
-            };
-            let peer = sched.peers[p];
-            let what = kind.name();
-            match result {
-                Ok(JobResponse::MissingRuns(runs)) if kind == TaskKind::Reduce => {
-                    // Not this reducer's fault: the caller re-runs the maps and tries again.
-                    free[p] += 1;
-                    handle.emit(Event::TaskFailed {
-                        kind,
-                        task: t as u32,
-                        peer: peer.to_string(),
-                        reason: format!("{} map output(s) could not be fetched", runs.len()),
-                        retry: true,
-                    });
-                    done.push((t, JobResponse::MissingRuns(runs), peer));
-                }
-                Ok(response @ (JobResponse::MapDone(_) | JobResponse::ReduceDone(_))) => {
-                    let right_kind = matches!(
-                        (&response, kind),
-                        (JobResponse::MapDone(_), TaskKind::Map)
-                            | (JobResponse::ReduceDone(_), TaskKind::Reduce)
-                    );
-                    if !right_kind {
-                        return Err(format!(
-                            "{peer} answered {what} task {t} with the wrong kind of result"
-                        )
-                        .into());
-                    }
-                    free[p] += 1;
-                    took.push(started.elapsed());
-                    handle.emit(Event::TaskFinished {
-                        kind,
-                        task: t as u32,
-                        peer: peer.to_string(),
-                        bytes: sched.bytes[t],
-                        millis: started.elapsed().as_millis() as u64,
-                    });
-                    done.push((t, response, peer));
-                }
-                Ok(JobResponse::Failed(reason)) if reason == p2pmr_protocol::wire::BUSY => {
-                    // The worker's queue was full: not the task's fault.
-                    free[p] += 1;
-                    pending.push(t);
-                    attempts[t] -= 1;
-                }
-                Ok(JobResponse::RecordFailed { reason, record })
-                    if kind == TaskKind::Map && skips.failed(t, record) =>
-                {
-                    // The same record failed the task again: leave it out from now on (the
-                    // task starts afresh, with a new count of failures).
-                    free[p] += 1;
-                    skips.skip(t, record).map_err(|limit| {
-                        format!(
-                            "map task {t} failed again on the record at input offset {record}, \
-                             and the job has already skipped its limit of {limit} bad records: \
-                             {reason}"
-                        )
-                    })?;
-                    failed.remove(&t);
-                    handle.emit(Event::TaskFailed {
-                        kind,
-                        task: t as u32,
-                        peer: peer.to_string(),
-                        reason: format!("{reason}; skipping that record from now on"),
-                        retry: true,
-                    });
-                    pending.push(t);
-                }
-                Ok(JobResponse::Failed(reason) | JobResponse::RecordFailed { reason, .. }) => {
-                    // The task failed by itself (trap, time or memory limit): try it on other
-                    // peers a bounded number of times, then fail the job with the reason.
-                    free[p] += 1;
-                    let (count, on) = failed.entry(t).or_default();
-                    *count += 1;
-                    on.insert(p);
-                    let retry = *count < TASK_FAILURES;
-                    retry_or_fail(handle, kind, t, peer, reason, retry, TASK_FAILURES)?;
-                    pending.push(t);
-                }
-                Ok(other) => {
-                    return Err(format!("{peer} answered {what} task {t} with {other:?}").into());
-                }
-                Err(reason) => {
-                    // The peer is unreachable or stalled: run the task elsewhere.
-                    dead[p] = true;
-                    gone.insert(peer);
-                    let retry = attempts[t] < MAX_ATTEMPTS as u32;
-                    retry_or_fail(handle, kind, t, peer, reason, retry, MAX_ATTEMPTS)?;
-                    pending.push(t);
-                }
-            }
-            if ends_task {
-                // First copy home wins: stop the other, here and on its worker.
-                complete.insert(t);
-                pending.retain(|&x| x != t);
-                for (id, a) in on_peer.iter().filter(|(_, a)| a.t == t) {
-                    a.abort.abort();
-                    beaten.insert(*id);
-                    let (this, peer) = (self.clone(), sched.peers[a.p]);
-                    let stop = JobRequest::AbortTask {
-                        job,
-                        kind,
-                        task: t as u32,
-                    };
-                    tokio::spawn(async move {
-                        let _ = tokio::time::timeout(ABORT_TIMEOUT, this.call(peer, stop)).await;
-                    });
-                }
-            } else if on_peer.values().any(|a| a.t == t) {
-                // Another copy is still running: it is the retry.
-                pending.retain(|&x| x != t);
+                return Err(stop);
             }
         }
-        done.sort_by_key(|d| d.0);
-        Ok(done)
+        Ok(state.into_done())
     }
-}
-
-/// A running attempt: its task, its peer (index in the schedule), how to stop it, since when.
-struct Attempt {
-    t: usize,
-    p: usize,
-    abort: tokio::task::AbortHandle,
-    since: Instant,
-}
-
-/// How long a task runs before an idle peer takes a backup copy of it, once nothing is left to
-/// assign: [`BACKUP_FACTOR`] times the phase's median task time so far, at least
-/// [`BACKUP_MIN`]; [`BACKUP_BLIND`] while no task of the phase has finished.
-fn backup_after(took: &mut [Duration]) -> Duration {
-    if took.is_empty() {
-        return BACKUP_BLIND;
-    }
-    let mid = took.len() / 2;
-    let (_, median, _) = took.select_nth_unstable(mid);
-    (*median * BACKUP_FACTOR).max(BACKUP_MIN)
-}
-
-/// Tells watchers attempt `t` failed on `peer`; unless it is to be retried, the job fails
-/// with the reason (`limit` attempts were made).
-fn retry_or_fail(
-    handle: &JobHandle,
-    kind: TaskKind,
-    t: usize,
-    peer: PeerId,
-    reason: String,
-    retry: bool,
-    limit: usize,
-) -> Result<(), Stop> {
-    handle.emit(Event::TaskFailed {
-        kind,
-        task: t as u32,
-        peer: peer.to_string(),
-        reason: reason.clone(),
-        retry,
-    });
-    if retry {
-        return Ok(());
-    }
-    let what = kind.name();
-    Err(format!("{what} task {t} failed {limit} times; last on {peer}: {reason}").into())
-}
-
-/// Bad records of a job's map tasks (`--skip-bad-records`): how often each failed its task,
-/// and those to leave out, per task. A record is skipped once it has failed twice, as in the
-/// MapReduce paper, at most `limit` records in all.
-#[derive(Debug, Default)]
-struct Skips {
-    limit: u32,
-    failures: HashMap<(usize, u64), u32>,
-    skipped: HashMap<usize, Vec<u64>>,
-}
-
-impl Skips {
-    fn new(limit: u32) -> Self {
-        Self {
-            limit,
-            ..Self::default()
-        }
-    }
-
-    /// Counts a failure of task `t` on `record`; says whether the record is now to be skipped.
-    fn failed(&mut self, t: usize, record: u64) -> bool {
-        if self.limit == 0 {
-            return false;
-        }
-        let n = self.failures.entry((t, record)).or_default();
-        *n += 1;
-        *n >= 2
-    }
-
-    /// Leaves `record` out of task `t` from now on; the limit is the error if it is reached.
-    fn skip(&mut self, t: usize, record: u64) -> Result<(), u32> {
-        let total: usize = self.skipped.values().map(Vec::len).sum();
-        if total >= self.limit as usize {
-            return Err(self.limit);
-        }
-        let list = self.skipped.entry(t).or_default();
-        if let Err(at) = list.binary_search(&record) {
-            list.insert(at, record);
-        }
-        Ok(())
-    }
-
-    /// The sorted offsets to leave out of task `t`.
-    fn of(&self, t: usize) -> Vec<u64> {
-        self.skipped.get(&t).cloned().unwrap_or_default()
-    }
-}
-
-struct Schedule<'a> {
-    kind: TaskKind,
-    peers: &'a [PeerId],
-    slots: &'a [u32],
-    /// For map tasks: bytes of each task held by each peer.
-    local: Option<&'a [Vec<u64>]>,
-    /// Input bytes of each task of the job.
-    bytes: &'a [u64],
-    /// The tasks to run now.
-    tasks: Vec<usize>,
-    /// Bad records to leave out of map tasks.
-    skips: &'a mut Skips,
 }
 
 /// The leaves of the file at `root`, in order, with their sizes (fetching inner nodes only).

@@ -1,0 +1,995 @@
+//! The scheduler of one phase (the map tasks, or the reduce tasks) as a sans-I/O state
+//! machine: it decides which task runs where and what each answer means, and does no I/O and
+//! reads no clock. The coordinator's driver feeds it time and answers and carries out the
+//! [`Action`]s it asks for (start a call, abort one, tell a worker to stop, emit an event), as
+//! the network fetcher drives `protocol`'s `FileReader`.
+//!
+//! Its policies:
+//! - **Spread**: one task per peer per round, so tasks spread over the peers.
+//! - **Locality**: a peer takes the pending map task of which it holds the most bytes.
+//! - **Delay scheduling**: a peer holding none of the pending map tasks' bytes waits
+//!   [`LOCALITY_DELAY`] before taking one it must fetch.
+//! - **Backups** (the paper's backup tasks): once nothing is left to assign, an idle peer
+//!   takes a second copy of the task that has run longest, if it has run [`BACKUP_FACTOR`]
+//!   times the phase's median; the first copy to finish wins and the other is stopped.
+//! - **Retries**: a peer that fails (unreachable, stalled) is given up on and its task runs
+//!   elsewhere, [`MAX_ATTEMPTS`] attempts at most; a task that fails by itself (trap, time or
+//!   memory limit) runs again on another peer while there is one, [`TASK_FAILURES`] times at
+//!   most; a `busy` answer is not an attempt.
+//! - **Liveness**: peers running our tasks are probed; one that does not answer is given up
+//!   on, and its attempts are aborted and retried elsewhere.
+//! - **Bad records**: a record that fails its map task twice is left out of that task from
+//!   then on, within the job's limit (`--skip-bad-records`).
+
+use super::Stop;
+use libp2p::PeerId;
+use p2pmr_protocol::engine::{Counters, Event, JobResponse, TaskKind};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// How long a daemon with a free slot waits for a task whose blocks it holds before it takes
+/// one it must fetch.
+pub const LOCALITY_DELAY: Duration = Duration::from_millis(300);
+/// Attempts per task before the job fails (failures of the peer, not of the task's code).
+pub(crate) const MAX_ATTEMPTS: usize = 4;
+/// Times a task may fail by itself (trap, time or memory limit), each on another peer when
+/// there is one, before the job fails: a flaky peer is not the job's fault, a bad record is.
+pub(crate) const TASK_FAILURES: usize = 3;
+/// Backup copies of stragglers: see [`backup_after`].
+const BACKUP_FACTOR: u32 = 2;
+/// The shortest run after which a task may get a backup copy.
+const BACKUP_MIN: Duration = Duration::from_secs(1);
+/// When a task may get a backup copy while no task of its phase has finished.
+const BACKUP_BLIND: Duration = Duration::from_secs(10);
+
+/// Names one attempt (one call of a task on a peer) for the phase's lifetime.
+pub(crate) type AttemptId = u64;
+
+/// What a phase runs and where.
+pub(crate) struct Schedule<'a> {
+    pub(crate) kind: TaskKind,
+    pub(crate) peers: &'a [PeerId],
+    pub(crate) slots: &'a [u32],
+    /// For map tasks: bytes of each task held by each peer.
+    pub(crate) local: Option<&'a [Vec<u64>]>,
+    /// Input bytes of each task of the job.
+    pub(crate) bytes: &'a [u64],
+    /// The tasks to run now.
+    pub(crate) tasks: Vec<usize>,
+    /// Bad records to leave out of map tasks.
+    pub(crate) skips: &'a mut Skips,
+}
+
+/// What the job keeps across its phases: counters, attempts per task of this phase's kind,
+/// and the peers it has given up on.
+pub(crate) struct Tally<'a> {
+    pub(crate) counters: &'a mut Counters,
+    pub(crate) attempts: &'a mut [u32],
+    pub(crate) gone: &'a mut HashSet<PeerId>,
+}
+
+/// What the driver is to do.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Action {
+    /// Tell the job's watchers.
+    Emit(Event),
+    /// Call a worker to run a task.
+    Start(Start),
+    /// Drop the call of this attempt (its answer, if any, is no longer wanted).
+    Abort(AttemptId),
+    /// Ask the worker on `peer` to stop its copy of `task` (another copy won).
+    StopOnWorker {
+        /// The worker.
+        peer: PeerId,
+        /// The task.
+        task: usize,
+    },
+}
+
+/// A task to start.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Start {
+    pub(crate) id: AttemptId,
+    pub(crate) task: usize,
+    pub(crate) peer: PeerId,
+    /// The task's attempt number (1 for its first).
+    pub(crate) attempt: u32,
+    /// Input offsets of records to leave out (map tasks).
+    pub(crate) skip: Vec<u64>,
+}
+
+/// A running attempt: its task, its peer (index in the schedule), since when.
+#[derive(Debug)]
+struct Attempt {
+    t: usize,
+    p: usize,
+    since: Instant,
+}
+
+/// The state of one phase (see the module docs).
+pub(crate) struct PhaseState<'a> {
+    kind: TaskKind,
+    peers: &'a [PeerId],
+    local: Option<&'a [Vec<u64>]>,
+    bytes: &'a [u64],
+    skips: &'a mut Skips,
+    tally: Tally<'a>,
+    me: PeerId,
+    liveness: Duration,
+    n: usize,
+    /// Tasks to assign, the next one last.
+    pending: Vec<usize>,
+    free: Vec<u32>,
+    dead: Vec<bool>,
+    running: BTreeMap<AttemptId, Attempt>,
+    next_id: AttemptId,
+    /// Tasks given a backup copy, and attempts stopped because the other copy finished first.
+    backed: HashSet<usize>,
+    beaten: HashSet<AttemptId>,
+    /// How long finished attempts took.
+    took: Vec<Duration>,
+    complete: HashSet<usize>,
+    probing: HashSet<usize>,
+    idle_since: Vec<Option<Instant>>,
+    /// How often, and on which peers, each task failed by itself.
+    failed: HashMap<usize, (usize, HashSet<usize>)>,
+    done: Vec<(usize, JobResponse, PeerId)>,
+    actions: Vec<Action>,
+}
+
+impl<'a> PhaseState<'a> {
+    /// A phase of `sched` run by `me`, giving up on a peer that does not answer a probe within
+    /// `liveness`. Peers that are not `connected`, or the job has given up on, take no tasks.
+    pub(crate) fn new(
+        sched: Schedule<'a>,
+        tally: Tally<'a>,
+        me: PeerId,
+        liveness: Duration,
+        connected: impl Fn(&PeerId) -> bool,
+    ) -> Self {
+        let dead = sched
+            .peers
+            .iter()
+            .map(|p| *p != me && (!connected(p) || tally.gone.contains(p)))
+            .collect();
+        Self {
+            kind: sched.kind,
+            peers: sched.peers,
+            local: sched.local,
+            bytes: sched.bytes,
+            skips: sched.skips,
+            me,
+            liveness,
+            n: sched.tasks.len(),
+            pending: sched.tasks.iter().rev().copied().collect(),
+            free: sched.slots.to_vec(),
+            dead,
+            running: BTreeMap::new(),
+            next_id: 0,
+            backed: HashSet::new(),
+            beaten: HashSet::new(),
+            took: Vec::new(),
+            complete: HashSet::new(),
+            probing: HashSet::new(),
+            idle_since: vec![None; sched.peers.len()],
+            failed: HashMap::new(),
+            done: Vec::with_capacity(sched.tasks.len()),
+            actions: Vec::new(),
+            tally,
+        }
+    }
+
+    /// Every task of the phase has an answer.
+    pub(crate) fn is_done(&self) -> bool {
+        self.done.len() >= self.n
+    }
+
+    /// The answers, by task.
+    pub(crate) fn into_done(mut self) -> Vec<(usize, JobResponse, PeerId)> {
+        self.done.sort_by_key(|d| d.0);
+        self.done
+    }
+
+    /// The actions decided since the last call, in order.
+    pub(crate) fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// Why the phase cannot go on: tasks wait and no peer is left to run them.
+    pub(crate) fn stuck(&self) -> Option<Stop> {
+        let kind = self.kind;
+        (self.running.is_empty() && !self.pending.is_empty() && self.dead.iter().all(|d| *d))
+            .then(|| format!("no daemon is left to run {kind:?} tasks").into())
+    }
+
+    /// Starts what can start at `now`: one task per free peer per round while any is taken.
+    pub(crate) fn assign(&mut self, now: Instant) {
+        let after = backup_after(&mut self.took);
+        loop {
+            let mut assigned = false;
+            for p in 0..self.peers.len() {
+                if self.free[p] > 0 && !self.dead[p] && self.assign_to(p, now, after) {
+                    assigned = true;
+                }
+            }
+            if !assigned {
+                break;
+            }
+        }
+    }
+
+    /// Gives peer `p` a task if one is right for it now; says whether it did.
+    fn assign_to(&mut self, p: usize, now: Instant, after: Duration) -> bool {
+        if self.pending.is_empty() && !self.back_up(p, now, after) {
+            return false;
+        }
+        let Some((at, score)) = self.pick(p) else {
+            return false;
+        };
+        if self.local.is_some() && score == 0 {
+            // Delay scheduling: wait a little for a task this peer holds.
+            let since = *self.idle_since[p].get_or_insert(now);
+            if now.duration_since(since) < LOCALITY_DELAY {
+                return false;
+            }
+        }
+        self.idle_since[p] = None;
+        let t = self.pending.remove(at);
+        self.start(t, p, now);
+        true
+    }
+
+    /// Near the end of the phase: peer `p` takes a backup copy of the task that has run
+    /// longest, once it runs well past the usual time. Says whether it queued one.
+    fn back_up(&mut self, p: usize, now: Instant, after: Duration) -> bool {
+        let straggler = self
+            .running
+            .values()
+            .filter(|a| a.p != p && !self.backed.contains(&a.t))
+            .filter(|a| !self.complete.contains(&a.t))
+            .filter(|a| now.duration_since(a.since) >= after)
+            .min_by_key(|a| a.since)
+            .map(|a| (a.t, a.p));
+        let Some((t, slow)) = straggler else {
+            return false;
+        };
+        self.backed.insert(t);
+        self.emit(Event::Backup {
+            kind: self.kind,
+            task: t as u32,
+            slow: self.peers[slow].to_string(),
+            peer: self.peers[p].to_string(),
+        });
+        self.pending.push(t);
+        true
+    }
+
+    /// The pending task for peer `p` (its place in `pending`) and how many of its bytes `p`
+    /// holds: the most local one, else the next in order.
+    fn pick(&self, p: usize) -> Option<(usize, u64)> {
+        // A task that failed on this peer goes elsewhere while there is elsewhere; nor does
+        // a peer take a second copy of a task it is running.
+        let live = self.dead.iter().filter(|d| !**d).count();
+        let eligible = |t: usize| {
+            self.failed
+                .get(&t)
+                .is_none_or(|(_, on)| !on.contains(&p) || on.len() >= live)
+                && !self.running.values().any(|a| a.t == t && a.p == p)
+        };
+        match self.local {
+            Some(local) => self
+                .pending
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| eligible(t))
+                .max_by_key(|(i, &t)| (local[t][p], std::cmp::Reverse(*i)))
+                .map(|(i, &t)| (i, local[t][p])),
+            None => self
+                .pending
+                .iter()
+                .enumerate()
+                .rev()
+                .find(|(_, &t)| eligible(t))
+                .map(|(i, _)| (i, 0)),
+        }
+    }
+
+    fn start(&mut self, t: usize, p: usize, now: Instant) {
+        self.tally.attempts[t] += 1;
+        match self.kind {
+            TaskKind::Map => self.tally.counters.map_attempts += 1,
+            TaskKind::Reduce => self.tally.counters.reduce_attempts += 1,
+        }
+        self.free[p] -= 1;
+        let local_percent = match self.local {
+            Some(local) if self.bytes[t] > 0 => (local[t][p] * 100 / self.bytes[t]) as u8,
+            _ => 100,
+        };
+        let attempt = self.tally.attempts[t];
+        self.emit(Event::TaskStarted {
+            kind: self.kind,
+            task: t as u32,
+            attempt,
+            peer: self.peers[p].to_string(),
+            local_percent,
+        });
+        let id = self.next_id;
+        self.next_id += 1;
+        self.running.insert(id, Attempt { t, p, since: now });
+        self.actions.push(Action::Start(Start {
+            id,
+            task: t,
+            peer: self.peers[p],
+            attempt,
+            skip: self.skips.of(t),
+        }));
+    }
+
+    /// The call of attempt `id` was aborted before it answered: the other copy won, or its
+    /// peer was given up on (then it is retried as a failure of that peer).
+    pub(crate) fn cancelled(&mut self, id: AttemptId, now: Instant) -> Result<(), Stop> {
+        if self.beaten.remove(&id) {
+            if let Some(a) = self.running.remove(&id) {
+                self.free[a.p] += 1;
+            }
+            return Ok(());
+        }
+        let limit = self.liveness.as_secs_f64();
+        let reason = format!("no answer to a liveness probe within {limit:.1}s");
+        self.answered(id, Err(reason), now)
+    }
+
+    /// Attempt `id` answered (or its call failed with the reason).
+    pub(crate) fn answered(
+        &mut self,
+        id: AttemptId,
+        result: Result<JobResponse, String>,
+        now: Instant,
+    ) -> Result<(), Stop> {
+        let Some(Attempt { t, p, since }) = self.running.remove(&id) else {
+            return Ok(());
+        };
+        self.beaten.remove(&id);
+        let (kind, peer) = (self.kind, self.peers[p]);
+        if self.complete.contains(&t) {
+            // The losing copy of a backed-up task answered before it could be stopped.
+            if result.is_ok() {
+                self.free[p] += 1;
+            }
+            return Ok(());
+        }
+        let ends_task = match &result {
+            Ok(JobResponse::MapDone(_) | JobResponse::ReduceDone(_)) => true,
+            Ok(JobResponse::MissingRuns(_)) => kind == TaskKind::Reduce,
+            _ => false,
+        };
+        let what = kind.name();
+        match result {
+            Ok(JobResponse::MissingRuns(runs)) if kind == TaskKind::Reduce => {
+                // Not this reducer's fault: the caller re-runs the maps and tries again.
+                self.free[p] += 1;
+                self.emit(Event::TaskFailed {
+                    kind,
+                    task: t as u32,
+                    peer: peer.to_string(),
+                    reason: format!("{} map output(s) could not be fetched", runs.len()),
+                    retry: true,
+                });
+                self.done.push((t, JobResponse::MissingRuns(runs), peer));
+            }
+            Ok(response @ (JobResponse::MapDone(_) | JobResponse::ReduceDone(_))) => {
+                let right_kind = matches!(
+                    (&response, kind),
+                    (JobResponse::MapDone(_), TaskKind::Map)
+                        | (JobResponse::ReduceDone(_), TaskKind::Reduce)
+                );
+                if !right_kind {
+                    return Err(format!(
+                        "{peer} answered {what} task {t} with the wrong kind of result"
+                    )
+                    .into());
+                }
+                self.free[p] += 1;
+                let took = now.duration_since(since);
+                self.took.push(took);
+                self.emit(Event::TaskFinished {
+                    kind,
+                    task: t as u32,
+                    peer: peer.to_string(),
+                    bytes: self.bytes[t],
+                    millis: took.as_millis() as u64,
+                });
+                self.done.push((t, response, peer));
+            }
+            Ok(JobResponse::Failed(reason)) if reason == p2pmr_protocol::wire::BUSY => {
+                // The worker's queue was full: not the task's fault.
+                self.free[p] += 1;
+                self.pending.push(t);
+                self.tally.attempts[t] -= 1;
+            }
+            Ok(JobResponse::RecordFailed { reason, record })
+                if kind == TaskKind::Map && self.skips.failed(t, record) =>
+            {
+                // The same record failed the task again: leave it out from now on (the task
+                // starts afresh, with a new count of failures).
+                self.free[p] += 1;
+                self.skips.skip(t, record).map_err(|limit| {
+                    format!(
+                        "map task {t} failed again on the record at input offset {record}, \
+                         and the job has already skipped its limit of {limit} bad records: \
+                         {reason}"
+                    )
+                })?;
+                self.failed.remove(&t);
+                self.emit(Event::TaskFailed {
+                    kind,
+                    task: t as u32,
+                    peer: peer.to_string(),
+                    reason: format!("{reason}; skipping that record from now on"),
+                    retry: true,
+                });
+                self.pending.push(t);
+            }
+            Ok(JobResponse::Failed(reason) | JobResponse::RecordFailed { reason, .. }) => {
+                // The task failed by itself (trap, time or memory limit): try it on other
+                // peers a bounded number of times, then fail the job with the reason.
+                self.free[p] += 1;
+                let (count, on) = self.failed.entry(t).or_default();
+                *count += 1;
+                on.insert(p);
+                let retry = *count < TASK_FAILURES;
+                self.retry_or_fail(t, peer, reason, retry, TASK_FAILURES)?;
+                self.pending.push(t);
+            }
+            Ok(other) => {
+                return Err(format!("{peer} answered {what} task {t} with {other:?}").into());
+            }
+            Err(reason) => {
+                // The peer is unreachable or stalled: run the task elsewhere.
+                self.dead[p] = true;
+                self.tally.gone.insert(peer);
+                let retry = self.tally.attempts[t] < MAX_ATTEMPTS as u32;
+                self.retry_or_fail(t, peer, reason, retry, MAX_ATTEMPTS)?;
+                self.pending.push(t);
+            }
+        }
+        if ends_task {
+            // First copy home wins: stop the other, here and on its worker.
+            self.complete.insert(t);
+            self.pending.retain(|&x| x != t);
+            let losers: Vec<(AttemptId, usize)> = self
+                .running
+                .iter()
+                .filter(|(_, a)| a.t == t)
+                .map(|(id, a)| (*id, a.p))
+                .collect();
+            for (id, p) in losers {
+                self.beaten.insert(id);
+                self.actions.push(Action::Abort(id));
+                self.actions.push(Action::StopOnWorker {
+                    peer: self.peers[p],
+                    task: t,
+                });
+            }
+        } else if self.running.values().any(|a| a.t == t) {
+            // Another copy is still running: it is the retry.
+            self.pending.retain(|&x| x != t);
+        }
+        Ok(())
+    }
+
+    /// The peers to probe now: every other peer running a task of ours that is not being
+    /// probed already.
+    pub(crate) fn probe_targets(&mut self) -> Vec<(usize, PeerId)> {
+        let busy: HashSet<usize> = self.running.values().map(|a| a.p).collect();
+        let mut targets: Vec<(usize, PeerId)> = busy
+            .into_iter()
+            .filter(|&p| self.peers[p] != self.me && !self.dead[p])
+            .filter(|&p| self.probing.insert(p))
+            .map(|p| (p, self.peers[p]))
+            .collect();
+        targets.sort_unstable_by_key(|(p, _)| *p);
+        targets
+    }
+
+    /// Peer `p` answered its probe in time, or not: then it is stalled or cut off, and the
+    /// job gives up on it; its attempts are aborted and come back through
+    /// [`cancelled`](Self::cancelled) to be retried elsewhere.
+    pub(crate) fn probed(&mut self, p: usize, alive: bool) {
+        self.probing.remove(&p);
+        if alive || self.dead[p] {
+            return;
+        }
+        self.dead[p] = true;
+        self.tally.gone.insert(self.peers[p]);
+        let stalled: Vec<AttemptId> = self
+            .running
+            .iter()
+            .filter(|(_, a)| a.p == p)
+            .map(|(id, _)| *id)
+            .collect();
+        self.actions.extend(stalled.into_iter().map(Action::Abort));
+    }
+
+    /// Tells watchers attempt `t` failed on `peer`; unless it is to be retried, the job fails
+    /// with the reason (`limit` attempts were made).
+    fn retry_or_fail(
+        &mut self,
+        t: usize,
+        peer: PeerId,
+        reason: String,
+        retry: bool,
+        limit: usize,
+    ) -> Result<(), Stop> {
+        self.emit(Event::TaskFailed {
+            kind: self.kind,
+            task: t as u32,
+            peer: peer.to_string(),
+            reason: reason.clone(),
+            retry,
+        });
+        if retry {
+            return Ok(());
+        }
+        let what = self.kind.name();
+        Err(format!("{what} task {t} failed {limit} times; last on {peer}: {reason}").into())
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.actions.push(Action::Emit(event));
+    }
+}
+
+/// How long a task runs before an idle peer takes a backup copy of it, once nothing is left to
+/// assign: [`BACKUP_FACTOR`] times the phase's median task time so far, at least
+/// [`BACKUP_MIN`]; [`BACKUP_BLIND`] while no task of the phase has finished.
+fn backup_after(took: &mut [Duration]) -> Duration {
+    if took.is_empty() {
+        return BACKUP_BLIND;
+    }
+    let mid = took.len() / 2;
+    let (_, median, _) = took.select_nth_unstable(mid);
+    (*median * BACKUP_FACTOR).max(BACKUP_MIN)
+}
+
+/// Bad records of a job's map tasks (`--skip-bad-records`): how often each failed its task,
+/// and those to leave out, per task. A record is skipped once it has failed twice, as in the
+/// MapReduce paper, at most `limit` records in all.
+#[derive(Debug, Default)]
+pub(crate) struct Skips {
+    limit: u32,
+    failures: HashMap<(usize, u64), u32>,
+    skipped: HashMap<usize, Vec<u64>>,
+}
+
+impl Skips {
+    pub(crate) fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
+    }
+
+    /// Counts a failure of task `t` on `record`; says whether the record is now to be skipped.
+    fn failed(&mut self, t: usize, record: u64) -> bool {
+        if self.limit == 0 {
+            return false;
+        }
+        let n = self.failures.entry((t, record)).or_default();
+        *n += 1;
+        *n >= 2
+    }
+
+    /// Leaves `record` out of task `t` from now on; the limit is the error if it is reached.
+    fn skip(&mut self, t: usize, record: u64) -> Result<(), u32> {
+        let total: usize = self.skipped.values().map(Vec::len).sum();
+        if total >= self.limit as usize {
+            return Err(self.limit);
+        }
+        let list = self.skipped.entry(t).or_default();
+        if let Err(at) = list.binary_search(&record) {
+            list.insert(at, record);
+        }
+        Ok(())
+    }
+
+    /// The sorted offsets to leave out of task `t`.
+    fn of(&self, t: usize) -> Vec<u64> {
+        self.skipped.get(&t).cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2pmr_protocol::engine::{MapOutput, ReduceOutput, RunRef};
+    use p2pmr_protocol::wire::BUSY;
+
+    /// The owned data a phase borrows, and a clock that starts at `t0`.
+    struct Fixture {
+        kind: TaskKind,
+        peers: Vec<PeerId>,
+        slots: Vec<u32>,
+        local: Option<Vec<Vec<u64>>>,
+        bytes: Vec<u64>,
+        skips: Skips,
+        counters: Counters,
+        attempts: Vec<u32>,
+        gone: HashSet<PeerId>,
+        t0: Instant,
+    }
+
+    impl Fixture {
+        /// `tasks` reduce tasks on `peers` peers with `slots` slots each.
+        fn new(kind: TaskKind, tasks: usize, peers: usize, slots: u32) -> Self {
+            Self {
+                kind,
+                peers: (0..peers).map(|_| PeerId::random()).collect(),
+                slots: vec![slots; peers],
+                local: None,
+                bytes: vec![100; tasks],
+                skips: Skips::new(0),
+                counters: Counters::default(),
+                attempts: vec![0; tasks],
+                gone: HashSet::new(),
+                t0: Instant::now(),
+            }
+        }
+
+        /// Map tasks whose bytes each peer holds: `local[task][peer]`.
+        fn with_local(mut self, local: Vec<Vec<u64>>) -> Self {
+            self.local = Some(local);
+            self
+        }
+
+        /// The phase, run by a coordinator that is none of the peers, every peer connected.
+        fn state(&mut self) -> PhaseState<'_> {
+            let me = PeerId::random();
+            self.state_connected(me, |_| true)
+        }
+
+        fn state_connected(
+            &mut self,
+            me: PeerId,
+            connected: impl Fn(&PeerId) -> bool,
+        ) -> PhaseState<'_> {
+            let tasks = (0..self.attempts.len()).collect();
+            PhaseState::new(
+                Schedule {
+                    kind: self.kind,
+                    peers: &self.peers,
+                    slots: &self.slots,
+                    local: self.local.as_deref(),
+                    bytes: &self.bytes,
+                    tasks,
+                    skips: &mut self.skips,
+                },
+                Tally {
+                    counters: &mut self.counters,
+                    attempts: &mut self.attempts,
+                    gone: &mut self.gone,
+                },
+                me,
+                Duration::from_secs(3),
+                connected,
+            )
+        }
+    }
+
+    fn at(t0: Instant, millis: u64) -> Instant {
+        t0 + Duration::from_millis(millis)
+    }
+
+    /// The starts among `actions`: (attempt, task, peer index, skip list).
+    fn starts(actions: &[Action], peers: &[PeerId]) -> Vec<(AttemptId, usize, usize, Vec<u64>)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start(s) => {
+                    let p = peers.iter().position(|p| *p == s.peer).expect("a peer");
+                    Some((s.id, s.task, p, s.skip.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The (task, peer index) of each start among `actions`.
+    fn placed(actions: &[Action], peers: &[PeerId]) -> Vec<(usize, usize)> {
+        starts(actions, peers)
+            .into_iter()
+            .map(|(_, t, p, _)| (t, p))
+            .collect()
+    }
+
+    fn events(actions: &[Action]) -> Vec<&Event> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Emit(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn map_done() -> Result<JobResponse, String> {
+        Ok(JobResponse::MapDone(MapOutput {
+            parts: vec![],
+            counters: Counters::default(),
+        }))
+    }
+
+    fn reduce_done() -> Result<JobResponse, String> {
+        Ok(JobResponse::ReduceDone(ReduceOutput {
+            cid: *p2pmr_protocol::Block::raw(b"part".to_vec()).cid(),
+            size: 4,
+            tsize: 4,
+            counters: Counters::default(),
+        }))
+    }
+
+    #[test]
+    fn tasks_spread_one_per_peer_per_round() {
+        let mut f = Fixture::new(TaskKind::Reduce, 4, 2, 2);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let placed = placed(&s.take_actions(), &peers);
+        assert_eq!(placed, vec![(0, 0), (1, 1), (2, 0), (3, 1)]);
+    }
+
+    #[test]
+    fn a_peer_takes_the_map_task_it_holds_most_of() {
+        // Task 1 is on peer 0, task 0 on peer 1, task 2 nowhere: in order, peer 0 would take
+        // task 0 and peer 1 task 1.
+        let local = vec![vec![0, 50], vec![100, 0], vec![0, 0]];
+        let mut f = Fixture::new(TaskKind::Map, 3, 2, 1).with_local(local);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let placed = placed(&s.take_actions(), &peers);
+        assert_eq!(placed, vec![(1, 0), (0, 1)]);
+        assert_eq!(s.tally.counters.map_attempts, 2);
+    }
+
+    #[test]
+    fn a_peer_without_local_tasks_waits_before_taking_a_remote_one() {
+        // Both tasks are on peer 0, which has one slot; peer 1 holds neither.
+        let mut f =
+            Fixture::new(TaskKind::Map, 2, 2, 1).with_local(vec![vec![100, 0], vec![100, 0]]);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        assert_eq!(starts(&s.take_actions(), &peers).len(), 1, "peer 0 only");
+        s.assign(at(t0, 100));
+        assert!(
+            starts(&s.take_actions(), &peers).is_empty(),
+            "peer 1 still waits"
+        );
+        s.assign(t0 + LOCALITY_DELAY);
+        let late = starts(&s.take_actions(), &peers);
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].2, 1, "peer 1 takes it once the delay is over");
+    }
+
+    #[test]
+    fn a_straggler_gets_a_backup_copy_and_the_first_copy_home_wins() {
+        let mut f = Fixture::new(TaskKind::Reduce, 2, 2, 1);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let first = starts(&s.take_actions(), &peers);
+        let (a0, a1) = (first[0].0, first[1].0);
+        // Task 0 takes 1 s, so a backup may start once task 1 has run 2 s.
+        s.answered(a0, reduce_done(), at(t0, 1000)).unwrap();
+        s.take_actions();
+        s.assign(at(t0, 1500));
+        assert!(
+            starts(&s.take_actions(), &peers).is_empty(),
+            "not yet a straggler"
+        );
+        s.assign(at(t0, 2000));
+        let actions = s.take_actions();
+        assert!(events(&actions)
+            .iter()
+            .any(|e| matches!(e, Event::Backup { task: 1, .. })));
+        let backup = starts(&actions, &peers);
+        assert_eq!(backup.len(), 1);
+        assert_eq!(
+            (backup[0].1, backup[0].2),
+            (1, 0),
+            "the idle peer copies task 1"
+        );
+        // The backup finishes first: the original is dropped here and stopped on its worker.
+        s.answered(backup[0].0, reduce_done(), at(t0, 2500))
+            .unwrap();
+        let actions = s.take_actions();
+        assert!(actions.contains(&Action::Abort(a1)));
+        assert!(actions.contains(&Action::StopOnWorker {
+            peer: peers[1],
+            task: 1
+        }));
+        assert!(s.is_done());
+        // Its cancelled call is no failure; a late answer of the loser would be ignored too.
+        s.cancelled(a1, at(t0, 2600)).unwrap();
+        assert!(events(&s.take_actions()).is_empty());
+        assert_eq!(s.into_done().len(), 2);
+    }
+
+    #[test]
+    fn a_peer_that_fails_is_given_up_on_and_the_task_retried_up_to_the_limit() {
+        let mut f = Fixture::new(TaskKind::Reduce, 1, MAX_ATTEMPTS + 1, 1);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        let mut used = HashSet::new();
+        for n in 1..=MAX_ATTEMPTS {
+            s.assign(t0);
+            let started = starts(&s.take_actions(), &peers);
+            assert_eq!(started.len(), 1);
+            let (id, _, p, _) = started[0];
+            assert!(used.insert(p), "a failed peer takes no more tasks");
+            let outcome = s.answered(id, Err("connection closed".into()), t0);
+            let failed = events(&s.take_actions()).into_iter().any(
+                |e| matches!(e, Event::TaskFailed { retry, .. } if *retry == (n < MAX_ATTEMPTS)),
+            );
+            assert!(failed);
+            assert_eq!(outcome.is_err(), n == MAX_ATTEMPTS, "attempt {n}");
+            assert!(s.tally.gone.contains(&peers[p]));
+        }
+    }
+
+    #[test]
+    fn a_task_that_failed_on_a_peer_runs_elsewhere_and_fails_the_job_at_its_limit() {
+        let mut f = Fixture::new(TaskKind::Reduce, 1, 2, 1);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let (id, _, p, _) = starts(&s.take_actions(), &peers)[0];
+        assert_eq!(p, 0);
+        s.answered(id, Ok(JobResponse::Failed("trap".into())), t0)
+            .unwrap();
+        s.take_actions();
+        s.assign(t0);
+        let (id, _, p, _) = starts(&s.take_actions(), &peers)[0];
+        assert_eq!(p, 1, "peer 0 is free but the task failed there");
+        s.answered(id, Ok(JobResponse::Failed("trap".into())), t0)
+            .unwrap();
+        // Failed on every live peer: any may take it again, until the budget is spent.
+        s.assign(t0);
+        let (id, ..) = starts(&s.take_actions(), &peers)[0];
+        let stop = s.answered(id, Ok(JobResponse::Failed("trap".into())), t0);
+        match stop {
+            Err(Stop::Failed(reason)) => assert!(
+                reason.contains(&format!("failed {TASK_FAILURES} times"))
+                    && reason.contains("trap"),
+                "{reason}"
+            ),
+            _ => panic!("the job must fail after {TASK_FAILURES} failures"),
+        }
+    }
+
+    #[test]
+    fn busy_is_not_an_attempt() {
+        let mut f = Fixture::new(TaskKind::Reduce, 1, 1, 1);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let (id, ..) = starts(&s.take_actions(), &peers)[0];
+        s.answered(id, Ok(JobResponse::Failed(BUSY.into())), t0)
+            .unwrap();
+        assert!(
+            events(&s.take_actions()).is_empty(),
+            "no failure is reported"
+        );
+        s.assign(t0);
+        let again = s.take_actions();
+        assert!(events(&again)
+            .iter()
+            .any(|e| matches!(e, Event::TaskStarted { attempt: 1, .. })));
+        assert_eq!(s.tally.attempts[0], 1);
+    }
+
+    #[test]
+    fn a_peer_that_misses_its_probe_loses_its_tasks_to_others() {
+        let mut f = Fixture::new(TaskKind::Reduce, 1, 2, 1);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let (id, _, p, _) = starts(&s.take_actions(), &peers)[0];
+        assert_eq!(s.probe_targets(), vec![(p, peers[p])]);
+        assert!(s.probe_targets().is_empty(), "one probe at a time");
+        s.probed(p, false);
+        assert_eq!(s.take_actions(), vec![Action::Abort(id)]);
+        assert!(s.tally.gone.contains(&peers[p]));
+        s.cancelled(id, at(t0, 10)).unwrap();
+        let failed = s.take_actions();
+        assert!(events(&failed).iter().any(|e| matches!(
+            e,
+            Event::TaskFailed { reason, retry: true, .. } if reason.contains("liveness probe")
+        )));
+        s.assign(at(t0, 10));
+        let retried = starts(&s.take_actions(), &peers);
+        assert_eq!(retried[0].2, 1 - p, "the other peer runs it");
+    }
+
+    #[test]
+    fn the_coordinator_is_never_probed_and_an_answering_peer_keeps_its_tasks() {
+        let mut f = Fixture::new(TaskKind::Reduce, 2, 2, 1);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let me = peers[0];
+        let mut s = f.state_connected(me, |_| true);
+        s.assign(t0);
+        s.take_actions();
+        assert_eq!(s.probe_targets(), vec![(1, peers[1])]);
+        s.probed(1, true);
+        assert!(s.take_actions().is_empty());
+        assert!(s.tally.gone.is_empty());
+    }
+
+    #[test]
+    fn a_record_that_fails_its_task_twice_is_skipped() {
+        let mut f = Fixture::new(TaskKind::Map, 1, 1, 1).with_local(vec![vec![100]]);
+        f.skips = Skips::new(10);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        let bad = || {
+            Ok(JobResponse::RecordFailed {
+                reason: "trap at record 42".into(),
+                record: 42,
+            })
+        };
+        s.assign(t0);
+        let (id, _, _, skip) = starts(&s.take_actions(), &peers)[0].clone();
+        assert!(skip.is_empty());
+        s.answered(id, bad(), t0).unwrap();
+        s.assign(t0);
+        let (id, _, _, skip) = starts(&s.take_actions(), &peers)[0].clone();
+        assert!(skip.is_empty(), "one failure skips nothing");
+        s.answered(id, bad(), t0).unwrap();
+        assert!(events(&s.take_actions()).iter().any(|e| matches!(
+            e,
+            Event::TaskFailed { reason, .. } if reason.contains("skipping that record")
+        )));
+        s.assign(t0);
+        let (id, _, _, skip) = starts(&s.take_actions(), &peers)[0].clone();
+        assert_eq!(skip, vec![42]);
+        // A fresh count of failures: two more do not fail the job.
+        s.answered(id, Ok(JobResponse::Failed("other".into())), t0)
+            .unwrap();
+        s.assign(t0);
+        let (id, ..) = starts(&s.take_actions(), &peers)[0].clone();
+        s.answered(id, map_done(), t0).unwrap();
+        assert!(s.is_done());
+    }
+
+    #[test]
+    fn a_reducer_missing_runs_ends_its_task_without_blame() {
+        let mut f = Fixture::new(TaskKind::Reduce, 1, 1, 1);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let (id, ..) = starts(&s.take_actions(), &peers)[0];
+        let run = RunRef {
+            cid: *p2pmr_protocol::Block::raw(b"run".to_vec()).cid(),
+            holder: peers[0].to_bytes(),
+        };
+        s.answered(id, Ok(JobResponse::MissingRuns(vec![run])), t0)
+            .unwrap();
+        assert!(s.is_done());
+        assert!(s.tally.gone.is_empty());
+        let done = s.into_done();
+        assert!(matches!(done[0].1, JobResponse::MissingRuns(_)));
+    }
+
+    #[test]
+    fn peers_gone_or_disconnected_take_no_tasks_and_none_left_is_stuck() {
+        let mut f = Fixture::new(TaskKind::Reduce, 1, 2, 1);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        f.gone.insert(peers[0]);
+        let only = peers[1];
+        let mut s = f.state_connected(PeerId::random(), move |p| *p != only);
+        s.assign(t0);
+        assert!(starts(&s.take_actions(), &peers).is_empty());
+        assert!(matches!(s.stuck(), Some(Stop::Failed(_))));
+    }
+}
