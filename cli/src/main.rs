@@ -15,10 +15,10 @@ use std::io;
 use std::process::ExitCode;
 
 // The daemon and the client move 256 KiB buffers through several tasks and threads; glibc's
-// malloc serves those with mmap/munmap and page faults (a third of a transfer's system time,
-// measured with perf), mimalloc keeps them in reusable pages. Built with `no_thp`: on its own,
-// mimalloc asks for transparent huge pages for its arenas, and memory it holds for reuse then
-// counts in 2 MiB pages (a daemon's peak RSS over the 1 GiB job: 263-275 MiB, 197-219 without).
+// malloc serves those with mmap/munmap and page faults (a large share of a transfer's system
+// time), mimalloc keeps them in reusable pages. Built with `no_thp`: on its own, mimalloc asks
+// for transparent huge pages for its arenas, and memory it holds for reuse then counts in
+// 2 MiB pages, which inflated a daemon's peak RSS (BENCHMARKS.md, "The engine").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -7,10 +7,8 @@
 //! made durable together once the last one is written (see [`SyncTracker`]), and the root is
 //! returned only after that, so a returned CID means the whole file is on disk.
 //!
-//! Measured on the 2-core dev VM (README, "Figures"): `add` runs at 0.62-0.69x the speed of
-//! plainly copying the same bytes into as many files and syncing, so the write path (temp file
-//! and rename into sharded directories, process start) still costs a third on top of the
-//! filesystem; hashing alone (`--only-hash`) runs at sha2-256 speed.
+//! Hashing alone (`--only-hash`) runs at sha2-256 speed; how storing compares with hashing
+//! and with plainly writing the same bytes is in BENCHMARKS.md ("Foundation").
 
 use crate::repo::store::{BlockStore, StoreError, SyncTracker};
 use p2pmr_protocol::unixfs::{FileBuilder, FileReader, Layout, UnixFsError};
@@ -68,7 +66,7 @@ pub fn import(
     let (tx, rx) = mpsc::sync_channel::<Block>(WRITE_QUEUE);
     // Written blocks' buffers come back for the next chunks, so the hot loop does not mmap,
     // fault in and munmap (on another core) a fresh 256 KiB buffer per chunk. Its effect was
-    // within this VM's noise; it is kept because it costs a dozen lines and no risk.
+    // too small to measure; it is kept because it costs a dozen lines and no risk.
     let (recycle_tx, recycle_rx) = mpsc::sync_channel::<Vec<u8>>(WRITE_QUEUE + 2);
     // Two writers: a block's write waits on the device (direct I/O, see `store`), so a second
     // one keeps the device busy meanwhile.

@@ -164,8 +164,8 @@ impl BlockStore {
 
     /// Asks the OS to start reading a stored block from disk into its cache, so that a later
     /// [`get`](Self::get) does not wait for the device. Readers call it for the next blocks of
-    /// a file: read one at a time, cold blocks cost a device round trip each (a cold `cat` of
-    /// 256 MiB took 0.82 s here, against 0.28 s cached). A hint only: errors are ignored.
+    /// a file: read one at a time, cold blocks cost a device round trip each, and a cold `cat`
+    /// takes several times as long as a cached one. A hint only: errors are ignored.
     pub fn prefetch(&self, cid: &Cid) {
         #[cfg(target_os = "linux")]
         if let Ok(file) = File::open(self.path_of(cid)) {
@@ -339,10 +339,9 @@ impl BlockStore {
 /// [`finish`](Self::finish) returns.
 ///
 /// On Linux `finish` is one `syncfs` of the store's filesystem: one journal commit for the
-/// whole batch, directories included, where per-file fsync costs a commit per block (2052
-/// fsyncs for a 256 MiB add, counted with strace). In wall time the strategies were within this
-/// VM's noise, since creating the files dominates; `syncfs` is kept as the simplest correct
-/// one. Its cost: it also flushes other processes' dirty data on the same filesystem.
+/// whole batch, directories included, where per-file fsync costs a commit per block and per
+/// directory. In wall time the strategies measured alike, since creating the files dominates;
+/// `syncfs` is kept as the simplest correct one. Its cost: it also flushes other processes' dirty data on the same filesystem.
 /// Elsewhere each file and each directory is fsynced.
 #[derive(Debug)]
 pub struct SyncTracker {
@@ -491,10 +490,10 @@ thread_local! {
 /// device (from `data` itself if it is aligned, else from a reused aligned staging buffer),
 /// the last partial 4 KiB, if any, through the page cache.
 ///
-/// Why: a buffered write copies every byte into freshly allocated page-cache pages, and on
-/// this VM a first touch of a page can cost ~12 µs (the hypervisor backs guest memory lazily
-/// and takes freed pages back): buffered adds spent 0.1-0.9 s of system time per 256 MiB, the
-/// copy 72% of `add`'s profile at worst. Direct writes skip that copy and do not evict the cache to hold data
+/// Why: a buffered write copies every byte into freshly allocated page-cache pages, and on a
+/// virtual machine a first touch of a page can be slow (the hypervisor backs guest memory
+/// lazily and takes freed pages back), so that copy can dominate `add`'s profile
+/// (BENCHMARKS.md, "Foundation"). Direct writes skip it and do not evict the cache to hold data
 /// that is mostly read once, by a job, later. Durability is unchanged: the caller's
 /// `syncfs`/`fsync` still commits the file's metadata and flushes the device's cache.
 #[cfg(target_os = "linux")]

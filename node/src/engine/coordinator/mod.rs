@@ -175,9 +175,8 @@ impl From<String> for Stop {
 ///
 /// Slots default to the cores, so two daemons on one 2-core machine offered four and ran
 /// four map tasks on two cores, each with its own multi-megabyte count table; the automatic
-/// split then also cut the input in four instead of two. Measured on 256 MiB over two such
-/// daemons: one 128 MiB task each took 1.45 s, two 64 MiB tasks each 1.62 s (medians of six
-/// interleaved runs).
+/// split then also cut the input in four instead of two, which was measurably slower
+/// (BENCHMARKS.md, "What moved the job rows").
 fn share_hosts(slots: &mut [u32], hosts: &[u64]) {
     let mut machines: HashMap<u64, Vec<usize>> = HashMap::new();
     for (i, (&n, &host)) in slots.iter().zip(hosts).enumerate() {

@@ -410,9 +410,8 @@ fn memory_of(caller: &mut Caller<'_, TaskState>) -> Option<Memory> {
 /// Asks Linux to back a linear memory with transparent huge pages where it can.
 ///
 /// A task's memory grows to tens of MiB and all but the first 16 MiB is handed back between
-/// tasks; with 2 MiB pages it comes back in far fewer faults (run-local, 256 MiB in 8 MiB
-/// splits: 13,753 page faults instead of 49,781). CPU time measured the same either way: the
-/// hash-table probes miss the cache, not (measurably) the TLB. Most systems (this one
+/// tasks; with 2 MiB pages it comes back in far fewer faults. CPU time measured the same
+/// either way: the hash-table probes miss the cache, not (measurably) the TLB. Most systems (this one
 /// included) enable THP only for regions that ask (`madvise` mode). `len` covers the memory's
 /// whole reservation, so pages the memory grows into later are covered too.
 #[allow(unsafe_code)]
@@ -443,10 +442,10 @@ impl Executor {
         config.cranelift_opt_level(OptLevel::Speed);
         // Pooled instances: a task's linear memory reuses a slot an earlier task of the same
         // module used, with its first pages still mapped (zeroed, not unmapped). Fresh mmaps
-        // per task cost a page fault and a page clear for every page a task touches: 130,000
-        // faults for 256 MiB of wordcount, a tenth of the job's CPU. With huge pages (see
-        // `huge_pages`) a fault maps 2 MiB, so less needs to stay resident: 16 MiB, where
-        // 64 MiB per slot pushed a daemon's peak RSS past 300 MiB.
+        // per task cost a page fault and a page clear for every page a task touches, a sizeable
+        // share of a job's CPU. With huge pages (see `huge_pages`) a fault maps 2 MiB, so less
+        // needs to stay resident: 16 MiB, where 64 MiB per slot pushed a daemon's peak RSS too
+        // high.
         let mut pool = PoolingAllocationConfig::new();
         pool.total_core_instances(MAX_INSTANCES)
             .total_memories(MAX_INSTANCES)
