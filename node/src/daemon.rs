@@ -1,40 +1,28 @@
-//! `p2pmr daemon`: a long-lived peer that holds blocks in its repository and serves them over
-//! the block protocol.
+//! `p2pmr daemon`: a long-lived peer that holds blocks in its repository, serves them, and
+//! runs jobs.
 //!
-//! The daemon joins three parts: the [`Repo`] (blocks on disk, persistent identity), the
-//! network task from [`crate::net`], and a server task that answers inbound requests with the
-//! store. Store calls block, so each runs on tokio's blocking pool, at most [`MAX_HANDLERS`] at a
-//! time. A `Put` is acknowledged only once durable; acknowledgements are group-committed: one
-//! `syncfs` covers every block stored while the previous sync ran, so replication costs one
-//! sync per batch rather than one per block. A `Put` also records the block's replica target,
-//! which the [`Keeper`] task keeps up when holders vanish.
+//! A daemon is a [`Node`] (the same API clients use) plus what serves the network: the block
+//! server ([`blocks::server`](crate::blocks)), the job server that routes requests to the
+//! coordinator or the worker, and the [`Keeper`] that restores replica counts. Every task it
+//! starts goes through one task set, so [`Daemon::stop`] leaves none of them running.
 
 use crate::blocks::keeper::{Keeper, KeeperError};
 use crate::engine::coordinator::Coordinator;
 use crate::engine::worker::Worker;
-use crate::net::{self, Inbound, JobInbound, NetClient, NetConfig, NetError};
-use crate::repo::store::{BlockStore, StoreError, SyncTracker};
+use crate::net::{self, NetClient, NetConfig, NetError};
+use crate::repo::store::{StoreError, SyncTracker};
+use crate::repo::IdentityError;
+use crate::tasks::Tasks;
 use crate::{Node, Repo};
-use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use p2pmr_protocol::wire::{BlockRequest, BlockResponse};
-use p2pmr_protocol::{Block, Cid};
-use std::fs;
 use std::future::Future;
-use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
-/// Inbound requests handled at once; more wait in the network's bounded queue.
-pub const MAX_HANDLERS: usize = 16;
 /// The first port tried when no `--listen` is given; the next free one is used if taken.
 pub const DEFAULT_PORT: u16 = 4001;
-/// Name of the identity key file in the repository.
-const IDENTITY_FILE: &str = "identity.key";
 
 /// Errors of starting or running a daemon.
 #[derive(Debug, Error)]
@@ -52,13 +40,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Keeper(#[from] KeeperError),
     /// The identity key could not be read or written.
-    #[error("identity key {path}: {reason}")]
-    Identity {
-        /// The key file.
-        path: String,
-        /// Why.
-        reason: String,
-    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// How to run a daemon.
@@ -96,8 +79,8 @@ impl Default for DaemonConfig {
     }
 }
 
-/// Job requests (tasks, watches) handled at once; each may wait for a task or for events.
-pub const MAX_JOB_HANDLERS: usize = 256;
+/// How long [`Daemon::stop`] lets in-flight requests finish.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// A running daemon.
 #[derive(Debug)]
@@ -105,43 +88,11 @@ pub struct Daemon {
     repo: Repo,
     net: NetClient,
     net_task: JoinHandle<()>,
-    server: JoinHandle<()>,
-    jobs: JoinHandle<()>,
-    keeper: JoinHandle<()>,
+    /// The block server, which ends once the network stops and its handlers are done.
+    server: JoinHandle<Option<()>>,
+    tasks: Tasks,
     coordinator: Coordinator,
     node: Node,
-}
-
-/// Loads the repository's identity key, creating one on first use, so the peer id survives
-/// restarts.
-pub fn identity(repo: &Repo) -> Result<Keypair, DaemonError> {
-    let path = repo.home().join(IDENTITY_FILE);
-    let err = |reason: String| DaemonError::Identity {
-        path: path.display().to_string(),
-        reason,
-    };
-    match fs::read(&path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| err(e.to_string())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Keypair::generate_ed25519();
-            let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
-            // Temp file + rename: a crash never leaves a half-written key behind.
-            let tmp = repo.home().join(format!("{IDENTITY_FILE}.tmp"));
-            let write = || -> std::io::Result<()> {
-                let mut options = fs::OpenOptions::new();
-                options.write(true).create(true).truncate(true);
-                #[cfg(unix)]
-                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                let mut f = options.open(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-                fs::rename(&tmp, &path)
-            };
-            write().map_err(|e| err(e.to_string()))?;
-            Ok(key)
-        }
-        Err(e) => Err(err(e.to_string())),
-    }
 }
 
 /// The default listen addresses: TCP and QUIC on the first port from 4001 that is free for both.
@@ -168,8 +119,8 @@ impl Daemon {
     /// Opens the repository at `home` and starts serving.
     pub async fn start(home: &Path, config: DaemonConfig) -> Result<Self, DaemonError> {
         let repo = Repo::open(home)?;
-        let keypair = identity(&repo)?;
-        let replicas = Keeper::open(repo.home())?;
+        let keypair = repo.identity()?;
+        let replicas = Keeper::open(&repo.replica_log())?;
         let listen = if config.listen.is_empty() {
             default_listen()
         } else {
@@ -183,24 +134,27 @@ impl Daemon {
             serve: true,
         })
         .await?;
-        let server = tokio::spawn(serve(
+        let tasks = Tasks::default();
+        let server = tasks.spawn(crate::blocks::server::serve(
             repo.clone(),
             replicas.clone(),
             network.client.clone(),
             network.inbound,
+            tasks.clone(),
         ));
-        let keeper =
-            tokio::spawn(replicas.run(network.client.clone(), repo.blocks().clone(), config.grace));
+        tasks.spawn(replicas.run(network.client.clone(), repo.blocks().clone(), config.grace));
         let slots = match config.slots {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             n => n,
         };
-        let worker = Worker::new(repo.clone(), network.client.clone(), slots)?;
-        let coordinator = Coordinator::new(worker, config.liveness);
-        let jobs = tokio::spawn(serve_jobs(
+        let worker = Worker::new(repo.clone(), network.client.clone(), slots, tasks.clone())?;
+        let coordinator = Coordinator::new(worker.clone(), config.liveness, tasks.clone());
+        tasks.spawn(crate::engine::server::serve(
             coordinator.clone(),
+            worker,
             network.client.clone(),
             network.jobs,
+            tasks.clone(),
         ));
         Ok(Self {
             node: Node::serving(network.client.clone(), repo.clone()),
@@ -208,8 +162,7 @@ impl Daemon {
             net: network.client,
             net_task: network.task,
             server,
-            jobs,
-            keeper,
+            tasks,
             coordinator,
         })
     }
@@ -251,15 +204,17 @@ impl Daemon {
         self.stop().await
     }
 
-    /// Stops the daemon: no new requests, in-flight ones finish (up to 10 s), the store is
-    /// synced.
+    /// Stops the daemon: no new requests; in-flight block requests finish (up to 10 s); then
+    /// every task it started (job drivers, task handlers, watches, the keeper) is cancelled
+    /// and waited for, and the store is synced.
     pub async fn stop(self) -> Result<(), DaemonError> {
         self.net.shutdown().await;
         let _ = self.net_task.await;
-        // The server ends when the network's inbound queue closes and its handlers are done.
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.server).await;
-        self.jobs.abort();
-        self.keeper.abort();
+        // The block server ends when the network's inbound queue closes and its handlers are done.
+        let _ = tokio::time::timeout(STOP_GRACE, self.server).await;
+        if !self.tasks.stop(STOP_GRACE).await {
+            tracing::warn!("{} task(s) did not stop in time", self.tasks.running());
+        }
         let store = self.repo.blocks().clone();
         tokio::task::spawn_blocking(move || SyncTracker::new(&store).finish())
             .await
@@ -271,199 +226,11 @@ impl Daemon {
     pub fn abort(self) {
         self.net_task.abort();
         self.server.abort();
-        self.jobs.abort();
-        self.keeper.abort();
-    }
-}
-
-/// Answers inbound requests until the network stops.
-async fn serve(repo: Repo, keeper: Keeper, net: NetClient, mut inbound: mpsc::Receiver<Inbound>) {
-    let permits = Arc::new(Semaphore::new(MAX_HANDLERS));
-    let syncer = Syncer::start(repo.clone(), keeper.clone());
-    while let Some(Inbound {
-        peer,
-        request,
-        channel,
-    }) = inbound.recv().await
-    {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        let (repo, net, syncer, keeper) =
-            (repo.clone(), net.clone(), syncer.clone(), keeper.clone());
-        tokio::spawn(async move {
-            let response = handle(&repo, &keeper, &net, &syncer, request).await;
-            if let BlockResponse::Refused(reason) = &response {
-                tracing::debug!("refused a request from {peer}: {reason}");
-            }
-            net.respond(channel, response).await;
-            drop(permit);
-        });
-    }
-    // Wait for in-flight handlers.
-    let _ = permits.acquire_many(MAX_HANDLERS as u32).await;
-}
-
-/// Answers job-protocol requests until the network stops: each in its own task (a task
-/// request is answered when the task has run; a watch when there are events), at most
-/// [`MAX_JOB_HANDLERS`] at once.
-async fn serve_jobs(
-    coordinator: Coordinator,
-    net: NetClient,
-    mut inbound: mpsc::Receiver<JobInbound>,
-) {
-    let permits = Arc::new(Semaphore::new(MAX_JOB_HANDLERS));
-    let mut handlers = tokio::task::JoinSet::new();
-    while let Some(JobInbound {
-        request, channel, ..
-    }) = inbound.recv().await
-    {
-        while handlers.try_join_next().is_some() {}
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            net.respond_job(
-                channel,
-                p2pmr_protocol::engine::JobResponse::Failed(p2pmr_protocol::wire::BUSY.into()),
-            )
-            .await;
-            continue;
-        };
-        let (coordinator, net) = (coordinator.clone(), net.clone());
-        handlers.spawn(async move {
-            let response = coordinator.handle(request).await;
-            net.respond_job(channel, response).await;
-            drop(permit);
-        });
-    }
-    // The network stopped: tasks still running are dropped with their handlers.
-    handlers.abort_all();
-}
-
-/// Replaces a block found corrupt (and quarantined) with a verified copy from another daemon,
-/// stored durably.
-async fn repair(store: BlockStore, net: NetClient, cid: Cid) {
-    // No local store in the fetcher: the copy must come from the network.
-    let fetched = crate::blocks::Fetcher::new(Some(net), None)
-        .fetch(cid)
-        .await;
-    let block = match fetched {
-        Ok(block) => block,
-        Err(e) => return tracing::warn!("cannot repair {cid}: {e}"),
-    };
-    let stored = tokio::task::spawn_blocking(move || {
-        store.put(&block)?;
-        store.sync([block.cid()])
-    })
-    .await;
-    match stored {
-        Ok(Ok(())) => tracing::warn!("repaired corrupt block {cid} from a replica"),
-        Ok(Err(e)) => tracing::warn!("cannot store the repaired {cid}: {e}"),
-        Err(e) => tracing::warn!("cannot store the repaired {cid}: {e}"),
-    }
-}
-
-async fn handle(
-    repo: &Repo,
-    keeper: &Keeper,
-    net: &NetClient,
-    syncer: &Syncer,
-    request: BlockRequest,
-) -> BlockResponse {
-    let store = repo.blocks().clone();
-    match request {
-        BlockRequest::Get(cid) => {
-            let got = tokio::task::spawn_blocking(move || store.get(&cid)).await;
-            match got {
-                Ok(Ok(block)) => BlockResponse::Block(block.into_data()),
-                Ok(Err(StoreError::NotFound(_))) => BlockResponse::NotFound,
-                Ok(Err(e @ StoreError::Corrupt { .. })) => {
-                    // Quarantined by the store; for the asker it is simply not here. This
-                    // daemon was meant to hold it, so it fetches a good copy from a replica.
-                    tracing::warn!("{e}; repairing it from a replica");
-                    tokio::spawn(repair(repo.blocks().clone(), net.clone(), cid));
-                    BlockResponse::NotFound
-                }
-                Ok(Err(e)) => BlockResponse::Refused(e.to_string()),
-                Err(e) => BlockResponse::Refused(e.to_string()),
-            }
-        }
-        BlockRequest::Has(cids) => {
-            let has = tokio::task::spawn_blocking(move || {
-                cids.iter().map(|c| store.has(c)).collect::<Vec<_>>()
-            })
-            .await;
-            match has {
-                Ok(flags) => BlockResponse::Have(flags),
-                Err(e) => BlockResponse::Refused(e.to_string()),
-            }
-        }
-        BlockRequest::Put {
-            cid,
-            data,
-            replicas,
-        } => {
-            let keeper = keeper.clone();
-            let stored = tokio::task::spawn_blocking(move || {
-                let block = Block::new(cid, data).map_err(|e| e.to_string())?;
-                store.put(&block).map_err(|e| e.to_string())?;
-                keeper
-                    .note(*block.cid(), replicas)
-                    .map_err(|e| e.to_string())?;
-                Ok::<Cid, String>(*block.cid())
-            })
-            .await;
-            match stored {
-                Ok(Ok(cid)) => match syncer.sync(cid).await {
-                    Ok(()) => BlockResponse::Stored,
-                    Err(e) => BlockResponse::Refused(e),
-                },
-                Ok(Err(e)) => BlockResponse::Refused(e),
-                Err(e) => BlockResponse::Refused(e.to_string()),
-            }
-        }
-    }
-}
-
-type SyncRequest = (Cid, oneshot::Sender<Result<(), String>>);
-
-/// Group commit: collects stored blocks while a sync runs and makes them durable together,
-/// with the replica targets noted for them.
-#[derive(Debug, Clone)]
-struct Syncer {
-    tx: mpsc::Sender<SyncRequest>,
-}
-
-impl Syncer {
-    fn start(repo: Repo, keeper: Keeper) -> Self {
-        let (tx, mut rx) = mpsc::channel::<SyncRequest>(MAX_HANDLERS * 2);
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while let Ok(more) = rx.try_recv() {
-                    batch.push(more);
-                }
-                let (store, keeper) = (repo.blocks().clone(), keeper.clone());
-                let cids: Vec<Cid> = batch.iter().map(|(c, _)| *c).collect();
-                let synced = tokio::task::spawn_blocking(move || {
-                    store.sync(cids.iter()).map_err(|e| e.to_string())?;
-                    keeper.sync().map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r);
-                for (_, reply) in batch {
-                    let _ = reply.send(synced.clone());
-                }
-            }
-        });
-        Self { tx }
+        self.tasks.abort();
     }
 
-    async fn sync(&self, cid: Cid) -> Result<(), String> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send((cid, reply))
-            .await
-            .map_err(|_| "daemon is stopping".to_string())?;
-        rx.await.map_err(|_| "daemon is stopping".to_string())?
+    /// Tasks of this daemon still running (its network's event loop aside).
+    pub fn tasks_running(&self) -> usize {
+        self.tasks.running()
     }
 }

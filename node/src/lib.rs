@@ -14,6 +14,7 @@ mod error;
 pub mod net;
 mod node;
 pub mod repo;
+mod tasks;
 
 pub use daemon::{Daemon, DaemonConfig};
 pub use error::Error;

@@ -42,9 +42,6 @@ const CENSUS_EVERY: Duration = Duration::from_secs(60);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Blocks copied at once.
 const COPIES_IN_FLIGHT: usize = 16;
-/// The log's file name in the repository.
-const LOG: &str = "replicas";
-
 /// Errors of the replica log.
 #[derive(Debug, Error)]
 #[error("replica log {path}: {source}")]
@@ -71,10 +68,10 @@ struct Targets {
 }
 
 impl Keeper {
-    /// Opens (or creates) the log under `home` and loads the targets it records. A record cut
-    /// short by a crash is dropped.
-    pub fn open(home: &Path) -> Result<Self, KeeperError> {
-        let path = home.join(LOG);
+    /// Opens (or creates) the log at `path` (the repository's
+    /// [`replica_log`](crate::Repo::replica_log)) and loads the targets it records. A record
+    /// cut short by a crash is dropped.
+    pub fn open(path: &Path) -> Result<Self, KeeperError> {
         let err = |source| KeeperError {
             path: path.display().to_string(),
             source,
@@ -83,7 +80,7 @@ impl Keeper {
             .read(true)
             .append(true)
             .create(true)
-            .open(&path)
+            .open(path)
             .map_err(err)?;
         let mut bytes = Vec::new();
         log.read_to_end(&mut bytes).map_err(err)?;
@@ -108,7 +105,7 @@ impl Keeper {
                 unsynced: false,
                 generation: 0,
             })),
-            path,
+            path: path.to_path_buf(),
         })
     }
 
@@ -435,7 +432,7 @@ mod tests {
             *Block::raw(b"a".to_vec()).cid(),
             *Block::raw(b"b".to_vec()).cid(),
         );
-        let keeper = Keeper::open(dir.path()).unwrap();
+        let keeper = Keeper::open(&dir.path().join("replicas")).unwrap();
         keeper.note(a, 3).unwrap();
         keeper.note(b, 2).unwrap();
         keeper.note(b, 3).unwrap();
@@ -444,11 +441,11 @@ mod tests {
         keeper.sync().unwrap();
         drop(keeper);
         // A crash in the middle of a record leaves a torn tail.
-        let path = dir.path().join(LOG);
+        let path = dir.path().join("replicas");
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&[3, 36, 1, 2]).unwrap();
         drop(f);
-        let keeper = Keeper::open(dir.path()).unwrap();
+        let keeper = Keeper::open(&dir.path().join("replicas")).unwrap();
         assert_eq!(keeper.target(&a), Some(3));
         assert_eq!(keeper.target(&b), Some(3));
         assert_eq!(keeper.snapshot().1.len(), 2);
@@ -456,7 +453,12 @@ mod tests {
         let c = *Block::raw(b"d".to_vec()).cid();
         keeper.note(c, 4).unwrap();
         drop(keeper);
-        assert_eq!(Keeper::open(dir.path()).unwrap().target(&c), Some(4));
+        assert_eq!(
+            Keeper::open(&dir.path().join("replicas"))
+                .unwrap()
+                .target(&c),
+            Some(4)
+        );
     }
 
     #[test]

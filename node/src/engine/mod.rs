@@ -5,5 +5,6 @@ pub mod client;
 pub mod coordinator;
 pub mod local;
 pub mod runtime;
+pub(crate) mod server;
 pub mod shipped;
 pub mod worker;

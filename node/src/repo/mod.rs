@@ -1,15 +1,37 @@
-//! A peer's repository: the directory `<home>` and what it holds (the block store, the
-//! files stored in it, the identity key, the replica log and the job log).
+//! A peer's repository: the directory `<home>` and what it holds. [`Repo`] owns its layout:
+//! `blocks/` (the block store, with `tmp/` and `quarantine/`), `identity.key`, `replicas` (the
+//! replica-target log) and `jobs/` (a coordinator's finished jobs).
 
 pub mod files;
 pub mod store;
 
 use files::{Added, FileError};
+use libp2p::identity::Keypair;
 use p2pmr_protocol::unixfs::Layout;
 use p2pmr_protocol::Cid;
+use std::fs;
 use std::io::Read;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use store::{BlockStore, StoreError};
+use thiserror::Error;
+
+/// The identity key (protobuf-encoded ed25519, mode 0600).
+const IDENTITY_FILE: &str = "identity.key";
+/// The replica-target log (see the keeper).
+const REPLICA_LOG: &str = "replicas";
+/// Finished jobs, one file each, named by job id.
+const JOBS_DIR: &str = "jobs";
+
+/// The identity key could not be read or written.
+#[derive(Debug, Error)]
+#[error("identity key {path}: {reason}")]
+pub struct IdentityError {
+    /// The key file.
+    pub path: String,
+    /// Why.
+    pub reason: String,
+}
 
 /// Environment variable naming the repository directory when `--home` is not given.
 pub const HOME_ENV: &str = "P2PMR_HOME";
@@ -45,6 +67,48 @@ impl Repo {
     /// The block store.
     pub fn blocks(&self) -> &BlockStore {
         &self.blocks
+    }
+
+    /// Loads the repository's identity key, creating one on first use, so the peer id survives
+    /// restarts.
+    pub fn identity(&self) -> Result<Keypair, IdentityError> {
+        let path = self.home.join(IDENTITY_FILE);
+        let err = |reason: String| IdentityError {
+            path: path.display().to_string(),
+            reason,
+        };
+        match fs::read(&path) {
+            Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| err(e.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = Keypair::generate_ed25519();
+                let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
+                // Temp file + rename: a crash never leaves a half-written key behind.
+                let tmp = self.home.join(format!("{IDENTITY_FILE}.tmp"));
+                let write = || -> std::io::Result<()> {
+                    let mut options = fs::OpenOptions::new();
+                    options.write(true).create(true).truncate(true);
+                    #[cfg(unix)]
+                    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                    let mut f = options.open(&tmp)?;
+                    f.write_all(&bytes)?;
+                    f.sync_all()?;
+                    fs::rename(&tmp, &path)
+                };
+                write().map_err(|e| err(e.to_string()))?;
+                Ok(key)
+            }
+            Err(e) => Err(err(e.to_string())),
+        }
+    }
+
+    /// The replica-target log the daemon's keeper keeps.
+    pub fn replica_log(&self) -> PathBuf {
+        self.home.join(REPLICA_LOG)
+    }
+
+    /// Where a coordinator records its finished jobs.
+    pub fn jobs_dir(&self) -> PathBuf {
+        self.home.join(JOBS_DIR)
     }
 
     /// Imports a file with kubo's default layout and returns once every block is durable.

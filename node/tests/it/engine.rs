@@ -579,12 +579,10 @@ async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()>
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_stops_a_job_everywhere() -> Result<()> {
-    let cluster = linked(2, 2).await?;
-    let client = super::client(&cluster, 2).await?;
-    let input = add(&client, b"spin here\n".repeat(100_000), 2).await?;
-    let hostile = publish(&client, "hostile").await?;
+/// Adds an input and a job over it whose map tasks loop until their time limit (`millis`).
+async fn looping_job(client: &Node, millis: u64) -> Result<(Cid, JobSpec)> {
+    let input = add(client, b"spin here\n".repeat(100_000), 2).await?;
+    let hostile = publish(client, "hostile").await?;
     let spec = JobSpec::new(
         hostile,
         vec![JobInput {
@@ -596,9 +594,17 @@ async fn cancel_stops_a_job_everywhere() -> Result<()> {
     )?
     .with_split_size(MIN_SPLIT)
     .with_limits(p2pmr_protocol::job::TaskLimits {
-        timeout_ms: 5_000,
+        timeout_ms: millis,
         ..Default::default()
     });
+    Ok((input, spec))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_job_everywhere() -> Result<()> {
+    let cluster = linked(2, 2).await?;
+    let client = super::client(&cluster, 2).await?;
+    let (input, spec) = looping_job(&client, 5_000).await?;
     let job = client.jobs().submit(spec, None).await?;
     let id = job.id();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -826,5 +832,45 @@ async fn lost_mappers_and_reducers_still_give_the_exact_output() -> Result<()> {
     );
     client.shutdown().await;
     cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_daemons_leave_no_task_running() -> Result<()> {
+    // Each test has its own runtime: every task the daemons started shows up in its count.
+    let alive = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = alive();
+    let mut cluster = linked(2, 1).await?;
+    let client = super::client(&cluster, 2).await?;
+    let (_, spec) = looping_job(&client, 3_000).await?;
+    // Stop the daemons mid-job: a coordinator driving it, workers running its tasks.
+    let job = client.jobs().submit(spec, None).await?;
+    let mut events = Box::pin(job.events());
+    while let Some(e) = events.next().await {
+        if matches!(e?, Event::TaskStarted { .. }) {
+            break;
+        }
+    }
+    drop(events);
+    client.shutdown().await;
+    for i in 0..2 {
+        cluster.take(i).expect("running").stop().await?;
+    }
+    drop(cluster);
+    // libp2p's connection tasks end once their swarm is gone; give them a moment, well under
+    // the 3 s a task's wasm could still run (an untracked task would wait for it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while alive() > before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        alive(),
+        before,
+        "tasks left running after every daemon stopped"
+    );
     Ok(())
 }

@@ -20,6 +20,7 @@
 use crate::blocks::{self, Fetcher, RemoteError};
 use crate::engine::worker::Worker;
 use crate::net::NetClient;
+use crate::tasks::Tasks;
 use libp2p::PeerId;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
@@ -70,6 +71,8 @@ struct Inner {
     liveness: Duration,
     dir: PathBuf,
     jobs: Mutex<HashMap<Cid, Arc<JobHandle>>>,
+    /// Where its job drivers and fan-outs run, so stopping the daemon stops them.
+    tasks: Tasks,
 }
 
 #[derive(Debug)]
@@ -253,14 +256,15 @@ struct PlannedMap {
 impl Coordinator {
     /// A coordinator whose tasks run on `worker`'s daemon and the daemons it is connected to;
     /// a worker that does not answer a probe within `liveness` is given up on.
-    pub fn new(worker: Worker, liveness: Duration) -> Self {
-        let dir = worker.repo().home().join("jobs");
+    pub(crate) fn new(worker: Worker, liveness: Duration, tasks: Tasks) -> Self {
+        let dir = worker.repo().jobs_dir();
         Self {
             inner: Arc::new(Inner {
                 worker,
                 liveness,
                 dir,
                 jobs: Mutex::new(HashMap::new()),
+                tasks,
             }),
         }
     }
@@ -269,8 +273,8 @@ impl Coordinator {
         self.inner.worker.net()
     }
 
-    /// Answers a client request (`Submit`, `Watch`, `List`, `Cancel`); worker requests go to
-    /// the worker.
+    /// Answers a client request (`Submit`, `Watch`, `List`, `Cancel`); the daemon's job server
+    /// sends the worker's requests to the worker.
     pub async fn handle(&self, request: JobRequest) -> JobResponse {
         match request {
             JobRequest::Submit { spec } => match self.submit(&spec) {
@@ -291,7 +295,7 @@ impl Coordinator {
                 }
                 None => JobResponse::Failed(format!("no job {job} here")),
             },
-            other => self.inner.worker.handle(other).await,
+            other => JobResponse::Failed(format!("not a client request: {other:?}")),
         }
     }
 
@@ -368,7 +372,9 @@ impl Coordinator {
         self.insert(id, handle.clone());
         let this = self.clone();
         let bytes = bytes.to_vec();
-        tokio::spawn(async move { this.drive(handle, spec, bytes).await });
+        self.inner
+            .tasks
+            .spawn(async move { this.drive(handle, spec, bytes).await });
         Ok(id)
     }
 
@@ -438,7 +444,7 @@ impl Coordinator {
                     .await;
                 for peer in peers {
                     let net = self.net().clone();
-                    tokio::spawn(async move {
+                    self.inner.tasks.spawn(async move {
                         let _ = net.job_request(peer, JobRequest::Abort { job: id }).await;
                     });
                 }
@@ -994,7 +1000,7 @@ impl Coordinator {
                             kind,
                             task: task as u32,
                         };
-                        tokio::spawn(async move {
+                        self.inner.tasks.spawn(async move {
                             let _ =
                                 tokio::time::timeout(ABORT_TIMEOUT, this.call(peer, stop)).await;
                         });

@@ -19,6 +19,7 @@ use crate::blocks::{self, Chunk, Fetcher};
 use crate::engine::runtime::{Executor, JobModule, Limits, TaskName};
 use crate::net::NetClient;
 use crate::repo::files::FileWriter;
+use crate::tasks::Tasks;
 use crate::Repo;
 use libp2p::PeerId;
 use p2pmr_protocol::abi::encode_args;
@@ -92,6 +93,8 @@ struct Inner {
     /// Tasks finished here, per job, newest jobs last: what a coordinator taking over a job
     /// asks for, so work done for a coordinator that died is not done again.
     finished: Mutex<VecDeque<(Cid, Vec<FinishedTask>)>>,
+    /// Where task bodies run, so stopping the daemon stops them.
+    tasks: Tasks,
 }
 
 impl std::fmt::Debug for Worker {
@@ -119,10 +122,11 @@ pub(crate) fn host_id() -> u64 {
 
 impl Worker {
     /// A worker over `repo` and `net` running up to `slots` tasks at once.
-    pub fn new(
+    pub(crate) fn new(
         repo: Repo,
         net: NetClient,
         slots: u32,
+        tasks: Tasks,
     ) -> Result<Self, crate::engine::runtime::JobError> {
         let exec = Executor::new(Limits::default())?;
         let fetcher = Fetcher::new(Some(net.clone()), Some(repo.blocks().clone()));
@@ -139,6 +143,7 @@ impl Worker {
                 running: Mutex::new(HashMap::new()),
                 loading: Mutex::new(HashMap::new()),
                 finished: Mutex::new(VecDeque::new()),
+                tasks,
             }),
         })
     }
@@ -303,7 +308,7 @@ impl Worker {
         (kind, number): (TaskKind, u32),
         body: impl std::future::Future<Output = Result<JobResponse, String>> + Send + 'static,
     ) -> JobResponse {
-        let task = tokio::spawn(body);
+        let task = self.inner.tasks.spawn(body);
         {
             let mut running = self.inner.running.lock().expect("poisoned");
             let handles = running.entry(job).or_default();
@@ -311,8 +316,9 @@ impl Worker {
             handles.push((kind, number, task.abort_handle()));
         }
         match task.await {
-            Ok(Ok(response)) => response,
-            Ok(Err(reason)) => JobResponse::Failed(reason),
+            Ok(Some(Ok(response))) => response,
+            Ok(Some(Err(reason))) => JobResponse::Failed(reason),
+            Ok(None) => JobResponse::Failed("the daemon is stopping".into()),
             Err(e) if e.is_cancelled() => JobResponse::Failed("aborted".into()),
             Err(e) => JobResponse::Failed(format!("task panicked: {e}")),
         }

@@ -1,0 +1,190 @@
+//! The block protocol's server side: answers `Get`, `Has` and `Put` from the repository, at
+//! most [`MAX_HANDLERS`] at a time (store calls block, so each runs on tokio's blocking pool).
+//!
+//! A `Put` is acknowledged only once durable; acknowledgements are group-committed: one
+//! `syncfs` covers every block stored while the previous sync ran, so replication costs one
+//! sync per batch rather than one per block. A `Put` also records the block's replica target,
+//! which the [`Keeper`] keeps up when holders vanish. A block found corrupt when asked for is
+//! quarantined by the store and fetched again from a replica.
+
+use crate::blocks::keeper::Keeper;
+use crate::blocks::Fetcher;
+use crate::net::{Inbound, NetClient};
+use crate::repo::store::{BlockStore, StoreError};
+use crate::tasks::Tasks;
+use crate::Repo;
+use p2pmr_protocol::wire::{BlockRequest, BlockResponse};
+use p2pmr_protocol::{Block, Cid};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Inbound requests handled at once; more wait in the network's bounded queue.
+pub(crate) const MAX_HANDLERS: usize = 16;
+
+/// Answers inbound requests until the network stops.
+pub(crate) async fn serve(
+    repo: Repo,
+    keeper: Keeper,
+    net: NetClient,
+    mut inbound: mpsc::Receiver<Inbound>,
+    tasks: Tasks,
+) {
+    let permits = Arc::new(Semaphore::new(MAX_HANDLERS));
+    let syncer = Syncer::start(repo.clone(), keeper.clone(), &tasks);
+    while let Some(Inbound {
+        peer,
+        request,
+        channel,
+    }) = inbound.recv().await
+    {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let (repo, net, syncer, keeper, t) = (
+            repo.clone(),
+            net.clone(),
+            syncer.clone(),
+            keeper.clone(),
+            tasks.clone(),
+        );
+        tasks.spawn_to_end(async move {
+            let response = handle(&repo, &keeper, &net, &syncer, &t, request).await;
+            if let BlockResponse::Refused(reason) = &response {
+                tracing::debug!("refused a request from {peer}: {reason}");
+            }
+            net.respond(channel, response).await;
+            drop(permit);
+        });
+    }
+    // Wait for in-flight handlers.
+    let _ = permits.acquire_many(MAX_HANDLERS as u32).await;
+}
+
+/// Replaces a block found corrupt (and quarantined) with a verified copy from another daemon,
+/// stored durably.
+async fn repair(store: BlockStore, net: NetClient, cid: Cid) {
+    // No local store in the fetcher: the copy must come from the network.
+    let fetched = Fetcher::new(Some(net), None).fetch(cid).await;
+    let block = match fetched {
+        Ok(block) => block,
+        Err(e) => return tracing::warn!("cannot repair {cid}: {e}"),
+    };
+    let stored = tokio::task::spawn_blocking(move || {
+        store.put(&block)?;
+        store.sync([block.cid()])
+    })
+    .await;
+    match stored {
+        Ok(Ok(())) => tracing::warn!("repaired corrupt block {cid} from a replica"),
+        Ok(Err(e)) => tracing::warn!("cannot store the repaired {cid}: {e}"),
+        Err(e) => tracing::warn!("cannot store the repaired {cid}: {e}"),
+    }
+}
+
+async fn handle(
+    repo: &Repo,
+    keeper: &Keeper,
+    net: &NetClient,
+    syncer: &Syncer,
+    tasks: &Tasks,
+    request: BlockRequest,
+) -> BlockResponse {
+    let store = repo.blocks().clone();
+    match request {
+        BlockRequest::Get(cid) => {
+            let got = tokio::task::spawn_blocking(move || store.get(&cid)).await;
+            match got {
+                Ok(Ok(block)) => BlockResponse::Block(block.into_data()),
+                Ok(Err(StoreError::NotFound(_))) => BlockResponse::NotFound,
+                Ok(Err(e @ StoreError::Corrupt { .. })) => {
+                    // Quarantined by the store; for the asker it is simply not here. This
+                    // daemon was meant to hold it, so it fetches a good copy from a replica.
+                    tracing::warn!("{e}; repairing it from a replica");
+                    tasks.spawn(repair(repo.blocks().clone(), net.clone(), cid));
+                    BlockResponse::NotFound
+                }
+                Ok(Err(e)) => BlockResponse::Refused(e.to_string()),
+                Err(e) => BlockResponse::Refused(e.to_string()),
+            }
+        }
+        BlockRequest::Has(cids) => {
+            let has = tokio::task::spawn_blocking(move || {
+                cids.iter().map(|c| store.has(c)).collect::<Vec<_>>()
+            })
+            .await;
+            match has {
+                Ok(flags) => BlockResponse::Have(flags),
+                Err(e) => BlockResponse::Refused(e.to_string()),
+            }
+        }
+        BlockRequest::Put {
+            cid,
+            data,
+            replicas,
+        } => {
+            let keeper = keeper.clone();
+            let stored = tokio::task::spawn_blocking(move || {
+                let block = Block::new(cid, data).map_err(|e| e.to_string())?;
+                store.put(&block).map_err(|e| e.to_string())?;
+                keeper
+                    .note(*block.cid(), replicas)
+                    .map_err(|e| e.to_string())?;
+                Ok::<Cid, String>(*block.cid())
+            })
+            .await;
+            match stored {
+                Ok(Ok(cid)) => match syncer.sync(cid).await {
+                    Ok(()) => BlockResponse::Stored,
+                    Err(e) => BlockResponse::Refused(e),
+                },
+                Ok(Err(e)) => BlockResponse::Refused(e),
+                Err(e) => BlockResponse::Refused(e.to_string()),
+            }
+        }
+    }
+}
+
+type SyncRequest = (Cid, oneshot::Sender<Result<(), String>>);
+
+/// Group commit: collects stored blocks while a sync runs and makes them durable together,
+/// with the replica targets noted for them.
+#[derive(Debug, Clone)]
+struct Syncer {
+    tx: mpsc::Sender<SyncRequest>,
+}
+
+impl Syncer {
+    fn start(repo: Repo, keeper: Keeper, tasks: &Tasks) -> Self {
+        let (tx, mut rx) = mpsc::channel::<SyncRequest>(MAX_HANDLERS * 2);
+        tasks.spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    batch.push(more);
+                }
+                let (store, keeper) = (repo.blocks().clone(), keeper.clone());
+                let cids: Vec<Cid> = batch.iter().map(|(c, _)| *c).collect();
+                let synced = tokio::task::spawn_blocking(move || {
+                    store.sync(cids.iter()).map_err(|e| e.to_string())?;
+                    keeper.sync().map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+                for (_, reply) in batch {
+                    let _ = reply.send(synced.clone());
+                }
+            }
+        });
+        Self { tx }
+    }
+
+    async fn sync(&self, cid: Cid) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((cid, reply))
+            .await
+            .map_err(|_| "daemon is stopping".to_string())?;
+        rx.await.map_err(|_| "daemon is stopping".to_string())?
+    }
+}
