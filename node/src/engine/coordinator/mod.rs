@@ -28,7 +28,7 @@ use p2pmr_protocol::engine::{
     Counters, Event, FinishedTask, JobRequest, JobResponse, JobState, JobSummary, MapOutput,
     MapTask, Phase, ReduceTask, RunRef, TaskKind, MAX_EVENTS_PER_REPLY,
 };
-use p2pmr_protocol::job::{JobSpec, AUTO_SPLIT, AUTO_SPLIT_MAX, AUTO_SPLIT_MIN};
+use p2pmr_protocol::job::JobSpec;
 use p2pmr_protocol::unixfs::{self, DirEntry, UnixFsData, UnixFsError};
 use p2pmr_protocol::Cid;
 use std::collections::{HashMap, HashSet};
@@ -38,8 +38,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+mod plan;
 mod schedule;
 
+use plan::{reuse, share_hosts};
 pub use schedule::LOCALITY_DELAY;
 use schedule::{Action, AttemptId, PhaseState, Schedule, Skips, Tally};
 
@@ -170,87 +172,6 @@ impl From<String> for Stop {
     fn from(reason: String) -> Self {
         Self::Failed(reason)
     }
-}
-
-/// Shares each machine's slots out among the daemons on it (those reporting the same `hosts`
-/// entry, not 0): a machine runs as many tasks at once as the most any of its daemons
-/// offers, split evenly, at least one per daemon so each can still map the blocks it holds.
-///
-/// Slots default to the cores, so two daemons on one 2-core machine offered four and ran
-/// four map tasks on two cores, each with its own multi-megabyte count table; the automatic
-/// split then also cut the input in four instead of two, which was measurably slower
-/// (BENCHMARKS.md, "What moved the job rows").
-fn share_hosts(slots: &mut [u32], hosts: &[u64]) {
-    let mut machines: HashMap<u64, Vec<usize>> = HashMap::new();
-    for (i, (&n, &host)) in slots.iter().zip(hosts).enumerate() {
-        if n > 0 && host != 0 {
-            machines.entry(host).or_default().push(i);
-        }
-    }
-    for daemons in machines.values() {
-        let k = daemons.len() as u32;
-        let most = daemons.iter().map(|&i| slots[i]).max().unwrap_or(1);
-        for (j, &i) in daemons.iter().enumerate() {
-            slots[i] = (most / k + u32::from((j as u32) < most % k)).max(1);
-        }
-    }
-}
-
-/// Takes the outputs of `finished` tasks (from [`Coordinator::finished`]) that match this
-/// plan: map tasks planned with the same `split` over the same range, reduce tasks of a
-/// partition not yet done. Returns how many map and reduce tasks it took.
-fn reuse(
-    finished: Vec<(PeerId, FinishedTask)>,
-    maps: &[PlannedMap],
-    split: u64,
-    outputs: &mut [Option<(MapOutput, PeerId)>],
-    entries: &mut [Option<DirEntry>],
-    counters: &mut Counters,
-) -> (u32, u32) {
-    let (mut reused_maps, mut reused_reduces) = (0, 0);
-    for (peer, task) in finished {
-        match task {
-            FinishedTask::Map {
-                task,
-                input,
-                start,
-                end,
-                split: planned,
-                output,
-            } => {
-                let t = task as usize;
-                let same_range = planned == split
-                    && maps
-                        .get(t)
-                        .is_some_and(|m| (m.input, m.start, m.end) == (input, start, end));
-                if same_range && output.parts.len() == entries.len() && outputs[t].is_none() {
-                    outputs[t] = Some((output, peer));
-                    reused_maps += 1;
-                }
-            }
-            FinishedTask::Reduce { partition, output } => {
-                if let Some(entry @ None) = entries.get_mut(partition as usize) {
-                    counters.add(&output.counters);
-                    *entry = Some(DirEntry {
-                        name: format!("part-{partition:05}"),
-                        cid: output.cid,
-                        tsize: output.tsize,
-                    });
-                    reused_reduces += 1;
-                }
-            }
-        }
-    }
-    (reused_maps, reused_reduces)
-}
-
-/// One map task as planned.
-#[derive(Debug, Clone)]
-struct PlannedMap {
-    input: u32,
-    start: u64,
-    end: u64,
-    leaves: Vec<(Cid, u64)>,
 }
 
 impl Coordinator {
@@ -494,7 +415,10 @@ impl Coordinator {
         let me = self.net().local_peer_id();
         // The reason names the module; a module that does not load fails the job before any
         // task is planned.
-        worker.module(spec).await?;
+        worker
+            .module(spec)
+            .await
+            .map_err(|e| Stop::Failed(e.to_string()))?;
 
         // Plan the map tasks: every input's leaves first, as the split size may depend on
         // the total.
@@ -561,59 +485,12 @@ impl Coordinator {
             FinishedTask::Map { split, .. } => Some(*split),
             FinishedTask::Reduce { .. } => None,
         });
-        let split = match earlier {
-            Some(split)
-                if spec.split_size == AUTO_SPLIT
-                    && (AUTO_SPLIT_MIN..=AUTO_SPLIT_MAX).contains(&split) =>
-            {
-                split
-            }
-            _ => spec.split_for(input_bytes, slots.iter().map(|&n| u64::from(n)).sum()),
-        };
-        let mut maps = Vec::new();
-        for (i, leaves) in inputs.into_iter().enumerate() {
-            let mut offset = 0;
-            let mut current: Option<PlannedMap> = None;
-            for (cid, len) in leaves {
-                let task = current.get_or_insert_with(|| PlannedMap {
-                    input: i as u32,
-                    start: offset,
-                    end: offset,
-                    leaves: Vec::new(),
-                });
-                task.leaves.push((cid, len));
-                task.end += len;
-                offset += len;
-                if task.end - task.start >= split {
-                    maps.extend(current.take());
-                }
-            }
-            maps.extend(current.take());
-        }
+        let split = plan::split_for(spec, earlier, input_bytes, &slots);
+        let maps = plan::cut_maps(inputs, split);
         let workers = slots.iter().filter(|&&n| n > 0).count();
-        // Outputs are replicated like the inputs: as many copies as the least-copied input
-        // block has (at least one, at most one per daemon).
-        let replicas = all_leaves
-            .iter()
-            .map(|c| holdings.iter().filter(|h| h.contains(c)).count())
-            .min()
-            .unwrap_or(1)
-            .clamp(1, workers.max(1));
-        let local: Vec<Vec<u64>> = maps
-            .iter()
-            .map(|m| {
-                holdings
-                    .iter()
-                    .map(|h| {
-                        m.leaves
-                            .iter()
-                            .filter(|(c, _)| h.contains(c))
-                            .map(|(_, len)| len)
-                            .sum()
-                    })
-                    .collect()
-            })
-            .collect();
+        // Outputs are replicated like the inputs.
+        let replicas = plan::output_replicas(&all_leaves, &holdings, workers);
+        let local = plan::locality(&maps, &holdings);
         handle.emit(Event::Planned {
             maps: maps.len() as u32,
             reduces: spec.reducers,
@@ -717,19 +594,8 @@ impl Coordinator {
             }
             // Map outputs on daemons that have left are lost: run those tasks again first.
             let connected = self.net().daemons();
-            let lost: Vec<usize> = outputs
-                .iter()
-                .enumerate()
-                .filter_map(|(t, o)| match o {
-                    Some((_, peer))
-                        if *peer != me
-                            && (!connected.contains_key(peer) || gone.contains(peer)) =>
-                    {
-                        Some(t)
-                    }
-                    _ => None,
-                })
-                .collect();
+            let up = |p: &PeerId| connected.contains_key(p) && !gone.contains(p);
+            let lost = plan::lost_outputs(&outputs, me, up);
             if !lost.is_empty() {
                 self.lose_outputs(handle, &mut outputs, &lost, "its holder left the network");
                 to_map = lost;
@@ -822,18 +688,7 @@ impl Coordinator {
                 }
             }
             if !missing.is_empty() {
-                let lost: Vec<usize> = outputs
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(t, o)| {
-                        let (out, _) = o.as_ref()?;
-                        out.parts
-                            .iter()
-                            .flatten()
-                            .any(|p| missing.contains(&p.cid))
-                            .then_some(t)
-                    })
-                    .collect();
+                let lost = plan::with_missing_runs(&outputs, &missing);
                 if lost.is_empty() {
                     return Err("a reducer reported map outputs this job never made"
                         .to_string()
@@ -1104,31 +959,4 @@ pub async fn leaves(fetcher: &Fetcher, root: Cid) -> Result<Vec<(Cid, u64)>, Rem
         }
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn machines_share_their_slots_out_among_their_daemons() {
-        // (slots offered, hosts) → slots used. Host 0 is unknown: never grouped; 0 slots is a
-        // daemon that did not answer: never given any.
-        for (offered, hosts, used) in [
-            (vec![], vec![], vec![]),
-            (vec![2], vec![7], vec![2]),
-            (vec![2, 2], vec![7, 8], vec![2, 2]),
-            (vec![2, 2], vec![7, 7], vec![1, 1]),
-            (vec![2, 2], vec![0, 0], vec![2, 2]),
-            (vec![2, 2, 2, 2], vec![7; 4], vec![1, 1, 1, 1]),
-            (vec![8, 8, 8], vec![7; 3], vec![3, 3, 2]),
-            (vec![1, 4], vec![7, 7], vec![2, 2]),
-            (vec![2, 0, 2], vec![7; 3], vec![1, 0, 1]),
-            (vec![4, 4, 2], vec![7, 7, 8], vec![2, 2, 2]),
-        ] {
-            let mut slots = offered.clone();
-            share_hosts(&mut slots, &hosts);
-            assert_eq!(slots, used, "{offered:?} on {hosts:?}");
-        }
-    }
 }

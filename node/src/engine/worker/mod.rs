@@ -15,9 +15,12 @@
 pub mod shuffle;
 
 use self::shuffle::{MissingRuns, ShuffleError, StreamMerge};
+use crate::blocks::RemoteError;
 use crate::blocks::{self, Chunk, Fetcher};
+use crate::engine::runtime::JobError;
 use crate::engine::runtime::{Executor, JobModule, Limits, TaskName};
 use crate::net::NetClient;
+use crate::repo::files::FileError;
 use crate::repo::files::FileWriter;
 use crate::tasks::Tasks;
 use crate::Repo;
@@ -35,6 +38,7 @@ use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use thiserror::Error;
 use tokio::sync::Semaphore;
 
 /// Records are handed to the job in batches of about this many bytes.
@@ -55,18 +59,60 @@ const FINISHED_BYTES: usize = 2 << 20;
 /// A running task of a job: map or reduce, its number, how to stop it.
 type RunningTask = (TaskKind, u32, tokio::task::AbortHandle);
 
+/// Why a task failed on this worker; its message is the reason the coordinator reports.
+#[derive(Debug, Error)]
+pub enum TaskError {
+    /// The request does not fit its job (an input, partition or skip list it does not have).
+    #[error("{0}")]
+    Invalid(String),
+    /// The job's module could not be fetched.
+    #[error("cannot fetch job module {cid}: {source}")]
+    Module {
+        /// The module.
+        cid: Cid,
+        /// Why.
+        source: RemoteError,
+    },
+    /// The wasm runtime refused or failed the task (load, trap, a limit).
+    #[error(transparent)]
+    Runtime(#[from] JobError),
+    /// An input could not be read.
+    #[error("cannot read input {name}: {source}")]
+    Input {
+        /// The input's name in the job.
+        name: String,
+        /// Why.
+        source: RemoteError,
+    },
+    /// A map output could not be read while reducing.
+    #[error("{0}")]
+    Shuffle(String),
+    /// The task's output could not be written.
+    #[error(transparent)]
+    Output(#[from] FileError),
+    /// Writing a map run failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The output could not be copied to other daemons.
+    #[error("cannot replicate the output: {0}")]
+    Replicate(RemoteError),
+    /// The task's thread panicked, or the worker is going away.
+    #[error("{0}")]
+    Aborted(String),
+}
+
 /// Why a map task failed, and the input offset of the record it was mapping if the job
 /// failed on one (the coordinator may then skip that record).
 #[derive(Debug)]
 struct MapFailure {
-    reason: String,
+    error: TaskError,
     record: Option<u64>,
 }
 
-impl From<String> for MapFailure {
-    fn from(reason: String) -> Self {
+impl<E: Into<TaskError>> From<E> for MapFailure {
+    fn from(error: E) -> Self {
         Self {
-            reason,
+            error: error.into(),
             record: None,
         }
     }
@@ -215,10 +261,13 @@ impl Worker {
                             Ok(output) => Ok(JobResponse::MapDone(output)),
                             // The coordinator may skip a record that keeps failing.
                             Err(MapFailure {
-                                reason,
+                                error,
                                 record: Some(record),
-                            }) => Ok(JobResponse::RecordFailed { reason, record }),
-                            Err(MapFailure { reason, .. }) => Err(reason),
+                            }) => Ok(JobResponse::RecordFailed {
+                                reason: error.to_string(),
+                                record,
+                            }),
+                            Err(MapFailure { error, .. }) => Err(error),
                         }
                     })
                     .await;
@@ -306,7 +355,7 @@ impl Worker {
         &self,
         job: Cid,
         (kind, number): (TaskKind, u32),
-        body: impl std::future::Future<Output = Result<JobResponse, String>> + Send + 'static,
+        body: impl std::future::Future<Output = Result<JobResponse, TaskError>> + Send + 'static,
     ) -> JobResponse {
         let task = self.inner.tasks.spawn(body);
         {
@@ -317,7 +366,7 @@ impl Worker {
         }
         match task.await {
             Ok(Some(Ok(response))) => response,
-            Ok(Some(Err(reason))) => JobResponse::Failed(reason),
+            Ok(Some(Err(error))) => JobResponse::Failed(error.to_string()),
             Ok(None) => JobResponse::Failed("the daemon is stopping".into()),
             Err(e) if e.is_cancelled() => JobResponse::Failed("aborted".into()),
             Err(e) => JobResponse::Failed(format!("task panicked: {e}")),
@@ -325,7 +374,7 @@ impl Worker {
     }
 
     /// The job's module, compiled (fetched and compiled on first use).
-    pub async fn module(&self, spec: &JobSpec) -> Result<Arc<JobModule>, String> {
+    pub async fn module(&self, spec: &JobSpec) -> Result<Arc<JobModule>, TaskError> {
         let cell = self
             .inner
             .loading
@@ -348,7 +397,7 @@ impl Worker {
         }
     }
 
-    async fn load(&self, cid: Cid) -> Result<Arc<JobModule>, String> {
+    async fn load(&self, cid: Cid) -> Result<Arc<JobModule>, TaskError> {
         let mut wasm = Vec::new();
         self.inner
             .fetcher
@@ -362,42 +411,42 @@ impl Worker {
                 Ok(())
             })
             .await
-            .map_err(|e| format!("cannot fetch job module {cid}: {e}"))?;
+            .map_err(|source| TaskError::Module { cid, source })?;
         let exec = self.inner.exec.clone();
-        tokio::task::spawn_blocking(move || exec.load(cid, &cid.to_string(), &wasm))
+        let loaded = tokio::task::spawn_blocking(move || exec.load(cid, &cid.to_string(), &wasm))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .map_err(|e| TaskError::Aborted(e.to_string()))?;
+        Ok(loaded?)
     }
 
     /// The job's module and a task slot (held until the task is done).
     async fn prepare(
         &self,
         spec: &JobSpec,
-    ) -> Result<(Arc<JobModule>, tokio::sync::SemaphorePermit<'_>), String> {
+    ) -> Result<(Arc<JobModule>, tokio::sync::SemaphorePermit<'_>), TaskError> {
         let module = self.module(spec).await?;
         let permit = self
             .inner
             .permits
             .acquire()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TaskError::Aborted(e.to_string()))?;
         Ok((module, permit))
     }
 
     async fn map(&self, spec: JobSpec, task: MapTask) -> Result<MapOutput, MapFailure> {
         if task.skip.len() > spec.skip_bad_records as usize || !task.skip.is_sorted() {
-            return Err(format!(
+            return Err(TaskError::Invalid(format!(
                 "{} records to skip, unsorted or more than the job allows ({})",
                 task.skip.len(),
                 spec.skip_bad_records
-            )
+            ))
             .into());
         }
         let input = spec
             .inputs
             .get(task.input as usize)
-            .ok_or_else(|| format!("the job has no input {}", task.input))?
+            .ok_or_else(|| TaskError::Invalid(format!("the job has no input {}", task.input)))?
             .clone();
         let (module, _permit) = self.prepare(&spec).await?;
         let mut splitter = RecordSplitter::new(task.start, task.end, BATCH);
@@ -415,9 +464,7 @@ impl Worker {
         let reducers = spec.reducers;
         let mapped = tokio::task::spawn_blocking(move || {
             let mut c = Counters::default();
-            let mut map = exec
-                .map_task(&module, name, &args, reducers, limits)
-                .map_err(|e| e.to_string())?;
+            let mut map = exec.map_task(&module, name, &args, reducers, limits)?;
             let skip = task.skip;
             let mut feed =
                 |map: &mut crate::engine::runtime::MapTask, offset: u64, batch: &[u8]| {
@@ -428,7 +475,7 @@ impl Worker {
                         c.input_records += records_in(piece);
                         map.batch(piece, offset).map_err(|e| MapFailure {
                             record: e.record(),
-                            reason: e.to_string(),
+                            error: e.into(),
                         })?;
                     }
                     Ok::<(), MapFailure>(())
@@ -456,7 +503,7 @@ impl Worker {
             if let Some((offset, batch)) = splitter.finish() {
                 feed(&mut map, offset, &batch)?;
             }
-            let (parts, combined) = map.finish_counted().map_err(|e| e.to_string())?;
+            let (parts, combined) = map.finish_counted()?;
             if let Some((taken, given)) = combined {
                 c.combine_input_records += taken;
                 c.combine_output_records += given;
@@ -470,8 +517,8 @@ impl Worker {
                 c.map_output_records += run.len() as u64;
                 c.map_output_bytes += run.bytes() as u64;
                 let mut w = FileWriter::scratch(&store, run_layout());
-                w.write_all(run.as_bytes()).map_err(|e| e.to_string())?;
-                let written = w.finish().map_err(|e| e.to_string())?;
+                w.write_all(run.as_bytes())?;
+                let written = w.finish()?;
                 out.push(Some(PartOut {
                     cid: written.root,
                     bytes: written.size,
@@ -480,17 +527,21 @@ impl Worker {
             Ok::<_, MapFailure>((out, c, complete, read))
         })
         .await
-        .map_err(|e| format!("map task panicked: {e}"))?;
+        .map_err(|e| TaskError::Aborted(format!("map task panicked: {e}")))?;
         let (parts, counters, complete, read) = mapped?;
-        if let (false, Err(e)) = (complete, read) {
-            return Err(format!("cannot read input {}: {e}", input.name).into());
+        if let (false, Err(source)) = (complete, read) {
+            let name = input.name;
+            return Err(TaskError::Input { name, source }.into());
         }
         Ok(MapOutput { parts, counters })
     }
 
-    async fn reduce(&self, spec: JobSpec, task: ReduceTask) -> Result<JobResponse, String> {
+    async fn reduce(&self, spec: JobSpec, task: ReduceTask) -> Result<JobResponse, TaskError> {
         if task.partition >= spec.reducers {
-            return Err(format!("the job has no partition {}", task.partition));
+            let partition = task.partition;
+            return Err(TaskError::Invalid(format!(
+                "the job has no partition {partition}"
+            )));
         }
         let (module, _permit) = self.prepare(&spec).await?;
         let runs = task
@@ -527,19 +578,18 @@ impl Worker {
                 limits,
                 merge,
                 Box::new(SharedWriter(writer.clone())),
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
             if let Some(e) = shuffle_error.lock().expect("poisoned").take() {
-                return Err(e);
+                return Err(TaskError::Shuffle(e));
             }
             let writer = Arc::try_unwrap(writer)
-                .map_err(|_| "the reduce output is still in use".to_string())?
+                .map_err(|_| TaskError::Aborted("the reduce output is still in use".into()))?
                 .into_inner()
                 .expect("poisoned");
-            writer.finish().map_err(|e| e.to_string())
+            Ok(writer.finish()?)
         })
         .await
-        .map_err(|e| format!("reduce task panicked: {e}"))?;
+        .map_err(|e| TaskError::Aborted(format!("reduce task panicked: {e}")))?;
         fetches.abort_all();
         let lost: Vec<Cid> = std::mem::take(&mut *missing.lock().expect("poisoned"));
         if !lost.is_empty() {
@@ -566,7 +616,7 @@ impl Worker {
             &avoid,
         )
         .await
-        .map_err(|e| format!("cannot replicate the output: {e}"))?;
+        .map_err(TaskError::Replicate)?;
         Ok(JobResponse::ReduceDone(ReduceOutput {
             cid: written.root,
             size: written.size,
