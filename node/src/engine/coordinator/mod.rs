@@ -41,7 +41,7 @@ use tokio::task::JoinSet;
 mod plan;
 mod schedule;
 
-use plan::{reuse, share_hosts};
+use plan::{reuse, share_hosts, PlannedMap};
 pub use schedule::LOCALITY_DELAY;
 use schedule::{Action, AttemptId, PhaseState, Schedule, Skips, Tally};
 
@@ -171,6 +171,50 @@ enum Stop {
 impl From<String> for Stop {
     fn from(reason: String) -> Self {
         Self::Failed(reason)
+    }
+}
+
+/// A job as planned: who works with how many slots, its map tasks and where their bytes are.
+struct Plan {
+    peers: Vec<PeerId>,
+    slots: Vec<u32>,
+    maps: Vec<PlannedMap>,
+    /// Input bytes of each map task.
+    map_bytes: Vec<u64>,
+    /// Bytes of each map task held by each daemon.
+    local: Vec<Vec<u64>>,
+    split: u64,
+    /// Copies of the output.
+    replicas: usize,
+    /// Tasks the workers finished for an earlier coordinator of this job.
+    finished: Vec<(PeerId, FinishedTask)>,
+}
+
+/// Where a job is across its rounds.
+struct Progress {
+    counters: Counters,
+    map_attempts: Vec<u32>,
+    reduce_attempts: Vec<u32>,
+    /// Each map task's output and the daemon holding it.
+    outputs: Vec<Option<(MapOutput, PeerId)>>,
+    /// Each partition's part, once reduced.
+    entries: Vec<Option<DirEntry>>,
+    /// Daemons this job has given up on (stalled or unreachable), even if still connected.
+    gone: HashSet<PeerId>,
+    skips: Skips,
+}
+
+impl Progress {
+    fn new(spec: &JobSpec, plan: &Plan) -> Self {
+        Self {
+            counters: Counters::default(),
+            map_attempts: vec![0; plan.maps.len()],
+            reduce_attempts: vec![0; spec.reducers as usize],
+            outputs: vec![None; plan.maps.len()],
+            entries: vec![None; spec.reducers as usize],
+            gone: HashSet::new(),
+            skips: Skips::new(spec.skip_bad_records),
+        }
     }
 }
 
@@ -411,6 +455,279 @@ impl Coordinator {
         bytes: &[u8],
     ) -> Result<(Cid, Counters, Duration), Stop> {
         let started = Instant::now();
+        let mut plan = self.plan(handle, spec).await?;
+        let mut job = Progress::new(spec, &plan);
+        let (reused_maps, reused_reduces) = reuse(
+            std::mem::take(&mut plan.finished),
+            &plan.maps,
+            plan.split,
+            &mut job.outputs,
+            &mut job.entries,
+            &mut job.counters,
+        );
+        if reused_maps + reused_reduces > 0 {
+            handle.emit(Event::Reused {
+                maps: reused_maps,
+                reduces: reused_reduces,
+            });
+        }
+        let mut to_map: Vec<usize> = if job.entries.iter().all(Option::is_some) {
+            Vec::new() // every partition is done: no map output is needed any more
+        } else {
+            (0..plan.maps.len())
+                .filter(|t| job.outputs[*t].is_none())
+                .collect()
+        };
+        let me = self.net().local_peer_id();
+        handle.emit(Event::Phase(Phase::Map));
+        // Map, then reduce; when map outputs are lost (their holder is gone, or a reducer
+        // could not fetch them) those map tasks run again and the reduces that need them
+        // after them: the MapReduce paper's rule. Each round loses at least one holder, so
+        // the rounds are bounded by the number of daemons.
+        for round in 0.. {
+            // Bounded so a job cannot loop for ever; generous, as daemons may die and come
+            // back several times over a long job.
+            if round > 3 * plan.peers.len() + 2 {
+                return Err("map outputs kept being lost; giving up".to_string().into());
+            }
+            if !to_map.is_empty() {
+                let tasks = std::mem::take(&mut to_map);
+                self.map_round(handle, spec, bytes, &plan, &mut job, tasks)
+                    .await?;
+            }
+            if round == 0 {
+                handle.emit(Event::Phase(Phase::Reduce));
+            }
+            // Map outputs on daemons that have left are lost: run those tasks again first.
+            let connected = self.net().daemons();
+            let up = |p: &PeerId| connected.contains_key(p) && !job.gone.contains(p);
+            let lost = plan::lost_outputs(&job.outputs, me, up);
+            if !lost.is_empty() {
+                self.lose_outputs(
+                    handle,
+                    &mut job.outputs,
+                    &lost,
+                    "its holder left the network",
+                );
+                to_map = lost;
+                continue;
+            }
+            let pending: Vec<usize> = (0..spec.reducers as usize)
+                .filter(|r| job.entries[*r].is_none())
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            let missing = self
+                .reduce_round(handle, bytes, &plan, &mut job, pending)
+                .await?;
+            if !missing.is_empty() {
+                let lost = plan::with_missing_runs(&job.outputs, &missing);
+                if lost.is_empty() {
+                    return Err("a reducer reported map outputs this job never made"
+                        .to_string()
+                        .into());
+                }
+                let why = "a reducer could not fetch its output";
+                self.lose_outputs(handle, &mut job.outputs, &lost, why);
+                to_map = lost;
+            }
+        }
+        // Map counters of the outputs used (a lost and re-run task counts once).
+        for (out, _) in job.outputs.iter().flatten() {
+            job.counters.add(&out.counters);
+        }
+        let root = self.store_output(handle, &plan, &mut job).await?;
+        Ok((root, job.counters, started.elapsed()))
+    }
+
+    /// Runs the map tasks `tasks` of the job; their outputs go into `job`.
+    async fn map_round(
+        &self,
+        handle: &JobHandle,
+        spec: &JobSpec,
+        bytes: &[u8],
+        plan: &Plan,
+        job: &mut Progress,
+        tasks: Vec<usize>,
+    ) -> Result<(), Stop> {
+        let (maps, split) = (&plan.maps, plan.split);
+        let sched = Schedule {
+            kind: TaskKind::Map,
+            peers: &plan.peers,
+            slots: &plan.slots,
+            local: Some(&plan.local),
+            bytes: &plan.map_bytes,
+            tasks,
+            skips: &mut job.skips,
+        };
+        let tally = Tally {
+            counters: &mut job.counters,
+            attempts: &mut job.map_attempts,
+            gone: &mut job.gone,
+        };
+        let done = self
+            .phase(handle, sched, tally, |t, attempt, skip| {
+                let m = &maps[t];
+                JobRequest::Map(MapTask {
+                    spec: bytes.to_vec(),
+                    task: t as u32,
+                    input: m.input,
+                    start: m.start,
+                    end: m.end,
+                    split,
+                    attempt,
+                    skip,
+                })
+            })
+            .await?;
+        for (t, response, peer) in done {
+            let JobResponse::MapDone(out) = response else {
+                return Err(format!("{peer} answered map task {t} with {response:?}").into());
+            };
+            if out.parts.len() != spec.reducers as usize {
+                return Err(format!(
+                    "map task {t} on {peer} returned {} partitions, not {}",
+                    out.parts.len(),
+                    spec.reducers
+                )
+                .into());
+            }
+            job.outputs[t] = Some((out, peer));
+        }
+        Ok(())
+    }
+
+    /// Runs the reduce tasks `pending` over the map outputs in `job`; their parts go into
+    /// `job`. Returns the runs reducers could not fetch (their map tasks must run again).
+    async fn reduce_round(
+        &self,
+        handle: &JobHandle,
+        bytes: &[u8],
+        plan: &Plan,
+        job: &mut Progress,
+        pending: Vec<usize>,
+    ) -> Result<HashSet<Cid>, Stop> {
+        let reducers = job.entries.len();
+        let runs: Vec<Vec<RunRef>> = (0..reducers)
+            .map(|r| {
+                job.outputs
+                    .iter()
+                    .flatten()
+                    .filter_map(|(out, peer)| {
+                        out.parts[r].as_ref().map(|p| RunRef {
+                            cid: p.cid,
+                            holder: peer.to_bytes(),
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let run_bytes: Vec<u64> = (0..reducers)
+            .map(|r| {
+                job.outputs
+                    .iter()
+                    .flatten()
+                    .filter_map(|(out, _)| out.parts[r].as_ref().map(|p| p.bytes))
+                    .sum()
+            })
+            .collect();
+        // Copies go to the daemons still with us; as many as the inputs had, if they can.
+        let avoid: Vec<Vec<u8>> = job.gone.iter().map(|p| p.to_bytes()).collect();
+        let replicas_now = plan.replicas.min(1 + self.live_others(&job.gone));
+        let sched = Schedule {
+            kind: TaskKind::Reduce,
+            peers: &plan.peers,
+            slots: &plan.slots,
+            local: None,
+            bytes: &run_bytes,
+            tasks: pending,
+            skips: &mut Skips::new(0),
+        };
+        let tally = Tally {
+            counters: &mut job.counters,
+            attempts: &mut job.reduce_attempts,
+            gone: &mut job.gone,
+        };
+        let done = self
+            .phase(handle, sched, tally, |r, attempt, _| {
+                JobRequest::Reduce(ReduceTask {
+                    spec: bytes.to_vec(),
+                    partition: r as u32,
+                    runs: runs[r].clone(),
+                    replicas: replicas_now as u32,
+                    avoid: avoid.clone(),
+                    attempt,
+                })
+            })
+            .await?;
+        let mut missing = HashSet::new();
+        for (r, response, peer) in done {
+            match response {
+                JobResponse::ReduceDone(out) => {
+                    job.counters.add(&out.counters);
+                    job.entries[r] = Some(DirEntry {
+                        name: format!("part-{r:05}"),
+                        cid: out.cid,
+                        tsize: out.tsize,
+                    });
+                }
+                JobResponse::MissingRuns(runs) => missing.extend(runs.into_iter().map(|r| r.cid)),
+                other => {
+                    return Err(format!("{peer} answered reduce task {r} with {other:?}").into())
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Daemons other than this one that are connected and not given up on.
+    fn live_others(&self, gone: &HashSet<PeerId>) -> usize {
+        let me = self.net().local_peer_id();
+        self.net()
+            .daemons()
+            .keys()
+            .filter(|p| **p != me && !gone.contains(*p))
+            .count()
+    }
+
+    /// Stores the output directory over the parts in `job`, replicated like them.
+    async fn store_output(
+        &self,
+        handle: &JobHandle,
+        plan: &Plan,
+        job: &mut Progress,
+    ) -> Result<Cid, Stop> {
+        handle.emit(Event::Phase(Phase::Store));
+        let entries: Vec<DirEntry> = std::mem::take(&mut job.entries)
+            .into_iter()
+            .flatten()
+            .collect();
+        let dir = unixfs::directory(entries);
+        let root = *dir.cid();
+        let repo = self.inner.worker.repo();
+        let store = repo.blocks().clone();
+        tokio::task::spawn_blocking(move || {
+            store.put(&dir)?;
+            store.sync([dir.cid()])
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot store the output directory: {e}"))?;
+        let avoid: Vec<PeerId> = job.gone.iter().copied().collect();
+        let copies = plan
+            .replicas
+            .saturating_sub(1)
+            .min(self.live_others(&job.gone));
+        blocks::replicate(self.net(), repo.blocks(), &[root], copies, &avoid)
+            .await
+            .map_err(|e| format!("cannot replicate the output directory: {e}"))?;
+        Ok(root)
+    }
+
+    /// Plans the job: checks its module loads, walks its inputs, asks every daemon for its
+    /// slots and the input blocks it holds, picks the split and cuts the map tasks.
+    async fn plan(&self, handle: &JobHandle, spec: &JobSpec) -> Result<Plan, Stop> {
         let worker = &self.inner.worker;
         let me = self.net().local_peer_id();
         // The reason names the module; a module that does not load fails the job before any
@@ -497,246 +814,16 @@ impl Coordinator {
             input_bytes,
             workers: workers as u32,
         });
-
-        let mut counters = Counters::default();
-        let map_bytes: Vec<u64> = maps.iter().map(|m| m.end - m.start).collect();
-        let mut map_attempts = vec![0u32; maps.len()];
-        let mut reduce_attempts = vec![0u32; spec.reducers as usize];
-        let mut outputs: Vec<Option<(MapOutput, PeerId)>> = vec![None; maps.len()];
-        let mut entries: Vec<Option<DirEntry>> = vec![None; spec.reducers as usize];
-        let (reused_maps, reused_reduces) = reuse(
-            finished,
-            &maps,
+        Ok(Plan {
+            map_bytes: maps.iter().map(|m| m.end - m.start).collect(),
+            peers,
+            slots,
+            maps,
+            local,
             split,
-            &mut outputs,
-            &mut entries,
-            &mut counters,
-        );
-        if reused_maps + reused_reduces > 0 {
-            handle.emit(Event::Reused {
-                maps: reused_maps,
-                reduces: reused_reduces,
-            });
-        }
-        let mut to_map: Vec<usize> = if entries.iter().all(Option::is_some) {
-            Vec::new() // every partition is done: no map output is needed any more
-        } else {
-            (0..maps.len()).filter(|t| outputs[*t].is_none()).collect()
-        };
-        // Daemons this job has given up on (stalled or unreachable), even if still connected.
-        let mut gone: HashSet<PeerId> = HashSet::new();
-        let mut skips = Skips::new(spec.skip_bad_records);
-        handle.emit(Event::Phase(Phase::Map));
-        // Map, then reduce; when map outputs are lost (their holder is gone, or a reducer
-        // could not fetch them) those map tasks run again and the reduces that need them
-        // after them: the MapReduce paper's rule. Each round loses at least one holder, so
-        // the rounds are bounded by the number of daemons.
-        for round in 0.. {
-            // Bounded so a job cannot loop for ever; generous, as daemons may die and come
-            // back several times over a long job.
-            if round > 3 * peers.len() + 2 {
-                return Err("map outputs kept being lost; giving up".to_string().into());
-            }
-            if !to_map.is_empty() {
-                let maps = &maps;
-                let sched = Schedule {
-                    kind: TaskKind::Map,
-                    peers: &peers,
-                    slots: &slots,
-                    local: Some(&local),
-                    bytes: &map_bytes,
-                    tasks: std::mem::take(&mut to_map),
-                    skips: &mut skips,
-                };
-                let done = self
-                    .phase(
-                        handle,
-                        sched,
-                        Tally {
-                            counters: &mut counters,
-                            attempts: &mut map_attempts,
-                            gone: &mut gone,
-                        },
-                        |t, attempt, skip| {
-                            let m = &maps[t];
-                            JobRequest::Map(MapTask {
-                                spec: bytes.to_vec(),
-                                task: t as u32,
-                                input: m.input,
-                                start: m.start,
-                                end: m.end,
-                                split,
-                                attempt,
-                                skip,
-                            })
-                        },
-                    )
-                    .await?;
-                for (t, response, peer) in done {
-                    let JobResponse::MapDone(out) = response else {
-                        return Err(
-                            format!("{peer} answered map task {t} with {response:?}").into()
-                        );
-                    };
-                    if out.parts.len() != spec.reducers as usize {
-                        return Err(format!(
-                            "map task {t} on {peer} returned {} partitions, not {}",
-                            out.parts.len(),
-                            spec.reducers
-                        )
-                        .into());
-                    }
-                    outputs[t] = Some((out, peer));
-                }
-            }
-            if round == 0 {
-                handle.emit(Event::Phase(Phase::Reduce));
-            }
-            // Map outputs on daemons that have left are lost: run those tasks again first.
-            let connected = self.net().daemons();
-            let up = |p: &PeerId| connected.contains_key(p) && !gone.contains(p);
-            let lost = plan::lost_outputs(&outputs, me, up);
-            if !lost.is_empty() {
-                self.lose_outputs(handle, &mut outputs, &lost, "its holder left the network");
-                to_map = lost;
-                continue;
-            }
-
-            let pending: Vec<usize> = (0..spec.reducers as usize)
-                .filter(|r| entries[*r].is_none())
-                .collect();
-            if pending.is_empty() {
-                break;
-            }
-            let runs: Vec<Vec<RunRef>> = (0..spec.reducers as usize)
-                .map(|r| {
-                    outputs
-                        .iter()
-                        .flatten()
-                        .filter_map(|(out, peer)| {
-                            out.parts[r].as_ref().map(|p| RunRef {
-                                cid: p.cid,
-                                holder: peer.to_bytes(),
-                            })
-                        })
-                        .collect()
-                })
-                .collect();
-            let run_bytes: Vec<u64> = (0..spec.reducers as usize)
-                .map(|r| {
-                    outputs
-                        .iter()
-                        .flatten()
-                        .filter_map(|(out, _)| out.parts[r].as_ref().map(|p| p.bytes))
-                        .sum()
-                })
-                .collect();
-            // Copies go to the daemons still with us; as many as the inputs had, if they can.
-            let avoid: Vec<Vec<u8>> = gone.iter().map(|p| p.to_bytes()).collect();
-            let live = 1 + connected
-                .keys()
-                .filter(|p| **p != me && !gone.contains(*p))
-                .count();
-            let replicas_now = replicas.min(live);
-            let sched = Schedule {
-                kind: TaskKind::Reduce,
-                peers: &peers,
-                slots: &slots,
-                local: None,
-                bytes: &run_bytes,
-                tasks: pending,
-                skips: &mut Skips::new(0),
-            };
-            let done = self
-                .phase(
-                    handle,
-                    sched,
-                    Tally {
-                        counters: &mut counters,
-                        attempts: &mut reduce_attempts,
-                        gone: &mut gone,
-                    },
-                    |r, attempt, _| {
-                        JobRequest::Reduce(ReduceTask {
-                            spec: bytes.to_vec(),
-                            partition: r as u32,
-                            runs: runs[r].clone(),
-                            replicas: replicas_now as u32,
-                            avoid: avoid.clone(),
-                            attempt,
-                        })
-                    },
-                )
-                .await?;
-            let mut missing = HashSet::new();
-            for (r, response, peer) in done {
-                match response {
-                    JobResponse::ReduceDone(out) => {
-                        counters.add(&out.counters);
-                        entries[r] = Some(DirEntry {
-                            name: format!("part-{r:05}"),
-                            cid: out.cid,
-                            tsize: out.tsize,
-                        });
-                    }
-                    JobResponse::MissingRuns(runs) => {
-                        missing.extend(runs.into_iter().map(|r| r.cid))
-                    }
-                    other => {
-                        return Err(format!("{peer} answered reduce task {r} with {other:?}").into())
-                    }
-                }
-            }
-            if !missing.is_empty() {
-                let lost = plan::with_missing_runs(&outputs, &missing);
-                if lost.is_empty() {
-                    return Err("a reducer reported map outputs this job never made"
-                        .to_string()
-                        .into());
-                }
-                self.lose_outputs(
-                    handle,
-                    &mut outputs,
-                    &lost,
-                    "a reducer could not fetch its output",
-                );
-                to_map = lost;
-            }
-        }
-        let entries: Vec<DirEntry> = entries.into_iter().flatten().collect();
-        // Map counters of the outputs used (a lost and re-run task counts once).
-        for (out, _) in outputs.iter().flatten() {
-            counters.add(&out.counters);
-        }
-
-        // Store the output directory, replicated like the parts.
-        handle.emit(Event::Phase(Phase::Store));
-        let dir = unixfs::directory(entries);
-        let root = *dir.cid();
-        let store = worker.repo().blocks().clone();
-        tokio::task::spawn_blocking(move || {
-            store.put(&dir)?;
-            store.sync([dir.cid()])
+            replicas,
+            finished,
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot store the output directory: {e}"))?;
-        let connected = self.net().daemons();
-        let avoid: Vec<PeerId> = gone.iter().copied().collect();
-        let live = connected
-            .keys()
-            .filter(|p| **p != me && !gone.contains(*p))
-            .count();
-        blocks::replicate(
-            self.net(),
-            worker.repo().blocks(),
-            &[root],
-            replicas.saturating_sub(1).min(live),
-            &avoid,
-        )
-        .await
-        .map_err(|e| format!("cannot replicate the output directory: {e}"))?;
-        Ok((root, counters, started.elapsed()))
     }
 
     /// Asks the live workers which tasks of this job they finished and still hold the output
