@@ -527,6 +527,17 @@ impl JobRequest {
 }
 
 impl JobResponse {
+    /// The [`BUSY`](crate::wire::BUSY) refusal: the peer is too loaded now; retry after a
+    /// pause.
+    pub fn busy() -> Self {
+        Self::Failed(crate::wire::BUSY.into())
+    }
+
+    /// Whether this is the [`BUSY`](crate::wire::BUSY) refusal.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Failed(r) if r == crate::wire::BUSY)
+    }
+
     /// Encodes the response (without framing); failure reasons are cut to 1 KiB.
     pub fn encode(&self) -> Vec<u8> {
         match self {

@@ -174,6 +174,16 @@ impl BlockRequest {
 }
 
 impl BlockResponse {
+    /// The [`BUSY`] refusal: the peer is too loaded now; retry after a pause.
+    pub fn busy() -> Self {
+        Self::Refused(BUSY.into())
+    }
+
+    /// Whether this is the [`BUSY`] refusal.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Refused(r) if r == BUSY)
+    }
+
     /// Encodes the response (without framing). Refusal reasons are cut to 512 bytes.
     pub fn encode(&self) -> Vec<u8> {
         match self {

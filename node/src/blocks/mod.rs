@@ -23,7 +23,7 @@ use libp2p::PeerId;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::unixfs::{directory_entries, FileReader, Layout, UnixFsError};
-use p2pmr_protocol::wire::{rank_peers, BlockRequest, BlockResponse, BUSY, MAX_HAS};
+use p2pmr_protocol::wire::{rank_peers, BlockRequest, BlockResponse, MAX_HAS};
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read};
@@ -275,7 +275,7 @@ async fn patiently(
     let mut pause = Duration::from_millis(20);
     loop {
         match net.request(peer, make()).await? {
-            BlockResponse::Refused(r) if r == BUSY && pause < Duration::from_secs(5) => {
+            busy if busy.is_busy() && pause < Duration::from_secs(5) => {
                 tokio::time::sleep(pause).await;
                 pause *= 2;
             }

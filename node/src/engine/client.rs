@@ -245,7 +245,7 @@ impl Follower {
                 self.busy_pause = Duration::from_millis(50);
                 Ok((!events.is_empty()).then_some(events))
             }
-            JobResponse::Failed(reason) if reason == p2pmr_protocol::wire::BUSY => {
+            busy if busy.is_busy() => {
                 tokio::time::sleep(self.busy_pause).await;
                 self.busy_pause = (self.busy_pause * 2).min(Duration::from_secs(2));
                 Ok(None)

@@ -40,8 +40,7 @@ pub(crate) async fn serve(
     }) = inbound.recv().await
     {
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            let busy = JobResponse::Failed(p2pmr_protocol::wire::BUSY.into());
-            net.respond_job(channel, busy).await;
+            net.respond_job(channel, JobResponse::busy()).await;
             continue;
         };
         let (coordinator, worker, net) = (coordinator.clone(), worker.clone(), net.clone());

@@ -23,8 +23,7 @@ use libp2p::{
 };
 use p2pmr_protocol::engine::{JobRequest, JobResponse, JOB_PROTOCOL, MAX_JOB_MESSAGE};
 use p2pmr_protocol::wire::{
-    BlockRequest, BlockResponse, WireError, BLOCK_PROTOCOL, BUSY, MAX_REQUEST_SIZE,
-    MAX_RESPONSE_SIZE,
+    BlockRequest, BlockResponse, WireError, BLOCK_PROTOCOL, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -593,14 +592,14 @@ impl EventLoop {
                 &mut self.swarm.behaviour_mut().blocks,
                 &self.inbound,
                 &mut self.pending,
-                || BlockResponse::Refused(BUSY.into()),
+                BlockResponse::busy,
             ),
             BehaviourEvent::Jobs(event) => route(
                 event,
                 &mut self.swarm.behaviour_mut().jobs,
                 &self.jobs,
                 &mut self.pending_jobs,
-                || JobResponse::Failed(BUSY.into()),
+                JobResponse::busy,
             ),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let block = StreamProtocol::new(BLOCK_PROTOCOL);

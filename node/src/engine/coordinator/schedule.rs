@@ -401,7 +401,7 @@ impl<'a> PhaseState<'a> {
                 });
                 self.done.push((t, response, peer));
             }
-            Ok(JobResponse::Failed(reason)) if reason == p2pmr_protocol::wire::BUSY => {
+            Ok(busy) if busy.is_busy() => {
                 // The worker's queue was full: not the task's fault.
                 self.free[p] += 1;
                 self.pending.push(t);
@@ -603,7 +603,6 @@ impl Skips {
 mod tests {
     use super::*;
     use p2pmr_protocol::engine::{MapOutput, ReduceOutput, RunRef};
-    use p2pmr_protocol::wire::BUSY;
 
     /// The owned data a phase borrows, and a clock that starts at `t0`.
     struct Fixture {
@@ -875,8 +874,7 @@ mod tests {
         let mut s = f.state();
         s.assign(t0);
         let (id, ..) = starts(&s.take_actions(), &peers)[0];
-        s.answered(id, Ok(JobResponse::Failed(BUSY.into())), t0)
-            .unwrap();
+        s.answered(id, Ok(JobResponse::busy()), t0).unwrap();
         assert!(
             events(&s.take_actions()).is_empty(),
             "no failure is reported"
