@@ -45,7 +45,7 @@ use plan::{reuse, share_hosts, PlannedMap};
 pub use schedule::LOCALITY_DELAY;
 use schedule::{Action, AttemptId, PhaseState, Schedule, Skips, Tally};
 
-/// Default liveness timeout (see [`Coordinator::new`]).
+/// Default liveness timeout: a worker that does not answer a probe within it is given up on.
 pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(3);
 /// How long a watch request waits for new events before answering with none.
 const WATCH_WAIT: Duration = Duration::from_secs(5);
