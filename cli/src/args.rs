@@ -114,6 +114,23 @@ pub(crate) enum Command {
     /// Inspect or check the local repository.
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// Move DAGs in and out as CAR files (kubo's `dag export` / `dag import`).
+    #[command(subcommand)]
+    Dag(DagCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DagCommand {
+    /// Write the DAG under CID to standard output as a CARv1 file.
+    Export {
+        /// The root CID
+        cid: String,
+    },
+    /// Read a CAR file (v1 or v2), verify every block and store them; print the roots.
+    ///
+    /// Nothing is stored unless every block is intact and the DAG under every root is
+    /// complete. By default the blocks go to --replicas daemons, as with add.
+    Import(ImportArgs),
 }
 
 fn parse_secs(s: &str) -> std::result::Result<f64, String> {
@@ -280,4 +297,18 @@ pub(crate) struct RunLocalArgs {
     /// Worker threads [default: the number of cores; at most 128]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=128))]
     pub(crate) threads: Option<u64>,
+}
+
+/// The arguments of `p2pmr dag import`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ImportArgs {
+    /// Store the blocks in the local repository only, without the network
+    #[arg(long, conflicts_with = "replicas")]
+    pub(crate) local: bool,
+    /// Distinct daemons that must each hold every block
+    #[arg(long, default_value_t = 2, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) replicas: u16,
+    /// The CAR file; `-` reads standard input
+    pub(crate) file: PathBuf,
 }

@@ -122,7 +122,7 @@ pub(crate) fn open_input(path: &Path) -> Result<Box<dyn Read + Send>> {
         .with_context(|| format!("cannot stat {}", path.display()))?
         .is_dir()
     {
-        bail!("{} is a directory; add takes a file", path.display());
+        bail!("{} is a directory, not a file", path.display());
     }
     Ok(Box::new(file))
 }

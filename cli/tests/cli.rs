@@ -147,6 +147,44 @@ fn only_hash_stores_nothing() {
 }
 
 #[test]
+fn dag_export_and_import_move_a_file_between_repositories() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let bytes = mix(2633785);
+    let file = write_file(dir.path(), "f", &bytes);
+    let added = p2pmr(&a, &["add", "--local", file.to_str().unwrap()]);
+    let cid = stdout(&added);
+    assert_eq!(cid, expected_cid(2633785));
+    let export = p2pmr(&a, &["dag", "export", &cid]);
+    assert!(export.status.success(), "{export:?}");
+    let car = write_file(dir.path(), "f.car", &export.stdout);
+    // Into another repository: the same file comes back out.
+    let import = p2pmr(&b, &["dag", "import", "--local", car.to_str().unwrap()]);
+    assert!(import.status.success(), "{import:?}");
+    assert_eq!(stdout(&import), cid);
+    assert_eq!(p2pmr(&b, &["cat", &cid]).stdout, bytes);
+    // A corrupt CAR: one line naming the block, exit 1, nothing stored.
+    let mut bad = export.stdout.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let bad = write_file(dir.path(), "bad.car", &bad);
+    let c = dir.path().join("c");
+    let refused = p2pmr(&c, &["dag", "import", "--local", bad.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&refused.stderr).trim().to_owned();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("corrupt block"), "{err}");
+    assert!(
+        block_files(&c).is_empty(),
+        "a refused CAR left blocks behind"
+    );
+    // Not a CAR at all.
+    let refused = p2pmr(&c, &["dag", "import", "--local", file.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("CAR"));
+}
+
+#[test]
 fn stdin_input() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("repo");

@@ -39,6 +39,17 @@ pub enum Error {
     /// Starting or stopping a daemon failed.
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    /// A CAR file is malformed or holds a corrupt block.
+    #[error(transparent)]
+    Car(#[from] p2pmr_protocol::car::CarError),
+    /// A block of a CAR's DAG is not in the CAR.
+    #[error("the CAR lacks block {cid} of the DAG under {root}; nothing was imported")]
+    MissingBlock {
+        /// The missing block.
+        cid: Cid,
+        /// The root it is under.
+        root: Cid,
+    },
     /// The job ended in failure.
     #[error("job {job} failed: {reason}")]
     JobFailed {

@@ -6,25 +6,29 @@
 //! of itself ([`Daemon::node`](crate::Daemon::node)). Clones share the network, the repository
 //! and one [`Fetcher`], so the peers' latency scores and bans persist across calls.
 
-use crate::blocks::{self, Fetcher, FileStat, DISCOVERY};
+use crate::blocks::{self, Fetcher, FileStat, RemoteError, DISCOVERY};
 use crate::engine::client::{self, Follower};
 use crate::error::Error;
 use crate::net::{ClientConfig, Link, NetClient, PeerInfo};
 use crate::repo::files::{self, Added};
-use crate::repo::store::BlockStore;
+use crate::repo::store::{BlockStore, StoreError};
 use crate::Repo;
 use futures::Stream;
 use libp2p::{Multiaddr, PeerId};
+use p2pmr_protocol::block::DAG_PB;
+use p2pmr_protocol::car::{self, CarError, CarEvent, CarReader};
+use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::engine::{Event, JobSummary};
 use p2pmr_protocol::job::JobSpec;
-use p2pmr_protocol::unixfs::Layout;
-use p2pmr_protocol::Cid;
-use std::collections::{BTreeMap, VecDeque};
+use p2pmr_protocol::unixfs::{Layout, UnixFsError, MAX_DEPTH};
+use p2pmr_protocol::{Block, Cid};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::{self, Read};
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// A p2pmr peer. Cheap to clone.
 ///
@@ -261,6 +265,92 @@ impl Blocks<'_> {
         Ok(blocks::stat(self.0.fetcher(), root).await?)
     }
 
+    /// Writes the DAG at `root` as a CARv1 into `sink`: the header naming `root`, then every
+    /// block once, depth-first in link order (as kubo's `dag export` does). Returns the bytes
+    /// written.
+    pub async fn export_car(
+        &self,
+        root: Cid,
+        mut sink: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<u64, Error> {
+        let out = |sink: &mut dyn FnMut(&[u8]) -> io::Result<()>, bytes: &[u8]| {
+            sink(bytes).map_err(files::FileError::Output)
+        };
+        let header = car::header_v1(&[root]);
+        out(&mut sink, &header)?;
+        let mut written = header.len() as u64;
+        let mut seen = HashSet::new();
+        let mut stack = vec![(root, 0usize)];
+        while let Some((cid, depth)) = stack.pop() {
+            if !seen.insert(cid) {
+                continue;
+            }
+            if depth > MAX_DEPTH {
+                return Err(RemoteError::from(UnixFsError::TooDeep { cid }).into());
+            }
+            let block = self.0.fetcher().fetch(cid).await?;
+            let prefix = car::section_prefix(&cid, block.len());
+            out(&mut sink, &prefix)?;
+            out(&mut sink, block.data())?;
+            written += (prefix.len() + block.len()) as u64;
+            stack.extend(links(&block)?.into_iter().rev().map(|l| (l, depth + 1)));
+        }
+        Ok(written)
+    }
+
+    /// Imports a CAR (v1 or v2) from `source`: every block is verified as it streams in and
+    /// staged on disk; once the whole DAG under each root is known to be there, the blocks are
+    /// stored as `replicas` says. A corrupt CAR or a missing block keeps nothing. Returns the
+    /// roots.
+    pub async fn import_car(
+        &self,
+        source: impl Read + Send + 'static,
+        replicas: Replicas,
+    ) -> Result<Vec<Cid>, Error> {
+        let staging = match self.0.repo() {
+            Some(repo) => tempfile::tempdir_in(repo.home()),
+            None => tempfile::tempdir(),
+        }
+        .map_err(Error::TempDir)?;
+        let staged = BlockStore::open(staging.path())?;
+        let store = staged.clone();
+        let (roots, cids) = tokio::task::spawn_blocking(move || stage_car(source, &store))
+            .await
+            .expect("import task panicked")?;
+        match replicas {
+            Replicas::OnlyHash => {}
+            Replicas::Local => {
+                let repo = self.0.repo().ok_or(Error::NoRepo)?.blocks().clone();
+                let cids = cids.clone();
+                blocking(move || -> Result<(), StoreError> {
+                    for cid in &cids {
+                        repo.put(&staged.get(cid)?)?;
+                    }
+                    repo.sync(cids.iter())
+                })
+                .await?;
+            }
+            Replicas::Network(n) => {
+                let net = self.0.net(n.get()).await?;
+                let (tx, rx) = mpsc::channel(blocks::WINDOW);
+                let reader = tokio::task::spawn_blocking(move || {
+                    for cid in &cids {
+                        let block = staged.get(cid)?;
+                        if tx.blocking_send(block).is_err() {
+                            break; // the upload failed; it says why
+                        }
+                    }
+                    Ok::<_, StoreError>(())
+                });
+                let pushed = blocks::push_all(net, rx, n.get()).await;
+                reader.await.expect("staging reader panicked")?;
+                pushed?;
+            }
+        }
+        drop(staging);
+        Ok(roots)
+    }
+
     /// Copies every block of the DAG at `root` into `store`.
     pub async fn copy_into(&self, root: Cid, store: &BlockStore) -> Result<u64, Error> {
         Ok(self.0.fetcher().copy_into(root, store).await?)
@@ -407,11 +497,65 @@ impl JobHandle {
     }
 }
 
+/// The blocks a block links to (dag-pb links; none for raw and other codecs).
+fn links(block: &Block) -> Result<Vec<Cid>, Error> {
+    if block.cid().codec() != DAG_PB {
+        return Ok(Vec::new());
+    }
+    let node = PbNode::decode(block.data()).map_err(|e| RemoteError::from(UnixFsError::from(e)))?;
+    Ok(node.links.iter().map(|l| l.hash).collect())
+}
+
+/// Reads a CAR from `source` into `store` (verifying every block), then checks that the DAG
+/// under every root is complete there. Returns the roots and the CIDs stored, in CAR order.
+fn stage_car(mut source: impl Read, store: &BlockStore) -> Result<(Vec<Cid>, Vec<Cid>), Error> {
+    let mut reader = CarReader::new();
+    let mut buf = vec![0; 256 << 10];
+    let (mut roots, mut cids) = (None, Vec::new());
+    loop {
+        let n = match source.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(files::FileError::Input(e).into()),
+        };
+        reader.feed(&buf[..n]);
+        while let Some(event) = reader.next_event()? {
+            match event {
+                CarEvent::Header { roots: r, .. } => roots = Some(r),
+                CarEvent::Block(block) => {
+                    store.put(&block)?;
+                    cids.push(*block.cid());
+                }
+            }
+        }
+    }
+    reader.end()?;
+    let roots = roots.ok_or(CarError::Truncated)?;
+    for &root in &roots {
+        let mut stack = vec![(root, 0usize)];
+        let mut seen = HashSet::new();
+        while let Some((cid, depth)) = stack.pop() {
+            if depth > MAX_DEPTH || !seen.insert(cid) {
+                continue;
+            }
+            let block = match store.get(&cid) {
+                Ok(block) => block,
+                Err(StoreError::NotFound(_)) => return Err(Error::MissingBlock { cid, root }),
+                Err(e) => return Err(e.into()),
+            };
+            stack.extend(links(&block)?.into_iter().map(|l| (l, depth + 1)));
+        }
+    }
+    Ok((roots, cids))
+}
+
 /// Runs blocking file work off the async threads.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, files::FileError> + Send + 'static,
+async fn blocking<T: Send + 'static, E: Into<Error> + Send + 'static>(
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Error> {
-    Ok(tokio::task::spawn_blocking(work)
+    tokio::task::spawn_blocking(work)
         .await
-        .expect("file task panicked")?)
+        .expect("file task panicked")
+        .map_err(Into::into)
 }

@@ -1,6 +1,6 @@
 //! `add`, `cat`, `get`, `stat`, `peers` and `repo`: files, blocks and who holds them.
 
-use crate::args::AddArgs;
+use crate::args::{AddArgs, ImportArgs};
 use crate::env::{open_input, parse_cid, Env};
 use anyhow::{bail, Result};
 use p2pmr_node::{FileError, Replicas, StoreError};
@@ -77,6 +77,39 @@ pub(crate) async fn peers(env: &Env) -> Result<()> {
     for (id, info) in daemons? {
         let addrs: Vec<String> = info.addrs.iter().map(ToString::to_string).collect();
         println!("{id} {} {}", info.agent, addrs.join(" "));
+    }
+    Ok(())
+}
+
+pub(crate) async fn dag_export(env: &Env, cid: &str) -> Result<()> {
+    let cid = parse_cid(cid)?;
+    let node = env.node(env.existing_repo()?);
+    let mut out = io::BufWriter::new(io::stdout().lock());
+    let result = node
+        .blocks()
+        .export_car(cid, |bytes| out.write_all(bytes))
+        .await;
+    node.shutdown().await;
+    result?;
+    out.flush().map_err(FileError::Output)?;
+    Ok(())
+}
+
+pub(crate) async fn dag_import(env: &Env, args: ImportArgs) -> Result<()> {
+    let source = open_input(&args.file)?;
+    let (repo, replicas) = if args.local {
+        (Some(env.open_repo()?), Replicas::Local)
+    } else {
+        (
+            env.existing_repo()?,
+            Replicas::network(args.replicas.into()),
+        )
+    };
+    let node = env.node(repo);
+    let roots = node.blocks().import_car(source, replicas).await;
+    node.shutdown().await;
+    for root in roots? {
+        println!("{root}");
     }
     Ok(())
 }

@@ -96,6 +96,27 @@ pub async fn add(
     source: impl Read + Send + 'static,
     replicas: usize,
 ) -> Result<Added, RemoteError> {
+    let (tx, rx) = mpsc::channel::<Block>(WINDOW);
+    // Chunking and hashing are CPU work: a plain thread feeds the async uploader.
+    let builder = tokio::task::spawn_blocking(move || {
+        files::build(source, Layout::KUBO, Vec::new, |b| {
+            tx.blocking_send(b).is_ok()
+        })
+    });
+    let pushed = push_all(net, rx, replicas).await;
+    let built = builder.await.expect("chunker panicked");
+    pushed?;
+    Ok(built?)
+}
+
+/// Stores every block that arrives on `blocks` durably on `replicas` distinct daemons, chosen
+/// by the placement rule, [`WINDOW`] blocks at a time. Stops taking blocks at the first
+/// failure (dropping the receiver tells the sender) and returns it.
+pub async fn push_all(
+    net: &NetClient,
+    mut blocks: mpsc::Receiver<Block>,
+    replicas: usize,
+) -> Result<(), RemoteError> {
     let daemons: Vec<PeerId> = net.daemons().into_keys().collect();
     if replicas == 0 || daemons.len() < replicas {
         return Err(RemoteError::NotEnoughDaemons {
@@ -103,18 +124,11 @@ pub async fn add(
             found: daemons.len(),
         });
     }
-    let (tx, mut rx) = mpsc::channel::<Block>(WINDOW);
-    // Chunking and hashing are CPU work: a plain thread feeds the async uploader.
-    let builder = tokio::task::spawn_blocking(move || {
-        files::build(source, Layout::KUBO, Vec::new, |b| {
-            tx.blocking_send(b).is_ok()
-        })
-    });
     let window = Arc::new(Semaphore::new(WINDOW));
     let daemons: Arc<Vec<Placed>> = Arc::new(daemons.into_iter().map(Placed::new).collect());
     let mut uploads = JoinSet::new();
     let mut failure = None;
-    while let Some(block) = rx.recv().await {
+    while let Some(block) = blocks.recv().await {
         // Reap finished uploads so errors surface early and the set stays small.
         while let Some(done) = uploads.try_join_next() {
             if let Err(e) = done.expect("upload task panicked") {
@@ -132,17 +146,13 @@ pub async fn add(
             r
         });
     }
-    drop(rx);
+    drop(blocks);
     while let Some(done) = uploads.join_next().await {
         if let Err(e) = done.expect("upload task panicked") {
             failure.get_or_insert(e);
         }
     }
-    let built = builder.await.expect("chunker panicked");
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    Ok(built?)
+    failure.map_or(Ok(()), Err)
 }
 
 /// Copies the blocks `cids` of `store` to `copies` other daemons each, chosen by the placement

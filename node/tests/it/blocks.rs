@@ -427,3 +427,122 @@ async fn a_client_told_of_one_daemon_finds_the_others_through_kademlia() -> Resu
     client.shutdown().await;
     Ok(())
 }
+
+/// A small file in a three-level DAG (8 KiB chunks, 4 links a node): 40 leaves.
+fn deep_file(seed: u64) -> Vec<u8> {
+    data(40 * 8192 - 5, seed)
+}
+
+/// Imports `car` through a fresh client of `cluster` with 2 replicas.
+async fn import(cluster: &Cluster, car: Vec<u8>) -> Result<Vec<p2pmr_protocol::Cid>, Error> {
+    let node = client(cluster, 3).await.expect("a client");
+    let r = node
+        .blocks()
+        .import_car(Cursor::new(car), Replicas::network(2))
+        .await;
+    node.shutdown().await;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dags_go_out_and_back_in_as_car_files_and_bad_ones_keep_nothing() -> Result<()> {
+    use p2pmr_protocol::car::{CarError, CarEvent, CarReader};
+    use p2pmr_protocol::unixfs::Layout;
+    let cluster = linked(3, 2).await?;
+    let node = client(&cluster, 3).await?;
+    // A file with inner nodes, stored on the daemons (through a repository, so the layout is
+    // ours to choose; kubo's layout is the same code with other sizes).
+    let layout = Layout::new(8192, 4).expect("a layout");
+    let bytes = deep_file(5);
+    let dir = TempDir::new()?;
+    let local = p2pmr_node::Repo::open(dir.path())?;
+    let added = p2pmr_node::repo::files::import(&bytes[..], Some(local.blocks()), layout)?;
+    let holder = p2pmr_node::cluster::Cluster::client_of(&cluster, cluster.addrs());
+    holder.peers().wait_for(3).await?;
+    let cids: Vec<_> = local.blocks().list().collect::<Result<_, _>>()?;
+    let net = holder.net(3).await?;
+    p2pmr_node::blocks::replicate(net, local.blocks(), &cids, 2, &[]).await?;
+    holder.shutdown().await;
+
+    // Out: the root first, every block once, each verified by the reader.
+    let mut car = Vec::new();
+    node.blocks()
+        .export_car(added.root, |b| {
+            car.extend_from_slice(b);
+            Ok(())
+        })
+        .await?;
+    let mut reader = CarReader::new();
+    reader.feed(&car);
+    let mut events = Vec::new();
+    while let Some(e) = reader.next_event()? {
+        events.push(e);
+    }
+    reader.end()?;
+    assert_eq!(
+        events[0],
+        CarEvent::Header {
+            roots: vec![added.root],
+            version: 1
+        }
+    );
+    assert!(matches!(&events[1], CarEvent::Block(b) if *b.cid() == added.root));
+    assert_eq!(events.len() as u64 - 1, added.blocks, "every block once");
+
+    // In again, on other daemons' disks it is the same file.
+    assert_eq!(import(&cluster, car.clone()).await?, vec![added.root]);
+    assert_eq!(cat_all(&node, added.root).await?, bytes);
+
+    // A CAR of new content with one block corrupted, or one missing: refused, naming the
+    // block, and none of its blocks is kept anywhere.
+    let fresh = deep_file(6);
+    let fresh_dir = TempDir::new()?;
+    let fresh_repo = p2pmr_node::Repo::open(fresh_dir.path())?;
+    let fresh_root =
+        p2pmr_node::repo::files::import(&fresh[..], Some(fresh_repo.blocks()), layout)?.root;
+    let fresh_node = p2pmr_node::Node::builder()
+        .repo(fresh_repo.clone())
+        .offline()
+        .build();
+    let mut good = Vec::new();
+    fresh_node
+        .blocks()
+        .export_car(fresh_root, |b| {
+            good.extend_from_slice(b);
+            Ok(())
+        })
+        .await?;
+    let fresh_cids: Vec<_> = fresh_repo.blocks().list().collect::<Result<_, _>>()?;
+    let held_anywhere = |cluster: &Cluster| {
+        cluster
+            .daemons()
+            .any(|d| fresh_cids.iter().any(|c| d.repo().blocks().has(c)))
+    };
+    let mut corrupt = good.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0x40;
+    match import(&cluster, corrupt).await {
+        Err(Error::Car(CarError::Block(e))) => assert!(e.to_string().contains("corrupt"), "{e}"),
+        other => panic!("a corrupt block was accepted: {other:?}"),
+    }
+    assert!(!held_anywhere(&cluster), "a refused CAR left blocks behind");
+    // Drop the last section (the last leaf).
+    let leaf = *p2pmr_protocol::Block::raw(fresh[fresh.len() - 8187..].to_vec()).cid();
+    let section = p2pmr_protocol::car::section_prefix(&leaf, 8187).len() + 8187;
+    let missing = good[..good.len() - section].to_vec();
+    match import(&cluster, missing).await {
+        Err(Error::MissingBlock { cid, root }) => assert_eq!((cid, root), (leaf, fresh_root)),
+        other => panic!("an incomplete DAG was accepted: {other:?}"),
+    }
+    assert!(!held_anywhere(&cluster), "a refused CAR left blocks behind");
+    // Truncated mid-section.
+    let cut = good[..good.len() - 100].to_vec();
+    assert!(matches!(
+        import(&cluster, cut).await,
+        Err(Error::Car(CarError::Truncated))
+    ));
+    assert!(!held_anywhere(&cluster), "a refused CAR left blocks behind");
+    node.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
