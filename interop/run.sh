@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Interop checks against independent IPFS implementations from npm (run by .ci/run):
+#   CAR: a DAG p2pmr exports is read and verified by @ipld/car; a CAR @ipld/car writes is
+#   imported by p2pmr and read back bit-exact.
+# Usage: interop/run.sh [P2PMR_BIN]   (installs the npm packages from the lockfile if needed)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+bin=$(realpath "${1:-$here/../target/debug/p2pmr}")
+[[ -d $here/node_modules/@ipld/car ]] || (cd "$here" && npm ci --no-audit --no-fund --silent)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+p2pmr() { "$bin" --home "$work/$1" --no-mdns "${@:2}"; }
+
+# A file of three levels of DAG would need 174*174 leaves; two levels (175 leaves, 44 MiB)
+# cover inner nodes and raw leaves alike: 176 leaves, 2 nodes of links and the root.
+head -c $((175 * 262144 + 12345)) /dev/urandom >"$work/file"
+cid=$(p2pmr a add --local "$work/file")
+p2pmr a dag export "$cid" >"$work/out.car"
+got=$(node "$here/car.mjs" check "$work/out.car")
+want="{\"version\":1,\"roots\":[\"$cid\"],\"blocks\":179,\"bytes\":"
+[[ $got == "$want"* ]] || { echo "interop: @ipld/car read back $got, expected $want..." >&2; exit 1; }
+echo "interop: @ipld/car reads p2pmr's CAR of $cid: $got"
+
+node "$here/car.mjs" write "$work/in.car" "$work/file" >"$work/roots"
+p2pmr b dag import --local "$work/in.car" >"$work/imported"
+cmp "$work/roots" "$work/imported"
+first=$(head -n 1 "$work/roots")
+p2pmr b cat "$first" | cmp - <(head -c 262144 "$work/file")
+echo "interop: p2pmr imports @ipld/car's CAR ($(wc -l <"$work/roots") roots), bit-exact"
