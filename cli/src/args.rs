@@ -195,6 +195,30 @@ pub(crate) struct DaemonArgs {
     /// has been gone this many seconds, so each block is back to its replica count
     #[arg(long, default_value_t = 60.0, value_name = "SECS", value_parser = parse_secs)]
     pub(crate) grace_secs: f64,
+    /// Serve the HTTP API and gateway here (port 0: any free port), or `off` [default:
+    /// 127.0.0.1:5001 or the next free port]
+    #[arg(long, value_name = "ADDR:PORT|off", value_parser = parse_api)]
+    pub(crate) api: Option<ApiArg>,
+    /// A file holding the bearer token HTTP requests must carry (required when --api is not
+    /// on loopback)
+    #[arg(long, value_name = "FILE")]
+    pub(crate) api_token_file: Option<PathBuf>,
+}
+
+/// Where `--api` says to serve HTTP.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ApiArg {
+    Off,
+    At(std::net::SocketAddr),
+}
+
+fn parse_api(s: &str) -> std::result::Result<ApiArg, String> {
+    if s == "off" {
+        return Ok(ApiArg::Off);
+    }
+    s.parse()
+        .map(ApiArg::At)
+        .map_err(|_| format!("'{s}' is not ADDR:PORT (e.g. 127.0.0.1:5001) or off"))
 }
 
 /// The arguments of `p2pmr run`.

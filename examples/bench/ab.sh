@@ -26,10 +26,10 @@ start() { # BIN
 }
 wait_addr() {
     for _ in $(seq 200); do
-        grep -q "listening on" "$1" 2>/dev/null && break
+        grep -q "^listening on" "$1" 2>/dev/null && break
         sleep 0.05
     done
-    grep -m1 "listening on" "$1" | awk '{print $3}'
+    grep -m1 "^listening on" "$1" | awk '{print $3}'
 }
 stop() {
     kill "$(cat "$W/d1.pid")" "$(cat "$W/d2.pid")"

@@ -9,6 +9,7 @@
 use crate::blocks::keeper::{Keeper, KeeperError};
 use crate::engine::coordinator::Coordinator;
 use crate::engine::worker::Worker;
+use crate::http::{ApiConfig, ApiStartError};
 use crate::net::{self, NetClient, NetConfig, NetError};
 use crate::repo::store::{StoreError, SyncTracker};
 use crate::repo::IdentityError;
@@ -16,6 +17,7 @@ use crate::tasks::Tasks;
 use crate::{Node, Repo};
 use libp2p::{Multiaddr, PeerId};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 use thiserror::Error;
@@ -39,6 +41,9 @@ pub enum DaemonError {
     /// The replica log could not be opened.
     #[error(transparent)]
     Keeper(#[from] KeeperError),
+    /// The HTTP API could not start.
+    #[error(transparent)]
+    Api(#[from] ApiStartError),
     /// The identity key could not be read or written.
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -62,6 +67,8 @@ pub struct DaemonConfig {
     /// How long a daemon holding copies of this daemon's blocks may be gone before the blocks
     /// are copied to others.
     pub grace: Duration,
+    /// The HTTP API and gateway (none by default; `p2pmr daemon` serves it on loopback).
+    pub api: Option<ApiConfig>,
 }
 
 impl Default for DaemonConfig {
@@ -75,6 +82,7 @@ impl Default for DaemonConfig {
             slots: 0,
             liveness: crate::engine::coordinator::DEFAULT_LIVENESS,
             grace: crate::blocks::keeper::DEFAULT_GRACE,
+            api: None,
         }
     }
 }
@@ -93,6 +101,7 @@ pub struct Daemon {
     tasks: Tasks,
     coordinator: Coordinator,
     node: Node,
+    api: Option<SocketAddr>,
 }
 
 /// The default listen addresses: TCP and QUIC on the first port from 4001 that is free for both.
@@ -121,6 +130,11 @@ impl Daemon {
         let repo = Repo::open(home)?;
         let keypair = repo.identity()?;
         let replicas = Keeper::open(&repo.replica_log())?;
+        // Before the swarm starts, so a refused API address leaves nothing running.
+        let api_listener = match &config.api {
+            Some(api) => Some((crate::http::bind(api).await?, api.token.clone())),
+            None => None,
+        };
         let listen = if config.listen.is_empty() {
             default_listen()
         } else {
@@ -156,8 +170,23 @@ impl Daemon {
             network.jobs,
             tasks.clone(),
         ));
+        let node = Node::serving(network.client.clone(), repo.clone());
+        let api = match api_listener {
+            Some((listener, token)) => {
+                let addr = listener.local_addr().ok();
+                tasks.spawn(crate::http::serve(
+                    listener,
+                    node.clone(),
+                    token,
+                    tasks.clone(),
+                ));
+                addr
+            }
+            None => None,
+        };
         Ok(Self {
-            node: Node::serving(network.client.clone(), repo.clone()),
+            api,
+            node,
             repo,
             net: network.client,
             net_task: network.task,
@@ -181,6 +210,11 @@ impl Daemon {
     /// repository.
     pub fn node(&self) -> &Node {
         &self.node
+    }
+
+    /// Where the HTTP API listens, if it runs.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api
     }
 
     /// The network handle.

@@ -11,6 +11,7 @@ pub mod corpus;
 pub mod daemon;
 pub mod engine;
 mod error;
+mod http;
 pub mod net;
 mod node;
 pub mod repo;
@@ -18,6 +19,7 @@ mod tasks;
 
 pub use daemon::{Daemon, DaemonConfig};
 pub use error::Error;
+pub use http::{ApiConfig, ApiStartError, DEFAULT_API_PORT};
 pub use node::{Blocks, JobHandle, Jobs, Node, NodeBuilder, Peers, Replicas};
 
 pub use repo::files::{Added, FileError};

@@ -28,6 +28,7 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 /// A p2pmr peer. Cheap to clone.
@@ -156,6 +157,12 @@ impl Node {
         self.inner.link.ready(want).await?.ok_or(Error::Offline)
     }
 
+    /// This peer's id and the addresses it listens on (starting the network if need be).
+    pub async fn identity(&self) -> Result<(PeerId, Vec<Multiaddr>), Error> {
+        let net = self.net(0).await?;
+        Ok((net.local_peer_id(), net.listen_addrs()))
+    }
+
     /// The daemons.
     pub fn peers(&self) -> Peers<'_> {
         Peers(self)
@@ -265,19 +272,16 @@ impl Blocks<'_> {
         Ok(blocks::stat(self.0.fetcher(), root).await?)
     }
 
-    /// Writes the DAG at `root` as a CARv1 into `sink`: the header naming `root`, then every
+    /// Writes the DAG at `root` as a CARv1 into `out`: the header naming `root`, then every
     /// block once, depth-first in link order (as kubo's `dag export` does). Returns the bytes
     /// written.
     pub async fn export_car(
         &self,
         root: Cid,
-        mut sink: impl FnMut(&[u8]) -> io::Result<()>,
+        out: &mut (impl AsyncWrite + Unpin),
     ) -> Result<u64, Error> {
-        let out = |sink: &mut dyn FnMut(&[u8]) -> io::Result<()>, bytes: &[u8]| {
-            sink(bytes).map_err(files::FileError::Output)
-        };
         let header = car::header_v1(&[root]);
-        out(&mut sink, &header)?;
+        write(out, &header).await?;
         let mut written = header.len() as u64;
         let mut seen = HashSet::new();
         let mut stack = vec![(root, 0usize)];
@@ -290,8 +294,8 @@ impl Blocks<'_> {
             }
             let block = self.0.fetcher().fetch(cid).await?;
             let prefix = car::section_prefix(&cid, block.len());
-            out(&mut sink, &prefix)?;
-            out(&mut sink, block.data())?;
+            write(out, &prefix).await?;
+            write(out, block.data()).await?;
             written += (prefix.len() + block.len()) as u64;
             stack.extend(links(&block)?.into_iter().rev().map(|l| (l, depth + 1)));
         }
@@ -548,6 +552,12 @@ fn stage_car(mut source: impl Read, store: &BlockStore) -> Result<(Vec<Cid>, Vec
         }
     }
     Ok((roots, cids))
+}
+
+async fn write(out: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> Result<(), Error> {
+    out.write_all(bytes)
+        .await
+        .map_err(|e| files::FileError::Output(e).into())
 }
 
 /// Runs blocking file work off the async threads.

@@ -84,14 +84,13 @@ pub(crate) async fn peers(env: &Env) -> Result<()> {
 pub(crate) async fn dag_export(env: &Env, cid: &str) -> Result<()> {
     let cid = parse_cid(cid)?;
     let node = env.node(env.existing_repo()?);
-    let mut out = io::BufWriter::new(io::stdout().lock());
-    let result = node
-        .blocks()
-        .export_car(cid, |bytes| out.write_all(bytes))
-        .await;
+    let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
+    let result = node.blocks().export_car(cid, &mut out).await;
     node.shutdown().await;
     result?;
-    out.flush().map_err(FileError::Output)?;
+    tokio::io::AsyncWriteExt::flush(&mut out)
+        .await
+        .map_err(FileError::Output)?;
     Ok(())
 }
 

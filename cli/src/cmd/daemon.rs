@@ -1,14 +1,36 @@
 //! `p2pmr daemon`: serve blocks and jobs until SIGINT or SIGTERM.
 
-use crate::args::DaemonArgs;
+use crate::args::{ApiArg, DaemonArgs};
 use crate::env::Env;
 use anyhow::{Context, Result};
-use p2pmr_node::{Daemon, DaemonConfig};
+use p2pmr_node::{ApiConfig, Daemon, DaemonConfig};
 use std::io::{self, Write};
 use std::time::Duration;
 
 pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
     let home = env.home_dir()?;
+    let token = match &args.api_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the API token from {}", path.display()))?
+                .trim()
+                .to_owned(),
+        )
+        .filter(|t| !t.is_empty()),
+        None => None,
+    };
+    let api = match args.api {
+        Some(ApiArg::Off) => None,
+        Some(ApiArg::At(addr)) => Some(ApiConfig {
+            addr,
+            next_free: false,
+            token,
+        }),
+        None => Some(ApiConfig {
+            token,
+            ..ApiConfig::loopback()
+        }),
+    };
     let daemon = Daemon::start(
         &home,
         DaemonConfig {
@@ -18,12 +40,18 @@ pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
             slots: args.slots.unwrap_or(0),
             liveness: Duration::from_secs_f64(args.liveness_secs),
             grace: Duration::from_secs_f64(args.grace_secs),
+            api,
         },
     )
     .await
     .with_context(|| format!("cannot start the daemon in {}", home.display()))?;
     let mut out = io::stdout().lock();
     writeln!(out, "peer id: {}", daemon.peer_id())?;
+    // The API's line comes first: scripts read up to the first `listening on` line and may
+    // close the pipe there.
+    if let Some(addr) = daemon.api_addr() {
+        writeln!(out, "api listening on http://{addr}")?;
+    }
     for addr in daemon.listen_addrs() {
         writeln!(out, "listening on {addr}")?;
     }

@@ -466,12 +466,7 @@ async fn dags_go_out_and_back_in_as_car_files_and_bad_ones_keep_nothing() -> Res
 
     // Out: the root first, every block once, each verified by the reader.
     let mut car = Vec::new();
-    node.blocks()
-        .export_car(added.root, |b| {
-            car.extend_from_slice(b);
-            Ok(())
-        })
-        .await?;
+    node.blocks().export_car(added.root, &mut car).await?;
     let mut reader = CarReader::new();
     reader.feed(&car);
     let mut events = Vec::new();
@@ -507,10 +502,7 @@ async fn dags_go_out_and_back_in_as_car_files_and_bad_ones_keep_nothing() -> Res
     let mut good = Vec::new();
     fresh_node
         .blocks()
-        .export_car(fresh_root, |b| {
-            good.extend_from_slice(b);
-            Ok(())
-        })
+        .export_car(fresh_root, &mut good)
         .await?;
     let fresh_cids: Vec<_> = fresh_repo.blocks().list().collect::<Result<_, _>>()?;
     let held_anywhere = |cluster: &Cluster| {

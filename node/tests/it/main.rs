@@ -5,10 +5,12 @@
 //! - `blocks`: adding, reading and keeping blocks across peers (lying peers, corrupt disks,
 //!   lost daemons, Kademlia discovery).
 //! - `engine`: MapReduce jobs over the network, checked against `run-local`.
+//! - `http`: the HTTP API and gateway over a real socket.
 //! - `jobs`: the wasm runtime on its own (shipped jobs against native code, hostile modules).
 
 mod blocks;
 mod engine;
+mod http;
 mod jobs;
 
 use anyhow::Result;

@@ -1,0 +1,374 @@
+//! The HTTP API and gateway of a daemon over a real socket on 127.0.0.1: kubo's RPC shapes,
+//! the trustless gateway's formats and ranges, kubo's error shape, and the bearer token.
+
+use super::client;
+use anyhow::{bail, Result};
+use p2pmr_node::cluster::{Cluster, ClusterConfig};
+use p2pmr_node::{ApiConfig, Replicas};
+use p2pmr_protocol::car::{CarEvent, CarReader};
+use p2pmr_protocol::unixfs::{directory, DirEntry};
+use serde_json::Value;
+use std::io::Cursor;
+use std::net::SocketAddr;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An HTTP/1.1 answer: status, headers (names lower-cased), body (de-chunked).
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+}
+
+/// One request with `Connection: close`, read to the end.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Answer> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n"
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        bail!("no header end in {:?}", String::from_utf8_lossy(&raw));
+    };
+    let head = String::from_utf8(raw[..split].to_vec())?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap_or("")
+        .split(' ')
+        .nth(1)
+        .unwrap_or("")
+        .parse()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v == "chunked")
+    {
+        let (mut out, mut rest) = (Vec::new(), &body[..]);
+        loop {
+            let nl = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("a chunk size line");
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..nl])?.trim(), 16)?;
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
+            rest = &rest[nl + 2 + size + 2..];
+        }
+        body = out;
+    }
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn data(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 1000) as u8).collect()
+}
+
+async fn cluster_with_api(token: Option<&str>) -> Result<Cluster> {
+    let mut config = ClusterConfig::linked(2, 1);
+    config.daemon.api = Some(ApiConfig {
+        addr: "127.0.0.1:0".parse()?,
+        next_free: false,
+        token: token.map(str::to_owned),
+    });
+    Ok(Cluster::start(config).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rpc_subset_answers_in_kubos_shapes() -> Result<()> {
+    let cluster = cluster_with_api(None).await?;
+    let api = cluster.daemon(0).api_addr().expect("an API");
+    let node = client(&cluster, 2).await?;
+    let bytes = data(3 * 262_144 + 99);
+    let added = node
+        .blocks()
+        .add(Cursor::new(bytes.clone()), Replicas::network(2))
+        .await?;
+    let cid = added.root.to_string();
+
+    let id = http(api, "POST", "/api/v0/id", &[]).await?;
+    assert_eq!(id.status, 200);
+    assert_eq!(id.json()["ID"], cluster.daemon(0).peer_id().to_string());
+    assert!(!id.json()["PublicKey"].as_str().unwrap_or("").is_empty());
+    assert!(id.json()["Addresses"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty()));
+    assert_eq!(
+        http(api, "POST", "/api/v0/version", &[]).await?.json()["Version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    let peers = http(api, "POST", "/api/v0/swarm/peers", &[]).await?.json();
+    assert_eq!(
+        peers["Peers"][0]["Peer"],
+        cluster.daemon(1).peer_id().to_string()
+    );
+    assert!(
+        http(api, "POST", "/api/v0/repo/stat", &[]).await?.json()["NumObjects"].as_u64() > Some(0)
+    );
+
+    let cat = http(api, "POST", &format!("/api/v0/cat?arg={cid}"), &[]).await?;
+    assert_eq!((cat.status, cat.body.len()), (200, bytes.len()));
+    assert!(cat.body == bytes, "cat is bit-exact");
+    let part = http(
+        api,
+        "POST",
+        &format!("/api/v0/cat?arg={cid}&offset=262140&length=10"),
+        &[],
+    )
+    .await?;
+    assert_eq!(part.body, bytes[262_140..262_150]);
+    let block = http(api, "POST", &format!("/api/v0/block/get?arg={cid}"), &[]).await?;
+    let stat = http(api, "POST", &format!("/api/v0/block/stat?arg={cid}"), &[])
+        .await?
+        .json();
+    assert_eq!(stat["Key"], cid);
+    assert_eq!(stat["Size"].as_u64(), Some(block.body.len() as u64));
+
+    let car = http(api, "POST", &format!("/api/v0/dag/export?arg={cid}"), &[]).await?;
+    assert_eq!(car.header("content-type"), Some("application/vnd.ipld.car"));
+    let mut reader = CarReader::new();
+    reader.feed(&car.body);
+    let mut blocks = 0;
+    while let Some(e) = reader.next_event()? {
+        match e {
+            CarEvent::Header { roots, .. } => assert_eq!(roots, vec![added.root]),
+            CarEvent::Block(_) => blocks += 1,
+        }
+    }
+    reader.end()?;
+    assert_eq!(blocks, added.blocks);
+
+    // Errors: kubo's JSON shape and a status that says what is wrong.
+    let unknown = *p2pmr_protocol::Block::raw(b"never added".to_vec()).cid();
+    for (path, status) in [
+        ("/api/v0/cat?arg=nonsense".to_string(), 400),
+        ("/api/v0/cat".to_string(), 400),
+        (format!("/api/v0/cat?arg={cid}&offset=-1"), 400),
+        (format!("/api/v0/cat?arg={unknown}"), 404),
+        (format!("/api/v0/block/get?arg={unknown}"), 404),
+        (format!("/api/v0/dag/export?arg={unknown}"), 404),
+        ("/api/v0/no/such/command".to_string(), 404),
+    ] {
+        let answer = http(api, "POST", &path, &[]).await?;
+        assert_eq!(answer.status, status, "{path}");
+        let json = answer.json();
+        assert!(
+            json["Message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{path}: {json}"
+        );
+        assert_eq!(
+            (json["Code"].as_u64(), json["Type"].as_str()),
+            (Some(0), Some("error"))
+        );
+    }
+    assert_eq!(http(api, "GET", "/api/v0/id", &[]).await?.status, 405);
+    node.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_files_ranges_blocks_cars_and_paths() -> Result<()> {
+    let cluster = cluster_with_api(None).await?;
+    let api = cluster.daemon(1).api_addr().expect("an API");
+    let node = client(&cluster, 2).await?;
+    let bytes = data(2 * 262_144 + 5);
+    let added = node
+        .blocks()
+        .add(Cursor::new(bytes.clone()), Replicas::network(2))
+        .await?;
+    let cid = added.root;
+
+    let file = http(api, "GET", &format!("/ipfs/{cid}"), &[]).await?;
+    assert_eq!(file.status, 200);
+    assert!(file.body == bytes);
+    assert_eq!(
+        file.header("content-length"),
+        Some(bytes.len().to_string().as_str())
+    );
+    assert_eq!(file.header("etag"), Some(format!("\"{cid}\"").as_str()));
+    let head = http(api, "HEAD", &format!("/ipfs/{cid}"), &[]).await?;
+    assert_eq!((head.status, head.body.len()), (200, 0));
+
+    let range = http(
+        api,
+        "GET",
+        &format!("/ipfs/{cid}"),
+        &[("Range", "bytes=262140-262149")],
+    )
+    .await?;
+    assert_eq!(range.status, 206);
+    assert_eq!(range.body, bytes[262_140..262_150]);
+    let total = bytes.len();
+    assert_eq!(
+        range.header("content-range"),
+        Some(format!("bytes 262140-262149/{total}").as_str())
+    );
+    let tail = http(
+        api,
+        "GET",
+        &format!("/ipfs/{cid}"),
+        &[("Range", "bytes=-3")],
+    )
+    .await?;
+    assert_eq!(tail.body, bytes[total - 3..]);
+    let past = http(
+        api,
+        "GET",
+        &format!("/ipfs/{cid}"),
+        &[("Range", "bytes=999999999-")],
+    )
+    .await?;
+    assert_eq!(past.status, 416);
+
+    let raw = http(api, "GET", &format!("/ipfs/{cid}?format=raw"), &[]).await?;
+    assert_eq!(raw.header("content-type"), Some("application/vnd.ipld.raw"));
+    let root = p2pmr_protocol::Block::new(cid, raw.body.clone())?;
+    let by_accept = http(
+        api,
+        "GET",
+        &format!("/ipfs/{cid}"),
+        &[("Accept", "application/vnd.ipld.raw")],
+    )
+    .await?;
+    assert_eq!(by_accept.body, root.data());
+    let car = http(
+        api,
+        "GET",
+        &format!("/ipfs/{cid}"),
+        &[("Accept", "application/vnd.ipld.car")],
+    )
+    .await?;
+    assert_eq!(
+        car.header("content-type"),
+        Some("application/vnd.ipld.car; version=1; order=dfs; dups=n")
+    );
+    let count = |body: &[u8]| -> Result<u64> {
+        let mut reader = CarReader::new();
+        reader.feed(body);
+        let mut n = 0;
+        while let Some(e) = reader.next_event()? {
+            n += u64::from(matches!(e, CarEvent::Block(_)));
+        }
+        reader.end()?;
+        Ok(n)
+    };
+    assert_eq!(count(&car.body)?, added.blocks);
+    let one = http(
+        api,
+        "GET",
+        &format!("/ipfs/{cid}?format=car&dag-scope=block"),
+        &[],
+    )
+    .await?;
+    assert_eq!(count(&one.body)?, 1);
+
+    // A path through a directory, as a job's output is read.
+    let dir = directory(vec![DirEntry {
+        name: "part-00000".into(),
+        cid,
+        tsize: bytes.len() as u64,
+    }]);
+    let store = cluster.daemon(1).repo().blocks().clone();
+    store.put(&dir)?;
+    let through = http(api, "GET", &format!("/ipfs/{}/part-00000", dir.cid()), &[]).await?;
+    assert!(through.status == 200 && through.body == bytes);
+    assert_eq!(
+        http(api, "GET", &format!("/ipfs/{}/nope", dir.cid()), &[])
+            .await?
+            .status,
+        404
+    );
+    assert_eq!(
+        http(api, "GET", &format!("/ipfs/{}", dir.cid()), &[])
+            .await?
+            .status,
+        501
+    );
+
+    let unknown = *p2pmr_protocol::Block::raw(b"never added".to_vec()).cid();
+    assert_eq!(
+        http(api, "GET", &format!("/ipfs/{unknown}"), &[])
+            .await?
+            .status,
+        404
+    );
+    assert_eq!(http(api, "GET", "/ipfs/not-a-cid", &[]).await?.status, 400);
+    assert_eq!(
+        http(api, "GET", &format!("/ipfs/{cid}?format=tar"), &[])
+            .await?
+            .status,
+        400
+    );
+    node.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_guards_the_api_when_one_is_set() -> Result<()> {
+    let cluster = cluster_with_api(Some("s3cret")).await?;
+    let api = cluster.daemon(0).api_addr().expect("an API");
+    assert_eq!(http(api, "POST", "/api/v0/version", &[]).await?.status, 401);
+    let wrong = [("Authorization", "Bearer nope")];
+    assert_eq!(
+        http(api, "POST", "/api/v0/version", &wrong).await?.status,
+        401
+    );
+    let right = [("Authorization", "Bearer s3cret")];
+    assert_eq!(
+        http(api, "POST", "/api/v0/version", &right).await?.status,
+        200
+    );
+    // Off loopback, no token: the daemon refuses to start.
+    let refused = p2pmr_node::Daemon::start(
+        tempfile::tempdir()?.path(),
+        p2pmr_node::DaemonConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+            mdns: false,
+            api: Some(ApiConfig {
+                addr: "0.0.0.0:0".parse()?,
+                next_free: false,
+                token: None,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(refused.is_err_and(|e| e.to_string().contains("token")));
+    cluster.stop().await;
+    Ok(())
+}
