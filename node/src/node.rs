@@ -53,6 +53,8 @@ struct Inner {
     link: Arc<Link>,
     repo: Option<Repo>,
     fetcher: Fetcher,
+    /// A daemon's own node: it holds one of every stored block's copies itself.
+    serving: bool,
 }
 
 /// How to build a client [`Node`].
@@ -115,7 +117,7 @@ impl NodeBuilder {
         } else {
             Link::lazy(self.config)
         };
-        Node::with_link(link, self.repo)
+        Node::with_link(link, self.repo, false)
     }
 }
 
@@ -127,10 +129,10 @@ impl Node {
 
     /// A daemon's view of itself: its running network and repository.
     pub(crate) fn serving(net: NetClient, repo: Repo) -> Self {
-        Self::with_link(Link::given(net), Some(repo))
+        Self::with_link(Link::given(net), Some(repo), true)
     }
 
-    fn with_link(link: Link, repo: Option<Repo>) -> Self {
+    fn with_link(link: Link, repo: Option<Repo>, serving: bool) -> Self {
         let link = Arc::new(link);
         let fetcher = Fetcher::over(link.clone(), repo.as_ref().map(|r| r.blocks().clone()));
         Self {
@@ -138,6 +140,7 @@ impl Node {
                 link,
                 repo,
                 fetcher,
+                serving,
             }),
         }
     }
@@ -311,28 +314,112 @@ impl Blocks<'_> {
         source: impl Read + Send + 'static,
         replicas: Replicas,
     ) -> Result<Vec<Cid>, Error> {
-        let staging = match self.0.repo() {
+        let staging = self.staging()?;
+        let store = staging.store.clone();
+        let (roots, cids) = tokio::task::spawn_blocking(move || stage_car(source, &store))
+            .await
+            .expect("import task panicked")?;
+        self.commit(staging, cids, replicas).await?;
+        Ok(roots)
+    }
+
+    /// Adds `source` so that a failure keeps nothing: its blocks are staged on disk while it is
+    /// read, and stored as `replicas` says only once the whole file is in (an upload cut off
+    /// half way leaves no blocks behind). Returns the file's root, size and block count.
+    pub async fn add_whole(
+        &self,
+        source: impl Read + Send + 'static,
+        replicas: Replicas,
+    ) -> Result<Added, Error> {
+        if replicas == Replicas::OnlyHash {
+            return self.add(source, replicas).await;
+        }
+        let staging = self.staging()?;
+        let store = staging.store.clone();
+        let (added, cids) = blocking(move || -> Result<_, Error> {
+            let added = files::import(source, Some(&store), Layout::KUBO)?;
+            let cids = store.list().collect::<Result<Vec<Cid>, _>>()?;
+            Ok((added, cids))
+        })
+        .await?;
+        self.commit(staging, cids, replicas).await?;
+        Ok(added)
+    }
+
+    /// Copies the staged blocks `cids` into the repository, durably.
+    async fn keep(&self, staged: BlockStore, cids: Vec<Cid>) -> Result<(), Error> {
+        let repo = self.0.repo().ok_or(Error::NoRepo)?.blocks().clone();
+        blocking(move || -> Result<(), StoreError> {
+            for cid in &cids {
+                repo.put(&staged.get(cid)?)?;
+            }
+            repo.sync(cids.iter())
+        })
+        .await
+    }
+
+    /// Stores one block as `replicas` says (durably before it returns).
+    pub async fn put_block(&self, block: Block, replicas: Replicas) -> Result<(), Error> {
+        match replicas {
+            Replicas::OnlyHash => Ok(()),
+            Replicas::Local => {
+                let repo = self.0.repo().ok_or(Error::NoRepo)?.blocks().clone();
+                blocking(move || -> Result<(), StoreError> {
+                    repo.put(&block)?;
+                    repo.sync([block.cid()])
+                })
+                .await
+            }
+            Replicas::Network(n) if self.0.inner.serving => {
+                let repo = self.0.repo().ok_or(Error::NoRepo)?.blocks().clone();
+                let cid = *block.cid();
+                let local = repo.clone();
+                blocking(move || -> Result<(), StoreError> {
+                    local.put(&block)?;
+                    local.sync([block.cid()])
+                })
+                .await?;
+                let net = self.0.net(n.get()).await?;
+                Ok(blocks::replicate(net, &repo, &[cid], n.get() - 1, &[]).await?)
+            }
+            Replicas::Network(n) => {
+                let net = self.0.net(n.get()).await?;
+                let (tx, rx) = mpsc::channel(1);
+                tx.send(block).await.expect("the receiver is here");
+                drop(tx);
+                Ok(blocks::push_all(net, rx, n.get()).await?)
+            }
+        }
+    }
+
+    /// A temporary block store beside the repository (or in the system's temporary directory).
+    fn staging(&self) -> Result<Staging, Error> {
+        let dir = match self.0.repo() {
             Some(repo) => tempfile::tempdir_in(repo.home()),
             None => tempfile::tempdir(),
         }
         .map_err(Error::TempDir)?;
-        let staged = BlockStore::open(staging.path())?;
-        let store = staged.clone();
-        let (roots, cids) = tokio::task::spawn_blocking(move || stage_car(source, &store))
-            .await
-            .expect("import task panicked")?;
+        let store = BlockStore::open(dir.path())?;
+        Ok(Staging { store, _dir: dir })
+    }
+
+    /// Stores the staged blocks `cids` as `replicas` says; the staging goes away either way.
+    async fn commit(
+        &self,
+        staging: Staging,
+        cids: Vec<Cid>,
+        replicas: Replicas,
+    ) -> Result<(), Error> {
+        let staged = staging.store.clone();
         match replicas {
             Replicas::OnlyHash => {}
-            Replicas::Local => {
+            Replicas::Local => self.keep(staged, cids).await?,
+            Replicas::Network(n) if self.0.inner.serving => {
+                // A daemon keeps a copy and places the others, as it does a job's output.
+                self.keep(staged, cids.clone()).await?;
                 let repo = self.0.repo().ok_or(Error::NoRepo)?.blocks().clone();
-                let cids = cids.clone();
-                blocking(move || -> Result<(), StoreError> {
-                    for cid in &cids {
-                        repo.put(&staged.get(cid)?)?;
-                    }
-                    repo.sync(cids.iter())
-                })
-                .await?;
+                let net = self.0.net(n.get()).await?;
+                blocks::replicate(net, &repo, &cids, n.get() - 1, &[]).await?;
             }
             Replicas::Network(n) => {
                 let net = self.0.net(n.get()).await?;
@@ -352,7 +439,7 @@ impl Blocks<'_> {
             }
         }
         drop(staging);
-        Ok(roots)
+        Ok(())
     }
 
     /// Copies every block of the DAG at `root` into `store`.
@@ -419,6 +506,13 @@ impl Jobs<'_> {
         let coordinator = client::locate(net, &id, coordinator).await?;
         Ok(client::cancel(net, coordinator, id).await?)
     }
+}
+
+/// Blocks held aside until a whole upload is in; the directory goes with the value.
+#[derive(Debug)]
+struct Staging {
+    store: BlockStore,
+    _dir: tempfile::TempDir,
 }
 
 /// A submitted or attached job.

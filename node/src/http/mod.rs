@@ -10,6 +10,7 @@
 
 mod gateway;
 mod rpc;
+mod upload;
 
 use crate::blocks::RemoteError;
 use crate::error::Error;
@@ -128,7 +129,7 @@ pub(crate) async fn serve(listener: TcpListener, node: Node, token: Option<Strin
 
 fn router(api: Api) -> Router {
     Router::new()
-        .nest("/api/v0", rpc::routes())
+        .nest("/api/v0", rpc::routes().merge(upload::routes()))
         .merge(gateway::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(middleware::from_fn_with_state(api.clone(), admit))

@@ -39,15 +39,38 @@ async fn http(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<Answer> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    http_body(addr, method, path, headers, &[]).await
+}
+
+/// The head of a request with a body of `len` bytes.
+fn request_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    len: usize,
+) -> String {
     let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {len}\r\n"
     );
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
+    request
+}
+
+async fn http_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Answer> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = request_head(addr, method, path, headers, body.len());
     stream.write_all(request.as_bytes()).await?;
+    stream.write_all(body).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;
     let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
@@ -369,6 +392,179 @@ async fn a_token_guards_the_api_when_one_is_set() -> Result<()> {
     )
     .await;
     assert!(refused.is_err_and(|e| e.to_string().contains("token")));
+    cluster.stop().await;
+    Ok(())
+}
+
+const BOUNDARY: &str = "p2pmr-test-boundary";
+
+/// A multipart body with one file part, as kubo-rpc-client sends it.
+fn multipart(bytes: &[u8]) -> Vec<u8> {
+    let mut body = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+async fn upload(api: SocketAddr, path: &str, bytes: &[u8]) -> Result<Answer> {
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    http_body(
+        api,
+        "POST",
+        path,
+        &[("Content-Type", &content_type)],
+        &multipart(bytes),
+    )
+    .await
+}
+
+fn ndjson(answer: &Answer) -> Vec<Value> {
+    String::from_utf8_lossy(&answer.body)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_are_stored_whole_or_not_at_all() -> Result<()> {
+    let cluster = cluster_with_api(None).await?;
+    let (d0, d1) = (cluster.daemon(0), cluster.daemon(1));
+    let api0 = d0.api_addr().expect("API");
+    let blocks_of = |d: &p2pmr_node::Daemon| d.repo().blocks().stats().map(|s| s.blocks);
+
+    // add: kubo's CID for the bytes, stored in the daemon's repository, readable back.
+    let bytes = data(2 * 262_144 + 7);
+    let root = p2pmr_node::repo::files::import(&bytes[..], None, Default::default())?.root;
+    let added = upload(api0, "/api/v0/add?cid-version=1&raw-leaves=true", &bytes).await?;
+    assert_eq!(
+        added.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&added.body)
+    );
+    let line = &ndjson(&added)[0];
+    assert_eq!(line["Hash"], root.to_string());
+    assert_eq!(line["Size"], bytes.len().to_string());
+    assert!(d0.repo().blocks().has(&root));
+    assert!(
+        http(api0, "POST", &format!("/api/v0/cat?arg={root}"), &[])
+            .await?
+            .body
+            == bytes
+    );
+    // With replicas=2 the blocks go to two daemons.
+    let spread = data(262_144 + 3)
+        .iter()
+        .map(|b| b ^ 0x55)
+        .collect::<Vec<u8>>();
+    let spread_root =
+        ndjson(&upload(api0, "/api/v0/add?replicas=2", &spread).await?)[0]["Hash"].clone();
+    let spread_root: p2pmr_protocol::Cid = spread_root.as_str().unwrap_or_default().parse()?;
+    assert!(d0.repo().blocks().has(&spread_root) && d1.repo().blocks().has(&spread_root));
+    // only-hash stores nothing; other layouts are refused.
+    let before = blocks_of(d0)?;
+    let other = data(1000).iter().map(|b| b ^ 0xaa).collect::<Vec<u8>>();
+    let hashed = upload(api0, "/api/v0/add?only-hash=true", &other).await?;
+    assert_eq!(hashed.status, 200);
+    assert_eq!(blocks_of(d0)?, before);
+    assert_eq!(
+        upload(api0, "/api/v0/add?cid-version=0", &other)
+            .await?
+            .status,
+        400
+    );
+    assert_eq!(
+        upload(api0, "/api/v0/add?chunker=size-1024", &other)
+            .await?
+            .status,
+        400
+    );
+
+    // A client that goes away half way through its upload: nothing is kept.
+    let big = data(3 * 262_144)
+        .iter()
+        .map(|b| b ^ 0x0f)
+        .collect::<Vec<u8>>();
+    let body = multipart(&big);
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let head = request_head(
+        api0,
+        "POST",
+        "/api/v0/add",
+        &[("Content-Type", &content_type)],
+        body.len(),
+    );
+    let mut stream = tokio::net::TcpStream::connect(api0).await?;
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body[..body.len() / 2]).await?;
+    drop(stream);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(
+        blocks_of(d0)?,
+        before,
+        "a cut-off upload left blocks behind"
+    );
+    let staging = std::fs::read_dir(d0.repo().home())?
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
+        })
+        .count();
+    assert_eq!(staging, 0, "a staging directory was left behind");
+
+    // block/put: a raw block (the default) and a dag-pb one.
+    let put = upload(api0, "/api/v0/block/put", b"a block of its own")
+        .await?
+        .json();
+    let raw = p2pmr_protocol::Block::raw(b"a block of its own".to_vec());
+    assert_eq!(
+        (put["Key"].as_str(), put["Size"].as_u64()),
+        (Some(raw.cid().to_string().as_str()), Some(18))
+    );
+    assert!(d0.repo().blocks().has(raw.cid()));
+    assert_eq!(
+        upload(api0, "/api/v0/block/put?cid-codec=dag-cbor", b"x")
+            .await?
+            .status,
+        400
+    );
+    let huge = vec![0u8; p2pmr_protocol::MAX_BLOCK_SIZE + 1];
+    assert_eq!(upload(api0, "/api/v0/block/put", &huge).await?.status, 413);
+
+    // dag/import on the other daemon: the CAR daemon 0 exports; a corrupt one keeps nothing.
+    let car = http(api0, "POST", &format!("/api/v0/dag/export?arg={root}"), &[])
+        .await?
+        .body;
+    let fresh = cluster_with_api(None).await?;
+    let (d2, api2) = (fresh.daemon(0), fresh.daemon(0).api_addr().expect("API"));
+    let mut corrupt = car.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 1;
+    let refused = upload(api2, "/api/v0/dag/import", &corrupt).await?;
+    assert_eq!(
+        refused.status,
+        422,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert!(refused.json()["Message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("corrupt"));
+    assert_eq!(blocks_of(d2)?, 0, "a refused CAR left blocks behind");
+    let imported = upload(api2, "/api/v0/dag/import", &car).await?;
+    assert_eq!(ndjson(&imported)[0]["Root"]["Cid"]["/"], root.to_string());
+    assert!(
+        http(api2, "POST", &format!("/api/v0/cat?arg={root}"), &[])
+            .await?
+            .body
+            == bytes
+    );
+    fresh.stop().await;
     cluster.stop().await;
     Ok(())
 }
