@@ -3,8 +3,8 @@
 //! event on stdout (`--json`).
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use p2pmr_protocol::engine::{Counters, Event, Phase, TaskKind};
-use serde_json::{json, Value};
+use p2pmr_node::engine::events::event_json;
+use p2pmr_protocol::engine::{Event, TaskKind};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
@@ -33,90 +33,6 @@ pub(crate) struct Progress {
     mapped: u64,
     running: HashMap<(TaskKind, u32), String>,
     retries: u32,
-}
-
-fn counters_json(c: &Counters) -> Value {
-    json!({
-        "input_records": c.input_records,
-        "input_bytes": c.input_bytes,
-        "map_output_records": c.map_output_records,
-        "map_output_bytes": c.map_output_bytes,
-        "combine_input_records": c.combine_input_records,
-        "combine_output_records": c.combine_output_records,
-        "shuffle_bytes": c.shuffle_bytes,
-        "reduce_output_records": c.reduce_output_records,
-        "reduce_output_bytes": c.reduce_output_bytes,
-        "local_map_bytes": c.local_map_bytes,
-        "remote_map_bytes": c.remote_map_bytes,
-        "map_attempts": c.map_attempts,
-        "reduce_attempts": c.reduce_attempts,
-        "skipped_records": c.skipped_records,
-    })
-}
-
-/// An event as a JSON object with an `event` field naming it.
-pub(crate) fn event_json(event: &Event) -> Value {
-    match event {
-        Event::Accepted { job, coordinator } => {
-            json!({"event": "accepted", "job": job.to_string(), "coordinator": coordinator})
-        }
-        Event::Planned {
-            maps,
-            reduces,
-            input_bytes,
-            workers,
-        } => json!({"event": "planned", "maps": maps, "reduces": reduces,
-                   "input_bytes": input_bytes, "workers": workers}),
-        Event::Reused { maps, reduces } => {
-            json!({"event": "reused", "maps": maps, "reduces": reduces})
-        }
-        Event::Phase(p) => json!({"event": "phase", "phase": match p {
-            Phase::Map => "map",
-            Phase::Reduce => "reduce",
-            Phase::Store => "store",
-        }}),
-        Event::TaskStarted {
-            kind,
-            task,
-            attempt,
-            peer,
-            local_percent,
-        } => json!({"event": "task_started", "kind": kind.name(), "task": task,
-                   "attempt": attempt, "peer": peer, "local_percent": local_percent}),
-        Event::Backup {
-            kind,
-            task,
-            slow,
-            peer,
-        } => json!({"event": "backup", "kind": kind.name(), "task": task, "slow": slow,
-                   "peer": peer}),
-        Event::TaskFinished {
-            kind,
-            task,
-            peer,
-            bytes,
-            millis,
-        } => json!({"event": "task_finished", "kind": kind.name(), "task": task,
-                   "peer": peer, "bytes": bytes, "millis": millis}),
-        Event::TaskFailed {
-            kind,
-            task,
-            peer,
-            reason,
-            retry,
-        } => json!({"event": "task_failed", "kind": kind.name(), "task": task,
-                   "peer": peer, "reason": reason, "retry": retry}),
-        Event::Completed {
-            output,
-            counters,
-            elapsed_ms,
-            cached,
-        } => json!({"event": "completed", "output": output.to_string(),
-                   "counters": counters_json(counters), "elapsed_ms": elapsed_ms,
-                   "cached": cached}),
-        Event::Failed { reason } => json!({"event": "failed", "reason": reason}),
-        Event::Cancelled => json!({"event": "cancelled"}),
-    }
 }
 
 fn short(peer: &str) -> &str {

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod coordinator;
+pub mod events;
 pub mod local;
 pub mod runtime;
 pub(crate) mod server;

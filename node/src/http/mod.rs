@@ -9,10 +9,12 @@
 //! shape `{"Message", "Code", "Type"}` with a status that says what went wrong.
 
 mod gateway;
+mod jobs;
 mod rpc;
 mod upload;
 
 use crate::blocks::RemoteError;
+use crate::engine::client::ClientError;
 use crate::error::Error;
 use crate::node::Node;
 use crate::repo::files::FileError;
@@ -129,7 +131,10 @@ pub(crate) async fn serve(listener: TcpListener, node: Node, token: Option<Strin
 
 fn router(api: Api) -> Router {
     Router::new()
-        .nest("/api/v0", rpc::routes().merge(upload::routes()))
+        .nest(
+            "/api/v0",
+            rpc::routes().merge(upload::routes()).merge(jobs::routes()),
+        )
         .merge(gateway::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(middleware::from_fn_with_state(api.clone(), admit))
@@ -203,6 +208,9 @@ impl From<Error> for ApiError {
             | Error::File(FileError::Store(StoreError::NotFound(_))) => StatusCode::NOT_FOUND,
             Error::Blocks(RemoteError::File(FileError::Format(_))) | Error::Car(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Error::Jobs(ClientError::Refused(reason)) if reason.starts_with("no job") => {
+                StatusCode::NOT_FOUND
             }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

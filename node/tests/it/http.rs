@@ -568,3 +568,127 @@ async fn uploads_are_stored_whole_or_not_at_all() -> Result<()> {
     cluster.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_and_stream_their_events_over_http() -> Result<()> {
+    let cluster = cluster_with_api(None).await?;
+    let api = cluster.daemon(0).api_addr().expect("API");
+    let node = client(&cluster, 2).await?;
+    let text = b"the cat and the hat\nthe end\n".repeat(500);
+    let input = node
+        .blocks()
+        .add(Cursor::new(text), Replicas::network(2))
+        .await?
+        .root;
+    let json = |v: Value| v.to_string().into_bytes();
+    let post = |path: &'static str, body: Vec<u8>| async move {
+        http_body(
+            api,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            &body,
+        )
+        .await
+    };
+
+    let spec =
+        serde_json::json!({"job": "wordcount", "inputs": [format!("text={input}")], "reducers": 2});
+    let accepted = post("/api/v0/mr/run", json(spec.clone())).await?;
+    assert_eq!(
+        accepted.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&accepted.body)
+    );
+    let job = accepted.json()["Job"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+
+    // NDJSON: every event from the first to the completion, with the output's CID.
+    let stream = http(api, "POST", &format!("/api/v0/mr/events?arg={job}"), &[]).await?;
+    assert_eq!(stream.header("content-type"), Some("application/x-ndjson"));
+    let events = ndjson(&stream);
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(names.first(), Some(&"accepted"));
+    assert_eq!(names.last(), Some(&"completed"), "{names:?}");
+    assert!(names.contains(&"task_finished"));
+    let output = events.last().expect("events")["output"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let part0 = http(api, "GET", &format!("/ipfs/{output}/part-00000"), &[]).await?;
+    let part1 = http(api, "GET", &format!("/ipfs/{output}/part-00001"), &[]).await?;
+    let mut lines: Vec<String> = String::from_utf8(part0.body)?
+        .lines()
+        .chain(String::from_utf8(part1.body)?.lines())
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        ["and\t500", "cat\t500", "end\t500", "hat\t500", "the\t1500"]
+    );
+
+    // The same stream as Server-Sent Events, for a browser's EventSource (a GET).
+    let sse = http(
+        api,
+        "GET",
+        &format!("/api/v0/mr/events?arg={job}"),
+        &[("Accept", "text/event-stream")],
+    )
+    .await?;
+    assert_eq!(sse.header("content-type"), Some("text/event-stream"));
+    let frames: Vec<&str> = std::str::from_utf8(&sse.body)?
+        .split("\n\n")
+        .filter(|f| !f.is_empty())
+        .collect();
+    assert_eq!(frames.len(), events.len());
+    assert!(frames.iter().all(|f| f.starts_with("data: {")));
+
+    // Listed, and readable by id.
+    let listed = post("/api/v0/mr/jobs", Vec::new()).await?.json();
+    assert!(listed["Jobs"]
+        .as_array()
+        .is_some_and(|j| j.iter().any(|j| j["job"] == job.as_str())));
+    let one = http(api, "POST", &format!("/api/v0/mr/job?arg={job}"), &[])
+        .await?
+        .json();
+    assert_eq!(
+        (one["state"].as_str(), one["output"].as_str()),
+        (Some("succeeded"), Some(output.as_str()))
+    );
+
+    // Refusals: a bad spec, an unknown job, something that is not wasm.
+    for bad in [
+        serde_json::json!({"job": "nope", "inputs": [input.to_string()]}),
+        serde_json::json!({"job": "wordcount", "inputs": ["not-a-cid"]}),
+        serde_json::json!({"job": "wordcount", "inputs": [input.to_string()], "reducers": 0}),
+        serde_json::json!({"job": "wordcount", "inputs": [input.to_string()], "memory_mib": 17592186044416u64}),
+        serde_json::json!({"job": "wordcount", "inputs": [input.to_string()], "surprise": 1}),
+    ] {
+        let refused = post("/api/v0/mr/run", json(bad.clone())).await?;
+        assert_eq!(
+            refused.status,
+            400,
+            "{bad}: {}",
+            String::from_utf8_lossy(&refused.body)
+        );
+        assert!(refused.json()["Message"].is_string());
+    }
+    let unknown = *p2pmr_protocol::Block::raw(b"no such job".to_vec()).cid();
+    assert_eq!(
+        http(api, "POST", &format!("/api/v0/mr/job?arg={unknown}"), &[])
+            .await?
+            .status,
+        404
+    );
+    assert_eq!(
+        upload(api, "/api/v0/mr/publish", b"not wasm").await?.status,
+        400
+    );
+    node.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
