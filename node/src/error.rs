@@ -50,6 +50,15 @@ pub enum Error {
         /// The root it is under.
         root: Cid,
     },
+    /// A DAG entry cannot be written out as asked (a name that is not safe on disk, a size
+    /// that does not match).
+    #[error("cannot write out {cid}: {what}")]
+    Unwritable {
+        /// The block.
+        cid: Cid,
+        /// Why.
+        what: String,
+    },
     /// The job ended in failure.
     #[error("job {job} failed: {reason}")]
     JobFailed {

@@ -20,7 +20,8 @@ use p2pmr_protocol::car::{self, CarError, CarEvent, CarReader};
 use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::engine::{Event, JobSummary};
 use p2pmr_protocol::job::JobSpec;
-use p2pmr_protocol::unixfs::{Layout, UnixFsError, MAX_DEPTH};
+use p2pmr_protocol::tar;
+use p2pmr_protocol::unixfs::{directory_entries, FileReader, Layout, UnixFsError, MAX_DEPTH};
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::{self, Read};
@@ -303,6 +304,71 @@ impl Blocks<'_> {
             stack.extend(links(&block)?.into_iter().rev().map(|l| (l, depth + 1)));
         }
         Ok(written)
+    }
+
+    /// Writes the file or directory at `root` into `out` as a tar stream named `name` (kubo's
+    /// `get`): directories as directory entries, files with their bytes, in name order.
+    pub async fn export_tar(
+        &self,
+        root: Cid,
+        name: &str,
+        out: &mut (impl AsyncWrite + Unpin),
+    ) -> Result<u64, Error> {
+        let mut written = 0;
+        let mut stack = vec![(root, name.to_owned(), 0usize)];
+        while let Some((cid, path, depth)) = stack.pop() {
+            if depth > MAX_DEPTH {
+                return Err(RemoteError::from(UnixFsError::TooDeep { cid }).into());
+            }
+            let block = self.0.fetcher().fetch(cid).await?;
+            let entries = directory_entries(&block).map_err(RemoteError::from)?;
+            let kind = match &entries {
+                Some(_) => tar::Kind::Directory,
+                None => {
+                    let mut reader = FileReader::new(cid);
+                    reader.feed(&block).map_err(RemoteError::from)?;
+                    tar::Kind::File(reader.file_size().unwrap_or(0))
+                }
+            };
+            let header = tar::header(&path, kind).map_err(|e| bad_entry(cid, e.to_string()))?;
+            write(out, &header).await?;
+            written += header.len() as u64;
+            match (entries, kind) {
+                (Some(entries), _) => {
+                    for e in entries.into_iter().rev() {
+                        // A name that would climb out of the tree, or into another, is refused.
+                        if e.name.is_empty()
+                            || e.name == "."
+                            || e.name == ".."
+                            || e.name.contains('/')
+                        {
+                            return Err(bad_entry(cid, format!("unsafe name {:?}", e.name)));
+                        }
+                        stack.push((e.cid, format!("{path}/{}", e.name), depth + 1));
+                    }
+                }
+                (None, tar::Kind::File(size)) => {
+                    let (tx, mut rx) = mpsc::channel(4);
+                    let fetcher = self.0.fetcher().clone();
+                    let producer = tokio::spawn(async move { fetcher.stream(cid, 0, tx).await });
+                    while let Some(chunk) = rx.recv().await {
+                        write(out, &chunk.bytes).await?;
+                    }
+                    let sent = producer.await.expect("reader task panicked")?;
+                    if sent != size {
+                        return Err(bad_entry(
+                            cid,
+                            format!("{sent} bytes where {size} were declared"),
+                        ));
+                    }
+                    write(out, &vec![0; tar::padding(size)]).await?;
+                    written += size + tar::padding(size) as u64;
+                }
+                (None, tar::Kind::Directory) => unreachable!("a directory has entries"),
+            }
+        }
+        write(out, &tar::trailer()).await?;
+        Ok(written + 2 * tar::BLOCK as u64)
     }
 
     /// Imports a CAR (v1 or v2) from `source`: every block is verified as it streams in and
@@ -646,6 +712,11 @@ fn stage_car(mut source: impl Read, store: &BlockStore) -> Result<(Vec<Cid>, Vec
         }
     }
     Ok((roots, cids))
+}
+
+/// A DAG entry that cannot be written as it is.
+fn bad_entry(cid: Cid, what: String) -> Error {
+    Error::Unwritable { cid, what }
 }
 
 async fn write(out: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> Result<(), Error> {

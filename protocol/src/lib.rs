@@ -20,6 +20,7 @@ pub mod engine;
 pub mod job;
 mod pb;
 pub mod records;
+pub mod tar;
 pub mod unixfs;
 pub mod wire;
 

@@ -285,12 +285,34 @@ fn file_body(api: &Api, root: Cid, offset: u64, length: Option<u64>) -> Body {
 /// A streamed CARv1 of the DAG at `root`, through a bounded pipe; a failed export aborts the
 /// response rather than ending it early.
 fn car_body(api: &Api, root: Cid) -> Body {
-    use futures::StreamExt;
-    let (mut writer, reader) = tokio::io::duplex(256 << 10);
     let node = api.node.clone();
-    let producer = api
-        .tasks
-        .spawn(async move { node.blocks().export_car(root, &mut writer).await });
+    piped(api, move |mut pipe| async move {
+        node.blocks().export_car(root, &mut pipe).await.map(drop)
+    })
+}
+
+/// The file or directory at `root` as a streamed tar, named by the CID.
+fn tar_body(api: &Api, root: Cid) -> Body {
+    let node = api.node.clone();
+    piped(api, move |mut pipe| async move {
+        let name = root.to_string();
+        node.blocks()
+            .export_tar(root, &name, &mut pipe)
+            .await
+            .map(drop)
+    })
+}
+
+/// A body written by `produce` through a bounded pipe; a producer that fails aborts the
+/// response rather than ending it early.
+fn piped<F, Fut>(api: &Api, produce: F) -> Body
+where
+    F: FnOnce(tokio::io::DuplexStream) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>> + Send + 'static,
+{
+    use futures::StreamExt;
+    let (writer, reader) = tokio::io::duplex(256 << 10);
+    let producer = api.tasks.spawn(produce(writer));
     let bytes = tokio_util::io::ReaderStream::new(reader);
     let state = (bytes, Some(producer));
     let stream = futures::stream::unfold(state, |(mut bytes, producer)| async move {
@@ -298,7 +320,7 @@ fn car_body(api: &Api, root: Cid) -> Body {
             return Some((next, (bytes, producer)));
         }
         let outcome = match producer?.await {
-            Ok(Some(Ok(_))) => return None,
+            Ok(Some(Ok(()))) => return None,
             Ok(Some(Err(e))) => e.to_string(),
             Ok(None) => "the daemon is stopping".to_string(),
             Err(e) => e.to_string(),

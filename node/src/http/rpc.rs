@@ -20,6 +20,7 @@ pub(super) fn routes() -> Router<Api> {
         .route("/block/get", post(block_get))
         .route("/block/stat", post(block_stat))
         .route("/dag/export", post(dag_export))
+        .route("/get", post(get))
 }
 
 async fn id(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
@@ -137,6 +138,15 @@ async fn dag_export(
             .expect("a CID is a valid header value"),
     );
     Ok((headers, car_body(&api, root)).into_response())
+}
+
+/// `get?arg=CID`: the file or directory as a tar stream, named by the CID (as kubo's).
+async fn get(State(api): State<Api>, Query(params): Query<Params>) -> Result<Response, ApiError> {
+    let root = cid_arg(&params)?;
+    api.block(root).await?;
+    let mut headers = HeaderMap::new();
+    content_type(&mut headers, "application/x-tar");
+    Ok((headers, super::tar_body(&api, root)).into_response())
 }
 
 fn agent() -> String {

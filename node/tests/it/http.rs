@@ -342,7 +342,25 @@ async fn the_gateway_serves_files_ranges_blocks_cars_and_paths() -> Result<()> {
         501
     );
 
+    // kubo's get: the directory as a tar stream, which tar itself extracts.
+    let tar = http(api, "POST", &format!("/api/v0/get?arg={}", dir.cid()), &[]).await?;
+    assert_eq!(tar.header("content-type"), Some("application/x-tar"));
+    let out = tempfile::tempdir()?;
+    let archive = out.path().join("out.tar");
+    std::fs::write(&archive, &tar.body)?;
+    let extracted = std::process::Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(out.path())
+        .status()?;
+    assert!(extracted.success());
+    let file = out.path().join(dir.cid().to_string()).join("part-00000");
+    assert!(std::fs::read(file)? == bytes, "tar extracts the same bytes");
+
     let unknown = *p2pmr_protocol::Block::raw(b"never added".to_vec()).cid();
+    let get_unknown = format!("/api/v0/get?arg={unknown}");
+    assert_eq!(http(api, "POST", &get_unknown, &[]).await?.status, 404);
     assert_eq!(
         http(api, "GET", &format!("/ipfs/{unknown}"), &[])
             .await?
