@@ -240,6 +240,8 @@ impl Blocks<'_> {
                 let repo = self.0.repo().ok_or(Error::NoRepo)?.clone();
                 blocking(move || repo.add(source)).await
             }
+            // A daemon holds one of the copies itself (see `commit`).
+            Replicas::Network(_) if self.0.inner.serving => self.add_whole(source, replicas).await,
             Replicas::Network(n) => {
                 let net = self.0.net(n.get()).await?;
                 Ok(blocks::add(net, source, n.get()).await?)
@@ -398,7 +400,7 @@ impl Blocks<'_> {
         replicas: Replicas,
     ) -> Result<Added, Error> {
         if replicas == Replicas::OnlyHash {
-            return self.add(source, replicas).await;
+            return blocking(move || files::import(source, None, Layout::KUBO)).await;
         }
         let staging = self.staging()?;
         let store = staging.store.clone();
