@@ -419,7 +419,7 @@ impl Blocks<'_> {
         let repo = self.0.repo().ok_or(Error::NoRepo)?.blocks().clone();
         blocking(move || -> Result<(), StoreError> {
             for cid in &cids {
-                repo.put(&staged.get(cid)?)?;
+                repo.adopt(&staged, cid)?;
             }
             repo.sync(cids.iter())
         })
