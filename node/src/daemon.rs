@@ -132,7 +132,7 @@ impl Daemon {
         let replicas = Keeper::open(&repo.replica_log())?;
         // Before the swarm starts, so a refused API address leaves nothing running.
         let api_listener = match &config.api {
-            Some(api) => Some((crate::http::bind(api).await?, api.token.clone())),
+            Some(api) => Some((crate::http::bind(api).await?, api.clone())),
             None => None,
         };
         let listen = if config.listen.is_empty() {
@@ -172,12 +172,12 @@ impl Daemon {
         ));
         let node = Node::serving(network.client.clone(), repo.clone());
         let api = match api_listener {
-            Some((listener, token)) => {
+            Some((listener, api)) => {
                 let addr = listener.local_addr().ok();
                 tasks.spawn(crate::http::serve(
                     listener,
                     node.clone(),
-                    token,
+                    api,
                     tasks.clone(),
                 ));
                 addr

@@ -24,6 +24,7 @@ pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
         Some(ApiArg::At(addr)) => Some(ApiConfig {
             addr,
             next_free: false,
+            header_timeout: p2pmr_node::HEADER_TIMEOUT,
             token,
         }),
         None => Some(ApiConfig {

@@ -38,6 +38,11 @@ use tokio::sync::Semaphore;
 pub const DEFAULT_API_PORT: u16 = 5001;
 /// Requests served at once; more are answered 503.
 const MAX_REQUESTS: usize = 64;
+/// Connections open at once; more are closed as soon as they are accepted.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to send a request's headers (a slow or idle connection is
+/// closed after it).
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Ports tried after the default one.
 const PORTS_TRIED: u16 = 100;
 
@@ -50,6 +55,8 @@ pub struct ApiConfig {
     pub next_free: bool,
     /// The bearer token every request must carry; required off loopback.
     pub token: Option<String>,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: std::time::Duration,
 }
 
 impl ApiConfig {
@@ -59,6 +66,7 @@ impl ApiConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)),
             next_free: true,
             token: None,
+            header_timeout: HEADER_TIMEOUT,
         }
     }
 }
@@ -115,17 +123,44 @@ struct Api {
     permits: Arc<Semaphore>,
 }
 
-/// Serves the API on `listener` until the daemon stops.
-pub(crate) async fn serve(listener: TcpListener, node: Node, token: Option<String>, tasks: Tasks) {
+/// Serves the API on `listener` until the daemon stops: each connection in a task of the
+/// daemon's (so stopping the daemon closes them), at most [`MAX_CONNECTIONS`] at once, each
+/// given `config.header_timeout` to send a request's headers.
+pub(crate) async fn serve(listener: TcpListener, node: Node, config: ApiConfig, tasks: Tasks) {
     let api = Api {
         node,
         tasks: tasks.clone(),
-        token: token.map(Arc::from),
+        token: config.token.map(Arc::from),
         permits: Arc::new(Semaphore::new(MAX_REQUESTS)),
     };
     let app = router(api);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::warn!("the HTTP API stopped: {e}");
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors, say: wait a little rather than spin.
+                tracing::debug!("cannot accept an HTTP connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::debug!("closing an HTTP connection from {peer}: too many open");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let timeout = config.header_timeout;
+        tasks.spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!("HTTP connection from {peer}: {e}");
+            }
+            drop(permit);
+        });
     }
 }
 

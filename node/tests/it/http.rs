@@ -125,6 +125,7 @@ async fn cluster_with_api(token: Option<&str>) -> Result<Cluster> {
     config.daemon.api = Some(ApiConfig {
         addr: "127.0.0.1:0".parse()?,
         next_free: false,
+        header_timeout: p2pmr_node::HEADER_TIMEOUT,
         token: token.map(str::to_owned),
     });
     Ok(Cluster::start(config).await?)
@@ -403,6 +404,7 @@ async fn a_token_guards_the_api_when_one_is_set() -> Result<()> {
             api: Some(ApiConfig {
                 addr: "0.0.0.0:0".parse()?,
                 next_free: false,
+                header_timeout: p2pmr_node::HEADER_TIMEOUT,
                 token: None,
             }),
             ..Default::default()
@@ -707,6 +709,35 @@ async fn jobs_run_and_stream_their_events_over_http() -> Result<()> {
         400
     );
     node.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() -> Result<()> {
+    let mut config = ClusterConfig::linked(1, 1);
+    config.daemon.api = Some(ApiConfig {
+        addr: "127.0.0.1:0".parse()?,
+        next_free: false,
+        token: None,
+        header_timeout: std::time::Duration::from_millis(300),
+    });
+    let cluster = Cluster::start(config).await?;
+    let api = cluster.daemon(0).api_addr().expect("an API");
+    let mut slow = tokio::net::TcpStream::connect(api).await?;
+    slow.write_all(b"POST /api/v0/version HTTP/1.1\r\nHost: x\r\n")
+        .await?;
+    let started = std::time::Instant::now();
+    // Meanwhile others are served.
+    assert_eq!(http(api, "POST", "/api/v0/version", &[]).await?.status, 200);
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        slow.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "the slow connection was never closed");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
     cluster.stop().await;
     Ok(())
 }
