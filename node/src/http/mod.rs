@@ -55,7 +55,8 @@ pub struct ApiConfig {
     pub next_free: bool,
     /// The bearer token every request must carry; required off loopback.
     pub token: Option<String>,
-    /// How long a client may take to send a request's headers.
+    /// How long a client may take to send a request's headers, and how long an upload's body
+    /// may stall between two pieces.
     pub header_timeout: std::time::Duration,
 }
 
@@ -121,6 +122,8 @@ struct Api {
     tasks: Tasks,
     token: Option<Arc<str>>,
     permits: Arc<Semaphore>,
+    /// How long an upload's body may stall.
+    idle: std::time::Duration,
 }
 
 /// Serves the API on `listener` until the daemon stops: each connection in a task of the
@@ -132,6 +135,7 @@ pub(crate) async fn serve(listener: TcpListener, node: Node, config: ApiConfig, 
         tasks: tasks.clone(),
         token: config.token.map(Arc::from),
         permits: Arc::new(Semaphore::new(MAX_REQUESTS)),
+        idle: config.header_timeout,
     };
     let app = router(api);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));

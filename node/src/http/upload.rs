@@ -65,7 +65,17 @@ async fn stream_into<T: Send + 'static>(
     let task = api.tasks.spawn(work(Pipe::new(rx)));
     let mut broken = None;
     loop {
-        match field.chunk().await {
+        let next = tokio::time::timeout(api.idle, field.chunk()).await;
+        let Ok(next) = next else {
+            let _ = tx.send(Err(io::Error::other("the upload stalled"))).await;
+            let idle = api.idle.as_secs_f64();
+            broken = Some(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("the upload sent nothing for {idle:.1} s"),
+            ));
+            break;
+        };
+        match next {
             Ok(Some(bytes)) => {
                 if tx.send(Ok(bytes)).await.is_err() {
                     break; // the node stopped reading: its error says why

@@ -741,3 +741,50 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() -> Result<()> {
     cluster.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_stalls_times_out_and_keeps_nothing() -> Result<()> {
+    let mut config = ClusterConfig::linked(1, 1);
+    config.daemon.api = Some(ApiConfig {
+        addr: "127.0.0.1:0".parse()?,
+        next_free: false,
+        token: None,
+        header_timeout: std::time::Duration::from_millis(300),
+    });
+    let cluster = Cluster::start(config).await?;
+    let daemon = cluster.daemon(0);
+    let api = daemon.api_addr().expect("an API");
+    let before = daemon.repo().blocks().stats()?.blocks;
+    let body = multipart(&data(3 * 262_144));
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let head = request_head(
+        api,
+        "POST",
+        "/api/v0/add",
+        &[("Content-Type", &content_type)],
+        body.len(),
+    );
+    let mut stream = tokio::net::TcpStream::connect(api).await?;
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body[..body.len() / 2]).await?;
+    // Then nothing more, with the connection left open.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(read.is_ok(), "a stalled upload was never answered");
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(
+        daemon.repo().blocks().stats()?.blocks,
+        before,
+        "a stalled upload left blocks behind"
+    );
+    cluster.stop().await;
+    Ok(())
+}
