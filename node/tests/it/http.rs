@@ -430,6 +430,18 @@ fn multipart(bytes: &[u8]) -> Vec<u8> {
     body
 }
 
+/// A connection that has sent the head of an `add` of `bytes` and half its body.
+async fn half_upload(api: SocketAddr, bytes: &[u8]) -> Result<tokio::net::TcpStream> {
+    let body = multipart(bytes);
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let headers = [("Content-Type", content_type.as_str())];
+    let head = request_head(api, "POST", "/api/v0/add", &headers, body.len());
+    let mut stream = tokio::net::TcpStream::connect(api).await?;
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(&body[..body.len() / 2]).await?;
+    Ok(stream)
+}
+
 async fn upload(api: SocketAddr, path: &str, bytes: &[u8]) -> Result<Answer> {
     let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
     http_body(
@@ -509,19 +521,7 @@ async fn uploads_are_stored_whole_or_not_at_all() -> Result<()> {
         .iter()
         .map(|b| b ^ 0x0f)
         .collect::<Vec<u8>>();
-    let body = multipart(&big);
-    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
-    let head = request_head(
-        api0,
-        "POST",
-        "/api/v0/add",
-        &[("Content-Type", &content_type)],
-        body.len(),
-    );
-    let mut stream = tokio::net::TcpStream::connect(api0).await?;
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(&body[..body.len() / 2]).await?;
-    drop(stream);
+    drop(half_upload(api0, &big).await?);
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert_eq!(
         blocks_of(d0)?,
@@ -755,18 +755,7 @@ async fn an_upload_that_stalls_times_out_and_keeps_nothing() -> Result<()> {
     let daemon = cluster.daemon(0);
     let api = daemon.api_addr().expect("an API");
     let before = daemon.repo().blocks().stats()?.blocks;
-    let body = multipart(&data(3 * 262_144));
-    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
-    let head = request_head(
-        api,
-        "POST",
-        "/api/v0/add",
-        &[("Content-Type", &content_type)],
-        body.len(),
-    );
-    let mut stream = tokio::net::TcpStream::connect(api).await?;
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(&body[..body.len() / 2]).await?;
+    let mut stream = half_upload(api, &data(3 * 262_144)).await?;
     // Then nothing more, with the connection left open.
     let mut answer = Vec::new();
     let read = tokio::time::timeout(
