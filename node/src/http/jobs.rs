@@ -2,7 +2,7 @@
 //! jobs, read one, follow its events live (Server-Sent Events or NDJSON, by `Accept`; from the
 //! first event, following the job to another coordinator if its own is lost), cancel one.
 
-use super::{cid_arg, number, Api, ApiError, Params};
+use super::{cid_arg, Api, ApiError, Params};
 use crate::engine::events::{event_json, summary_json};
 use crate::engine::shipped;
 use crate::engine::worker::MAX_MODULE_SIZE;
@@ -207,7 +207,6 @@ async fn events(
         .map(|c| c.parse::<PeerId>())
         .transpose()
         .map_err(|e| ApiError::bad_request(format!("coordinator: {e}")))?;
-    let _ = number(&params, "from")?; // every stream starts at the first event
     let job = api.node.jobs().attach(id, coordinator).await?;
     let sse = request
         .get(header::ACCEPT)

@@ -121,11 +121,20 @@ fn data(len: usize) -> Vec<u8> {
 }
 
 async fn cluster_with_api(token: Option<&str>) -> Result<Cluster> {
-    let mut config = ClusterConfig::linked(2, 1);
+    cluster_serving(2, token, p2pmr_node::HEADER_TIMEOUT).await
+}
+
+/// `daemons` linked daemons, each serving the API on a free loopback port.
+async fn cluster_serving(
+    daemons: usize,
+    token: Option<&str>,
+    header_timeout: std::time::Duration,
+) -> Result<Cluster> {
+    let mut config = ClusterConfig::linked(daemons, 1);
     config.daemon.api = Some(ApiConfig {
         addr: "127.0.0.1:0".parse()?,
         next_free: false,
-        header_timeout: p2pmr_node::HEADER_TIMEOUT,
+        header_timeout,
         token: token.map(str::to_owned),
     });
     Ok(Cluster::start(config).await?)
@@ -715,14 +724,7 @@ async fn jobs_run_and_stream_their_events_over_http() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() -> Result<()> {
-    let mut config = ClusterConfig::linked(1, 1);
-    config.daemon.api = Some(ApiConfig {
-        addr: "127.0.0.1:0".parse()?,
-        next_free: false,
-        token: None,
-        header_timeout: std::time::Duration::from_millis(300),
-    });
-    let cluster = Cluster::start(config).await?;
+    let cluster = cluster_serving(1, None, std::time::Duration::from_millis(300)).await?;
     let api = cluster.daemon(0).api_addr().expect("an API");
     let mut slow = tokio::net::TcpStream::connect(api).await?;
     slow.write_all(b"POST /api/v0/version HTTP/1.1\r\nHost: x\r\n")
@@ -744,14 +746,7 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_that_stalls_times_out_and_keeps_nothing() -> Result<()> {
-    let mut config = ClusterConfig::linked(1, 1);
-    config.daemon.api = Some(ApiConfig {
-        addr: "127.0.0.1:0".parse()?,
-        next_free: false,
-        token: None,
-        header_timeout: std::time::Duration::from_millis(300),
-    });
-    let cluster = Cluster::start(config).await?;
+    let cluster = cluster_serving(1, None, std::time::Duration::from_millis(300)).await?;
     let daemon = cluster.daemon(0);
     let api = daemon.api_addr().expect("an API");
     let before = daemon.repo().blocks().stats()?.blocks;
