@@ -20,7 +20,7 @@ mod tasks;
 pub use daemon::{Daemon, DaemonConfig};
 pub use error::Error;
 pub use http::{ApiConfig, ApiStartError, DEFAULT_API_PORT, HEADER_TIMEOUT};
-pub use node::{Blocks, JobHandle, Jobs, Node, NodeBuilder, Peers, Replicas};
+pub use node::{Blocks, DaemonView, JobHandle, Jobs, Node, NodeBuilder, Peers, Replicas};
 
 pub use repo::files::{Added, FileError};
 pub use repo::store::{BlockStore, StoreError, StoreStats};

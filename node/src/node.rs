@@ -7,7 +7,7 @@
 //! and one [`Fetcher`], so the peers' latency scores and bans persist across calls.
 
 use crate::blocks::{self, Fetcher, FileStat, RemoteError, DISCOVERY};
-use crate::engine::client::{self, Follower};
+use crate::engine::client::{self, ClientError, Follower};
 use crate::error::Error;
 use crate::net::{ClientConfig, Link, NetClient, PeerInfo};
 use crate::repo::files::{self, Added};
@@ -18,7 +18,7 @@ use libp2p::{Multiaddr, PeerId};
 use p2pmr_protocol::block::DAG_PB;
 use p2pmr_protocol::car::{self, CarError, CarEvent, CarReader};
 use p2pmr_protocol::dagpb::PbNode;
-use p2pmr_protocol::engine::{Event, JobSummary};
+use p2pmr_protocol::engine::{DaemonStatus, Event, JobRequest, JobResponse, JobSummary};
 use p2pmr_protocol::job::JobSpec;
 use p2pmr_protocol::tar;
 use p2pmr_protocol::unixfs::{directory_entries, FileReader, Layout, UnixFsError, MAX_DEPTH};
@@ -203,6 +203,52 @@ impl Peers<'_> {
     pub async fn wait_for(&self, n: usize) -> Result<BTreeMap<PeerId, PeerInfo>, Error> {
         Ok(self.0.net(n).await?.daemons())
     }
+
+    /// Every daemon's slots, running tasks and holdings, asked of all at once (this one too,
+    /// if it is a daemon); a daemon that does not answer within `limit` has an error instead.
+    pub async fn status(&self, limit: Duration) -> Result<Vec<DaemonView>, Error> {
+        let net = self.0.net(usize::MAX).await?;
+        let known = net.daemons();
+        let asks = net.job_peers().into_iter().map(|peer| {
+            let info = match known.get(&peer) {
+                Some(info) => info.clone(),
+                None => PeerInfo {
+                    addrs: net.listen_addrs(),
+                    agent: crate::net::AGENT.to_string(),
+                },
+            };
+            async move {
+                let answer = tokio::time::timeout(limit, net.job_request(peer, JobRequest::Status));
+                let status = match answer.await {
+                    Ok(Ok(JobResponse::Status(status))) => Ok(status),
+                    Ok(Ok(JobResponse::Failed(reason))) => Err(ClientError::Refused(reason).into()),
+                    Ok(Ok(other)) => Err(ClientError::Protocol(format!("{other:?}")).into()),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err(Error::TimedOut("a daemon's status")),
+                };
+                DaemonView {
+                    peer,
+                    info,
+                    me: peer == net.local_peer_id(),
+                    status,
+                }
+            }
+        });
+        Ok(futures::future::join_all(asks).await)
+    }
+}
+
+/// A daemon as [`Peers::status`] sees it.
+#[derive(Debug)]
+pub struct DaemonView {
+    /// Its peer id.
+    pub peer: PeerId,
+    /// Its addresses and agent.
+    pub info: PeerInfo,
+    /// Whether it is the daemon asking.
+    pub me: bool,
+    /// Its slots, running tasks and holdings, or why it did not say.
+    pub status: Result<DaemonStatus, Error>,
 }
 
 /// Where [`Blocks::add`] stores a file.
@@ -523,8 +569,22 @@ pub struct Jobs<'a>(&'a Node);
 impl Jobs<'_> {
     /// Publishes a wasm module to every daemon; returns its CID.
     pub async fn publish(&self, wasm: Vec<u8>) -> Result<Cid, Error> {
+        if self.0.inner.serving {
+            return Ok(self.everywhere(wasm).await?.root);
+        }
         let net = self.0.net(1).await?;
         Ok(client::publish_module(net, wasm, usize::MAX).await?)
+    }
+
+    /// Stores `bytes` on this daemon and every daemon it knows: a job's module and spec, which
+    /// every worker needs and which must outlive any one daemon.
+    async fn everywhere(&self, bytes: Vec<u8>) -> Result<Added, Error> {
+        let net = self.0.net(1).await?;
+        let everyone = Replicas::network(net.job_peers().len());
+        self.0
+            .blocks()
+            .add_whole(io::Cursor::new(bytes), everyone)
+            .await
     }
 
     /// Publishes `spec` (so whoever follows the job can hand it to another coordinator) and
@@ -536,7 +596,11 @@ impl Jobs<'_> {
     ) -> Result<JobHandle, Error> {
         let net = self.0.net(1).await?;
         let coordinator = client::coordinator_for(net, &spec.id(), coordinator)?;
-        client::publish_spec(net, &spec, usize::MAX).await?;
+        if self.0.inner.serving {
+            self.everywhere(spec.encode()).await?;
+        } else {
+            client::publish_spec(net, &spec, usize::MAX).await?;
+        }
         let id = client::submit(net, coordinator, &spec).await?;
         Ok(JobHandle {
             node: self.0.clone(),
@@ -638,8 +702,17 @@ impl JobHandle {
 
     /// The job's events from the first to the final one, as a stream.
     pub fn events(&self) -> impl Stream<Item = Result<Event, Error>> + Send + 'static {
+        use futures::StreamExt;
+        self.stamped_events().map(|e| e.map(|(_, event)| event))
+    }
+
+    /// As [`JobHandle::events`], each event with the time its coordinator recorded it (Unix
+    /// milliseconds, by the coordinator's clock).
+    pub fn stamped_events(
+        &self,
+    ) -> impl Stream<Item = Result<(u64, Event), Error>> + Send + 'static {
         let handle = self.clone();
-        let state = (None::<Follower>, VecDeque::<Event>::new(), Some(handle));
+        let state = (None::<Follower>, VecDeque::new(), Some(handle));
         futures::stream::unfold(state, |(mut follower, mut queue, mut handle)| async move {
             loop {
                 if let Some(e) = queue.pop_front() {
@@ -653,7 +726,7 @@ impl JobHandle {
                     }
                 }
                 let f = follower.as_mut().expect("set above");
-                match f.next_batch().await {
+                match f.next_stamped().await {
                     Ok(Some(events)) => queue.extend(events),
                     Ok(None) => return None,
                     Err(e) => return Some((Err(e.into()), (None, queue, None))),

@@ -93,6 +93,8 @@ pub enum JobRequest {
         /// Task number (the partition for reduce tasks).
         task: u32,
     },
+    /// Anyone to a daemon: its slots, running tasks and the blocks it holds (for dashboards).
+    Status,
 }
 
 /// A task a worker finished, as it answers [`JobRequest::Finished`].
@@ -188,6 +190,9 @@ pub enum JobResponse {
     Events {
         /// The events.
         events: Vec<Event>,
+        /// When the coordinator recorded each event, in milliseconds since the Unix epoch by
+        /// its clock (one per event).
+        times: Vec<u64>,
         /// Index of the event after the last one here.
         next: u64,
         /// The job has ended and no events follow.
@@ -224,6 +229,21 @@ pub enum JobResponse {
         /// The record's input offset.
         record: u64,
     },
+    /// What a daemon holds and runs (see [`JobRequest::Status`]).
+    Status(DaemonStatus),
+}
+
+/// A daemon's load and holdings, as it answers [`JobRequest::Status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    /// Tasks it runs at once.
+    pub slots: u32,
+    /// Tasks running now.
+    pub running: u32,
+    /// Blocks in its store.
+    pub blocks: u64,
+    /// Bytes of those blocks.
+    pub bytes: u64,
 }
 
 /// What a map task produced.
@@ -555,13 +575,20 @@ impl JobResponse {
     /// Decodes a response, enforcing the size limits.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let response: Self = decode(bytes)?;
-        if let Self::Events { events, .. } = &response {
+        if let Self::Events { events, times, .. } = &response {
             if events.len() > MAX_EVENTS_PER_REPLY {
                 return Err(WireError::TooLarge {
                     what: "event list",
                     size: events.len(),
                     limit: MAX_EVENTS_PER_REPLY,
                 });
+            }
+            if times.len() != events.len() {
+                return Err(WireError::Malformed(format!(
+                    "{} event times for {} events",
+                    times.len(),
+                    events.len()
+                )));
             }
         }
         Ok(response)
@@ -614,6 +641,7 @@ mod tests {
             }),
             JobRequest::Abort { job: cid(4) },
             JobRequest::Slots,
+            JobRequest::Status,
         ];
         let counters = Counters {
             input_records: 5,
@@ -643,6 +671,7 @@ mod tests {
                         cached: false,
                     },
                 ],
+                times: vec![1, 2, 3, 4],
                 next: 4,
                 done: true,
             },
@@ -675,6 +704,12 @@ mod tests {
                 slots: 2,
                 host: 0x5eed,
             },
+            JobResponse::Status(DaemonStatus {
+                slots: 2,
+                running: 1,
+                blocks: 4096,
+                bytes: 1 << 30,
+            }),
             JobResponse::Finished(vec![
                 FinishedTask::Map {
                     task: 1,
@@ -734,10 +769,18 @@ mod tests {
         }
         let too_many = JobResponse::Events {
             events: vec![Event::Cancelled; MAX_EVENTS_PER_REPLY + 1],
+            times: vec![0; MAX_EVENTS_PER_REPLY + 1],
             next: 0,
             done: false,
         };
         assert!(JobResponse::decode(&too_many.encode()).is_err());
+        let untimed = JobResponse::Events {
+            events: vec![Event::Cancelled; 2],
+            times: vec![0],
+            next: 2,
+            done: true,
+        };
+        assert!(JobResponse::decode(&untimed.encode()).is_err());
         let (requests, responses) = samples();
         let encoded: Vec<Vec<u8>> = requests
             .iter()

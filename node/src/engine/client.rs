@@ -57,7 +57,7 @@ pub fn coordinator_for(
     job: &Cid,
     chosen: Option<PeerId>,
 ) -> Result<PeerId, ClientError> {
-    let daemons: Vec<Vec<u8>> = net.daemons().keys().map(|p| p.to_bytes()).collect();
+    let daemons: Vec<Vec<u8>> = net.job_peers().iter().map(|p| p.to_bytes()).collect();
     if let Some(peer) = chosen {
         return if daemons.contains(&peer.to_bytes()) {
             Ok(peer)
@@ -214,6 +214,13 @@ impl Follower {
     /// The next events (never an empty batch), or `None` after the final one. A new
     /// coordinator's log starts over from its own first event.
     pub async fn next_batch(&mut self) -> Result<Option<Vec<Event>>, ClientError> {
+        let batch = self.next_stamped().await?;
+        Ok(batch.map(|b| b.into_iter().map(|(_, e)| e).collect()))
+    }
+
+    /// As [`Follower::next_batch`], each event with the time its coordinator recorded it
+    /// (Unix milliseconds, by the coordinator's clock).
+    pub async fn next_stamped(&mut self) -> Result<Option<Vec<(u64, Event)>>, ClientError> {
         while !self.done {
             let error = match self.poll().await {
                 Ok(Some(events)) => return Ok(Some(events)),
@@ -227,7 +234,7 @@ impl Follower {
     }
 
     /// One long poll: events, or `None` when the coordinator was busy.
-    async fn poll(&mut self) -> Result<Option<Vec<Event>>, ClientError> {
+    async fn poll(&mut self) -> Result<Option<Vec<(u64, Event)>>, ClientError> {
         let (coordinator, job, from) = (self.coordinator, self.job, self.from);
         let asked = self
             .net
@@ -236,14 +243,20 @@ impl Follower {
             .await
             .map_err(|_| ClientError::Silent(coordinator))??;
         match answer {
-            JobResponse::Events { events, next, done } => {
+            JobResponse::Events {
+                events,
+                times,
+                next,
+                done,
+            } => {
                 if done && !events.last().is_some_and(Event::is_final) {
                     return Err(ClientError::Protocol("ended without a final event".into()));
                 }
                 self.done = done;
                 self.from = next;
                 self.busy_pause = Duration::from_millis(50);
-                Ok((!events.is_empty()).then_some(events))
+                let stamped: Vec<(u64, Event)> = times.into_iter().zip(events).collect();
+                Ok((!stamped.is_empty()).then_some(stamped))
             }
             busy if busy.is_busy() => {
                 tokio::time::sleep(self.busy_pause).await;
@@ -279,8 +292,8 @@ impl Follower {
         self.tried.push(self.coordinator);
         tokio::time::sleep(HANDOVER_PAUSE).await;
         let daemons: Vec<Vec<u8>> = net
-            .daemons()
-            .keys()
+            .job_peers()
+            .iter()
             .filter(|p| !self.tried.contains(p))
             .map(|p| p.to_bytes())
             .collect();
@@ -307,7 +320,7 @@ impl Follower {
 /// The jobs every connected daemon coordinates.
 pub async fn list(net: &NetClient) -> Vec<(PeerId, Result<Vec<JobSummary>, ClientError>)> {
     let mut out = Vec::new();
-    for peer in net.daemons().into_keys() {
+    for peer in net.job_peers() {
         let r = match net.job_request(peer, JobRequest::List).await {
             Ok(JobResponse::Jobs(jobs)) => Ok(jobs),
             Ok(JobResponse::Failed(reason)) => Err(ClientError::Refused(reason)),

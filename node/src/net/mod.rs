@@ -109,7 +109,32 @@ pub struct Inbound<Req = BlockRequest, Resp = BlockResponse> {
     /// What they asked.
     pub request: Req,
     /// Where the answer goes.
-    pub channel: ResponseChannel<Resp>,
+    pub channel: Reply<Resp>,
+}
+
+/// Where the answer to an inbound request goes: back over the connection it came on, or, for
+/// a daemon's request to itself (its own API or CLI path asking its own coordinator), straight
+/// to the waiting caller.
+#[derive(Debug)]
+pub enum Reply<Resp> {
+    /// A peer's request.
+    Remote(ResponseChannel<Resp>),
+    /// This daemon's own request.
+    Local(oneshot::Sender<Result<Resp, NetError>>),
+}
+
+impl<Resp> Reply<Resp> {
+    /// Answers a local request at once; a remote one is handed back to go out over the
+    /// network.
+    fn answer_local(self, response: Resp) -> Option<(ResponseChannel<Resp>, Resp)> {
+        match self {
+            Self::Remote(channel) => Some((channel, response)),
+            Self::Local(reply) => {
+                let _ = reply.send(Ok(response));
+                None
+            }
+        }
+    }
 }
 
 /// A job-protocol request received from a peer.
@@ -170,6 +195,7 @@ enum Command {
 pub struct NetClient {
     commands: mpsc::Sender<Command>,
     local: PeerId,
+    serving: bool,
     daemons: watch::Receiver<BTreeMap<PeerId, PeerInfo>>,
     listen: watch::Receiver<Vec<Multiaddr>>,
 }
@@ -197,9 +223,11 @@ impl NetClient {
     }
 
     /// Answers an inbound request.
-    pub async fn respond(&self, channel: ResponseChannel<BlockResponse>, response: BlockResponse) {
-        // If the loop has stopped the requester gets a closed stream, which is all we can do.
-        let _ = self.send(Command::Respond { channel, response }).await;
+    pub async fn respond(&self, channel: Reply<BlockResponse>, response: BlockResponse) {
+        if let Some((channel, response)) = channel.answer_local(response) {
+            // If the loop has stopped the requester gets a closed stream, which is all we can do.
+            let _ = self.send(Command::Respond { channel, response }).await;
+        }
     }
 
     /// Sends a job-protocol `request` to `peer` and waits for the answer (for a task: until it
@@ -220,8 +248,26 @@ impl NetClient {
     }
 
     /// Answers an inbound job request.
-    pub async fn respond_job(&self, channel: ResponseChannel<JobResponse>, response: JobResponse) {
-        let _ = self.send(Command::JobRespond { channel, response }).await;
+    pub async fn respond_job(&self, channel: Reply<JobResponse>, response: JobResponse) {
+        if let Some((channel, response)) = channel.answer_local(response) {
+            let _ = self.send(Command::JobRespond { channel, response }).await;
+        }
+    }
+
+    /// The daemons job requests can go to: the connected ones, and this peer itself if it is
+    /// a daemon (its requests to itself are answered without the network).
+    pub fn job_peers(&self) -> Vec<PeerId> {
+        let mut peers: Vec<PeerId> = self.daemons.borrow().keys().copied().collect();
+        if self.serving {
+            peers.push(self.local);
+            peers.sort();
+        }
+        peers
+    }
+
+    /// Whether this peer is a daemon (serves requests) rather than a client.
+    pub fn is_serving(&self) -> bool {
+        self.serving
     }
 
     /// Dials `addr` (which may name the peer with `/p2p/...`) and waits for the connection.
@@ -364,6 +410,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         commands,
         inbound: inbound_tx,
         jobs: jobs_tx,
+        serving: config.serve,
         pending: HashMap::new(),
         pending_jobs: HashMap::new(),
         dials: HashMap::new(),
@@ -399,6 +446,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     let client = NetClient {
         commands: commands_tx,
         local,
+        serving: config.serve,
         daemons,
         listen,
     };
@@ -416,6 +464,8 @@ struct EventLoop {
     commands: mpsc::Receiver<Command>,
     inbound: mpsc::Sender<Inbound>,
     jobs: mpsc::Sender<JobInbound>,
+    /// Whether this peer answers job requests (its own among them).
+    serving: bool,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<BlockResponse, NetError>>>,
     pending_jobs: HashMap<OutboundRequestId, oneshot::Sender<Result<JobResponse, NetError>>>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetError>>>>,
@@ -493,6 +543,30 @@ impl EventLoop {
                     .behaviour_mut()
                     .blocks
                     .send_response(channel, response);
+            }
+            Command::JobRequest {
+                peer,
+                request,
+                reply,
+            } if peer == *self.swarm.local_peer_id() => {
+                // A daemon's request to itself goes straight to its own job server, through
+                // the same bounded queue as its peers' requests.
+                if !self.serving {
+                    let reason = "a client peer answers no job requests".to_string();
+                    let _ = reply.send(Err(NetError::Request { peer, reason }));
+                } else if let Err(e) = self.jobs.try_send(Inbound {
+                    peer,
+                    request,
+                    channel: Reply::Local(reply),
+                }) {
+                    let inbound = match e {
+                        mpsc::error::TrySendError::Full(i)
+                        | mpsc::error::TrySendError::Closed(i) => i,
+                    };
+                    if let Reply::Local(reply) = inbound.channel {
+                        let _ = reply.send(Ok(JobResponse::busy()));
+                    }
+                }
             }
             Command::JobRequest {
                 peer,
@@ -687,12 +761,14 @@ fn route<Req: WireMessage + std::fmt::Debug, Resp: WireMessage + std::fmt::Debug
             if let Err(e) = inbound.try_send(Inbound {
                 peer,
                 request,
-                channel,
+                channel: Reply::Remote(channel),
             }) {
                 let inbound = match e {
                     mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i) => i,
                 };
-                let _ = behaviour.send_response(inbound.channel, busy());
+                if let Reply::Remote(channel) = inbound.channel {
+                    let _ = behaviour.send_response(channel, busy());
+                }
             }
         }
         Event::Message {

@@ -88,6 +88,8 @@ struct JobHandle {
 struct JobLog {
     id: Cid,
     events: Vec<Event>,
+    /// When each event was recorded (Unix milliseconds), for timelines and latencies.
+    times: Vec<u64>,
     state: JobState,
     maps: (u32, u32),
     reduces: (u32, u32),
@@ -96,12 +98,20 @@ struct JobLog {
     ended: Option<Duration>,
 }
 
+/// Now, in milliseconds since the Unix epoch (0 if the clock is before it).
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl JobHandle {
     fn new(id: Cid) -> Arc<Self> {
         Arc::new(Self {
             log: Mutex::new(JobLog {
                 id,
                 events: Vec::new(),
+                times: Vec::new(),
                 state: JobState::Running,
                 maps: (0, 0),
                 reduces: (0, 0),
@@ -140,6 +150,7 @@ impl JobHandle {
                 log.ended = Some(log.started.elapsed());
             }
             log.events.push(event);
+            log.times.push(unix_millis());
             log.events.len() as u64
         };
         self.changed.send_replace(n);
@@ -362,8 +373,10 @@ impl Coordinator {
                         .cloned()
                         .collect();
                     let next = (start + events.len()) as u64;
+                    let times = log.times[start..start + events.len()].to_vec();
                     return JobResponse::Events {
                         events,
+                        times,
                         next,
                         done: ended && next == total,
                     };
@@ -375,6 +388,7 @@ impl Coordinator {
             {
                 return JobResponse::Events {
                     events: Vec::new(),
+                    times: Vec::new(),
                     next: from,
                     done: false,
                 };

@@ -22,13 +22,14 @@ use crate::engine::runtime::{Executor, JobModule, Limits, TaskName};
 use crate::net::NetClient;
 use crate::repo::files::FileError;
 use crate::repo::files::FileWriter;
+use crate::repo::store::StoreError;
 use crate::tasks::Tasks;
 use crate::Repo;
 use libp2p::PeerId;
 use p2pmr_protocol::abi::encode_args;
 use p2pmr_protocol::engine::{
-    Counters, FinishedTask, JobRequest, JobResponse, MapOutput, MapTask, PartOut, ReduceOutput,
-    ReduceTask, TaskKind,
+    Counters, DaemonStatus, FinishedTask, JobRequest, JobResponse, MapOutput, MapTask, PartOut,
+    ReduceOutput, ReduceTask, TaskKind,
 };
 use p2pmr_protocol::job::JobSpec;
 use p2pmr_protocol::records::{without_records, RecordSplitter};
@@ -214,12 +215,31 @@ impl Worker {
         &self.inner.repo
     }
 
+    /// Its slots, the tasks running and what its store holds.
+    pub async fn status(&self) -> Result<DaemonStatus, StoreError> {
+        let store = self.inner.repo.blocks().clone();
+        let held = tokio::task::spawn_blocking(move || store.stats())
+            .await
+            .expect("store stats panicked")?;
+        let free = self.inner.permits.available_permits() as u32;
+        Ok(DaemonStatus {
+            slots: self.inner.slots,
+            running: self.inner.slots.saturating_sub(free),
+            blocks: held.blocks,
+            bytes: held.bytes,
+        })
+    }
+
     /// Answers a worker request (`Map`, `Reduce`, `Abort`, `AbortTask`, `Slots`, `Finished`).
     pub async fn handle(&self, request: JobRequest) -> JobResponse {
         match request {
             JobRequest::Slots => JobResponse::Slots {
                 slots: self.inner.slots,
                 host: self.inner.host,
+            },
+            JobRequest::Status => match self.status().await {
+                Ok(status) => JobResponse::Status(status),
+                Err(e) => JobResponse::Failed(e.to_string()),
             },
             JobRequest::Abort { job } => {
                 let handles = self
