@@ -29,6 +29,54 @@ pub(super) fn routes() -> Router<Api> {
         // GET too: a browser's EventSource can only GET.
         .route("/mr/events", get(events).post(events))
         .route("/mr/cancel", post(cancel))
+        .route("/mr/daemons", get(daemons).post(daemons))
+}
+
+/// How long a daemon has to say its status before it is shown down.
+const STATUS_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Daemons remembered after they go (shown down) by one API.
+const MAX_REMEMBERED: usize = 1024;
+
+/// Every daemon this one knows: its addresses, slots, running tasks and holdings, and whether
+/// it is up; daemons seen earlier that are gone or silent now are listed as down.
+async fn daemons(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
+    let views = api.node.peers().status(STATUS_LIMIT).await?;
+    let mut seen = api.seen.lock().expect("poisoned");
+    for view in &views {
+        let addrs: Vec<String> = view.info.addrs.iter().map(ToString::to_string).collect();
+        let mut entry = seen.get(&view.peer).cloned().unwrap_or_else(|| {
+            json!({"ID": view.peer.to_string(), "Slots": 0, "Running": 0, "Blocks": 0, "Bytes": 0})
+        });
+        entry["Addresses"] = json!(addrs);
+        entry["Agent"] = json!(view.info.agent);
+        entry["Self"] = json!(view.me);
+        match &view.status {
+            Ok(status) => {
+                entry["Up"] = json!(true);
+                entry["Slots"] = json!(status.slots);
+                entry["Running"] = json!(status.running);
+                entry["Blocks"] = json!(status.blocks);
+                entry["Bytes"] = json!(status.bytes);
+                entry.as_object_mut().expect("an object").remove("Error");
+            }
+            Err(e) => {
+                entry["Up"] = json!(false);
+                entry["Error"] = json!(e.to_string());
+            }
+        }
+        if seen.len() < MAX_REMEMBERED || seen.contains_key(&view.peer) {
+            seen.insert(view.peer, entry);
+        }
+    }
+    let mut all = Vec::with_capacity(seen.len());
+    for (peer, entry) in seen.iter_mut() {
+        if !views.iter().any(|v| v.peer == *peer) {
+            entry["Up"] = json!(false);
+            entry["Error"] = json!("not connected");
+        }
+        all.push(entry.clone());
+    }
+    Ok(Json(json!({ "Daemons": all })))
 }
 
 /// A job as `POST /api/v0/mr/run` takes it (the fields of `p2pmr run`).
@@ -219,9 +267,13 @@ async fn events(
             Bytes::from(format!("{v}\n"))
         }
     };
-    let stream = job.events().map(move |e| {
+    let stream = job.stamped_events().map(move |e| {
         Ok::<_, std::convert::Infallible>(frame(match e {
-            Ok(event) => event_json(&event),
+            Ok((at, event)) => {
+                let mut v = event_json(&event);
+                v["at"] = json!(at);
+                v
+            }
             Err(e) => json!({"event": "error", "reason": e.to_string()}),
         }))
     });

@@ -8,6 +8,7 @@
 //! answer is 503 at once), bodies stream through bounded pipes, and every error is kubo's JSON
 //! shape `{"Message", "Code", "Type"}` with a status that says what went wrong.
 
+mod dashboard;
 mod gateway;
 mod jobs;
 mod rpc;
@@ -124,6 +125,8 @@ struct Api {
     permits: Arc<Semaphore>,
     /// How long an upload's body may stall.
     idle: std::time::Duration,
+    /// Every daemon `mr/daemons` has listed, as last seen (those gone are shown down).
+    seen: Arc<std::sync::Mutex<std::collections::BTreeMap<libp2p::PeerId, serde_json::Value>>>,
 }
 
 /// Serves the API on `listener` until the daemon stops: each connection in a task of the
@@ -136,6 +139,7 @@ pub(crate) async fn serve(listener: TcpListener, node: Node, config: ApiConfig, 
         token: config.token.map(Arc::from),
         permits: Arc::new(Semaphore::new(MAX_REQUESTS)),
         idle: config.header_timeout,
+        seen: Arc::default(),
     };
     let app = router(api);
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -175,6 +179,7 @@ fn router(api: Api) -> Router {
             rpc::routes().merge(upload::routes()).merge(jobs::routes()),
         )
         .merge(gateway::routes())
+        .merge(dashboard::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(middleware::from_fn_with_state(api.clone(), admit))
         .with_state(api)
@@ -190,7 +195,9 @@ impl Api {
 
 /// Checks the token, if there is one, and holds one of the request permits for the request.
 async fn admit(State(api): State<Api>, request: Request, next: Next) -> Response {
-    if let Some(token) = &api.token {
+    let public = request.method() == axum::http::Method::GET
+        && dashboard::PUBLIC.contains(&request.uri().path());
+    if let Some(token) = api.token.as_ref().filter(|_| !public) {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)

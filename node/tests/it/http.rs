@@ -772,3 +772,157 @@ async fn an_upload_that_stalls_times_out_and_keeps_nothing() -> Result<()> {
     cluster.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_daemon_runs_jobs_through_its_own_api() -> Result<()> {
+    // No other daemon: the API's own daemon publishes the module, coordinates and maps.
+    let cluster = cluster_serving(1, None, p2pmr_node::HEADER_TIMEOUT).await?;
+    let api = cluster.daemon(0).api_addr().expect("API");
+    let added = upload(api, "/api/v0/add", &b"to be or not to be\n".repeat(100)).await?;
+    let input = added.json()["Hash"].as_str().unwrap_or_default().to_owned();
+    let spec = serde_json::json!({"job": "wordcount", "inputs": [input]});
+    let accepted = http_body(
+        api,
+        "POST",
+        "/api/v0/mr/run",
+        &[("Content-Type", "application/json")],
+        spec.to_string().as_bytes(),
+    )
+    .await?;
+    assert_eq!(
+        accepted.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&accepted.body)
+    );
+    let (job, coordinator) = (&accepted.json()["Job"], &accepted.json()["Coordinator"]);
+    assert_eq!(
+        coordinator.as_str(),
+        Some(cluster.daemon(0).peer_id().to_string().as_str())
+    );
+
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let events = ndjson(
+        &http(
+            api,
+            "POST",
+            &format!("/api/v0/mr/events?arg={}", job.as_str().unwrap_or_default()),
+            &[],
+        )
+        .await?,
+    );
+    let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let last = events.last().expect("events");
+    assert_eq!(last["event"], "completed", "{events:?}");
+    let part = http(
+        api,
+        "GET",
+        &format!(
+            "/ipfs/{}/part-00000",
+            last["output"].as_str().unwrap_or_default()
+        ),
+        &[],
+    )
+    .await?;
+    let mut counts: Vec<&str> = std::str::from_utf8(&part.body)?.lines().collect();
+    counts.sort();
+    assert_eq!(counts, ["be\t200", "not\t100", "or\t100", "to\t200"]);
+
+    // Every event carries the time its coordinator recorded it, in order, and no later than
+    // it was read (the job may have ended before the stream was asked for).
+    let stamps: Vec<u64> = events
+        .iter()
+        .map(|e| e["at"].as_u64().expect("at"))
+        .collect();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+    let (from, to) = (before.as_millis() as u64 - 60_000, after.as_millis() as u64);
+    assert!(
+        stamps.iter().all(|t| (from..=to).contains(t)),
+        "{stamps:?} not in {from}..={to}"
+    );
+    cluster.stop().await;
+    Ok(())
+}
+
+/// `mr/daemons` as the token holder sees it, once `ready` holds of it (or after 30 s).
+async fn daemons_until(api: SocketAddr, ready: impl Fn(&[Value]) -> bool) -> Result<Vec<Value>> {
+    let auth = [("Authorization", "Bearer s3cret")];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let answer = http(api, "GET", "/api/v0/mr/daemons", &auth).await?;
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        let daemons = answer.json()["Daemons"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if ready(&daemons) || tokio::time::Instant::now() > deadline {
+            return Ok(daemons);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_its_daemon_list() -> Result<()> {
+    let mut cluster = cluster_serving(3, Some("s3cret"), p2pmr_node::HEADER_TIMEOUT).await?;
+    let api = cluster.daemon(0).api_addr().expect("API");
+
+    // The page and its script need no token (they hold no data); the data they read does.
+    let page = http(api, "GET", "/", &[]).await?;
+    assert_eq!(
+        (page.status, page.header("content-type")),
+        (200, Some("text/html; charset=utf-8"))
+    );
+    assert!(String::from_utf8_lossy(&page.body).contains("<script src=\"/dashboard.js\">"));
+    let script = http(api, "GET", "/dashboard.js", &[]).await?;
+    assert_eq!(script.status, 200);
+    assert!(String::from_utf8_lossy(&script.body).contains("mr/daemons"));
+    assert_eq!(http(api, "POST", "/", &[]).await?.status, 401);
+    assert_eq!(
+        http(api, "GET", "/api/v0/mr/daemons", &[]).await?.status,
+        401
+    );
+
+    // Every daemon, this one marked, up, with its slots and what it holds.
+    let node = client(&cluster, 3).await?;
+    let file = data(3 * 262_144 + 10);
+    node.blocks()
+        .add(Cursor::new(file), Replicas::network(3))
+        .await?;
+    let daemons = daemons_until(api, |d| d.iter().all(|d| d["Blocks"].as_u64() >= Some(5))).await?;
+    assert_eq!(daemons.len(), 3, "{daemons:?}");
+    let me = cluster.daemon(0).peer_id().to_string();
+    for d in &daemons {
+        assert_eq!(d["Up"], true, "{d}");
+        assert_eq!(d["Slots"], 1, "{d}");
+        assert_eq!(d["Self"], d["ID"] == me.as_str(), "{d}");
+        // Four leaves and their root; a leaf is 256 KiB.
+        assert!(
+            d["Blocks"].as_u64() >= Some(5) && d["Bytes"].as_u64() > Some(3 * 262_144),
+            "{d}"
+        );
+        assert!(!d["Addresses"].as_array().is_some_and(Vec::is_empty), "{d}");
+    }
+
+    // A daemon that stops is still listed, as down.
+    let gone = cluster.take(2).expect("daemon 2");
+    let gone_id = gone.peer_id().to_string();
+    gone.stop().await?;
+    let daemons = daemons_until(api, |d| {
+        d.iter()
+            .any(|d| d["ID"] == gone_id.as_str() && d["Up"] == false)
+    })
+    .await?;
+    assert_eq!(daemons.len(), 3, "{daemons:?}");
+    for d in &daemons {
+        assert_eq!(d["Up"], d["ID"] != gone_id.as_str(), "{d}");
+    }
+    node.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
