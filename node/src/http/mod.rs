@@ -4,9 +4,10 @@
 //! block with `?format=raw`, the DAG as a CAR with `?format=car`).
 //!
 //! It listens on loopback by default; bound elsewhere it demands a bearer token, since the API
-//! can reach every block the daemon can. Requests in progress are capped (past the cap the
-//! answer is 503 at once), bodies stream through bounded pipes, and every error is kubo's JSON
-//! shape `{"Message", "Code", "Type"}` with a status that says what went wrong.
+//! can reach every block the daemon can. Requests in progress are capped (past the cap a
+//! request waits its turn, and is answered 503 if that takes too long), bodies stream through
+//! bounded pipes, and every error is kubo's JSON shape `{"Message", "Code", "Type"}` with a
+//! status that says what went wrong.
 
 mod dashboard;
 mod gateway;
@@ -37,8 +38,12 @@ use tokio::sync::Semaphore;
 
 /// The API's port when none is given (kubo's); the next free one is taken if it is in use.
 pub const DEFAULT_API_PORT: u16 = 5001;
-/// Requests served at once; more are answered 503.
+/// Requests served at once; more wait for a turn.
 const MAX_REQUESTS: usize = 64;
+/// How long a request waits for its turn before it is answered 503. Clients such as a
+/// verifying gateway client ask for every block of a file at once and do not retry a 503, so
+/// a burst waits rather than fails; the connection cap bounds how many can wait.
+const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Connections open at once; more are closed as soon as they are accepted.
 const MAX_CONNECTIONS: usize = 256;
 /// How long a client may take to send a request's headers (a slow or idle connection is
@@ -208,9 +213,13 @@ async fn admit(State(api): State<Api>, request: Request, next: Next) -> Response
                 .into_response();
         }
     }
-    let Ok(permit) = api.permits.clone().try_acquire_owned() else {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many requests at once")
+    let turn = tokio::time::timeout(QUEUE_WAIT, api.permits.clone().acquire_owned()).await;
+    let Ok(Ok(permit)) = turn else {
+        let mut busy = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many requests at once")
             .into_response();
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return busy;
     };
     let response = next.run(request).await;
     // A streamed body outlives the handler; the permit goes with the handler (the body's

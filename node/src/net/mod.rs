@@ -25,7 +25,7 @@ use p2pmr_protocol::engine::{JobRequest, JobResponse, JOB_PROTOCOL, MAX_JOB_MESS
 use p2pmr_protocol::wire::{
     BlockRequest, BlockResponse, WireError, BLOCK_PROTOCOL, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -412,6 +412,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         jobs: jobs_tx,
         serving: config.serve,
         pending: HashMap::new(),
+        sending: HashMap::new(),
         pending_jobs: HashMap::new(),
         dials: HashMap::new(),
         daemons: daemons_tx,
@@ -467,6 +468,9 @@ struct EventLoop {
     /// Whether this peer answers job requests (its own among them).
     serving: bool,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<BlockResponse, NetError>>>,
+    /// Block requests out to each peer, and those waiting their turn: past [`MAX_STREAMS`]
+    /// at once the peer would drop streams and a burst would cost the whole connection.
+    sending: HashMap<PeerId, Sending>,
     pending_jobs: HashMap<OutboundRequestId, oneshot::Sender<Result<JobResponse, NetError>>>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetError>>>>,
     daemons: watch::Sender<BTreeMap<PeerId, PeerInfo>>,
@@ -477,6 +481,16 @@ struct EventLoop {
     /// Daemons seen (with the addresses they listen on), redialled while disconnected: a
     /// daemon that was restarted, frozen or cut off comes back into the network by itself.
     known: HashMap<PeerId, Vec<Multiaddr>>,
+}
+
+/// Block requests to one peer: those out, and those waiting for one of them to end.
+#[derive(Default)]
+struct Sending {
+    in_flight: usize,
+    waiting: VecDeque<(
+        BlockRequest,
+        oneshot::Sender<Result<BlockResponse, NetError>>,
+    )>,
 }
 
 /// How often disconnected known daemons are dialled again.
@@ -517,6 +531,9 @@ impl EventLoop {
         for (_, reply) in self.pending.drain() {
             let _ = reply.send(Err(NetError::Stopped));
         }
+        for (_, reply) in self.sending.drain().flat_map(|(_, s)| s.waiting) {
+            let _ = reply.send(Err(NetError::Stopped));
+        }
         for (_, reply) in self.pending_jobs.drain() {
             let _ = reply.send(Err(NetError::Stopped));
         }
@@ -529,12 +546,13 @@ impl EventLoop {
                 request,
                 reply,
             } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .blocks
-                    .send_request(&peer, request);
-                self.pending.insert(id, reply);
+                let sending = self.sending.entry(peer).or_default();
+                if sending.in_flight < MAX_STREAMS {
+                    sending.in_flight += 1;
+                    self.send_block_request(peer, request, reply);
+                } else {
+                    sending.waiting.push_back((request, reply));
+                }
             }
             Command::Respond { channel, response } => {
                 // Fails only if the requester has gone; nothing to do then.
@@ -661,13 +679,27 @@ impl EventLoop {
 
     fn handle_behaviour(&mut self, event: BehaviourEvent) {
         match event {
-            BehaviourEvent::Blocks(event) => route(
-                event,
-                &mut self.swarm.behaviour_mut().blocks,
-                &self.inbound,
-                &mut self.pending,
-                BlockResponse::busy,
-            ),
+            BehaviourEvent::Blocks(event) => {
+                let answered = match &event {
+                    request_response::Event::Message {
+                        peer,
+                        message: request_response::Message::Response { .. },
+                        ..
+                    }
+                    | request_response::Event::OutboundFailure { peer, .. } => Some(*peer),
+                    _ => None,
+                };
+                route(
+                    event,
+                    &mut self.swarm.behaviour_mut().blocks,
+                    &self.inbound,
+                    &mut self.pending,
+                    BlockResponse::busy,
+                );
+                if let Some(peer) = answered {
+                    self.next_request(peer);
+                }
+            }
             BehaviourEvent::Jobs(event) => route(
                 event,
                 &mut self.swarm.behaviour_mut().jobs,
@@ -720,6 +752,36 @@ impl EventLoop {
                 self.dial_peer(peer, addresses.into_vec());
             }
             _ => {}
+        }
+    }
+
+    fn send_block_request(
+        &mut self,
+        peer: PeerId,
+        request: BlockRequest,
+        reply: oneshot::Sender<Result<BlockResponse, NetError>>,
+    ) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .blocks
+            .send_request(&peer, request);
+        self.pending.insert(id, reply);
+    }
+
+    /// A block request to `peer` was answered or failed: the next one waiting for it goes out.
+    fn next_request(&mut self, peer: PeerId) {
+        let Some(sending) = self.sending.get_mut(&peer) else {
+            return;
+        };
+        match sending.waiting.pop_front() {
+            Some((request, reply)) => self.send_block_request(peer, request, reply),
+            None => {
+                sending.in_flight = sending.in_flight.saturating_sub(1);
+                if sending.in_flight == 0 {
+                    self.sending.remove(&peer);
+                }
+            }
         }
     }
 

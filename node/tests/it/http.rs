@@ -926,3 +926,35 @@ async fn the_dashboard_and_its_daemon_list() -> Result<()> {
     cluster.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_request_cap_waits_its_turn() -> Result<()> {
+    // A verifying gateway client asks for every block of a file at once and takes a 503 as
+    // the block missing: far more requests than the cap must all be answered, here by a
+    // daemon that holds none of the blocks and fetches each from its peer (more at once than
+    // one connection carries).
+    let cluster = cluster_serving(2, None, p2pmr_node::HEADER_TIMEOUT).await?;
+    let api = cluster.daemon(0).api_addr().expect("API");
+    let node = cluster.daemon(1).node();
+    let leaves = 170; // one level of links: at most 174
+    let added = node
+        .blocks()
+        .add(Cursor::new(data(leaves * 262_144)), Replicas::Local)
+        .await?;
+    let root = http(api, "GET", &format!("/ipfs/{}?format=raw", added.root), &[]).await?;
+    let links = p2pmr_protocol::dagpb::PbNode::decode(&root.body)?.links;
+    assert!(links.len() > 64, "{} links", links.len());
+    let mut burst = tokio::task::JoinSet::new();
+    for link in links {
+        burst.spawn(async move {
+            let path = format!("/ipfs/{}?format=raw", link.hash);
+            let answer = http(api, "GET", &path, &[]).await?;
+            anyhow::Ok((answer.status, answer.body.len()))
+        });
+    }
+    while let Some(answer) = burst.join_next().await {
+        assert_eq!(answer??.0, 200);
+    }
+    cluster.stop().await;
+    Ok(())
+}
