@@ -4,6 +4,8 @@
 #   imported by p2pmr and read back bit-exact.
 #   HTTP: kubo-rpc-client adds, cats, reads blocks, exports and imports a CAR and lists peers
 #   against a daemon's API.
+#   Gateway: @helia/verified-fetch, with a daemon's gateway as its only source, fetches a
+#   two-level file bit-exact (every block checked against its CID) and refuses an unknown CID.
 #   Dashboard: interop/dashboard.sh, in headless chromium.
 # Usage: interop/run.sh [P2PMR_BIN]   (installs the npm packages from the lockfile if needed)
 set -euo pipefail
@@ -34,6 +36,12 @@ start d2 "$(listening d1)"
 api=$(api d1)
 head -c $((3 * 262144 + 4321)) /dev/urandom >"$work/small"
 expected=$(p2pmr c add -n "$work/small")
-echo "interop: kubo-rpc-client against $api: $(node "$here/kubo.mjs" "$api" "$work/small" "$expected")"
+spoken=$(node "$here/kubo.mjs" "$api" "$work/small" "$expected")
+echo "interop: kubo-rpc-client against $api: $spoken"
+
+# The file of two levels, added to the network and fetched through the other daemon's gateway.
+big=$(p2pmr c add --peer "$(listening d1)" --replicas 1 "$work/file")
+fetched=$(node "$here/verified-fetch.mjs" "$(api d2)" "$work/file" "$big")
+echo "interop: @helia/verified-fetch through $(api d2): $fetched"
 
 "$here/dashboard.sh" "$bin" 8
