@@ -345,11 +345,33 @@ impl Blocks<'_> {
                 return Err(RemoteError::from(UnixFsError::TooDeep { cid }).into());
             }
             let block = self.0.fetcher().fetch(cid).await?;
-            let prefix = car::section_prefix(&cid, block.len());
-            write(out, &prefix).await?;
-            write(out, block.data()).await?;
-            written += (prefix.len() + block.len()) as u64;
+            written += write_section(out, &block).await?;
             stack.extend(links(&block)?.into_iter().rev().map(|l| (l, depth + 1)));
+        }
+        Ok(written)
+    }
+
+    /// Writes as a CARv1 only the blocks that prove bytes `first..=last` of the file at
+    /// `root` (the trustless gateway's `entity-bytes`): the root, the inner nodes over the
+    /// range and its leaves, depth-first. Returns the bytes written.
+    pub async fn export_car_range(
+        &self,
+        root: Cid,
+        first: u64,
+        last: u64,
+        out: &mut (impl AsyncWrite + Unpin),
+    ) -> Result<u64, Error> {
+        let header = car::header_v1(&[root]);
+        write(out, &header).await?;
+        let mut written = header.len() as u64;
+        let mut reader = FileReader::starting_at(root, first);
+        while let Some(&cid) = reader.next_needed() {
+            if reader.next_offset().is_some_and(|start| start > last) {
+                break;
+            }
+            let block = self.0.fetcher().fetch(cid).await?;
+            reader.feed(&block).map_err(RemoteError::from)?;
+            written += write_section(out, &block).await?;
         }
         Ok(written)
     }
@@ -734,6 +756,14 @@ impl JobHandle {
             }
         })
     }
+}
+
+/// Writes `block` as a CAR section; returns the bytes written.
+async fn write_section(out: &mut (impl AsyncWrite + Unpin), block: &Block) -> Result<u64, Error> {
+    let prefix = car::section_prefix(block.cid(), block.len());
+    write(out, &prefix).await?;
+    write(out, block.data()).await?;
+    Ok((prefix.len() + block.len()) as u64)
 }
 
 /// The blocks a block links to (dag-pb links; none for raw and other codecs).

@@ -493,6 +493,12 @@ impl FileReader {
         self.stack.iter().rev().map(|p| &p.cid)
     }
 
+    /// The file offset at which the bytes under the next needed block start: a reader of a
+    /// byte range stops once it is past the range's end.
+    pub fn next_offset(&self) -> Option<u64> {
+        self.stack.last().map(|p| p.start)
+    }
+
     /// The file's total size, known once the root has been fed.
     pub fn file_size(&self) -> Option<u64> {
         self.size
@@ -662,13 +668,58 @@ mod tests {
     }
 
     fn read(root: Cid, offset: u64, blocks: &HashMap<Cid, Block>) -> Vec<u8> {
-        let mut r = FileReader::starting_at(root, offset);
-        let mut out = Vec::new();
+        visit_range(root, offset, u64::MAX, blocks).1
+    }
+
+    /// The blocks a reader of bytes `first..=last` visits (stopping once past `last`), and
+    /// the bytes they give.
+    fn visit_range(
+        root: Cid,
+        first: u64,
+        last: u64,
+        blocks: &HashMap<Cid, Block>,
+    ) -> (Vec<Cid>, Vec<u8>) {
+        let mut r = FileReader::starting_at(root, first);
+        let (mut visited, mut out) = (Vec::new(), Vec::new());
         while let Some(cid) = r.next_needed() {
+            if r.next_offset().is_some_and(|start| start > last) {
+                break;
+            }
             let block = &blocks[cid];
+            visited.push(*cid);
             out.extend_from_slice(r.feed(block).unwrap());
         }
-        out
+        (visited, out)
+    }
+
+    #[test]
+    fn a_byte_range_needs_only_the_blocks_over_it() {
+        // 4-byte chunks, 3 links per node: 40 bytes are 10 leaves under 4 + 1 inner nodes.
+        let layout = Layout::new(4, 3).unwrap();
+        let bytes = pattern(40);
+        let (root, blocks) = build(&bytes, layout);
+        for (first, last, leaves) in [
+            (0, 0, 1),
+            (0, 3, 1),
+            (3, 4, 2),
+            (4, 7, 1),
+            (10, 25, 5),
+            (36, 39, 1),
+            (0, 39, 10),
+            (39, 1000, 1),
+        ] {
+            let (visited, out) = visit_range(root, first, last, &blocks);
+            let end = (last as usize).min(bytes.len() - 1);
+            assert!(out.len() > end - first as usize, "{first}..={last}");
+            assert_eq!(&out[..=end - first as usize], &bytes[first as usize..=end]);
+            let raw = visited.iter().filter(|c| c.codec() == RAW).count();
+            assert_eq!(raw, leaves, "{first}..={last}: leaves visited");
+            // Every inner node visited leads to a leaf visited: none is there for nothing.
+            assert!(
+                visited.len() <= raw * 3 + 1,
+                "{first}..={last}: {visited:?}"
+            );
+        }
     }
 
     fn depth(root: Cid, blocks: &HashMap<Cid, Block>) -> usize {

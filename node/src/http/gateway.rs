@@ -1,10 +1,11 @@
 //! The trustless gateway: `GET /ipfs/{cid}[/path]` answers a file's bytes (with byte ranges),
 //! a single block (`?format=raw` or `Accept: application/vnd.ipld.raw`) or the DAG as a CARv1
-//! (`?format=car` or `Accept: application/vnd.ipld.car`, `dag-scope=all|entity|block`), so
+//! (`?format=car` or `Accept: application/vnd.ipld.car`, `dag-scope=all|entity|block`, and
+//! `entity-bytes=FROM:TO` for only the blocks that prove a byte range of a file), so
 //! verifying clients can check every byte they get. Paths walk UnixFS directories (a job's
 //! output: `/ipfs/{output}/part-00000`).
 
-use super::{car_body, content_type, file_body, parse_cid, Api, ApiError, Params};
+use super::{car_body, car_range_body, content_type, file_body, parse_cid, Api, ApiError, Params};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -111,17 +112,40 @@ async fn answer(
         Some(_) => {
             content_type(&mut headers, CAR_TYPE);
             etag(&mut headers, cid, "car");
-            if params.contains_key("entity-bytes") {
-                return Err(ApiError::bad_request("entity-bytes is not supported"));
+            let file_size = {
+                let mut reader = FileReader::new(cid);
+                reader.feed(&block).ok().and(reader.file_size())
+            };
+            let scope = params.get("dag-scope").map(String::as_str);
+            // entity-bytes implies dag-scope=entity, and is ignored for what is not a file.
+            if let (Some(spec), Some(size)) = (params.get("entity-bytes"), file_size) {
+                let (from, to) = parse_entity_bytes(spec)?;
+                return match resolve_entity_bytes(from, to, size) {
+                    Entity::Range(first, last) => {
+                        etag(&mut headers, cid, &format!("car.{first}-{last}"));
+                        let body = car_range_body(api, cid, first, last);
+                        Ok((headers, body).into_response())
+                    }
+                    Entity::Empty => Ok((headers, single_block_car(&block)).into_response()),
+                    Entity::Outside => Err(ApiError::bad_request(format!(
+                        "entity-bytes={spec} is outside the {size} bytes of {cid}"
+                    ))),
+                };
             }
-            match params.get("dag-scope").map(String::as_str) {
-                None | Some("all" | "entity") => Ok((headers, car_body(api, cid)).into_response()),
-                Some("block") => {
-                    let mut bytes = car::header_v1(&[cid]);
-                    bytes.extend(car::section_prefix(&cid, block.len()));
-                    bytes.extend_from_slice(block.data());
-                    Ok((headers, bytes).into_response())
+            if params
+                .get("entity-bytes")
+                .is_some_and(|s| parse_entity_bytes(s).is_err())
+            {
+                return Err(ApiError::bad_request("entity-bytes must be FROM:TO"));
+            }
+            match scope {
+                None | Some("all") => Ok((headers, car_body(api, cid)).into_response()),
+                // A file's entity is all of it; a directory's is its own block (its entries
+                // are entities of their own).
+                Some("entity") if file_size.is_some() => {
+                    Ok((headers, car_body(api, cid)).into_response())
                 }
+                Some("entity" | "block") => Ok((headers, single_block_car(&block)).into_response()),
                 Some(other) => Err(ApiError::bad_request(format!(
                     "dag-scope {other:?} is not served"
                 ))),
@@ -161,6 +185,68 @@ async fn answer(
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
             Ok((status, headers, file_body(api, cid, start, Some(len))).into_response())
         }
+    }
+}
+
+/// A CAR of the one block.
+fn single_block_car(block: &p2pmr_protocol::Block) -> Vec<u8> {
+    let cid = block.cid();
+    let mut bytes = car::header_v1(&[*cid]);
+    bytes.extend(car::section_prefix(cid, block.len()));
+    bytes.extend_from_slice(block.data());
+    bytes
+}
+
+/// One end of `entity-bytes=FROM:TO`: an offset (negative: from the end) or `*`, the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bound {
+    At(i64),
+    End,
+}
+
+/// Parses `FROM:TO` (FROM an integer, TO an integer or `*`).
+fn parse_entity_bytes(spec: &str) -> Result<(i64, Bound), ApiError> {
+    let bad = || ApiError::bad_request(format!("entity-bytes={spec} is not FROM:TO"));
+    let (from, to) = spec.split_once(':').ok_or_else(bad)?;
+    let from = from.trim().parse().map_err(|_| bad())?;
+    let to = match to.trim() {
+        "*" => Bound::End,
+        n => Bound::At(n.parse().map_err(|_| bad())?),
+    };
+    Ok((from, to))
+}
+
+/// What `entity-bytes` asks of a file of `size` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum Entity {
+    /// Bytes `first..=last`, within the file.
+    Range(u64, u64),
+    /// No bytes: the answer is the root block alone, from which a client can tell why.
+    Empty,
+    /// Starts past the end: refused.
+    Outside,
+}
+
+fn resolve_entity_bytes(from: i64, to: Bound, size: u64) -> Entity {
+    let offset = |n: i64| -> i128 {
+        if n < 0 {
+            (i128::from(size) + i128::from(n)).max(0)
+        } else {
+            i128::from(n)
+        }
+    };
+    let first = offset(from);
+    let last = match to {
+        Bound::End => i128::from(size) - 1,
+        Bound::At(n) => offset(n).min(i128::from(size) - 1),
+    };
+    if first >= i128::from(size) {
+        Entity::Outside
+    } else if last < first {
+        Entity::Empty
+    } else {
+        // Both within 0..size here.
+        Entity::Range(first as u64, last as u64)
     }
 }
 
@@ -210,6 +296,38 @@ fn range(headers: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entity_bytes_as_the_trustless_gateway_reads_them() {
+        let parse = |s: &str| parse_entity_bytes(s).map_err(|e| e.message);
+        assert_eq!(parse("0:*"), Ok((0, Bound::End)));
+        assert_eq!(parse("-1024:*"), Ok((-1024, Bound::End)));
+        assert_eq!(parse("499:-1000"), Ok((499, Bound::At(-1000))));
+        for bad in ["", "5", "a:b", "1:2:3", "*:5", "1.5:2"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        for (from, to, size, want) in [
+            (0, Bound::End, 100, Entity::Range(0, 99)),
+            (0, Bound::At(0), 100, Entity::Range(0, 0)),
+            (-10, Bound::End, 100, Entity::Range(90, 99)),
+            (-1000, Bound::End, 100, Entity::Range(0, 99)),
+            (10, Bound::At(-10), 100, Entity::Range(10, 90)),
+            (50, Bound::At(5000), 100, Entity::Range(50, 99)),
+            (99, Bound::At(99), 100, Entity::Range(99, 99)),
+            (100, Bound::End, 100, Entity::Outside),
+            (i64::MAX, Bound::End, 100, Entity::Outside),
+            (50, Bound::At(10), 100, Entity::Empty),
+            (50, Bound::At(-60), 100, Entity::Empty),
+            (0, Bound::End, 0, Entity::Outside),
+            (i64::MIN, Bound::At(i64::MIN), 100, Entity::Range(0, 0)),
+        ] {
+            assert_eq!(
+                resolve_entity_bytes(from, to, size),
+                want,
+                "{from}:{to:?} of {size}"
+            );
+        }
+    }
 
     #[test]
     fn byte_ranges_as_rfc_9110_reads_them() {

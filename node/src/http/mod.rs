@@ -346,6 +346,17 @@ fn car_body(api: &Api, root: Cid) -> Body {
     })
 }
 
+/// A streamed CARv1 of the blocks that prove bytes `first..=last` of the file at `root`.
+fn car_range_body(api: &Api, root: Cid, first: u64, last: u64) -> Body {
+    let node = api.node.clone();
+    piped(api, move |mut pipe| async move {
+        node.blocks()
+            .export_car_range(root, first, last, &mut pipe)
+            .await
+            .map(drop)
+    })
+}
+
 /// The file or directory at `root` as a streamed tar, named by the CID.
 fn tar_body(api: &Api, root: Cid) -> Body {
     let node = api.node.clone();

@@ -6,6 +6,7 @@ use anyhow::{bail, Result};
 use p2pmr_node::cluster::{Cluster, ClusterConfig};
 use p2pmr_node::{ApiConfig, Replicas};
 use p2pmr_protocol::car::{CarEvent, CarReader};
+use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::unixfs::{directory, DirEntry};
 use serde_json::Value;
 use std::io::Cursor;
@@ -114,6 +115,20 @@ async fn http_body(
         headers,
         body,
     })
+}
+
+/// The CIDs of a CAR's blocks, in order.
+fn car_cids(body: &[u8]) -> Result<Vec<p2pmr_protocol::Cid>> {
+    let mut reader = CarReader::new();
+    reader.feed(body);
+    let mut cids = Vec::new();
+    while let Some(e) = reader.next_event()? {
+        if let CarEvent::Block(block) = e {
+            cids.push(*block.cid());
+        }
+    }
+    reader.end()?;
+    Ok(cids)
 }
 
 fn data(len: usize) -> Vec<u8> {
@@ -328,6 +343,38 @@ async fn the_gateway_serves_files_ranges_blocks_cars_and_paths() -> Result<()> {
     )
     .await?;
     assert_eq!(count(&one.body)?, 1);
+
+    // entity-bytes: only the blocks that prove the range: the root and the leaves over it.
+    let leaves = PbNode::decode(root.data())?.links;
+    let proof = |spec: &str| {
+        let path = format!("/ipfs/{cid}?format=car&entity-bytes={spec}");
+        async move { http(api, "GET", &path, &[]).await }
+    };
+    for (spec, want) in [
+        ("0:0", vec![0]),
+        ("262143:262144", vec![0, 1]),
+        ("262144:524287", vec![1]),
+        ("-5:*", vec![2]),
+        ("10:-10", vec![0, 1]),
+        ("10:-5", vec![0, 1, 2]),
+        ("0:*", vec![0, 1, 2]),
+        ("524288:99999999", vec![2]),
+    ] {
+        let answer = proof(spec).await?;
+        assert_eq!(answer.status, 200, "{spec}");
+        let mut want: Vec<_> = want.iter().map(|&i| leaves[i].hash).collect();
+        want.insert(0, cid);
+        assert_eq!(car_cids(&answer.body)?, want, "{spec}");
+        assert!(
+            answer.header("etag").is_some_and(|e| e.contains(".car.")),
+            "{spec}"
+        );
+    }
+    // A range of no bytes gives the root alone; one past the end, or nonsense, is refused.
+    assert_eq!(car_cids(&proof("100:50").await?.body)?, vec![cid]);
+    for bad in ["524293:*", "x:y", "7"] {
+        assert_eq!(proof(bad).await?.status, 400, "{bad}");
+    }
 
     // A path through a directory, as a job's output is read.
     let dir = directory(vec![DirEntry {
