@@ -20,6 +20,10 @@ use tokio::sync::mpsc;
 
 /// Chunks of an upload in flight between the HTTP connection and the node.
 const PIPE: usize = 8;
+/// Least an upload must send in each idle window (the API's header timeout) to keep its
+/// request slot: a client trickling a byte at a time would otherwise hold it for ever. At the
+/// default window this is 1.6 KB/s, far below any real link.
+const MIN_BYTES_PER_WINDOW: u64 = 16 << 10;
 
 pub(super) fn routes() -> Router<Api> {
     Router::new()
@@ -64,19 +68,27 @@ async fn stream_into<T: Send + 'static>(
     let (tx, rx) = mpsc::channel(PIPE);
     let task = api.tasks.spawn(work(Pipe::new(rx)));
     let mut broken = None;
+    let (mut window_start, mut window_bytes) = (tokio::time::Instant::now(), 0u64);
+    let idle = api.idle.as_secs_f64();
+    let too_slow = |what: String| ApiError::new(StatusCode::REQUEST_TIMEOUT, what);
     loop {
-        let next = tokio::time::timeout(api.idle, field.chunk()).await;
-        let Ok(next) = next else {
+        if window_start.elapsed() >= api.idle {
+            if window_bytes < MIN_BYTES_PER_WINDOW {
+                let _ = tx.send(Err(io::Error::other("the upload trickled"))).await;
+                let what = format!("the upload sent only {window_bytes} bytes in {idle:.1} s");
+                broken = Some(too_slow(what));
+                break;
+            }
+            (window_start, window_bytes) = (tokio::time::Instant::now(), 0);
+        }
+        let Ok(next) = tokio::time::timeout(api.idle, field.chunk()).await else {
             let _ = tx.send(Err(io::Error::other("the upload stalled"))).await;
-            let idle = api.idle.as_secs_f64();
-            broken = Some(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                format!("the upload sent nothing for {idle:.1} s"),
-            ));
+            broken = Some(too_slow(format!("the upload sent nothing for {idle:.1} s")));
             break;
         };
         match next {
             Ok(Some(bytes)) => {
+                window_bytes += bytes.len() as u64;
                 if tx.send(Ok(bytes)).await.is_err() {
                     break; // the node stopped reading: its error says why
                 }
