@@ -32,6 +32,10 @@ pub(crate) struct NetArgs {
     /// Do not discover peers on the LAN with mDNS
     #[arg(long, global = true)]
     pub(crate) no_mdns: bool,
+    /// A private swarm's key (kubo's swarm.key format): connect only to peers holding it
+    /// [default: $P2PMR_SWARM_KEY, else <home>/swarm.key if it exists]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) swarm_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +118,14 @@ pub(crate) enum Command {
     /// Inspect or check the local repository.
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// Make keys for private swarms.
+    ///
+    /// Every daemon and client of a private swarm holds the same key (`--swarm-key FILE`,
+    /// $P2PMR_SWARM_KEY or <home>/swarm.key, as kubo reads it); peers without it cannot
+    /// connect. A private swarm runs over TCP only. $P2PMR_FORCE_PNET=1 refuses to run
+    /// without a key.
+    #[command(subcommand)]
+    SwarmKey(SwarmKeyCommand),
     /// Move DAGs in and out as CAR files (kubo's `dag export` / `dag import`).
     #[command(subcommand)]
     Dag(DagCommand),
@@ -156,6 +168,16 @@ pub(crate) enum RepoCommand {
     Stat,
     /// Read and verify every block; quarantine corrupt ones and report them.
     Verify,
+}
+
+/// `p2pmr swarm-key ...`
+#[derive(Debug, Subcommand)]
+pub(crate) enum SwarmKeyCommand {
+    /// Write a new random key to FILE (never overwriting one) and print its fingerprint.
+    New {
+        /// Where to write the key, e.g. <home>/swarm.key
+        file: PathBuf,
+    },
 }
 
 /// The arguments of `p2pmr add`.

@@ -5,7 +5,7 @@ use crate::args::NetArgs;
 use anyhow::{bail, Context, Result};
 use libp2p::Multiaddr;
 use p2pmr_node::engine::shipped;
-use p2pmr_node::{Node, Repo};
+use p2pmr_node::{Node, Repo, SwarmKey, SWARM_KEY_FILE};
 use p2pmr_protocol::Cid;
 use std::fs::File;
 use std::io::{self, Read};
@@ -13,6 +13,11 @@ use std::path::{Path, PathBuf};
 
 /// Environment variable listing peers to dial, as `--peer` does.
 const PEERS_ENV: &str = "P2PMR_PEERS";
+/// Environment variable naming the swarm key file, as `--swarm-key` does.
+const SWARM_KEY_ENV: &str = "P2PMR_SWARM_KEY";
+/// Environment variable that, set to 1, refuses to run without a swarm key (kubo's
+/// LIBP2P_FORCE_PNET).
+const FORCE_PNET_ENV: &str = "P2PMR_FORCE_PNET";
 
 /// The repository directory as given (not yet opened) and the peers to dial.
 #[derive(Debug)]
@@ -20,6 +25,7 @@ pub(crate) struct Env {
     home: Option<PathBuf>,
     pub(crate) peers: Vec<Multiaddr>,
     pub(crate) mdns: bool,
+    swarm_key: Option<PathBuf>,
 }
 
 impl Env {
@@ -37,16 +43,45 @@ impl Env {
             home,
             peers,
             mdns: !net.no_mdns,
+            swarm_key: net.swarm_key.clone(),
         })
     }
 
+    /// The private swarm's key: `--swarm-key`, else `$P2PMR_SWARM_KEY`, else the
+    /// repository's `swarm.key` if there is one.
+    pub(crate) fn swarm_key(&self) -> Result<Option<SwarmKey>> {
+        let given = self.swarm_key.clone().or_else(|| {
+            std::env::var_os(SWARM_KEY_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        let key = match given {
+            Some(path) => Some(SwarmKey::read(&path)?),
+            None => match self.home_dir() {
+                Ok(home) => SwarmKey::of_home(&home)?,
+                Err(_) => None,
+            },
+        };
+        let forced = std::env::var_os(FORCE_PNET_ENV).is_some_and(|v| v == "1");
+        if forced && key.is_none() {
+            bail!(
+                "{FORCE_PNET_ENV}=1 but there is no swarm key (give --swarm-key FILE, set \
+                 {SWARM_KEY_ENV}, or put one in <home>/{SWARM_KEY_FILE})"
+            );
+        }
+        Ok(key)
+    }
+
     /// A client node that reads `repo` first, if given.
-    pub(crate) fn node(&self, repo: Option<Repo>) -> Node {
-        let mut builder = Node::builder().peers(self.peers.clone()).mdns(self.mdns);
+    pub(crate) fn node(&self, repo: Option<Repo>) -> Result<Node> {
+        let mut builder = Node::builder()
+            .peers(self.peers.clone())
+            .mdns(self.mdns)
+            .swarm_key(self.swarm_key()?);
         if let Some(repo) = repo {
             builder = builder.repo(repo);
         }
-        builder.build()
+        Ok(builder.build())
     }
 
     pub(crate) fn home_dir(&self) -> Result<PathBuf> {

@@ -9,7 +9,7 @@ mod env;
 mod progress;
 
 use anyhow::{Context, Result};
-use args::{Cli, Command, DagCommand, RepoCommand};
+use args::{Cli, Command, DagCommand, RepoCommand, SwarmKeyCommand};
 use clap::Parser;
 use std::io;
 use std::process::ExitCode;
@@ -70,6 +70,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::RunLocal(args) => cmd::local::run(&env, args),
         Command::Repo(RepoCommand::Stat) => cmd::blocks::repo_stat(&env),
         Command::Repo(RepoCommand::Verify) => cmd::blocks::repo_verify(&env),
+        Command::SwarmKey(SwarmKeyCommand::New { file }) => cmd::daemon::new_swarm_key(&file),
         Command::Dag(DagCommand::Export { cid }) => block_on(cmd::blocks::dag_export(&env, &cid)),
         Command::Dag(DagCommand::Import(args)) => block_on(cmd::blocks::dag_import(&env, args)),
     }

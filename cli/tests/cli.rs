@@ -18,6 +18,8 @@ fn p2pmr(home: &Path, args: &[&str]) -> Output {
         .args(args)
         .env_remove("P2PMR_HOME")
         .env_remove("P2PMR_PEERS")
+        .env_remove("P2PMR_SWARM_KEY")
+        .env_remove("P2PMR_FORCE_PNET")
         .output()
         .unwrap()
 }
@@ -517,6 +519,7 @@ impl DaemonProcess {
         }
         let mut child = cmd
             .env_remove("P2PMR_PEERS")
+            .env_remove("P2PMR_SWARM_KEY")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -865,4 +868,89 @@ fn a_straggler_gets_a_backup_copy_and_the_first_copy_to_finish_wins() {
     let mut cat = peer_args.clone();
     cat.extend(["cat", &output]);
     assert_eq!(stdout(&p2pmr(client.path(), &cat)), format!("lines\t{n}"));
+}
+
+#[test]
+fn private_swarms_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("swarm.key");
+    let key_arg = key.to_str().unwrap();
+    // A new key in kubo's format; its fingerprint on stdout; never overwritten.
+    let made = p2pmr(dir.path(), &["swarm-key", "new", key_arg]);
+    assert!(made.status.success());
+    assert_eq!(stdout(&made).len(), 32, "a fingerprint: {}", stdout(&made));
+    let text = fs::read_to_string(&key).unwrap();
+    assert!(
+        text.starts_with("/key/swarm/psk/1.0.0/\n/base16/\n"),
+        "{text}"
+    );
+    let again = p2pmr(dir.path(), &["swarm-key", "new", key_arg]);
+    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(fs::read_to_string(&key).unwrap(), text);
+    let said = String::from_utf8_lossy(&again.stderr).into_owned();
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert_eq!(
+        said.matches("os error").count(),
+        1,
+        "the cause once: {said}"
+    );
+
+    // A daemon in the swarm; a client finds it with the key given by flag, by environment or
+    // in its repository, and is refused in one line without it.
+    let daemon = DaemonProcess::start_args(&[], &["--swarm-key", key_arg, "--api", "off"]);
+    let client = tempfile::tempdir().unwrap();
+    let peers = |extra: &[&str], env: Option<&Path>| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--home")
+            .arg(client.path())
+            .args(["--no-mdns", "--peer", &daemon.addr])
+            .args(extra)
+            .arg("peers")
+            .env_remove("P2PMR_HOME")
+            .env_remove("P2PMR_PEERS")
+            .env_remove("P2PMR_SWARM_KEY")
+            .env_remove("P2PMR_FORCE_PNET");
+        if let Some(path) = env {
+            cmd.env("P2PMR_SWARM_KEY", path);
+        }
+        cmd.output().unwrap()
+    };
+    let by_flag = peers(&["--swarm-key", key_arg], None);
+    assert!(
+        by_flag.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_flag.stderr)
+    );
+    assert!(stdout(&by_flag).contains(&daemon.peer_id));
+    assert!(peers(&[], Some(&key)).status.success());
+    let without = peers(&[], None);
+    assert_eq!(without.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&without.stderr).into_owned();
+    assert!(
+        said.ends_with("handshake failed: wrong or missing swarm key?\n"),
+        "{said}"
+    );
+    assert_eq!(
+        said.lines().filter(|l| l.starts_with("error")).count(),
+        1,
+        "{said}"
+    );
+    fs::copy(&key, client.path().join("swarm.key")).unwrap();
+    assert!(
+        peers(&[], None).status.success(),
+        "the repository's swarm.key"
+    );
+
+    // P2PMR_FORCE_PNET=1 refuses to run without a key.
+    let bare = tempfile::tempdir().unwrap();
+    let forced = Command::new(BIN)
+        .arg("--home")
+        .arg(bare.path())
+        .args(["--no-mdns", "daemon", "--api", "off"])
+        .env_remove("P2PMR_SWARM_KEY")
+        .env("P2PMR_FORCE_PNET", "1")
+        .output()
+        .unwrap();
+    assert_eq!(forced.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&forced.stderr).contains("P2PMR_FORCE_PNET=1"));
 }

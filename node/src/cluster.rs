@@ -3,6 +3,7 @@
 
 use crate::daemon::{Daemon, DaemonConfig};
 use crate::error::Error;
+use crate::net::SwarmKey;
 use crate::node::Node;
 use libp2p::{Multiaddr, PeerId};
 use std::time::Duration;
@@ -42,6 +43,8 @@ impl ClusterConfig {
 pub struct Cluster {
     daemons: Vec<Option<Daemon>>,
     dirs: Vec<TempDir>,
+    /// The daemons' private swarm key, which the cluster's clients hold too.
+    swarm_key: Option<SwarmKey>,
 }
 
 impl Cluster {
@@ -50,6 +53,7 @@ impl Cluster {
         let mut cluster = Self {
             daemons: Vec::new(),
             dirs: Vec::new(),
+            swarm_key: config.daemon.swarm_key,
         };
         for _ in 0..config.daemons {
             let bootstrap = match config.linked {
@@ -135,11 +139,12 @@ impl Cluster {
         self.client_of(self.addrs())
     }
 
-    /// A client node that dials only `peers` (no mDNS).
+    /// A client node that dials only `peers` (no mDNS), holding the daemons' swarm key.
     pub fn client_of(&self, peers: Vec<Multiaddr>) -> Node {
         Node::builder()
             .peers(peers)
             .mdns(false)
+            .swarm_key(self.swarm_key)
             .discovery(Duration::from_secs(5))
             .build()
     }

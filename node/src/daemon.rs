@@ -10,7 +10,7 @@ use crate::blocks::keeper::{Keeper, KeeperError};
 use crate::engine::coordinator::Coordinator;
 use crate::engine::worker::Worker;
 use crate::http::{ApiConfig, ApiStartError};
-use crate::net::{self, NetClient, NetConfig, NetError};
+use crate::net::{self, NetClient, NetConfig, NetError, SwarmKey};
 use crate::repo::store::{StoreError, SyncTracker};
 use crate::repo::IdentityError;
 use crate::tasks::Tasks;
@@ -69,6 +69,8 @@ pub struct DaemonConfig {
     pub grace: Duration,
     /// The HTTP API and gateway (none by default; `p2pmr daemon` serves it on loopback).
     pub api: Option<ApiConfig>,
+    /// The private swarm's key, if the daemon is in one (then it listens on TCP only).
+    pub swarm_key: Option<SwarmKey>,
 }
 
 impl Default for DaemonConfig {
@@ -83,6 +85,7 @@ impl Default for DaemonConfig {
             liveness: crate::engine::coordinator::DEFAULT_LIVENESS,
             grace: crate::blocks::keeper::DEFAULT_GRACE,
             api: None,
+            swarm_key: None,
         }
     }
 }
@@ -104,24 +107,25 @@ pub struct Daemon {
     api: Option<SocketAddr>,
 }
 
-/// The default listen addresses: TCP and QUIC on the first port from 4001 that is free for both.
-fn default_listen() -> Vec<Multiaddr> {
+/// The default listen addresses: TCP and QUIC on the first port from 4001 that is free for both
+/// (TCP alone in a private swarm, which cannot protect QUIC).
+fn default_listen(private: bool) -> Vec<Multiaddr> {
+    let addrs = |port: u16| -> Vec<Multiaddr> {
+        let mut addrs = vec![format!("/ip4/0.0.0.0/tcp/{port}").parse().expect("valid")];
+        if !private {
+            let quic = format!("/ip4/0.0.0.0/udp/{port}/quic-v1");
+            addrs.push(quic.parse().expect("valid"));
+        }
+        addrs
+    };
     for port in DEFAULT_PORT..DEFAULT_PORT + 100 {
         let tcp = std::net::TcpListener::bind(("0.0.0.0", port));
         let udp = std::net::UdpSocket::bind(("0.0.0.0", port));
-        if tcp.is_ok() && udp.is_ok() {
-            return vec![
-                format!("/ip4/0.0.0.0/tcp/{port}").parse().expect("valid"),
-                format!("/ip4/0.0.0.0/udp/{port}/quic-v1")
-                    .parse()
-                    .expect("valid"),
-            ];
+        if tcp.is_ok() && (private || udp.is_ok()) {
+            return addrs(port);
         }
     }
-    vec![
-        "/ip4/0.0.0.0/tcp/0".parse().expect("valid"),
-        "/ip4/0.0.0.0/udp/0/quic-v1".parse().expect("valid"),
-    ]
+    addrs(0)
 }
 
 impl Daemon {
@@ -136,7 +140,7 @@ impl Daemon {
             None => None,
         };
         let listen = if config.listen.is_empty() {
-            default_listen()
+            default_listen(config.swarm_key.is_some())
         } else {
             config.listen
         };
@@ -146,6 +150,7 @@ impl Daemon {
             bootstrap: config.bootstrap,
             mdns: config.mdns,
             serve: true,
+            swarm_key: config.swarm_key,
         })
         .await?;
         let tasks = Tasks::default();

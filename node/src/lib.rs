@@ -20,6 +20,7 @@ mod tasks;
 pub use daemon::{Daemon, DaemonConfig};
 pub use error::Error;
 pub use http::{ApiConfig, ApiStartError, DEFAULT_API_PORT, HEADER_TIMEOUT};
+pub use net::{SwarmKey, SwarmKeyError, SWARM_KEY_FILE};
 pub use node::{Blocks, DaemonView, JobHandle, Jobs, Node, NodeBuilder, Peers, Replicas};
 
 pub use repo::files::{Added, FileError};

@@ -9,7 +9,7 @@
 use crate::blocks::{self, Fetcher, FileStat, RemoteError, DISCOVERY};
 use crate::engine::client::{self, ClientError, Follower};
 use crate::error::Error;
-use crate::net::{ClientConfig, Link, NetClient, PeerInfo};
+use crate::net::{ClientConfig, Link, NetClient, PeerInfo, SwarmKey};
 use crate::repo::files::{self, Added};
 use crate::repo::store::{BlockStore, StoreError};
 use crate::Repo;
@@ -74,6 +74,7 @@ impl Default for NodeBuilder {
                 peers: Vec::new(),
                 mdns: true,
                 discovery: DISCOVERY,
+                swarm_key: None,
             },
             offline: false,
         }
@@ -102,6 +103,12 @@ impl NodeBuilder {
     /// How long to look for daemons before using what was found.
     pub fn discovery(mut self, window: Duration) -> Self {
         self.config.discovery = window;
+        self
+    }
+
+    /// The private swarm's key: the node reaches only daemons that hold it.
+    pub fn swarm_key(mut self, key: Option<SwarmKey>) -> Self {
+        self.config.swarm_key = key;
         self
     }
 

@@ -16,7 +16,7 @@ pub(crate) async fn add(env: &Env, args: AddArgs) -> Result<()> {
     } else {
         (None, Replicas::network(args.replicas.into()))
     };
-    let node = env.node(repo);
+    let node = env.node(repo)?;
     let added = node.blocks().add(source, replicas).await;
     node.shutdown().await;
     println!("{}", added?.root);
@@ -25,7 +25,7 @@ pub(crate) async fn add(env: &Env, args: AddArgs) -> Result<()> {
 
 pub(crate) async fn cat(env: &Env, offset: u64, cid: &str) -> Result<()> {
     let cid = parse_cid(cid)?;
-    let node = env.node(env.existing_repo()?);
+    let node = env.node(env.existing_repo()?)?;
     let mut out = io::stdout().lock();
     let mut sink = |bytes: &[u8]| out.write_all(bytes);
     let result = if offset == 0 {
@@ -45,7 +45,7 @@ pub(crate) async fn get(env: &Env, output: &Path, cid: &str) -> Result<()> {
     if output.exists() {
         bail!("{} exists; get does not overwrite", output.display());
     }
-    let node = env.node(env.existing_repo()?);
+    let node = env.node(env.existing_repo()?)?;
     let result = node.blocks().get(cid, output).await;
     node.shutdown().await;
     result?;
@@ -54,7 +54,7 @@ pub(crate) async fn get(env: &Env, output: &Path, cid: &str) -> Result<()> {
 
 pub(crate) async fn stat(env: &Env, cid: &str) -> Result<()> {
     let cid = parse_cid(cid)?;
-    let node = env.node(None);
+    let node = env.node(None)?;
     let stat = node.blocks().stat(cid).await;
     node.shutdown().await;
     let stat = stat?;
@@ -71,7 +71,7 @@ pub(crate) async fn stat(env: &Env, cid: &str) -> Result<()> {
 }
 
 pub(crate) async fn peers(env: &Env) -> Result<()> {
-    let node = env.node(None);
+    let node = env.node(None)?;
     let daemons = node.peers().list().await;
     node.shutdown().await;
     for (id, info) in daemons? {
@@ -83,7 +83,7 @@ pub(crate) async fn peers(env: &Env) -> Result<()> {
 
 pub(crate) async fn dag_export(env: &Env, cid: &str) -> Result<()> {
     let cid = parse_cid(cid)?;
-    let node = env.node(env.existing_repo()?);
+    let node = env.node(env.existing_repo()?)?;
     let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
     let result = node.blocks().export_car(cid, &mut out).await;
     node.shutdown().await;
@@ -104,7 +104,7 @@ pub(crate) async fn dag_import(env: &Env, args: ImportArgs) -> Result<()> {
             Replicas::network(args.replicas.into()),
         )
     };
-    let node = env.node(repo);
+    let node = env.node(repo)?;
     let roots = node.blocks().import_car(source, replicas).await;
     node.shutdown().await;
     for root in roots? {

@@ -3,7 +3,7 @@
 use crate::args::{ApiArg, DaemonArgs};
 use crate::env::Env;
 use anyhow::{Context, Result};
-use p2pmr_node::{ApiConfig, Daemon, DaemonConfig};
+use p2pmr_node::{ApiConfig, Daemon, DaemonConfig, SwarmKey};
 use std::io::{self, Write};
 use std::time::Duration;
 
@@ -42,6 +42,7 @@ pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
             liveness: Duration::from_secs_f64(args.liveness_secs),
             grace: Duration::from_secs_f64(args.grace_secs),
             api,
+            swarm_key: env.swarm_key()?,
         },
     )
     .await
@@ -60,6 +61,14 @@ pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
     drop(out);
     daemon.run_until(shutdown_signal()).await?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `p2pmr swarm-key new FILE`.
+pub(crate) fn new_swarm_key(file: &std::path::Path) -> Result<()> {
+    let key = SwarmKey::generate()?;
+    key.write_new(file)?;
+    println!("{}", key.fingerprint());
     Ok(())
 }
 

@@ -22,7 +22,7 @@ pub(crate) async fn run(env: &Env, args: RunArgs) -> Result<()> {
             Ok(JobInput { name, cid })
         })
         .collect::<Result<Vec<_>>>()?;
-    let node = env.node(None);
+    let node = env.node(None)?;
     let result = async {
         let module = match Cid::try_from(args.job.as_str()) {
             Ok(cid) => cid,
@@ -58,7 +58,7 @@ pub(crate) async fn watch(
     job: &str,
 ) -> Result<()> {
     let job = parse_cid(job)?;
-    let node = env.node(None);
+    let node = env.node(None)?;
     let result = async {
         let job = node.jobs().attach(job, coordinator).await?;
         follow(&job, json).await
@@ -79,7 +79,7 @@ async fn follow(job: &JobHandle, json: bool) -> Result<()> {
 }
 
 pub(crate) async fn list(env: &Env) -> Result<()> {
-    let node = env.node(None);
+    let node = env.node(None)?;
     let listed = node.jobs().list().await;
     node.shutdown().await;
     for (peer, jobs) in listed? {
@@ -115,7 +115,7 @@ fn summary_line(j: &JobSummary, coordinator: PeerId) -> String {
 
 pub(crate) async fn cancel(env: &Env, coordinator: Option<PeerId>, job: &str) -> Result<()> {
     let job = parse_cid(job)?;
-    let node = env.node(None);
+    let node = env.node(None)?;
     let result = node.jobs().cancel(job, coordinator).await;
     node.shutdown().await;
     result?;

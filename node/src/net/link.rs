@@ -6,7 +6,7 @@
 //! can find within the discovery window). Nothing is started for a command that never touches
 //! the network, so a `cat` of a local file does not wait for discovery.
 
-use super::{spawn, NetClient, NetConfig, NetError};
+use super::{spawn, NetClient, NetConfig, NetError, SwarmKey};
 use futures::future::join_all;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -31,6 +31,8 @@ pub struct ClientConfig {
     pub mdns: bool,
     /// How long to look for daemons before using what was found.
     pub discovery: Duration,
+    /// The private swarm's key, if the daemons are in one.
+    pub swarm_key: Option<SwarmKey>,
 }
 
 /// A peer's way onto the network (see the module docs).
@@ -111,6 +113,14 @@ impl Link {
         };
         let started = self.started.get_or_try_init(|| start(config)).await?;
         started.wait(want, config.mdns).await;
+        // Found no daemon but met one it could not talk to: that is the thing to say.
+        if let Some(peer) = started
+            .net
+            .refused_by()
+            .filter(|_| started.net.daemons().is_empty())
+        {
+            return Err(NetError::Handshake { peer });
+        }
         Ok(Some(&started.net))
     }
 
@@ -135,6 +145,7 @@ async fn start(config: &ClientConfig) -> Result<Started, NetError> {
         bootstrap: vec![],
         mdns: config.mdns,
         serve: false,
+        swarm_key: config.swarm_key,
     })
     .await?;
     let net = network.client;
@@ -143,6 +154,9 @@ async fn start(config: &ClientConfig) -> Result<Started, NetError> {
     for (addr, result) in config.peers.iter().zip(join_all(dials).await) {
         match result {
             Ok(()) => named.extend(peer_of(addr)),
+            // Not a daemon that is down but one this peer may never talk to: say so now
+            // rather than search on and report no daemons.
+            Err(e @ NetError::Handshake { .. }) => return Err(e),
             Err(e) => tracing::warn!("cannot reach {addr}: {e}"),
         }
     }

@@ -10,16 +10,22 @@
 //! and published on a `watch` channel that placement and fetching read.
 
 mod link;
+mod swarm_key;
 
 pub use link::{ClientConfig, Link};
+pub use swarm_key::{SwarmKey, SwarmKeyError, SWARM_KEY_FILE};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::core::upgrade;
 use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::pnet::PnetConfig;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
     identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
+    Transport,
 };
 use p2pmr_protocol::engine::{JobRequest, JobResponse, JOB_PROTOCOL, MAX_JOB_MESSAGE};
 use p2pmr_protocol::wire::{
@@ -80,6 +86,13 @@ pub enum NetError {
         /// Why.
         reason: String,
     },
+    /// The connection was made but its handshake failed: in practice, the two peers are not
+    /// in the same private swarm.
+    #[error("cannot reach {peer}: handshake failed: wrong or missing swarm key?")]
+    Handshake {
+        /// The peer.
+        peer: PeerId,
+    },
     /// The network task has stopped.
     #[error("the network task has stopped")]
     Stopped,
@@ -98,6 +111,8 @@ pub struct NetConfig {
     pub mdns: bool,
     /// Serve the block protocol (daemons) or only request (clients).
     pub serve: bool,
+    /// The private swarm's key: connections only with peers that hold it (TCP only).
+    pub swarm_key: Option<SwarmKey>,
 }
 
 /// A request received from a peer, to be answered with [`NetClient::respond`] (block
@@ -198,6 +213,7 @@ pub struct NetClient {
     serving: bool,
     daemons: watch::Receiver<BTreeMap<PeerId, PeerInfo>>,
     listen: watch::Receiver<Vec<Multiaddr>>,
+    refused: watch::Receiver<Option<PeerId>>,
 }
 
 impl NetClient {
@@ -288,6 +304,12 @@ impl NetClient {
         let _ = self.send(Command::Shutdown).await;
     }
 
+    /// The last peer whose connection failed in its handshake (in practice: one outside
+    /// this peer's private swarm, or inside one this peer is not in).
+    pub fn refused_by(&self) -> Option<PeerId> {
+        *self.refused.borrow()
+    }
+
     /// The connected daemons, by peer id.
     pub fn daemons(&self) -> BTreeMap<PeerId, PeerInfo> {
         self.daemons.borrow().clone()
@@ -326,72 +348,58 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     let local = config.keypair.public().to_peer_id();
     let serve = config.serve;
     let use_mdns = config.mdns;
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| NetError::Setup(e.to_string()))?
-        .with_quic()
-        .with_dns()
-        .map_err(|e| NetError::Setup(e.to_string()))?
-        .with_behaviour(|key| {
-            let support = if serve {
-                ProtocolSupport::Full
-            } else {
-                ProtocolSupport::Outbound
-            };
-            let blocks = request_response::Behaviour::with_codec(
-                BlockCodec::default(),
-                [(StreamProtocol::new(BLOCK_PROTOCOL), support.clone())],
-                request_response::Config::default()
-                    .with_request_timeout(REQUEST_TIMEOUT)
-                    .with_max_concurrent_streams(MAX_STREAMS),
-            );
-            let jobs = request_response::Behaviour::with_codec(
-                JobCodec::default(),
-                [(StreamProtocol::new(JOB_PROTOCOL), support)],
-                request_response::Config::default()
-                    .with_request_timeout(JOB_REQUEST_TIMEOUT)
-                    .with_max_concurrent_streams(MAX_STREAMS),
-            );
-            let identify = identify::Behaviour::new(
-                identify::Config::new("/mapreduce/id/1.0.0".into(), key.public())
-                    .with_agent_version(AGENT.into()),
-            );
-            let mut kad_config = kad::Config::new(KAD_PROTOCOL);
-            kad_config.set_query_timeout(Duration::from_secs(30));
-            // We bootstrap ourselves once a daemon is known, and every 5 minutes after.
-            kad_config.set_periodic_bootstrap_interval(None);
-            let mut kad =
-                kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
-            kad.set_mode(Some(if serve {
-                kad::Mode::Server
-            } else {
-                kad::Mode::Client
-            }));
-            let mdns = if use_mdns {
-                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
-            } else {
-                None
-            };
-            Ok(Behaviour {
-                blocks,
-                jobs,
-                identify,
-                ping: ping::Behaviour::new(ping::Config::new()),
-                kad,
-                mdns: mdns.into(),
-            })
-        })
-        .map_err(|e| NetError::Setup(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair).with_tokio();
+    let make = |key: &Keypair| make_behaviour(key, serve, use_mdns);
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
+    let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
+    let private = config.swarm_key.is_some();
+    let mut swarm = match config.swarm_key {
+        None => builder
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| setup(&e))?
+            .with_quic()
+            .with_dns()
+            .map_err(|e| setup(&e))?
+            .with_behaviour(make)
+            .map_err(|e| setup(&e))?
+            .with_swarm_config(idle)
+            .build(),
+        // pnet wraps the TCP stream before Noise; it cannot wrap QUIC, which has its own
+        // encryption, so a private swarm is TCP only.
+        Some(key) => builder
+            .with_other_transport(
+                |keypair| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                    let psk = key.psk();
+                    Ok(
+                        tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                            .upgrade(upgrade::Version::V1Lazy)
+                            .authenticate(noise::Config::new(keypair)?)
+                            .multiplex(yamux::Config::default()),
+                    )
+                },
+            )
+            .map_err(|e| setup(&e))?
+            .with_dns()
+            .map_err(|e| setup(&e))?
+            .with_behaviour(make)
+            .map_err(|e| setup(&e))?
+            .with_swarm_config(idle)
+            .build(),
+    };
 
     let mut listeners = HashSet::new();
     for addr in &config.listen {
+        if private && is_quic(addr) {
+            return Err(NetError::Listen {
+                addr: addr.clone(),
+                reason: "a private swarm (swarm key) runs over TCP only, not QUIC".into(),
+            });
+        }
         let id = swarm
             .listen_on(addr.clone())
             .map_err(|e| NetError::Listen {
@@ -405,18 +413,21 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     let (jobs_tx, jobs) = mpsc::channel(JOB_QUEUE);
     let (daemons_tx, daemons) = watch::channel(BTreeMap::new());
     let (listen_tx, listen) = watch::channel(Vec::new());
+    let (refused_tx, refused) = watch::channel(None);
     let mut event_loop = EventLoop {
         swarm,
         commands,
         inbound: inbound_tx,
         jobs: jobs_tx,
         serving: config.serve,
+        private,
         pending: HashMap::new(),
         sending: HashMap::new(),
         pending_jobs: HashMap::new(),
         dials: HashMap::new(),
         daemons: daemons_tx,
         listen: listen_tx,
+        refused: refused_tx,
         bootstrapped: false,
         banned: HashSet::new(),
         known: HashMap::new(),
@@ -450,6 +461,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         serving: config.serve,
         daemons,
         listen,
+        refused,
     };
     let task = tokio::spawn(event_loop.run());
     Ok(Network {
@@ -460,6 +472,69 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     })
 }
 
+/// The protocols every peer runs: blocks and jobs (served by daemons, asked by all),
+/// identify, ping, Kademlia and, if asked for, mDNS.
+fn make_behaviour(
+    key: &Keypair,
+    serve: bool,
+    use_mdns: bool,
+) -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    let local = key.public().to_peer_id();
+    let support = if serve {
+        ProtocolSupport::Full
+    } else {
+        ProtocolSupport::Outbound
+    };
+    let blocks = request_response::Behaviour::with_codec(
+        BlockCodec::default(),
+        [(StreamProtocol::new(BLOCK_PROTOCOL), support.clone())],
+        request_response::Config::default()
+            .with_request_timeout(REQUEST_TIMEOUT)
+            .with_max_concurrent_streams(MAX_STREAMS),
+    );
+    let jobs = request_response::Behaviour::with_codec(
+        JobCodec::default(),
+        [(StreamProtocol::new(JOB_PROTOCOL), support)],
+        request_response::Config::default()
+            .with_request_timeout(JOB_REQUEST_TIMEOUT)
+            .with_max_concurrent_streams(MAX_STREAMS),
+    );
+    let identify = identify::Behaviour::new(
+        identify::Config::new("/mapreduce/id/1.0.0".into(), key.public())
+            .with_agent_version(AGENT.into()),
+    );
+    let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+    kad_config.set_query_timeout(Duration::from_secs(30));
+    // We bootstrap ourselves once a daemon is known, and every 5 minutes after.
+    kad_config.set_periodic_bootstrap_interval(None);
+    let mut kad =
+        kad::Behaviour::with_config(local, kad::store::MemoryStore::new(local), kad_config);
+    kad.set_mode(Some(if serve {
+        kad::Mode::Server
+    } else {
+        kad::Mode::Client
+    }));
+    let mdns = if use_mdns {
+        Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
+    } else {
+        None
+    };
+    Ok(Behaviour {
+        blocks,
+        jobs,
+        identify,
+        ping: ping::Behaviour::new(ping::Config::new()),
+        kad,
+        mdns: mdns.into(),
+    })
+}
+
+/// Whether `addr` is a QUIC address.
+fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
+
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
@@ -467,6 +542,8 @@ struct EventLoop {
     jobs: mpsc::Sender<JobInbound>,
     /// Whether this peer answers job requests (its own among them).
     serving: bool,
+    /// In a private swarm (TCP only: QUIC addresses are never dialled).
+    private: bool,
     pending: HashMap<OutboundRequestId, oneshot::Sender<Result<BlockResponse, NetError>>>,
     /// Block requests out to each peer, and those waiting their turn: past [`MAX_STREAMS`]
     /// at once the peer would drop streams and a burst would cost the whole connection.
@@ -475,6 +552,7 @@ struct EventLoop {
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetError>>>>,
     daemons: watch::Sender<BTreeMap<PeerId, PeerInfo>>,
     listen: watch::Sender<Vec<Multiaddr>>,
+    refused: watch::Sender<Option<PeerId>>,
     bootstrapped: bool,
     /// Peers caught misbehaving: never connected to again by this peer.
     banned: HashSet<PeerId>,
@@ -657,10 +735,23 @@ impl EventLoop {
                 error,
                 ..
             } if !self.swarm.is_connected(&peer) => {
+                let reason = error.to_string();
+                // Past TCP, the pnet and Noise handshakes: a peer with another swarm key (or
+                // none) reads garbage, so the handshake fails or never completes.
+                let handshake = reason.contains("Handshake failed")
+                    || reason.contains("Timeout has been reached");
+                tracing::debug!("dial {peer}: {reason}");
+                if handshake {
+                    self.refused.send_replace(Some(peer));
+                }
                 for reply in self.dials.remove(&peer).unwrap_or_default() {
-                    let _ = reply.send(Err(NetError::Request {
-                        peer,
-                        reason: error.to_string(),
+                    let _ = reply.send(Err(if handshake {
+                        NetError::Handshake { peer }
+                    } else {
+                        NetError::Request {
+                            peer,
+                            reason: reason.clone(),
+                        }
                     }));
                 }
             }
@@ -792,6 +883,11 @@ impl EventLoop {
         {
             return;
         }
+        let addrs = if self.private {
+            addrs.into_iter().filter(|a| !is_quic(a)).collect()
+        } else {
+            addrs
+        };
         let opts = DialOpts::peer_id(peer)
             .addresses(addrs)
             .condition(PeerCondition::DisconnectedAndNotDialing)

@@ -122,6 +122,7 @@ async fn a_lying_peer_is_detected_and_dropped() -> Result<()> {
         bootstrap: vec![],
         mdns: false,
         serve: true,
+        swarm_key: None,
     })
     .await?;
     let liar_id = liar.client.local_peer_id();

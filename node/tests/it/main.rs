@@ -7,11 +7,13 @@
 //! - `engine`: MapReduce jobs over the network, checked against `run-local`.
 //! - `http`: the HTTP API and gateway over a real socket.
 //! - `jobs`: the wasm runtime on its own (shipped jobs against native code, hostile modules).
+//! - `swarm`: private swarms (a shared key: members only).
 
 mod blocks;
 mod engine;
 mod http;
 mod jobs;
+mod swarm;
 
 use anyhow::Result;
 use p2pmr_node::cluster::{Cluster, ClusterConfig};
