@@ -12,19 +12,9 @@
 # Needs root and iproute2. Usage: examples/lan/cut.sh [path/to/p2pmr]
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/../.." && pwd)
-
-tag="p2pmr-cut-$$"
-veth="p2c$$h"
-subnet=10.78.0
-count=7
-work=$(mktemp -d)
-pids=()
-source "$root/examples/lan/netns.sh"
-lan_up
-lan_bin "${1:-}"
-
-export RUST_LOG=${RUST_LOG:-warn}
+source "$(dirname "$0")/netns.sh"
+# Namespaces "p2pmr-cut-$$-1".."-7" at 10.78.0.1-7, host-side links "p2c$$h1"...
+lan_start p2pmr-cut-$$ p2c$$h 10.78.0 7 "${1:-}"
 lan_daemons 5 --slots 1 --liveness-secs 2 --grace-secs 5
 
 # Text for wordcount: the shared generator when it is there, else words from a fixed list.

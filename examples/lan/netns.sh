@@ -1,12 +1,23 @@
 # Network namespaces on one bridge, for the LAN scripts (sourced by run.sh and cut.sh).
 #
-# The caller sets: root (the workspace), tag (namespace name prefix), veth (host-side interface name prefix, short:
-# names are at most 15 bytes), subnet (e.g. 10.77.0), count (namespaces), work (a scratch
-# directory) and pids (an array of processes to kill). `lan_up` makes namespaces
+# `lan_start TAG VETH SUBNET COUNT [BIN]` sets everything up: `lan_up` makes namespaces
 # "$tag-1".."$tag-$count" with addresses $subnet.1..$subnet.$count/24, joined by a bridge
-# that lives in a namespace of its own ("$tag-sw"), so nothing touches the host's network.
-# `lan_cleanup`, installed as the EXIT trap, kills the processes and removes it all.
-# `lan_bin` and `lan_daemons` find the binary and start daemons in the first namespaces.
+# that lives in a namespace of its own ("$tag-sw"), so nothing touches the host's network
+# (VETH names the host-side interfaces: short, as names are at most 15 bytes); `work` is a
+# scratch directory and `pids` the processes to kill; `lan_cleanup`, installed as the EXIT
+# trap, kills them and removes it all. `lan_bin` finds the binary and `lan_daemons` starts
+# daemons in the first namespaces.
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+lan_start() {
+    tag=$1 veth=$2 subnet=$3 count=$4
+    work=$(mktemp -d)
+    pids=()
+    lan_up
+    lan_bin "${5:-}"
+    export RUST_LOG=${RUST_LOG:-warn}
+}
 
 lan_cleanup() {
     local status=$?

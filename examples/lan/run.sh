@@ -10,19 +10,9 @@
 # Needs root and iproute2. Usage: examples/lan/run.sh [path/to/p2pmr]
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/../.." && pwd)
-
-tag="p2pmr-lan-$$"
-veth="p2pmr$$h"
-subnet=10.77.0
-count=6
-work=$(mktemp -d)
-pids=()
-source "$root/examples/lan/netns.sh"
-lan_up
-lan_bin "${1:-}"
-
-export RUST_LOG=${RUST_LOG:-warn}
+source "$(dirname "$0")/netns.sh"
+# Namespaces "p2pmr-lan-$$-1".."-6" at 10.77.0.1-6, host-side links "p2pmr$$h1"...
+lan_start p2pmr-lan-$$ p2pmr$$h 10.77.0 6 "${1:-}"
 lan_daemons 4
 echo "lan: 4 daemons up: $(grep -h '^peer id' "$work"/d*.out | cut -d' ' -f3 | tr '\n' ' ')"
 
