@@ -118,6 +118,16 @@ pub(crate) enum Command {
     /// Inspect or check the local repository.
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// Print this repository's peer id: the one its client commands connect with (what a
+    /// daemon's --allow-jobs takes), or with --daemon the one its daemon runs as.
+    ///
+    /// The identity is created on first use in <home>/identity.key; the client's id is
+    /// derived from it, so it is stable but never the daemon's own.
+    Id {
+        /// Print the daemon's peer id instead
+        #[arg(long)]
+        daemon: bool,
+    },
     /// Make keys for private swarms.
     ///
     /// Every daemon and client of a private swarm holds the same key (`--swarm-key FILE`,
@@ -225,6 +235,11 @@ pub(crate) struct DaemonArgs {
     /// on loopback)
     #[arg(long, value_name = "FILE")]
     pub(crate) api_token_file: Option<PathBuf>,
+    /// Only this peer (a peer id, or a file of them, one per line, `#` comments) may start and
+    /// stop jobs here, besides the daemons of the swarm (repeatable) [default: anyone who
+    /// reaches the daemon]. A user's peer id is what `p2pmr id` prints
+    #[arg(long = "allow-jobs", value_name = "PEERID|FILE")]
+    pub(crate) allow_jobs: Vec<String>,
 }
 
 /// Where `--api` says to serve HTTP.

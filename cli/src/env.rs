@@ -78,6 +78,13 @@ impl Env {
             .peers(self.peers.clone())
             .mdns(self.mdns)
             .swarm_key(self.swarm_key()?);
+        // The repository's client identity, if it has one (`p2pmr id` makes it): what
+        // daemons started with --allow-jobs know this user by.
+        if let Ok(home) = self.home_dir() {
+            if let Some(identity) = p2pmr_node::client_identity(&home)? {
+                builder = builder.identity(identity);
+            }
+        }
         if let Some(repo) = repo {
             builder = builder.repo(repo);
         }

@@ -71,6 +71,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Repo(RepoCommand::Stat) => cmd::blocks::repo_stat(&env),
         Command::Repo(RepoCommand::Verify) => cmd::blocks::repo_verify(&env),
         Command::SwarmKey(SwarmKeyCommand::New { file }) => cmd::daemon::new_swarm_key(&file),
+        Command::Id { daemon } => cmd::daemon::id(&env, daemon),
         Command::Dag(DagCommand::Export { cid }) => block_on(cmd::blocks::dag_export(&env, &cid)),
         Command::Dag(DagCommand::Import(args)) => block_on(cmd::blocks::dag_import(&env, args)),
     }

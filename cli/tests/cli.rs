@@ -954,3 +954,84 @@ fn private_swarms_from_the_command_line() {
     assert_eq!(forced.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&forced.stderr).contains("P2PMR_FORCE_PNET=1"));
 }
+
+#[test]
+fn identities_and_who_may_run_jobs_from_the_command_line() {
+    // A repository's ids: stable, made on first use, the client's never the daemon's.
+    let user = tempfile::tempdir().unwrap();
+    let id = |home: &Path, args: &[&str]| {
+        let o = p2pmr(home, &[&["id"][..], args].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        stdout(&o)
+    };
+    let client_id = id(user.path(), &[]);
+    assert!(client_id.starts_with("12D3Koo"), "{client_id}");
+    assert_eq!(id(user.path(), &[]), client_id);
+    let daemon_id = id(user.path(), &["--daemon"]);
+    assert_ne!(daemon_id, client_id);
+
+    // Bad --allow-jobs: one line naming what is wrong.
+    let bad_list = write_file(user.path(), "allowed", b"# friends\n12D3KooNotAPeer\n");
+    for (arg, says) in [
+        ("nonsense", "neither a peer id nor a readable file"),
+        (bad_list.to_str().unwrap(), "line 2"),
+    ] {
+        let o = p2pmr(
+            user.path(),
+            &["daemon", "--api", "off", "--allow-jobs", arg],
+        );
+        assert_eq!(o.status.code(), Some(1), "{arg}");
+        let said = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            said.contains(says) && said.lines().count() == 1,
+            "{arg}: {said}"
+        );
+    }
+
+    // A daemon that lets only this user (listed in a file) start jobs, and itself.
+    let list = write_file(
+        user.path(),
+        "friends",
+        format!("# the one user\n{client_id}\n").as_bytes(),
+    );
+    let daemon = DaemonProcess::start_args(
+        &[],
+        &[
+            "--slots",
+            "2",
+            "--api",
+            "off",
+            "--allow-jobs",
+            list.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(id(daemon._home.path(), &["--daemon"]), daemon.peer_id);
+    let text = write_file(user.path(), "text", &b"x y y\n".repeat(50));
+    let as_user =
+        |home: &Path, args: &[&str]| p2pmr(home, &[&["--peer", &daemon.addr][..], args].concat());
+    let added = as_user(
+        user.path(),
+        &["add", "--replicas", "1", text.to_str().unwrap()],
+    );
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let cid = stdout(&added);
+    let run = ["run", "--job", "wordcount", "--input", &cid];
+    let ran = as_user(user.path(), &run);
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let stranger = tempfile::tempdir().unwrap();
+    let refused = as_user(stranger.path(), &run);
+    assert_eq!(refused.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("not allowed to run jobs on this network"),
+        "{said}"
+    );
+}

@@ -7,6 +7,7 @@
 //! starts goes through one task set, so [`Daemon::stop`] leaves none of them running.
 
 use crate::blocks::keeper::{Keeper, KeeperError};
+use crate::engine::access::JobAccess;
 use crate::engine::coordinator::Coordinator;
 use crate::engine::worker::Worker;
 use crate::http::{ApiConfig, ApiStartError};
@@ -71,6 +72,9 @@ pub struct DaemonConfig {
     pub api: Option<ApiConfig>,
     /// The private swarm's key, if the daemon is in one (then it listens on TCP only).
     pub swarm_key: Option<SwarmKey>,
+    /// The peers allowed to start and stop jobs here, besides the daemons of the swarm;
+    /// `None`: anyone who reaches the daemon.
+    pub allow_jobs: Option<Vec<PeerId>>,
 }
 
 impl Default for DaemonConfig {
@@ -86,6 +90,7 @@ impl Default for DaemonConfig {
             grace: crate::blocks::keeper::DEFAULT_GRACE,
             api: None,
             swarm_key: None,
+            allow_jobs: None,
         }
     }
 }
@@ -166,7 +171,17 @@ impl Daemon {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             n => n,
         };
-        let worker = Worker::new(repo.clone(), network.client.clone(), slots, tasks.clone())?;
+        let access = match &config.allow_jobs {
+            Some(peers) => JobAccess::only(peers.iter().copied()),
+            None => JobAccess::anyone(),
+        };
+        let worker = Worker::new(
+            repo.clone(),
+            network.client.clone(),
+            slots,
+            tasks.clone(),
+            access,
+        )?;
         let coordinator = Coordinator::new(worker.clone(), config.liveness, tasks.clone());
         tasks.spawn(crate::engine::server::serve(
             coordinator.clone(),

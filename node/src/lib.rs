@@ -25,4 +25,4 @@ pub use node::{Blocks, DaemonView, JobHandle, Jobs, Node, NodeBuilder, Peers, Re
 
 pub use repo::files::{Added, FileError};
 pub use repo::store::{BlockStore, StoreError, StoreStats};
-pub use repo::{default_home, Repo, HOME_ENV};
+pub use repo::{client_identity, client_key, default_home, identity_at, Repo, HOME_ENV};

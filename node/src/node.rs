@@ -75,6 +75,7 @@ impl Default for NodeBuilder {
                 mdns: true,
                 discovery: DISCOVERY,
                 swarm_key: None,
+                identity: None,
             },
             offline: false,
         }
@@ -109,6 +110,13 @@ impl NodeBuilder {
     /// The private swarm's key: the node reaches only daemons that hold it.
     pub fn swarm_key(mut self, key: Option<SwarmKey>) -> Self {
         self.config.swarm_key = key;
+        self
+    }
+
+    /// The peer identity to connect with (by default a fresh one each time the node starts
+    /// its network): what daemons started with `--allow-jobs` recognise.
+    pub fn identity(mut self, keypair: libp2p::identity::Keypair) -> Self {
+        self.config.identity = Some(keypair);
         self
     }
 

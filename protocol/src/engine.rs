@@ -234,7 +234,7 @@ pub enum JobResponse {
 }
 
 /// A daemon's load and holdings, as it answers [`JobRequest::Status`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DaemonStatus {
     /// Tasks it runs at once.
     pub slots: u32,
@@ -244,6 +244,19 @@ pub struct DaemonStatus {
     pub blocks: u64,
     /// Bytes of those blocks.
     pub bytes: u64,
+    /// The latest peers refused permission to start or stop jobs here, oldest first.
+    pub refusals: Vec<Refusal>,
+}
+
+/// A peer turned away by a daemon's job access policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// The peer.
+    pub peer: String,
+    /// When, in milliseconds since the Unix epoch (the daemon's clock).
+    pub at_ms: u64,
+    /// What it asked for (`submit`, `cancel`).
+    pub what: String,
 }
 
 /// What a map task produced.
@@ -709,6 +722,11 @@ mod tests {
                 running: 1,
                 blocks: 4096,
                 bytes: 1 << 30,
+                refusals: vec![Refusal {
+                    peer: "12D3".into(),
+                    at_ms: 1,
+                    what: "submit".into(),
+                }],
             }),
             JobResponse::Finished(vec![
                 FinishedTask::Map {

@@ -3,6 +3,7 @@
 use crate::args::{ApiArg, DaemonArgs};
 use crate::env::Env;
 use anyhow::{Context, Result};
+use libp2p::PeerId;
 use p2pmr_node::{ApiConfig, Daemon, DaemonConfig, SwarmKey};
 use std::io::{self, Write};
 use std::time::Duration;
@@ -43,6 +44,7 @@ pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
             grace: Duration::from_secs_f64(args.grace_secs),
             api,
             swarm_key: env.swarm_key()?,
+            allow_jobs: allowed_peers(&args.allow_jobs)?,
         },
     )
     .await
@@ -61,6 +63,52 @@ pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
     drop(out);
     daemon.run_until(shutdown_signal()).await?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// The peers `--allow-jobs` names (each a peer id or a file of them); `None` if none is given.
+fn allowed_peers(given: &[String]) -> Result<Option<Vec<PeerId>>> {
+    if given.is_empty() {
+        return Ok(None);
+    }
+    let mut peers = Vec::new();
+    for arg in given {
+        if let Ok(peer) = arg.parse::<PeerId>() {
+            peers.push(peer);
+            continue;
+        }
+        let text = std::fs::read_to_string(arg).with_context(|| {
+            format!("--allow-jobs {arg}: neither a peer id nor a readable file")
+        })?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let peer = line.parse::<PeerId>().map_err(|e| {
+                anyhow::anyhow!(
+                    "--allow-jobs {arg}, line {}: '{line}' is not a peer id ({e})",
+                    n + 1
+                )
+            })?;
+            peers.push(peer);
+        }
+    }
+    Ok(Some(peers))
+}
+
+/// `p2pmr id [--daemon]`.
+pub(crate) fn id(env: &Env, daemon: bool) -> Result<()> {
+    let home = env.home_dir()?;
+    std::fs::create_dir_all(&home)
+        .with_context(|| format!("cannot create the repository {}", home.display()))?;
+    let key = p2pmr_node::identity_at(&home)?;
+    let key = if daemon {
+        key
+    } else {
+        p2pmr_node::client_key(&key)
+    };
+    println!("{}", key.public().to_peer_id());
     Ok(())
 }
 

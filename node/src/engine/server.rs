@@ -35,10 +35,19 @@ pub(crate) async fn serve(
     tasks: Tasks,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_JOB_HANDLERS));
+    let access = worker.access().clone();
     while let Some(JobInbound {
-        request, channel, ..
+        peer,
+        request,
+        channel,
     }) = inbound.recv().await
     {
+        let is_daemon = peer == net.local_peer_id() || net.daemons().contains_key(&peer);
+        if !access.admits(&peer, is_daemon, &request) {
+            let refusal = JobResponse::Failed(crate::engine::access::NOT_ALLOWED.into());
+            net.respond_job(channel, refusal).await;
+            continue;
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             net.respond_job(channel, JobResponse::busy()).await;
             continue;

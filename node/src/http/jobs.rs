@@ -45,7 +45,8 @@ async fn daemons(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
     for view in &views {
         let addrs: Vec<String> = view.info.addrs.iter().map(ToString::to_string).collect();
         let mut entry = seen.get(&view.peer).cloned().unwrap_or_else(|| {
-            json!({"ID": view.peer.to_string(), "Slots": 0, "Running": 0, "Blocks": 0, "Bytes": 0})
+            json!({"ID": view.peer.to_string(), "Slots": 0, "Running": 0, "Blocks": 0, "Bytes": 0,
+                   "Refusals": []})
         });
         entry["Addresses"] = json!(addrs);
         entry["Agent"] = json!(view.info.agent);
@@ -57,6 +58,12 @@ async fn daemons(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
                 entry["Running"] = json!(status.running);
                 entry["Blocks"] = json!(status.blocks);
                 entry["Bytes"] = json!(status.bytes);
+                let refusals: Vec<Value> = status
+                    .refusals
+                    .iter()
+                    .map(|r| json!({"Peer": r.peer, "At": r.at_ms, "What": r.what}))
+                    .collect();
+                entry["Refusals"] = json!(refusals);
                 entry.as_object_mut().expect("an object").remove("Error");
             }
             Err(e) => {

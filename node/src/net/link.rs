@@ -33,6 +33,8 @@ pub struct ClientConfig {
     pub discovery: Duration,
     /// The private swarm's key, if the daemons are in one.
     pub swarm_key: Option<SwarmKey>,
+    /// The client's identity (a fresh one each time if none).
+    pub identity: Option<Keypair>,
 }
 
 /// A peer's way onto the network (see the module docs).
@@ -49,7 +51,7 @@ enum Kind {
     /// A network someone else runs (a daemon's).
     Given,
     /// A client peer, started on first use.
-    Lazy(ClientConfig),
+    Lazy(Box<ClientConfig>),
 }
 
 #[derive(Debug)]
@@ -93,7 +95,7 @@ impl Link {
     /// A client peer started with `config` on first use.
     pub fn lazy(config: ClientConfig) -> Self {
         Self {
-            kind: Kind::Lazy(config),
+            kind: Kind::Lazy(Box::new(config)),
             started: OnceCell::new(),
         }
     }
@@ -140,7 +142,10 @@ impl Link {
 
 async fn start(config: &ClientConfig) -> Result<Started, NetError> {
     let network = spawn(NetConfig {
-        keypair: Keypair::generate_ed25519(),
+        keypair: config
+            .identity
+            .clone()
+            .unwrap_or_else(Keypair::generate_ed25519),
         listen: vec![],
         bootstrap: vec![],
         mdns: config.mdns,

@@ -33,6 +33,63 @@ pub struct IdentityError {
     pub reason: String,
 }
 
+/// The identity key of the repository at `home` (its daemon's peer id), created on first use.
+pub fn identity_at(home: &Path) -> Result<Keypair, IdentityError> {
+    let path = home.join(IDENTITY_FILE);
+    let err = |reason: String| IdentityError {
+        path: path.display().to_string(),
+        reason,
+    };
+    match fs::read(&path) {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
+            // Temp file + rename: a crash never leaves a half-written key behind.
+            let tmp = home.join(format!("{IDENTITY_FILE}.tmp"));
+            let write = || -> std::io::Result<()> {
+                let mut options = fs::OpenOptions::new();
+                options.write(true).create(true).truncate(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                let mut f = options.open(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                fs::rename(&tmp, &path)
+            };
+            write().map_err(|e| err(e.to_string()))?;
+            Ok(key)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// The identity clients of the repository at `home` use, if the repository has an identity:
+/// derived from it, so a user's peer id is stable across commands, yet never the same as the
+/// daemon's on that repository (two peers with one id would confuse every other peer).
+pub fn client_identity(home: &Path) -> Result<Option<Keypair>, IdentityError> {
+    if !home.join(IDENTITY_FILE).exists() {
+        return Ok(None);
+    }
+    identity_at(home).map(|daemon| Some(client_key(&daemon)))
+}
+
+/// The client key derived from a daemon key (see [`client_identity`]).
+pub fn client_key(daemon: &Keypair) -> Keypair {
+    use sha2::{Digest, Sha256};
+    let secret = daemon
+        .clone()
+        .try_into_ed25519()
+        .map(|k| k.secret().as_ref().to_vec())
+        .unwrap_or_else(|_| daemon.to_protobuf_encoding().unwrap_or_default());
+    let mut seed: [u8; 32] = Sha256::new()
+        .chain_update(b"p2pmr client identity\0")
+        .chain_update(&secret)
+        .finalize()
+        .into();
+    Keypair::ed25519_from_bytes(&mut seed).expect("any 32 bytes are an ed25519 secret key")
+}
+
 /// Environment variable naming the repository directory when `--home` is not given.
 pub const HOME_ENV: &str = "P2PMR_HOME";
 
@@ -72,33 +129,7 @@ impl Repo {
     /// Loads the repository's identity key, creating one on first use, so the peer id survives
     /// restarts.
     pub fn identity(&self) -> Result<Keypair, IdentityError> {
-        let path = self.home.join(IDENTITY_FILE);
-        let err = |reason: String| IdentityError {
-            path: path.display().to_string(),
-            reason,
-        };
-        match fs::read(&path) {
-            Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| err(e.to_string())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key = Keypair::generate_ed25519();
-                let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
-                // Temp file + rename: a crash never leaves a half-written key behind.
-                let tmp = self.home.join(format!("{IDENTITY_FILE}.tmp"));
-                let write = || -> std::io::Result<()> {
-                    let mut options = fs::OpenOptions::new();
-                    options.write(true).create(true).truncate(true);
-                    #[cfg(unix)]
-                    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                    let mut f = options.open(&tmp)?;
-                    f.write_all(&bytes)?;
-                    f.sync_all()?;
-                    fs::rename(&tmp, &path)
-                };
-                write().map_err(|e| err(e.to_string()))?;
-                Ok(key)
-            }
-            Err(e) => Err(err(e.to_string())),
-        }
+        identity_at(&self.home)
     }
 
     /// The replica-target log the daemon's keeper keeps.

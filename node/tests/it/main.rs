@@ -7,7 +7,7 @@
 //! - `engine`: MapReduce jobs over the network, checked against `run-local`.
 //! - `http`: the HTTP API and gateway over a real socket.
 //! - `jobs`: the wasm runtime on its own (shipped jobs against native code, hostile modules).
-//! - `swarm`: private swarms (a shared key: members only).
+//! - `swarm`: private swarms (a shared key: members only) and who may run jobs.
 
 mod blocks;
 mod engine;

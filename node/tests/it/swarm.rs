@@ -1,9 +1,10 @@
-//! Private swarms: daemons and clients that hold the same swarm key form a network and run
-//! jobs; a peer without it, or with another, cannot reach them and is told why in one line;
-//! a private swarm never listens on QUIC.
+//! Trust: private swarms (daemons and clients that hold the same swarm key form a network and
+//! run jobs; a peer without it, or with another, cannot reach them and is told why in one
+//! line; a private swarm never listens on QUIC) and who may start and stop jobs.
 
 use super::{cat_all, client};
 use anyhow::Result;
+use libp2p::identity::Keypair;
 use p2pmr_node::cluster::{Cluster, ClusterConfig};
 use p2pmr_node::engine::shipped;
 use p2pmr_node::{DaemonConfig, Node, Replicas, SwarmKey};
@@ -11,6 +12,30 @@ use p2pmr_protocol::job::{JobInput, JobSpec};
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::time::Duration;
+
+/// `line` `times` over as a file on 2 daemons, and a one-reducer wordcount of it, published
+/// through `node`.
+async fn wordcount(
+    node: &Node,
+    line: &[u8],
+    times: usize,
+) -> Result<(p2pmr_protocol::Cid, JobSpec)> {
+    let text = line.repeat(times);
+    let input = node
+        .blocks()
+        .add(Cursor::new(text), Replicas::network(2))
+        .await?
+        .root;
+    let module = node
+        .jobs()
+        .publish(shipped::by_name("wordcount").expect("shipped").to_vec())
+        .await?;
+    let inputs = vec![JobInput {
+        name: "text".into(),
+        cid: input,
+    }];
+    Ok((input, JobSpec::new(module, inputs, 1, BTreeMap::new())?))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_swarm_admits_only_holders_of_its_key() -> Result<()> {
@@ -22,21 +47,7 @@ async fn a_private_swarm_admits_only_holders_of_its_key() -> Result<()> {
 
     // A member runs a job.
     let member = client(&cluster, 3).await?;
-    let text = b"one two two three three three\n".repeat(200);
-    let input = member
-        .blocks()
-        .add(Cursor::new(text), Replicas::network(2))
-        .await?
-        .root;
-    let module = member
-        .jobs()
-        .publish(shipped::by_name("wordcount").expect("shipped").to_vec())
-        .await?;
-    let inputs = vec![JobInput {
-        name: "text".into(),
-        cid: input,
-    }];
-    let spec = JobSpec::new(module, inputs, 1, BTreeMap::new())?;
+    let (input, spec) = wordcount(&member, b"one two two three three three\n", 200).await?;
     let output = member
         .jobs()
         .submit(spec.clone(), None)
@@ -124,5 +135,78 @@ async fn a_private_swarm_never_listens_on_quic() -> Result<()> {
         .expect_err("a QUIC address in a private swarm")
         .to_string();
     assert!(error.contains("TCP only"), "{error}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_peers_start_and_stop_jobs() -> Result<()> {
+    let friend = Keypair::generate_ed25519();
+    let mut config = ClusterConfig::linked(2, 1);
+    config.daemon.allow_jobs = Some(vec![friend.public().to_peer_id()]);
+    let cluster = Cluster::start(config).await?;
+    let as_peer = |key: Keypair| {
+        Node::builder()
+            .peers(cluster.addrs())
+            .mdns(false)
+            .identity(key)
+            .build()
+    };
+    let friend = as_peer(friend);
+    let stranger_key = Keypair::generate_ed25519();
+    let stranger_id = stranger_key.public().to_peer_id().to_string();
+    let stranger = as_peer(stranger_key);
+    friend.peers().wait_for(2).await?;
+    stranger.peers().wait_for(2).await?;
+
+    // Anyone may store blocks and follow jobs; only the friend starts one.
+    let (_, spec) = wordcount(&stranger, b"a b b\n", 100).await?;
+    let refused = stranger.jobs().submit(spec.clone(), None).await;
+    let error = refused.expect_err("a stranger's job").to_string();
+    assert!(
+        error.contains("not allowed to run jobs on this network"),
+        "{error}"
+    );
+
+    let job = friend.jobs().submit(spec.clone(), None).await?;
+    let output = job.wait(|_| ()).await?;
+    assert_eq!(
+        String::from_utf8(cat_all(&stranger, output).await?)?,
+        "a\t100\nb\t200\n"
+    );
+    let cancel = stranger.jobs().cancel(job.id(), None).await;
+    let error = cancel.expect_err("a stranger's cancel").to_string();
+    assert!(
+        error.contains("not allowed to run jobs on this network"),
+        "{error}"
+    );
+
+    // A daemon of the swarm may (its API runs jobs through it), and every daemon's status
+    // names the stranger it turned away.
+    let other = JobSpec::new(spec.module, spec.inputs.clone(), 2, BTreeMap::new())?;
+    let daemon_node = cluster.daemon(0).node();
+    daemon_node
+        .jobs()
+        .submit(other, None)
+        .await?
+        .wait(|_| ())
+        .await?;
+    let views = daemon_node.peers().status(Duration::from_secs(5)).await?;
+    let refusals: Vec<_> = views
+        .iter()
+        .filter_map(|v| v.status.as_ref().ok())
+        .flat_map(|s| s.refusals.iter())
+        .collect();
+    assert!(
+        refusals
+            .iter()
+            .any(|r| r.peer == stranger_id && r.what == "submit"),
+        "{refusals:?}"
+    );
+    assert!(refusals
+        .iter()
+        .any(|r| r.peer == stranger_id && r.what == "cancel"));
+    friend.shutdown().await;
+    stranger.shutdown().await;
+    cluster.stop().await;
     Ok(())
 }

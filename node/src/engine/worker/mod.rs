@@ -17,6 +17,7 @@ pub mod shuffle;
 use self::shuffle::{MissingRuns, ShuffleError, StreamMerge};
 use crate::blocks::RemoteError;
 use crate::blocks::{self, Chunk, Fetcher};
+use crate::engine::access::JobAccess;
 use crate::engine::runtime::JobError;
 use crate::engine::runtime::{Executor, JobModule, Limits, TaskName};
 use crate::net::NetClient;
@@ -142,6 +143,9 @@ struct Inner {
     finished: Mutex<VecDeque<(Cid, Vec<FinishedTask>)>>,
     /// Where task bodies run, so stopping the daemon stops them.
     tasks: Tasks,
+    /// Who may start and stop jobs on this daemon (checked by the job server; its refusals
+    /// are part of the status).
+    access: JobAccess,
 }
 
 impl std::fmt::Debug for Worker {
@@ -174,6 +178,7 @@ impl Worker {
         net: NetClient,
         slots: u32,
         tasks: Tasks,
+        access: JobAccess,
     ) -> Result<Self, crate::engine::runtime::JobError> {
         let exec = Executor::new(Limits::default())?;
         let fetcher = Fetcher::new(Some(net.clone()), Some(repo.blocks().clone()));
@@ -191,8 +196,14 @@ impl Worker {
                 loading: Mutex::new(HashMap::new()),
                 finished: Mutex::new(VecDeque::new()),
                 tasks,
+                access,
             }),
         })
+    }
+
+    /// Who may start and stop jobs on this daemon.
+    pub fn access(&self) -> &JobAccess {
+        &self.inner.access
     }
 
     /// Task slots.
@@ -227,6 +238,7 @@ impl Worker {
             running: self.inner.slots.saturating_sub(free),
             blocks: held.blocks,
             bytes: held.bytes,
+            refusals: self.inner.access.refusals(),
         })
     }
 

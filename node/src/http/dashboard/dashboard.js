@@ -73,6 +73,15 @@ async function pollDaemons() {
     return tr;
   });
   document.getElementById('daemons').replaceChildren(...rows);
+  // Peers a daemon's --allow-jobs refused, newest first.
+  const refusals = Daemons.flatMap((d) => (d.Refusals || []).map((r) => ({ ...r, by: d.ID })))
+    .sort((a, b) => b.At - a.At).slice(0, 10);
+  document.getElementById('refusals').hidden = refusals.length === 0;
+  document.getElementById('refusal-list').replaceChildren(...refusals.map((r) =>
+    el('li', { class: 'refusal', 'data-peer': r.Peer },
+      new Date(r.At).toLocaleTimeString() + ' ', el('span', { class: 'mono' }, short(r.Peer)),
+      ' may not ' + r.What + ' jobs (refused by ', el('span', { class: 'mono' }, short(r.by)),
+      ')')));
   const me = Daemons.find((d) => d.Self);
   if (me) document.getElementById('me').textContent = me.ID;
 }
