@@ -21,6 +21,8 @@ use tokio::task::JoinHandle;
 const QUIET: Duration = Duration::from_millis(300);
 /// The shortest discovery window.
 const MIN_DISCOVERY: Duration = Duration::from_millis(500);
+/// How long past the window a client with no daemon waits for dials under way to decide.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(12);
 
 /// How a client peer finds daemons.
 #[derive(Debug, Clone)]
@@ -195,7 +197,13 @@ impl Started {
                 self.satisfied.fetch_max(want, Ordering::Relaxed);
                 return;
             }
-            if Instant::now() >= self.deadline {
+            // Past the window with no daemon yet, a dial still under way may be one that
+            // will fail its handshake (a private swarm's daemon), which is worth reporting
+            // rather than "no daemons": wait for such dials, up to the dial timeout.
+            let undecided = daemons.is_empty()
+                && self.net.dialing() > 0
+                && Instant::now() < self.deadline + DIAL_TIMEOUT;
+            if Instant::now() >= self.deadline && !undecided {
                 self.satisfied.store(usize::MAX, Ordering::Relaxed);
                 return;
             }

@@ -214,6 +214,7 @@ pub struct NetClient {
     daemons: watch::Receiver<BTreeMap<PeerId, PeerInfo>>,
     listen: watch::Receiver<Vec<Multiaddr>>,
     refused: watch::Receiver<Option<PeerId>>,
+    dialing: watch::Receiver<u32>,
 }
 
 impl NetClient {
@@ -308,6 +309,11 @@ impl NetClient {
     /// this peer's private swarm, or inside one this peer is not in).
     pub fn refused_by(&self) -> Option<PeerId> {
         *self.refused.borrow()
+    }
+
+    /// Outgoing connections being set up now (dialled, not yet connected or failed).
+    pub fn dialing(&self) -> u32 {
+        *self.dialing.borrow()
     }
 
     /// The connected daemons, by peer id.
@@ -414,6 +420,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     let (daemons_tx, daemons) = watch::channel(BTreeMap::new());
     let (listen_tx, listen) = watch::channel(Vec::new());
     let (refused_tx, refused) = watch::channel(None);
+    let (dialing_tx, dialing) = watch::channel(0);
     let mut event_loop = EventLoop {
         swarm,
         commands,
@@ -428,6 +435,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         daemons: daemons_tx,
         listen: listen_tx,
         refused: refused_tx,
+        dialing: dialing_tx,
         bootstrapped: false,
         banned: HashSet::new(),
         known: HashMap::new(),
@@ -462,6 +470,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         daemons,
         listen,
         refused,
+        dialing,
     };
     let task = tokio::spawn(event_loop.run());
     Ok(Network {
@@ -553,6 +562,8 @@ struct EventLoop {
     daemons: watch::Sender<BTreeMap<PeerId, PeerInfo>>,
     listen: watch::Sender<Vec<Multiaddr>>,
     refused: watch::Sender<Option<PeerId>>,
+    /// Outgoing connections being set up (dialled, not yet connected or failed).
+    dialing: watch::Sender<u32>,
     bootstrapped: bool,
     /// Peers caught misbehaving: never connected to again by this peer.
     banned: HashSet<PeerId>,
@@ -594,7 +605,11 @@ impl EventLoop {
                         self.dial_peer(peer, addrs);
                     }
                 }
-                event = self.swarm.select_next_some() => self.handle_event(event),
+                event = self.swarm.select_next_some() => {
+                    self.handle_event(event);
+                    let pending = self.swarm.network_info().connection_counters().num_pending_outgoing();
+                    self.dialing.send_if_modified(|d| std::mem::replace(d, pending) != pending);
+                }
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
                     Some(command) => self.handle_command(command),
