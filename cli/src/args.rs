@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
+use p2pmr_node::MinFree;
 use std::path::PathBuf;
 
 /// p2pmr: a peer-to-peer, content-addressed MapReduce network.
@@ -240,6 +241,47 @@ pub(crate) struct DaemonArgs {
     /// reaches the daemon]. A user's peer id is what `p2pmr id` prints
     #[arg(long = "allow-jobs", value_name = "PEERID|FILE")]
     pub(crate) allow_jobs: Vec<String>,
+    /// Bytes one client peer may store here, e.g. 16GiB (daemons replicating to each other
+    /// are not counted)
+    #[arg(long, value_name = "SIZE", default_value = "16GiB", value_parser = parse_size)]
+    pub(crate) max_client_bytes: u64,
+    /// Free space to keep on the repository's disk: a share (5%) or a size (20GiB); a write
+    /// that would pass it is refused
+    #[arg(long, value_name = "PCT%|SIZE", default_value = "5%", value_parser = parse_min_free)]
+    pub(crate) min_free_disk: MinFree,
+}
+
+/// A size: a whole number of bytes, optionally with a unit (K, M, G, T: powers of 1024, with
+/// or without `iB`/`B`).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512MiB, 16GiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("'{s}': unknown unit (use K, M, G or T)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// `--min-free-disk`: a percentage (`5%`) or a size.
+fn parse_min_free(s: &str) -> Result<MinFree, String> {
+    match s.trim().strip_suffix('%') {
+        Some(p) => match p.trim().parse::<u8>() {
+            Ok(p) if p <= 100 => Ok(MinFree::Percent(p)),
+            _ => Err(format!("'{s}' is not a percentage from 0% to 100%")),
+        },
+        None => parse_size(s).map(MinFree::Bytes),
+    }
 }
 
 /// Where `--api` says to serve HTTP.
@@ -372,4 +414,42 @@ pub(crate) struct ImportArgs {
     pub(crate) replicas: u16,
     /// The CAR file; `-` reads standard input
     pub(crate) file: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_free_space_floors() {
+        for (given, want) in [
+            ("0", Ok(0)),
+            ("1024", Ok(1024)),
+            ("1K", Ok(1 << 10)),
+            ("512MiB", Ok(512 << 20)),
+            ("16GiB", Ok(16 << 30)),
+            ("2 gb", Ok(2 << 30)),
+            ("1T", Ok(1 << 40)),
+            ("16777215TiB", Ok(16_777_215 << 40)),
+        ] {
+            assert_eq!(parse_size(given), want, "{given}");
+        }
+        for bad in [
+            "",
+            "GiB",
+            "-1",
+            "1.5G",
+            "16XiB",
+            "16777216TiB",
+            "99999999999999999999",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_min_free("5%"), Ok(MinFree::Percent(5)));
+        assert_eq!(parse_min_free("100%"), Ok(MinFree::Percent(100)));
+        assert_eq!(parse_min_free("20GiB"), Ok(MinFree::Bytes(20 << 30)));
+        for bad in ["101%", "-5%", "x%", "%"] {
+            assert!(parse_min_free(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -7,6 +7,7 @@
 //! starts goes through one task set, so [`Daemon::stop`] leaves none of them running.
 
 use crate::blocks::keeper::{Keeper, KeeperError};
+use crate::blocks::limits::{WriteLimits, WritePolicy};
 use crate::engine::access::JobAccess;
 use crate::engine::coordinator::Coordinator;
 use crate::engine::worker::Worker;
@@ -75,6 +76,8 @@ pub struct DaemonConfig {
     /// The peers allowed to start and stop jobs here, besides the daemons of the swarm;
     /// `None`: anyone who reaches the daemon.
     pub allow_jobs: Option<Vec<PeerId>>,
+    /// What others may write here: a free-space floor, a per-client allowance.
+    pub writes: WritePolicy,
 }
 
 impl Default for DaemonConfig {
@@ -91,6 +94,7 @@ impl Default for DaemonConfig {
             api: None,
             swarm_key: None,
             allow_jobs: None,
+            writes: WritePolicy::default(),
         }
     }
 }
@@ -162,6 +166,7 @@ impl Daemon {
         let server = tasks.spawn(crate::blocks::server::serve(
             repo.clone(),
             replicas.clone(),
+            WriteLimits::new(config.writes, repo.home()),
             network.client.clone(),
             network.inbound,
             tasks.clone(),

@@ -17,6 +17,7 @@ mod node;
 pub mod repo;
 mod tasks;
 
+pub use blocks::limits::{MinFree, WritePolicy};
 pub use daemon::{Daemon, DaemonConfig};
 pub use error::Error;
 pub use http::{ApiConfig, ApiStartError, DEFAULT_API_PORT, HEADER_TIMEOUT};

@@ -4,7 +4,7 @@ use crate::args::{ApiArg, DaemonArgs};
 use crate::env::Env;
 use anyhow::{Context, Result};
 use libp2p::PeerId;
-use p2pmr_node::{ApiConfig, Daemon, DaemonConfig, SwarmKey};
+use p2pmr_node::{ApiConfig, Daemon, DaemonConfig, SwarmKey, WritePolicy};
 use std::io::{self, Write};
 use std::time::Duration;
 
@@ -45,6 +45,10 @@ pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
             api,
             swarm_key: env.swarm_key()?,
             allow_jobs: allowed_peers(&args.allow_jobs)?,
+            writes: WritePolicy {
+                min_free: args.min_free_disk,
+                max_client_bytes: args.max_client_bytes,
+            },
         },
     )
     .await

@@ -13,6 +13,7 @@
 //! back to the rest, so finding a block costs no lookup and no DHT state.
 
 pub mod keeper;
+pub mod limits;
 pub(crate) mod server;
 
 use crate::net::{Link, NetClient, NetError};

@@ -8,11 +8,13 @@
 //! quarantined by the store and fetched again from a replica.
 
 use crate::blocks::keeper::Keeper;
+use crate::blocks::limits::WriteLimits;
 use crate::blocks::Fetcher;
 use crate::net::{Inbound, NetClient};
 use crate::repo::store::{BlockStore, StoreError};
 use crate::tasks::Tasks;
 use crate::Repo;
+use libp2p::PeerId;
 use p2pmr_protocol::wire::{BlockRequest, BlockResponse};
 use p2pmr_protocol::{Block, Cid};
 use std::sync::Arc;
@@ -25,6 +27,7 @@ pub(crate) const MAX_HANDLERS: usize = 16;
 pub(crate) async fn serve(
     repo: Repo,
     keeper: Keeper,
+    limits: WriteLimits,
     net: NetClient,
     mut inbound: mpsc::Receiver<Inbound>,
     tasks: Tasks,
@@ -40,15 +43,20 @@ pub(crate) async fn serve(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let (repo, net, syncer, keeper, t) = (
+        let (repo, net, syncer, keeper, limits, t) = (
             repo.clone(),
             net.clone(),
             syncer.clone(),
             keeper.clone(),
+            limits.clone(),
             tasks.clone(),
         );
         tasks.spawn_to_end(async move {
-            let response = handle(&repo, &keeper, &net, &syncer, &t, request).await;
+            let writer = Writer {
+                peer,
+                limits: &limits,
+            };
+            let response = handle(&repo, &keeper, &net, &syncer, &t, writer, request).await;
             if let BlockResponse::Refused(reason) = &response {
                 tracing::debug!("refused a request from {peer}: {reason}");
             }
@@ -81,12 +89,19 @@ async fn repair(store: BlockStore, net: NetClient, cid: Cid) {
     }
 }
 
+/// Who is asking, and the limits their writes are held to.
+struct Writer<'a> {
+    peer: PeerId,
+    limits: &'a WriteLimits,
+}
+
 async fn handle(
     repo: &Repo,
     keeper: &Keeper,
     net: &NetClient,
     syncer: &Syncer,
     tasks: &Tasks,
+    writer: Writer<'_>,
     request: BlockRequest,
 ) -> BlockResponse {
     let store = repo.blocks().clone();
@@ -122,6 +137,20 @@ async fn handle(
             data,
             replicas,
         } => {
+            // A block already here takes no more room; a new one must fit the limits.
+            let is_daemon = net.daemons().contains_key(&writer.peer);
+            let size = data.len() as u64;
+            let present = {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.has(&cid))
+                    .await
+                    .unwrap_or(false)
+            };
+            if !present {
+                if let Err(reason) = writer.limits.reserve(writer.peer, is_daemon, size) {
+                    return BlockResponse::Refused(reason);
+                }
+            }
             let keeper = keeper.clone();
             let stored = tokio::task::spawn_blocking(move || {
                 let block = Block::new(cid, data).map_err(|e| e.to_string())?;
@@ -132,13 +161,19 @@ async fn handle(
                 Ok::<Cid, String>(*block.cid())
             })
             .await;
+            let refused = |reason: String| {
+                if !present {
+                    writer.limits.release(writer.peer, is_daemon, size);
+                }
+                BlockResponse::Refused(reason)
+            };
             match stored {
                 Ok(Ok(cid)) => match syncer.sync(cid).await {
                     Ok(()) => BlockResponse::Stored,
-                    Err(e) => BlockResponse::Refused(e),
+                    Err(e) => refused(e),
                 },
-                Ok(Err(e)) => BlockResponse::Refused(e),
-                Err(e) => BlockResponse::Refused(e.to_string()),
+                Ok(Err(e)) => refused(e),
+                Err(e) => refused(e.to_string()),
             }
         }
     }

@@ -7,7 +7,7 @@ use anyhow::Result;
 use libp2p::identity::Keypair;
 use p2pmr_node::cluster::{Cluster, ClusterConfig};
 use p2pmr_node::engine::shipped;
-use p2pmr_node::{DaemonConfig, Node, Replicas, SwarmKey};
+use p2pmr_node::{DaemonConfig, MinFree, Node, Replicas, SwarmKey, WritePolicy};
 use p2pmr_protocol::job::{JobInput, JobSpec};
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -208,5 +208,63 @@ async fn only_allowed_peers_start_and_stop_jobs() -> Result<()> {
     friend.shutdown().await;
     stranger.shutdown().await;
     cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_past_a_clients_allowance_or_the_disk_floor_are_refused() -> Result<()> {
+    for (policy, says) in [
+        (
+            WritePolicy {
+                min_free: MinFree::Bytes(0),
+                max_client_bytes: 1 << 20,
+            },
+            "--max-client-bytes",
+        ),
+        (
+            WritePolicy {
+                min_free: MinFree::Percent(100),
+                max_client_bytes: u64::MAX,
+            },
+            "--min-free-disk",
+        ),
+    ] {
+        let mut config = ClusterConfig::linked(1, 1);
+        config.daemon.writes = policy;
+        let cluster = Cluster::start(config).await?;
+        let daemon = cluster.daemon(0);
+        // What the daemon already holds (stored by itself, which no limit stops).
+        let kept = daemon
+            .node()
+            .blocks()
+            .add(Cursor::new(vec![7u8; 300_000]), Replicas::Local)
+            .await?
+            .root;
+        let before = daemon.repo().blocks().stats()?.blocks;
+
+        let writer = client(&cluster, 1).await?;
+        let big = (0..3 << 20).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
+        let refused = writer
+            .blocks()
+            .add(Cursor::new(big), Replicas::network(1))
+            .await
+            .expect_err("past the limit");
+        assert!(refused.to_string().contains(says), "{says}: {refused}");
+        // Nothing durable lost, and the daemon goes on serving.
+        assert!(daemon.repo().blocks().stats()?.blocks >= before);
+        assert_eq!(cat_all(&writer, kept).await?, vec![7u8; 300_000]);
+        if says == "--max-client-bytes" {
+            // Another client has an allowance of its own.
+            let other = client(&cluster, 1).await?;
+            let small = other
+                .blocks()
+                .add(Cursor::new(vec![1u8; 1000]), Replicas::network(1))
+                .await?;
+            assert_eq!(cat_all(&other, small.root).await?, vec![1u8; 1000]);
+            other.shutdown().await;
+        }
+        writer.shutdown().await;
+        cluster.stop().await;
+    }
     Ok(())
 }
