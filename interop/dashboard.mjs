@@ -4,13 +4,13 @@
 // a screenshot and prints the events latency (a task finishing at its coordinator to the page
 // showing it) as JSON.
 //
-//   node dashboard.mjs http://127.0.0.1:5001 DAEMONS INPUT_CID REDUCERS SCREENSHOT.png
+//   node dashboard.mjs http://127.0.0.1:5001 DAEMONS INPUT_CID REDUCERS SCREENSHOT.png [REFUSED_PEER]
 import { chromium } from 'playwright-core'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-const [url, daemons, input, reducers, screenshot] = process.argv.slice(2)
+const [url, daemons, input, reducers, screenshot, refused] = process.argv.slice(2)
 const profile = await mkdtemp(join(tmpdir(), 'p2pmr-chromium-'))
 const browser = await chromium.launchPersistentContext(profile, {
   executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -62,6 +62,13 @@ try {
   const upCount = await page.locator(up).count()
   if (listed !== Number(daemons) || upCount !== Number(daemons)) {
     fail(`lists ${listed} daemons, ${upCount} up; expected ${daemons} up`)
+  }
+
+  if (refused) {
+    // The daemons are polled every 2 s: the refusal shows on the next poll.
+    const turnedAway = page.locator(`#refusal-list li.refusal[data-peer="${refused}"]`)
+    await turnedAway.first().waitFor({ timeout: 10_000 }).catch(() => {})
+    if (await turnedAway.count() === 0) fail(`does not show ${refused} turned away`)
   }
 
   await page.selectOption('#run select[name=job]', 'wordcount')

@@ -18,13 +18,14 @@ setup() {
 # p2pmr HOME ARGS...: the CLI on the repository $work/HOME, without mDNS.
 p2pmr() { "$bin" --home "$work/$1" --no-mdns "${@:2}"; }
 
-# start NAME [PEER]: a daemon on $work/NAME with its API on a free port, once it listens.
+# start NAME [PEER [DAEMON ARGS...]]: a daemon on $work/NAME with its API on a free port, once
+# it listens.
 start() {
     local out=$work/$1.out
     # The binary itself in the background (not the p2pmr function, whose subshell would be
     # what $! names and the exit trap kills, leaving the daemon running).
     "$bin" --home "$work/$1" --no-mdns ${2:+--peer "$2"} daemon --listen /ip4/127.0.0.1/tcp/0 \
-        --api 127.0.0.1:0 >"$out" 2>"$work/$1.err" &
+        --api 127.0.0.1:0 "${@:3}" >"$out" 2>"$work/$1.err" &
     pids+=($!)
     for _ in $(seq 200); do
         grep -q "^listening on" "$out" 2>/dev/null && break
