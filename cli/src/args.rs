@@ -273,6 +273,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+/// A number of MiB from 1 to the most that fits in bytes (so `<< 20` never wraps).
+fn mib(s: &str) -> Result<u64, String> {
+    const MAX: u64 = u64::MAX >> 20;
+    match s.trim().parse::<u64>() {
+        Ok(n @ 1..=MAX) => Ok(n),
+        Ok(0) => Err("must be at least 1".into()),
+        _ => Err(format!("must be a whole number of MiB from 1 to {MAX}")),
+    }
+}
+
 /// `--min-free-disk`: a percentage (`5%`) or a size.
 fn parse_min_free(s: &str) -> Result<MinFree, String> {
     match s.trim().strip_suffix('%') {
@@ -319,10 +329,10 @@ pub(crate) struct RunArgs {
     pub(crate) args: Vec<(String, String)>,
     /// Map split size [default: the total input over the daemons' task slots, from 4 to
     /// 128 MiB]
-    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "MIB", value_parser = mib)]
     pub(crate) split_mib: Option<u64>,
     /// Memory limit per task
-    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    #[arg(long, default_value_t = 512, value_name = "MIB", value_parser = mib)]
     pub(crate) memory_mib: u64,
     /// Time limit per task
     #[arg(long, default_value_t = 60, value_name = "SECS")]
@@ -385,17 +395,16 @@ pub(crate) struct RunLocalArgs {
     #[arg(long, value_name = "DIR")]
     pub(crate) output: Option<PathBuf>,
     /// Memory limit per task
-    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    #[arg(long, default_value_t = 512, value_name = "MIB", value_parser = mib)]
     pub(crate) memory_mib: u64,
     /// Time limit per task
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub(crate) timeout_secs: u64,
     /// Most bytes a task may emit
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    #[arg(long, default_value_t = 256, value_name = "MIB", value_parser = mib)]
     pub(crate) output_limit_mib: u64,
     /// Map split size
-    #[arg(long, default_value_t = 64, value_name = "MIB",
-          value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 64, value_name = "MIB", value_parser = mib)]
     pub(crate) split_mib: u64,
     /// Worker threads [default: the number of cores; at most 128]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=128))]
@@ -450,6 +459,14 @@ mod tests {
         assert_eq!(parse_min_free("20GiB"), Ok(MinFree::Bytes(20 << 30)));
         for bad in ["101%", "-5%", "x%", "%"] {
             assert!(parse_min_free(bad).is_err(), "{bad}");
+        }
+        // MiB flags: never 0, never so large that the byte count wraps.
+        let max = u64::MAX >> 20;
+        assert_eq!(mib("1"), Ok(1));
+        assert_eq!(mib(&max.to_string()), Ok(max));
+        assert_eq!(mib(&max.to_string()).map(|m| m << 20 >> 20), Ok(max));
+        for bad in ["0", "17592186044416", "-1", "x", ""] {
+            assert!(mib(bad).is_err(), "{bad}");
         }
     }
 }

@@ -295,6 +295,18 @@ fn bad_input_gives_one_line_and_a_nonzero_exit() {
     let cid = stdout(&p2pmr(&home, &["add", "--local", file.to_str().unwrap()]));
     let unknown = "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku";
     let missing = dir.path().join("nope");
+    let input = cid.as_str();
+    let wrap = move |flag| {
+        vec![
+            "run",
+            "--job",
+            "wordcount",
+            "--input",
+            input,
+            flag,
+            "17592186044416",
+        ]
+    };
     let cases: Vec<(Vec<&str>, u8, &str)> = vec![
         (vec!["add", missing.to_str().unwrap()], 1, "cannot open"),
         (
@@ -324,6 +336,33 @@ fn bad_input_gives_one_line_and_a_nonzero_exit() {
             2,
             "unexpected argument",
         ),
+        // Sizes that would wrap when turned into bytes, or mean nothing.
+        (wrap("--memory-mib"), 2, "--memory-mib"),
+        (wrap("--split-mib"), 2, "--split-mib"),
+        (
+            vec![
+                "run-local",
+                "--job",
+                "wordcount",
+                "--memory-mib",
+                "0",
+                "--input",
+                file.to_str().unwrap(),
+            ],
+            2,
+            "at least 1",
+        ),
+        (
+            vec!["daemon", "--max-client-bytes", "1.5GiB"],
+            2,
+            "--max-client-bytes",
+        ),
+        // Not wasm: refused before anything is sent anywhere (no daemon is even looked for).
+        (
+            vec!["run", "--job", file.to_str().unwrap(), "--input", &cid],
+            1,
+            "not a WebAssembly module",
+        ),
     ];
     for (args, code, needle) in cases {
         let out = p2pmr(&home, &args);
@@ -333,6 +372,14 @@ fn bad_input_gives_one_line_and_a_nonzero_exit() {
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(out.stdout.is_empty(), "{args:?}");
     }
+    // An OS error is named once, not once per layer.
+    let out = p2pmr(
+        Path::new("/proc/p2pmr-cannot-be-here"),
+        &["add", "--local", file.to_str().unwrap()],
+    );
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
     // Nothing was lost or added by any of it.
     let verify = p2pmr(&home, &["repo", "verify"]);
     assert_eq!(stdout(&verify), "1 blocks verified, 0 corrupt");

@@ -80,9 +80,44 @@ pub enum Error {
     #[error("{0} did not happen in time")]
     TimedOut(&'static str),
     /// Creating a temporary repository failed.
-    #[error("cannot create a temporary directory: {0}")]
+    #[error("cannot create a temporary directory")]
     TempDir(#[source] std::io::Error),
+    /// A module to publish is not WebAssembly.
+    #[error("not a WebAssembly module (it does not start with \\0asm)")]
+    NotWasm,
     /// The operation needs the network and this node is offline.
     #[error("this needs the network and the node was built offline")]
     Offline,
+}
+
+/// Shows an error with its causes, `outer: inner: ...`, where only one line is written (an
+/// HTTP answer, a log line): each error's own message says what failed, and its source why.
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_os_error_is_named_once() {
+        let e = Error::TempDir(std::io::Error::from_raw_os_error(28));
+        let shown = Chain(&e).to_string();
+        assert!(
+            shown.starts_with("cannot create a temporary directory: "),
+            "{shown}"
+        );
+        assert_eq!(shown.matches("os error 28").count(), 1, "{shown}");
+    }
 }

@@ -606,6 +606,10 @@ pub struct Jobs<'a>(&'a Node);
 impl Jobs<'_> {
     /// Publishes a wasm module to every daemon; returns its CID.
     pub async fn publish(&self, wasm: Vec<u8>) -> Result<Cid, Error> {
+        // Refused here rather than by every worker after it was copied to all of them.
+        if !wasm.starts_with(b"\0asm") {
+            return Err(Error::NotWasm);
+        }
         if self.0.inner.serving {
             return Ok(self.everywhere(wasm).await?.root);
         }

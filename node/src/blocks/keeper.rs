@@ -44,7 +44,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const COPIES_IN_FLIGHT: usize = 16;
 /// Errors of the replica log.
 #[derive(Debug, Error)]
-#[error("replica log {path}: {source}")]
+#[error("replica log {path}")]
 pub struct KeeperError {
     path: String,
     source: io::Error,

@@ -57,7 +57,7 @@ impl Default for LocalJob {
 #[derive(Debug, Error)]
 pub enum LocalError {
     /// An input could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Input {
         /// The input.
         path: PathBuf,
@@ -65,7 +65,7 @@ pub enum LocalError {
         source: io::Error,
     },
     /// A partition's output could not be created.
-    #[error("cannot create the output of partition {partition}: {source}")]
+    #[error("cannot create the output of partition {partition}")]
     Output {
         /// The partition.
         partition: u32,

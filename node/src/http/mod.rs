@@ -82,7 +82,7 @@ impl ApiConfig {
 #[derive(Debug, ThisError)]
 pub enum ApiStartError {
     /// No port could be bound.
-    #[error("cannot listen for the HTTP API on {addr}: {source}")]
+    #[error("cannot listen for the HTTP API on {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -269,7 +269,7 @@ impl From<Error> for ApiError {
             }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        Self::new(status, e.to_string())
+        Self::new(status, crate::error::Chain(&e).to_string())
     }
 }
 
@@ -325,7 +325,7 @@ fn file_body(api: &Api, root: Cid, offset: u64, length: Option<u64>) -> Body {
                 // client sees a cut-off transfer, never a short file passed off as whole.
                 let outcome = match producer?.await {
                     Ok(Some(Ok(_))) => return None,
-                    Ok(Some(Err(e))) => e.to_string(),
+                    Ok(Some(Err(e))) => crate::error::Chain(&e).to_string(),
                     Ok(None) => "the daemon is stopping".to_string(),
                     Err(e) => e.to_string(),
                 };
@@ -387,7 +387,7 @@ where
         }
         let outcome = match producer?.await {
             Ok(Some(Ok(()))) => return None,
-            Ok(Some(Err(e))) => e.to_string(),
+            Ok(Some(Err(e))) => crate::error::Chain(&e).to_string(),
             Ok(None) => "the daemon is stopping".to_string(),
             Err(e) => e.to_string(),
         };

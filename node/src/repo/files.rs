@@ -30,10 +30,10 @@ pub enum FileError {
     #[error(transparent)]
     Format(#[from] UnixFsError),
     /// Reading the input failed.
-    #[error("cannot read input: {0}")]
+    #[error("cannot read input")]
     Input(#[source] io::Error),
     /// Writing the output failed.
-    #[error("cannot write output: {0}")]
+    #[error("cannot write output")]
     Output(#[source] io::Error),
 }
 

@@ -50,7 +50,7 @@ pub enum StoreError {
     #[error(transparent)]
     Unverifiable(BlockError),
     /// A filesystem operation failed.
-    #[error("cannot {what} {}: {source}", path.display())]
+    #[error("cannot {what} {}", path.display())]
     Io {
         /// What was being done.
         what: &'static str,
