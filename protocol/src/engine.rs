@@ -255,7 +255,7 @@ pub struct Refusal {
     pub peer: String,
     /// When, in milliseconds since the Unix epoch (the daemon's clock).
     pub at_ms: u64,
-    /// What it asked for (`submit`, `cancel`).
+    /// What it asked for (`submit`, `cancel`, `run tasks of`).
     pub what: String,
 }
 

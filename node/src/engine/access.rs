@@ -35,15 +35,26 @@ impl JobAccess {
     }
 
     /// Whether `request` from `peer` may go on; `is_daemon` says whether `peer` is this
-    /// daemon or one of its swarm. Starting and stopping jobs is guarded; following and
-    /// listing them is not.
+    /// daemon or one of its swarm. Starting and stopping jobs is guarded, and so are the
+    /// task requests only coordinators (daemons) send, which would otherwise run wasm here
+    /// past the list; following and listing jobs is not.
     pub fn admits(&self, peer: &PeerId, is_daemon: bool, request: &JobRequest) -> bool {
-        let guarded = matches!(
+        let task = matches!(
             request,
-            JobRequest::Submit { .. } | JobRequest::Cancel { .. }
+            JobRequest::Map(_)
+                | JobRequest::Reduce(_)
+                | JobRequest::Abort { .. }
+                | JobRequest::AbortTask { .. }
+                | JobRequest::Finished { .. }
         );
+        let guarded = task
+            || matches!(
+                request,
+                JobRequest::Submit { .. } | JobRequest::Cancel { .. }
+            );
         let allowed = match &self.allowed {
             None => true,
+            Some(_) if task => is_daemon,
             Some(peers) => is_daemon || peers.contains(peer),
         };
         if guarded && !allowed {
@@ -58,7 +69,8 @@ impl JobAccess {
                     .map_or(0, |d| d.as_millis() as u64),
                 what: match request {
                     JobRequest::Submit { .. } => "submit".into(),
-                    _ => "cancel".into(),
+                    JobRequest::Cancel { .. } => "cancel".into(),
+                    _ => "run tasks of".into(),
                 },
             });
         }
@@ -99,6 +111,9 @@ mod tests {
             (stranger, false, &cancel, false),
             (stranger, false, &watch, true),
             (stranger, false, &JobRequest::List, true),
+            // Tasks come from coordinators, which are daemons: not even a friend sends them.
+            (friend, false, &JobRequest::Abort { job }, false),
+            (daemon, true, &JobRequest::Abort { job }, true),
         ] {
             assert_eq!(
                 closed.admits(&peer, is_daemon, request),
@@ -107,7 +122,7 @@ mod tests {
             );
         }
         let refused = closed.refusals();
-        assert_eq!(refused.len(), 2);
+        assert_eq!(refused.len(), 3);
         assert_eq!(refused[0].peer, stranger.to_string());
         assert_eq!(
             (refused[0].what.as_str(), refused[1].what.as_str()),

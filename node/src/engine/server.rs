@@ -4,7 +4,7 @@
 //! (a task request is answered when the task has run, a watch when there are events), at most
 //! [`MAX_JOB_HANDLERS`] at once; past that the request is answered `busy` at once.
 
-use crate::engine::coordinator::Coordinator;
+use crate::engine::coordinator::{Coordinator, Requester};
 use crate::engine::worker::Worker;
 use crate::net::{JobInbound, NetClient};
 use crate::tasks::Tasks;
@@ -56,7 +56,9 @@ pub(crate) async fn serve(
         // Cancelled when the daemon stops: a task or a watch may wait long for its answer.
         tasks.spawn(async move {
             let response = if for_coordinator(&request) {
-                coordinator.handle(request).await
+                coordinator
+                    .handle(Requester { peer, is_daemon }, request)
+                    .await
             } else {
                 worker.handle(request).await
             };

@@ -268,3 +268,27 @@ async fn writes_past_a_clients_allowance_or_the_disk_floor_are_refused() -> Resu
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_jobs_submitter_or_a_daemon_cancels_it() -> Result<()> {
+    // No --allow-jobs: anyone may run jobs, but a job is stopped only by whoever started it.
+    let cluster = Cluster::start(ClusterConfig::linked(2, 1)).await?;
+    let (owner, other) = (client(&cluster, 2).await?, client(&cluster, 2).await?);
+    let (_, spec) = wordcount(&owner, b"c d d\n", 50).await?;
+    let job = owner.jobs().submit(spec, None).await?;
+    job.wait(|_| ()).await?;
+    let refused = other.jobs().cancel(job.id(), None).await;
+    let error = refused.expect_err("a stranger's cancel").to_string();
+    assert!(error.contains("only the peer that submitted"), "{error}");
+    owner.jobs().cancel(job.id(), None).await?;
+    cluster
+        .daemon(0)
+        .node()
+        .jobs()
+        .cancel(job.id(), None)
+        .await?;
+    owner.shutdown().await;
+    other.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}

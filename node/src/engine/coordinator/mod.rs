@@ -82,6 +82,18 @@ struct JobHandle {
     log: Mutex<JobLog>,
     changed: watch::Sender<u64>,
     cancel: watch::Sender<bool>,
+    /// The peers that submitted this job (its spec, hence its id): they, and daemons, may
+    /// cancel it.
+    submitters: Mutex<HashSet<PeerId>>,
+}
+
+/// Who sent a client request, as the job server knows them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Requester {
+    /// The peer.
+    pub(crate) peer: PeerId,
+    /// Whether it is this daemon or another daemon of the swarm.
+    pub(crate) is_daemon: bool,
 }
 
 #[derive(Debug)]
@@ -121,7 +133,12 @@ impl JobHandle {
             }),
             changed: watch::channel(0).0,
             cancel: watch::channel(false).0,
+            submitters: Mutex::new(HashSet::new()),
         })
+    }
+
+    fn submitted_by(&self, peer: &PeerId) -> bool {
+        self.submitters.lock().expect("poisoned").contains(peer)
     }
 
     fn emit(&self, event: Event) {
@@ -251,9 +268,9 @@ impl Coordinator {
 
     /// Answers a client request (`Submit`, `Watch`, `List`, `Cancel`); the daemon's job server
     /// sends the worker's requests to the worker.
-    pub async fn handle(&self, request: JobRequest) -> JobResponse {
+    pub(crate) async fn handle(&self, from: Requester, request: JobRequest) -> JobResponse {
         match request {
-            JobRequest::Submit { spec } => match self.submit(&spec) {
+            JobRequest::Submit { spec } => match self.submit(&spec, from.peer) {
                 Ok(job) => JobResponse::Accepted { job },
                 Err(reason) => JobResponse::Failed(reason),
             },
@@ -265,6 +282,9 @@ impl Coordinator {
                 JobResponse::Jobs(list)
             }
             JobRequest::Cancel { job } => match self.handle_of(&job) {
+                Some(h) if !from.is_daemon && !h.submitted_by(&from.peer) => JobResponse::Failed(
+                    format!("only the peer that submitted job {job} (or a daemon) may cancel it"),
+                ),
                 Some(h) => {
                     h.cancel.send_replace(true);
                     JobResponse::Ok
@@ -320,12 +340,14 @@ impl Coordinator {
         jobs.insert(job, handle);
     }
 
-    fn submit(&self, bytes: &[u8]) -> Result<Cid, String> {
+    fn submit(&self, bytes: &[u8], by: PeerId) -> Result<Cid, String> {
         let spec = JobSpec::decode(bytes).map_err(|e| e.to_string())?;
         let id = spec.id();
         if let Some(h) = self.handle_of(&id) {
             let state = h.log.lock().expect("poisoned").state.clone();
             if matches!(state, JobState::Running | JobState::Succeeded { .. }) {
+                // The same spec is the same job: whoever submits it shares it.
+                h.submitters.lock().expect("poisoned").insert(by);
                 return Ok(id);
             }
         }
@@ -341,6 +363,7 @@ impl Coordinator {
             ));
         }
         let handle = JobHandle::new(id);
+        handle.submitters.lock().expect("poisoned").insert(by);
         handle.emit(Event::Accepted {
             job: id,
             coordinator: self.net().local_peer_id().to_string(),
