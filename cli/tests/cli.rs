@@ -244,7 +244,30 @@ fn corrupt_block_is_detected_and_quarantined() {
     assert!(p2pmr(&home, &["cat", &cid]).stdout == data);
     let verify = p2pmr(&home, &["repo", "verify"]);
     assert!(verify.status.success());
-    assert_eq!(stdout(&verify), "6 blocks verified, 0 corrupt"); // 5 leaves and their root
+    assert_eq!(
+        stdout(&verify),
+        "6 blocks verified, 0 corrupt, 0 unreadable"
+    ); // 5 leaves and their root
+
+    // A directory where a leaf should be: not counted as a block, found by verify (which
+    // goes on to check the rest), and replaced when the file is added again.
+    fs::remove_file(&leaf).unwrap();
+    fs::create_dir(&leaf).unwrap();
+    let stat = stdout(&p2pmr(&home, &["repo", "stat"]));
+    assert!(stat.contains("blocks: 5\n"), "5 blocks, not 6: {stat}");
+    let verify = p2pmr(&home, &["repo", "verify"]);
+    assert_eq!(verify.status.code(), Some(1));
+    assert_eq!(
+        stdout(&verify),
+        "5 blocks verified, 1 corrupt, 0 unreadable"
+    );
+    fs::create_dir(&leaf).unwrap();
+    assert_eq!(
+        stdout(&p2pmr(&home, &["add", "--local", file.to_str().unwrap()])),
+        cid
+    );
+    assert!(leaf.is_file(), "the block took its place back");
+    assert!(p2pmr(&home, &["cat", &cid]).stdout == data);
 }
 
 #[test]
@@ -382,7 +405,10 @@ fn bad_input_gives_one_line_and_a_nonzero_exit() {
     assert_eq!(err.matches("os error").count(), 1, "{err}");
     // Nothing was lost or added by any of it.
     let verify = p2pmr(&home, &["repo", "verify"]);
-    assert_eq!(stdout(&verify), "1 blocks verified, 0 corrupt");
+    assert_eq!(
+        stdout(&verify),
+        "1 blocks verified, 0 corrupt, 0 unreadable"
+    );
 }
 
 #[test]

@@ -124,7 +124,7 @@ pub(crate) fn repo_stat(env: &Env) -> Result<()> {
 
 pub(crate) fn repo_verify(env: &Env) -> Result<()> {
     let repo = env.open_repo()?;
-    let (mut good, mut bad) = (0u64, 0u64);
+    let (mut good, mut bad, mut unreadable) = (0u64, 0u64, 0u64);
     for cid in repo.blocks().list() {
         match repo.blocks().get(&cid?) {
             Ok(_) => good += 1,
@@ -132,12 +132,18 @@ pub(crate) fn repo_verify(env: &Env) -> Result<()> {
                 eprintln!("{e}");
                 bad += 1;
             }
-            Err(e) => return Err(e.into()),
+            Err(StoreError::NotFound(_)) => {} // removed since it was listed
+            // Unreadable (or corrupt and not movable, on a read-only repository): reported,
+            // and the rest still checked.
+            Err(e) => {
+                eprintln!("{:#}", anyhow::Error::from(e));
+                unreadable += 1;
+            }
         }
     }
-    println!("{good} blocks verified, {bad} corrupt");
-    if bad > 0 {
-        bail!("{bad} corrupt blocks were quarantined");
+    println!("{good} blocks verified, {bad} corrupt, {unreadable} unreadable");
+    if bad + unreadable > 0 {
+        bail!("{bad} corrupt blocks were quarantined, {unreadable} could not be read");
     }
     Ok(())
 }

@@ -186,7 +186,13 @@ impl BlockStore {
             }
             Err(e) => return Err(io_err("open", &path)(e)),
         };
-        let len = file.metadata().map_err(io_err("stat", &path))?.len();
+        let meta = file.metadata().map_err(io_err("stat", &path))?;
+        if !meta.is_file() {
+            // A directory (say) where the block should be: no block is stored there.
+            drop(file);
+            return Err(self.quarantine(cid, &path, "not a file".to_owned()));
+        }
+        let len = meta.len();
         if len > MAX_BLOCK_SIZE as u64 {
             return Err(self.quarantine(
                 cid,
@@ -231,8 +237,15 @@ impl BlockStore {
     /// yet durable against power loss: call [`sync`](Self::sync) before acknowledging it.
     pub fn put(&self, block: &Block) -> Result<bool, StoreError> {
         let path = self.path_of(block.cid());
-        if path.is_file() {
-            return Ok(false);
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_file() => return Ok(false),
+            // Something else has the block's name (a directory, a link): it is moved aside,
+            // as a corrupt block would be, so the block can take its place.
+            Ok(_) => match self.quarantine(block.cid(), &path, "not a file".to_owned()) {
+                StoreError::Corrupt { .. } => {}
+                e => return Err(e),
+            },
+            Err(_) => {}
         }
         #[cfg(target_os = "linux")]
         if self.inner.tmpfile.load(Ordering::Relaxed) {
@@ -308,17 +321,21 @@ impl BlockStore {
         self.entries().map(|r| r.map(|(cid, _)| cid))
     }
 
-    /// Number of blocks and total bytes stored.
+    /// Number of blocks and total bytes stored (names of blocks that are not files, which
+    /// reading them would quarantine, are not counted).
     pub fn stats(&self) -> Result<StoreStats, StoreError> {
         let mut stats = StoreStats::default();
         for entry in self.entries() {
-            stats.blocks += 1;
-            stats.bytes += entry?.1;
+            if let Some(len) = entry?.1 {
+                stats.blocks += 1;
+                stats.bytes += len;
+            }
         }
         Ok(stats)
     }
 
-    fn entries(&self) -> impl Iterator<Item = Result<(Cid, u64), StoreError>> + '_ {
+    /// Every name in the store that is a CID, with its length if it is a file.
+    fn entries(&self) -> impl Iterator<Item = Result<(Cid, Option<u64>), StoreError>> + '_ {
         let root = &self.inner.blocks;
         let shards = match fs::read_dir(root) {
             Ok(rd) => Some(rd),
@@ -340,8 +357,8 @@ impl BlockStore {
                     let f = f.ok()?;
                     // Anything that is not named by a CID is not a block (editor debris etc.).
                     let cid = Cid::try_from(f.file_name().to_str()?).ok()?;
-                    let len = f.metadata().ok()?.len();
-                    Some(Ok((cid, len)))
+                    let meta = f.metadata().ok()?;
+                    Some(Ok((cid, meta.is_file().then_some(meta.len()))))
                 })
                 .collect::<Vec<_>>()
                 .into_iter()
@@ -630,6 +647,26 @@ mod tests {
                 bytes: (0..50).sum()
             }
         );
+    }
+
+    #[test]
+    fn something_else_under_a_blocks_name_is_no_block() {
+        let (_dir, store) = store();
+        let block = Block::raw(b"a block".to_vec());
+        let path = store.path_of(block.cid());
+        fs::create_dir(&path).unwrap();
+        // Not stored, not counted; reading it quarantines it; storing the block replaces it.
+        assert!(!store.has(block.cid()));
+        assert_eq!(store.stats().unwrap().blocks, 0);
+        assert_eq!(store.list().count(), 1, "listed, so verify finds it");
+        assert!(matches!(
+            store.get(block.cid()),
+            Err(StoreError::Corrupt { .. })
+        ));
+        fs::create_dir(&path).unwrap();
+        assert!(store.put(&block).unwrap(), "stored in its place");
+        assert_eq!(store.get(block.cid()).unwrap(), block);
+        assert_eq!(store.stats().unwrap().blocks, 1);
     }
 
     #[test]
