@@ -241,11 +241,12 @@ fn hostile_modules_fail_with_typed_errors_and_the_executor_goes_on() {
     });
 }
 
-/// A module with every ABI export, each returning `version`.
-fn fake_module(version: i32, skip: Option<&str>) -> Vec<u8> {
+/// A module with every ABI export, each returning `version`; with `start_loops`, a start
+/// function that never returns (it runs when the module is instantiated, i.e. loaded).
+fn fake_module(version: i32, skip: Option<&str>, start_loops: bool) -> Vec<u8> {
     use wasm_encoder::{
-        CodeSection, ExportKind, ExportSection, Function, FunctionSection, Instruction,
-        MemorySection, MemoryType, Module, TypeSection, ValType,
+        BlockType, CodeSection, ExportKind, ExportSection, Function, FunctionSection, Instruction,
+        MemorySection, MemoryType, Module, StartSection, TypeSection, ValType,
     };
     let mut types = TypeSection::new();
     types.ty().function([], [ValType::I32]);
@@ -269,6 +270,16 @@ fn fake_module(version: i32, skip: Option<&str>) -> Vec<u8> {
         exports.export(name, ExportKind::Func, index);
         index += 1;
     }
+    if start_loops {
+        types.ty().function([], []);
+        funcs.function(3);
+        let mut f = Function::new([]);
+        f.instruction(&Instruction::Loop(BlockType::Empty));
+        f.instruction(&Instruction::Br(0));
+        f.instruction(&Instruction::End);
+        f.instruction(&Instruction::End);
+        code.function(&f);
+    }
     let mut memory = MemorySection::new();
     memory.memory(MemoryType {
         minimum: 1,
@@ -283,8 +294,13 @@ fn fake_module(version: i32, skip: Option<&str>) -> Vec<u8> {
         .section(&types)
         .section(&funcs)
         .section(&memory)
-        .section(&exports)
-        .section(&code);
+        .section(&exports);
+    if start_loops {
+        module.section(&StartSection {
+            function_index: index,
+        });
+    }
+    module.section(&code);
     module.finish()
 }
 
@@ -300,7 +316,7 @@ fn bad_modules_are_rejected_before_any_task_runs() {
         load(b"\0asm\x01\0\0\0"),
         Err(JobError::NotAJob { .. })
     ));
-    let err = load(&fake_module(2, None)).unwrap_err();
+    let err = load(&fake_module(2, None, false)).unwrap_err();
     assert!(
         matches!(
             err,
@@ -313,8 +329,29 @@ fn bad_modules_are_rejected_before_any_task_runs() {
         "{err}"
     );
     assert!(err.to_string().contains("ABI v2"), "{err}");
-    let err = load(&fake_module(1, Some("p2pmr_reduce"))).unwrap_err();
+    let err = load(&fake_module(1, Some("p2pmr_reduce"), false)).unwrap_err();
     assert!(err.to_string().contains("p2pmr_reduce"), "{err}");
+    // A start function that loops is stopped by the job's time limit, not a fixed one.
+    let looping = fake_module(1, None, true);
+    let limits = Limits {
+        timeout: std::time::Duration::from_millis(500),
+        ..Limits::default()
+    };
+    let started = Instant::now();
+    let err = exec
+        .load_with(
+            *Block::raw(looping.clone()).cid(),
+            "loops",
+            &looping,
+            limits,
+        )
+        .unwrap_err();
+    assert!(matches!(err, JobError::Timeout { .. }), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     // The real thing loads, and loading is cached per CID.
     let a = load(shipped::by_name("wordcount").unwrap()).unwrap();
     let b = load(shipped::by_name("wordcount").unwrap()).unwrap();

@@ -606,6 +606,19 @@ impl Executor {
 
     /// Validates and compiles `wasm` (once per `cid`; later calls return the cached module).
     pub fn load(&self, cid: Cid, name: &str, wasm: &[u8]) -> Result<Arc<JobModule>, JobError> {
+        self.load_with(cid, name, wasm, Limits::default())
+    }
+
+    /// [`Executor::load`] under a job's `limits`: instantiating a module runs its start
+    /// function, which may loop or grow memory like any task.
+    pub fn load_with(
+        &self,
+        cid: Cid,
+        name: &str,
+        wasm: &[u8],
+        limits: Limits,
+    ) -> Result<Arc<JobModule>, JobError> {
+        let limits = limits.capped_by(self.max);
         if let Some(m) = self.modules.lock().expect("poisoned").get(&cid) {
             return Ok(m.clone());
         }
@@ -657,16 +670,16 @@ impl Executor {
             input: String::new(),
         };
         let mut store = self.store(
-            Limits::default().capped_by(self.max),
+            limits,
             Collect::Reduce {
                 out: Box::new(std::io::sink()),
             },
         );
         let instance = pre
             .instantiate(&mut store)
-            .map_err(|e| classify(&store, &probe, e, None, Limits::default()))?;
+            .map_err(|e| classify(&store, &probe, e, None, limits))?;
         let version = call0(&instance, &mut store, "p2pmr_abi_version")
-            .map_err(|e| classify(&store, &probe, e, None, Limits::default()))?;
+            .map_err(|e| classify(&store, &probe, e, None, limits))?;
         if version != ABI_VERSION {
             return Err(JobError::AbiVersion {
                 job,
@@ -675,7 +688,7 @@ impl Executor {
             });
         }
         let has_combine = call0(&instance, &mut store, "p2pmr_has_combine")
-            .map_err(|e| classify(&store, &probe, e, None, Limits::default()))?
+            .map_err(|e| classify(&store, &probe, e, None, limits))?
             == 1;
         let module = Arc::new(JobModule {
             name: job,

@@ -126,6 +126,10 @@ pub struct Worker {
     inner: Arc<Inner>,
 }
 
+/// Modules compiled and started at once: each holds a thread of the blocking pool (which
+/// serves block reads and writes too) for up to the job's time limit.
+const MAX_LOADS: usize = 2;
+
 struct Inner {
     repo: Repo,
     net: NetClient,
@@ -136,6 +140,8 @@ struct Inner {
     host: u64,
     permits: Arc<Semaphore>,
     running: Mutex<HashMap<Cid, Vec<RunningTask>>>,
+    /// Module loads at once (see [`MAX_LOADS`]).
+    loads: Semaphore,
     /// Modules being fetched and compiled: tasks of the same job wait for one load.
     loading: Mutex<HashMap<Cid, Arc<tokio::sync::OnceCell<Arc<JobModule>>>>>,
     /// Tasks finished here, per job, newest jobs last: what a coordinator taking over a job
@@ -193,6 +199,7 @@ impl Worker {
                 host: host_id(),
                 permits: Arc::new(Semaphore::new(slots as usize)),
                 running: Mutex::new(HashMap::new()),
+                loads: Semaphore::new(MAX_LOADS),
                 loading: Mutex::new(HashMap::new()),
                 finished: Mutex::new(VecDeque::new()),
                 tasks,
@@ -417,7 +424,7 @@ impl Worker {
             .clone();
         // Failures are not kept: the next task tries again, and the entry goes, so module
         // CIDs that never load (any peer can submit them) do not pile up here.
-        match cell.get_or_try_init(|| self.load(spec.module)).await {
+        match cell.get_or_try_init(|| self.load(spec)).await {
             Ok(module) => Ok(module.clone()),
             Err(e) => {
                 let mut loading = self.inner.loading.lock().expect("poisoned");
@@ -429,7 +436,8 @@ impl Worker {
         }
     }
 
-    async fn load(&self, cid: Cid) -> Result<Arc<JobModule>, TaskError> {
+    async fn load(&self, spec: &JobSpec) -> Result<Arc<JobModule>, TaskError> {
+        let cid = spec.module;
         let mut wasm = Vec::new();
         self.inner
             .fetcher
@@ -445,9 +453,20 @@ impl Worker {
             .await
             .map_err(|source| TaskError::Module { cid, source })?;
         let exec = self.inner.exec.clone();
-        let loaded = tokio::task::spawn_blocking(move || exec.load(cid, &cid.to_string(), &wasm))
+        let limits = limits_of(spec);
+        // Loading runs the module's start function on the blocking pool, which the block
+        // server shares: a few loads at a time, so modules that loop cannot starve it.
+        let _turn = self
+            .inner
+            .loads
+            .acquire()
             .await
             .map_err(|e| TaskError::Aborted(e.to_string()))?;
+        let loaded = tokio::task::spawn_blocking(move || {
+            exec.load_with(cid, &cid.to_string(), &wasm, limits)
+        })
+        .await
+        .map_err(|e| TaskError::Aborted(e.to_string()))?;
         Ok(loaded?)
     }
 
