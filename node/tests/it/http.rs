@@ -61,6 +61,19 @@ fn request_head(
     request
 }
 
+/// `POST /api/v0/mr/run` with `spec` as its JSON body.
+async fn run_job(api: SocketAddr, spec: &Value) -> Result<Answer> {
+    let json = [("Content-Type", "application/json")];
+    http_body(
+        api,
+        "POST",
+        "/api/v0/mr/run",
+        &json,
+        spec.to_string().as_bytes(),
+    )
+    .await
+}
+
 async fn http_body(
     addr: SocketAddr,
     method: &str,
@@ -852,14 +865,7 @@ async fn a_lone_daemon_runs_jobs_through_its_own_api() -> Result<()> {
     let added = upload(api, "/api/v0/add", &b"to be or not to be\n".repeat(100)).await?;
     let input = added.json()["Hash"].as_str().unwrap_or_default().to_owned();
     let spec = serde_json::json!({"job": "wordcount", "inputs": [input]});
-    let accepted = http_body(
-        api,
-        "POST",
-        "/api/v0/mr/run",
-        &[("Content-Type", "application/json")],
-        spec.to_string().as_bytes(),
-    )
-    .await?;
+    let accepted = run_job(api, &spec).await?;
     assert_eq!(
         accepted.status,
         200,
@@ -911,6 +917,42 @@ async fn a_lone_daemon_runs_jobs_through_its_own_api() -> Result<()> {
         stamps.iter().all(|t| (from..=to).contains(t)),
         "{stamps:?} not in {from}..={to}"
     );
+
+    // A module published by upload runs by its CID; a job is cancelled by id (an unknown
+    // one is a 404).
+    let wasm = p2pmr_node::engine::shipped::by_name("grep").expect("shipped");
+    let published = upload(api, "/api/v0/mr/publish", wasm).await?;
+    assert_eq!(
+        published.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&published.body)
+    );
+    let module = published.json()["Module"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let by_cid = serde_json::json!({"job": module, "inputs": [input], "args": {"pattern": "not"}});
+    let run = run_job(api, &by_cid).await?;
+    assert_eq!(run.status, 200, "{}", String::from_utf8_lossy(&run.body));
+    let grep_job = run.json()["Job"].as_str().unwrap_or_default().to_owned();
+    let cancel = http(
+        api,
+        "POST",
+        &format!("/api/v0/mr/cancel?arg={grep_job}"),
+        &[],
+    )
+    .await?;
+    assert_eq!(
+        cancel.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&cancel.body)
+    );
+    assert_eq!(cancel.json()["Cancelled"], grep_job.as_str());
+    let unknown = *p2pmr_protocol::Block::raw(b"no such job".to_vec()).cid();
+    let path = format!("/api/v0/mr/cancel?arg={unknown}");
+    assert_eq!(http(api, "POST", &path, &[]).await?.status, 404);
     cluster.stop().await;
     Ok(())
 }
