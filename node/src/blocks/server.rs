@@ -137,43 +137,44 @@ async fn handle(
             data,
             replicas,
         } => {
-            // A block already here takes no more room; a new one must fit the limits.
-            let is_daemon = net.daemons().contains_key(&writer.peer);
+            let is_daemon = net.is_daemon(&writer.peer);
             let size = data.len() as u64;
-            let present = {
-                let store = store.clone();
-                tokio::task::spawn_blocking(move || store.has(&cid))
-                    .await
-                    .unwrap_or(false)
-            };
-            if !present {
-                if let Err(reason) = writer.limits.reserve(writer.peer, is_daemon, size) {
-                    return BlockResponse::Refused(reason);
-                }
-            }
-            let keeper = keeper.clone();
+            let (keeper, limits, peer) = (keeper.clone(), writer.limits.clone(), writer.peer);
+            // One trip to the blocking pool: a block already here takes no more room; a new
+            // one must fit the limits before it is written, and gives its bytes back if the
+            // write fails.
             let stored = tokio::task::spawn_blocking(move || {
                 let block = Block::new(cid, data).map_err(|e| e.to_string())?;
-                store.put(&block).map_err(|e| e.to_string())?;
-                keeper
-                    .note(*block.cid(), replicas)
-                    .map_err(|e| e.to_string())?;
-                Ok::<Cid, String>(*block.cid())
+                let reserved = !store.has(block.cid());
+                if reserved {
+                    limits.reserve(peer, is_daemon, size)?;
+                }
+                let put = store.put(&block).map_err(|e| e.to_string()).and_then(|_| {
+                    keeper
+                        .note(*block.cid(), replicas)
+                        .map_err(|e| e.to_string())
+                });
+                if let Err(e) = put {
+                    if reserved {
+                        limits.release(peer, is_daemon, size);
+                    }
+                    return Err(e);
+                }
+                Ok::<(Cid, bool), String>((*block.cid(), reserved))
             })
             .await;
-            let refused = |reason: String| {
-                if !present {
-                    writer.limits.release(writer.peer, is_daemon, size);
-                }
-                BlockResponse::Refused(reason)
-            };
             match stored {
-                Ok(Ok(cid)) => match syncer.sync(cid).await {
+                Ok(Ok((cid, reserved))) => match syncer.sync(cid).await {
                     Ok(()) => BlockResponse::Stored,
-                    Err(e) => refused(e),
+                    Err(e) => {
+                        if reserved {
+                            writer.limits.release(writer.peer, is_daemon, size);
+                        }
+                        BlockResponse::Refused(e)
+                    }
                 },
-                Ok(Err(e)) => refused(e),
-                Err(e) => refused(e.to_string()),
+                Ok(Err(e)) => BlockResponse::Refused(e),
+                Err(e) => BlockResponse::Refused(e.to_string()),
             }
         }
     }

@@ -42,7 +42,7 @@ pub(crate) async fn serve(
         channel,
     }) = inbound.recv().await
     {
-        let is_daemon = peer == net.local_peer_id() || net.daemons().contains_key(&peer);
+        let is_daemon = peer == net.local_peer_id() || net.is_daemon(&peer);
         if !access.admits(&peer, is_daemon, &request) {
             let refusal = JobResponse::Failed(crate::engine::access::NOT_ALLOWED.into());
             net.respond_job(channel, refusal).await;

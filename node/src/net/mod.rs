@@ -316,6 +316,14 @@ impl NetClient {
         *self.dialing.borrow()
     }
 
+    /// Whether `peer` is a connected daemon (without copying the set, as [`daemons`] does:
+    /// servers ask this for every request).
+    ///
+    /// [`daemons`]: NetClient::daemons
+    pub fn is_daemon(&self, peer: &PeerId) -> bool {
+        self.daemons.borrow().contains_key(peer)
+    }
+
     /// The connected daemons, by peer id.
     pub fn daemons(&self) -> BTreeMap<PeerId, PeerInfo> {
         self.daemons.borrow().clone()
@@ -606,9 +614,20 @@ impl EventLoop {
                     }
                 }
                 event = self.swarm.select_next_some() => {
+                    // Only these change the number of dials under way; the rest (every
+                    // request and response) do not need the count read again.
+                    let dials = matches!(
+                        event,
+                        SwarmEvent::Dialing { .. }
+                            | SwarmEvent::ConnectionEstablished { .. }
+                            | SwarmEvent::OutgoingConnectionError { .. }
+                    );
                     self.handle_event(event);
-                    let pending = self.swarm.network_info().connection_counters().num_pending_outgoing();
-                    self.dialing.send_if_modified(|d| std::mem::replace(d, pending) != pending);
+                    if dials {
+                        let counters = self.swarm.network_info().connection_counters().clone();
+                        let pending = counters.num_pending_outgoing();
+                        self.dialing.send_if_modified(|d| std::mem::replace(d, pending) != pending);
+                    }
                 }
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,

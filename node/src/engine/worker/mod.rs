@@ -23,7 +23,7 @@ use crate::engine::runtime::{Executor, JobModule, Limits, TaskName};
 use crate::net::NetClient;
 use crate::repo::files::FileError;
 use crate::repo::files::FileWriter;
-use crate::repo::store::StoreError;
+use crate::repo::store::{StoreError, StoreStats};
 use crate::tasks::Tasks;
 use crate::Repo;
 use libp2p::PeerId;
@@ -39,7 +39,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::Semaphore;
 
@@ -129,6 +129,8 @@ pub struct Worker {
 /// Modules compiled and started at once: each holds a thread of the blocking pool (which
 /// serves block reads and writes too) for up to the job's time limit.
 const MAX_LOADS: usize = 2;
+/// How long a count of the store's blocks is reused for [`Worker::status`].
+const HELD_FOR: Duration = Duration::from_secs(2);
 
 struct Inner {
     repo: Repo,
@@ -142,6 +144,8 @@ struct Inner {
     running: Mutex<HashMap<Cid, Vec<RunningTask>>>,
     /// Module loads at once (see [`MAX_LOADS`]).
     loads: Semaphore,
+    /// The store's last count, and when it was taken (see [`Worker::status`]).
+    held: Mutex<Option<(Instant, StoreStats)>>,
     /// Modules being fetched and compiled: tasks of the same job wait for one load.
     loading: Mutex<HashMap<Cid, Arc<tokio::sync::OnceCell<Arc<JobModule>>>>>,
     /// Tasks finished here, per job, newest jobs last: what a coordinator taking over a job
@@ -200,6 +204,7 @@ impl Worker {
                 permits: Arc::new(Semaphore::new(slots as usize)),
                 running: Mutex::new(HashMap::new()),
                 loads: Semaphore::new(MAX_LOADS),
+                held: Mutex::new(None),
                 loading: Mutex::new(HashMap::new()),
                 finished: Mutex::new(VecDeque::new()),
                 tasks,
@@ -235,10 +240,20 @@ impl Worker {
 
     /// Its slots, the tasks running and what its store holds.
     pub async fn status(&self) -> Result<DaemonStatus, StoreError> {
-        let store = self.inner.repo.blocks().clone();
-        let held = tokio::task::spawn_blocking(move || store.stats())
-            .await
-            .expect("store stats panicked")?;
+        // Counting the store lists every block; dashboards ask every few seconds, so one
+        // count serves them all for a while.
+        let cached = *self.inner.held.lock().expect("poisoned");
+        let held = match cached {
+            Some((at, held)) if at.elapsed() < HELD_FOR => held,
+            _ => {
+                let store = self.inner.repo.blocks().clone();
+                let held = tokio::task::spawn_blocking(move || store.stats())
+                    .await
+                    .expect("store stats panicked")?;
+                *self.inner.held.lock().expect("poisoned") = Some((Instant::now(), held));
+                held
+            }
+        };
         let free = self.inner.permits.available_permits() as u32;
         Ok(DaemonStatus {
             slots: self.inner.slots,
