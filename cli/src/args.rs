@@ -344,6 +344,13 @@ pub(crate) struct RunArgs {
           value_parser = clap::value_parser!(u32)
               .range(1..=i64::from(p2pmr_protocol::job::MAX_SKIPPED_RECORDS)))]
     pub(crate) skip_bad_records: Option<u32>,
+    /// Verified execution: run every map and reduce task on K distinct daemons and go on
+    /// only with the output a majority of them produce; daemons whose output differs are
+    /// named and left out of the rest of the job
+    #[arg(long, value_name = "K",
+          value_parser = clap::value_parser!(u32)
+              .range(2..=i64::from(p2pmr_protocol::job::MAX_VERIFY)))]
+    pub(crate) verify: Option<u32>,
     /// Print one JSON event per line on stdout instead of progress bars
     #[arg(long)]
     pub(crate) json: bool,

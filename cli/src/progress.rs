@@ -5,7 +5,7 @@
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use p2pmr_node::engine::events::event_json;
 use p2pmr_protocol::engine::{Event, TaskKind};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
 
@@ -32,6 +32,8 @@ pub(crate) struct Progress {
     input_bytes: u64,
     mapped: u64,
     running: HashMap<(TaskKind, u32), String>,
+    /// Tasks counted as finished.
+    finished: HashSet<(TaskKind, u32)>,
     retries: u32,
 }
 
@@ -58,6 +60,7 @@ impl Progress {
             input_bytes: 0,
             mapped: 0,
             running: HashMap::new(),
+            finished: HashSet::new(),
             retries: 0,
         }
     }
@@ -163,19 +166,47 @@ impl Progress {
                     short(peer)
                 ));
             }
+            Event::VerifyMismatch {
+                kind,
+                task,
+                agreed,
+                dissent,
+            } => {
+                let names = |peers: &[String]| {
+                    peers
+                        .iter()
+                        .map(|p| short(p))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                self.line(format!(
+                    "{} task {task}: output of {} differs from that of {}; {} left out of the job",
+                    kind.name(),
+                    names(dissent),
+                    names(agreed),
+                    if dissent.len() == 1 {
+                        "it is"
+                    } else {
+                        "they are"
+                    }
+                ));
+            }
             Event::TaskFinished {
                 kind, task, bytes, ..
             } => {
                 self.running.remove(&(*kind, *task));
-                let bar = match kind {
-                    TaskKind::Map => {
-                        self.mapped += bytes;
-                        &self.map
+                // Verification and re-runs finish a task more than once: count it once.
+                if self.finished.insert((*kind, *task)) {
+                    let bar = match kind {
+                        TaskKind::Map => {
+                            self.mapped += bytes;
+                            &self.map
+                        }
+                        TaskKind::Reduce => &self.reduce,
+                    };
+                    if let Some(bar) = bar {
+                        bar.inc(1);
                     }
-                    TaskKind::Reduce => &self.reduce,
-                };
-                if let Some(bar) = bar {
-                    bar.inc(1);
                 }
             }
             Event::TaskFailed {

@@ -580,6 +580,10 @@ impl DaemonProcess {
     }
 
     fn start_args(peers: &[&str], args: &[&str]) -> Self {
+        Self::start_env(peers, args, &[])
+    }
+
+    fn start_env(peers: &[&str], args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
         let home = tempfile::tempdir().unwrap();
         let mut cmd = Command::new(BIN);
@@ -590,6 +594,7 @@ impl DaemonProcess {
         for p in peers {
             cmd.args(["--peer", p]);
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .env_remove("P2PMR_PEERS")
             .env_remove("P2PMR_SWARM_KEY")
@@ -1107,4 +1112,127 @@ fn identities_and_who_may_run_jobs_from_the_command_line() {
         said.contains("not allowed to run jobs on this network"),
         "{said}"
     );
+}
+
+#[test]
+fn verify_from_the_command_line_outvotes_a_faulty_daemon() {
+    let a = DaemonProcess::start(&[]);
+    let b = DaemonProcess::start(&[&a.addr]);
+    let bad = DaemonProcess::start_env(
+        &[&a.addr],
+        &["--slots", "2"],
+        &[("P2PMR_FAULT_WRONG_OUTPUT", "1")],
+    );
+    let client = tempfile::tempdir().unwrap();
+    let with_peers = |args: &[&str]| {
+        let mut all: Vec<&str> = vec!["--peer", &a.addr, "--peer", &b.addr, "--peer", &bad.addr];
+        all.extend_from_slice(args);
+        p2pmr(client.path(), &all)
+    };
+    // 4 MiB in 1 MiB splits: four map tasks.
+    let text = "the cat sat on the mat\nthe dog sat\n".repeat(4 << 20 >> 5);
+    let input = write_file(client.path(), "in.txt", text.as_bytes());
+    let added = with_peers(&["add", input.to_str().unwrap()]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let cid = stdout(&added);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let n = text.matches("the cat").count();
+    let expected = |out: &str| {
+        let cat = with_peers(&["cat", out]);
+        assert!(cat.status.success());
+        let mut lines: Vec<String> = String::from_utf8(cat.stdout)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        lines.sort();
+        lines
+            == [
+                format!("cat\t{n}"),
+                format!("dog\t{n}"),
+                format!("mat\t{n}"),
+                format!("on\t{n}"),
+                format!("sat\t{}", 2 * n),
+                format!("the\t{}", 3 * n),
+            ]
+    };
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--json",
+            "--job",
+            "wordcount",
+            "--input",
+            &cid,
+            "--split-mib",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        let ran = with_peers(&args);
+        assert!(
+            ran.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        let events: Vec<serde_json::Value> = stdout(&ran)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let output = events.last().unwrap()["output"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (events, output)
+    };
+    let by_bad = |events: &[serde_json::Value], what: &str| {
+        events
+            .iter()
+            .any(|e| e["event"] == what && e["peer"] == bad.peer_id.as_str())
+    };
+
+    let (events, output) = run(&[]);
+    assert!(
+        by_bad(&events, "task_finished"),
+        "the faulty daemon ran no task"
+    );
+    assert!(
+        !expected(&output),
+        "without --verify the faulty daemon corrupts the output"
+    );
+
+    let (events, output) = run(&["--verify", "2"]);
+    assert!(expected(&output), "with --verify 2 the output is exact");
+    let named: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["event"] == "verify_mismatch")
+        .collect();
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert_eq!(named[0]["dissent"], serde_json::json!([bad.peer_id]));
+
+    // The human form names it too; a K out of range is refused before anything runs.
+    let human = with_peers(&[
+        "run",
+        "--job",
+        "wordcount",
+        "--input",
+        &cid,
+        "--split-mib",
+        "1",
+        "--verify",
+        "3",
+    ]);
+    assert!(
+        !human.status.success(),
+        "3 daemons, one faulty: no majority of 3 is left"
+    );
+    let said = String::from_utf8_lossy(&human.stderr);
+    assert!(said.contains("differs from that of"), "{said}");
+    for k in ["1", "17", "x"] {
+        let out = with_peers(&["run", "--job", "wordcount", "--input", &cid, "--verify", k]);
+        assert_eq!(out.status.code(), Some(2), "--verify {k}");
+    }
 }

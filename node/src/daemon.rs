@@ -78,6 +78,9 @@ pub struct DaemonConfig {
     pub allow_jobs: Option<Vec<PeerId>>,
     /// What others may write here: a free-space floor, a per-client allowance.
     pub writes: WritePolicy,
+    /// For testing verified execution only (`P2PMR_FAULT_WRONG_OUTPUT=1` for `p2pmr daemon`):
+    /// the daemon alters one record of every map output it produces. Never on by default.
+    pub fault_wrong_output: bool,
 }
 
 impl Default for DaemonConfig {
@@ -95,6 +98,7 @@ impl Default for DaemonConfig {
             swarm_key: None,
             allow_jobs: None,
             writes: WritePolicy::default(),
+            fault_wrong_output: false,
         }
     }
 }
@@ -186,6 +190,7 @@ impl Daemon {
             slots,
             tasks.clone(),
             access,
+            config.fault_wrong_output,
         )?;
         let coordinator = Coordinator::new(worker.clone(), config.liveness, tasks.clone());
         tasks.spawn(crate::engine::server::serve(

@@ -467,6 +467,19 @@ pub enum Event {
         /// The peer running the backup.
         peer: String,
     },
+    /// Verified execution (`JobSpec::verify`): the daemons that ran a task did not all produce
+    /// the same output. The majority's output is used; the `dissent` daemons are excluded from
+    /// the rest of the job.
+    VerifyMismatch {
+        /// Map or reduce.
+        kind: TaskKind,
+        /// Task number.
+        task: u32,
+        /// The daemons whose outputs agreed, and were used.
+        agreed: Vec<String>,
+        /// The daemons whose outputs differed.
+        dissent: Vec<String>,
+    },
     /// A task attempt finished.
     TaskFinished {
         /// Map or reduce.

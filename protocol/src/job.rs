@@ -26,6 +26,8 @@ pub const AUTO_SPLIT_MAX: u64 = 128 << 20;
 pub const MAX_SKIPPED_RECORDS: u32 = 10_000;
 /// Largest encoded spec.
 pub const MAX_SPEC_SIZE: usize = 1 << 20;
+/// Most daemons a job may ask to run each task for verification (see [`JobSpec::verify`]).
+pub const MAX_VERIFY: u32 = 16;
 
 /// One input of a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +79,9 @@ pub struct JobSpec {
     /// again (the MapReduce paper's skipping of bad records); 0 means none: such a record
     /// fails the job.
     pub skip_bad_records: u32,
+    /// Daemons that run each task, whose outputs' CIDs must agree before the job goes on
+    /// (verified execution); 1, the default, runs each task once and believes its answer.
+    pub verify: u32,
 }
 
 /// Why a spec is invalid.
@@ -103,9 +108,10 @@ struct WireSpec<'a> {
     limits: (u64, u64, u64),
     split_size: u64,
     skip_bad_records: u32,
+    verify: u32,
 }
 
-const SPEC_VERSION: u8 = 2;
+const SPEC_VERSION: u8 = 3;
 
 /// The split size picked for `input_bytes` of input over `slots` task slots in all: one task
 /// per slot, each from [`AUTO_SPLIT_MIN`] to [`AUTO_SPLIT_MAX`] bytes (Spark's rule).
@@ -146,6 +152,7 @@ impl JobSpec {
             limits: TaskLimits::default(),
             split_size: AUTO_SPLIT,
             skip_bad_records: 0,
+            verify: 1,
         };
         spec.validate()?;
         Ok(spec)
@@ -185,6 +192,13 @@ impl JobSpec {
     /// [`MAX_SKIPPED_RECORDS`]).
     pub fn with_skip_bad_records(mut self, records: u32) -> Self {
         self.skip_bad_records = records.min(MAX_SKIPPED_RECORDS);
+        self
+    }
+
+    /// This spec with each task run on `daemons` distinct daemons whose outputs must agree
+    /// (1 to [`MAX_VERIFY`]; 1 turns verification off).
+    pub fn with_verify(mut self, daemons: u32) -> Self {
+        self.verify = daemons.clamp(1, MAX_VERIFY);
         self
     }
 
@@ -232,6 +246,12 @@ impl JobSpec {
                 self.skip_bad_records
             ));
         }
+        if !(1..=MAX_VERIFY).contains(&self.verify) {
+            return invalid(format!(
+                "verification by {} daemons (1 to {MAX_VERIFY})",
+                self.verify
+            ));
+        }
         Ok(())
     }
 
@@ -261,6 +281,7 @@ impl JobSpec {
             ),
             split_size: self.split_size,
             skip_bad_records: self.skip_bad_records,
+            verify: self.verify,
         };
         postcard::to_allocvec(&wire).expect("in-memory encoding of plain data cannot fail")
     }
@@ -310,6 +331,7 @@ impl JobSpec {
             },
             split_size: wire.split_size,
             skip_bad_records: wire.skip_bad_records,
+            verify: wire.verify,
         };
         spec.validate()?;
         if spec.encode() != bytes {
@@ -433,6 +455,33 @@ mod tests {
             JobSpecError::Invalid(_)
         ));
         assert!(JobSpec::new(cid(0), vec![], 1, []).is_err());
+    }
+
+    #[test]
+    fn verification_is_part_of_the_job() {
+        // A verified run must not reuse an unverified one's output: different ids.
+        let plain = spec(&[]);
+        assert_eq!(plain.verify, 1);
+        for (asked, kept) in [
+            (0, 1),
+            (1, 1),
+            (2, 2),
+            (MAX_VERIFY, MAX_VERIFY),
+            (99, MAX_VERIFY),
+        ] {
+            let s = spec(&[]).with_verify(asked);
+            assert_eq!(s.verify, kept, "asked {asked}");
+            assert_eq!(JobSpec::decode(&s.encode()).unwrap(), s);
+            assert_eq!(s.id() == plain.id(), kept == 1, "asked {asked}");
+        }
+        for bad in [0, MAX_VERIFY + 1] {
+            let mut s = spec(&[]);
+            s.verify = bad;
+            assert!(matches!(
+                JobSpec::decode(&s.encode()),
+                Err(JobSpecError::Invalid(_))
+            ));
+        }
     }
 
     #[test]

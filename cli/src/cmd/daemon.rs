@@ -49,6 +49,9 @@ pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
                 min_free: args.min_free_disk,
                 max_client_bytes: args.max_client_bytes,
             },
+            // For tests of verified execution (README, "Tests"): never set otherwise.
+            fault_wrong_output: std::env::var_os("P2PMR_FAULT_WRONG_OUTPUT")
+                .is_some_and(|v| v == "1"),
         },
     )
     .await

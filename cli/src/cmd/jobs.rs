@@ -38,7 +38,8 @@ pub(crate) async fn run(env: &Env, args: RunArgs) -> Result<()> {
                 timeout_ms: args.timeout_secs.saturating_mul(1000),
                 ..TaskLimits::default()
             })
-            .with_skip_bad_records(args.skip_bad_records.unwrap_or(0));
+            .with_skip_bad_records(args.skip_bad_records.unwrap_or(0))
+            .with_verify(args.verify.unwrap_or(1));
         let job = node.jobs().submit(spec, args.coordinator).await?;
         if args.detach {
             println!("{}", job.id());

@@ -60,6 +60,13 @@ pub fn event_json(event: &Event) -> Value {
             peer,
         } => json!({"event": "backup", "kind": kind.name(), "task": task, "slow": slow,
                    "peer": peer}),
+        Event::VerifyMismatch {
+            kind,
+            task,
+            agreed,
+            dissent,
+        } => json!({"event": "verify_mismatch", "kind": kind.name(), "task": task,
+                   "agreed": agreed, "dissent": dissent}),
         Event::TaskFinished {
             kind,
             task,

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use libp2p::PeerId;
-use p2pmr_protocol::job::{JobInput, JobSpec, TaskLimits, AUTO_SPLIT};
+use p2pmr_protocol::job::{JobInput, JobSpec, TaskLimits, AUTO_SPLIT, MAX_VERIFY};
 use p2pmr_protocol::Cid;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -105,6 +105,8 @@ struct RunRequest {
     timeout_secs: u64,
     #[serde(default)]
     skip_bad_records: u32,
+    #[serde(default = "one")]
+    verify: u32,
     coordinator: Option<String>,
 }
 
@@ -167,6 +169,12 @@ async fn run(State(api): State<Api>, body: Bytes) -> Result<Json<Value>, ApiErro
             ..TaskLimits::default()
         })
         .with_skip_bad_records(req.skip_bad_records);
+    if !(1..=MAX_VERIFY).contains(&req.verify) {
+        return Err(ApiError::bad_request(format!(
+            "verify must be from 1 to {MAX_VERIFY} daemons"
+        )));
+    }
+    let spec = spec.with_verify(req.verify);
     let coordinator = req
         .coordinator
         .map(|c| c.parse::<PeerId>())

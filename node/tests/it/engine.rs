@@ -874,3 +874,109 @@ async fn stopped_daemons_leave_no_task_running() -> Result<()> {
     );
     Ok(())
 }
+
+/// Text of `lines` lines over a small vocabulary, the same each time.
+fn words(lines: usize) -> Vec<u8> {
+    let vocabulary = [
+        "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta",
+    ];
+    let mut text = Vec::new();
+    for i in 0..lines {
+        for j in 0..8 {
+            text.extend_from_slice(vocabulary[(i * 7 + j * 3) % vocabulary.len()].as_bytes());
+            text.push(b' ');
+        }
+        text.extend_from_slice(format!("line{}\n", i % 997).as_bytes());
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_outvotes_a_daemon_that_returns_wrong_output_and_names_it() -> Result<()> {
+    // Two honest daemons and one that alters a record of every map output it makes.
+    let mut cluster = linked(2, 2).await?;
+    let faulty = cluster
+        .add(p2pmr_node::DaemonConfig {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+            bootstrap: cluster.addrs().into_iter().take(1).collect(),
+            mdns: false,
+            slots: 2,
+            fault_wrong_output: true,
+            ..p2pmr_node::DaemonConfig::default()
+        })
+        .await?;
+    cluster.wait_linked().await?;
+    let faulty = cluster.daemon(faulty).peer_id().to_string();
+    let client = super::client(&cluster, 3).await?;
+    let text = words(60_000); // ~3.5 MB: a dozen one-block map tasks
+    let input = vec![("words".to_string(), add(&client, text.clone(), 2).await?)];
+    let expected = run_local("wordcount", &[("words".to_string(), text)], 2, &[])?;
+    let module = publish(&client, "wordcount").await?;
+    let spec = |verify| -> Result<JobSpec> {
+        Ok(job_spec(module, &input, 2, &[], MIN_SPLIT)?.with_verify(verify))
+    };
+    let ran_on = |events: &[Event], peer: &str| {
+        events.iter().any(
+            |e| matches!(e, Event::TaskFinished { kind: TaskKind::Map, peer: p, .. } if p == peer),
+        )
+    };
+
+    // Without verification the faulty daemon's maps corrupt the output.
+    let plain = run_spec(&client, spec(1)?).await?;
+    let output = plain
+        .output
+        .ok_or_else(|| anyhow::anyhow!("{:?}", plain.reason))?;
+    assert!(
+        ran_on(&plain.events, &faulty),
+        "the faulty daemon ran no map task"
+    );
+    assert_ne!(
+        read_output(&cluster, output).await?,
+        expected,
+        "the fault switch works"
+    );
+
+    // With --verify 2 the output is exact and the faulty daemon is named and left out.
+    let verified = run_spec(&client, spec(2)?).await?;
+    let output = verified
+        .output
+        .ok_or_else(|| anyhow::anyhow!("{:?}", verified.reason))?;
+    assert_eq!(read_output(&cluster, output).await?, expected);
+    let mismatches: Vec<(&Vec<String>, &Vec<String>)> = verified
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::VerifyMismatch {
+                agreed, dissent, ..
+            } => Some((agreed, dissent)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(mismatches.len(), 1, "excluded after its first mismatch");
+    assert_eq!(mismatches[0].1, &vec![faulty.clone()]);
+    assert!(!mismatches[0].0.contains(&faulty));
+    let named_at = verified
+        .events
+        .iter()
+        .position(|e| matches!(e, Event::VerifyMismatch { .. }))
+        .expect("a mismatch");
+    assert!(
+        !verified.events[named_at..]
+            .iter()
+            .any(|e| matches!(e, Event::TaskStarted { peer, .. } if *peer == faulty)),
+        "the faulty daemon got a task after it was named"
+    );
+    // Every task ran at least twice: once per verifying daemon.
+    let (maps, _) = planned(&verified.events);
+    let (started, _, distinct) = count_tasks(&verified.events, TaskKind::Map);
+    assert_eq!(distinct.len(), maps as usize);
+    assert!(started >= 2 * maps as usize);
+
+    // More verifying daemons than there are is a clear failure before any task runs.
+    let too_many = run_spec(&client, spec(4)?).await?;
+    let reason = too_many.reason.expect("fails");
+    assert!(reason.contains("needs 4 daemons"), "{reason}");
+    client.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}

@@ -105,6 +105,8 @@ struct JobLog {
     state: JobState,
     maps: (u32, u32),
     reduces: (u32, u32),
+    /// Tasks with a finished attempt (verification and re-runs finish a task more than once).
+    finished: HashSet<(TaskKind, u32)>,
     counters: Counters,
     started: Instant,
     ended: Option<Duration>,
@@ -127,6 +129,7 @@ impl JobHandle {
                 state: JobState::Running,
                 maps: (0, 0),
                 reduces: (0, 0),
+                finished: HashSet::new(),
                 counters: Counters::default(),
                 started: Instant::now(),
                 ended: None,
@@ -149,10 +152,16 @@ impl JobHandle {
                     log.maps = (0, *maps);
                     log.reduces = (0, *reduces);
                 }
-                Event::TaskFinished { kind, .. } => match kind {
-                    TaskKind::Map => log.maps.0 += 1,
-                    TaskKind::Reduce => log.reduces.0 += 1,
-                },
+                Event::Reused { maps, reduces } => {
+                    log.maps.0 += maps;
+                    log.reduces.0 += reduces;
+                }
+                Event::TaskFinished { kind, task, .. } if log.finished.insert((*kind, *task)) => {
+                    match kind {
+                        TaskKind::Map => log.maps.0 += 1,
+                        TaskKind::Reduce => log.reduces.0 += 1,
+                    }
+                }
                 Event::Completed {
                     output, counters, ..
                 } => {
@@ -216,6 +225,8 @@ struct Plan {
     replicas: usize,
     /// Tasks the workers finished for an earlier coordinator of this job.
     finished: Vec<(PeerId, FinishedTask)>,
+    /// Daemons each task runs on whose outputs must agree.
+    verify: usize,
 }
 
 /// Where a job is across its rounds.
@@ -496,6 +507,7 @@ impl Coordinator {
         let mut job = Progress::new(spec, &plan);
         let (reused_maps, reused_reduces) = reuse(
             std::mem::take(&mut plan.finished),
+            plan.verify,
             &plan.maps,
             plan.split,
             &mut job.outputs,
@@ -597,6 +609,7 @@ impl Coordinator {
             bytes: &plan.map_bytes,
             tasks,
             skips: &mut job.skips,
+            verify: spec.verify as usize,
         };
         let tally = Tally {
             counters: &mut job.counters,
@@ -680,6 +693,7 @@ impl Coordinator {
             bytes: &run_bytes,
             tasks: pending,
             skips: &mut Skips::new(0),
+            verify: plan.verify,
         };
         let tally = Tally {
             counters: &mut job.counters,
@@ -842,6 +856,13 @@ impl Coordinator {
         let split = plan::split_for(spec, earlier, input_bytes, &slots);
         let maps = plan::cut_maps(inputs, split);
         let workers = slots.iter().filter(|&&n| n > 0).count();
+        if workers < spec.verify as usize {
+            return Err(format!(
+                "verification by {} daemons needs {} daemons that can run tasks; {workers} can",
+                spec.verify, spec.verify
+            )
+            .into());
+        }
         // Outputs are replicated like the inputs.
         let replicas = plan::output_replicas(&all_leaves, &holdings, workers);
         let local = plan::locality(&maps, &holdings);
@@ -860,6 +881,7 @@ impl Coordinator {
             split,
             replicas,
             finished,
+            verify: spec.verify as usize,
         })
     }
 

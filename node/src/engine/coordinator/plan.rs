@@ -152,6 +152,7 @@ pub(super) fn share_hosts(slots: &mut [u32], hosts: &[u64]) {
 /// partition not yet done. Returns how many map and reduce tasks it took.
 pub(super) fn reuse(
     finished: Vec<(PeerId, FinishedTask)>,
+    verify: usize,
     maps: &[PlannedMap],
     split: u64,
     outputs: &mut [Option<(MapOutput, PeerId)>],
@@ -159,6 +160,11 @@ pub(super) fn reuse(
     counters: &mut Counters,
 ) -> (u32, u32) {
     let (mut reused_maps, mut reused_reduces) = (0, 0);
+    let finished = if verify > 1 {
+        verified(finished, verify)
+    } else {
+        finished
+    };
     for (peer, task) in finished {
         match task {
             FinishedTask::Map {
@@ -193,6 +199,36 @@ pub(super) fn reuse(
         }
     }
     (reused_maps, reused_reduces)
+}
+
+/// Of the tasks workers finished for a verified job, those a majority of `verify` distinct
+/// workers report the same output for (as the job would have accepted them), one report each.
+fn verified(finished: Vec<(PeerId, FinishedTask)>, verify: usize) -> Vec<(PeerId, FinishedTask)> {
+    // A report without its worker's peer id and counters: what must agree.
+    let key = |task: &FinishedTask| -> FinishedTask {
+        let mut task = task.clone();
+        match &mut task {
+            FinishedTask::Map { output, .. } => output.counters = Counters::default(),
+            FinishedTask::Reduce { output, .. } => output.counters = Counters::default(),
+        }
+        task
+    };
+    let mut out: Vec<(PeerId, FinishedTask)> = Vec::new();
+    for (i, (peer, task)) in finished.iter().enumerate() {
+        let k = key(task);
+        if finished[..i].iter().any(|(_, t)| key(t) == k) {
+            continue; // counted with the first report of the same output
+        }
+        let agreeing: HashSet<&PeerId> = finished
+            .iter()
+            .filter(|(_, t)| key(t) == k)
+            .map(|(p, _)| p)
+            .collect();
+        if agreeing.len() > verify / 2 {
+            out.push((*peer, task.clone()));
+        }
+    }
+    out
 }
 
 /// One map task as planned: a byte range of one input, cut on leaf edges.
@@ -325,6 +361,7 @@ mod tests {
         let mut counters = Counters::default();
         let reused = reuse(
             finished,
+            1,
             &maps,
             4,
             &mut outputs,
@@ -334,6 +371,51 @@ mod tests {
         assert_eq!(reused, (1, 0));
         assert_eq!(outputs[0].as_ref().map(|(_, p)| *p), Some(me));
         assert!(outputs[1].is_none());
+    }
+
+    #[test]
+    fn a_verified_job_reuses_only_outputs_a_majority_reported() {
+        let maps = cut_maps(vec![vec![(leaf(0), 4), (leaf(1), 4), (leaf(2), 4)]], 4);
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let map = |task, start, made: Cid, records| {
+            let mut out = output(&[made]);
+            out.counters.input_records = records; // counters may differ: not compared
+            FinishedTask::Map {
+                task,
+                input: 0,
+                start,
+                end: start + 4,
+                split: 4,
+                output: out,
+            }
+        };
+        let finished = vec![
+            (a, map(0, 0, leaf(9), 1)), // task 0: a and b agree
+            (b, map(0, 0, leaf(9), 2)),
+            (a, map(1, 4, leaf(8), 1)), // task 1: a and c disagree
+            (c, map(1, 4, leaf(7), 1)),
+            (b, map(2, 8, leaf(6), 1)), // task 2: b alone
+        ];
+        let run = |verify| {
+            let mut outputs = vec![None, None, None];
+            let reused = reuse(
+                finished.clone(),
+                verify,
+                &maps,
+                4,
+                &mut outputs,
+                &mut [None],
+                &mut Counters::default(),
+            );
+            (
+                reused,
+                outputs.iter().map(Option::is_some).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(run(2), ((1, 0), vec![true, false, false]));
+        assert_eq!(run(3), ((1, 0), vec![true, false, false]));
+        assert_eq!(run(4), ((0, 0), vec![false, false, false]));
+        assert_eq!(run(1), ((3, 0), vec![true, true, true]));
     }
 
     #[test]

@@ -20,10 +20,16 @@
 //!   on, and its attempts are aborted and retried elsewhere.
 //! - **Bad records**: a record that fails its map task twice is left out of that task from
 //!   then on, within the job's limit (`--skip-bad-records`).
+//! - **Verification** (`--verify K`): each task runs on K distinct peers, and is done when
+//!   all K have answered and a majority of K (more than K/2) produced the same output (the
+//!   same CIDs); until then it runs on one more peer at a time. Peers whose output differs
+//!   from the one used are named in an event and given up on for the rest of the job.
+//!   Backups are off: the K copies already race.
 
 use super::Stop;
 use libp2p::PeerId;
 use p2pmr_protocol::engine::{Counters, Event, JobResponse, TaskKind};
+use p2pmr_protocol::Cid;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -58,6 +64,8 @@ pub(crate) struct Schedule<'a> {
     pub(crate) tasks: Vec<usize>,
     /// Bad records to leave out of map tasks.
     pub(crate) skips: &'a mut Skips,
+    /// Peers each task runs on whose outputs must agree (1: no verification).
+    pub(crate) verify: usize,
 }
 
 /// What the job keeps across its phases: counters, attempts per task of this phase's kind,
@@ -104,6 +112,8 @@ struct Attempt {
     t: usize,
     p: usize,
     since: Instant,
+    /// Records the attempt was told to leave out (outputs made with other lists differ).
+    skipped: usize,
 }
 
 /// The state of one phase (see the module docs).
@@ -133,6 +143,14 @@ pub(crate) struct PhaseState<'a> {
     idle_since: Vec<Option<Instant>>,
     /// How often, and on which peers, each task failed by itself.
     failed: HashMap<usize, (usize, HashSet<usize>)>,
+    /// Peers that run each task, whose outputs must agree.
+    verify: usize,
+    /// Verification: the outputs each task's copies produced so far, by peer.
+    votes: HashMap<usize, Vec<(usize, JobResponse)>>,
+    /// Verification: copies of a task run beyond `verify` because its outputs disagreed.
+    extra: HashMap<usize, u32>,
+    /// Attempts aborted because their peer's output disagreed with the majority's.
+    excluded: HashSet<AttemptId>,
     done: Vec<(usize, JobResponse, PeerId)>,
     actions: Vec<Action>,
 }
@@ -150,8 +168,9 @@ impl<'a> PhaseState<'a> {
         let dead = sched
             .peers
             .iter()
-            .map(|p| *p != me && (!connected(p) || tally.gone.contains(p)))
+            .map(|p| tally.gone.contains(p) || (*p != me && !connected(p)))
             .collect();
+        let verify = sched.verify.max(1);
         Self {
             kind: sched.kind,
             peers: sched.peers,
@@ -161,7 +180,12 @@ impl<'a> PhaseState<'a> {
             me,
             liveness,
             n: sched.tasks.len(),
-            pending: sched.tasks.iter().rev().copied().collect(),
+            pending: sched
+                .tasks
+                .iter()
+                .rev()
+                .flat_map(|&t| std::iter::repeat_n(t, verify))
+                .collect(),
             free: sched.slots.to_vec(),
             dead,
             running: BTreeMap::new(),
@@ -173,6 +197,10 @@ impl<'a> PhaseState<'a> {
             probing: HashSet::new(),
             idle_since: vec![None; sched.peers.len()],
             failed: HashMap::new(),
+            verify,
+            votes: HashMap::new(),
+            extra: HashMap::new(),
+            excluded: HashSet::new(),
             done: Vec::with_capacity(sched.tasks.len()),
             actions: Vec::new(),
             tally,
@@ -198,8 +226,30 @@ impl<'a> PhaseState<'a> {
     /// Why the phase cannot go on: tasks wait and no peer is left to run them.
     pub(crate) fn stuck(&self) -> Option<Stop> {
         let kind = self.kind;
-        (self.running.is_empty() && !self.pending.is_empty() && self.dead.iter().all(|d| *d))
-            .then(|| format!("no daemon is left to run {kind:?} tasks").into())
+        if !self.running.is_empty() || self.pending.is_empty() {
+            return None;
+        }
+        if self.dead.iter().all(|d| *d) {
+            return Some(format!("no daemon is left to run {kind:?} tasks").into());
+        }
+        // Verification needs distinct peers: a task all live peers have answered for already
+        // cannot go on.
+        let t = *self.pending.last().expect("not empty");
+        let able =
+            (0..self.peers.len()).any(|p| !self.dead[p] && self.free[p] > 0 && self.eligible(t, p));
+        if able {
+            return None;
+        }
+        let (k, what) = (self.verify, kind.name());
+        let answered = self.votes.get(&t).map_or(0, Vec::len);
+        Some(
+            format!(
+                "verification needs a majority of {k} daemons to produce the same output for \
+                 {what} task {t}; {answered} answered without one, and no other daemon is left \
+                 to run it"
+            )
+            .into(),
+        )
     }
 
     /// Starts what can start at `now`: one task per free peer per round while any is taken.
@@ -242,6 +292,9 @@ impl<'a> PhaseState<'a> {
     /// Near the end of the phase: peer `p` takes a backup copy of the task that has run
     /// longest, once it runs well past the usual time. Says whether it queued one.
     fn back_up(&mut self, p: usize, now: Instant, after: Duration) -> bool {
+        if self.verify > 1 {
+            return false;
+        }
         let straggler = self
             .running
             .values()
@@ -267,15 +320,7 @@ impl<'a> PhaseState<'a> {
     /// The pending task for peer `p` (its place in `pending`) and how many of its bytes `p`
     /// holds: the most local one, else the next in order.
     fn pick(&self, p: usize) -> Option<(usize, u64)> {
-        // A task that failed on this peer goes elsewhere while there is elsewhere; nor does
-        // a peer take a second copy of a task it is running.
-        let live = self.dead.iter().filter(|d| !**d).count();
-        let eligible = |t: usize| {
-            self.failed
-                .get(&t)
-                .is_none_or(|(_, on)| !on.contains(&p) || on.len() >= live)
-                && !self.running.values().any(|a| a.t == t && a.p == p)
-        };
+        let eligible = |t: usize| self.eligible(t, p);
         match self.local {
             Some(local) => self
                 .pending
@@ -292,6 +337,22 @@ impl<'a> PhaseState<'a> {
                 .find(|(_, &t)| eligible(t))
                 .map(|(i, _)| (i, 0)),
         }
+    }
+
+    /// Whether peer `p` may take a copy of task `t`.
+    fn eligible(&self, t: usize, p: usize) -> bool {
+        // A task that failed on this peer goes elsewhere while there is elsewhere; nor does
+        // a peer take a second copy of a task it is running, or one it answered for already
+        // (verification compares distinct peers).
+        let live = self.dead.iter().filter(|d| !**d).count();
+        self.failed
+            .get(&t)
+            .is_none_or(|(_, on)| !on.contains(&p) || on.len() >= live)
+            && !self.running.values().any(|a| a.t == t && a.p == p)
+            && !self
+                .votes
+                .get(&t)
+                .is_some_and(|v| v.iter().any(|(q, _)| *q == p))
     }
 
     fn start(&mut self, t: usize, p: usize, now: Instant) {
@@ -315,13 +376,23 @@ impl<'a> PhaseState<'a> {
         });
         let id = self.next_id;
         self.next_id += 1;
-        self.running.insert(id, Attempt { t, p, since: now });
+        let skip = self.skips.of(t);
+        let skipped = skip.len();
+        self.running.insert(
+            id,
+            Attempt {
+                t,
+                p,
+                since: now,
+                skipped,
+            },
+        );
         self.actions.push(Action::Start(Start {
             id,
             task: t,
             peer: self.peers[p],
             attempt,
-            skip: self.skips.of(t),
+            skip,
         }));
     }
 
@@ -334,8 +405,12 @@ impl<'a> PhaseState<'a> {
             }
             return Ok(());
         }
-        let limit = self.liveness.as_secs_f64();
-        let reason = format!("no answer to a liveness probe within {limit:.1}s");
+        let reason = if self.excluded.remove(&id) {
+            "its output for another task disagreed with the majority".to_string()
+        } else {
+            let limit = self.liveness.as_secs_f64();
+            format!("no answer to a liveness probe within {limit:.1}s")
+        };
         self.answered(id, Err(reason), now)
     }
 
@@ -346,7 +421,13 @@ impl<'a> PhaseState<'a> {
         result: Result<JobResponse, String>,
         now: Instant,
     ) -> Result<(), Stop> {
-        let Some(Attempt { t, p, since }) = self.running.remove(&id) else {
+        let Some(Attempt {
+            t,
+            p,
+            since,
+            skipped,
+        }) = self.running.remove(&id)
+        else {
             return Ok(());
         };
         self.beaten.remove(&id);
@@ -358,11 +439,8 @@ impl<'a> PhaseState<'a> {
             }
             return Ok(());
         }
-        let ends_task = match &result {
-            Ok(JobResponse::MapDone(_) | JobResponse::ReduceDone(_)) => true,
-            Ok(JobResponse::MissingRuns(_)) => kind == TaskKind::Reduce,
-            _ => false,
-        };
+        let mut ends_task =
+            matches!(&result, Ok(JobResponse::MissingRuns(_))) && kind == TaskKind::Reduce;
         let what = kind.name();
         match result {
             Ok(JobResponse::MissingRuns(runs)) if kind == TaskKind::Reduce => {
@@ -399,7 +477,7 @@ impl<'a> PhaseState<'a> {
                     bytes: self.bytes[t],
                     millis: took.as_millis() as u64,
                 });
-                self.done.push((t, response, peer));
+                ends_task = self.vote(t, p, response, skipped);
             }
             Ok(busy) if busy.is_busy() => {
                 // The worker's queue was full: not the task's fault.
@@ -429,6 +507,11 @@ impl<'a> PhaseState<'a> {
                     retry: true,
                 });
                 self.pending.push(t);
+                // Outputs made before the record was left out are not comparable with those
+                // made after: each of them runs again.
+                for _ in self.votes.remove(&t).unwrap_or_default() {
+                    self.pending.push(t);
+                }
             }
             Ok(JobResponse::Failed(reason) | JobResponse::RecordFailed { reason, .. }) => {
                 // The task failed by itself (trap, time or memory limit): try it on other
@@ -448,7 +531,9 @@ impl<'a> PhaseState<'a> {
                 // The peer is unreachable or stalled: run the task elsewhere.
                 self.dead[p] = true;
                 self.tally.gone.insert(peer);
-                let retry = self.tally.attempts[t] < MAX_ATTEMPTS as u32;
+                // Every copy verification asked for is an attempt too.
+                let copies = self.verify as u32 + self.extra.get(&t).copied().unwrap_or(0);
+                let retry = self.tally.attempts[t] < MAX_ATTEMPTS as u32 + copies - 1;
                 self.retry_or_fail(t, peer, reason, retry, MAX_ATTEMPTS)?;
                 self.pending.push(t);
             }
@@ -471,11 +556,97 @@ impl<'a> PhaseState<'a> {
                     task: t,
                 });
             }
-        } else if self.running.values().any(|a| a.t == t) {
+        } else if self.verify == 1 && self.running.values().any(|a| a.t == t) {
             // Another copy is still running: it is the retry.
             self.pending.retain(|&x| x != t);
         }
         Ok(())
+    }
+
+    /// Peer `p` produced `response` for task `t`: the task's answer, unless its outputs are
+    /// to be verified; then it is one vote, and the task is answered once all copies have
+    /// answered and a majority agree (see the module docs). Says whether the task is done.
+    fn vote(&mut self, t: usize, p: usize, response: JobResponse, skipped: usize) -> bool {
+        if self.verify == 1 {
+            self.done.push((t, response, self.peers[p]));
+            return true;
+        }
+        if skipped != self.skips.of(t).len() {
+            // Made before a bad record was left out: run again with the current list.
+            self.pending.push(t);
+            return false;
+        }
+        let votes = self.votes.entry(t).or_default();
+        votes.push((p, response));
+        if votes.len() < self.verify {
+            return false;
+        }
+        let keys: Vec<Vec<Option<Cid>>> = votes.iter().map(|(_, r)| output_key(r)).collect();
+        let (best, count) = keys
+            .iter()
+            .map(|k| (k, keys.iter().filter(|o| *o == k).count()))
+            .max_by_key(|(_, n)| *n)
+            .expect("at least one vote");
+        if count <= self.verify / 2 {
+            // No majority yet: one more copy, on a peer that has not run it.
+            *self.extra.entry(t).or_default() += 1;
+            self.pending.push(t);
+            return false;
+        }
+        let best = best.clone();
+        let votes = self.votes.remove(&t).expect("voted");
+        let (agreed, dissent): (Vec<_>, Vec<_>) = votes
+            .into_iter()
+            .zip(keys)
+            .partition(|(_, key)| *key == best);
+        if !dissent.is_empty() {
+            self.emit(Event::VerifyMismatch {
+                kind: self.kind,
+                task: t as u32,
+                agreed: agreed
+                    .iter()
+                    .map(|((q, _), _)| self.peers[*q].to_string())
+                    .collect(),
+                dissent: dissent
+                    .iter()
+                    .map(|((q, _), _)| self.peers[*q].to_string())
+                    .collect(),
+            });
+            for ((q, _), _) in &dissent {
+                self.exclude(*q);
+            }
+        }
+        let ((first, response), _) = agreed.into_iter().next().expect("a majority");
+        self.done.push((t, response, self.peers[first]));
+        true
+    }
+
+    /// Gives up on peer `p` for the rest of the job (its output disagreed with the majority):
+    /// its outputs for tasks not yet decided no longer count, and its running attempts are
+    /// aborted; each runs again elsewhere.
+    fn exclude(&mut self, p: usize) {
+        if self.dead[p] {
+            return;
+        }
+        self.dead[p] = true;
+        self.tally.gone.insert(self.peers[p]);
+        for (&t, votes) in &mut self.votes {
+            let before = votes.len();
+            votes.retain(|(q, _)| *q != p);
+            for _ in votes.len()..before {
+                self.pending.push(t);
+            }
+        }
+        let running: Vec<AttemptId> = self
+            .running
+            .iter()
+            .filter(|(_, a)| a.p == p)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in running {
+            self.excluded.insert(id);
+            self.actions.push(Action::Abort(id));
+        }
     }
 
     /// The peers to probe now: every other peer running a task of ours that is not being
@@ -540,6 +711,20 @@ impl<'a> PhaseState<'a> {
     }
 }
 
+/// What verification compares of a task's answer: the CIDs it produced (the counters differ
+/// from peer to peer, as they count local and fetched bytes).
+fn output_key(response: &JobResponse) -> Vec<Option<Cid>> {
+    match response {
+        JobResponse::MapDone(out) => out
+            .parts
+            .iter()
+            .map(|p| p.as_ref().map(|p| p.cid))
+            .collect(),
+        JobResponse::ReduceDone(out) => vec![Some(out.cid)],
+        _ => Vec::new(),
+    }
+}
+
 /// How long a task runs before an idle peer takes a backup copy of it, once nothing is left to
 /// assign: [`BACKUP_FACTOR`] times the phase's median task time so far, at least
 /// [`BACKUP_MIN`]; [`BACKUP_BLIND`] while no task of the phase has finished.
@@ -582,6 +767,10 @@ impl Skips {
 
     /// Leaves `record` out of task `t` from now on; the limit is the error if it is reached.
     fn skip(&mut self, t: usize, record: u64) -> Result<(), u32> {
+        if self.skipped.get(&t).is_some_and(|l| l.contains(&record)) {
+            // Another copy of the task found it too.
+            return Ok(());
+        }
         let total: usize = self.skipped.values().map(Vec::len).sum();
         if total >= self.limit as usize {
             return Err(self.limit);
@@ -615,6 +804,7 @@ mod tests {
         counters: Counters,
         attempts: Vec<u32>,
         gone: HashSet<PeerId>,
+        verify: usize,
         t0: Instant,
     }
 
@@ -631,8 +821,15 @@ mod tests {
                 counters: Counters::default(),
                 attempts: vec![0; tasks],
                 gone: HashSet::new(),
+                verify: 1,
                 t0: Instant::now(),
             }
+        }
+
+        /// Every task runs on `k` peers whose outputs must agree.
+        fn verified(mut self, k: usize) -> Self {
+            self.verify = k;
+            self
         }
 
         /// Map tasks whose bytes each peer holds: `local[task][peer]`.
@@ -662,6 +859,7 @@ mod tests {
                     bytes: &self.bytes,
                     tasks,
                     skips: &mut self.skips,
+                    verify: self.verify,
                 },
                 Tally {
                     counters: &mut self.counters,
@@ -725,6 +923,228 @@ mod tests {
             tsize: 4,
             counters: Counters::default(),
         }))
+    }
+
+    /// A reduce answer whose output is the part `name`.
+    fn part(name: &str) -> Result<JobResponse, String> {
+        Ok(JobResponse::ReduceDone(ReduceOutput {
+            cid: *p2pmr_protocol::Block::raw(name.as_bytes().to_vec()).cid(),
+            size: 4,
+            tsize: 4,
+            counters: Counters::default(),
+        }))
+    }
+
+    fn mismatches(actions: &[Action]) -> Vec<(usize, Vec<String>, Vec<String>)> {
+        events(actions)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::VerifyMismatch {
+                    task,
+                    agreed,
+                    dissent,
+                    ..
+                } => Some((*task as usize, agreed.clone(), dissent.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn verified_tasks_run_on_distinct_peers_and_agreeing_answers_end_them() {
+        // Two tasks, each on 2 of 3 peers with 2 slots: never two copies on one peer.
+        let mut f = Fixture::new(TaskKind::Reduce, 2, 3, 2).verified(2);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let first = starts(&s.take_actions(), &peers);
+        assert_eq!(first.len(), 4);
+        for t in 0..2 {
+            let on: HashSet<usize> = first.iter().filter(|x| x.1 == t).map(|x| x.2).collect();
+            assert_eq!(on.len(), 2, "task {t} on distinct peers: {first:?}");
+        }
+        let of = |t: usize| -> Vec<AttemptId> {
+            first.iter().filter(|x| x.1 == t).map(|x| x.0).collect()
+        };
+        // One answer is not enough; the second, agreeing, ends the task.
+        s.answered(of(0)[0], part("a"), at(t0, 10)).unwrap();
+        assert!(!s.is_done());
+        assert!(s.done.is_empty());
+        s.answered(of(0)[1], part("a"), at(t0, 20)).unwrap();
+        assert_eq!(s.done.len(), 1);
+        // No backup copies: the copies already race.
+        s.assign(at(t0, 60_000));
+        assert!(starts(&s.take_actions(), &peers).is_empty());
+        for id in of(1) {
+            s.answered(id, part("b"), at(t0, 30)).unwrap();
+        }
+        assert!(s.is_done());
+        assert!(mismatches(&s.take_actions()).is_empty());
+        assert!(s.tally.gone.is_empty());
+        // Each task once, with the output agreed on.
+        let done = s.into_done();
+        assert_eq!(done.len(), 2);
+        assert_eq!(done[1].1, part("b").unwrap());
+    }
+
+    #[test]
+    fn a_disagreement_runs_the_task_on_another_peer_and_the_dissenter_is_excluded() {
+        let mut f = Fixture::new(TaskKind::Reduce, 2, 3, 1).verified(2);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let first = starts(&s.take_actions(), &peers);
+        // Task 0 on peers 0 and 1; task 1 on peer 2 (one slot each).
+        assert_eq!(
+            first.iter().map(|x| (x.1, x.2)).collect::<Vec<_>>(),
+            vec![(0, 0), (0, 1), (1, 2)]
+        );
+        s.answered(first[0].0, part("right"), at(t0, 10)).unwrap();
+        s.answered(first[1].0, part("wrong"), at(t0, 10)).unwrap();
+        assert!(s.done.is_empty(), "no majority of 2 yet");
+        s.take_actions();
+        // Peer 2 is busy with task 1; once it answers, it takes the third copy of task 0
+        // (peers 0 and 1 ran it already), and then task 1's second copy goes to peer 0 or 1.
+        s.assign(at(t0, 20));
+        let next = starts(&s.take_actions(), &peers);
+        assert!(
+            next.iter().all(|x| x.1 == 1 && x.2 != 2),
+            "only task 1's second copy can start now, not on peer 2: {next:?}"
+        );
+        s.answered(first[2].0, part("one"), at(t0, 30)).unwrap();
+        s.assign(at(t0, 30));
+        let third = starts(&s.take_actions(), &peers);
+        let copy = third
+            .iter()
+            .find(|x| x.1 == 0)
+            .expect("a third copy of task 0");
+        assert_eq!(copy.2, 2);
+        s.answered(copy.0, part("right"), at(t0, 40)).unwrap();
+        let actions = s.take_actions();
+        let found = mismatches(&actions);
+        assert_eq!(
+            found,
+            vec![(
+                0,
+                vec![peers[0].to_string(), peers[2].to_string()],
+                vec![peers[1].to_string()]
+            )]
+        );
+        // The dissenter is given up on: its running copy of task 1 is aborted and runs
+        // elsewhere, and it takes nothing more.
+        assert!(s.tally.gone.contains(&peers[1]));
+        let on_1: Vec<AttemptId> = next.iter().filter(|x| x.2 == 1).map(|x| x.0).collect();
+        for id in &on_1 {
+            assert!(actions.contains(&Action::Abort(*id)), "{actions:?}");
+            s.cancelled(*id, at(t0, 41)).unwrap();
+        }
+        let failed = events(&s.take_actions())
+            .into_iter()
+            .any(|e| matches!(e, Event::TaskFailed { reason, retry: true, .. } if reason.contains("disagreed")));
+        assert_eq!(failed, !on_1.is_empty());
+        s.assign(at(t0, 50));
+        let rest = starts(&s.take_actions(), &peers);
+        assert!(rest.iter().all(|x| x.2 != 1), "{rest:?}");
+        for x in rest.iter().chain(next.iter().filter(|x| x.2 != 1)) {
+            s.answered(x.0, part("one"), at(t0, 60)).unwrap();
+        }
+        assert!(s.is_done());
+        let done = s.into_done();
+        assert_eq!(done[0].1, part("right").unwrap());
+        assert_eq!(done[1].1, part("one").unwrap());
+    }
+
+    #[test]
+    fn a_majority_of_three_outvotes_one_and_no_majority_with_no_peer_left_is_stuck() {
+        let mut f = Fixture::new(TaskKind::Reduce, 1, 3, 1).verified(3);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let first = starts(&s.take_actions(), &peers);
+        assert_eq!(first.len(), 3);
+        s.answered(first[0].0, part("x"), at(t0, 10)).unwrap();
+        s.answered(first[1].0, part("x"), at(t0, 10)).unwrap();
+        assert!(s.done.is_empty(), "waits for all three");
+        s.answered(first[2].0, part("y"), at(t0, 10)).unwrap();
+        assert!(s.is_done());
+        let found = mismatches(&s.take_actions());
+        assert_eq!(found[0].2, vec![peers[2].to_string()]);
+
+        // Two peers that disagree, and no third: the job cannot go on.
+        let mut f = Fixture::new(TaskKind::Reduce, 1, 2, 1).verified(2);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let first = starts(&s.take_actions(), &peers);
+        s.answered(first[0].0, part("x"), at(t0, 10)).unwrap();
+        s.answered(first[1].0, part("y"), at(t0, 10)).unwrap();
+        s.assign(at(t0, 20));
+        assert!(starts(&s.take_actions(), &peers).is_empty());
+        let Some(Stop::Failed(reason)) = s.stuck() else {
+            panic!("stuck")
+        };
+        assert!(reason.contains("majority of 2"), "{reason}");
+    }
+
+    #[test]
+    fn verified_copies_made_with_another_skip_list_are_not_compared() {
+        // Both copies of map task 0 fail on record 7 twice in all: it is skipped, and the
+        // copies run again with it left out.
+        let mut f = Fixture::new(TaskKind::Map, 1, 3, 1).verified(2);
+        f.skips = Skips::new(5);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        s.assign(t0 + LOCALITY_DELAY);
+        let first = starts(&s.take_actions(), &peers);
+        assert_eq!(first.len(), 2);
+        let bad = || {
+            Ok(JobResponse::RecordFailed {
+                reason: "trap".into(),
+                record: 7,
+            })
+        };
+        s.answered(first[0].0, bad(), at(t0, 400)).unwrap();
+        s.answered(first[1].0, bad(), at(t0, 400)).unwrap();
+        s.assign(at(t0, 1000));
+        let again = starts(&s.take_actions(), &peers);
+        assert_eq!(again.len(), 2, "{again:?}");
+        assert!(again.iter().all(|x| x.3 == vec![7]));
+        for x in &again {
+            s.answered(x.0, map_done(), at(t0, 1100)).unwrap();
+        }
+        assert!(s.is_done());
+
+        // A copy that answered, or was still running, with the old list when the record is
+        // skipped: its output is not compared, and the task needs two copies made with the
+        // new list.
+        for answered_first in [false, true] {
+            let mut f = Fixture::new(TaskKind::Map, 1, 3, 1).verified(2);
+            f.skips = Skips::new(5);
+            let (t0, peers) = (f.t0, f.peers.clone());
+            let mut s = f.state();
+            s.assign(t0 + LOCALITY_DELAY);
+            let first = starts(&s.take_actions(), &peers);
+            s.answered(first[1].0, bad(), at(t0, 400)).unwrap();
+            s.assign(at(t0, 1000));
+            let third = starts(&s.take_actions(), &peers);
+            assert_eq!(third.len(), 1);
+            if answered_first {
+                s.answered(first[0].0, map_done(), at(t0, 1050)).unwrap();
+            }
+            s.answered(third[0].0, bad(), at(t0, 1100)).unwrap();
+            if !answered_first {
+                s.answered(first[0].0, map_done(), at(t0, 1200)).unwrap();
+            }
+            s.assign(at(t0, 2000));
+            let fresh = starts(&s.take_actions(), &peers);
+            assert_eq!(fresh.len(), 2, "{fresh:?}");
+            assert!(fresh.iter().all(|x| x.3 == vec![7]));
+            s.answered(fresh[0].0, map_done(), at(t0, 2100)).unwrap();
+            assert!(!s.is_done(), "the stale output does not count");
+            s.answered(fresh[1].0, map_done(), at(t0, 2100)).unwrap();
+            assert!(s.is_done());
+        }
     }
 
     #[test]

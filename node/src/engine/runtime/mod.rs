@@ -440,6 +440,12 @@ impl Executor {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.cranelift_opt_level(OptLevel::Speed);
+        // Deterministic execution: the same module on the same input gives the same output on
+        // every daemon, which verified execution (`--verify`) and the reuse of finished tasks
+        // after a coordinator's death rely on. The host offers no clock, randomness or threads;
+        // NaN bit patterns and relaxed SIMD are the remaining sources of difference.
+        config.cranelift_nan_canonicalization(true);
+        config.relaxed_simd_deterministic(true);
         // Pooled instances: a task's linear memory reuses a slot an earlier task of the same
         // module used, with its first pages still mapped (zeroed, not unmapped). Fresh mmaps
         // per task cost a page fault and a page clear for every page a task touches, a sizeable

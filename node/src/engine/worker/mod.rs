@@ -156,6 +156,8 @@ struct Inner {
     /// Who may start and stop jobs on this daemon (checked by the job server; its refusals
     /// are part of the status).
     access: JobAccess,
+    /// For tests of verified execution: alter one record of every map output.
+    wrong_output: bool,
 }
 
 impl std::fmt::Debug for Worker {
@@ -164,6 +166,23 @@ impl std::fmt::Debug for Worker {
             .field("slots", &self.inner.slots)
             .finish()
     }
+}
+
+/// A run's encoded pairs with the first pair's value altered (a `0` appended: a decimal count
+/// stays a decimal, ten times too big), as a faulty worker would produce them
+/// (`P2PMR_FAULT_WRONG_OUTPUT`, for tests of verified execution).
+fn altered(run: &[u8]) -> Vec<u8> {
+    let len = |at: usize| u32::from_le_bytes(run[at..at + 4].try_into().expect("4 bytes")) as usize;
+    let klen = len(0);
+    let vlen = len(4 + klen);
+    let end = 8 + klen + vlen;
+    let mut out = Vec::with_capacity(run.len() + 1);
+    out.extend_from_slice(&run[..4 + klen]);
+    out.extend_from_slice(&(vlen as u32 + 1).to_le_bytes());
+    out.extend_from_slice(&run[8 + klen..end]);
+    out.push(b'0');
+    out.extend_from_slice(&run[end..]);
+    out
 }
 
 /// Names the machine this daemon runs on, for coordinators to see which daemons share its
@@ -189,6 +208,7 @@ impl Worker {
         slots: u32,
         tasks: Tasks,
         access: JobAccess,
+        wrong_output: bool,
     ) -> Result<Self, crate::engine::runtime::JobError> {
         let exec = Executor::new(Limits::default())?;
         let fetcher = Fetcher::new(Some(net.clone()), Some(repo.blocks().clone()));
@@ -209,6 +229,7 @@ impl Worker {
                 finished: Mutex::new(VecDeque::new()),
                 tasks,
                 access,
+                wrong_output,
             }),
         })
     }
@@ -528,6 +549,7 @@ impl Worker {
         let args = encode_args(spec.args().iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let limits = limits_of(&spec);
         let reducers = spec.reducers;
+        let mut wrong_output = self.inner.wrong_output;
         let mapped = tokio::task::spawn_blocking(move || {
             let mut c = Counters::default();
             let mut map = exec.map_task(&module, name, &args, reducers, limits)?;
@@ -583,7 +605,11 @@ impl Worker {
                 c.map_output_records += run.len() as u64;
                 c.map_output_bytes += run.bytes() as u64;
                 let mut w = FileWriter::scratch(&store, run_layout());
-                w.write_all(run.as_bytes())?;
+                if std::mem::take(&mut wrong_output) {
+                    w.write_all(&altered(run.as_bytes()))?;
+                } else {
+                    w.write_all(run.as_bytes())?;
+                }
                 let written = w.finish()?;
                 out.push(Some(PartOut {
                     cid: written.root,

@@ -93,7 +93,8 @@ function jobState(id) {
     jobs.set(id, {
       id, state: 'running', maps: [0, 0], reduces: [0, 0], elapsed: 0, inputBytes: 0,
       counters: null, output: null, reason: null, coordinator: '', first: null, last: null,
-      tasks: new Map(), retries: 0, backups: 0, events: 0, seen: Date.now(),
+      tasks: new Map(), finished: new Set(), mismatches: [], retries: 0, backups: 0, events: 0,
+      seen: Date.now(),
     });
   }
   return jobs.get(id);
@@ -149,8 +150,17 @@ function apply(j, e) {
       j.tasks.set(key, t);
       break;
     }
+    case 'verify_mismatch':
+      j.mismatches.push(e.kind + ' task ' + e.task + ': ' + e.dissent.map(short).join(', ') +
+        ' disagreed with ' + e.agreed.map(short).join(', ') + ' and ' +
+        (e.dissent.length === 1 ? 'was' : 'were') + ' left out');
+      break;
     case 'task_finished': {
-      if (e.kind === 'map') j.maps[0]++; else j.reduces[0]++;
+      // Verification and re-runs finish a task more than once: count it once.
+      if (!j.finished.has(key)) {
+        j.finished.add(key);
+        if (e.kind === 'map') j.maps[0]++; else j.reduces[0]++;
+      }
       const run = openRun(j, key, e.peer);
       if (run) { run.end = e.at; run.ok = true; }
       break;
@@ -289,6 +299,7 @@ function card(j) {
       (j.inputBytes ? ' · ' + bytes(j.inputBytes) + ' in' : '') +
       ' · ' + j.retries + ' retries · ' + j.backups + ' backups'),
     j.reason ? el('div', { class: 'error' }, j.reason) : '',
+    ...j.mismatches.map((m) => el('div', { class: 'error mismatch' }, m)),
     output(j),
     timeline(j),
     counters(j.counters));
