@@ -163,6 +163,16 @@ fn parse_secs(s: &str) -> std::result::Result<f64, String> {
     }
 }
 
+/// A garbage-collection grace period: from 0 (collect at once) to 30 days.
+fn parse_gc_secs(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=2_592_000.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds from 0 to 2592000 (30 days)"
+        )),
+    }
+}
+
 fn parse_arg(s: &str) -> std::result::Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
@@ -179,6 +189,14 @@ pub(crate) enum RepoCommand {
     Stat,
     /// Read and verify every block; quarantine corrupt ones and report them.
     Verify,
+    /// Delete the blocks clients pushed here for adds that never completed (interrupted or
+    /// refused), once nothing has been added to them for the grace period. A running daemon
+    /// does this by itself; stop it first to run it by hand.
+    Gc {
+        /// How long an add may go without a block or a commit before its blocks go
+        #[arg(long, default_value_t = 3600.0, value_name = "SECS", value_parser = parse_gc_secs)]
+        grace_secs: f64,
+    },
 }
 
 /// `p2pmr swarm-key ...`
@@ -228,6 +246,10 @@ pub(crate) struct DaemonArgs {
     /// has been gone this many seconds, so each block is back to its replica count
     #[arg(long, default_value_t = 60.0, value_name = "SECS", value_parser = parse_secs)]
     pub(crate) grace_secs: f64,
+    /// Delete the blocks a client pushed here for an add that never completed once it has
+    /// gone this many seconds without a block or a commit
+    #[arg(long, default_value_t = 3600.0, value_name = "SECS", value_parser = parse_gc_secs)]
+    pub(crate) gc_grace_secs: f64,
     /// Serve the HTTP API and gateway here (port 0: any free port), or `off` [default:
     /// 127.0.0.1:5001 or the next free port]
     #[arg(long, value_name = "ADDR:PORT|off", value_parser = parse_api)]

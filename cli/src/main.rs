@@ -70,6 +70,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::RunLocal(args) => cmd::local::run(&env, args),
         Command::Repo(RepoCommand::Stat) => cmd::blocks::repo_stat(&env),
         Command::Repo(RepoCommand::Verify) => cmd::blocks::repo_verify(&env),
+        Command::Repo(RepoCommand::Gc { grace_secs }) => cmd::blocks::repo_gc(&env, grace_secs),
         Command::SwarmKey(SwarmKeyCommand::New { file }) => cmd::daemon::new_swarm_key(&file),
         Command::Id { daemon } => cmd::daemon::id(&env, daemon),
         Command::Dag(DagCommand::Export { cid }) => block_on(cmd::blocks::dag_export(&env, &cid)),

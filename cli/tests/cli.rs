@@ -1236,3 +1236,71 @@ fn verify_from_the_command_line_outvotes_a_faulty_daemon() {
         assert_eq!(out.status.code(), Some(2), "--verify {k}");
     }
 }
+
+#[test]
+fn repo_gc_collects_what_a_refused_add_left_and_waits_for_the_daemon() {
+    let daemon = DaemonProcess::start_args(&[], &["--slots", "1", "--max-client-bytes", "1MiB"]);
+    let client = tempfile::tempdir().unwrap();
+    let input = write_file(client.path(), "big.bin", &mix(4 << 20));
+    let refused = p2pmr(
+        client.path(),
+        &[
+            "--peer",
+            &daemon.addr,
+            "add",
+            "--replicas",
+            "1",
+            input.to_str().unwrap(),
+        ],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--max-client-bytes"));
+    let home = daemon._home.path().to_owned();
+
+    // Not while the daemon runs (it collects by itself).
+    let busy = p2pmr(&home, &["repo", "gc"]);
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("is a daemon running"));
+    let mut daemon = daemon;
+    let _ = daemon.child.kill();
+    let _ = daemon.child.wait();
+
+    let held = |home: &Path| {
+        let stat = stdout(&p2pmr(home, &["repo", "stat"]));
+        let line = stat
+            .lines()
+            .find(|l| l.starts_with("blocks:"))
+            .unwrap()
+            .to_owned();
+        line.split_whitespace()
+            .last()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = held(&home);
+    assert!(before > 0, "the refused add left blocks");
+    // Within the grace period they stay; past it they go.
+    let kept = p2pmr(&home, &["repo", "gc"]);
+    assert!(kept.status.success());
+    assert!(
+        stdout(&kept).starts_with("collected 0 blocks"),
+        "{}",
+        stdout(&kept)
+    );
+    assert_eq!(held(&home), before);
+    let gone = p2pmr(&home, &["repo", "gc", "--grace-secs", "0"]);
+    assert!(
+        gone.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gone.stderr)
+    );
+    assert!(
+        stdout(&gone).starts_with(&format!("collected {before} blocks")),
+        "{}",
+        stdout(&gone)
+    );
+    assert_eq!(held(&home), 0);
+    let bad = p2pmr(&home, &["repo", "gc", "--grace-secs", "-1"]);
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -7,13 +7,14 @@
 //! starts goes through one task set, so [`Daemon::stop`] leaves none of them running.
 
 use crate::blocks::keeper::{Keeper, KeeperError};
+use crate::blocks::ledger::Ledger;
 use crate::blocks::limits::{WriteLimits, WritePolicy};
 use crate::engine::access::JobAccess;
 use crate::engine::coordinator::Coordinator;
 use crate::engine::worker::Worker;
 use crate::http::{ApiConfig, ApiStartError};
 use crate::net::{self, NetClient, NetConfig, NetError, SwarmKey};
-use crate::repo::store::{StoreError, SyncTracker};
+use crate::repo::store::{BlockStore, StoreError, SyncTracker};
 use crate::repo::IdentityError;
 use crate::tasks::Tasks;
 use crate::{Node, Repo};
@@ -43,6 +44,9 @@ pub enum DaemonError {
     /// The replica log could not be opened.
     #[error(transparent)]
     Keeper(#[from] KeeperError),
+    /// The ledger of client writes could not be opened.
+    #[error(transparent)]
+    Ledger(#[from] crate::blocks::ledger::LedgerError),
     /// The HTTP API could not start.
     #[error(transparent)]
     Api(#[from] ApiStartError),
@@ -78,6 +82,9 @@ pub struct DaemonConfig {
     pub allow_jobs: Option<Vec<PeerId>>,
     /// What others may write here: a free-space floor, a per-client allowance.
     pub writes: WritePolicy,
+    /// How long a client's add may go without a block or a commit before the blocks it
+    /// pushed here are collected (an add interrupted or abandoned).
+    pub gc_grace: Duration,
     /// For testing verified execution only (`P2PMR_FAULT_WRONG_OUTPUT=1` for `p2pmr daemon`):
     /// the daemon alters one record of every map output it produces. Never on by default.
     pub fault_wrong_output: bool,
@@ -98,6 +105,7 @@ impl Default for DaemonConfig {
             swarm_key: None,
             allow_jobs: None,
             writes: WritePolicy::default(),
+            gc_grace: crate::blocks::ledger::DEFAULT_GC_GRACE,
             fault_wrong_output: false,
         }
     }
@@ -141,12 +149,44 @@ fn default_listen(private: bool) -> Vec<Multiaddr> {
     addrs(0)
 }
 
+/// Collects the blocks of clients' adds that were never completed, every quarter of `grace`
+/// (from a second to ten minutes), until the daemon stops.
+async fn collect_garbage(ledger: Ledger, store: BlockStore, limits: WriteLimits, grace: Duration) {
+    let every = (grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let (ledger, store, limits) = (ledger.clone(), store.clone(), limits.clone());
+        let collected = tokio::task::spawn_blocking(move || {
+            ledger.collect(&store, grace, |peer, bytes| {
+                limits.release(peer, false, bytes)
+            })
+        })
+        .await;
+        match collected {
+            Ok(Ok(done)) if done.blocks > 0 => tracing::info!(
+                "collected {} blocks ({} bytes) of {} adds never completed",
+                done.blocks,
+                done.bytes,
+                done.sessions
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("{}", crate::error::Chain(&e)),
+            Err(e) => tracing::warn!("garbage collection stopped: {e}"),
+        }
+    }
+}
+
 impl Daemon {
     /// Opens the repository at `home` and starts serving.
     pub async fn start(home: &Path, config: DaemonConfig) -> Result<Self, DaemonError> {
         let repo = Repo::open(home)?;
         let keypair = repo.identity()?;
         let replicas = Keeper::open(&repo.replica_log())?;
+        let ledger = Ledger::open(&repo.ledger())?;
+        let limits = WriteLimits::new(config.writes, repo.home(), ledger.by_client());
         // Before the swarm starts, so a refused API address leaves nothing running.
         let api_listener = match &config.api {
             Some(api) => Some((crate::http::bind(api).await?, api.clone())),
@@ -170,12 +210,19 @@ impl Daemon {
         let server = tasks.spawn(crate::blocks::server::serve(
             repo.clone(),
             replicas.clone(),
-            WriteLimits::new(config.writes, repo.home()),
+            ledger.clone(),
+            limits.clone(),
             network.client.clone(),
             network.inbound,
             tasks.clone(),
         ));
         tasks.spawn(replicas.run(network.client.clone(), repo.blocks().clone(), config.grace));
+        tasks.spawn(collect_garbage(
+            ledger,
+            repo.blocks().clone(),
+            limits,
+            config.gc_grace,
+        ));
         let slots = match config.slots {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             n => n,

@@ -17,6 +17,7 @@ mod node;
 pub mod repo;
 mod tasks;
 
+pub use blocks::ledger::{Collected, Ledger, LedgerError, DEFAULT_GC_GRACE};
 pub use blocks::limits::{MinFree, WritePolicy};
 pub use daemon::{Daemon, DaemonConfig};
 pub use error::Error;

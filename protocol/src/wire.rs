@@ -1,4 +1,4 @@
-//! Messages peers exchange over `/mapreduce/block/2.0.0`, their byte encoding and size limits,
+//! Messages peers exchange over `/mapreduce/block/3.0.0`, their byte encoding and size limits,
 //! and the placement rule that decides which peers hold a block.
 //!
 //! The node's libp2p codec frames each message as a 4-byte big-endian length followed by the
@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// Protocol name of block exchange. The version changes with any incompatible message change.
-pub const BLOCK_PROTOCOL: &str = "/mapreduce/block/2.0.0";
+pub const BLOCK_PROTOCOL: &str = "/mapreduce/block/3.0.0";
 
 /// Most CIDs one `Has` request may ask about.
 pub const MAX_HAS: usize = 4096;
@@ -47,6 +47,16 @@ pub enum BlockRequest {
         /// How many daemons in all should hold the block. The receiver keeps the count up
         /// when holders vanish; 0 or 1 means nobody watches over it.
         replicas: u8,
+        /// The sender's add session: a client's blocks stay provisional on the receiver
+        /// until it sends [`BlockRequest::Commit`] for the session, and are collected after
+        /// a grace period if it never does (daemons copying among themselves are not
+        /// tracked).
+        session: u64,
+    },
+    /// Every block pushed here in this add session belongs to a completed add: keep them.
+    Commit {
+        /// The session, as sent with the `Put`s.
+        session: u64,
     },
     /// Which of these blocks do you hold? (At most [`MAX_HAS`].)
     Has(Vec<Cid>),
@@ -96,8 +106,10 @@ enum WireRequest<'a> {
         #[serde(borrow, with = "serde_bytes")] &'a [u8],
         #[serde(borrow, with = "serde_bytes")] &'a [u8],
         u8,
+        u64,
     ),
     Has(#[serde(borrow)] Vec<&'a serde_bytes::Bytes>),
+    Commit(u64),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -139,7 +151,14 @@ impl BlockRequest {
                 cid,
                 data,
                 replicas,
-            } => encode(&WireRequest::Put(&cid.to_bytes(), data, *replicas)),
+                session,
+            } => encode(&WireRequest::Put(
+                &cid.to_bytes(),
+                data,
+                *replicas,
+                *session,
+            )),
+            Self::Commit { session } => encode(&WireRequest::Commit(*session)),
             Self::Has(cids) => {
                 let bytes: Vec<Vec<u8>> = cids.iter().map(Cid::to_bytes).collect();
                 let refs = bytes.iter().map(|b| serde_bytes::Bytes::new(b)).collect();
@@ -153,14 +172,16 @@ impl BlockRequest {
         check("request", bytes.len(), MAX_REQUEST_SIZE)?;
         Ok(match postcard::from_bytes(bytes).map_err(malformed)? {
             WireRequest::Get(cid) => Self::Get(parse_cid(cid)?),
-            WireRequest::Put(cid, data, replicas) => {
+            WireRequest::Put(cid, data, replicas, session) => {
                 check("block", data.len(), MAX_BLOCK_SIZE)?;
                 Self::Put {
                     cid: parse_cid(cid)?,
                     data: data.to_vec(),
                     replicas,
+                    session,
                 }
             }
+            WireRequest::Commit(session) => Self::Commit { session },
             WireRequest::Has(cids) => {
                 check("Has list", cids.len(), MAX_HAS)?;
                 Self::Has(
@@ -267,7 +288,9 @@ mod tests {
                 cid: *block.cid(),
                 data: block.data().to_vec(),
                 replicas: 3,
+                session: u64::MAX,
             },
+            BlockRequest::Commit { session: 7 },
             BlockRequest::Has(cids(3)),
             BlockRequest::Has(vec![]),
         ] {
@@ -291,6 +314,7 @@ mod tests {
             cid: cids(1)[0],
             data: vec![0; MAX_BLOCK_SIZE + 1],
             replicas: 1,
+            session: 0,
         };
         assert!(matches!(
             BlockRequest::decode(&too_big.encode()),

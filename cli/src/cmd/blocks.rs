@@ -3,9 +3,10 @@
 use crate::args::{AddArgs, ImportArgs};
 use crate::env::{open_input, parse_cid, Env};
 use anyhow::{bail, Result};
-use p2pmr_node::{FileError, Replicas, StoreError};
+use p2pmr_node::{FileError, Ledger, Replicas, StoreError};
 use std::io::{self, Write};
 use std::path::Path;
+use std::time::Duration;
 
 pub(crate) async fn add(env: &Env, args: AddArgs) -> Result<()> {
     let source = open_input(&args.file)?;
@@ -119,6 +120,24 @@ pub(crate) fn repo_stat(env: &Env) -> Result<()> {
     println!("repo:   {}", repo.home().display());
     println!("blocks: {}", stats.blocks);
     println!("bytes:  {}", stats.bytes);
+    Ok(())
+}
+
+pub(crate) fn repo_gc(env: &Env, grace_secs: f64) -> Result<()> {
+    let repo = env.open_repo()?;
+    let ledger = Ledger::open(&repo.ledger())?;
+    let done = ledger.collect(
+        repo.blocks(),
+        Duration::from_secs_f64(grace_secs),
+        |_, _| {},
+    )?;
+    println!(
+        "collected {} blocks ({:.1} MiB) of {} adds that never completed; {} provisional blocks kept",
+        done.blocks,
+        done.bytes as f64 / f64::from(1 << 20),
+        done.sessions,
+        done.kept
+    );
     Ok(())
 }
 

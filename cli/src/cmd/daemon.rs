@@ -42,6 +42,7 @@ pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
             slots: args.slots.unwrap_or(0),
             liveness: Duration::from_secs_f64(args.liveness_secs),
             grace: Duration::from_secs_f64(args.grace_secs),
+            gc_grace: Duration::from_secs_f64(args.gc_grace_secs),
             api,
             swarm_key: env.swarm_key()?,
             allow_jobs: allowed_peers(&args.allow_jobs)?,

@@ -51,16 +51,19 @@ impl Default for WritePolicy {
 pub(crate) struct WriteLimits {
     policy: WritePolicy,
     home: PathBuf,
-    /// Bytes each client peer stored here since the daemon started.
+    /// Bytes each client peer has stored here (as the ledger counted them at start, and
+    /// since).
     by_client: Arc<Mutex<HashMap<PeerId, u64>>>,
 }
 
 impl WriteLimits {
-    pub(crate) fn new(policy: WritePolicy, home: &Path) -> Self {
+    /// The limits of `policy` on the repository at `home`, with each client's bytes stored so
+    /// far.
+    pub(crate) fn new(policy: WritePolicy, home: &Path, stored: HashMap<PeerId, u64>) -> Self {
         Self {
             policy,
             home: home.to_owned(),
-            by_client: Arc::default(),
+            by_client: Arc::new(Mutex::new(stored)),
         }
     }
 
@@ -141,6 +144,7 @@ mod tests {
                 max_client_bytes: 1000,
             },
             dir.path(),
+            HashMap::new(),
         );
         assert!(tight.reserve(client, false, 600).is_ok());
         let over = tight.reserve(client, false, 600).unwrap_err();
@@ -165,6 +169,7 @@ mod tests {
                 max_client_bytes: u64::MAX,
             },
             dir.path(),
+            HashMap::new(),
         );
         if free_space(dir.path()).is_some() {
             for is_daemon in [false, true] {

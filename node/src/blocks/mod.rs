@@ -13,6 +13,7 @@
 //! back to the rest, so finding a block costs no lookup and no DHT state.
 
 pub mod keeper;
+pub mod ledger;
 pub mod limits;
 pub(crate) mod server;
 
@@ -76,6 +77,15 @@ pub enum RemoteError {
         /// How many daemons were asked.
         asked: usize,
     },
+    /// A daemon did not confirm the add: the blocks it holds stay provisional there, and are
+    /// collected after its grace period unless the add is made again.
+    #[error("{peer} did not confirm the add: {reason}")]
+    Commit {
+        /// The daemon.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
     /// Reading or writing files failed.
     #[error(transparent)]
     File(#[from] FileError),
@@ -112,7 +122,10 @@ pub async fn add(
 
 /// Stores every block that arrives on `blocks` durably on `replicas` distinct daemons, chosen
 /// by the placement rule, [`WINDOW`] blocks at a time. Stops taking blocks at the first
-/// failure (dropping the receiver tells the sender) and returns it.
+/// failure (dropping the receiver tells the sender) and returns it. The blocks go under one
+/// new add session, committed on every daemon that took some once all are stored: until
+/// then they are provisional there (see [`ledger`]), so an add that fails or is interrupted
+/// leaves nothing behind for good.
 pub async fn push_all(
     net: &NetClient,
     mut blocks: mpsc::Receiver<Block>,
@@ -127,14 +140,24 @@ pub async fn push_all(
     }
     let window = Arc::new(Semaphore::new(WINDOW));
     let daemons: Arc<Vec<Placed>> = Arc::new(daemons.into_iter().map(Placed::new).collect());
+    let session = new_session();
     let mut uploads = JoinSet::new();
     let mut failure = None;
+    let mut took: HashSet<PeerId> = HashSet::new();
+    let reap = |done: Result<Result<Vec<PeerId>, RemoteError>, tokio::task::JoinError>,
+                took: &mut HashSet<PeerId>,
+                failure: &mut Option<RemoteError>| {
+        match done.expect("upload task panicked") {
+            Ok(peers) => took.extend(peers),
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    };
     while let Some(block) = blocks.recv().await {
         // Reap finished uploads so errors surface early and the set stays small.
         while let Some(done) = uploads.try_join_next() {
-            if let Err(e) = done.expect("upload task panicked") {
-                failure.get_or_insert(e);
-            }
+            reap(done, &mut took, &mut failure);
         }
         if failure.is_some() {
             break;
@@ -142,18 +165,48 @@ pub async fn push_all(
         let permit = window.clone().acquire_owned().await.expect("never closed");
         let (net, daemons) = (net.clone(), daemons.clone());
         uploads.spawn(async move {
-            let r = push(&net, &daemons, block, replicas, replicas).await;
+            let r = push(&net, &daemons, block, replicas, replicas, session).await;
             drop(permit);
             r
         });
     }
     drop(blocks);
     while let Some(done) = uploads.join_next().await {
-        if let Err(e) = done.expect("upload task panicked") {
-            failure.get_or_insert(e);
-        }
+        reap(done, &mut took, &mut failure);
     }
-    failure.map_or(Ok(()), Err)
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    commit(net, took, session).await
+}
+
+/// A new add session number.
+fn new_session() -> u64 {
+    let mut bytes = [0; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // Unique enough within one client: sessions are kept per client peer.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        return now.map_or(0, |d| d.as_nanos() as u64);
+    }
+    u64::from_le_bytes(bytes)
+}
+
+/// Tells every daemon in `took` that add session `session` is complete.
+async fn commit(net: &NetClient, took: HashSet<PeerId>, session: u64) -> Result<(), RemoteError> {
+    let commits = took.into_iter().map(|peer| async move {
+        match patiently(net, peer, || BlockRequest::Commit { session }).await {
+            Ok(BlockResponse::Stored) => Ok(()),
+            Ok(other) => Err(RemoteError::Commit {
+                peer,
+                reason: describe(&other),
+            }),
+            Err(e) => Err(RemoteError::Commit {
+                peer,
+                reason: e.to_string(),
+            }),
+        }
+    });
+    join_all(commits).await.into_iter().collect()
 }
 
 /// Copies the blocks `cids` of `store` to `copies` other daemons each, chosen by the placement
@@ -194,7 +247,10 @@ pub async fn replicate(
                 .await
                 .expect("store task panicked")
                 .map_err(FileError::Store)?;
-            let r = push(&net, &daemons, block, copies, copies + 1).await;
+            // Daemons' copies are not provisional on the receiver: no session to commit.
+            let r = push(&net, &daemons, block, copies, copies + 1, 0)
+                .await
+                .map(drop);
             drop(permit);
             r
         });
@@ -234,18 +290,20 @@ fn placement(cid: &Cid, daemons: &[Placed]) -> Vec<PeerId> {
 }
 
 /// Stores `block` on `replicas` of `daemons`, best-ranked first, moving down the ranking past
-/// daemons that refuse or fail. `target` is the block's replica count in all, which the
-/// receivers keep up.
+/// daemons that refuse or fail, in add session `session`. `target` is the block's replica
+/// count in all, which the receivers keep up. Returns the daemons that stored it.
 pub(crate) async fn push(
     net: &NetClient,
     daemons: &[Placed],
     block: Block,
     replicas: usize,
     target: usize,
-) -> Result<(), RemoteError> {
+    session: u64,
+) -> Result<Vec<PeerId>, RemoteError> {
     let target = u8::try_from(target).unwrap_or(u8::MAX);
     let ranked = placement(block.cid(), daemons);
     let mut stored = 0;
+    let mut took = Vec::with_capacity(replicas);
     let mut next = 0;
     let mut reason = String::from("not enough daemons");
     while stored < replicas && next < ranked.len() {
@@ -256,11 +314,15 @@ pub(crate) async fn push(
                 cid: *block.cid(),
                 data: block.data().to_vec(),
                 replicas: target,
+                session,
             })
         });
         for (peer, result) in batch.iter().zip(join_all(puts).await) {
             match result {
-                Ok(BlockResponse::Stored) => stored += 1,
+                Ok(BlockResponse::Stored) => {
+                    stored += 1;
+                    took.push(*peer);
+                }
                 Ok(other) => reason = format!("{peer} answered {}", describe(&other)),
                 Err(e) => reason = e.to_string(),
             }
@@ -274,7 +336,7 @@ pub(crate) async fn push(
             reason,
         });
     }
-    Ok(())
+    Ok(took)
 }
 
 /// Sends `make()` to `peer`, again after growing pauses while the peer says it is busy.

@@ -4,10 +4,12 @@
 //! A `Put` is acknowledged only once durable; acknowledgements are group-committed: one
 //! `syncfs` covers every block stored while the previous sync ran, so replication costs one
 //! sync per batch rather than one per block. A `Put` also records the block's replica target,
-//! which the [`Keeper`] keeps up when holders vanish. A block found corrupt when asked for is
-//! quarantined by the store and fetched again from a replica.
+//! which the [`Keeper`] keeps up when holders vanish, and a client's `Put` is entered in the
+//! [`Ledger`] under its add session, until the client commits the session. A block found
+//! corrupt when asked for is quarantined by the store and fetched again from a replica.
 
 use crate::blocks::keeper::Keeper;
+use crate::blocks::ledger::Ledger;
 use crate::blocks::limits::WriteLimits;
 use crate::blocks::Fetcher;
 use crate::net::{Inbound, NetClient};
@@ -27,13 +29,14 @@ pub(crate) const MAX_HANDLERS: usize = 16;
 pub(crate) async fn serve(
     repo: Repo,
     keeper: Keeper,
+    ledger: Ledger,
     limits: WriteLimits,
     net: NetClient,
     mut inbound: mpsc::Receiver<Inbound>,
     tasks: Tasks,
 ) {
     let permits = Arc::new(Semaphore::new(MAX_HANDLERS));
-    let syncer = Syncer::start(repo.clone(), keeper.clone(), &tasks);
+    let syncer = Syncer::start(repo.clone(), keeper.clone(), ledger.clone(), &tasks);
     while let Some(Inbound {
         peer,
         request,
@@ -43,11 +46,12 @@ pub(crate) async fn serve(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
-        let (repo, net, syncer, keeper, limits, t) = (
+        let (repo, net, syncer, keeper, ledger, limits, t) = (
             repo.clone(),
             net.clone(),
             syncer.clone(),
             keeper.clone(),
+            ledger.clone(),
             limits.clone(),
             tasks.clone(),
         );
@@ -55,6 +59,7 @@ pub(crate) async fn serve(
             let writer = Writer {
                 peer,
                 limits: &limits,
+                ledger: &ledger,
             };
             let response = handle(&repo, &keeper, &net, &syncer, &t, writer, request).await;
             if let BlockResponse::Refused(reason) = &response {
@@ -89,10 +94,11 @@ async fn repair(store: BlockStore, net: NetClient, cid: Cid) {
     }
 }
 
-/// Who is asking, and the limits their writes are held to.
+/// Who is asking, the limits their writes are held to, and where clients' writes are entered.
 struct Writer<'a> {
     peer: PeerId,
     limits: &'a WriteLimits,
+    ledger: &'a Ledger,
 }
 
 async fn handle(
@@ -132,19 +138,34 @@ async fn handle(
                 Err(e) => BlockResponse::Refused(e.to_string()),
             }
         }
+        BlockRequest::Commit { session } => {
+            if net.is_daemon(&writer.peer) {
+                return BlockResponse::Stored; // daemons' copies are not provisional
+            }
+            let (ledger, peer) = (writer.ledger.clone(), writer.peer);
+            match tokio::task::spawn_blocking(move || ledger.commit(peer, session)).await {
+                Ok(Ok(())) => BlockResponse::Stored,
+                Ok(Err(e)) => BlockResponse::Refused(crate::error::Chain(&e).to_string()),
+                Err(e) => BlockResponse::Refused(e.to_string()),
+            }
+        }
         BlockRequest::Put {
             cid,
             data,
             replicas,
+            session,
         } => {
             let is_daemon = net.is_daemon(&writer.peer);
             let size = data.len() as u64;
             let (keeper, limits, peer) = (keeper.clone(), writer.limits.clone(), writer.peer);
+            let ledger = writer.ledger.clone();
             // One trip to the blocking pool: a block already here takes no more room; a new
             // one must fit the limits before it is written, and gives its bytes back if the
-            // write fails.
+            // write fails. A client's block is entered in the ledger, with collection held
+            // off from the check to the entry.
             let stored = tokio::task::spawn_blocking(move || {
                 let block = Block::new(cid, data).map_err(|e| e.to_string())?;
+                let _writing = (!is_daemon).then(|| ledger.writing());
                 let reserved = !store.has(block.cid());
                 if reserved {
                     limits.reserve(peer, is_daemon, size)?;
@@ -153,6 +174,15 @@ async fn handle(
                     keeper
                         .note(*block.cid(), replicas)
                         .map_err(|e| e.to_string())
+                });
+                let put = put.and_then(|()| {
+                    if is_daemon {
+                        return Ok(());
+                    }
+                    let added = if reserved { size } else { 0 };
+                    ledger
+                        .pushed(peer, session, *block.cid(), added)
+                        .map_err(|e| crate::error::Chain(&e).to_string())
                 });
                 if let Err(e) = put {
                     if reserved {
@@ -190,7 +220,7 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn start(repo: Repo, keeper: Keeper, tasks: &Tasks) -> Self {
+    fn start(repo: Repo, keeper: Keeper, ledger: Ledger, tasks: &Tasks) -> Self {
         let (tx, mut rx) = mpsc::channel::<SyncRequest>(MAX_HANDLERS * 2);
         tasks.spawn(async move {
             while let Some(first) = rx.recv().await {
@@ -198,11 +228,15 @@ impl Syncer {
                 while let Ok(more) = rx.try_recv() {
                     batch.push(more);
                 }
-                let (store, keeper) = (repo.blocks().clone(), keeper.clone());
+                let (store, keeper, ledger) =
+                    (repo.blocks().clone(), keeper.clone(), ledger.clone());
                 let cids: Vec<Cid> = batch.iter().map(|(c, _)| *c).collect();
                 let synced = tokio::task::spawn_blocking(move || {
                     store.sync(cids.iter()).map_err(|e| e.to_string())?;
-                    keeper.sync().map_err(|e| e.to_string())
+                    keeper.sync().map_err(|e| e.to_string())?;
+                    ledger
+                        .sync()
+                        .map_err(|e| crate::error::Chain(&e).to_string())
                 })
                 .await
                 .map_err(|e| e.to_string())

@@ -1,5 +1,5 @@
 //! The libp2p side of a peer: one task owns the `Swarm` (TCP + QUIC, Noise, Yamux, identify,
-//! ping, mDNS, Kademlia and `/mapreduce/block/2.0.0`); the rest of the node talks to it through
+//! ping, mDNS, Kademlia and `/mapreduce/block/3.0.0`); the rest of the node talks to it through
 //! the cloneable [`NetClient`], whose calls become `Command`s answered over `oneshot`s, as in
 //! rust-libp2p's `file-sharing` example.
 //!

@@ -137,6 +137,11 @@ impl Repo {
         self.home.join(REPLICA_LOG)
     }
 
+    /// The ledger of client writes (see [`Ledger`](crate::blocks::ledger::Ledger)).
+    pub fn ledger(&self) -> PathBuf {
+        self.home.join("ledger")
+    }
+
     /// Where a coordinator records its finished jobs.
     pub fn jobs_dir(&self) -> PathBuf {
         self.home.join(JOBS_DIR)

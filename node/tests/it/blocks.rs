@@ -172,6 +172,7 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
         cid: *good.cid(),
         data: b"other bytes".to_vec(),
         replicas: 1,
+        session: 1,
     };
     assert!(matches!(
         client.request(daemon, lie).await?,
@@ -188,6 +189,7 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
         cid: *good.cid(),
         data: vec![0; p2pmr_protocol::MAX_BLOCK_SIZE + 1],
         replicas: 1,
+        session: 1,
     };
     assert!(client.request(daemon, huge).await.is_err());
     // The daemon still serves.
@@ -195,8 +197,14 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
         cid: *good.cid(),
         data: good.data().to_vec(),
         replicas: 1,
+        session: 1,
     };
     assert_eq!(client.request(daemon, put).await?, BlockResponse::Stored);
+    // Committing the session keeps it for good; a session that stored nothing commits too.
+    for session in [1, 2] {
+        let commit = BlockRequest::Commit { session };
+        assert_eq!(client.request(daemon, commit).await?, BlockResponse::Stored);
+    }
     assert_eq!(
         client
             .request(daemon, BlockRequest::Get(*good.cid()))

@@ -292,3 +292,111 @@ async fn only_a_jobs_submitter_or_a_daemon_cancels_it() -> Result<()> {
     cluster.stop().await;
     Ok(())
 }
+
+/// A client of `cluster`'s daemons with a fixed identity, once it sees `want` of them.
+async fn client_as(cluster: &Cluster, keypair: &Keypair, want: usize) -> Result<Node> {
+    let node = Node::builder()
+        .peers(cluster.addrs())
+        .mdns(false)
+        .identity(keypair.clone())
+        .build();
+    node.peers().wait_for(want).await?;
+    Ok(node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_of_adds_that_never_complete_are_collected_and_allowances_persist() -> Result<()> {
+    // Daemon 0 takes anything; daemon 1 at most 1 MiB from a client, so a 2-replica add of
+    // 4 MiB is refused part way. Both collect what an add left after 2 s.
+    let grace = Duration::from_secs(2);
+    let mut config = ClusterConfig::linked(1, 1);
+    config.daemon.gc_grace = grace;
+    let mut cluster = Cluster::start(config).await?;
+    let tight = DaemonConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        bootstrap: cluster.addrs(),
+        mdns: false,
+        slots: 1,
+        gc_grace: grace,
+        writes: WritePolicy {
+            min_free: MinFree::Bytes(0),
+            max_client_bytes: 1 << 20,
+        },
+        ..DaemonConfig::default()
+    };
+    cluster.add(tight.clone()).await?;
+    cluster.wait_linked().await?;
+    let me = Keypair::generate_ed25519();
+    let writer = client_as(&cluster, &me, 2).await?;
+    let bytes = |n: usize, seed: u8| (0..n).map(|i| (i % 253) as u8 ^ seed).collect::<Vec<u8>>();
+
+    // A completed add (one 256 KiB block) is kept for good.
+    let kept = writer
+        .blocks()
+        .add(Cursor::new(bytes(256 << 10, 1)), Replicas::network(2))
+        .await?
+        .root;
+    let counts = |c: &Cluster| -> Result<Vec<u64>> {
+        Ok(vec![
+            c.daemon(0).repo().blocks().stats()?.blocks,
+            c.daemon(1).repo().blocks().stats()?.blocks,
+        ])
+    };
+    let before = counts(&cluster)?;
+    let refused = writer
+        .blocks()
+        .add(Cursor::new(bytes(4 << 20, 2)), Replicas::network(2))
+        .await
+        .expect_err("past daemon 1's allowance");
+    assert!(
+        refused.to_string().contains("--max-client-bytes"),
+        "{refused}"
+    );
+    let left = counts(&cluster)?;
+    assert!(
+        left[0] > before[0] && left[1] > before[1],
+        "{before:?} -> {left:?}"
+    );
+
+    // Within a few ticks of the grace period the interrupted add is gone from both.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while counts(&cluster)? != before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not collected: {before:?} -> {:?}",
+            counts(&cluster)?
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for d in 0..2 {
+        assert!(cluster.daemon(d).repo().blocks().has(&kept), "daemon {d}");
+    }
+    assert_eq!(cat_all(&writer, kept).await?, bytes(256 << 10, 1));
+
+    // The refused add's bytes were given back: 512 KiB more fits in daemon 1's 1 MiB.
+    let second = writer
+        .blocks()
+        .add(Cursor::new(bytes(512 << 10, 3)), Replicas::network(2))
+        .await?
+        .root;
+    writer.shutdown().await;
+
+    // The allowance survives a restart: 768 KiB of 1 MiB used, 512 KiB more does not fit.
+    cluster.take(1).expect("running").stop().await?;
+    cluster.restart(1, tight).await?;
+    cluster.wait_linked().await?;
+    let writer = client_as(&cluster, &me, 2).await?;
+    let refused = writer
+        .blocks()
+        .add(Cursor::new(bytes(512 << 10, 4)), Replicas::network(2))
+        .await
+        .expect_err("the allowance was kept across the restart");
+    assert!(
+        refused.to_string().contains("--max-client-bytes"),
+        "{refused}"
+    );
+    assert_eq!(cat_all(&writer, second).await?, bytes(512 << 10, 3));
+    writer.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
