@@ -1304,3 +1304,197 @@ fn repo_gc_collects_what_a_refused_add_left_and_waits_for_the_daemon() {
     let bad = p2pmr(&home, &["repo", "gc", "--grace-secs", "-1"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+mod abuse {
+    //! Hostile peers against a daemon process: slow senders of large frames that never finish
+    //! them.
+
+    use super::*;
+    use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
+    use libp2p::request_response::{self, ProtocolSupport};
+    use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+    use p2pmr_protocol::engine::{JOB_PROTOCOL, MAX_JOB_MESSAGE};
+    use std::io;
+    use std::time::{Duration, Instant};
+
+    /// Sends the length of a largest job message and all its bytes but the last, then nothing.
+    #[derive(Clone, Default)]
+    struct Stall;
+
+    impl request_response::Codec for Stall {
+        type Protocol = StreamProtocol;
+        type Request = ();
+        type Response = ();
+
+        async fn read_request<T: AsyncRead + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            _: &mut T,
+        ) -> io::Result<()> {
+            Ok(())
+        }
+
+        async fn read_response<T: AsyncRead + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            _: &mut T,
+        ) -> io::Result<()> {
+            futures::future::pending().await
+        }
+
+        async fn write_request<T: AsyncWrite + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            io: &mut T,
+            _: (),
+        ) -> io::Result<()> {
+            io.write_all(&(MAX_JOB_MESSAGE as u32).to_be_bytes())
+                .await?;
+            let piece = vec![0u8; 64 << 10];
+            let mut left = MAX_JOB_MESSAGE - 1;
+            while left > 0 {
+                let n = left.min(piece.len());
+                io.write_all(&piece[..n]).await?;
+                left -= n;
+            }
+            io.flush().await?;
+            futures::future::pending().await
+        }
+
+        async fn write_response<T: AsyncWrite + Unpin + Send>(
+            &mut self,
+            _: &StreamProtocol,
+            _: &mut T,
+            _: (),
+        ) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A peer of its own that opens `streams` stalled job requests to `daemon` at `addr`.
+    fn stalling_peer(
+        addr: Multiaddr,
+        daemon: PeerId,
+        streams: usize,
+    ) -> Result<tokio::task::JoinHandle<()>, Box<dyn std::error::Error>> {
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )?
+            .with_behaviour(|_| {
+                request_response::Behaviour::with_codec(
+                    Stall,
+                    [(StreamProtocol::new(JOB_PROTOCOL), ProtocolSupport::Outbound)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(300))
+                        .with_max_concurrent_streams(streams),
+                )
+            })?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
+            .build();
+        swarm.add_peer_address(daemon, addr);
+        for _ in 0..streams {
+            swarm.behaviour_mut().send_request(&daemon, ());
+        }
+        Ok(tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        }))
+    }
+
+    /// Resident memory of process `pid`, bytes.
+    fn rss(pid: u32) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb << 10)
+    }
+
+    #[test]
+    fn forty_peers_stalling_large_frames_cost_bounded_memory_and_cat_goes_on() {
+        let daemon = DaemonProcess::start_args(&[], &["--slots", "1"]);
+        let client = tempfile::tempdir().unwrap();
+        let text = mix(4 << 20);
+        let input = write_file(client.path(), "in.bin", &text);
+        let cat = |cid: &str| p2pmr(client.path(), &["--peer", &daemon.addr, "cat", cid]);
+        let added = p2pmr(
+            client.path(),
+            &[
+                "--peer",
+                &daemon.addr,
+                "add",
+                "--replicas",
+                "1",
+                input.to_str().unwrap(),
+            ],
+        );
+        assert!(added.status.success());
+        let cid = stdout(&added);
+        let pid = daemon.child.id();
+        let idle = rss(pid);
+        // The same cat with no attack, for comparison.
+        let mut quiet: Vec<Duration> = (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                assert!(cat(&cid).status.success());
+                started.elapsed()
+            })
+            .collect();
+        quiet.sort();
+
+        // 40 peers, each with 32 streams announcing 4 MiB and sending all of it but a byte:
+        // 5 GiB, were the daemon to buffer what it is told to expect.
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let addr: Multiaddr = daemon.addr.parse().unwrap();
+        let peer: PeerId = daemon.peer_id.parse().unwrap();
+        let attackers: Vec<_> = {
+            let _in_rt = rt.enter();
+            (0..40)
+                .map(|_| stalling_peer(addr.clone(), peer, 32).unwrap())
+                .collect()
+        };
+        let mut peak = idle;
+        let mut cats = Vec::new();
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            // A user's cat still gets through.
+            let started = Instant::now();
+            let read = cat(&cid);
+            assert!(
+                read.status.success(),
+                "{}",
+                String::from_utf8_lossy(&read.stderr)
+            );
+            assert!(read.stdout == text);
+            cats.push(started.elapsed());
+            peak = peak.max(rss(pid));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for a in attackers {
+            a.abort();
+        }
+        cats.sort();
+        eprintln!(
+            "40 stalling peers x 32 streams: daemon RSS {} MiB idle, {} MiB peak; cat of 4 MiB: \
+             median {:?} without them, during it median {:?} ({} runs), slowest {:?}",
+            idle >> 20,
+            peak >> 20,
+            quiet[quiet.len() / 2],
+            cats[cats.len() / 2],
+            cats.len(),
+            cats[cats.len() - 1]
+        );
+        assert!(
+            peak < idle + (256 << 20),
+            "memory grew from {} to {} MiB",
+            idle >> 20,
+            peak >> 20
+        );
+    }
+}

@@ -204,6 +204,11 @@ impl Started {
                 && self.net.dialing() > 0
                 && Instant::now() < self.deadline + DIAL_TIMEOUT;
             if Instant::now() >= self.deadline && !undecided {
+                tracing::debug!(
+                    "discovery over: {} daemons, {} dials under way",
+                    daemons.len(),
+                    self.net.dialing()
+                );
                 self.satisfied.store(usize::MAX, Ordering::Relaxed);
                 return;
             }

@@ -22,7 +22,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::pnet::PnetConfig;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
     Transport,
@@ -34,9 +34,10 @@ use p2pmr_protocol::wire::{
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 /// Agent version announced over identify.
@@ -55,6 +56,22 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 pub const JOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Inbound job requests queued before new ones are refused as busy.
 const JOB_QUEUE: usize = 64;
+/// How long a peer has, from opening a stream, to send its whole request: a slow or stalled
+/// sender cannot hold a half-read frame longer.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+/// Bytes of each inbound frame read without drawing on the [`INBOUND_BUDGET`]: small
+/// requests (gets, job control) always get through.
+const FREE_FRAME_BYTES: usize = 16 << 10;
+/// Bytes of large inbound frames being read at once, in all: what peers sending large
+/// frames slowly (or never finishing them) can make this peer hold.
+pub const INBOUND_BUDGET: usize = 128 << 20;
+/// The budget is counted in units of this many bytes.
+const BUDGET_UNIT: usize = 1 << 10;
+/// Connections one peer may have established with this one at once.
+const MAX_CONNECTIONS_PER_PEER: u32 = 8;
+/// Incoming connections established at once, and still in their handshake.
+const MAX_INCOMING: u32 = 1024;
+const MAX_PENDING_INCOMING: u32 = 128;
 
 /// Errors of the network layer.
 #[derive(Debug, Error)]
@@ -349,6 +366,7 @@ impl NetClient {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    limits: libp2p::connection_limits::Behaviour,
     blocks: request_response::Behaviour<BlockCodec>,
     jobs: request_response::Behaviour<JobCodec>,
     identify: identify::Behaviour,
@@ -372,7 +390,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
             .with_tcp(
                 tcp::Config::default().nodelay(true),
                 noise::Config::new,
-                yamux::Config::default,
+                muxer,
             )
             .map_err(|e| setup(&e))?
             .with_quic()
@@ -393,7 +411,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
                             .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
                             .upgrade(upgrade::Version::V1Lazy)
                             .authenticate(noise::Config::new(keypair)?)
-                            .multiplex(yamux::Config::default()),
+                            .multiplex(muxer()),
                     )
                 },
             )
@@ -444,6 +462,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         listen: listen_tx,
         refused: refused_tx,
         dialing: dialing_tx,
+        under_way: HashMap::new(),
         bootstrapped: false,
         banned: HashSet::new(),
         known: HashMap::new(),
@@ -489,6 +508,14 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     })
 }
 
+/// Yamux with fewer streams per connection than its default: each may hold a receive window
+/// of data, and our protocols use at most [`MAX_STREAMS`] each.
+fn muxer() -> yamux::Config {
+    let mut config = yamux::Config::default();
+    config.set_max_num_streams(4 * MAX_STREAMS);
+    config
+}
+
 /// The protocols every peer runs: blocks and jobs (served by daemons, asked by all),
 /// identify, ping, Kademlia and, if asked for, mDNS.
 fn make_behaviour(
@@ -502,15 +529,17 @@ fn make_behaviour(
     } else {
         ProtocolSupport::Outbound
     };
+    // One budget for the large inbound frames of both protocols.
+    let budget = Arc::new(Semaphore::new(INBOUND_BUDGET / BUDGET_UNIT));
     let blocks = request_response::Behaviour::with_codec(
-        BlockCodec::default(),
+        BlockCodec::new(budget.clone()),
         [(StreamProtocol::new(BLOCK_PROTOCOL), support.clone())],
         request_response::Config::default()
             .with_request_timeout(REQUEST_TIMEOUT)
             .with_max_concurrent_streams(MAX_STREAMS),
     );
     let jobs = request_response::Behaviour::with_codec(
-        JobCodec::default(),
+        JobCodec::new(budget),
         [(StreamProtocol::new(JOB_PROTOCOL), support)],
         request_response::Config::default()
             .with_request_timeout(JOB_REQUEST_TIMEOUT)
@@ -536,7 +565,12 @@ fn make_behaviour(
     } else {
         None
     };
+    let limits = libp2p::connection_limits::ConnectionLimits::default()
+        .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER))
+        .with_max_established_incoming(Some(MAX_INCOMING))
+        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING));
     Ok(Behaviour {
+        limits: libp2p::connection_limits::Behaviour::new(limits),
         blocks,
         jobs,
         identify,
@@ -572,6 +606,8 @@ struct EventLoop {
     refused: watch::Sender<Option<PeerId>>,
     /// Outgoing connections being set up (dialled, not yet connected or failed).
     dialing: watch::Sender<u32>,
+    /// Our dials under way, and the peer each is meant to reach (if known).
+    under_way: HashMap<ConnectionId, Option<PeerId>>,
     bootstrapped: bool,
     /// Peers caught misbehaving: never connected to again by this peer.
     banned: HashSet<PeerId>,
@@ -614,24 +650,15 @@ impl EventLoop {
                     }
                 }
                 event = self.swarm.select_next_some() => {
-                    // Only these change the number of dials under way; the rest (every
-                    // request and response) do not need the count read again.
-                    let dials = matches!(
-                        event,
-                        SwarmEvent::Dialing { .. }
-                            | SwarmEvent::ConnectionEstablished { .. }
-                            | SwarmEvent::OutgoingConnectionError { .. }
-                    );
                     self.handle_event(event);
-                    if dials {
-                        let counters = self.swarm.network_info().connection_counters().clone();
-                        let pending = counters.num_pending_outgoing();
-                        self.dialing.send_if_modified(|d| std::mem::replace(d, pending) != pending);
-                    }
+                    self.count_dials();
                 }
                 command = self.commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
-                    Some(command) => self.handle_command(command),
+                    Some(command) => {
+                        self.handle_command(command);
+                        self.count_dials();
+                    }
                 },
                 _ = refresh.tick() => {
                     if self.bootstrapped {
@@ -715,17 +742,22 @@ impl EventLoop {
             }
             Command::Dial { addr, reply } => {
                 let peer = link::peer_of(&addr);
-                match self.swarm.dial(addr.clone()) {
-                    Ok(()) => match peer {
-                        Some(peer) if !self.swarm.is_connected(&peer) => {
-                            self.dials.entry(peer).or_default().push(reply)
+                let opts = DialOpts::from(addr.clone());
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.under_way.insert(id, peer);
+                        match peer {
+                            Some(peer) if !self.swarm.is_connected(&peer) => {
+                                self.dials.entry(peer).or_default().push(reply)
+                            }
+                            // Without a peer id we cannot match the connection; report the
+                            // dial as started.
+                            _ => {
+                                let _ = reply.send(Ok(()));
+                            }
                         }
-                        // Without a peer id we cannot match the connection; report the dial
-                        // as started.
-                        _ => {
-                            let _ = reply.send(Ok(()));
-                        }
-                    },
+                    }
                     Err(e) => {
                         let _ = reply.send(Err(NetError::Dial {
                             reason: e.to_string(),
@@ -759,16 +791,30 @@ impl EventLoop {
             SwarmEvent::ConnectionEstablished { peer_id, .. } if self.banned.contains(&peer_id) => {
                 let _ = self.swarm.disconnect_peer_id(peer_id);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                self.under_way.remove(&connection_id);
                 for reply in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = reply.send(Ok(()));
                 }
             }
             SwarmEvent::OutgoingConnectionError {
-                peer_id: Some(peer),
+                peer_id,
+                connection_id,
                 error,
-                ..
-            } if !self.swarm.is_connected(&peer) => {
+            } => {
+                // The peer we dialled, even when the error does not name it.
+                let dialled = self.under_way.remove(&connection_id).flatten();
+                let Some(peer) = peer_id.or(dialled) else {
+                    tracing::debug!("dial: {error}");
+                    return;
+                };
+                if self.swarm.is_connected(&peer) {
+                    return;
+                }
                 let reason = error.to_string();
                 // Past TCP, the pnet and Noise handshakes: a peer with another swarm key (or
                 // none) reads garbage, so the handshake fails or never completes.
@@ -910,6 +956,13 @@ impl EventLoop {
         }
     }
 
+    /// Publishes how many of our dials are under way.
+    fn count_dials(&self) {
+        let n = self.under_way.len() as u32;
+        self.dialing
+            .send_if_modified(|d| std::mem::replace(d, n) != n);
+    }
+
     fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         if peer == *self.swarm.local_peer_id()
             || self.swarm.is_connected(&peer)
@@ -926,8 +979,12 @@ impl EventLoop {
             .addresses(addrs)
             .condition(PeerCondition::DisconnectedAndNotDialing)
             .build();
-        if let Err(e) = self.swarm.dial(opts) {
-            tracing::debug!("dial {peer}: {e}");
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.under_way.insert(id, Some(peer));
+            }
+            Err(e) => tracing::debug!("dial {peer}: {e}"),
         }
     }
 }
@@ -1024,8 +1081,26 @@ wire_message!(JobRequest, MAX_JOB_MESSAGE);
 wire_message!(JobResponse, MAX_JOB_MESSAGE);
 
 /// Frames messages as a 4-byte big-endian length and the encoded message, and refuses frames
-/// over the message type's limit before allocating for them.
-pub struct FramedCodec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
+/// over the message type's limit before allocating for them. A frame's buffer grows as its
+/// bytes arrive, so memory follows what a peer sent, not what it announced; an inbound
+/// request must arrive whole within [`REQUEST_DEADLINE`], and the part of it past
+/// [`FREE_FRAME_BYTES`] draws on a budget shared by every inbound stream
+/// ([`INBOUND_BUDGET`]): a request that finds it spent is refused (the stream is reset, and
+/// the sender retries later) instead of growing memory.
+pub struct FramedCodec<Req, Resp> {
+    budget: Arc<Semaphore>,
+    kind: PhantomData<fn() -> (Req, Resp)>,
+}
+
+impl<Req, Resp> FramedCodec<Req, Resp> {
+    /// A codec whose large inbound frames draw on `budget` (permits of [`BUDGET_UNIT`] bytes).
+    pub fn new(budget: Arc<Semaphore>) -> Self {
+        Self {
+            budget,
+            kind: PhantomData,
+        }
+    }
+}
 
 impl<Req, Resp> std::fmt::Debug for FramedCodec<Req, Resp> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1034,14 +1109,15 @@ impl<Req, Resp> std::fmt::Debug for FramedCodec<Req, Resp> {
 }
 
 impl<Req, Resp> Default for FramedCodec<Req, Resp> {
+    /// A codec with a budget of its own.
     fn default() -> Self {
-        Self(PhantomData)
+        Self::new(Arc::new(Semaphore::new(INBOUND_BUDGET / BUDGET_UNIT)))
     }
 }
 
 impl<Req, Resp> Clone for FramedCodec<Req, Resp> {
     fn clone(&self) -> Self {
-        Self::default()
+        Self::new(self.budget.clone())
     }
 }
 
@@ -1050,7 +1126,15 @@ pub type BlockCodec = FramedCodec<BlockRequest, BlockResponse>;
 /// The job protocol's codec.
 pub type JobCodec = FramedCodec<JobRequest, JobResponse>;
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io::Result<Vec<u8>> {
+/// Reads one frame of at most `limit` bytes, growing its buffer as the bytes arrive; past
+/// [`FREE_FRAME_BYTES`], each piece must first be covered by `budget` (if given), held until
+/// the frame is decoded.
+async fn read_frame<T: AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+    budget: Option<&Arc<Semaphore>>,
+) -> io::Result<(Vec<u8>, Option<OwnedSemaphorePermit>)> {
+    const PIECE: usize = 16 << 10;
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -1060,9 +1144,38 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, limit: usize) -> io
             format!("frame of {len} bytes exceeds the limit of {limit}"),
         ));
     }
-    let mut buf = vec![0; len];
-    io.read_exact(&mut buf).await?;
-    Ok(buf)
+    // Pieces, joined once the frame is whole: a growing vector would copy itself again and
+    // again, and reserve up to twice what arrived.
+    let mut pieces: Vec<Vec<u8>> = Vec::new();
+    let mut got = 0;
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    while got < len {
+        let piece = (len - got).min(PIECE);
+        let end = got + piece;
+        if let Some(budget) = budget.filter(|_| end > FREE_FRAME_BYTES) {
+            let units = (end - got.max(FREE_FRAME_BYTES)).div_ceil(BUDGET_UNIT) as u32;
+            let more = budget.clone().try_acquire_many_owned(units).map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::OutOfMemory,
+                    "too many large messages arriving at once; try again later",
+                )
+            })?;
+            match &mut held {
+                Some(permit) => permit.merge(more),
+                None => held = Some(more),
+            }
+        }
+        let mut buf = vec![0; piece];
+        io.read_exact(&mut buf).await?;
+        pieces.push(buf);
+        got = end;
+    }
+    let frame = if pieces.len() == 1 {
+        pieces.pop().expect("one piece")
+    } else {
+        pieces.concat()
+    };
+    Ok((frame, held))
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, payload: &[u8]) -> io::Result<()> {
@@ -1086,7 +1199,15 @@ impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCode
     where
         T: AsyncRead + Unpin + Send,
     {
-        let frame = read_frame(io, Req::LIMIT).await?;
+        let read = read_frame(io, Req::LIMIT, Some(&self.budget));
+        let (frame, _held) = tokio::time::timeout(REQUEST_DEADLINE, read)
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the request did not arrive in time",
+                )
+            })??;
         Req::from_wire(&frame).map_err(invalid)
     }
 
@@ -1094,7 +1215,8 @@ impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCode
     where
         T: AsyncRead + Unpin + Send,
     {
-        let frame = read_frame(io, Resp::LIMIT).await?;
+        // An answer to our own request: the request's timeout bounds it.
+        let (frame, _) = read_frame(io, Resp::LIMIT, None).await?;
         Resp::from_wire(&frame).map_err(invalid)
     }
 
