@@ -10,6 +10,10 @@ use std::sync::{Arc, Mutex};
 
 /// The default per-client allowance.
 pub const DEFAULT_MAX_CLIENT_BYTES: u64 = 16 << 30;
+/// The most copies a client may ask the daemons to keep of a block: the keeper keeps a block's
+/// target up for good, so a client asking for 255 would have every block it writes copied to
+/// every daemon.
+pub const MAX_CLIENT_REPLICAS: u8 = 8;
 /// The default free-space floor: this share of the filesystem.
 pub const DEFAULT_MIN_FREE_PERCENT: u8 = 5;
 

@@ -10,7 +10,7 @@
 
 use crate::blocks::keeper::Keeper;
 use crate::blocks::ledger::Ledger;
-use crate::blocks::limits::WriteLimits;
+use crate::blocks::limits::{WriteLimits, MAX_CLIENT_REPLICAS};
 use crate::blocks::Fetcher;
 use crate::net::{Inbound, NetClient};
 use crate::repo::store::{BlockStore, StoreError};
@@ -156,6 +156,11 @@ async fn handle(
             session,
         } => {
             let is_daemon = net.is_daemon(&writer.peer);
+            let replicas = if is_daemon {
+                replicas
+            } else {
+                replicas.min(MAX_CLIENT_REPLICAS)
+            };
             let size = data.len() as u64;
             let (keeper, limits, peer) = (keeper.clone(), writer.limits.clone(), writer.peer);
             let ledger = writer.ledger.clone();

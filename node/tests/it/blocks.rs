@@ -200,6 +200,22 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
         session: 1,
     };
     assert_eq!(client.request(daemon, put).await?, BlockResponse::Stored);
+    // A client's replica target is capped: the keeper would copy the block everywhere.
+    let greedy = Block::raw(b"copy me everywhere".to_vec());
+    let put = BlockRequest::Put {
+        cid: *greedy.cid(),
+        data: greedy.data().to_vec(),
+        replicas: 255,
+        session: 1,
+    };
+    assert_eq!(client.request(daemon, put).await?, BlockResponse::Stored);
+    let log = std::fs::read(cluster.daemon(0).repo().replica_log())?;
+    let cid = greedy.cid().to_bytes();
+    let at = log
+        .windows(cid.len())
+        .rposition(|w| w == cid.as_slice())
+        .expect("the target is recorded");
+    assert_eq!(log[at - 2], p2pmr_node::blocks::limits::MAX_CLIENT_REPLICAS);
     // Committing the session keeps it for good; a session that stored nothing commits too.
     for session in [1, 2] {
         let commit = BlockRequest::Commit { session };

@@ -980,3 +980,72 @@ async fn verify_outvotes_a_daemon_that_returns_wrong_output_and_names_it() -> Re
     cluster.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_watches_neither_refuses_a_submission_nor_takes_a_tasks_handler() -> Result<()> {
+    use p2pmr_protocol::engine::{JobRequest, JobResponse};
+    let cluster = linked(2, 2).await?;
+    let daemon = cluster.daemon(0).peer_id();
+    let owner = super::client(&cluster, 2).await?;
+    // A job that runs for a while, so its watchers wait for events.
+    let (_, spec) = looping_job(&owner, 20_000).await?;
+    let job = owner.jobs().submit(spec, Some(daemon)).await?;
+    let mut events = std::pin::pin!(job.events());
+    let first = events.next().await.expect("an event")?;
+    assert!(matches!(first, Event::Accepted { .. }));
+    let id = job.id();
+
+    // 12 peers with 24 watches each (a connection carries 32 streams at most), all waiting for
+    // events past the end of the log: more than the daemon's 256 handlers.
+    let mut flooders = Vec::new();
+    let mut watches = tokio::task::JoinSet::new();
+    for _ in 0..12 {
+        let peer = super::client(&cluster, 2).await?;
+        let net = peer.net(1).await?.clone();
+        for _ in 0..24 {
+            let net = net.clone();
+            watches.spawn(async move {
+                net.job_request(
+                    daemon,
+                    JobRequest::Watch {
+                        job: id,
+                        from: 1_000,
+                    },
+                )
+                .await
+            });
+        }
+        flooders.push(peer);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A submission and a task still get handlers while the watches wait.
+    let other = super::client(&cluster, 2).await?;
+    let module = publish(&other, "wordcount").await?;
+    let input = add(&other, b"a b b\n".to_vec(), 1).await?;
+    let ran = run_spec(
+        &other,
+        job_spec(module, &[("in".into(), input)], 1, &[], AUTO_SPLIT)?,
+    )
+    .await?;
+    assert!(ran.output.is_some(), "{:?}", ran.reason);
+
+    // Each flooder had its 8 watches; the rest were told why.
+    let (mut waited, mut refused) = (0, 0);
+    while let Some(answer) = watches.join_next().await {
+        match answer? {
+            Ok(JobResponse::Failed(reason)) if reason.contains("too many watches") => refused += 1,
+            Ok(JobResponse::Events { .. }) => waited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((waited, refused), (12 * 8, 12 * 16));
+    owner.jobs().cancel(id, Some(daemon)).await?;
+    for peer in flooders {
+        peer.shutdown().await;
+    }
+    owner.shutdown().await;
+    other.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
