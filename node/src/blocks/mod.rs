@@ -69,13 +69,15 @@ pub enum RemoteError {
         /// The block.
         cid: Cid,
     },
-    /// No reachable daemon has the block.
-    #[error("block {cid} is not available from any of {asked} reachable daemon(s)")]
+    /// No reachable daemon has the block, or none that has it answered.
+    #[error("{}", unavailable(cid, *asked, *failed))]
     Unavailable {
         /// The block.
         cid: Cid,
         /// How many daemons were asked.
         asked: usize,
+        /// How many of them did not answer (timed out, failed, refused).
+        failed: usize,
     },
     /// A daemon did not confirm the add: the blocks it holds stay provisional there, and are
     /// collected after its grace period unless the add is made again.
@@ -92,6 +94,23 @@ pub enum RemoteError {
     /// The network failed.
     #[error(transparent)]
     Net(#[from] NetError),
+}
+
+/// Why a block could not be fetched, telling daemons that said they do not have it from
+/// those that did not answer (a slow or stalled daemon is not one without the block).
+fn unavailable(cid: &Cid, asked: usize, failed: usize) -> String {
+    match failed {
+        0 => format!("block {cid} is not available from any of {asked} reachable daemon(s)"),
+        n if n == asked => format!(
+            "block {cid} could not be fetched: none of the {asked} daemon(s) asked answered in \
+             time"
+        ),
+        n => format!(
+            "block {cid} could not be fetched: {} daemon(s) do not have it and {n} did not \
+             answer in time",
+            asked - n
+        ),
+    }
 }
 
 impl From<UnixFsError> for RemoteError {
@@ -515,6 +534,7 @@ impl Fetcher {
         if candidates.is_empty() {
             return Err(RemoteError::NoDaemons { cid });
         }
+        let mut failed = 0;
         for &peer in &candidates {
             let started = Instant::now();
             match patiently(net, peer, || BlockRequest::Get(cid)).await {
@@ -533,16 +553,19 @@ impl Fetcher {
                 Ok(other) => {
                     tracing::debug!("{peer} answered {} for {cid}", describe(&other));
                     self.record(peer, started.elapsed(), false);
+                    failed += 1;
                 }
                 Err(e) => {
                     tracing::debug!("{e}");
                     self.record(peer, started.elapsed(), false);
+                    failed += 1;
                 }
             }
         }
         Err(RemoteError::Unavailable {
             cid,
             asked: candidates.len(),
+            failed,
         })
     }
 
@@ -916,4 +939,18 @@ pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError>
         holders,
         replicas,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unanswered_fetch_is_not_reported_as_a_missing_block() {
+        let cid = *Block::raw(b"x".to_vec()).cid();
+        let said = |asked, failed| RemoteError::Unavailable { cid, asked, failed }.to_string();
+        assert!(said(3, 0).contains("not available from any of 3"));
+        assert!(said(2, 2).contains("none of the 2 daemon(s) asked answered in time"));
+        assert!(said(3, 1).contains("2 daemon(s) do not have it and 1 did not answer"));
+    }
 }

@@ -94,6 +94,23 @@ async fn repair(store: BlockStore, net: NetClient, cid: Cid) {
     }
 }
 
+/// A store error as a peer is told it: what failed, without this daemon's paths (logged in
+/// full here).
+fn for_peer(e: &StoreError) -> String {
+    match e {
+        StoreError::Io { what, source, .. } => {
+            tracing::warn!("{}", crate::error::Chain(e));
+            format!("cannot {what} here: {}", source.kind())
+        }
+        StoreError::Corrupt { cid, .. } => format!("block {cid} is corrupt here"),
+        other => other.to_string(),
+    }
+}
+
+fn refused(e: &StoreError) -> BlockResponse {
+    BlockResponse::Refused(for_peer(e))
+}
+
 /// Who is asking, the limits their writes are held to, and where clients' writes are entered.
 struct Writer<'a> {
     peer: PeerId,
@@ -124,7 +141,7 @@ async fn handle(
                     tasks.spawn(repair(repo.blocks().clone(), net.clone(), cid));
                     BlockResponse::NotFound
                 }
-                Ok(Err(e)) => BlockResponse::Refused(e.to_string()),
+                Ok(Err(e)) => refused(&e),
                 Err(e) => BlockResponse::Refused(e.to_string()),
             }
         }
@@ -145,7 +162,10 @@ async fn handle(
             let (ledger, peer) = (writer.ledger.clone(), writer.peer);
             match tokio::task::spawn_blocking(move || ledger.commit(peer, session)).await {
                 Ok(Ok(())) => BlockResponse::Stored,
-                Ok(Err(e)) => BlockResponse::Refused(crate::error::Chain(&e).to_string()),
+                Ok(Err(e)) => {
+                    tracing::warn!("{}", crate::error::Chain(&e));
+                    BlockResponse::Refused("cannot record the commit".into())
+                }
                 Err(e) => BlockResponse::Refused(e.to_string()),
             }
         }
@@ -175,10 +195,11 @@ async fn handle(
                 if reserved {
                     limits.reserve(peer, is_daemon, size)?;
                 }
-                let put = store.put(&block).map_err(|e| e.to_string()).and_then(|_| {
-                    keeper
-                        .note(*block.cid(), replicas)
-                        .map_err(|e| e.to_string())
+                let put = store.put(&block).map_err(|e| for_peer(&e)).and_then(|_| {
+                    keeper.note(*block.cid(), replicas).map_err(|e| {
+                        tracing::warn!("{}", crate::error::Chain(&e));
+                        "cannot record the block's replica target".to_string()
+                    })
                 });
                 let put = put.and_then(|()| {
                     if is_daemon {
@@ -187,7 +208,10 @@ async fn handle(
                     let added = if reserved { size } else { 0 };
                     ledger
                         .pushed(peer, session, *block.cid(), added)
-                        .map_err(|e| crate::error::Chain(&e).to_string())
+                        .map_err(|e| {
+                            tracing::warn!("{}", crate::error::Chain(&e));
+                            "cannot record the write".to_string()
+                        })
                 });
                 if let Err(e) = put {
                     if reserved {
@@ -237,11 +261,16 @@ impl Syncer {
                     (repo.blocks().clone(), keeper.clone(), ledger.clone());
                 let cids: Vec<Cid> = batch.iter().map(|(c, _)| *c).collect();
                 let synced = tokio::task::spawn_blocking(move || {
-                    store.sync(cids.iter()).map_err(|e| e.to_string())?;
-                    keeper.sync().map_err(|e| e.to_string())?;
-                    ledger
-                        .sync()
-                        .map_err(|e| crate::error::Chain(&e).to_string())
+                    // The reasons go to the writers: logged here in full, sent without paths.
+                    store.sync(cids.iter()).map_err(|e| for_peer(&e))?;
+                    keeper.sync().map_err(|e| {
+                        tracing::warn!("{}", crate::error::Chain(&e));
+                        "cannot make the replica targets durable".to_string()
+                    })?;
+                    ledger.sync().map_err(|e| {
+                        tracing::warn!("{}", crate::error::Chain(&e));
+                        "cannot make the write's record durable".to_string()
+                    })
                 })
                 .await
                 .map_err(|e| e.to_string())
@@ -261,5 +290,33 @@ impl Syncer {
             .await
             .map_err(|_| "daemon is stopping".to_string())?;
         rx.await.map_err(|_| "daemon is stopping".to_string())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_name_no_paths_of_this_daemon() {
+        let cid = *Block::raw(b"x".to_vec()).cid();
+        let errors = [
+            StoreError::Io {
+                what: "write",
+                path: "/srv/p2pmr/blocks/ab/secret".into(),
+                source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+            },
+            StoreError::Corrupt {
+                cid,
+                reason: "hash mismatch".into(),
+                quarantined: "/srv/p2pmr/quarantine/secret".into(),
+            },
+        ];
+        for e in &errors {
+            let told = for_peer(e);
+            assert!(!told.contains("/srv") && !told.contains("secret"), "{told}");
+            assert!(e.to_string().contains("/srv"), "the log keeps the path");
+        }
+        assert_eq!(for_peer(&errors[0]), "cannot write here: no storage space");
     }
 }

@@ -357,3 +357,80 @@ fn bad_modules_are_rejected_before_any_task_runs() {
     let b = load(shipped::by_name("wordcount").unwrap()).unwrap();
     assert!(Arc::ptr_eq(&a, &b));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_jobs_whose_modules_loop_while_loading_do_not_stall_cat() -> anyhow::Result<()> {
+    use futures::FutureExt;
+    use p2pmr_node::Replicas;
+    use p2pmr_protocol::job::{JobInput, JobSpec, TaskLimits};
+    let cluster = super::linked(1, 2).await?;
+    let client = super::client(&cluster, 1).await?;
+    let text: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+    let root = client
+        .blocks()
+        .add(std::io::Cursor::new(text.clone()), Replicas::network(1))
+        .await?
+        .root;
+    let timed_cat = || {
+        let client = client.clone();
+        let text = text.clone();
+        async move {
+            let started = Instant::now();
+            let read = tokio::time::timeout(Duration::from_secs(20), super::cat_all(&client, root));
+            assert!(read.await?? == text);
+            Ok::<_, anyhow::Error>(started.elapsed())
+        }
+        .boxed()
+    };
+    let mut quiet = Vec::new();
+    for _ in 0..5 {
+        quiet.push(timed_cat().await?);
+    }
+    quiet.sort();
+
+    // Eight modules whose start function loops (each a different CID: a custom section names
+    // it), each run as a job with a 10 s limit: the daemon spends that long loading each.
+    let mut jobs = Vec::new();
+    for i in 0..8u8 {
+        let mut wasm = fake_module(1, None, true);
+        wasm.extend_from_slice(&[0, 3, 2, b'v', b'0' + i]);
+        let module = client.jobs().publish(wasm).await?;
+        let input = JobInput {
+            name: "in".into(),
+            cid: root,
+        };
+        let spec = JobSpec::new(module, vec![input], 1, [])?.with_limits(TaskLimits {
+            timeout_ms: 10_000,
+            ..TaskLimits::default()
+        });
+        jobs.push(client.jobs().submit(spec, None).await?);
+    }
+    let mut busy = Vec::new();
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        busy.push(timed_cat().await?);
+    }
+    busy.sort();
+    eprintln!(
+        "cat of 4 MiB: median {:?} quiet; while 8 jobs' modules loop in loading: median {:?} \
+         ({} runs), slowest {:?}",
+        quiet[quiet.len() / 2],
+        busy[busy.len() / 2],
+        busy.len(),
+        busy[busy.len() - 1]
+    );
+    assert!(
+        busy[busy.len() - 1] < Duration::from_secs(5),
+        "a cat took {:?}",
+        busy[busy.len() - 1]
+    );
+    // The loads did loop until their limit.
+    let first = tokio::time::timeout(Duration::from_secs(30), jobs[0].wait(|_| ())).await?;
+    let reason = first
+        .expect_err("a module that loops does not load")
+        .to_string();
+    assert!(reason.contains("time limit"), "{reason}");
+    client.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
