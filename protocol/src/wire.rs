@@ -58,6 +58,14 @@ pub enum BlockRequest {
         /// The session, as sent with the `Put`s.
         session: u64,
     },
+    /// Prove you hold this block: answer [`BlockResponse::Proof`] with
+    /// [`proof`]`(nonce, block)`, which only a holder of the bytes can compute.
+    Prove {
+        /// The block.
+        cid: Cid,
+        /// A fresh random value, so an answer cannot be kept and replayed.
+        nonce: [u8; 32],
+    },
     /// Which of these blocks do you hold? (At most [`MAX_HAS`].)
     Has(Vec<Cid>),
 }
@@ -76,6 +84,16 @@ pub enum BlockResponse {
     /// The request was refused (wrong bytes for a `Put`, disk full, overloaded); the reason is
     /// for humans.
     Refused(String),
+    /// For a `Prove`: [`proof`] of the block with the nonce.
+    Proof([u8; 32]),
+}
+
+/// The proof of holding `data` asked for with `nonce`: SHA-256 of the nonce and the bytes.
+pub fn proof(nonce: &[u8; 32], data: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(nonce);
+    h.update(data);
+    h.finalize().into()
 }
 
 /// Why a message could not be decoded or encoded.
@@ -110,6 +128,7 @@ enum WireRequest<'a> {
     ),
     Has(#[serde(borrow)] Vec<&'a serde_bytes::Bytes>),
     Commit(u64),
+    Prove(#[serde(borrow, with = "serde_bytes")] &'a [u8], [u8; 32]),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -119,6 +138,7 @@ enum WireResponse<'a> {
     Stored,
     Have(Vec<bool>),
     Refused(&'a str),
+    Proof([u8; 32]),
 }
 
 fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
@@ -159,6 +179,7 @@ impl BlockRequest {
                 *session,
             )),
             Self::Commit { session } => encode(&WireRequest::Commit(*session)),
+            Self::Prove { cid, nonce } => encode(&WireRequest::Prove(&cid.to_bytes(), *nonce)),
             Self::Has(cids) => {
                 let bytes: Vec<Vec<u8>> = cids.iter().map(Cid::to_bytes).collect();
                 let refs = bytes.iter().map(|b| serde_bytes::Bytes::new(b)).collect();
@@ -182,6 +203,10 @@ impl BlockRequest {
                 }
             }
             WireRequest::Commit(session) => Self::Commit { session },
+            WireRequest::Prove(cid, nonce) => Self::Prove {
+                cid: parse_cid(cid)?,
+                nonce,
+            },
             WireRequest::Has(cids) => {
                 check("Has list", cids.len(), MAX_HAS)?;
                 Self::Has(
@@ -212,6 +237,7 @@ impl BlockResponse {
             Self::NotFound => encode(&WireResponse::NotFound),
             Self::Stored => encode(&WireResponse::Stored),
             Self::Have(flags) => encode(&WireResponse::Have(flags.clone())),
+            Self::Proof(hash) => encode(&WireResponse::Proof(*hash)),
             Self::Refused(reason) => {
                 let mut end = reason.len().min(MAX_REASON);
                 while !reason.is_char_boundary(end) {
@@ -239,6 +265,7 @@ impl BlockResponse {
             WireResponse::Refused(reason) => {
                 Self::Refused(reason.chars().take(MAX_REASON).collect())
             }
+            WireResponse::Proof(hash) => Self::Proof(hash),
         })
     }
 }
@@ -291,6 +318,10 @@ mod tests {
                 session: u64::MAX,
             },
             BlockRequest::Commit { session: 7 },
+            BlockRequest::Prove {
+                cid: cids(1)[0],
+                nonce: [9; 32],
+            },
             BlockRequest::Has(cids(3)),
             BlockRequest::Has(vec![]),
         ] {
@@ -302,6 +333,7 @@ mod tests {
             BlockResponse::NotFound,
             BlockResponse::Stored,
             BlockResponse::Have(vec![true, false]),
+            BlockResponse::Proof([7; 32]),
             BlockResponse::Refused("disk full".into()),
         ] {
             assert_eq!(BlockResponse::decode(&resp.encode()).unwrap(), resp);

@@ -135,6 +135,10 @@ fn block_messages() {
         },
         BlockRequest::Has(vec![cid(3), cid(4)]),
         BlockRequest::Commit { session: 7 },
+        BlockRequest::Prove {
+            cid: cid(9),
+            nonce: [3; 32],
+        },
     ];
     fuzz(
         "BlockRequest",
@@ -151,6 +155,7 @@ fn block_messages() {
         BlockResponse::Stored,
         BlockResponse::Have(vec![true, false]),
         BlockResponse::Refused("busy".into()),
+        BlockResponse::Proof([4; 32]),
     ];
     fuzz(
         "BlockResponse",

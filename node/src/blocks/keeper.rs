@@ -391,7 +391,7 @@ async fn copy(net: &NetClient, store: &BlockStore, plan: Vec<Copy>) -> usize {
             };
             let to: Vec<Placed> = c.to.into_iter().map(Placed::new).collect();
             let more = c.more.min(to.len());
-            match blocks::push(net, &to, block, more, c.target.into(), 0).await {
+            match blocks::push(net, &to, &block, more, c.target.into(), 0).await {
                 Ok(_) => true,
                 Err(e) => {
                     tracing::warn!("re-replicating {cid}: {e}");

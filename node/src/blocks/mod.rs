@@ -25,8 +25,9 @@ use libp2p::PeerId;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::unixfs::{directory_entries, FileReader, Layout, UnixFsError};
-use p2pmr_protocol::wire::{rank_peers, BlockRequest, BlockResponse, MAX_HAS};
+use p2pmr_protocol::wire::{proof, rank_peers, BlockRequest, BlockResponse, MAX_HAS};
 use p2pmr_protocol::{Block, Cid};
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
@@ -78,6 +79,16 @@ pub enum RemoteError {
         asked: usize,
         /// How many of them did not answer (timed out, failed, refused).
         failed: usize,
+    },
+    /// A daemon that said it stored a block could not prove it holds it.
+    #[error("{peer} said it stored block {cid} but cannot prove it holds it ({reason}); it is not used again")]
+    NoProof {
+        /// The daemon.
+        peer: PeerId,
+        /// The block.
+        cid: Cid,
+        /// What it answered.
+        reason: String,
     },
     /// A daemon did not confirm the add: the blocks it holds stay provisional there, and are
     /// collected after its grace period unless the add is made again.
@@ -144,7 +155,9 @@ pub async fn add(
 /// failure (dropping the receiver tells the sender) and returns it. The blocks go under one
 /// new add session, committed on every daemon that took some once all are stored: until
 /// then they are provisional there (see [`ledger`]), so an add that fails or is interrupted
-/// leaves nothing behind for good.
+/// leaves nothing behind for good. Before committing, every daemon that took blocks proves it
+/// holds one of them, picked at random ([`BlockRequest::Prove`]): a peer that only claims to
+/// store fails the add rather than leave its blocks stored nowhere.
 pub async fn push_all(
     net: &NetClient,
     mut blocks: mpsc::Receiver<Block>,
@@ -162,17 +175,39 @@ pub async fn push_all(
     let session = new_session();
     let mut uploads = JoinSet::new();
     let mut failure = None;
-    let mut took: HashSet<PeerId> = HashSet::new();
-    let reap = |done: Result<Result<Vec<PeerId>, RemoteError>, tokio::task::JoinError>,
-                took: &mut HashSet<PeerId>,
-                failure: &mut Option<RemoteError>| {
-        match done.expect("upload task panicked") {
-            Ok(peers) => took.extend(peers),
-            Err(e) => {
-                failure.get_or_insert(e);
+    // For each daemon that took blocks: how many, and one of them picked uniformly at random
+    // (reservoir sampling), which it will be asked to prove it holds.
+    let mut took: HashMap<PeerId, (u64, Block)> = HashMap::new();
+    let mut dice = new_session() | 1;
+    let mut reap =
+        |done: Result<Result<(Vec<PeerId>, Block), RemoteError>, tokio::task::JoinError>,
+         took: &mut HashMap<PeerId, (u64, Block)>,
+         failure: &mut Option<RemoteError>| {
+            match done.expect("upload task panicked") {
+                Ok((peers, block)) => {
+                    for peer in peers {
+                        // A copy only when the sample changes: about ln(n) times per daemon.
+                        let (n, sample) = match took.entry(peer) {
+                            Entry::Vacant(v) => {
+                                v.insert((1, block.clone()));
+                                continue;
+                            }
+                            Entry::Occupied(o) => o.into_mut(),
+                        };
+                        *n += 1;
+                        dice ^= dice << 13;
+                        dice ^= dice >> 7;
+                        dice ^= dice << 17;
+                        if dice.is_multiple_of(*n) {
+                            *sample = block.clone();
+                        }
+                    }
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
             }
-        }
-    };
+        };
     while let Some(block) = blocks.recv().await {
         // Reap finished uploads so errors surface early and the set stays small.
         while let Some(done) = uploads.try_join_next() {
@@ -184,9 +219,9 @@ pub async fn push_all(
         let permit = window.clone().acquire_owned().await.expect("never closed");
         let (net, daemons) = (net.clone(), daemons.clone());
         uploads.spawn(async move {
-            let r = push(&net, &daemons, block, replicas, replicas, session).await;
+            let r = push(&net, &daemons, &block, replicas, replicas, session).await;
             drop(permit);
-            r
+            r.map(|peers| (peers, block))
         });
     }
     drop(blocks);
@@ -196,7 +231,35 @@ pub async fn push_all(
     if let Some(e) = failure {
         return Err(e);
     }
-    commit(net, took, session).await
+    let samples: Vec<(PeerId, Block)> = took.into_iter().map(|(p, (_, b))| (p, b)).collect();
+    prove(net, &samples).await?;
+    commit(net, samples.into_iter().map(|(p, _)| p).collect(), session).await
+}
+
+/// Asks each daemon to prove it holds its sample block; one that cannot is banned, and the
+/// first such failure is the error.
+async fn prove(net: &NetClient, samples: &[(PeerId, Block)]) -> Result<(), RemoteError> {
+    let proofs = samples.iter().map(|(peer, block)| async move {
+        let mut nonce = [0u8; 32];
+        if getrandom::fill(&mut nonce).is_err() {
+            nonce[..8].copy_from_slice(&new_session().to_le_bytes());
+        }
+        let cid = *block.cid();
+        let answer = patiently(net, *peer, || BlockRequest::Prove { cid, nonce }).await;
+        let reason = match answer {
+            Ok(BlockResponse::Proof(p)) if p == proof(&nonce, block.data()) => return Ok(()),
+            Ok(BlockResponse::Proof(_)) => "a wrong proof".to_string(),
+            Ok(other) => describe(&other),
+            Err(e) => e.to_string(),
+        };
+        net.ban(*peer).await;
+        Err(RemoteError::NoProof {
+            peer: *peer,
+            cid,
+            reason,
+        })
+    });
+    join_all(proofs).await.into_iter().collect()
 }
 
 /// A new add session number.
@@ -267,7 +330,7 @@ pub async fn replicate(
                 .expect("store task panicked")
                 .map_err(FileError::Store)?;
             // Daemons' copies are not provisional on the receiver: no session to commit.
-            let r = push(&net, &daemons, block, copies, copies + 1, 0)
+            let r = push(&net, &daemons, &block, copies, copies + 1, 0)
                 .await
                 .map(drop);
             drop(permit);
@@ -314,7 +377,7 @@ fn placement(cid: &Cid, daemons: &[Placed]) -> Vec<PeerId> {
 pub(crate) async fn push(
     net: &NetClient,
     daemons: &[Placed],
-    block: Block,
+    block: &Block,
     replicas: usize,
     target: usize,
     session: u64,
@@ -383,6 +446,7 @@ fn describe(response: &BlockResponse) -> String {
         BlockResponse::NotFound => "not found".into(),
         BlockResponse::Stored => "stored".into(),
         BlockResponse::Have(_) => "a Have list".into(),
+        BlockResponse::Proof(_) => "a proof".into(),
     }
 }
 

@@ -17,7 +17,7 @@ use crate::repo::store::{BlockStore, StoreError};
 use crate::tasks::Tasks;
 use crate::Repo;
 use libp2p::PeerId;
-use p2pmr_protocol::wire::{BlockRequest, BlockResponse};
+use p2pmr_protocol::wire::{proof, BlockRequest, BlockResponse};
 use p2pmr_protocol::{Block, Cid};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -94,6 +94,29 @@ async fn repair(store: BlockStore, net: NetClient, cid: Cid) {
     }
 }
 
+/// Reads a block asked for, or the answer to give instead.
+async fn read(
+    repo: &Repo,
+    net: &NetClient,
+    tasks: &Tasks,
+    cid: Cid,
+) -> Result<Block, BlockResponse> {
+    let store = repo.blocks().clone();
+    match tokio::task::spawn_blocking(move || store.get(&cid)).await {
+        Ok(Ok(block)) => Ok(block),
+        Ok(Err(StoreError::NotFound(_))) => Err(BlockResponse::NotFound),
+        Ok(Err(e @ StoreError::Corrupt { .. })) => {
+            // Quarantined by the store; for the asker it is simply not here. This daemon was
+            // meant to hold it, so it fetches a good copy from a replica.
+            tracing::warn!("{e}; repairing it from a replica");
+            tasks.spawn(repair(repo.blocks().clone(), net.clone(), cid));
+            Err(BlockResponse::NotFound)
+        }
+        Ok(Err(e)) => Err(refused(&e)),
+        Err(e) => Err(BlockResponse::Refused(e.to_string())),
+    }
+}
+
 /// A store error as a peer is told it: what failed, without this daemon's paths (logged in
 /// full here).
 fn for_peer(e: &StoreError) -> String {
@@ -129,22 +152,14 @@ async fn handle(
 ) -> BlockResponse {
     let store = repo.blocks().clone();
     match request {
-        BlockRequest::Get(cid) => {
-            let got = tokio::task::spawn_blocking(move || store.get(&cid)).await;
-            match got {
-                Ok(Ok(block)) => BlockResponse::Block(block.into_data()),
-                Ok(Err(StoreError::NotFound(_))) => BlockResponse::NotFound,
-                Ok(Err(e @ StoreError::Corrupt { .. })) => {
-                    // Quarantined by the store; for the asker it is simply not here. This
-                    // daemon was meant to hold it, so it fetches a good copy from a replica.
-                    tracing::warn!("{e}; repairing it from a replica");
-                    tasks.spawn(repair(repo.blocks().clone(), net.clone(), cid));
-                    BlockResponse::NotFound
-                }
-                Ok(Err(e)) => refused(&e),
-                Err(e) => BlockResponse::Refused(e.to_string()),
-            }
-        }
+        BlockRequest::Get(cid) => match read(repo, net, tasks, cid).await {
+            Ok(block) => BlockResponse::Block(block.into_data()),
+            Err(answer) => answer,
+        },
+        BlockRequest::Prove { cid, nonce } => match read(repo, net, tasks, cid).await {
+            Ok(block) => BlockResponse::Proof(proof(&nonce, block.data())),
+            Err(answer) => answer,
+        },
         BlockRequest::Has(cids) => {
             let has = tokio::task::spawn_blocking(move || {
                 cids.iter().map(|c| store.has(c)).collect::<Vec<_>>()

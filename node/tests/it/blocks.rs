@@ -563,3 +563,119 @@ async fn dags_go_out_and_back_in_as_car_files_and_bad_ones_keep_nothing() -> Res
     cluster.stop().await;
     Ok(())
 }
+
+/// A peer that passes for a daemon (identify lists the block protocol) and answers `Stored`
+/// to every `Put` without storing anything.
+mod fake {
+    use futures::StreamExt;
+    use libp2p::request_response::{self, ProtocolSupport};
+    use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+    use libp2p::{identify, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+    use p2pmr_node::net::BlockCodec;
+    use p2pmr_protocol::wire::{BlockRequest, BlockResponse, BLOCK_PROTOCOL};
+
+    #[derive(NetworkBehaviour)]
+    pub(super) struct Liar {
+        identify: identify::Behaviour,
+        blocks: request_response::Behaviour<BlockCodec>,
+    }
+
+    /// Starts the liar on 127.0.0.1; returns its id, address and task.
+    pub(super) async fn start() -> anyhow::Result<(PeerId, Multiaddr, tokio::task::JoinHandle<()>)>
+    {
+        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )?
+            .with_behaviour(|key| Liar {
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/mapreduce/id/1.0.0".into(), key.public())
+                        .with_agent_version(p2pmr_node::net::AGENT.into()),
+                ),
+                blocks: request_response::Behaviour::with_codec(
+                    BlockCodec::default(),
+                    [(StreamProtocol::new(BLOCK_PROTOCOL), ProtocolSupport::Full)],
+                    request_response::Config::default(),
+                ),
+            })?
+            .build();
+        swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                break address;
+            }
+        };
+        let id = *swarm.local_peer_id();
+        let task = tokio::spawn(async move {
+            loop {
+                if let SwarmEvent::Behaviour(LiarEvent::Blocks(
+                    request_response::Event::Message {
+                        message:
+                            request_response::Message::Request {
+                                request, channel, ..
+                            },
+                        ..
+                    },
+                )) = swarm.select_next_some().await
+                {
+                    let answer = match request {
+                        BlockRequest::Put { .. } | BlockRequest::Commit { .. } => {
+                            BlockResponse::Stored
+                        }
+                        BlockRequest::Has(cids) => BlockResponse::Have(vec![true; cids.len()]),
+                        _ => BlockResponse::NotFound,
+                    };
+                    let _ = swarm.behaviour_mut().blocks.send_response(channel, answer);
+                }
+            }
+        });
+        Ok((id, addr.with(libp2p::multiaddr::Protocol::P2p(id)), task))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_only_claims_to_store_fails_the_add_and_is_named() -> Result<()> {
+    let cluster = unlinked(2).await?;
+    let (liar, liar_addr, task) = fake::start().await?;
+    let mut peers = cluster.addrs();
+    peers.push(liar_addr);
+    let node = cluster.client_of(peers);
+    node.peers().wait_for(3).await?;
+    assert!(
+        node.net(3).await?.daemons().contains_key(&liar),
+        "it passes for a daemon"
+    );
+    let bytes = data(2 << 20, 11);
+    for replicas in [1, 3] {
+        let refused = node
+            .blocks()
+            .add(Cursor::new(bytes.clone()), Replicas::network(replicas))
+            .await;
+        let error = match refused {
+            Err(e) => e.to_string(),
+            Ok(added) => panic!(
+                "an add with {replicas} replica(s) through the liar succeeded: {}",
+                added.root
+            ),
+        };
+        if replicas == 1 {
+            assert!(
+                error.contains(&liar.to_string()) && error.contains("cannot prove"),
+                "{error}"
+            );
+        }
+    }
+    // It is not used again: the next add goes to the real daemons only.
+    let added = node
+        .blocks()
+        .add(Cursor::new(bytes.clone()), Replicas::network(2))
+        .await?;
+    assert_eq!(cat_all(&node, added.root).await?, bytes);
+    task.abort();
+    node.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
