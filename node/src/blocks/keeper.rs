@@ -11,6 +11,12 @@
 //! holders — the first of them in the placement ranking, which all holders compute alike — to
 //! the best-ranked live daemons that lack it, the same rule `add` places blocks by.
 //!
+//! Audits. A `Has` answer is a claim: with each census, every daemon that says it holds some
+//! of our blocks is asked to prove it holds one of them, picked at random (`Prove`, answered
+//! with a hash of a fresh nonce and the bytes, which this daemon checks against its own
+//! copy). A daemon that cannot is reported and no longer counted, asked, or copied to by this
+//! keeper, so a peer claiming to hold everything cannot keep blocks short of their target.
+//!
 //! Trade-offs. A census costs one `Has` per daemon per 4096 blocks, and runs only when
 //! something changed (daemons came or went, new targets, a holder stopped answering or passed
 //! its grace period) or once a minute.
@@ -23,7 +29,7 @@ use crate::blocks::{self, Placed};
 use crate::net::NetClient;
 use crate::repo::store::BlockStore;
 use libp2p::PeerId;
-use p2pmr_protocol::wire::rank_peers;
+use p2pmr_protocol::wire::{proof, rank_peers, BlockRequest, BlockResponse};
 use p2pmr_protocol::Cid;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -178,6 +184,8 @@ impl Keeper {
         // What the last census that needed no copying saw: targets generation, live
         // daemons, when.
         let mut last: Option<(u64, BTreeSet<PeerId>, Instant)> = None;
+        // Daemons that failed an audit: not believed again.
+        let mut distrusted: HashSet<PeerId> = HashSet::new();
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -194,7 +202,11 @@ impl Keeper {
                     a.seen += stalled;
                 }
             }
-            let live: BTreeSet<PeerId> = net.daemons().into_keys().collect();
+            let live: BTreeSet<PeerId> = net
+                .daemons()
+                .into_keys()
+                .filter(|p| !distrusted.contains(p))
+                .collect();
             // A holder counts while it is connected and answers; the grace period runs from
             // the last moment it did both.
             for (peer, a) in answers.iter_mut() {
@@ -234,6 +246,23 @@ impl Keeper {
             let asked = futures::future::join_all(live.iter().map(|&p| ask(&net, p, &cids))).await;
             let mut fresh = Vec::new();
             for (&peer, held) in live.iter().zip(asked) {
+                let held = match held {
+                    Some(held) => match audit(&net, &store, peer, &held).await {
+                        Some(true) => Some(held),
+                        Some(false) => {
+                            tracing::warn!(
+                                "{peer} says it holds {} of this daemon's blocks but could not \
+                                 prove it holds one; it is no longer counted as a holder",
+                                held.len()
+                            );
+                            distrusted.insert(peer);
+                            answers.remove(&peer);
+                            continue;
+                        }
+                        None => None,
+                    },
+                    None => None,
+                };
                 match held {
                     Some(held) => {
                         fresh.push(peer);
@@ -292,6 +321,36 @@ struct Answer {
     answered: Instant,
     seen: Instant,
     answering: bool,
+}
+
+/// Asks `peer` to prove it holds one of `held` (which this daemon holds too), picked at
+/// random: `Some(true)` if it did, `Some(false)` if it answered anything else, `None` if it
+/// did not answer in time. Nothing claimed, nothing to prove.
+async fn audit(
+    net: &NetClient,
+    store: &BlockStore,
+    peer: PeerId,
+    held: &HashSet<Cid>,
+) -> Option<bool> {
+    if held.is_empty() {
+        return Some(true);
+    }
+    let mut nonce = [0u8; 32];
+    getrandom::fill(&mut nonce).ok()?;
+    let pick = u64::from_le_bytes(nonce[..8].try_into().expect("8 bytes")) as usize % held.len();
+    let cid = *held.iter().nth(pick).expect("in range");
+    let store = store.clone();
+    let block = tokio::task::spawn_blocking(move || store.get(&cid))
+        .await
+        .ok()?
+        .ok()?;
+    let asked = net.request(peer, BlockRequest::Prove { cid, nonce });
+    match timeout(ANSWER_TIMEOUT, asked).await {
+        Ok(Ok(BlockResponse::Proof(p))) => Some(p == proof(&nonce, block.data())),
+        Ok(Ok(busy)) if busy.is_busy() => None,
+        Ok(Ok(_)) => Some(false),
+        Ok(Err(_)) | Err(_) => None,
+    }
 }
 
 /// Asks `peer` which of `cids` it holds; `None` if it does not answer in time.

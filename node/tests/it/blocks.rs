@@ -580,9 +580,10 @@ mod fake {
         blocks: request_response::Behaviour<BlockCodec>,
     }
 
-    /// Starts the liar on 127.0.0.1; returns its id, address and task.
-    pub(super) async fn start() -> anyhow::Result<(PeerId, Multiaddr, tokio::task::JoinHandle<()>)>
-    {
+    /// Starts the liar on 127.0.0.1, dialling `peers`; returns its id, address and task.
+    pub(super) async fn start(
+        peers: Vec<Multiaddr>,
+    ) -> anyhow::Result<(PeerId, Multiaddr, tokio::task::JoinHandle<()>)> {
         let mut swarm = libp2p::SwarmBuilder::with_new_identity()
             .with_tokio()
             .with_tcp(
@@ -609,6 +610,9 @@ mod fake {
             }
         };
         let id = *swarm.local_peer_id();
+        for peer in peers {
+            swarm.dial(peer)?;
+        }
         let task = tokio::spawn(async move {
             loop {
                 if let SwarmEvent::Behaviour(LiarEvent::Blocks(
@@ -639,7 +643,7 @@ mod fake {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_only_claims_to_store_fails_the_add_and_is_named() -> Result<()> {
     let cluster = unlinked(2).await?;
-    let (liar, liar_addr, task) = fake::start().await?;
+    let (liar, liar_addr, task) = fake::start(Vec::new()).await?;
     let mut peers = cluster.addrs();
     peers.push(liar_addr);
     let node = cluster.client_of(peers);
@@ -676,6 +680,59 @@ async fn a_peer_that_only_claims_to_store_fails_the_add_and_is_named() -> Result
     assert_eq!(cat_all(&node, added.root).await?, bytes);
     task.abort();
     node.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_claiming_to_hold_every_block_does_not_stop_re_replication() -> Result<()> {
+    let grace = Duration::from_secs(1);
+    let mut cluster = linked_with_grace(3, grace).await?;
+    let bytes = data(6 * 262_144 + 5, 21);
+    let client = client(&cluster, 3).await?;
+    let added = client
+        .blocks()
+        .add(Cursor::new(bytes.clone()), Replicas::network(2))
+        .await?;
+    // 7 leaves and the root, each on 2 of the 3 daemons.
+    assert_eq!(
+        client.blocks().stat(added.root).await?.replicas,
+        vec![0, 0, 8]
+    );
+    // A liar joins every daemon and says it holds every block it is asked about.
+    let (liar, _, task) = fake::start(cluster.addrs()).await?;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !cluster
+            .daemons()
+            .all(|d| d.net().daemons().contains_key(&liar))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await?;
+    // A daemon dies for good: the other two copy its blocks back between them, the liar's
+    // claims notwithstanding.
+    cluster.take(0).expect("running").abort();
+    let honest: Vec<_> = cluster.daemons().map(|d| d.peer_id()).collect();
+    let restored = tokio::time::timeout(grace + Duration::from_secs(20), async {
+        loop {
+            // The client's stat believes the liar too: count the honest daemons' blocks.
+            let stat = client.blocks().stat(added.root).await?;
+            if honest.iter().all(|p| stat.holders.get(p) == Some(&8)) {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        restored.is_ok(),
+        "the liar's claims stopped re-replication: {:?}",
+        client.blocks().stat(added.root).await?
+    );
+    assert_eq!(cat_all(&client, added.root).await?, bytes);
+    task.abort();
+    client.shutdown().await;
     cluster.stop().await;
     Ok(())
 }
