@@ -185,7 +185,11 @@ impl Daemon {
         let repo = Repo::open(home)?;
         let keypair = repo.identity()?;
         let replicas = Keeper::open(&repo.replica_log())?;
-        let ledger = Ledger::open(&repo.ledger())?;
+        // Opening may wait for a stopping daemon's lock: off the async threads.
+        let path = repo.ledger();
+        let ledger = tokio::task::spawn_blocking(move || Ledger::open(&path))
+            .await
+            .expect("opening the ledger panicked")?;
         let limits = WriteLimits::new(config.writes, repo.home(), ledger.by_client());
         // Before the swarm starts, so a refused API address leaves nothing running.
         let api_listener = match &config.api {

@@ -25,11 +25,11 @@
 //! before copying anything, because it cannot yet tell a daemon that is down for a moment from
 //! one that is gone.
 
-use crate::blocks::{self, Placed};
+use crate::blocks::{self, Placed, Proved};
 use crate::net::NetClient;
 use crate::repo::store::BlockStore;
 use libp2p::PeerId;
-use p2pmr_protocol::wire::{proof, rank_peers, BlockRequest, BlockResponse};
+use p2pmr_protocol::wire::rank_peers;
 use p2pmr_protocol::Cid;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -335,21 +335,17 @@ async fn audit(
     if held.is_empty() {
         return Some(true);
     }
-    let mut nonce = [0u8; 32];
-    getrandom::fill(&mut nonce).ok()?;
-    let pick = u64::from_le_bytes(nonce[..8].try_into().expect("8 bytes")) as usize % held.len();
+    let pick = blocks::random_u64() as usize % held.len();
     let cid = *held.iter().nth(pick).expect("in range");
     let store = store.clone();
     let block = tokio::task::spawn_blocking(move || store.get(&cid))
         .await
         .ok()?
         .ok()?;
-    let asked = net.request(peer, BlockRequest::Prove { cid, nonce });
-    match timeout(ANSWER_TIMEOUT, asked).await {
-        Ok(Ok(BlockResponse::Proof(p))) => Some(p == proof(&nonce, block.data())),
-        Ok(Ok(busy)) if busy.is_busy() => None,
-        Ok(Ok(_)) => Some(false),
-        Ok(Err(_)) | Err(_) => None,
+    match timeout(ANSWER_TIMEOUT, blocks::challenge(net, peer, &block)).await {
+        Ok(Proved::Yes) => Some(true),
+        Ok(Proved::No(_)) => Some(false),
+        Ok(Proved::NoAnswer(_)) | Err(_) => None,
     }
 }
 

@@ -197,8 +197,8 @@ impl Ledger {
         bytes: u64,
     ) -> Result<(), LedgerError> {
         let mut s = self.inner.lock().expect("poisoned");
-        if bytes == 0 && !s.index.contains_key(&cid) {
-            return Ok(()); // already here for good
+        if !s.provisional(&cid, bytes) {
+            return Ok(());
         }
         let record = Record::Pushed {
             key: (peer, session),
@@ -296,7 +296,6 @@ impl Ledger {
             }
             // Recorded after the deletions: a crash in between collects them again.
             s.write(&Record::Expired(key)).map_err(|e| self.err(e))?;
-            s.records += 1;
             released(key.0, freed);
         }
         done.kept = s.index.len();
@@ -352,6 +351,12 @@ impl Ledger {
 }
 
 impl State {
+    /// Whether a push of `cid` that added `bytes` is provisional: the block is new here, or
+    /// itself provisional (a block already here for good is not).
+    fn provisional(&self, cid: &Cid, bytes: u64) -> bool {
+        bytes > 0 || self.index.contains_key(cid)
+    }
+
     fn write(&mut self, record: &Record) -> io::Result<()> {
         writeln!(self.log, "{record}")?;
         self.records += 1;
@@ -367,7 +372,7 @@ impl State {
                 bytes,
                 at,
             } => {
-                if bytes == 0 && !self.index.contains_key(&cid) {
+                if !self.provisional(&cid, bytes) {
                     return;
                 }
                 let session = self.sessions.entry(key).or_default();

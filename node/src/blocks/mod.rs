@@ -27,7 +27,6 @@ use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::unixfs::{directory_entries, FileReader, Layout, UnixFsError};
 use p2pmr_protocol::wire::{proof, rank_peers, BlockRequest, BlockResponse, MAX_HAS};
 use p2pmr_protocol::{Block, Cid};
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
@@ -175,37 +174,14 @@ pub async fn push_all(
     let session = new_session();
     let mut uploads = JoinSet::new();
     let mut failure = None;
-    // For each daemon that took blocks: how many, and one of them picked uniformly at random
-    // (reservoir sampling), which it will be asked to prove it holds.
-    let mut took: HashMap<PeerId, (u64, Block)> = HashMap::new();
-    let mut dice = new_session() | 1;
-    let mut reap =
+    let mut took = Samples::default();
+    let reap =
         |done: Result<Result<(Vec<PeerId>, Block), RemoteError>, tokio::task::JoinError>,
-         took: &mut HashMap<PeerId, (u64, Block)>,
-         failure: &mut Option<RemoteError>| {
-            match done.expect("upload task panicked") {
-                Ok((peers, block)) => {
-                    for peer in peers {
-                        // A copy only when the sample changes: about ln(n) times per daemon.
-                        let (n, sample) = match took.entry(peer) {
-                            Entry::Vacant(v) => {
-                                v.insert((1, block.clone()));
-                                continue;
-                            }
-                            Entry::Occupied(o) => o.into_mut(),
-                        };
-                        *n += 1;
-                        dice ^= dice << 13;
-                        dice ^= dice >> 7;
-                        dice ^= dice << 17;
-                        if dice.is_multiple_of(*n) {
-                            *sample = block.clone();
-                        }
-                    }
-                }
-                Err(e) => {
-                    failure.get_or_insert(e);
-                }
+         took: &mut Samples,
+         failure: &mut Option<RemoteError>| match done.expect("upload task panicked") {
+            Ok((peers, block)) => peers.into_iter().for_each(|p| took.offer(p, &block)),
+            Err(e) => {
+                failure.get_or_insert(e);
             }
         };
     while let Some(block) = blocks.recv().await {
@@ -231,42 +207,80 @@ pub async fn push_all(
     if let Some(e) = failure {
         return Err(e);
     }
-    let samples: Vec<(PeerId, Block)> = took.into_iter().map(|(p, (_, b))| (p, b)).collect();
+    let samples: Vec<(PeerId, Block)> = took.0.into_iter().map(|(p, (_, b))| (p, b)).collect();
     prove(net, &samples).await?;
     commit(net, samples.into_iter().map(|(p, _)| p).collect(), session).await
+}
+
+/// For each daemon that took blocks: how many, and one of them picked uniformly at random
+/// (reservoir sampling), which it will be asked to prove it holds.
+#[derive(Default)]
+struct Samples(HashMap<PeerId, (u64, Block)>);
+
+impl Samples {
+    /// `peer` stored `block`.
+    fn offer(&mut self, peer: PeerId, block: &Block) {
+        let (n, sample) = self.0.entry(peer).or_insert_with(|| (0, block.clone()));
+        *n += 1;
+        // A copy only when the sample changes: about ln(n) times per daemon.
+        if *n > 1 && random_u64().is_multiple_of(*n) {
+            *sample = block.clone();
+        }
+    }
 }
 
 /// Asks each daemon to prove it holds its sample block; one that cannot is banned, and the
 /// first such failure is the error.
 async fn prove(net: &NetClient, samples: &[(PeerId, Block)]) -> Result<(), RemoteError> {
     let proofs = samples.iter().map(|(peer, block)| async move {
-        let mut nonce = [0u8; 32];
-        if getrandom::fill(&mut nonce).is_err() {
-            nonce[..8].copy_from_slice(&new_session().to_le_bytes());
-        }
-        let cid = *block.cid();
-        let answer = patiently(net, *peer, || BlockRequest::Prove { cid, nonce }).await;
-        let reason = match answer {
-            Ok(BlockResponse::Proof(p)) if p == proof(&nonce, block.data()) => return Ok(()),
-            Ok(BlockResponse::Proof(_)) => "a wrong proof".to_string(),
-            Ok(other) => describe(&other),
-            Err(e) => e.to_string(),
+        let reason = match challenge(net, *peer, block).await {
+            Proved::Yes => return Ok(()),
+            Proved::No(reason) | Proved::NoAnswer(reason) => reason,
         };
         net.ban(*peer).await;
         Err(RemoteError::NoProof {
             peer: *peer,
-            cid,
+            cid: *block.cid(),
             reason,
         })
     });
     join_all(proofs).await.into_iter().collect()
 }
 
+/// How a daemon met a challenge to prove it holds a block.
+pub(crate) enum Proved {
+    /// It proved it.
+    Yes,
+    /// It answered something else (a wrong proof, not found, a refusal).
+    No(String),
+    /// It did not answer.
+    NoAnswer(String),
+}
+
+/// Asks `peer` to prove it holds `block` (which this peer holds too) with a fresh nonce.
+pub(crate) async fn challenge(net: &NetClient, peer: PeerId, block: &Block) -> Proved {
+    let mut nonce = [0u8; 32];
+    for piece in nonce.chunks_mut(8) {
+        piece.copy_from_slice(&random_u64().to_le_bytes());
+    }
+    let cid = *block.cid();
+    match patiently(net, peer, || BlockRequest::Prove { cid, nonce }).await {
+        Ok(BlockResponse::Proof(p)) if p == proof(&nonce, block.data()) => Proved::Yes,
+        Ok(BlockResponse::Proof(_)) => Proved::No("a wrong proof".into()),
+        Ok(other) => Proved::No(describe(&other)),
+        Err(e) => Proved::NoAnswer(e.to_string()),
+    }
+}
+
 /// A new add session number.
 fn new_session() -> u64 {
+    random_u64()
+}
+
+/// A random number from the operating system (the clock's nanoseconds if it has none).
+pub(crate) fn random_u64() -> u64 {
     let mut bytes = [0; 8];
     if getrandom::fill(&mut bytes).is_err() {
-        // Unique enough within one client: sessions are kept per client peer.
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         return now.map_or(0, |d| d.as_nanos() as u64);
     }

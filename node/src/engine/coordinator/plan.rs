@@ -213,16 +213,18 @@ fn verified(finished: Vec<(PeerId, FinishedTask)>, verify: usize) -> Vec<(PeerId
         }
         task
     };
+    let keys: Vec<FinishedTask> = finished.iter().map(|(_, t)| key(t)).collect();
     let mut out: Vec<(PeerId, FinishedTask)> = Vec::new();
     for (i, (peer, task)) in finished.iter().enumerate() {
-        let k = key(task);
-        if finished[..i].iter().any(|(_, t)| key(t) == k) {
+        let k = &keys[i];
+        if keys[..i].contains(k) {
             continue; // counted with the first report of the same output
         }
         let agreeing: HashSet<&PeerId> = finished
             .iter()
-            .filter(|(_, t)| key(t) == k)
-            .map(|(p, _)| p)
+            .zip(&keys)
+            .filter(|(_, other)| *other == k)
+            .map(|((p, _), _)| p)
             .collect();
         if agreeing.len() > verify / 2 {
             out.push((*peer, task.clone()));
