@@ -1,4 +1,4 @@
-//! Messages peers exchange over `/mapreduce/block/3.0.0`, their byte encoding and size limits,
+//! Messages peers exchange over `/mapreduce/block/4.0.0`, their byte encoding and size limits,
 //! and the placement rule that decides which peers hold a block.
 //!
 //! The node's libp2p codec frames each message as a 4-byte big-endian length followed by the
@@ -14,7 +14,10 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// Protocol name of block exchange. The version changes with any incompatible message change.
-pub const BLOCK_PROTOCOL: &str = "/mapreduce/block/3.0.0";
+pub const BLOCK_PROTOCOL: &str = "/mapreduce/block/4.0.0";
+
+/// Largest `Probe`: an admission challenge needs only a few random bytes.
+pub const MAX_PROBE: usize = 64;
 
 /// Most CIDs one `Has` request may ask about.
 pub const MAX_HAS: usize = 4096;
@@ -68,6 +71,11 @@ pub enum BlockRequest {
     },
     /// Which of these blocks do you hold? (At most [`MAX_HAS`].)
     Has(Vec<Cid>),
+    /// Keep these few random bytes (at most [`MAX_PROBE`]) for a short while, as the raw block
+    /// [`probe_cid`] names, and answer [`BlockResponse::Stored`]: a peer is counted as a daemon
+    /// only once it has then answered a [`BlockRequest::Prove`] for them. Kept in memory only,
+    /// so a daemon whose disk is full is still admitted.
+    Probe(Vec<u8>),
 }
 
 /// A response of the block protocol.
@@ -94,6 +102,11 @@ pub fn proof(nonce: &[u8; 32], data: &[u8]) -> [u8; 32] {
     h.update(nonce);
     h.update(data);
     h.finalize().into()
+}
+
+/// The CID of a [`BlockRequest::Probe`]'s bytes: a CIDv1 raw block, SHA-256.
+pub fn probe_cid(data: &[u8]) -> Cid {
+    *crate::Block::raw(data.to_vec()).cid()
 }
 
 /// Why a message could not be decoded or encoded.
@@ -129,6 +142,7 @@ enum WireRequest<'a> {
     Has(#[serde(borrow)] Vec<&'a serde_bytes::Bytes>),
     Commit(u64),
     Prove(#[serde(borrow, with = "serde_bytes")] &'a [u8], [u8; 32]),
+    Probe(#[serde(borrow, with = "serde_bytes")] &'a [u8]),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -180,6 +194,7 @@ impl BlockRequest {
             )),
             Self::Commit { session } => encode(&WireRequest::Commit(*session)),
             Self::Prove { cid, nonce } => encode(&WireRequest::Prove(&cid.to_bytes(), *nonce)),
+            Self::Probe(data) => encode(&WireRequest::Probe(data)),
             Self::Has(cids) => {
                 let bytes: Vec<Vec<u8>> = cids.iter().map(Cid::to_bytes).collect();
                 let refs = bytes.iter().map(|b| serde_bytes::Bytes::new(b)).collect();
@@ -207,6 +222,10 @@ impl BlockRequest {
                 cid: parse_cid(cid)?,
                 nonce,
             },
+            WireRequest::Probe(data) => {
+                check("probe", data.len(), MAX_PROBE)?;
+                Self::Probe(data.to_vec())
+            }
             WireRequest::Has(cids) => {
                 check("Has list", cids.len(), MAX_HAS)?;
                 Self::Has(
@@ -300,6 +319,15 @@ mod tests {
     use super::*;
     use crate::Block;
 
+    #[test]
+    fn a_probe_longer_than_the_limit_is_refused() {
+        let bytes = BlockRequest::Probe(vec![1; MAX_PROBE + 1]).encode();
+        assert!(matches!(
+            BlockRequest::decode(&bytes),
+            Err(WireError::TooLarge { what: "probe", .. })
+        ));
+    }
+
     fn cids(n: usize) -> Vec<Cid> {
         (0..n)
             .map(|i| *Block::raw(i.to_le_bytes().to_vec()).cid())
@@ -324,6 +352,8 @@ mod tests {
             },
             BlockRequest::Has(cids(3)),
             BlockRequest::Has(vec![]),
+            BlockRequest::Probe(vec![5; MAX_PROBE]),
+            BlockRequest::Probe(vec![]),
         ] {
             assert_eq!(BlockRequest::decode(&req.encode()).unwrap(), req);
         }

@@ -139,6 +139,7 @@ fn block_messages() {
             cid: cid(9),
             nonce: [3; 32],
         },
+        BlockRequest::Probe(vec![8; 64]),
     ];
     fuzz(
         "BlockRequest",

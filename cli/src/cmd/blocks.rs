@@ -68,6 +68,9 @@ pub(crate) async fn stat(env: &Env, cid: &str) -> Result<()> {
     for (peer, n) in &stat.holders {
         println!("holder:  {peer} {n} blocks");
     }
+    for (peer, (n, why)) in &stat.unproven {
+        println!("unproven: {peer} claims {n} blocks but could not prove it holds one ({why}); not counted");
+    }
     Ok(())
 }
 

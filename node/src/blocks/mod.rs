@@ -956,14 +956,18 @@ pub struct FileStat {
     pub size: u64,
     /// Blocks in the DAG.
     pub blocks: u64,
-    /// Blocks held by each daemon.
+    /// Blocks held by each daemon that proved it holds one of those it claims.
     pub holders: BTreeMap<PeerId, u64>,
-    /// Number of blocks with each count of copies (index = copies).
+    /// Number of blocks with each count of copies (index = copies), proven holders only.
     pub replicas: Vec<u64>,
+    /// Daemons that claimed blocks of the file but could not prove they hold one they
+    /// picked at random, with how many they claimed and why: not counted above.
+    pub unproven: BTreeMap<PeerId, (u64, String)>,
 }
 
-/// Walks the file's DAG (fetching inner nodes only) and asks every daemon which of its blocks
-/// it holds.
+/// Walks the file's DAG (fetching inner nodes only), asks every daemon which of its blocks it
+/// holds, and has each that claims some prove it holds one of them picked at random: what a
+/// daemon only claims is not counted.
 pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError> {
     let root_block = fetcher.fetch(root).await?;
     let mut reader = FileReader::new(root);
@@ -987,19 +991,43 @@ pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError>
         return Err(RemoteError::NotEnoughDaemons { need: 1, found: 0 });
     };
     let daemons: Vec<PeerId> = net.daemons().into_keys().collect();
+    let audits = daemons.into_iter().map(|peer| {
+        let all = &all;
+        async move {
+            let held = held_by(net, peer, all).await.unwrap_or_else(|| {
+                tracing::warn!("{peer} did not answer which blocks it holds");
+                HashSet::new()
+            });
+            let claimed: Vec<&Cid> = all.iter().filter(|c| held.contains(c)).collect();
+            if claimed.is_empty() {
+                return (peer, held, None);
+            }
+            let pick = *claimed[(random_u64() % claimed.len() as u64) as usize];
+            let doubt = match fetcher.fetch(pick).await {
+                Err(e) => Some(format!("its block {pick} could not be read to check: {e}")),
+                Ok(block) => match challenge(net, peer, &block).await {
+                    Proved::Yes => None,
+                    Proved::No(why) | Proved::NoAnswer(why) => {
+                        Some(format!("asked to prove it holds {pick}, it answered {why}"))
+                    }
+                },
+            };
+            (peer, held, doubt)
+        }
+    });
     let mut copies: HashMap<usize, u64> = HashMap::new();
     let mut counts = vec![0u64; all.len()];
     let mut holders = BTreeMap::new();
-    for peer in daemons {
-        let held = held_by(net, peer, &all).await.unwrap_or_else(|| {
-            tracing::warn!("{peer} did not answer which blocks it holds");
-            HashSet::new()
-        });
-        let mut n = 0;
+    let mut unproven = BTreeMap::new();
+    for (peer, held, doubt) in join_all(audits).await {
+        let n = all.iter().filter(|c| held.contains(c)).count() as u64;
+        if let Some(why) = doubt {
+            unproven.insert(peer, (n, why));
+            continue;
+        }
         for (count, cid) in counts.iter_mut().zip(&all) {
             if held.contains(cid) {
                 *count += 1;
-                n += 1;
             }
         }
         holders.insert(peer, n);
@@ -1016,6 +1044,7 @@ pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError>
         blocks: all.len() as u64,
         holders,
         replicas,
+        unproven,
     })
 }
 

@@ -17,9 +17,10 @@ use crate::repo::store::{BlockStore, StoreError};
 use crate::tasks::Tasks;
 use crate::Repo;
 use libp2p::PeerId;
-use p2pmr_protocol::wire::{proof, BlockRequest, BlockResponse};
+use p2pmr_protocol::wire::{probe_cid, proof, BlockRequest, BlockResponse};
 use p2pmr_protocol::{Block, Cid};
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Inbound requests handled at once; more wait in the network's bounded queue.
@@ -37,6 +38,7 @@ pub(crate) async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(MAX_HANDLERS));
     let syncer = Syncer::start(repo.clone(), keeper.clone(), ledger.clone(), &tasks);
+    let probes = Probes::default();
     while let Some(Inbound {
         peer,
         request,
@@ -46,6 +48,7 @@ pub(crate) async fn serve(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
+        let probes = probes.clone();
         let (repo, net, syncer, keeper, ledger, limits, t) = (
             repo.clone(),
             net.clone(),
@@ -60,6 +63,7 @@ pub(crate) async fn serve(
                 peer,
                 limits: &limits,
                 ledger: &ledger,
+                probes: &probes,
             };
             let response = handle(&repo, &keeper, &net, &syncer, &t, writer, request).await;
             if let BlockResponse::Refused(reason) = &response {
@@ -139,6 +143,41 @@ struct Writer<'a> {
     peer: PeerId,
     limits: &'a WriteLimits,
     ledger: &'a Ledger,
+    probes: &'a Probes,
+}
+
+/// Probes peers asked this daemon to keep for their admission challenges: a few per peer,
+/// for a bounded number of peers, in memory (a challenge follows its probe at once).
+#[derive(Clone, Default)]
+struct Probes(Arc<Mutex<HashMap<PeerId, VecDeque<Vec<u8>>>>>);
+
+/// Probes kept per peer (the newest), and peers with probes kept.
+const PROBES_PER_PEER: usize = 4;
+const PROBING_PEERS: usize = 4096;
+
+impl Probes {
+    fn keep(&self, peer: PeerId, data: Vec<u8>) {
+        let mut probes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if probes.len() >= PROBING_PEERS && !probes.contains_key(&peer) {
+            // Any one goes: a probe is proved within moments of being kept, so a peer whose
+            // probe is dropped here is simply asked again at its next identify.
+            if let Some(other) = probes.keys().next().copied() {
+                probes.remove(&other);
+            }
+        }
+        let kept = probes.entry(peer).or_default();
+        if kept.len() == PROBES_PER_PEER {
+            kept.pop_front();
+        }
+        kept.push_back(data);
+    }
+
+    /// The probe `peer` gave this daemon whose CID is `cid`.
+    fn find(&self, peer: &PeerId, cid: &Cid) -> Option<Vec<u8>> {
+        let probes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = probes.get(peer)?;
+        kept.iter().find(|d| probe_cid(d) == *cid).cloned()
+    }
 }
 
 async fn handle(
@@ -156,10 +195,19 @@ async fn handle(
             Ok(block) => BlockResponse::Block(block.into_data()),
             Err(answer) => answer,
         },
-        BlockRequest::Prove { cid, nonce } => match read(repo, net, tasks, cid).await {
-            Ok(block) => BlockResponse::Proof(proof(&nonce, block.data())),
-            Err(answer) => answer,
-        },
+        BlockRequest::Prove { cid, nonce } => {
+            if let Some(probe) = writer.probes.find(&writer.peer, &cid) {
+                return BlockResponse::Proof(proof(&nonce, &probe));
+            }
+            match read(repo, net, tasks, cid).await {
+                Ok(block) => BlockResponse::Proof(proof(&nonce, block.data())),
+                Err(answer) => answer,
+            }
+        }
+        BlockRequest::Probe(data) => {
+            writer.probes.keep(writer.peer, data);
+            BlockResponse::Stored
+        }
         BlockRequest::Has(cids) => {
             let has = tokio::task::spawn_blocking(move || {
                 cids.iter().map(|c| store.has(c)).collect::<Vec<_>>()
@@ -171,7 +219,7 @@ async fn handle(
             }
         }
         BlockRequest::Commit { session } => {
-            if net.is_daemon(&writer.peer) {
+            if net.is_daemon_admitted(&writer.peer).await {
                 return BlockResponse::Stored; // daemons' copies are not provisional
             }
             let (ledger, peer) = (writer.ledger.clone(), writer.peer);
@@ -190,7 +238,7 @@ async fn handle(
             replicas,
             session,
         } => {
-            let is_daemon = net.is_daemon(&writer.peer);
+            let is_daemon = net.is_daemon_admitted(&writer.peer).await;
             let replicas = if is_daemon {
                 replicas
             } else {

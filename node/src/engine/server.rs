@@ -75,6 +75,9 @@ fn for_coordinator(request: &JobRequest) -> bool {
     )
 }
 
+/// Requests waiting for their peer's admission to end that are queued to be handled.
+const MAX_SETTLING: usize = 64;
+
 /// Answers job-protocol requests until the network stops or the daemon does.
 pub(crate) async fn serve(
     coordinator: Coordinator,
@@ -87,13 +90,38 @@ pub(crate) async fn serve(
     let watch_permits = Arc::new(Semaphore::new(MAX_CLIENT_WATCHES));
     let watching = Watching::default();
     let access = worker.access().clone();
-    while let Some(JobInbound {
-        peer,
-        request,
-        channel,
-    }) = inbound.recv().await
-    {
-        let is_daemon = peer == net.local_peer_id() || net.is_daemon(&peer);
+    // Requests from peers still being admitted as daemons come back here once they are.
+    let (settled_tx, mut settled) = mpsc::channel::<(JobInbound, bool)>(MAX_SETTLING);
+    loop {
+        let (next, known) = tokio::select! {
+            next = inbound.recv() => match next {
+                Some(next) => (next, None),
+                None => break,
+            },
+            Some((next, is_daemon)) = settled.recv() => (next, Some(is_daemon)),
+        };
+        let peer = next.peer;
+        let is_daemon = match known {
+            Some(is_daemon) => is_daemon,
+            None if peer == net.local_peer_id() || net.is_daemon(&peer) => true,
+            None if net.is_being_admitted(&peer) => {
+                let (net, settled_tx) = (net.clone(), settled_tx.clone());
+                tasks.spawn(async move {
+                    let is_daemon = net.is_daemon_admitted(&peer).await;
+                    if let Err(e) = settled_tx.try_send((next, is_daemon)) {
+                        let (next, _) = e.into_inner();
+                        net.respond_job(next.channel, JobResponse::busy()).await;
+                    }
+                });
+                continue;
+            }
+            None => false,
+        };
+        let JobInbound {
+            peer,
+            request,
+            channel,
+        } = next;
         if !access.admits(&peer, is_daemon, &request) {
             let refusal = JobResponse::Failed(crate::engine::access::NOT_ALLOWED.into());
             net.respond_job(channel, refusal).await;

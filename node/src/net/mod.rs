@@ -1,5 +1,5 @@
 //! The libp2p side of a peer: one task owns the `Swarm` (TCP + QUIC, Noise, Yamux, identify,
-//! ping, mDNS, Kademlia and `/mapreduce/block/3.0.0`); the rest of the node talks to it through
+//! ping, mDNS, Kademlia and `/mapreduce/block/4.0.0`); the rest of the node talks to it through
 //! the cloneable [`NetClient`], whose calls become `Command`s answered over `oneshot`s, as in
 //! rust-libp2p's `file-sharing` example.
 //!
@@ -7,11 +7,14 @@
 //! (a bounded queue; when it is full the request is refused at once, so a flood never grows
 //! memory or blocks the event loop). Client peers (`p2pmr add`, `cat`, ...) only send requests.
 //! Which connected peers are daemons is learnt from identify (they list the block protocol)
-//! and published on a `watch` channel that placement and fetching read.
+//! and confirmed by an admission challenge (`admit`), then published on a `watch` channel
+//! that placement, fetching and job scheduling read.
 
+mod admit;
 mod link;
 mod swarm_key;
 
+pub use admit::ADMISSION_TIMEOUT;
 pub use link::{ClientConfig, Link};
 pub use swarm_key::{SwarmKey, SwarmKeyError, SWARM_KEY_FILE};
 
@@ -219,6 +222,11 @@ enum Command {
         reply: oneshot::Sender<Result<(), NetError>>,
     },
     Ban(PeerId),
+    /// An admission challenge ended.
+    Admission {
+        peer: PeerId,
+        outcome: admit::Outcome,
+    },
     Shutdown,
 }
 
@@ -232,6 +240,7 @@ pub struct NetClient {
     listen: watch::Receiver<Vec<Multiaddr>>,
     refused: watch::Receiver<Option<PeerId>>,
     dialing: watch::Receiver<u32>,
+    admitting: watch::Receiver<HashSet<PeerId>>,
 }
 
 impl NetClient {
@@ -341,6 +350,24 @@ impl NetClient {
         self.daemons.borrow().contains_key(peer)
     }
 
+    /// Whether `peer` is a connected daemon, waiting first for its admission challenge to end
+    /// if one is under way: a daemon that has just connected may ask something of this one
+    /// before this one has admitted it.
+    pub async fn is_daemon_admitted(&self, peer: &PeerId) -> bool {
+        if self.is_daemon(peer) {
+            return true;
+        }
+        let mut admitting = self.admitting.clone();
+        let _ = tokio::time::timeout(ADMISSION_TIMEOUT, admitting.wait_for(|a| !a.contains(peer)))
+            .await;
+        self.is_daemon(peer)
+    }
+
+    /// Whether `peer` is being challenged for admission as a daemon now.
+    pub fn is_being_admitted(&self, peer: &PeerId) -> bool {
+        self.admitting.borrow().contains(peer)
+    }
+
     /// The connected daemons, by peer id.
     pub fn daemons(&self) -> BTreeMap<PeerId, PeerInfo> {
         self.daemons.borrow().clone()
@@ -447,7 +474,11 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     let (listen_tx, listen) = watch::channel(Vec::new());
     let (refused_tx, refused) = watch::channel(None);
     let (dialing_tx, dialing) = watch::channel(0);
+    let (admitting_tx, admitting) = watch::channel(HashSet::new());
     let mut event_loop = EventLoop {
+        own_commands: commands_tx.downgrade(),
+        admitting: admitting_tx,
+        candidates: HashMap::new(),
         swarm,
         commands,
         inbound: inbound_tx,
@@ -498,6 +529,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         listen,
         refused,
         dialing,
+        admitting,
     };
     let task = tokio::spawn(event_loop.run());
     Ok(Network {
@@ -588,6 +620,12 @@ fn is_quic(addr: &Multiaddr) -> bool {
 
 struct EventLoop {
     swarm: Swarm<Behaviour>,
+    /// For admission challenges, which send their requests through the loop itself.
+    own_commands: mpsc::WeakSender<Command>,
+    /// Peers being challenged for admission.
+    admitting: watch::Sender<HashSet<PeerId>>,
+    /// What identify said of peers listing the block protocol, until they are admitted.
+    candidates: HashMap<PeerId, PeerInfo>,
     commands: mpsc::Receiver<Command>,
     inbound: mpsc::Sender<Inbound>,
     jobs: mpsc::Sender<JobInbound>,
@@ -766,11 +804,27 @@ impl EventLoop {
                     }
                 }
             }
-            Command::Ban(peer) => {
-                self.banned.insert(peer);
-                self.known.remove(&peer);
-                self.daemons.send_if_modified(|d| d.remove(&peer).is_some());
-                let _ = self.swarm.disconnect_peer_id(peer);
+            Command::Ban(peer) => self.ban(peer),
+            Command::Admission { peer, outcome } => {
+                self.admitting.send_if_modified(|a| a.remove(&peer));
+                let info = self.candidates.remove(&peer);
+                match outcome {
+                    admit::Outcome::Admitted => {
+                        if let Some(info) = info {
+                            self.admit_daemon(peer, info);
+                        }
+                    }
+                    admit::Outcome::Failed(reason) => {
+                        tracing::warn!(
+                            "{peer} lists the block protocol but failed its admission \
+                             challenge ({reason}); it is not used"
+                        );
+                        self.ban(peer);
+                    }
+                    admit::Outcome::NoAnswer(reason) => tracing::debug!(
+                        "{peer} was not admitted as a daemon ({reason}); asked again later"
+                    ),
+                }
             }
             Command::Shutdown => {}
         }
@@ -840,6 +894,7 @@ impl EventLoop {
                 num_established: 0,
                 ..
             } => {
+                self.candidates.remove(&peer_id);
                 self.daemons
                     .send_if_modified(|d| d.remove(&peer_id).is_some());
             }
@@ -886,24 +941,14 @@ impl EventLoop {
                 {
                     return;
                 }
-                for addr in &info.listen_addrs {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id, addr.clone());
-                }
-                if self.known.len() < MAX_KNOWN || self.known.contains_key(&peer_id) {
-                    self.known.insert(peer_id, info.listen_addrs.clone());
-                }
                 let info = PeerInfo {
                     addrs: info.listen_addrs,
                     agent: info.agent_version,
                 };
-                self.daemons
-                    .send_if_modified(|d| d.insert(peer_id, info.clone()).as_ref() != Some(&info));
-                if !self.bootstrapped {
-                    self.bootstrapped = true;
-                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                if self.daemons.borrow().contains_key(&peer_id) {
+                    self.admit_daemon(peer_id, info);
+                } else {
+                    self.challenge(peer_id, info);
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
@@ -924,6 +969,59 @@ impl EventLoop {
             }
             _ => {}
         }
+    }
+
+    /// Starts the admission challenge of a peer listing the block protocol.
+    fn challenge(&mut self, peer: PeerId, info: PeerInfo) {
+        self.candidates.insert(peer, info);
+        let (admitting, full) = {
+            let a = self.admitting.borrow();
+            (a.contains(&peer), a.len() >= admit::MAX_ADMITTING)
+        };
+        if admitting || full {
+            return;
+        }
+        self.admitting.send_modify(|a| {
+            a.insert(peer);
+        });
+        let commands = self.own_commands.clone();
+        tokio::spawn(async move {
+            let outcome = admit::admit(commands.clone(), peer).await;
+            if let Some(commands) = commands.upgrade() {
+                let _ = commands.send(Command::Admission { peer, outcome }).await;
+            }
+        });
+    }
+
+    /// Counts an admitted peer as a daemon (or updates what identify said of it).
+    fn admit_daemon(&mut self, peer: PeerId, info: PeerInfo) {
+        if !self.swarm.is_connected(&peer) || self.banned.contains(&peer) {
+            return;
+        }
+        for addr in &info.addrs {
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .add_address(&peer, addr.clone());
+        }
+        if self.known.len() < MAX_KNOWN || self.known.contains_key(&peer) {
+            self.known.insert(peer, info.addrs.clone());
+        }
+        self.daemons
+            .send_if_modified(|d| d.insert(peer, info.clone()).as_ref() != Some(&info));
+        if !self.bootstrapped {
+            self.bootstrapped = true;
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+    }
+
+    /// Closes every connection to `peer` and never connects to it again.
+    fn ban(&mut self, peer: PeerId) {
+        self.banned.insert(peer);
+        self.known.remove(&peer);
+        self.candidates.remove(&peer);
+        self.daemons.send_if_modified(|d| d.remove(&peer).is_some());
+        let _ = self.swarm.disconnect_peer_id(peer);
     }
 
     fn send_block_request(

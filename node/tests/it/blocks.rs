@@ -9,7 +9,7 @@ use p2pmr_node::blocks::{Fetcher, RemoteError};
 use p2pmr_node::cluster::{Cluster, ClusterConfig};
 use p2pmr_node::net::{self, NetConfig};
 use p2pmr_node::{Daemon, DaemonConfig, Error, Replicas};
-use p2pmr_protocol::wire::{BlockRequest, BlockResponse};
+use p2pmr_protocol::wire::{self, BlockRequest, BlockResponse};
 use p2pmr_protocol::Block;
 use std::io::Cursor;
 use std::time::Duration;
@@ -115,7 +115,8 @@ async fn a_lying_peer_is_detected_and_dropped() -> Result<()> {
         .await?;
     writer.shutdown().await;
 
-    // A peer that speaks the block protocol but answers every Get with wrong bytes.
+    // A peer that speaks the block protocol (and passes its admission challenge) but answers
+    // every Get with wrong bytes.
     let liar = net::spawn(NetConfig {
         keypair: Keypair::generate_ed25519(),
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
@@ -129,9 +130,20 @@ async fn a_lying_peer_is_detected_and_dropped() -> Result<()> {
     let liar_client = liar.client.clone();
     let mut inbound = liar.inbound;
     tokio::spawn(async move {
+        let mut probes = Vec::new();
         while let Some(req) = inbound.recv().await {
             let response = match req.request {
                 BlockRequest::Get(_) => BlockResponse::Block(b"not what you asked for".to_vec()),
+                BlockRequest::Probe(data) => {
+                    probes.push(data);
+                    BlockResponse::Stored
+                }
+                BlockRequest::Prove { cid, nonce } => probes
+                    .iter()
+                    .find(|d| wire::probe_cid(d) == cid)
+                    .map_or(BlockResponse::NotFound, |d| {
+                        BlockResponse::Proof(wire::proof(&nonce, d))
+                    }),
                 _ => BlockResponse::Refused("no".into()),
             };
             liar_client.respond(req.channel, response).await;
@@ -564,15 +576,16 @@ async fn dags_go_out_and_back_in_as_car_files_and_bad_ones_keep_nothing() -> Res
     Ok(())
 }
 
-/// A peer that passes for a daemon (identify lists the block protocol) and answers `Stored`
-/// to every `Put` without storing anything.
+/// A peer that lists the block protocol in identify and answers `Stored` to every `Put`
+/// without storing anything. A `cunning` one also keeps admission probes and proves them, so
+/// it is admitted as a daemon and lies only about blocks.
 mod fake {
     use futures::StreamExt;
     use libp2p::request_response::{self, ProtocolSupport};
     use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
     use libp2p::{identify, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
     use p2pmr_node::net::BlockCodec;
-    use p2pmr_protocol::wire::{BlockRequest, BlockResponse, BLOCK_PROTOCOL};
+    use p2pmr_protocol::wire::{probe_cid, proof, BlockRequest, BlockResponse, BLOCK_PROTOCOL};
 
     #[derive(NetworkBehaviour)]
     pub(super) struct Liar {
@@ -583,6 +596,7 @@ mod fake {
     /// Starts the liar on 127.0.0.1, dialling `peers`; returns its id, address and task.
     pub(super) async fn start(
         peers: Vec<Multiaddr>,
+        cunning: bool,
     ) -> anyhow::Result<(PeerId, Multiaddr, tokio::task::JoinHandle<()>)> {
         let mut swarm = libp2p::SwarmBuilder::with_new_identity()
             .with_tokio()
@@ -614,6 +628,7 @@ mod fake {
             swarm.dial(peer)?;
         }
         let task = tokio::spawn(async move {
+            let mut probes = Vec::new();
             loop {
                 if let SwarmEvent::Behaviour(LiarEvent::Blocks(
                     request_response::Event::Message {
@@ -630,6 +645,16 @@ mod fake {
                             BlockResponse::Stored
                         }
                         BlockRequest::Has(cids) => BlockResponse::Have(vec![true; cids.len()]),
+                        BlockRequest::Probe(data) => {
+                            probes.push(data);
+                            BlockResponse::Stored
+                        }
+                        BlockRequest::Prove { cid, nonce } if cunning => probes
+                            .iter()
+                            .find(|d| probe_cid(d) == cid)
+                            .map_or(BlockResponse::NotFound, |d| {
+                                BlockResponse::Proof(proof(&nonce, d))
+                            }),
                         _ => BlockResponse::NotFound,
                     };
                     let _ = swarm.behaviour_mut().blocks.send_response(channel, answer);
@@ -641,9 +666,43 @@ mod fake {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_only_claims_to_store_fails_the_add_and_is_named() -> Result<()> {
+async fn a_peer_that_lists_the_block_protocol_but_stores_nothing_is_not_a_daemon() -> Result<()> {
     let cluster = unlinked(2).await?;
-    let (liar, liar_addr, task) = fake::start(Vec::new()).await?;
+    let (liar, liar_addr, task) = fake::start(Vec::new(), false).await?;
+    let mut peers = cluster.addrs();
+    peers.push(liar_addr);
+    let node = cluster.client_of(peers);
+    node.peers().wait_for(2).await?;
+    // Its challenge ends at once (it cannot prove the probe it said it kept); give it time.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let net = node.net(2).await?;
+    assert!(
+        !net.daemons().contains_key(&liar) && !net.is_being_admitted(&liar),
+        "it was counted as a daemon: {:?}",
+        net.daemons().keys().collect::<Vec<_>>()
+    );
+    assert!(!net.job_peers().contains(&liar), "nor is it sent jobs");
+    // So an add never goes to it, and succeeds on the real daemons.
+    let bytes = data(2 << 20, 12);
+    for replicas in [1, 2] {
+        let added = node
+            .blocks()
+            .add(Cursor::new(bytes.clone()), Replicas::network(replicas))
+            .await?;
+        assert_eq!(cat_all(&node, added.root).await?, bytes);
+        let stat = node.blocks().stat(added.root).await?;
+        assert!(!stat.holders.contains_key(&liar), "{stat:?}");
+    }
+    task.abort();
+    node.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitted_peer_that_only_claims_to_store_fails_the_add_and_is_named() -> Result<()> {
+    let cluster = unlinked(2).await?;
+    let (liar, liar_addr, task) = fake::start(Vec::new(), true).await?;
     let mut peers = cluster.addrs();
     peers.push(liar_addr);
     let node = cluster.client_of(peers);
@@ -700,7 +759,7 @@ async fn a_peer_claiming_to_hold_every_block_does_not_stop_re_replication() -> R
         vec![0, 0, 8]
     );
     // A liar joins every daemon and says it holds every block it is asked about.
-    let (liar, _, task) = fake::start(cluster.addrs()).await?;
+    let (liar, liar_addr, task) = fake::start(cluster.addrs(), true).await?;
     tokio::time::timeout(Duration::from_secs(10), async {
         while !cluster
             .daemons()
@@ -716,7 +775,6 @@ async fn a_peer_claiming_to_hold_every_block_does_not_stop_re_replication() -> R
     let honest: Vec<_> = cluster.daemons().map(|d| d.peer_id()).collect();
     let restored = tokio::time::timeout(grace + Duration::from_secs(20), async {
         loop {
-            // The client's stat believes the liar too: count the honest daemons' blocks.
             let stat = client.blocks().stat(added.root).await?;
             if honest.iter().all(|p| stat.holders.get(p) == Some(&8)) {
                 return anyhow::Ok(());
@@ -731,7 +789,21 @@ async fn a_peer_claiming_to_hold_every_block_does_not_stop_re_replication() -> R
         client.blocks().stat(added.root).await?
     );
     assert_eq!(cat_all(&client, added.root).await?, bytes);
+    // Stat does not believe the liar either: it claims all 8 blocks and proves none.
+    let mut peers = cluster.addrs();
+    peers.push(liar_addr);
+    let auditor = cluster.client_of(peers);
+    let seen = auditor.peers().wait_for(3).await?;
+    assert!(seen.contains_key(&liar), "it passes admission");
+    let stat = auditor.blocks().stat(added.root).await?;
+    assert_eq!(stat.replicas, vec![0, 0, 8], "{stat:?}");
+    assert!(!stat.holders.contains_key(&liar), "{stat:?}");
+    assert!(
+        matches!(stat.unproven.get(&liar), Some((8, why)) if why.contains("prove")),
+        "{stat:?}"
+    );
     task.abort();
+    auditor.shutdown().await;
     client.shutdown().await;
     cluster.stop().await;
     Ok(())
