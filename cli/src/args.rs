@@ -429,7 +429,7 @@ pub(crate) struct RunLocalArgs {
     /// Time limit per task
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub(crate) timeout_secs: u64,
-    /// Most bytes a task may emit
+    /// Most bytes a task may emit (for a map task, with its sort index: what it holds in memory)
     #[arg(long, default_value_t = 256, value_name = "MIB", value_parser = mib)]
     pub(crate) output_limit_mib: u64,
     /// Map split size

@@ -1408,12 +1408,115 @@ mod abuse {
 
     /// Resident memory of process `pid`, bytes.
     fn rss(pid: u32) -> u64 {
+        memory(pid, "VmRSS:")
+    }
+
+    /// A memory figure (`VmRSS:`, `VmHWM:`) of process `pid` from its status, bytes.
+    fn memory(pid: u32, field: &str) -> u64 {
         let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
             .map_or(0, |kb| kb << 10)
+    }
+
+    /// Runs `p2pmr run-local ARGS` and returns its output and its peak resident memory
+    /// (the high-water mark, read until it exits).
+    fn run_local_peak(home: &Path, args: &[&str]) -> (Output, u64) {
+        let mut child = Command::new(BIN)
+            .arg("--home")
+            .arg(home)
+            .arg("run-local")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mut stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            io::Read::read_to_end(&mut stdout, &mut out).map(|_| out)
+        });
+        let mut peak = 0;
+        while child.try_wait().unwrap().is_none() {
+            peak = peak.max(memory(pid, "VmHWM:"));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut output = child.wait_with_output().unwrap();
+        output.stdout = reader.join().unwrap().unwrap();
+        (output, peak)
+    }
+
+    #[test]
+    fn a_map_tasks_output_is_held_once_and_the_limit_bounds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("repo");
+        // 24 MiB of distinct lines; grep for everything keeps all of them as map output.
+        let mut text = Vec::new();
+        let mut i = 0u64;
+        while text.len() < 24 << 20 {
+            text.extend_from_slice(
+                format!("line {i} of the input, padded to a length\n").as_bytes(),
+            );
+            i += 1;
+        }
+        let input = write_file(dir.path(), "in.txt", &text);
+        let input = input.to_str().unwrap();
+        let run = |pattern: &str, limit: &str| {
+            let pattern = format!("pattern={pattern}");
+            run_local_peak(
+                &home,
+                &[
+                    "--job",
+                    "grep",
+                    "--arg",
+                    &pattern,
+                    "--input",
+                    input,
+                    "--split-mib",
+                    "64",
+                    "--threads",
+                    "1",
+                    "--output-limit-mib",
+                    limit,
+                ],
+            )
+        };
+        let (none, base) = run("^never$", "256");
+        assert!(none.status.success() && none.stdout.is_empty());
+        let (all, peak) = run(".", "256");
+        assert!(
+            all.status.success(),
+            "{}",
+            String::from_utf8_lossy(&all.stderr)
+        );
+        // Output lines are `key TAB value NL`; the map held each pair as `klen key vlen value`
+        // (6 bytes more) and one index entry.
+        let pairs = all.stdout.iter().filter(|&&b| b == b'\n').count() as u64;
+        let held = all.stdout.len() as u64 + 6 * pairs + 16 * pairs;
+        eprintln!(
+            "map output held {} MiB; run-local peak {} MiB, {} MiB with no output",
+            held >> 20,
+            peak >> 20,
+            base >> 20
+        );
+        assert!(
+            peak < base + held + (12 << 20),
+            "peak {} MiB: more than the output held once ({} MiB) over {} MiB",
+            peak >> 20,
+            held >> 20,
+            base >> 20
+        );
+        // A limit just under what it holds fails the task, saying so.
+        let under = ((held >> 20) - 1).to_string();
+        let (over, _) = run(".", &under);
+        let error = String::from_utf8_lossy(&over.stderr);
+        assert!(
+            !over.status.success() && error.contains("output limit"),
+            "{error}"
+        );
     }
 
     #[test]

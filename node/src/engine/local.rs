@@ -293,7 +293,7 @@ fn map_split(
 /// order, then emission order, so the result does not depend on thread timing.
 pub struct Merge {
     runs: Vec<Run>,
-    /// Byte position of the next pair in each run.
+    /// The next pair of each run.
     pos: Vec<usize>,
     heap: BinaryHeap<Reverse<(Vec<u8>, usize)>>,
 }
@@ -311,7 +311,7 @@ impl Merge {
     pub fn new(runs: Vec<Run>) -> Self {
         let mut heap = BinaryHeap::new();
         for (i, run) in runs.iter().enumerate() {
-            if let Some((k, _, _)) = run.pair_at(0) {
+            if let Some((k, _)) = run.pair(0) {
                 heap.push(Reverse((k.to_vec(), i)));
             }
         }
@@ -337,13 +337,13 @@ impl Iterator for Merge {
             self.heap.pop();
             let run = &self.runs[i];
             let mut at = self.pos[i];
-            while let Some((k, v, next)) = run.pair_at(at) {
+            while let Some((k, v)) = run.pair(at) {
                 if k != key.as_slice() {
                     self.heap.push(Reverse((k.to_vec(), i)));
                     break;
                 }
                 values.push(v.to_vec());
-                at = next;
+                at += 1;
             }
             self.pos[i] = at;
         }

@@ -41,7 +41,9 @@ pub struct Limits {
     pub memory: usize,
     /// Wall time a task may run.
     pub timeout: Duration,
-    /// Most bytes (keys + values) a task may emit.
+    /// Most bytes a task may emit (keys, values and their length prefixes). A map task's
+    /// output is held until it ends, so for it the limit also counts its sort index
+    /// ([`INDEX_BYTES`] a pair): what the limit allows is what the output takes in memory.
     pub output: u64,
 }
 
@@ -229,95 +231,155 @@ impl JobModule {
     }
 }
 
-/// A run of key/value pairs sorted by key (stable: equal keys keep the order they were emitted
-/// in), ABI-encoded back to back in one buffer: ~10 bytes of overhead per pair instead of two
-/// allocations and a tuple (which made map output 4x its payload in memory).
+/// ABI-encoded key/value pairs in emission order, kept in chunks that never grow: a growing
+/// buffer would be copied at each doubling, and the allocator may hold the old copies a
+/// while, so output would be resident more than once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Run {
-    buf: Vec<u8>,
-    pairs: usize,
+pub struct Pairs {
+    chunks: Vec<Vec<u8>>,
 }
 
-impl Run {
-    /// Sorts ABI-encoded pairs by key (stably) into a run.
-    pub fn sort(buf: &[u8]) -> Self {
-        // Each entry carries the key's first 8 bytes as a big-endian number (zero-padded):
-        // comparing those orders most pairs without touching the keys themselves, and equal
-        // prefixes fall back to comparing the whole keys, so the order is exactly byte order.
-        // Entries are 16 bytes (prefix, where the pair starts) and the index is sized exactly
-        // (pairs counted first): a 64 MiB split's runs hold ~300,000 pairs, and two such
-        // tasks finishing together were a daemon's peak memory.
-        let pair_end = |at: usize| {
-            let klen = read_len(buf, at);
-            at + 8 + klen + read_len(buf, at + 4 + klen)
-        };
-        let key_at = |at: usize| &buf[at + 4..at + 4 + read_len(buf, at)];
-        let mut pairs = 0;
-        let mut at = 0;
-        while at < buf.len() {
-            pairs += 1;
-            at = pair_end(at);
-        }
-        let mut index: Vec<(u64, usize)> = Vec::with_capacity(pairs);
-        let mut at = 0;
-        while at < buf.len() {
-            let key = key_at(at);
-            let mut prefix = [0; 8];
-            let n = key.len().min(8);
-            prefix[..n].copy_from_slice(&key[..n]);
-            index.push((u64::from_be_bytes(prefix), at));
-            at = pair_end(at);
-        }
-        index.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| key_at(a.1).cmp(key_at(b.1))));
-        let mut sorted = Vec::with_capacity(buf.len());
-        for &(_, at) in &index {
-            sorted.extend_from_slice(&buf[at..pair_end(at)]);
-        }
-        Self { buf: sorted, pairs }
-    }
+/// Bytes per chunk of [`Pairs`] (a larger pair gets a chunk of its own size).
+const PAIRS_CHUNK: usize = 1 << 20;
 
-    /// Number of pairs.
-    pub fn len(&self) -> usize {
-        self.pairs
-    }
-
-    /// Whether the run is empty.
-    pub fn is_empty(&self) -> bool {
-        self.pairs == 0
+impl Pairs {
+    /// Appends a pair.
+    pub fn push(&mut self, key: &[u8], value: &[u8]) {
+        let need = 8 + key.len() + value.len();
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.capacity() - chunk.len() >= need => {
+                abi::encode_pair(chunk, key, value)
+            }
+            _ => {
+                let mut chunk = Vec::with_capacity(need.max(PAIRS_CHUNK));
+                abi::encode_pair(&mut chunk, key, value);
+                self.chunks.push(chunk);
+            }
+        }
     }
 
     /// Encoded size in bytes.
     pub fn bytes(&self) -> usize {
-        self.buf.len()
+        self.chunks.iter().map(Vec::len).sum()
     }
+}
 
-    /// The encoded pairs, back to back in key order: the form a run is stored in for the
-    /// shuffle.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.buf
+impl From<Vec<u8>> for Pairs {
+    /// Pairs already ABI-encoded back to back.
+    fn from(buf: Vec<u8>) -> Self {
+        Self { chunks: vec![buf] }
     }
+}
 
-    /// The pair at byte `at` and the position of the next one.
-    pub fn pair_at(&self, at: usize) -> Option<(&[u8], &[u8], usize)> {
-        if at >= self.buf.len() {
-            return None;
+/// A run of key/value pairs sorted by key (stable: equal keys keep the order they were emitted
+/// in): the pairs as emitted, and an index of them in key order. Nothing is copied to sort: a
+/// task's output is resident once, plus [`INDEX_BYTES`] a pair, and is written out in key
+/// order straight from here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Run {
+    pairs: Pairs,
+    /// Each pair's key's first 8 bytes (big-endian, zero-padded) and where the pair starts
+    /// (chunk in the high 32 bits, offset in the low ones).
+    order: Vec<(u64, u64)>,
+}
+
+/// Memory a run's index takes per pair, counted with the output against a task's limit.
+pub const INDEX_BYTES: u64 = std::mem::size_of::<(u64, u64)>() as u64;
+
+impl Run {
+    /// Sorts pairs by key (stably) into a run, taking them.
+    pub fn sort(pairs: impl Into<Pairs>) -> Self {
+        let pairs = pairs.into();
+        // Comparing the keys' first 8 bytes as numbers orders most pairs without touching the
+        // keys themselves; equal prefixes fall back to comparing whole keys, so the order is
+        // exactly byte order. The index is sized exactly (pairs counted first).
+        let mut count = 0;
+        for chunk in &pairs.chunks {
+            let mut at = 0;
+            while at < chunk.len() {
+                count += 1;
+                at = pair_end(chunk, at);
+            }
         }
-        let klen = read_len(&self.buf, at);
-        let key = &self.buf[at + 4..at + 4 + klen];
-        let vlen = read_len(&self.buf, at + 4 + klen);
-        let v = at + 8 + klen;
-        Some((key, &self.buf[v..v + vlen], v + vlen))
+        let mut order: Vec<(u64, u64)> = Vec::with_capacity(count);
+        for (c, chunk) in pairs.chunks.iter().enumerate() {
+            let mut at = 0;
+            while at < chunk.len() {
+                let key = key_at(chunk, at);
+                let mut prefix = [0; 8];
+                let n = key.len().min(8);
+                prefix[..n].copy_from_slice(&key[..n]);
+                order.push((u64::from_be_bytes(prefix), ((c as u64) << 32) | at as u64));
+                at = pair_end(chunk, at);
+            }
+        }
+        let key = |pos: u64| key_at(&pairs.chunks[(pos >> 32) as usize], pos as u32 as usize);
+        order.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| key(a.1).cmp(key(b.1))));
+        Self { pairs, order }
+    }
+
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Whether the run is empty.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// Encoded size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.pairs.bytes()
+    }
+
+    /// The `i`th pair's encoded bytes.
+    fn encoded(&self, i: usize) -> Option<&[u8]> {
+        let &(_, pos) = self.order.get(i)?;
+        let chunk = &self.pairs.chunks[(pos >> 32) as usize];
+        let at = pos as u32 as usize;
+        Some(&chunk[at..pair_end(chunk, at)])
+    }
+
+    /// Writes the encoded pairs back to back in key order: the form a run is stored in for
+    /// the shuffle.
+    pub fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        for i in 0..self.len() {
+            out.write_all(self.encoded(i).expect("in range"))?;
+        }
+        Ok(())
+    }
+
+    /// The encoded pairs in key order, in one buffer.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.bytes());
+        self.write_to(&mut out)
+            .expect("writing to memory cannot fail");
+        out
+    }
+
+    /// The `i`th pair in key order.
+    pub fn pair(&self, i: usize) -> Option<(&[u8], &[u8])> {
+        let pair = self.encoded(i)?;
+        let klen = read_len(pair, 0);
+        Some((&pair[4..4 + klen], &pair[8 + klen..]))
     }
 
     /// The pairs in order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
-        let mut at = 0;
-        std::iter::from_fn(move || {
-            let (k, v, next) = self.pair_at(at)?;
-            at = next;
-            Some((k, v))
-        })
+        (0..self.len()).map_while(|i| self.pair(i))
     }
+}
+
+/// The key of the pair starting at `at`.
+fn key_at(buf: &[u8], at: usize) -> &[u8] {
+    &buf[at + 4..at + 4 + read_len(buf, at)]
+}
+
+/// Where the pair starting at `at` ends.
+fn pair_end(buf: &[u8], at: usize) -> usize {
+    let klen = read_len(buf, at);
+    at + 8 + klen + read_len(buf, at + 4 + klen)
 }
 
 /// A length prefix written by the host itself (so in bounds by construction).
@@ -332,7 +394,7 @@ pub type Partitions = Vec<Run>;
 enum Collect {
     /// ABI-encoded pairs per partition, in emission order until the task finishes.
     Map {
-        parts: Vec<Vec<u8>>,
+        parts: Vec<Pairs>,
         reducers: u32,
     },
     Reduce {
@@ -520,12 +582,15 @@ impl Executor {
                 };
                 match &mut state.collect {
                     Collect::Map { parts, reducers } => {
+                        // A map's output stays resident until the task ends, and its sort
+                        // index with it: the limit bounds both.
+                        state.emitted += INDEX_BYTES * pairs.len() as u64;
+                        if state.emitted > state.output_cap {
+                            state.over_output = true;
+                            return Err(wasmtime::Error::msg("output limit"));
+                        }
                         for (k, v) in pairs {
-                            abi::encode_pair(
-                                &mut parts[abi::partition(k, *reducers) as usize],
-                                k,
-                                v,
-                            );
+                            parts[abi::partition(k, *reducers) as usize].push(k, v);
                         }
                     }
                     Collect::Reduce { out } => {
@@ -745,7 +810,7 @@ impl Executor {
     ) -> Result<MapTask, JobError> {
         let limits = limits.capped_by(self.max);
         let collect = Collect::Map {
-            parts: vec![Vec::new(); reducers.max(1) as usize],
+            parts: vec![Pairs::default(); reducers.max(1) as usize],
             reducers: reducers.max(1),
         };
         let mut t = self.start(module, task, args, limits, collect)?;
@@ -974,7 +1039,7 @@ impl MapTask {
         // The instance (its linear memory) goes back to the pool before the sort allocates,
         // and each partition's unsorted pairs are freed as soon as they are sorted.
         drop(self);
-        Ok((parts.into_iter().map(|p| Run::sort(&p)).collect(), combined))
+        Ok((parts.into_iter().map(Run::sort).collect(), combined))
     }
 }
 
@@ -1068,7 +1133,7 @@ mod tests {
         for (i, k) in keys.iter().enumerate() {
             abi::encode_pair(&mut buf, k, i.to_string().as_bytes());
         }
-        let run = Run::sort(&buf);
+        let run = Run::sort(buf);
         let got: Vec<(Vec<u8>, Vec<u8>)> =
             run.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
         let mut want: Vec<(Vec<u8>, Vec<u8>)> = keys
@@ -1079,6 +1144,33 @@ mod tests {
         want.sort_by(|a, b| a.0.cmp(&b.0)); // stable: equal keys keep their order
         assert_eq!(got, want);
         assert_eq!(run.len(), keys.len());
-        assert!(Run::sort(&[]).is_empty());
+        assert!(Run::sort(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn runs_over_many_chunks_sort_like_one_buffer() {
+        // Pairs filling several chunks, one larger than a chunk, keys in a scrambled order.
+        let mut pairs = Pairs::default();
+        let mut flat = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..80_000u32 {
+            let key = format!("k{}", (i * 7919) % 1000);
+            let value = if i == 40_000 {
+                vec![b'x'; PAIRS_CHUNK + 3]
+            } else {
+                format!("{i:040}").into_bytes()
+            };
+            pairs.push(key.as_bytes(), &value);
+            abi::encode_pair(&mut flat, key.as_bytes(), &value);
+            want.push((key.into_bytes(), value));
+        }
+        assert!(pairs.chunks.len() > 3, "{} chunks", pairs.chunks.len());
+        assert_eq!(pairs.bytes(), flat.len());
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        let run = Run::sort(pairs);
+        let got: Vec<(Vec<u8>, Vec<u8>)> =
+            run.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        assert_eq!(got, want);
+        assert_eq!(run.to_bytes(), Run::sort(flat).to_bytes());
     }
 }

@@ -606,9 +606,9 @@ impl Worker {
                 c.map_output_bytes += run.bytes() as u64;
                 let mut w = FileWriter::scratch(&store, run_layout());
                 if std::mem::take(&mut wrong_output) {
-                    w.write_all(&altered(run.as_bytes()))?;
+                    w.write_all(&altered(&run.to_bytes()))?;
                 } else {
-                    w.write_all(run.as_bytes())?;
+                    run.write_to(&mut w)?;
                 }
                 let written = w.finish()?;
                 out.push(Some(PartOut {

@@ -240,7 +240,7 @@ mod tests {
         for (k, v) in pairs {
             encode_pair(&mut buf, k.as_bytes(), v.as_bytes());
         }
-        Run::sort(&buf)
+        Run::sort(buf)
     }
 
     /// A stream that yields `pieces` and then ends, recording errors in `error`.
@@ -259,7 +259,7 @@ mod tests {
 
     fn stream(run: &Run, piece: usize) -> RunStream {
         let pieces = run
-            .as_bytes()
+            .to_bytes()
             .chunks(piece.max(1))
             .map(<[u8]>::to_vec)
             .collect();
@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn truncated_and_hostile_runs_are_errors() {
         let r = run(&[("a", "1"), ("b", "2")]);
-        let bytes = r.as_bytes();
+        let bytes = r.to_bytes();
         let error = ShuffleError::default();
         let truncated = stream_of(vec![bytes[..bytes.len() - 1].to_vec()], &error);
         assert_eq!(collect(StreamMerge::new(vec![truncated])).len(), 1);
