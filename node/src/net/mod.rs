@@ -32,7 +32,8 @@ use libp2p::{
 };
 use p2pmr_protocol::engine::{JobRequest, JobResponse, JOB_PROTOCOL, MAX_JOB_MESSAGE};
 use p2pmr_protocol::wire::{
-    BlockRequest, BlockResponse, WireError, BLOCK_PROTOCOL, MAX_REQUEST_SIZE, MAX_RESPONSE_SIZE,
+    BlockRequest, BlockResponse, WireError, BLOCK_PROTOCOL, BUSY, MAX_REQUEST_SIZE,
+    MAX_RESPONSE_SIZE,
 };
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io;
@@ -51,8 +52,15 @@ const COMMAND_QUEUE: usize = 256;
 /// Inbound requests queued for the daemon's handlers before new ones are refused as busy.
 /// Each may hold a block, so this bounds memory: 32 x 256 KiB.
 const INBOUND_QUEUE: usize = 32;
-/// Concurrent block streams per connection. Each may be reading a frame of up to 2 MiB.
+/// Requests of one protocol one peer may have this peer answering at once; past it, each is
+/// refused saying so. This peer sends no more than this to any one peer either, queueing the
+/// rest.
 const MAX_STREAMS: usize = 32;
+const MAX_ANSWERING: usize = MAX_STREAMS;
+/// Streams of one protocol per connection that the protocol handler takes in: past
+/// [`MAX_ANSWERING`] they are read and refused, past this they are reset unread (a peer
+/// ignoring refusals).
+const MAX_HANDLER_STREAMS: usize = MAX_STREAMS + MAX_STREAMS / 2;
 /// A request not answered within this time fails (the peer is slow or gone).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Job requests are answered when a task finishes, so they may take as long as a task may.
@@ -479,6 +487,8 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         own_commands: commands_tx.downgrade(),
         admitting: admitting_tx,
         candidates: HashMap::new(),
+        answering: HashMap::new(),
+        answering_jobs: HashMap::new(),
         swarm,
         commands,
         inbound: inbound_tx,
@@ -568,14 +578,14 @@ fn make_behaviour(
         [(StreamProtocol::new(BLOCK_PROTOCOL), support.clone())],
         request_response::Config::default()
             .with_request_timeout(REQUEST_TIMEOUT)
-            .with_max_concurrent_streams(MAX_STREAMS),
+            .with_max_concurrent_streams(MAX_HANDLER_STREAMS),
     );
     let jobs = request_response::Behaviour::with_codec(
         JobCodec::new(budget),
         [(StreamProtocol::new(JOB_PROTOCOL), support)],
         request_response::Config::default()
             .with_request_timeout(JOB_REQUEST_TIMEOUT)
-            .with_max_concurrent_streams(MAX_STREAMS),
+            .with_max_concurrent_streams(MAX_HANDLER_STREAMS),
     );
     let identify = identify::Behaviour::new(
         identify::Config::new("/mapreduce/id/1.0.0".into(), key.public())
@@ -626,6 +636,9 @@ struct EventLoop {
     admitting: watch::Sender<HashSet<PeerId>>,
     /// What identify said of peers listing the block protocol, until they are admitted.
     candidates: HashMap<PeerId, PeerInfo>,
+    /// Inbound requests of each protocol being answered, per peer.
+    answering: HashMap<PeerId, usize>,
+    answering_jobs: HashMap<PeerId, usize>,
     commands: mpsc::Receiver<Command>,
     inbound: mpsc::Sender<Inbound>,
     jobs: mpsc::Sender<JobInbound>,
@@ -768,7 +781,11 @@ impl EventLoop {
                 request,
                 reply,
             } => {
-                let id = self.swarm.behaviour_mut().jobs.send_request(&peer, request);
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .jobs
+                    .send_request(&peer, Ok(request));
                 self.pending_jobs.insert(id, reply);
             }
             Command::JobRespond { channel, response } => {
@@ -920,7 +937,8 @@ impl EventLoop {
                     &mut self.swarm.behaviour_mut().blocks,
                     &self.inbound,
                     &mut self.pending,
-                    BlockResponse::busy,
+                    &mut self.answering,
+                    BlockResponse::Refused,
                 );
                 if let Some(peer) = answered {
                     self.next_request(peer);
@@ -931,7 +949,8 @@ impl EventLoop {
                 &mut self.swarm.behaviour_mut().jobs,
                 &self.jobs,
                 &mut self.pending_jobs,
-                JobResponse::busy,
+                &mut self.answering_jobs,
+                JobResponse::Failed,
             ),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let block = StreamProtocol::new(BLOCK_PROTOCOL);
@@ -1034,7 +1053,7 @@ impl EventLoop {
             .swarm
             .behaviour_mut()
             .blocks
-            .send_request(&peer, request);
+            .send_request(&peer, Ok(request));
         self.pending.insert(id, reply);
     }
 
@@ -1090,11 +1109,12 @@ impl EventLoop {
 /// Routes a request-response event: an inbound request to its queue (answered `busy` at once
 /// when the queue is full), a response or failure to the waiting caller.
 fn route<Req: WireMessage + std::fmt::Debug, Resp: WireMessage + std::fmt::Debug>(
-    event: request_response::Event<Req, Resp>,
+    event: request_response::Event<Incoming<Req>, Resp>,
     behaviour: &mut request_response::Behaviour<FramedCodec<Req, Resp>>,
     inbound: &mpsc::Sender<Inbound<Req, Resp>>,
     pending: &mut HashMap<OutboundRequestId, oneshot::Sender<Result<Resp, NetError>>>,
-    busy: impl FnOnce() -> Resp,
+    answering: &mut HashMap<PeerId, usize>,
+    refuse: impl Fn(String) -> Resp,
 ) {
     use request_response::{Event, Message};
     match event {
@@ -1105,18 +1125,39 @@ fn route<Req: WireMessage + std::fmt::Debug, Resp: WireMessage + std::fmt::Debug
             },
             ..
         } => {
-            if let Err(e) = inbound.try_send(Inbound {
-                peer,
-                request,
-                channel: Reply::Remote(channel),
-            }) {
-                let inbound = match e {
-                    mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i) => i,
-                };
-                if let Reply::Remote(channel) = inbound.channel {
-                    let _ = behaviour.send_response(channel, busy());
-                }
+            let open = answering.entry(peer).or_default();
+            *open += 1;
+            let refusal = match request {
+                Err(Unreadable(reason)) => Some(reason),
+                Ok(_) if *open > MAX_ANSWERING => Some(format!(
+                    "too many requests at once from this peer (at most {MAX_ANSWERING}); \
+                     wait for answers"
+                )),
+                Ok(request) => match inbound.try_send(Inbound {
+                    peer,
+                    request,
+                    channel: Reply::Remote(channel),
+                }) {
+                    Ok(()) => return,
+                    Err(
+                        mpsc::error::TrySendError::Full(i) | mpsc::error::TrySendError::Closed(i),
+                    ) => {
+                        if let Reply::Remote(channel) = i.channel {
+                            answer(behaviour, answering, peer, channel, refuse(BUSY.into()));
+                        }
+                        return;
+                    }
+                },
+            };
+            if let Some(reason) = refusal {
+                tracing::debug!("refused a request from {peer}: {reason}");
+                answer(behaviour, answering, peer, channel, refuse(reason));
             }
+        }
+        Event::ResponseSent { peer, .. } => done_answering(answering, peer),
+        Event::InboundFailure { peer, error, .. } => {
+            tracing::debug!("inbound request from {peer} failed: {error}");
+            done_answering(answering, peer);
         }
         Event::Message {
             message:
@@ -1143,10 +1184,29 @@ fn route<Req: WireMessage + std::fmt::Debug, Resp: WireMessage + std::fmt::Debug
                 }));
             }
         }
-        Event::InboundFailure { peer, error, .. } => {
-            tracing::debug!("inbound request from {peer} failed: {error}");
+    }
+}
+
+/// Answers an inbound request from the event loop itself (a refusal).
+fn answer<Req: WireMessage, Resp: WireMessage>(
+    behaviour: &mut request_response::Behaviour<FramedCodec<Req, Resp>>,
+    answering: &mut HashMap<PeerId, usize>,
+    peer: PeerId,
+    channel: ResponseChannel<Resp>,
+    response: Resp,
+) {
+    // A response that cannot go out (the connection is gone) is never reported as sent.
+    if behaviour.send_response(channel, response).is_err() {
+        done_answering(answering, peer);
+    }
+}
+
+fn done_answering(answering: &mut HashMap<PeerId, usize>, peer: PeerId) {
+    if let Some(open) = answering.get_mut(&peer) {
+        *open = open.saturating_sub(1);
+        if *open == 0 {
+            answering.remove(&peer);
         }
-        Event::ResponseSent { .. } => {}
     }
 }
 
@@ -1178,13 +1238,22 @@ wire_message!(BlockResponse, MAX_RESPONSE_SIZE);
 wire_message!(JobRequest, MAX_JOB_MESSAGE);
 wire_message!(JobResponse, MAX_JOB_MESSAGE);
 
+/// An inbound request as read off its stream: the message, or why it could not be read.
+pub type Incoming<Req> = Result<Req, Unreadable>;
+
+/// Why an inbound request could not be read (too large, malformed, too slow, or the budget
+/// for large messages spent): the sender is answered with it, as a refusal, rather than
+/// having its stream reset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable(pub String);
+
 /// Frames messages as a 4-byte big-endian length and the encoded message, and refuses frames
 /// over the message type's limit before allocating for them. A frame's buffer grows as its
 /// bytes arrive, so memory follows what a peer sent, not what it announced; an inbound
 /// request must arrive whole within [`REQUEST_DEADLINE`], and the part of it past
 /// [`FREE_FRAME_BYTES`] draws on a budget shared by every inbound stream
-/// ([`INBOUND_BUDGET`]): a request that finds it spent is refused (the stream is reset, and
-/// the sender retries later) instead of growing memory.
+/// ([`INBOUND_BUDGET`]): a request that finds it spent is answered `busy` (the sender retries
+/// later) instead of growing memory. A request that cannot be read is answered with why.
 pub struct FramedCodec<Req, Resp> {
     budget: Arc<Semaphore>,
     kind: PhantomData<fn() -> (Req, Resp)>,
@@ -1252,12 +1321,19 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
         let end = got + piece;
         if let Some(budget) = budget.filter(|_| end > FREE_FRAME_BYTES) {
             let units = (end - got.max(FREE_FRAME_BYTES)).div_ceil(BUDGET_UNIT) as u32;
-            let more = budget.clone().try_acquire_many_owned(units).map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::OutOfMemory,
-                    "too many large messages arriving at once; try again later",
-                )
-            })?;
+            let Ok(more) = budget.clone().try_acquire_many_owned(units) else {
+                // The sender reads an answer only once it has written its frame: the rest is
+                // read and dropped, holding nothing, before it is told it is busy.
+                drop(pieces);
+                let mut scratch = vec![0; PIECE];
+                let mut left = len - got;
+                while left > 0 {
+                    let n = left.min(PIECE);
+                    io.read_exact(&mut scratch[..n]).await?;
+                    left -= n;
+                }
+                return Err(io::Error::new(io::ErrorKind::OutOfMemory, BUSY));
+            };
             match &mut held {
                 Some(permit) => permit.merge(more),
                 None => held = Some(more),
@@ -1290,23 +1366,29 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
 
 impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCodec<Req, Resp> {
     type Protocol = StreamProtocol;
-    type Request = Req;
+    type Request = Incoming<Req>;
     type Response = Resp;
 
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Req>
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Incoming<Req>>
     where
         T: AsyncRead + Unpin + Send,
     {
         let read = read_frame(io, Req::LIMIT, Some(&self.budget));
-        let (frame, _held) = tokio::time::timeout(REQUEST_DEADLINE, read)
-            .await
-            .map_err(|_| {
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the request did not arrive in time",
-                )
-            })??;
-        Req::from_wire(&frame).map_err(invalid)
+        let unreadable = |reason: String| Ok(Err(Unreadable(reason)));
+        match tokio::time::timeout(REQUEST_DEADLINE, read).await {
+            Err(_) => unreadable(format!(
+                "the request did not arrive within {} s",
+                REQUEST_DEADLINE.as_secs()
+            )),
+            Ok(Ok((frame, _held))) => {
+                Ok(Req::from_wire(&frame).map_err(|e| Unreadable(e.to_string())))
+            }
+            // The budget spent: the peer is told it is busy.
+            Ok(Err(e)) if e.kind() == io::ErrorKind::OutOfMemory => unreadable(e.to_string()),
+            // A frame over the limit (whose sender is still writing it, so it could not read
+            // an answer; p2pmr peers never send one), or the stream itself failed: reset.
+            Ok(Err(e)) => Err(e),
+        }
     }
 
     async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Resp>
@@ -1322,12 +1404,30 @@ impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCode
         &mut self,
         _: &StreamProtocol,
         io: &mut T,
-        request: Req,
+        request: Incoming<Req>,
     ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &request.to_wire()).await
+        let request = request.map_err(|Unreadable(reason)| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("an unreadable request is never sent: {reason}"),
+            )
+        })?;
+        let frame = request.to_wire();
+        if frame.len() > Req::LIMIT {
+            // The peer would cut it off unread: say why here instead.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the request is {} bytes, more than the protocol's limit of {}",
+                    frame.len(),
+                    Req::LIMIT
+                ),
+            ));
+        }
+        write_frame(io, &frame).await
     }
 
     async fn write_response<T>(
@@ -1340,5 +1440,62 @@ impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCode
         T: AsyncWrite + Unpin + Send,
     {
         write_frame(io, &response.to_wire()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::request_response::Codec;
+    use p2pmr_protocol::Block;
+
+    fn framed(request: &BlockRequest) -> Vec<u8> {
+        let body = request.encode();
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        frame
+    }
+
+    async fn read(
+        codec: &mut BlockCodec,
+        bytes: &[u8],
+    ) -> (io::Result<Incoming<BlockRequest>>, u64) {
+        let mut io = futures::io::Cursor::new(bytes.to_vec());
+        let protocol = StreamProtocol::new(BLOCK_PROTOCOL);
+        let read = codec.read_request(&protocol, &mut io).await;
+        (read, io.position())
+    }
+
+    #[tokio::test]
+    async fn requests_that_cannot_be_read_become_refusals_or_resets() {
+        let block = Block::raw(vec![7; 200 << 10]);
+        let put = BlockRequest::Put {
+            cid: *block.cid(),
+            data: block.data().to_vec(),
+            replicas: 1,
+            session: 1,
+        };
+        let frame = framed(&put);
+        // Read whole with budget to spare.
+        let mut codec = BlockCodec::default();
+        let (whole, _) = read(&mut codec, &frame).await;
+        assert_eq!(whole.unwrap(), Ok(put.clone()));
+        // The budget spent: the rest of the frame is read and dropped, and the answer is busy.
+        let mut codec = BlockCodec::new(Arc::new(Semaphore::new(1)));
+        let (spent, at) = read(&mut codec, &frame).await;
+        assert_eq!(spent.unwrap(), Err(Unreadable(BUSY.into())));
+        assert_eq!(at, frame.len() as u64, "the frame was not read to its end");
+        // Malformed: refused with the decoder's reason.
+        let mut garbage = 5u32.to_be_bytes().to_vec();
+        garbage.extend_from_slice(&[0xff; 5]);
+        let (bad, _) = read(&mut BlockCodec::default(), &garbage).await;
+        assert!(matches!(bad.unwrap(), Err(Unreadable(r)) if r.contains("malformed")));
+        // A length over the limit: reset, nothing allocated for it.
+        let over = ((MAX_REQUEST_SIZE + 1) as u32).to_be_bytes();
+        let (reset, _) = read(&mut BlockCodec::default(), &over).await;
+        assert_eq!(reset.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        // Cut short: the stream failed, nobody to answer.
+        let (cut, _) = read(&mut BlockCodec::default(), &frame[..1000]).await;
+        assert_eq!(cut.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -196,14 +196,23 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
             .await?,
         BlockResponse::NotFound
     );
-    // An oversized message is cut off by the daemon's codec before it is buffered.
-    let huge = BlockRequest::Put {
+    // An oversized block is refused saying why, not with a reset stream; a frame over the
+    // protocol's limit (which the daemon's codec would cut off unread) is not even sent.
+    let huge = |extra| BlockRequest::Put {
         cid: *good.cid(),
-        data: vec![0; p2pmr_protocol::MAX_BLOCK_SIZE + 1],
+        data: vec![0; p2pmr_protocol::MAX_BLOCK_SIZE + extra],
         replicas: 1,
         session: 1,
     };
-    assert!(client.request(daemon, huge).await.is_err());
+    match client.request(daemon, huge(1)).await? {
+        BlockResponse::Refused(reason) => assert!(reason.contains("block is"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let error = client.request(daemon, huge(8192)).await.unwrap_err();
+    assert!(
+        error.to_string().contains("more than the protocol's limit"),
+        "{error}"
+    );
     // The daemon still serves.
     let put = BlockRequest::Put {
         cid: *good.cid(),
@@ -248,6 +257,87 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
             .await?,
         BlockResponse::Have(vec![true, false])
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_per_peer_limit_are_answered_not_reset() -> Result<()> {
+    use futures::StreamExt;
+    use libp2p::request_response::{self, ProtocolSupport};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{noise, tcp, yamux, StreamProtocol};
+    use p2pmr_node::net::BlockCodec;
+
+    let cluster = unlinked(1).await?;
+    let daemon = cluster.daemon(0).peer_id();
+    // A peer of its own that sends 48 requests at once on one connection (p2pmr's own
+    // clients queue past 32).
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )?
+        .with_behaviour(|_| {
+            request_response::Behaviour::with_codec(
+                BlockCodec::default(),
+                [(
+                    StreamProtocol::new(wire::BLOCK_PROTOCOL),
+                    ProtocolSupport::Outbound,
+                )],
+                request_response::Config::default().with_max_concurrent_streams(128),
+            )
+        })?
+        .build();
+    swarm.dial(cluster.addrs()[0].clone())?;
+    loop {
+        if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await {
+            break;
+        }
+    }
+    let cids: Vec<_> = (0..4096u32)
+        .map(|i| *Block::raw(i.to_le_bytes().to_vec()).cid())
+        .collect();
+    const SENT: usize = 48;
+    for _ in 0..SENT {
+        swarm
+            .behaviour_mut()
+            .send_request(&daemon, Ok(BlockRequest::Has(cids.clone())));
+    }
+    let (mut answers, mut refusals, mut failures) = (0, Vec::new(), Vec::new());
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while answers + refusals.len() + failures.len() < SENT {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    message: request_response::Message::Response { response, .. },
+                    ..
+                }) => match response {
+                    BlockResponse::Have(flags) if flags.len() == cids.len() => answers += 1,
+                    BlockResponse::Refused(reason) => refusals.push(reason),
+                    other => panic!("{other:?}"),
+                },
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                    error, ..
+                }) => failures.push(error.to_string()),
+                _ => {}
+            }
+        }
+    })
+    .await?;
+    assert!(failures.is_empty(), "streams were reset: {failures:?}");
+    assert!(
+        refusals
+            .iter()
+            .all(|r| r == wire::BUSY || r.contains("too many requests at once")),
+        "{refusals:?}"
+    );
+    eprintln!(
+        "{SENT} requests at once: {answers} answered, {} refused ({:?})",
+        refusals.len(),
+        refusals.first()
+    );
+    cluster.stop().await;
     Ok(())
 }
 
@@ -640,6 +730,7 @@ mod fake {
                     },
                 )) = swarm.select_next_some().await
                 {
+                    let Ok(request) = request else { continue };
                     let answer = match request {
                         BlockRequest::Put { .. } | BlockRequest::Commit { .. } => {
                             BlockResponse::Stored
