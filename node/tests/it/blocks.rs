@@ -260,36 +260,44 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_past_the_per_peer_limit_are_answered_not_reset() -> Result<()> {
-    use futures::StreamExt;
-    use libp2p::request_response::{self, ProtocolSupport};
-    use libp2p::swarm::SwarmEvent;
-    use libp2p::{noise, tcp, yamux, StreamProtocol};
-    use p2pmr_node::net::BlockCodec;
-
-    let cluster = unlinked(1).await?;
-    let daemon = cluster.daemon(0).peer_id();
-    // A peer of its own that sends 48 requests at once on one connection (p2pmr's own
-    // clients queue past 32).
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+/// A libp2p peer of the test's own, over TCP with Noise and Yamux, running `behaviour`.
+fn tcp_swarm<B: libp2p::swarm::NetworkBehaviour>(
+    behaviour: impl FnOnce(&Keypair) -> B,
+) -> Result<libp2p::Swarm<B>> {
+    use libp2p::{noise, tcp, yamux};
+    Ok(libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
             noise::Config::new,
             yamux::Config::default,
         )?
-        .with_behaviour(|_| {
-            request_response::Behaviour::with_codec(
-                BlockCodec::default(),
-                [(
-                    StreamProtocol::new(wire::BLOCK_PROTOCOL),
-                    ProtocolSupport::Outbound,
-                )],
-                request_response::Config::default().with_max_concurrent_streams(128),
-            )
-        })?
-        .build();
+        .with_behaviour(behaviour)?
+        .build())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_per_peer_limit_are_answered_not_reset() -> Result<()> {
+    use futures::StreamExt;
+    use libp2p::request_response::{self, ProtocolSupport};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::StreamProtocol;
+    use p2pmr_node::net::BlockCodec;
+
+    let cluster = unlinked(1).await?;
+    let daemon = cluster.daemon(0).peer_id();
+    // A peer of its own that sends 48 requests at once on one connection (p2pmr's own
+    // clients queue past 32).
+    let mut swarm = tcp_swarm(|_| {
+        request_response::Behaviour::with_codec(
+            BlockCodec::default(),
+            [(
+                StreamProtocol::new(wire::BLOCK_PROTOCOL),
+                ProtocolSupport::Outbound,
+            )],
+            request_response::Config::default().with_max_concurrent_streams(128),
+        )
+    })?;
     swarm.dial(cluster.addrs()[0].clone())?;
     loop {
         if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await {
@@ -673,7 +681,7 @@ mod fake {
     use futures::StreamExt;
     use libp2p::request_response::{self, ProtocolSupport};
     use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-    use libp2p::{identify, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+    use libp2p::{identify, Multiaddr, PeerId, StreamProtocol};
     use p2pmr_node::net::BlockCodec;
     use p2pmr_protocol::wire::{probe_cid, proof, BlockRequest, BlockResponse, BLOCK_PROTOCOL};
 
@@ -688,25 +696,17 @@ mod fake {
         peers: Vec<Multiaddr>,
         cunning: bool,
     ) -> anyhow::Result<(PeerId, Multiaddr, tokio::task::JoinHandle<()>)> {
-        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )?
-            .with_behaviour(|key| Liar {
-                identify: identify::Behaviour::new(
-                    identify::Config::new("/mapreduce/id/1.0.0".into(), key.public())
-                        .with_agent_version(p2pmr_node::net::AGENT.into()),
-                ),
-                blocks: request_response::Behaviour::with_codec(
-                    BlockCodec::default(),
-                    [(StreamProtocol::new(BLOCK_PROTOCOL), ProtocolSupport::Full)],
-                    request_response::Config::default(),
-                ),
-            })?
-            .build();
+        let mut swarm = super::tcp_swarm(|key| Liar {
+            identify: identify::Behaviour::new(
+                identify::Config::new("/mapreduce/id/1.0.0".into(), key.public())
+                    .with_agent_version(p2pmr_node::net::AGENT.into()),
+            ),
+            blocks: request_response::Behaviour::with_codec(
+                BlockCodec::default(),
+                [(StreamProtocol::new(BLOCK_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default(),
+            ),
+        })?;
         swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
         let addr = loop {
             if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
