@@ -1307,13 +1307,16 @@ fn repo_gc_collects_what_a_refused_add_left_and_waits_for_the_daemon() {
 
 mod abuse {
     //! Hostile peers against a daemon process: slow senders of large frames that never finish
-    //! them.
+    //! them, a flood of requests, a fake daemon; and a job's output against its memory.
 
     use super::*;
     use futures::{AsyncRead, AsyncWrite, AsyncWriteExt, StreamExt};
     use libp2p::request_response::{self, ProtocolSupport};
+    use libp2p::swarm::SwarmEvent;
     use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
+    use p2pmr_node::net::BlockCodec;
     use p2pmr_protocol::engine::{JOB_PROTOCOL, MAX_JOB_MESSAGE};
+    use p2pmr_protocol::wire::{BlockRequest, BlockResponse, BLOCK_PROTOCOL};
     use std::io;
     use std::time::{Duration, Instant};
 
@@ -1404,6 +1407,147 @@ mod abuse {
                 swarm.select_next_some().await;
             }
         }))
+    }
+
+    /// A libp2p peer of the test's own over TCP, running `behaviour`, listening on 127.0.0.1.
+    fn tcp_swarm<B: libp2p::swarm::NetworkBehaviour>(
+        behaviour: impl FnOnce(&libp2p::identity::Keypair) -> B,
+    ) -> libp2p::Swarm<B> {
+        libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .unwrap()
+            .with_behaviour(behaviour)
+            .unwrap()
+            .build()
+    }
+
+    #[derive(libp2p::swarm::NetworkBehaviour)]
+    struct FakeDaemon {
+        identify: libp2p::identify::Behaviour,
+        blocks: request_response::Behaviour<BlockCodec>,
+    }
+
+    /// A peer that lists the block protocol, says it stored every block it is sent and
+    /// holds every block it is asked about, and stores nothing; it dials `daemon`. Returns
+    /// its address.
+    async fn fake_daemon(daemon: Multiaddr) -> (String, tokio::task::JoinHandle<()>) {
+        let mut swarm = tcp_swarm(|key| FakeDaemon {
+            identify: libp2p::identify::Behaviour::new(
+                libp2p::identify::Config::new("/mapreduce/id/1.0.0".into(), key.public())
+                    .with_agent_version(p2pmr_node::net::AGENT.into()),
+            ),
+            blocks: request_response::Behaviour::with_codec(
+                BlockCodec::default(),
+                [(StreamProtocol::new(BLOCK_PROTOCOL), ProtocolSupport::Full)],
+                request_response::Config::default(),
+            ),
+        });
+        swarm
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+            .unwrap();
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+                break address;
+            }
+        };
+        let addr = format!("{addr}/p2p/{}", swarm.local_peer_id());
+        swarm.dial(daemon).unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                if let SwarmEvent::Behaviour(FakeDaemonEvent::Blocks(
+                    request_response::Event::Message {
+                        message:
+                            request_response::Message::Request {
+                                request: Ok(request),
+                                channel,
+                                ..
+                            },
+                        ..
+                    },
+                )) = swarm.select_next_some().await
+                {
+                    let answer = match request {
+                        BlockRequest::Has(cids) => BlockResponse::Have(vec![true; cids.len()]),
+                        BlockRequest::Get(_) | BlockRequest::Prove { .. } => {
+                            BlockResponse::NotFound
+                        }
+                        _ => BlockResponse::Stored,
+                    };
+                    let _ = swarm.behaviour_mut().blocks.send_response(channel, answer);
+                }
+            }
+        });
+        (addr, task)
+    }
+
+    /// Outcomes of a request flood: answered, refused, reset.
+    #[derive(Debug, Default)]
+    struct Flood {
+        answered: usize,
+        refused: usize,
+        reset: Vec<String>,
+    }
+
+    /// A peer that sends `daemon` 48 `Has` requests of 4096 CIDs at once, again and again,
+    /// counting what comes back in `tally`.
+    fn flooding_peer(
+        addr: Multiaddr,
+        daemon: PeerId,
+        tally: std::sync::Arc<std::sync::Mutex<Flood>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut swarm = tcp_swarm(|_| {
+            request_response::Behaviour::with_codec(
+                BlockCodec::default(),
+                [(
+                    StreamProtocol::new(BLOCK_PROTOCOL),
+                    ProtocolSupport::Outbound,
+                )],
+                request_response::Config::default().with_max_concurrent_streams(128),
+            )
+        });
+        swarm.add_peer_address(daemon, addr);
+        let cids: Vec<_> = (0..4096u32)
+            .map(|i| *p2pmr_protocol::Block::raw(i.to_le_bytes().to_vec()).cid())
+            .collect();
+        tokio::spawn(async move {
+            loop {
+                for _ in 0..48 {
+                    swarm
+                        .behaviour_mut()
+                        .send_request(&daemon, Ok(BlockRequest::Has(cids.clone())));
+                }
+                let mut left = 48;
+                while left > 0 {
+                    let event = swarm.select_next_some().await;
+                    let mut tally = tally.lock().unwrap();
+                    match event {
+                        SwarmEvent::Behaviour(request_response::Event::Message {
+                            message: request_response::Message::Response { response, .. },
+                            ..
+                        }) => {
+                            left -= 1;
+                            match response {
+                                BlockResponse::Have(_) => tally.answered += 1,
+                                _ => tally.refused += 1,
+                            }
+                        }
+                        SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                            error,
+                            ..
+                        }) => {
+                            left -= 1;
+                            tally.reset.push(error.to_string());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        })
     }
 
     /// Resident memory of process `pid`, bytes.
@@ -1520,8 +1664,11 @@ mod abuse {
     }
 
     #[test]
-    fn forty_peers_stalling_large_frames_cost_bounded_memory_and_cat_goes_on() {
+    fn forty_peers_stalling_large_frames_a_flood_and_a_fake_daemon_leave_it_serving() {
         let daemon = DaemonProcess::start_args(&[], &["--slots", "1"]);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let addr: Multiaddr = daemon.addr.parse().unwrap();
+        let peer: PeerId = daemon.peer_id.parse().unwrap();
         let client = tempfile::tempdir().unwrap();
         let text = mix(4 << 20);
         let input = write_file(client.path(), "in.bin", &text);
@@ -1539,6 +1686,44 @@ mod abuse {
         );
         assert!(added.status.success());
         let cid = stdout(&added);
+
+        // A fake daemon joins, and a user adds through it and the daemon: it is never counted
+        // as a daemon, so the add goes to the real one, and reads back.
+        let (fake, fake_task) = rt.block_on(fake_daemon(addr.clone()));
+        let other = write_file(client.path(), "other.bin", &mix(3 << 20));
+        let started = Instant::now();
+        let with_fake = p2pmr(
+            client.path(),
+            &[
+                "--peer",
+                &daemon.addr,
+                "--peer",
+                &fake,
+                "add",
+                "--replicas",
+                "1",
+                other.to_str().unwrap(),
+            ],
+        );
+        let took = started.elapsed();
+        assert!(
+            with_fake.status.success(),
+            "{}",
+            String::from_utf8_lossy(&with_fake.stderr)
+        );
+        let other_cid = stdout(&with_fake);
+        let stat = p2pmr(
+            client.path(),
+            &["--peer", &daemon.addr, "--peer", &fake, "stat", &other_cid],
+        );
+        let stat = stdout(&stat);
+        assert!(
+            stat.contains(&format!("holder:  {} ", daemon.peer_id)),
+            "{stat}"
+        );
+        assert!(!stat.contains(fake.rsplit('/').next().unwrap()), "{stat}");
+        eprintln!("add of 3 MiB with a fake daemon present: succeeded in {took:?}, held by the real daemon only");
+
         let pid = daemon.child.id();
         let idle = rss(pid);
         // The same cat with no attack, for comparison.
@@ -1552,16 +1737,19 @@ mod abuse {
         quiet.sort();
 
         // 40 peers, each with 32 streams announcing 4 MiB and sending all of it but a byte:
-        // 5 GiB, were the daemon to buffer what it is told to expect.
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let addr: Multiaddr = daemon.addr.parse().unwrap();
-        let peer: PeerId = daemon.peer_id.parse().unwrap();
-        let attackers: Vec<_> = {
+        // 5 GiB, were the daemon to buffer what it is told to expect; and one peer sending
+        // 48 requests at once, again and again.
+        let flood = std::sync::Arc::new(std::sync::Mutex::new(Flood::default()));
+        let mut attackers: Vec<_> = {
             let _in_rt = rt.enter();
             (0..40)
                 .map(|_| stalling_peer(addr.clone(), peer, 32).unwrap())
                 .collect()
         };
+        attackers.push({
+            let _in_rt = rt.enter();
+            flooding_peer(addr.clone(), peer, flood.clone())
+        });
         let mut peak = idle;
         let mut cats = Vec::new();
         let until = Instant::now() + Duration::from_secs(10);
@@ -1582,6 +1770,14 @@ mod abuse {
         for a in attackers {
             a.abort();
         }
+        fake_task.abort();
+        let flood = flood.lock().unwrap();
+        assert!(flood.reset.is_empty(), "{:?}", flood.reset);
+        assert!(flood.answered + flood.refused > 48, "{flood:?}");
+        eprintln!(
+            "a flood of 48 requests at once, repeated: {} answered, {} refused, none reset",
+            flood.answered, flood.refused
+        );
         cats.sort();
         eprintln!(
             "40 stalling peers x 32 streams: daemon RSS {} MiB idle, {} MiB peak; cat of 4 MiB: \
