@@ -2,7 +2,7 @@
 //! wasmtime, speaking the ABI in `p2pmr_protocol::abi`.
 //!
 //! One [`Executor`] per node holds one `Engine` (epoch interruption on, a ticker thread
-//! advancing the epoch every [`TICK`]) and one `Linker` with our three imports and nothing
+//! advancing the epoch every [`TICK`] while any task's store is alive, asleep otherwise) and one `Linker` with our three imports and nothing
 //! else (no WASI, no clock, no randomness: a task's output depends only on its input). A module
 //! is validated and compiled once per CID and kept as an `InstancePre` ([`JobModule`]); every
 //! task gets a fresh `Store` with a memory cap, an epoch deadline and an output cap. Whatever a
@@ -13,7 +13,7 @@ use p2pmr_protocol::abi::{self, ABI_VERSION, REQUIRED_EXPORTS};
 use p2pmr_protocol::Cid;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 use wasmtime::{
@@ -406,6 +406,8 @@ enum Collect {
 type ValueSource = Box<dyn FnMut() -> Option<Vec<u8>> + Send>;
 
 struct TaskState {
+    /// Keeps the epoch ticker running while this store is alive.
+    _ticking: Ticking,
     limiter: MemoryCap,
     collect: Collect,
     emitted: u64,
@@ -454,6 +456,76 @@ pub struct Executor {
     linker: Linker<TaskState>,
     modules: Mutex<HashMap<Cid, Arc<JobModule>>>,
     max: Limits,
+    ticker: Arc<Ticker>,
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        let mut state = self.ticker.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.closed = true;
+        self.ticker.wake.notify_all();
+    }
+}
+
+/// What the epoch ticker waits on: the stores alive, and whether the executor is gone. Only
+/// a running store can pass its deadline, so with none the ticker sleeps and an idle daemon
+/// does not wake up every tick.
+#[derive(Default)]
+struct Ticker {
+    state: Mutex<TickerState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct TickerState {
+    stores: usize,
+    closed: bool,
+    /// Ticks so far.
+    ticks: u64,
+}
+
+impl Ticker {
+    /// Runs the ticker for `engine` until the executor is dropped.
+    fn run(&self, engine: wasmtime::EngineWeak) {
+        loop {
+            {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                while state.stores == 0 && !state.closed {
+                    state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+                if state.closed {
+                    return;
+                }
+                state.ticks += 1;
+            }
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            engine.increment_epoch();
+            drop(engine);
+            std::thread::sleep(TICK);
+        }
+    }
+
+    /// Counts a store as alive until the returned guard is dropped.
+    fn start(self: &Arc<Self>) -> Ticking {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.stores += 1;
+        if state.stores == 1 {
+            self.wake.notify_all();
+        }
+        Ticking(self.clone())
+    }
+}
+
+/// A store alive, for the [`Ticker`].
+struct Ticking(Arc<Ticker>);
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.stores -= 1;
+    }
 }
 
 impl fmt::Debug for Executor {
@@ -535,22 +607,18 @@ impl Executor {
         let mut linker = Linker::new(&engine);
         Self::define_imports(&mut linker).expect("defining host functions cannot fail");
         // Epoch ticker: one thread per executor, ending when the executor is dropped.
-        let weak = engine.weak();
+        let ticker = Arc::new(Ticker::default());
+        let (weak, t) = (engine.weak(), ticker.clone());
         std::thread::Builder::new()
             .name("p2pmr-epoch".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(TICK);
-                }
-            })
+            .spawn(move || t.run(weak))
             .expect("cannot start the epoch thread");
         Ok(Arc::new(Self {
             engine,
             linker,
             modules: Mutex::new(HashMap::new()),
             max,
+            ticker,
         }))
     }
 
@@ -777,6 +845,7 @@ impl Executor {
         let mut store = Store::new(
             &self.engine,
             TaskState {
+                _ticking: self.ticker.start(),
                 limiter: MemoryCap {
                     max: limits.memory,
                     hit: false,
@@ -1145,6 +1214,31 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(run.len(), keys.len());
         assert!(Run::sort(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn the_epoch_ticks_only_while_a_task_is_alive() {
+        let exec = Executor::new(Limits::default()).unwrap();
+        let ticks = || exec.ticker.state.lock().unwrap().ticks;
+        std::thread::sleep(TICK * 5);
+        assert_eq!(ticks(), 0, "an idle executor ticked");
+        let store = exec.store(
+            Limits::default(),
+            Collect::Reduce {
+                out: Box::new(std::io::sink()),
+            },
+        );
+        std::thread::sleep(TICK * 5);
+        assert!(ticks() >= 2, "{} ticks with a store alive", ticks());
+        drop(store);
+        std::thread::sleep(TICK * 2);
+        let after = ticks();
+        std::thread::sleep(TICK * 5);
+        assert!(
+            ticks() <= after + 1,
+            "ticked on with no store: {after} -> {}",
+            ticks()
+        );
     }
 
     #[test]
