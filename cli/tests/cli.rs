@@ -1773,7 +1773,7 @@ mod abuse {
         fake_task.abort();
         let flood = flood.lock().unwrap();
         assert!(flood.reset.is_empty(), "{:?}", flood.reset);
-        assert!(flood.answered + flood.refused > 48, "{flood:?}");
+        assert!(flood.answered + flood.refused >= 48, "{flood:?}");
         eprintln!(
             "a flood of 48 requests at once, repeated: {} answered, {} refused, none reset",
             flood.answered, flood.refused
