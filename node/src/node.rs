@@ -176,6 +176,16 @@ impl Node {
         self.inner.link.ready(want).await?.ok_or(Error::Offline)
     }
 
+    /// Like [`Node::net`], without waiting for LAN discovery to settle once `want` daemons
+    /// are found: for what any daemon can start (submitting a job, publishing its module).
+    pub async fn net_soon(&self, want: usize) -> Result<&NetClient, Error> {
+        self.inner
+            .link
+            .ready_soon(want)
+            .await?
+            .ok_or(Error::Offline)
+    }
+
     /// This peer's id and the addresses it listens on (starting the network if need be).
     pub async fn identity(&self) -> Result<(PeerId, Vec<Multiaddr>), Error> {
         let net = self.net(0).await?;
@@ -613,7 +623,7 @@ impl Jobs<'_> {
         if self.0.inner.serving {
             return Ok(self.everywhere(wasm).await?.root);
         }
-        let net = self.0.net(1).await?;
+        let net = self.0.net_soon(1).await?;
         Ok(client::publish_module(net, wasm, usize::MAX).await?)
     }
 
@@ -635,7 +645,7 @@ impl Jobs<'_> {
         spec: JobSpec,
         coordinator: Option<PeerId>,
     ) -> Result<JobHandle, Error> {
-        let net = self.0.net(1).await?;
+        let net = self.0.net_soon(1).await?;
         let coordinator = client::coordinator_for(net, &spec.id(), coordinator)?;
         if self.0.inner.serving {
             self.everywhere(spec.encode()).await?;
@@ -710,7 +720,7 @@ impl JobHandle {
 
     /// Follows the job's events from the first (see [`Follower`]).
     pub async fn follower(&self) -> Result<Follower, Error> {
-        let net = self.node.net(1).await?.clone();
+        let net = self.node.net_soon(1).await?.clone();
         Ok(Follower::new(
             net,
             self.coordinator,

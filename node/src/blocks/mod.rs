@@ -499,6 +499,11 @@ impl Fetcher {
     }
 
     async fn network(&self) -> Result<Option<&NetClient>, RemoteError> {
+        Ok(self.link.ready_soon(1).await?)
+    }
+
+    /// The network once discovery has settled: every daemon it will find, found.
+    async fn network_settled(&self) -> Result<Option<&NetClient>, RemoteError> {
         Ok(self.link.ready(1).await?)
     }
 
@@ -609,17 +614,45 @@ impl Fetcher {
             candidates.retain(|p| *p != hint);
             candidates.insert(0, hint);
         }
-        if candidates.is_empty() {
+        let (mut asked, mut failed) = (0, 0);
+        if let Some(block) = self.ask(net, cid, &candidates, &mut failed).await {
+            return Ok(block);
+        }
+        asked += candidates.len();
+        // The daemons found so far do not have it (or did not answer): the rest of discovery
+        // may find one that does. At once if discovery has already settled.
+        if let Some(net) = self.network_settled().await? {
+            let more: Vec<PeerId> = self
+                .candidates(net, &cid)
+                .into_iter()
+                .filter(|p| !candidates.contains(p))
+                .collect();
+            if let Some(block) = self.ask(net, cid, &more, &mut failed).await {
+                return Ok(block);
+            }
+            asked += more.len();
+        }
+        if asked == 0 {
             return Err(RemoteError::NoDaemons { cid });
         }
-        let mut failed = 0;
-        for &peer in &candidates {
+        Err(RemoteError::Unavailable { cid, asked, failed })
+    }
+
+    /// Asks `candidates` in turn for `cid`; counts in `failed` those that did not answer.
+    async fn ask(
+        &self,
+        net: &NetClient,
+        cid: Cid,
+        candidates: &[PeerId],
+        failed: &mut usize,
+    ) -> Option<Block> {
+        for &peer in candidates {
             let started = Instant::now();
             match patiently(net, peer, || BlockRequest::Get(cid)).await {
                 Ok(BlockResponse::Block(data)) => match Block::new(cid, data) {
                     Ok(block) => {
                         self.record(peer, started.elapsed(), true);
-                        return Ok(block);
+                        return Some(block);
                     }
                     Err(e) => {
                         tracing::warn!("{peer} sent wrong bytes for {cid} ({e}); dropping it");
@@ -631,20 +664,16 @@ impl Fetcher {
                 Ok(other) => {
                     tracing::debug!("{peer} answered {} for {cid}", describe(&other));
                     self.record(peer, started.elapsed(), false);
-                    failed += 1;
+                    *failed += 1;
                 }
                 Err(e) => {
                     tracing::debug!("{e}");
                     self.record(peer, started.elapsed(), false);
-                    failed += 1;
+                    *failed += 1;
                 }
             }
         }
-        Err(RemoteError::Unavailable {
-            cid,
-            asked: candidates.len(),
-            failed,
-        })
+        None
     }
 
     /// Streams the file at `root` from `offset` into `sink`, keeping up to [`WINDOW`] block
@@ -987,7 +1016,7 @@ pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError>
             }
         }
     }
-    let Some(net) = fetcher.network().await? else {
+    let Some(net) = fetcher.network_settled().await? else {
         return Err(RemoteError::NotEnoughDaemons { need: 1, found: 0 });
     };
     let daemons: Vec<PeerId> = net.daemons().into_keys().collect();

@@ -3,8 +3,13 @@
 //!
 //! A client peer dials every `--peer` address at once and then waits, per request, for as
 //! many daemons as that request needs (an `add` with 2 replicas needs 2, `peers` wants all it
-//! can find within the discovery window). Nothing is started for a command that never touches
-//! the network, so a `cat` of a local file does not wait for discovery.
+//! can find within the discovery window). With mDNS, answers trickle in, so a request that
+//! places data or needs every daemon ([`Link::ready`]) also waits until they stop coming for a
+//! moment; one that can start with any daemon ([`Link::ready_soon`]: reads, job submission)
+//! goes as soon as it has what it needs, and a read that then misses (a block no daemon found
+//! so far holds) waits for the rest with [`Link::ready`] before giving up. Nothing is started
+//! for a command that never touches the network, so a `cat` of a local file does not wait for
+//! discovery.
 
 use super::{spawn, NetClient, NetConfig, NetError, SwarmKey};
 use futures::future::join_all;
@@ -17,7 +22,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::OnceCell;
 use tokio::task::JoinHandle;
 
-/// How long an mDNS peer waits for more daemons to answer once it has enough.
+/// How long an mDNS peer waits for more daemons to answer after the last one did, when it
+/// waits for discovery to settle.
 const QUIET: Duration = Duration::from_millis(300);
 /// The shortest discovery window.
 const MIN_DISCOVERY: Duration = Duration::from_millis(500);
@@ -107,16 +113,27 @@ impl Link {
         self.started.get().map(|s| &s.net)
     }
 
-    /// The network, started if need be, once `want` daemons are connected or discovery is
-    /// over (`None` when offline). `want` = `usize::MAX` waits for the whole window.
+    /// The network, started if need be, once `want` daemons are connected (with mDNS, and no
+    /// more have answered for a moment) or discovery is over (`None` when offline). `want` =
+    /// `usize::MAX` waits for the whole window.
     pub async fn ready(&self, want: usize) -> Result<Option<&NetClient>, NetError> {
+        self.ready_as(want, true).await
+    }
+
+    /// Like [`Link::ready`], but goes as soon as `want` daemons are connected, without waiting
+    /// for mDNS answers to stop coming.
+    pub async fn ready_soon(&self, want: usize) -> Result<Option<&NetClient>, NetError> {
+        self.ready_as(want, false).await
+    }
+
+    async fn ready_as(&self, want: usize, settle: bool) -> Result<Option<&NetClient>, NetError> {
         let config = match &self.kind {
             Kind::Offline => return Ok(None),
             Kind::Given => return Ok(self.get()),
             Kind::Lazy(config) => config,
         };
         let started = self.started.get_or_try_init(|| start(config)).await?;
-        started.wait(want, config.mdns).await;
+        started.wait(want, settle && config.mdns).await;
         // Found no daemon but met one it could not talk to: that is the thing to say.
         if let Some(peer) = started
             .net
@@ -177,9 +194,9 @@ async fn start(config: &ClientConfig) -> Result<Started, NetError> {
 }
 
 impl Started {
-    /// Waits until the named peers are classified and `want` daemons are connected (with
-    /// mDNS, also until no more have arrived for a moment), or the deadline passes.
-    async fn wait(&self, want: usize, mdns: bool) {
+    /// Waits until the named peers are classified and `want` daemons are connected (if
+    /// `settle`, also until no more have arrived for a moment), or the deadline passes.
+    async fn wait(&self, want: usize, settle: bool) {
         if want <= self.satisfied.load(Ordering::Relaxed) {
             return;
         }
@@ -190,11 +207,14 @@ impl Started {
             let named_ready = self.named.iter().all(|p| daemons.contains_key(p));
             let enough = daemons.len() >= want.max(1);
             // Without mDNS, more daemons can only come from Kademlia (the named peers'
-            // routing tables), which finds them within a round trip or two: wait for enough
-            // of them, but not for quiet, as mDNS answers may trickle in and Kademlia's do not.
-            let quiet = settled_at.elapsed() >= QUIET;
-            if named_ready && enough && (!mdns || quiet) {
-                self.satisfied.fetch_max(want, Ordering::Relaxed);
+            // routing tables), which finds them within a round trip or two: there is no need
+            // to wait for quiet, as mDNS answers may trickle in and Kademlia's do not.
+            let quiet = !settle || settled_at.elapsed() >= QUIET;
+            if named_ready && enough && quiet {
+                // What a settled wait found, later settled waits for as many need not wait for.
+                if settle {
+                    self.satisfied.fetch_max(want, Ordering::Relaxed);
+                }
                 return;
             }
             // Past the window with no daemon yet, a dial still under way may be one that
