@@ -19,6 +19,10 @@ pub(crate) struct Cli {
     #[command(flatten)]
     pub(crate) net: NetArgs,
 
+    /// Show no progress bars (add, cat, get and dag show them on a terminal)
+    #[arg(long, short, global = true)]
+    pub(crate) quiet: bool,
+
     #[command(subcommand)]
     pub(crate) command: Command,
 }

@@ -26,10 +26,12 @@ pub(crate) struct Env {
     pub(crate) peers: Vec<Multiaddr>,
     pub(crate) mdns: bool,
     swarm_key: Option<PathBuf>,
+    /// No progress bars.
+    pub(crate) quiet: bool,
 }
 
 impl Env {
-    pub(crate) fn new(home: Option<PathBuf>, net: &NetArgs) -> Result<Self> {
+    pub(crate) fn new(home: Option<PathBuf>, net: &NetArgs, quiet: bool) -> Result<Self> {
         let mut peers = net.peers.clone();
         if let Some(env) = std::env::var_os(PEERS_ENV) {
             let env = env.to_string_lossy();
@@ -44,6 +46,7 @@ impl Env {
             peers,
             mdns: !net.no_mdns,
             swarm_key: net.swarm_key.clone(),
+            quiet,
         })
     }
 

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
 
 /// One function per subcommand; the async ones share one runtime.
 fn run(cli: Cli) -> Result<()> {
-    let env = env::Env::new(cli.home, &cli.net)?;
+    let env = env::Env::new(cli.home, &cli.net, cli.quiet)?;
     match cli.command {
         Command::Add(args) => block_on(cmd::blocks::add(&env, args)),
         Command::Cat { offset, cid } => block_on(cmd::blocks::cat(&env, offset, &cid)),

@@ -1,12 +1,13 @@
-//! Showing a job's progress events: live bars on stderr (map and reduce tasks, bytes/s, ETA,
-//! active peers, retries), plain lines when stderr is not a terminal, or one JSON object per
-//! event on stdout (`--json`).
+//! Showing progress: a job's events as live bars on stderr (map and reduce tasks, bytes/s,
+//! ETA, active peers, retries), plain lines when stderr is not a terminal, or one JSON object
+//! per event on stdout (`--json`); and a bar for the bytes a data command moves.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use p2pmr_node::engine::events::event_json;
 use p2pmr_protocol::engine::{Event, TaskKind};
 use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
+use std::time::Duration;
 use std::time::Instant;
 
 /// How to show events.
@@ -35,6 +36,32 @@ pub(crate) struct Progress {
     /// Tasks counted as finished.
     finished: HashSet<(TaskKind, u32)>,
     retries: u32,
+}
+
+/// A bar for a data command moving `total` bytes (or an unknown number), labelled `what`,
+/// with bytes, MiB/s and ETA; drawn on stderr only when it is a terminal and `quiet` is off
+/// (hidden otherwise, so scripts and pipes see nothing).
+pub(crate) fn transfer(what: &str, total: Option<u64>, quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let (bar, template) = match total {
+        Some(total) => (
+            ProgressBar::new(total),
+            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        ),
+        None => (
+            ProgressBar::new_spinner(),
+            "{msg} {spinner} {binary_bytes} {binary_bytes_per_sec}",
+        ),
+    };
+    let style = ProgressStyle::with_template(template)
+        .expect("the template is valid")
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
 }
 
 fn short(peer: &str) -> &str {

@@ -134,6 +134,74 @@ fn boundary_sizes_round_trip_with_kubo_cids() {
     }
 }
 
+/// Runs `p2pmr ARGS` on a pseudo-terminal (util-linux `script`), as a user at a terminal
+/// would; returns what the terminal showed.
+fn on_a_terminal(home: &Path, args: &[&str]) -> String {
+    let mut command = format!("{BIN} --home {} --no-mdns", home.display());
+    for a in args {
+        command.push(' ');
+        command.push_str(a);
+    }
+    let typescript = home.with_extension("typescript");
+    let out = Command::new("script")
+        .args(["-qfec", &command])
+        .arg(&typescript)
+        .env_remove("P2PMR_HOME")
+        .env_remove("P2PMR_PEERS")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{command}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&fs::read(&typescript).unwrap()).into_owned()
+}
+
+#[test]
+fn data_commands_show_progress_on_a_terminal_and_nothing_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("repo");
+    let input = write_file(dir.path(), "in.bin", &mix(16 << 20));
+    let input = input.to_str().unwrap();
+    // Not a terminal: the CID alone on stdout, nothing on stderr.
+    let added = p2pmr(&home, &["add", "--local", input]);
+    assert!(
+        added.status.success() && added.stderr.is_empty(),
+        "{added:?}"
+    );
+    let cid = stdout(&added);
+    // A terminal: a bar with bytes, rate and ETA, then the CID.
+    let shown = on_a_terminal(&home, &["add", "--local", input]);
+    let bar = |what: &str| format!("{what} [");
+    assert!(
+        shown.contains(&bar("add")) && shown.contains("/16.00 MiB") && shown.contains("B/s"),
+        "{shown}"
+    );
+    assert!(shown.contains(&cid), "{shown}");
+    let out = dir.path().join("out.bin");
+    let shown = on_a_terminal(&home, &["get", "-o", out.to_str().unwrap(), &cid]);
+    assert!(
+        shown.contains(&bar("get")) && shown.contains("/16.00 MiB"),
+        "{shown}"
+    );
+    let shown = on_a_terminal(&home, &["cat", &cid, ">", "/dev/null"]);
+    assert!(
+        shown.contains(&bar("cat")) && shown.contains("ETA"),
+        "{shown}"
+    );
+    assert_eq!(fs::read(&out).unwrap(), mix(16 << 20));
+    let shown = on_a_terminal(&home, &["dag", "export", &cid, ">", "/dev/null"]);
+    assert!(
+        shown.contains("export ") && shown.contains("B/s"),
+        "{shown}"
+    );
+    // --quiet: no bar.
+    let shown = on_a_terminal(&home, &["--quiet", "add", "--local", input]);
+    assert!(!shown.contains("B/s") && shown.contains(&cid), "{shown}");
+}
+
 #[test]
 fn only_hash_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();

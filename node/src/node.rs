@@ -344,6 +344,30 @@ impl Blocks<'_> {
         Ok(self.0.fetcher().get(root, path).await?)
     }
 
+    /// Like [`Blocks::get`], telling `progress` of each piece of bytes written.
+    pub async fn get_with(
+        &self,
+        root: Cid,
+        path: &Path,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<u64, Error> {
+        Ok(self.0.fetcher().get_with(root, path, progress).await?)
+    }
+
+    /// The size in bytes of the file at `root`, from its root block; `None` for a directory.
+    pub async fn size(&self, root: Cid) -> Result<Option<u64>, Error> {
+        let block = self.0.fetcher().fetch(root).await?;
+        if directory_entries(&block)
+            .map_err(RemoteError::from)?
+            .is_some()
+        {
+            return Ok(None);
+        }
+        let mut reader = FileReader::new(root);
+        reader.feed(&block).map_err(RemoteError::from)?;
+        Ok(reader.file_size())
+    }
+
     /// Size, block count and who holds which blocks.
     pub async fn stat(&self, root: Cid) -> Result<FileStat, Error> {
         Ok(blocks::stat(self.0.fetcher(), root).await?)

@@ -2,14 +2,23 @@
 
 use crate::args::{AddArgs, ImportArgs};
 use crate::env::{open_input, parse_cid, Env};
+use crate::progress::transfer;
 use anyhow::{bail, Result};
 use p2pmr_node::{FileError, Ledger, Replicas, StoreError};
 use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
 
+/// The size of a file given on the command line (`None` for standard input).
+fn input_size(path: &Path) -> Option<u64> {
+    (path != Path::new("-"))
+        .then(|| std::fs::metadata(path).ok().map(|m| m.len()))
+        .flatten()
+}
+
 pub(crate) async fn add(env: &Env, args: AddArgs) -> Result<()> {
-    let source = open_input(&args.file)?;
+    let bar = transfer("add", input_size(&args.file), env.quiet);
+    let source = Box::new(bar.wrap_read(open_input(&args.file)?));
     let (repo, replicas) = if args.only_hash {
         (None, Replicas::OnlyHash)
     } else if args.local {
@@ -20,6 +29,7 @@ pub(crate) async fn add(env: &Env, args: AddArgs) -> Result<()> {
     let node = env.node(repo)?;
     let added = node.blocks().add(source, replicas).await;
     node.shutdown().await;
+    bar.finish_and_clear();
     println!("{}", added?.root);
     Ok(())
 }
@@ -27,8 +37,12 @@ pub(crate) async fn add(env: &Env, args: AddArgs) -> Result<()> {
 pub(crate) async fn cat(env: &Env, offset: u64, cid: &str) -> Result<()> {
     let cid = parse_cid(cid)?;
     let node = env.node(env.existing_repo()?)?;
+    let bar = progress_of(env, &node, "cat", cid, offset).await;
     let mut out = io::stdout().lock();
-    let mut sink = |bytes: &[u8]| out.write_all(bytes);
+    let mut sink = |bytes: &[u8]| {
+        bar.inc(bytes.len() as u64);
+        out.write_all(bytes)
+    };
     let result = if offset == 0 {
         // Files and directories (a job's output: its parts in order).
         node.blocks().cat_tree(cid, &mut sink).await
@@ -36,9 +50,31 @@ pub(crate) async fn cat(env: &Env, offset: u64, cid: &str) -> Result<()> {
         node.blocks().cat(cid, offset, sink).await
     };
     node.shutdown().await;
+    bar.finish_and_clear();
     result?;
     out.flush().map_err(FileError::Output)?;
     Ok(())
+}
+
+/// A transfer bar for reading `cid` from `offset`, sized from its root block when it is
+/// shown (one fetch; a directory or an unreadable root gets a bar of unknown size, and the
+/// read that follows reports any error).
+async fn progress_of(
+    env: &Env,
+    node: &p2pmr_node::Node,
+    what: &str,
+    cid: p2pmr_protocol::Cid,
+    offset: u64,
+) -> indicatif::ProgressBar {
+    let bar = transfer(what, None, env.quiet);
+    if bar.is_hidden() {
+        return bar;
+    }
+    if let Ok(Some(size)) = node.blocks().size(cid).await {
+        bar.finish_and_clear();
+        return transfer(what, Some(size.saturating_sub(offset)), env.quiet);
+    }
+    bar
 }
 
 pub(crate) async fn get(env: &Env, output: &Path, cid: &str) -> Result<()> {
@@ -47,8 +83,13 @@ pub(crate) async fn get(env: &Env, output: &Path, cid: &str) -> Result<()> {
         bail!("{} exists; get does not overwrite", output.display());
     }
     let node = env.node(env.existing_repo()?)?;
-    let result = node.blocks().get(cid, output).await;
+    let bar = progress_of(env, &node, "get", cid, 0).await;
+    let result = node
+        .blocks()
+        .get_with(cid, output, &mut |n| bar.inc(n))
+        .await;
     node.shutdown().await;
+    bar.finish_and_clear();
     result?;
     Ok(())
 }
@@ -88,9 +129,12 @@ pub(crate) async fn peers(env: &Env) -> Result<()> {
 pub(crate) async fn dag_export(env: &Env, cid: &str) -> Result<()> {
     let cid = parse_cid(cid)?;
     let node = env.node(env.existing_repo()?)?;
-    let mut out = tokio::io::BufWriter::new(tokio::io::stdout());
+    // The CAR's size is not known before it is written: bytes and rate only.
+    let bar = transfer("export", None, env.quiet);
+    let mut out = bar.wrap_async_write(tokio::io::BufWriter::new(tokio::io::stdout()));
     let result = node.blocks().export_car(cid, &mut out).await;
     node.shutdown().await;
+    bar.finish_and_clear();
     result?;
     tokio::io::AsyncWriteExt::flush(&mut out)
         .await
@@ -99,7 +143,8 @@ pub(crate) async fn dag_export(env: &Env, cid: &str) -> Result<()> {
 }
 
 pub(crate) async fn dag_import(env: &Env, args: ImportArgs) -> Result<()> {
-    let source = open_input(&args.file)?;
+    let bar = transfer("import", input_size(&args.file), env.quiet);
+    let source = Box::new(bar.wrap_read(open_input(&args.file)?));
     let (repo, replicas) = if args.local {
         (Some(env.open_repo()?), Replicas::Local)
     } else {
@@ -111,6 +156,7 @@ pub(crate) async fn dag_import(env: &Env, args: ImportArgs) -> Result<()> {
     let node = env.node(repo)?;
     let roots = node.blocks().import_car(source, replicas).await;
     node.shutdown().await;
+    bar.finish_and_clear();
     for root in roots? {
         println!("{root}");
     }

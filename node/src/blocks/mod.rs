@@ -860,6 +860,16 @@ impl Fetcher {
     /// Writes the file or directory at `root` to `path` (a directory becomes a directory of
     /// the same tree). Refuses to overwrite an existing path.
     pub async fn get(&self, root: Cid, path: &std::path::Path) -> Result<u64, RemoteError> {
+        self.get_with(root, path, &mut |_| {}).await
+    }
+
+    /// Like [`Fetcher::get`], telling `progress` of each piece of bytes written.
+    pub async fn get_with(
+        &self,
+        root: Cid,
+        path: &std::path::Path,
+        progress: &mut (dyn FnMut(u64) + Send),
+    ) -> Result<u64, RemoteError> {
         let mut written = 0;
         let mut stack = vec![(root, path.to_owned(), 0usize)];
         while let Some((cid, path, depth)) = stack.pop() {
@@ -885,7 +895,10 @@ impl Fetcher {
                         .map_err(FileError::Output)?;
                     let mut out = io::BufWriter::new(file);
                     written += self
-                        .cat(cid, 0, |b| io::Write::write_all(&mut out, b))
+                        .cat(cid, 0, |b| {
+                            progress(b.len() as u64);
+                            io::Write::write_all(&mut out, b)
+                        })
                         .await?;
                     io::Write::flush(&mut out).map_err(FileError::Output)?;
                 }
