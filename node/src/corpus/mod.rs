@@ -1,12 +1,15 @@
 //! A deterministic English-like text corpus of any size, streamed and never held whole: the
 //! input of `p2pmr demo`, the integration tests and the benchmarks.
 //!
-//! Pseudo-words built from syllables are drawn with a Zipf-like distribution (the frequency of
-//! the word of rank r is proportional to 1/r), in lines of 6 to 17 words.
+//! Words are drawn with a Zipf-like distribution (the frequency of the word of rank r is
+//! proportional to 1/r), in lines of 6 to 17 words. The first ranks are common English words
+//! in about their order of use (`words.txt`, a word list), so the top of a wordcount reads as
+//! English does ("the", "of", "and"...); rarer ranks are their inflections ("words",
+//! "turned") and then compounds of two ("waterside"), a long tail as in real text.
 
 use std::io::{self, Read};
 
-/// A deterministic English-like corpus: Zipf-distributed pseudo-words in lines.
+/// A deterministic English-like corpus: Zipf-distributed words in lines.
 #[derive(Debug)]
 pub struct Corpus {
     remaining: u64,
@@ -18,27 +21,37 @@ pub struct Corpus {
     at: usize,
 }
 
-const SYLLABLES: [&str; 24] = [
-    "ka", "lo", "mi", "ne", "ru", "sa", "te", "vi", "an", "or", "el", "is", "ta", "po", "de", "ri",
-    "mo", "lu", "be", "ca", "fi", "go", "hu", "je",
-];
+/// Common English words, most used first.
+const WORDS: &str = include_str!("words.txt");
+/// Endings that make the rarer ranks from the common words.
+const SUFFIXES: [&str; 5] = ["s", "ed", "ing", "er", "ly"];
+/// Distinct words drawn from.
+const VOCABULARY: usize = 20_000;
+
+/// The words by rank.
+fn vocabulary() -> Vec<String> {
+    let common: Vec<&str> = WORDS.split_whitespace().collect();
+    let n = common.len();
+    (0..VOCABULARY)
+        .map(|r| {
+            if r < n {
+                return common[r].to_owned();
+            }
+            let i = r - n;
+            if i < n * SUFFIXES.len() {
+                return format!("{}{}", common[i % n], SUFFIXES[i / n]);
+            }
+            let i = i - n * SUFFIXES.len();
+            format!("{}{}", common[i % n], common[(i / n + 1 + i % n) % n])
+        })
+        .collect()
+}
 
 impl Corpus {
     /// A corpus of exactly `size` bytes.
     pub fn new(size: u64) -> Self {
-        let n = 20_000;
-        let words: Vec<String> = (0..n)
-            .map(|i: usize| {
-                // Frequent words are short, as in natural language.
-                let mut w = String::new();
-                let mut x = i + 1;
-                while x > 0 {
-                    w.push_str(SYLLABLES[x % SYLLABLES.len()]);
-                    x /= SYLLABLES.len();
-                }
-                w
-            })
-            .collect();
+        let words = vocabulary();
+        let n = words.len();
         let mut total = 0.0;
         let cumulative = (1..=n)
             .map(|r| {
@@ -128,5 +141,10 @@ mod tests {
         assert!((1.6..2.5).contains(&(r1 / r2)), "{r1} {r2}");
         assert!((7.0..13.0).contains(&(r1 / r10)), "{r1} {r10}");
         assert!(counts.len() > 5000, "a wide vocabulary: {}", counts.len());
+        // The most frequent words are English's.
+        let mut top: Vec<(&str, u64)> = counts.into_iter().collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1));
+        let top: Vec<&str> = top.iter().take(3).map(|(w, _)| *w).collect();
+        assert_eq!(top, ["the", "of", "and"]);
     }
 }
