@@ -143,7 +143,7 @@ mod tests {
         assert!(counts.len() > 5000, "a wide vocabulary: {}", counts.len());
         // The most frequent words are English's.
         let mut top: Vec<(&str, u64)> = counts.into_iter().collect();
-        top.sort_by(|a, b| b.1.cmp(&a.1));
+        top.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
         let top: Vec<&str> = top.iter().take(3).map(|(w, _)| *w).collect();
         assert_eq!(top, ["the", "of", "and"]);
     }
