@@ -5,6 +5,7 @@
 //! `P2PMR_FUZZ_MILLIS=N` the time per decoder (default 1500; CI runs the default).
 
 use p2pmr_protocol::abi;
+use p2pmr_protocol::bitswap::{self, Frames, Presence, WantEntry, WantType, Wantlist};
 use p2pmr_protocol::car::{self, CarEvent, CarReader};
 use p2pmr_protocol::dagpb::{self, PbLink, PbNode};
 use p2pmr_protocol::engine::{
@@ -167,6 +168,54 @@ fn block_messages() {
             }
         },
     );
+}
+
+#[test]
+fn bitswap_messages_and_frames() {
+    let message = bitswap::Message {
+        wantlist: Wantlist {
+            entries: vec![WantEntry {
+                cid: cid(1),
+                priority: -3,
+                cancel: false,
+                want_type: WantType::Have,
+                send_dont_have: true,
+            }],
+            full: true,
+        },
+        blocks: vec![Block::raw(b"a block".to_vec())],
+        presences: vec![(cid(2), Presence::DontHave)],
+        pending_bytes: 77,
+    };
+    let seeds = vec![
+        message.encode(),
+        bitswap::Message::default().encode(),
+        include_bytes!("vectors/bitswap.tsv").to_vec(),
+    ];
+    fuzz("bitswap::Message", seeds, |b| {
+        if let Ok(m) = bitswap::Message::decode(b) {
+            assert_eq!(bitswap::Message::decode(&m.encode()).unwrap(), m);
+        }
+    });
+    let mut stream = message.framed();
+    stream.extend(bitswap::Message::default().framed());
+    fuzz("bitswap frames", vec![stream], |b| {
+        // Fed in uneven pieces: frames come out whole or an error stops the stream.
+        let mut frames = Frames::default();
+        for piece in b.chunks(3) {
+            frames.push(piece);
+            loop {
+                match frames.next_frame() {
+                    Ok(Some(frame)) => {
+                        assert!(frame.len() <= bitswap::MAX_MESSAGE);
+                        let _ = bitswap::Message::decode(&frame);
+                    }
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+        }
+    });
 }
 
 #[test]
