@@ -6,6 +6,8 @@
 #   against a daemon's API.
 #   Gateway: @helia/verified-fetch, with a daemon's gateway as its only source, fetches a
 #   two-level file bit-exact (every block checked against its CID) and refuses an unknown CID.
+#   Bitswap: a Helia node (js-libp2p, TCP + Noise + Yamux) dials a daemon and reads a 20 MiB
+#   file and the two-level one over Bitswap 1.2.0, bit-exact.
 #   Dashboard: interop/dashboard.sh, in headless chromium.
 # Usage: interop/run.sh [P2PMR_BIN]   (installs the npm packages from the lockfile if needed)
 set -euo pipefail
@@ -43,5 +45,12 @@ echo "interop: kubo-rpc-client against $api: $spoken"
 big=$(p2pmr c add --peer "$(listening d1)" --replicas 1 "$work/file")
 fetched=$(node "$here/verified-fetch.mjs" "$(api d2)" "$work/file" "$big")
 echo "interop: @helia/verified-fetch through $(api d2): $fetched"
+
+# Both files on both daemons (so the one Helia dials holds every block), read over Bitswap.
+head -c $((20 << 20)) /dev/urandom >"$work/twenty"
+twenty=$(p2pmr c add --peer "$(listening d1)" --replicas 2 "$work/twenty")
+both=$(p2pmr c add --peer "$(listening d1)" --replicas 2 "$work/file")
+swapped=$(node "$here/bitswap.mjs" "$(listening d1)" "$work/twenty" "$twenty" "$work/file" "$both")
+echo "interop: Helia over Bitswap from $(listening d1): $swapped"
 
 "$here/dashboard.sh" "$bin" 8

@@ -3,30 +3,13 @@
 //
 //   node verified-fetch.mjs http://127.0.0.1:5001 FILE CID
 import { readFile } from 'node:fs/promises'
-
-// Helia's stack expects Node 22's Promise.withResolvers; installed before it loads.
-Promise.withResolvers ??= function () {
-  let resolve, reject
-  const promise = new this((res, rej) => { resolve = res; reject = rej })
-  return { promise, resolve, reject }
-}
+import { nowhere } from './helia-env.mjs'
 const { createHeliaLight } = await import('helia')
 const { trustlessGatewayBlockBroker } = await import('@helia/trustless-gateway-client')
 const { fallbackRouter } = await import('@helia/fallback-router')
 const { createVerifiedFetchWithHelia } = await import('@helia/verified-fetch')
 
 const [url, file, cid] = process.argv.slice(2)
-// Helia waits on every router; with the gateway's as its only one it never settles.
-const nowhere = {
-  name: 'nowhere',
-  async provide () {},
-  async cancelReprovide () {},
-  async * findProviders () {},
-  async put () {},
-  async get () { throw new Error('not found') },
-  async findPeer () { throw new Error('not found') },
-  async * getClosestPeers () {},
-}
 const helia = createHeliaLight({
   blockBrokers: [trustlessGatewayBlockBroker({ allowInsecure: true, allowLocal: true })],
   routers: [fallbackRouter({ gateways: [url], shuffle: false }), nowhere],

@@ -221,6 +221,11 @@ impl Daemon {
             tasks.clone(),
         ));
         tasks.spawn(replicas.run(network.client.clone(), repo.blocks().clone(), config.grace));
+        tasks.spawn(crate::bitswap::serve(
+            network.client.streams(),
+            repo.blocks().clone(),
+            tasks.clone(),
+        ));
         tasks.spawn(collect_garbage(
             ledger,
             repo.blocks().clone(),

@@ -3,8 +3,10 @@
 //! The folders are the roles: [`repo`] is the local half of a peer (the directory that holds
 //! its blocks and identity), [`net`] the libp2p swarm, [`blocks`] moving blocks between peers
 //! (push, fetch, replica upkeep), [`engine`] the MapReduce engine (job client, coordinator,
-//! worker and the wasm runtime), and [`daemon`] a serving peer that puts them together.
+//! worker and the wasm runtime), and [`daemon`] a serving peer that puts them together; a
+//! daemon also serves IPFS's Bitswap (`bitswap`), so IPFS nodes can fetch what it holds.
 
+mod bitswap;
 pub mod blocks;
 pub mod cluster;
 pub mod corpus;

@@ -249,9 +249,26 @@ pub struct NetClient {
     refused: watch::Receiver<Option<PeerId>>,
     dialing: watch::Receiver<u32>,
     admitting: watch::Receiver<HashSet<PeerId>>,
+    streams: Streams,
+}
+
+/// The stream behaviour's control (which does not print itself).
+#[derive(Clone)]
+struct Streams(libp2p_stream::Control);
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Streams")
+    }
 }
 
 impl NetClient {
+    /// Opens and accepts plain streams of protocols served outside the event loop
+    /// (Bitswap). Accepting a protocol makes identify list it.
+    pub fn streams(&self) -> libp2p_stream::Control {
+        self.streams.0.clone()
+    }
+
     /// This peer's id.
     pub fn local_peer_id(&self) -> PeerId {
         self.local
@@ -407,6 +424,8 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// Protocols spoken over plain streams (Bitswap), reached through a `Control`.
+    streams: libp2p_stream::Behaviour,
     mdns: libp2p::swarm::behaviour::toggle::Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -483,6 +502,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     let (refused_tx, refused) = watch::channel(None);
     let (dialing_tx, dialing) = watch::channel(0);
     let (admitting_tx, admitting) = watch::channel(HashSet::new());
+    let streams = Streams(swarm.behaviour().streams.new_control());
     let mut event_loop = EventLoop {
         own_commands: commands_tx.downgrade(),
         admitting: admitting_tx,
@@ -540,6 +560,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         refused,
         dialing,
         admitting,
+        streams,
     };
     let task = tokio::spawn(event_loop.run());
     Ok(Network {
@@ -618,6 +639,7 @@ fn make_behaviour(
         identify,
         ping: ping::Behaviour::new(ping::Config::new()),
         kad,
+        streams: libp2p_stream::Behaviour::new(),
         mdns: mdns.into(),
     })
 }

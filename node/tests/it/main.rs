@@ -2,6 +2,7 @@
 //! over TCP on 127.0.0.1 in this process, each with its own repository in a temporary
 //! directory, started by the library's shared [`Cluster`](p2pmr_node::cluster::Cluster).
 //!
+//! - `bitswap`: the Bitswap 1.2.0 server against a peer speaking it over plain streams.
 //! - `blocks`: adding, reading and keeping blocks across peers (lying peers, corrupt disks,
 //!   lost daemons, Kademlia discovery).
 //! - `engine`: MapReduce jobs over the network, checked against `run-local`.
@@ -9,6 +10,7 @@
 //! - `jobs`: the wasm runtime on its own (shipped jobs against native code, hostile modules).
 //! - `swarm`: private swarms (a shared key: members only) and who may run jobs.
 
+mod bitswap;
 mod blocks;
 mod engine;
 mod http;

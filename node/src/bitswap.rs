@@ -1,0 +1,348 @@
+//! A Bitswap 1.2.0 server, so IPFS nodes (kubo, Helia) can fetch what daemons hold: it
+//! accepts `/ipfs/bitswap/1.2.0` streams (identify then lists the protocol), reads the
+//! wantlists peers send, and answers on a stream of its own to each peer, as the protocol
+//! has it: blocks for want-block, `Have` (or the block itself when it is small) for
+//! want-have, `DontHave` when asked to say so.
+//!
+//! Bounded everywhere: streams in all and per peer, 1024 wants remembered per peer, messages
+//! of at most 4 MiB (refused from their length alone), a peer's answers going out one
+//! message at a time (at most [`BATCH`] bytes each) while store reads are shared fairly
+//! among peers by one semaphore. Wants for blocks not held are remembered (a full wantlist
+//! replaces them) but not answered later if the block arrives.
+
+use crate::repo::store::{BlockStore, StoreError};
+use crate::tasks::Tasks;
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use p2pmr_protocol::bitswap::{Frames, Message, Presence, WantType, BITSWAP_PROTOCOL, MAX_ENTRIES};
+use p2pmr_protocol::block::canonical;
+use p2pmr_protocol::{Block, Cid};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+
+/// Inbound Bitswap streams at once, in all and from one peer.
+const MAX_STREAMS: usize = 256;
+const MAX_STREAMS_PER_PEER: usize = 4;
+/// Wantlists from one peer waiting for its answerer.
+const QUEUED: usize = 8;
+/// Block reads from the store at once, for all peers.
+const READS: usize = 8;
+/// Most bytes of blocks in one answer message.
+const BATCH: usize = 1 << 20;
+/// Blocks this small are sent in answer to a want-have (boxo's rule), saving a round trip.
+const SEND_SMALL: usize = 1024;
+/// A stream that sends nothing for this long is closed.
+const IDLE: Duration = Duration::from_secs(300);
+
+/// Serves Bitswap from `store` until the network stops.
+pub(crate) async fn serve(mut control: libp2p_stream::Control, store: BlockStore, tasks: Tasks) {
+    let protocol = StreamProtocol::new(BITSWAP_PROTOCOL);
+    let mut incoming = match control.accept(protocol) {
+        Ok(incoming) => incoming,
+        Err(e) => return tracing::warn!("cannot serve Bitswap: {e}"),
+    };
+    let server = Server {
+        control,
+        store,
+        tasks: tasks.clone(),
+        streams: Arc::new(Semaphore::new(MAX_STREAMS)),
+        reads: Arc::new(Semaphore::new(READS)),
+        peers: Arc::default(),
+    };
+    while let Some((peer, stream)) = incoming.next().await {
+        server.accept(peer, stream);
+    }
+}
+
+#[derive(Clone)]
+struct Server {
+    control: libp2p_stream::Control,
+    store: BlockStore,
+    tasks: Tasks,
+    streams: Arc<Semaphore>,
+    reads: Arc<Semaphore>,
+    peers: Arc<Mutex<HashMap<PeerId, PeerLink>>>,
+}
+
+/// A peer's inbound streams and the queue to its answerer.
+struct PeerLink {
+    streams: usize,
+    wants: mpsc::Sender<Message>,
+}
+
+impl Server {
+    /// Takes an inbound stream, or drops it (a reset) past the limits.
+    fn accept(&self, peer: PeerId, stream: Stream) {
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            return tracing::debug!("bitswap: too many streams; dropping one from {peer}");
+        };
+        let wants = {
+            let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            let link = peers.entry(peer).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(QUEUED);
+                self.tasks.spawn(self.clone().answer(peer, rx));
+                PeerLink {
+                    streams: 0,
+                    wants: tx,
+                }
+            });
+            if link.streams >= MAX_STREAMS_PER_PEER {
+                return tracing::debug!("bitswap: too many streams from {peer}; dropping one");
+            }
+            link.streams += 1;
+            link.wants.clone()
+        };
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = read(stream, &wants).await {
+                tracing::debug!("bitswap: stream from {peer} ended: {e}");
+            }
+            this.closed(peer);
+            drop(permit);
+        });
+    }
+
+    /// One of `peer`'s streams ended; with the last, its answerer ends too.
+    fn closed(&self, peer: PeerId) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(link) = peers.get_mut(&peer) {
+            link.streams -= 1;
+            if link.streams == 0 {
+                peers.remove(&peer);
+            }
+        }
+    }
+
+    /// Keeps `peer`'s wantlist and answers it on a stream of this server's own.
+    async fn answer(self, peer: PeerId, mut wants: mpsc::Receiver<Message>) {
+        let mut list = WantList::default();
+        let mut out: Option<Stream> = None;
+        while let Some(msg) = wants.recv().await {
+            let fresh = list.update(&msg);
+            let mut pending = fresh.into_iter().peekable();
+            while pending.peek().is_some() {
+                let mut reply = Message::default();
+                let mut bytes = 0;
+                for want in pending.by_ref() {
+                    let Some(found) = self.look_up(&want).await else {
+                        if want.send_dont_have {
+                            reply.presences.push((want.cid, Presence::DontHave));
+                        }
+                        continue;
+                    };
+                    bytes += found.len();
+                    match want.kind {
+                        WantType::Have if found.len() > SEND_SMALL => {
+                            reply.presences.push((want.cid, Presence::Have));
+                        }
+                        _ => reply.blocks.push(found),
+                    }
+                    if bytes >= BATCH {
+                        break;
+                    }
+                }
+                if reply == Message::default() {
+                    continue;
+                }
+                if let Err(e) = self.send(peer, &mut out, &reply).await {
+                    tracing::debug!("bitswap: cannot answer {peer}: {e}");
+                    out = None;
+                }
+            }
+        }
+    }
+
+    /// The block wanted, under the CID it was wanted as (a CIDv0 want gets a CIDv0 block).
+    async fn look_up(&self, want: &Want) -> Option<Block> {
+        let _read = self.reads.clone().acquire_owned().await.ok()?;
+        let (store, cid) = (self.store.clone(), canonical(&want.cid));
+        let held = tokio::task::spawn_blocking(move || store.get(&cid))
+            .await
+            .ok()?;
+        match held {
+            Ok(block) => Block::new(want.cid, block.into_data()).ok(),
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => {
+                tracing::debug!("bitswap: cannot read {}: {e}", want.cid);
+                None
+            }
+        }
+    }
+
+    /// Writes `reply` on the stream to `peer`, opening it first if need be.
+    async fn send(
+        &self,
+        peer: PeerId,
+        out: &mut Option<Stream>,
+        reply: &Message,
+    ) -> std::io::Result<()> {
+        if out.is_none() {
+            let opened = self
+                .control
+                .clone()
+                .open_stream(peer, StreamProtocol::new(BITSWAP_PROTOCOL))
+                .await
+                .map_err(std::io::Error::other)?;
+            *out = Some(opened);
+        }
+        let stream = out.as_mut().expect("opened above");
+        stream.write_all(&reply.framed()).await?;
+        stream.flush().await
+    }
+}
+
+/// Reads `stream`'s messages into `wants` until it ends, idles or breaks the protocol.
+async fn read(mut stream: Stream, wants: &mpsc::Sender<Message>) -> std::io::Result<()> {
+    let mut frames = Frames::default();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = tokio::time::timeout(IDLE, stream.read(&mut buf))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "idle"))??;
+        if n == 0 {
+            return Ok(());
+        }
+        frames.push(&buf[..n]);
+        while let Some(frame) = frames.next_frame().map_err(std::io::Error::other)? {
+            let msg = Message::decode(&frame).map_err(std::io::Error::other)?;
+            // Only the wants matter to a server; blocks sent unasked are not kept.
+            if msg.wantlist.entries.is_empty() && !msg.wantlist.full {
+                continue;
+            }
+            let wants_only = Message {
+                wantlist: msg.wantlist,
+                ..Message::default()
+            };
+            if wants.send(wants_only).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// A want to answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Want {
+    cid: Cid,
+    kind: WantType,
+    send_dont_have: bool,
+}
+
+/// What a peer wants: at most [`MAX_ENTRIES`] CIDs, and which of them were answered.
+#[derive(Debug, Default)]
+struct WantList {
+    wants: HashMap<Cid, (WantType, bool)>,
+    answered: HashSet<Cid>,
+}
+
+impl WantList {
+    /// Applies a message's wantlist; returns the wants to answer now (new ones, and a
+    /// want-have that became a want-block).
+    fn update(&mut self, msg: &Message) -> Vec<Want> {
+        if msg.wantlist.full {
+            let keep: HashSet<Cid> = msg.wantlist.entries.iter().map(|e| e.cid).collect();
+            self.wants.retain(|cid, _| keep.contains(cid));
+            self.answered.retain(|cid| keep.contains(cid));
+        }
+        let mut fresh = Vec::new();
+        for entry in &msg.wantlist.entries {
+            if entry.cancel {
+                self.wants.remove(&entry.cid);
+                self.answered.remove(&entry.cid);
+                continue;
+            }
+            let upgraded = self.wants.get(&entry.cid).is_some_and(|(kind, _)| {
+                *kind == WantType::Have && entry.want_type == WantType::Block
+            });
+            if !self.wants.contains_key(&entry.cid) && self.wants.len() >= MAX_ENTRIES {
+                continue; // the list is full: later wants wait for a cancel
+            }
+            self.wants
+                .insert(entry.cid, (entry.want_type, entry.send_dont_have));
+            let new = self.answered.insert(entry.cid);
+            if new || upgraded {
+                fresh.push(Want {
+                    cid: entry.cid,
+                    kind: entry.want_type,
+                    send_dont_have: entry.send_dont_have,
+                });
+            }
+        }
+        fresh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2pmr_protocol::bitswap::{WantEntry, Wantlist};
+
+    fn cid(n: u32) -> Cid {
+        *Block::raw(n.to_le_bytes().to_vec()).cid()
+    }
+
+    fn msg(full: bool, entries: Vec<(u32, WantType, bool)>) -> Message {
+        Message {
+            wantlist: Wantlist {
+                entries: entries
+                    .into_iter()
+                    .map(|(n, want_type, cancel)| WantEntry {
+                        cid: cid(n),
+                        priority: 1,
+                        cancel,
+                        want_type,
+                        send_dont_have: true,
+                    })
+                    .collect(),
+                full,
+            },
+            ..Message::default()
+        }
+    }
+
+    #[test]
+    fn a_wantlist_answers_each_want_once_until_cancelled() {
+        let mut list = WantList::default();
+        let got = list.update(&msg(
+            false,
+            vec![(1, WantType::Have, false), (2, WantType::Block, false)],
+        ));
+        assert_eq!(got.len(), 2);
+        // The same again: nothing new.
+        assert!(list
+            .update(&msg(false, vec![(1, WantType::Have, false)]))
+            .is_empty());
+        // A want-have that becomes a want-block is answered again.
+        let got = list.update(&msg(false, vec![(1, WantType::Block, false)]));
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].kind, WantType::Block);
+        // Cancelled, then wanted again: answered again.
+        list.update(&msg(false, vec![(2, WantType::Block, true)]));
+        assert_eq!(
+            list.update(&msg(false, vec![(2, WantType::Block, false)]))
+                .len(),
+            1
+        );
+        // A full list replaces the rest.
+        let got = list.update(&msg(true, vec![(3, WantType::Block, false)]));
+        assert_eq!(got.len(), 1);
+        assert_eq!(list.wants.len(), 1);
+    }
+
+    #[test]
+    fn a_wantlist_holds_at_most_its_limit() {
+        let mut list = WantList::default();
+        for chunk in (0..(MAX_ENTRIES as u32 + 500))
+            .collect::<Vec<_>>()
+            .chunks(MAX_ENTRIES)
+        {
+            list.update(&msg(
+                false,
+                chunk.iter().map(|&n| (n, WantType::Have, false)).collect(),
+            ));
+        }
+        assert_eq!(list.wants.len(), MAX_ENTRIES);
+    }
+}
