@@ -721,6 +721,7 @@ impl EventLoop {
                     for (peer, addrs) in lost {
                         self.dial_peer(peer, addrs);
                     }
+                    self.challenge_waiting();
                 }
                 event = self.swarm.select_next_some() => {
                     self.handle_event(event);
@@ -846,10 +847,9 @@ impl EventLoop {
             Command::Ban(peer) => self.ban(peer),
             Command::Admission { peer, outcome } => {
                 self.admitting.send_if_modified(|a| a.remove(&peer));
-                let info = self.candidates.remove(&peer);
                 match outcome {
                     admit::Outcome::Admitted => {
-                        if let Some(info) = info {
+                        if let Some(info) = self.candidates.remove(&peer) {
                             self.admit_daemon(peer, info);
                         }
                     }
@@ -860,10 +860,12 @@ impl EventLoop {
                         );
                         self.ban(peer);
                     }
+                    // Still a candidate: challenged again at the next redial tick.
                     admit::Outcome::NoAnswer(reason) => tracing::debug!(
                         "{peer} was not admitted as a daemon ({reason}); asked again later"
                     ),
                 }
+                self.challenge_waiting();
             }
             Command::Shutdown => {}
         }
@@ -1012,7 +1014,25 @@ impl EventLoop {
         }
     }
 
-    /// Starts the admission challenge of a peer listing the block protocol.
+    /// Starts the challenges of candidates waiting for one: those past the limit of
+    /// challenges at once, and those that did not answer theirs.
+    fn challenge_waiting(&mut self) {
+        let waiting: Vec<(PeerId, PeerInfo)> = {
+            let admitting = self.admitting.borrow();
+            self.candidates
+                .iter()
+                .filter(|(p, _)| !admitting.contains(p))
+                .take(admit::MAX_ADMITTING.saturating_sub(admitting.len()))
+                .map(|(p, i)| (*p, i.clone()))
+                .collect()
+        };
+        for (peer, info) in waiting {
+            self.challenge(peer, info);
+        }
+    }
+
+    /// Starts the admission challenge of a peer listing the block protocol (or leaves it
+    /// waiting while [`admit::MAX_ADMITTING`] are under way).
     fn challenge(&mut self, peer: PeerId, info: PeerInfo) {
         self.candidates.insert(peer, info);
         let (admitting, full) = {

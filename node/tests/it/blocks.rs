@@ -676,7 +676,8 @@ async fn dags_go_out_and_back_in_as_car_files_and_bad_ones_keep_nothing() -> Res
 
 /// A peer that lists the block protocol in identify and answers `Stored` to every `Put`
 /// without storing anything. A `cunning` one also keeps admission probes and proves them, so
-/// it is admitted as a daemon and lies only about blocks.
+/// it is admitted as a daemon and lies only about blocks; it answers its first `busy_probes`
+/// probes `busy`.
 mod fake {
     use futures::StreamExt;
     use libp2p::request_response::{self, ProtocolSupport};
@@ -695,6 +696,7 @@ mod fake {
     pub(super) async fn start(
         peers: Vec<Multiaddr>,
         cunning: bool,
+        mut busy_probes: usize,
     ) -> anyhow::Result<(PeerId, Multiaddr, tokio::task::JoinHandle<()>)> {
         let mut swarm = super::tcp_swarm(|key| Liar {
             identify: identify::Behaviour::new(
@@ -736,6 +738,10 @@ mod fake {
                             BlockResponse::Stored
                         }
                         BlockRequest::Has(cids) => BlockResponse::Have(vec![true; cids.len()]),
+                        BlockRequest::Probe(_) if busy_probes > 0 => {
+                            busy_probes -= 1;
+                            BlockResponse::busy()
+                        }
                         BlockRequest::Probe(data) => {
                             probes.push(data);
                             BlockResponse::Stored
@@ -759,7 +765,7 @@ mod fake {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_lists_the_block_protocol_but_stores_nothing_is_not_a_daemon() -> Result<()> {
     let cluster = unlinked(2).await?;
-    let (liar, liar_addr, task) = fake::start(Vec::new(), false).await?;
+    let (liar, liar_addr, task) = fake::start(Vec::new(), false, 0).await?;
     let mut peers = cluster.addrs();
     peers.push(liar_addr);
     let node = cluster.client_of(peers);
@@ -791,9 +797,34 @@ async fn a_peer_that_lists_the_block_protocol_but_stores_nothing_is_not_a_daemon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_too_busy_for_its_challenge_is_admitted_once_it_answers() -> Result<()> {
+    let cluster = unlinked(1).await?;
+    // Busy at every try of its first challenge (4 tries), fine after.
+    let (peer, addr, task) = fake::start(Vec::new(), true, 4).await?;
+    let mut peers = cluster.addrs();
+    peers.push(addr);
+    let node = cluster.client_of(peers);
+    let net = node.net(1).await?;
+    let admitted = tokio::time::timeout(Duration::from_secs(15), async {
+        while !net.daemons().contains_key(&peer) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        admitted.is_ok(),
+        "not challenged again after a busy first challenge"
+    );
+    task.abort();
+    node.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admitted_peer_that_only_claims_to_store_fails_the_add_and_is_named() -> Result<()> {
     let cluster = unlinked(2).await?;
-    let (liar, liar_addr, task) = fake::start(Vec::new(), true).await?;
+    let (liar, liar_addr, task) = fake::start(Vec::new(), true, 0).await?;
     let mut peers = cluster.addrs();
     peers.push(liar_addr);
     let node = cluster.client_of(peers);
@@ -850,7 +881,7 @@ async fn a_peer_claiming_to_hold_every_block_does_not_stop_re_replication() -> R
         vec![0, 0, 8]
     );
     // A liar joins every daemon and says it holds every block it is asked about.
-    let (liar, liar_addr, task) = fake::start(cluster.addrs(), true).await?;
+    let (liar, liar_addr, task) = fake::start(cluster.addrs(), true, 0).await?;
     tokio::time::timeout(Duration::from_secs(10), async {
         while !cluster
             .daemons()
