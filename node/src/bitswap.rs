@@ -19,7 +19,7 @@ use p2pmr_protocol::block::canonical;
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 
 /// Inbound Bitswap streams at once, in all and from one peer.
@@ -35,6 +35,10 @@ const BATCH: usize = 1 << 20;
 const SEND_SMALL: usize = 1024;
 /// A stream that sends nothing for this long is closed.
 const IDLE: Duration = Duration::from_secs(300);
+/// An answer stream unused for this long is replaced by a new one rather than written to:
+/// Helia aborts a stream that brings nothing for 10 s, and a write racing that abort would
+/// be lost.
+const REUSE: Duration = Duration::from_secs(4);
 
 /// Serves Bitswap from `store` until the network stops.
 pub(crate) async fn serve(mut control: libp2p_stream::Control, store: BlockStore, tasks: Tasks) {
@@ -66,7 +70,9 @@ struct Server {
     peers: Arc<Mutex<HashMap<PeerId, PeerLink>>>,
 }
 
-/// A peer's inbound streams and the queue to its answerer.
+/// A peer's inbound streams and the queue to its answerer. The answerer (with the peer's
+/// wantlist and the one stream answers go out on) outlives the inbound streams, which some
+/// peers open anew for every message; it ends after [`IDLE`] without a message.
 struct PeerLink {
     streams: usize,
     wants: mpsc::Sender<Message>,
@@ -104,22 +110,32 @@ impl Server {
         });
     }
 
-    /// One of `peer`'s streams ended; with the last, its answerer ends too.
+    /// One of `peer`'s streams ended.
     fn closed(&self, peer: PeerId) {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(link) = peers.get_mut(&peer) {
-            link.streams -= 1;
-            if link.streams == 0 {
-                peers.remove(&peer);
-            }
+            link.streams = link.streams.saturating_sub(1);
         }
     }
 
-    /// Keeps `peer`'s wantlist and answers it on a stream of this server's own.
+    /// Keeps `peer`'s wantlist and answers it on a stream of this server's own, until no
+    /// message has come for [`IDLE`] and no stream of the peer's is open.
     async fn answer(self, peer: PeerId, mut wants: mpsc::Receiver<Message>) {
         let mut list = WantList::default();
-        let mut out: Option<Stream> = None;
-        while let Some(msg) = wants.recv().await {
+        let mut out: Option<(Stream, Instant)> = None;
+        loop {
+            let msg = match tokio::time::timeout(IDLE, wants.recv()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return,
+                Err(_) => {
+                    let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+                    if peers.get(&peer).is_some_and(|l| l.streams == 0) {
+                        peers.remove(&peer);
+                        return;
+                    }
+                    continue;
+                }
+            };
             let fresh = list.update(&msg);
             let mut pending = fresh.into_iter().peekable();
             while pending.peek().is_some() {
@@ -137,7 +153,10 @@ impl Server {
                         WantType::Have if found.len() > SEND_SMALL => {
                             reply.presences.push((want.cid, Presence::Have));
                         }
-                        _ => reply.blocks.push(found),
+                        _ => {
+                            list.sent(&want.cid);
+                            reply.blocks.push(found);
+                        }
                     }
                     if bytes >= BATCH {
                         break;
@@ -171,26 +190,37 @@ impl Server {
         }
     }
 
-    /// Writes `reply` on the stream to `peer`, opening it first if need be.
+    /// Writes `reply` on the stream to `peer`: the last one if it was used within [`REUSE`],
+    /// else (or if writing fails) a new one.
     async fn send(
         &self,
         peer: PeerId,
-        out: &mut Option<Stream>,
+        out: &mut Option<(Stream, Instant)>,
         reply: &Message,
     ) -> std::io::Result<()> {
-        if out.is_none() {
-            let opened = self
-                .control
-                .clone()
-                .open_stream(peer, StreamProtocol::new(BITSWAP_PROTOCOL))
-                .await
-                .map_err(std::io::Error::other)?;
-            *out = Some(opened);
+        let frame = reply.framed();
+        if let Some((mut stream, used)) = out.take() {
+            if used.elapsed() < REUSE && write(&mut stream, &frame).await.is_ok() {
+                *out = Some((stream, Instant::now()));
+                return Ok(());
+            }
+            let _ = stream.close().await;
         }
-        let stream = out.as_mut().expect("opened above");
-        stream.write_all(&reply.framed()).await?;
-        stream.flush().await
+        let mut stream = self
+            .control
+            .clone()
+            .open_stream(peer, StreamProtocol::new(BITSWAP_PROTOCOL))
+            .await
+            .map_err(std::io::Error::other)?;
+        write(&mut stream, &frame).await?;
+        *out = Some((stream, Instant::now()));
+        Ok(())
     }
+}
+
+async fn write(stream: &mut Stream, frame: &[u8]) -> std::io::Result<()> {
+    stream.write_all(frame).await?;
+    stream.flush().await
 }
 
 /// Reads `stream`'s messages into `wants` until it ends, idles or breaks the protocol.
@@ -230,7 +260,8 @@ struct Want {
     send_dont_have: bool,
 }
 
-/// What a peer wants: at most [`MAX_ENTRIES`] CIDs, and which of them were answered.
+/// What a peer wants: at most [`MAX_ENTRIES`] CIDs not yet sent (so answered with `Have` or
+/// `DontHave`), and which of them were answered.
 #[derive(Debug, Default)]
 struct WantList {
     wants: HashMap<Cid, (WantType, bool)>,
@@ -238,6 +269,12 @@ struct WantList {
 }
 
 impl WantList {
+    /// The block for `cid` went out: the want is met.
+    fn sent(&mut self, cid: &Cid) {
+        self.wants.remove(cid);
+        self.answered.remove(cid);
+    }
+
     /// Applies a message's wantlist; returns the wants to answer now (new ones, and a
     /// want-have that became a want-block).
     fn update(&mut self, msg: &Message) -> Vec<Want> {
@@ -257,7 +294,12 @@ impl WantList {
                 *kind == WantType::Have && entry.want_type == WantType::Block
             });
             if !self.wants.contains_key(&entry.cid) && self.wants.len() >= MAX_ENTRIES {
-                continue; // the list is full: later wants wait for a cancel
+                // Every want here has been answered (Have or DontHave; those answered with
+                // the block are gone), and peers need not cancel them: one makes room.
+                if let Some(old) = self.wants.keys().next().copied() {
+                    self.wants.remove(&old);
+                    self.answered.remove(&old);
+                }
             }
             self.wants
                 .insert(entry.cid, (entry.want_type, entry.send_dont_have));
@@ -332,17 +374,18 @@ mod tests {
     }
 
     #[test]
-    fn a_wantlist_holds_at_most_its_limit() {
+    fn a_wantlist_holds_at_most_its_limit_and_new_wants_still_get_answers() {
         let mut list = WantList::default();
-        for chunk in (0..(MAX_ENTRIES as u32 + 500))
-            .collect::<Vec<_>>()
-            .chunks(MAX_ENTRIES)
-        {
-            list.update(&msg(
-                false,
-                chunk.iter().map(|&n| (n, WantType::Have, false)).collect(),
-            ));
+        let all: Vec<u32> = (0..(MAX_ENTRIES as u32 + 500)).collect();
+        let mut answered = 0;
+        for chunk in all.chunks(MAX_ENTRIES) {
+            let wants = chunk.iter().map(|&n| (n, WantType::Have, false)).collect();
+            answered += list.update(&msg(false, wants)).len();
         }
         assert_eq!(list.wants.len(), MAX_ENTRIES);
+        assert_eq!(answered, all.len(), "wants past the limit went unanswered");
+        // A block sent meets its want (peers need not cancel it).
+        list.sent(&cid(MAX_ENTRIES as u32 + 1));
+        assert_eq!(list.wants.len(), MAX_ENTRIES - 1);
     }
 }

@@ -11,17 +11,20 @@ use p2pmr_protocol::bitswap::{
     Frames, Message, Presence, WantEntry, WantType, Wantlist, BITSWAP_PROTOCOL, MAX_ENTRIES,
 };
 use p2pmr_protocol::{Block, Cid};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 const BITSWAP: StreamProtocol = StreamProtocol::new(BITSWAP_PROTOCOL);
 
 /// A libp2p peer with only the stream behaviour, connected to `daemon` at `addr`; returns its
-/// control and the daemon's answers as they arrive.
+/// control, the daemon's answers as they arrive, and a count of the streams the daemon opened.
 async fn peer_of(
     addr: libp2p::Multiaddr,
 ) -> Result<(
     libp2p_stream::Control,
     futures::channel::mpsc::Receiver<Message>,
+    Arc<AtomicUsize>,
 )> {
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
@@ -47,8 +50,11 @@ async fn peer_of(
         }
     });
     let (mut tx, rx) = futures::channel::mpsc::channel(64);
+    let opened = Arc::new(AtomicUsize::new(0));
+    let counted = opened.clone();
     tokio::spawn(async move {
         while let Some((_, mut stream)) = incoming.next().await {
+            counted.fetch_add(1, Ordering::Relaxed);
             let mut frames = Frames::default();
             let mut buf = vec![0; 64 << 10];
             while let Ok(n) = stream.read(&mut buf).await {
@@ -62,7 +68,7 @@ async fn peer_of(
             }
         }
     });
-    Ok((control, rx))
+    Ok((control, rx, opened))
 }
 
 fn want(cid: Cid, want_type: WantType, send_dont_have: bool) -> WantEntry {
@@ -128,7 +134,7 @@ async fn a_daemon_answers_wants_as_bitswap_1_2_0_has_it() -> Result<()> {
     store.put(&large)?;
     let missing = *Block::raw(b"nobody has this".to_vec()).cid();
     let daemon_id: PeerId = daemon.peer_id();
-    let (mut control, mut rx) = peer_of(cluster.addrs()[0].clone()).await?;
+    let (mut control, mut rx, opened) = peer_of(cluster.addrs()[0].clone()).await?;
     let mut stream = control.open_stream(daemon_id, BITSWAP).await?;
 
     // want-have: a small block comes whole, a large one as Have; a missing one as DontHave
@@ -207,6 +213,28 @@ async fn a_daemon_answers_wants_as_bitswap_1_2_0_has_it() -> Result<()> {
     send(&mut again, &cancel_then_want).await?;
     let (blocks, _) = answers(&mut rx, 1).await;
     assert_eq!(blocks, vec![small]);
+
+    // A peer that opens a stream per message and closes it (Helia does): its wantlist
+    // carries over (a want-have, then a want-block upgrading it), and every answer still
+    // comes on the one stream the daemon opened to it.
+    let other = Block::raw(vec![3; 200 << 10]);
+    store.put(&other)?;
+    for (kind, whole) in [(WantType::Have, false), (WantType::Block, true)] {
+        let mut once = control.open_stream(daemon_id, BITSWAP).await?;
+        send(&mut once, &wants(vec![want(*other.cid(), kind, true)])).await?;
+        once.close().await?;
+        let got = answers(&mut rx, 1).await;
+        if whole {
+            assert_eq!(got, (vec![other.clone()], vec![]));
+        } else {
+            assert_eq!(got, (vec![], vec![(*other.cid(), Presence::Have)]));
+        }
+    }
+    assert_eq!(
+        opened.load(Ordering::Relaxed),
+        1,
+        "answers came on more than one stream"
+    );
     cluster.stop().await;
     Ok(())
 }
