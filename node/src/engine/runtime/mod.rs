@@ -1228,7 +1228,11 @@ mod tests {
                 out: Box::new(std::io::sink()),
             },
         );
-        std::thread::sleep(TICK * 5);
+        // Ticking (allowing a loaded machine a second to schedule the ticker thread).
+        let until = std::time::Instant::now() + Duration::from_secs(1);
+        while ticks() < 2 && std::time::Instant::now() < until {
+            std::thread::sleep(TICK);
+        }
         assert!(ticks() >= 2, "{} ticks with a store alive", ticks());
         drop(store);
         std::thread::sleep(TICK * 2);
