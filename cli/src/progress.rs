@@ -42,7 +42,7 @@ pub(crate) struct Progress {
 /// with bytes, MiB/s and ETA; drawn on stderr only when it is a terminal and `quiet` is off
 /// (hidden otherwise, so scripts and pipes see nothing).
 pub(crate) fn transfer(what: &str, total: Option<u64>, quiet: bool) -> ProgressBar {
-    if quiet || !std::io::stderr().is_terminal() {
+    if !shown(quiet) {
         return ProgressBar::hidden();
     }
     let (bar, template) = match total {
@@ -62,6 +62,11 @@ pub(crate) fn transfer(what: &str, total: Option<u64>, quiet: bool) -> ProgressB
     bar.set_message(what.to_owned());
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
+}
+
+/// Whether [`transfer`] bars are drawn.
+pub(crate) fn shown(quiet: bool) -> bool {
+    !quiet && std::io::stderr().is_terminal()
 }
 
 fn short(peer: &str) -> &str {

@@ -1448,24 +1448,15 @@ mod abuse {
         daemon: PeerId,
         streams: usize,
     ) -> Result<tokio::task::JoinHandle<()>, Box<dyn std::error::Error>> {
-        let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )?
-            .with_behaviour(|_| {
-                request_response::Behaviour::with_codec(
-                    Stall,
-                    [(StreamProtocol::new(JOB_PROTOCOL), ProtocolSupport::Outbound)],
-                    request_response::Config::default()
-                        .with_request_timeout(Duration::from_secs(300))
-                        .with_max_concurrent_streams(streams),
-                )
-            })?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
-            .build();
+        let mut swarm = tcp_swarm(|_| {
+            request_response::Behaviour::with_codec(
+                Stall,
+                [(StreamProtocol::new(JOB_PROTOCOL), ProtocolSupport::Outbound)],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(300))
+                    .with_max_concurrent_streams(streams),
+            )
+        });
         swarm.add_peer_address(daemon, addr);
         for _ in 0..streams {
             swarm.behaviour_mut().send_request(&daemon, ());
@@ -1477,7 +1468,7 @@ mod abuse {
         }))
     }
 
-    /// A libp2p peer of the test's own over TCP, running `behaviour`, listening on 127.0.0.1.
+    /// A libp2p peer of the test's own over TCP, running `behaviour`.
     fn tcp_swarm<B: libp2p::swarm::NetworkBehaviour>(
         behaviour: impl FnOnce(&libp2p::identity::Keypair) -> B,
     ) -> libp2p::Swarm<B> {
@@ -1491,6 +1482,8 @@ mod abuse {
             .unwrap()
             .with_behaviour(behaviour)
             .unwrap()
+            // Attackers keep their connections: the daemon, not idleness, must cut them.
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(300)))
             .build()
     }
 

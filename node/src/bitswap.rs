@@ -181,7 +181,8 @@ impl Server {
             .await
             .ok()?;
         match held {
-            Ok(block) => Block::new(want.cid, block.into_data()).ok(),
+            // Verified by the store as it read it; only renamed for a CIDv0 want.
+            Ok(block) => block.named(want.cid).ok(),
             Err(StoreError::NotFound(_)) => None,
             Err(e) => {
                 tracing::debug!("bitswap: cannot read {}: {e}", want.cid);

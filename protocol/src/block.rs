@@ -111,6 +111,19 @@ impl Block {
     pub fn into_data(self) -> Vec<u8> {
         self.data
     }
+
+    /// The same block under `cid`, another name of the same bytes (a CIDv0 and its CIDv1
+    /// dag-pb twin), without hashing them again; the block itself if `cid` names other bytes.
+    pub fn named(self, cid: Cid) -> Result<Self, Self> {
+        if canonical(&cid) == canonical(&self.cid) {
+            Ok(Self {
+                cid,
+                data: self.data,
+            })
+        } else {
+            Err(self)
+        }
+    }
 }
 
 /// Checks that `data` hashes to `cid`'s multihash and is within [`MAX_BLOCK_SIZE`].
@@ -145,6 +158,18 @@ pub fn canonical(cid: &Cid) -> Cid {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_takes_another_name_of_its_bytes_only() {
+        let node = Block::dag_pb(vec![0x0a, 0x02, 0x08, 0x01]);
+        let v0: Cid = "QmUNLLsPACCz1vLxQVkXqqLX5R1X345qqfHbsf67hvA3Nn"
+            .parse()
+            .unwrap();
+        let named = node.clone().named(v0).unwrap();
+        assert_eq!((named.cid(), named.data()), (&v0, node.data()));
+        let other = *Block::raw(vec![1]).cid();
+        assert_eq!(node.clone().named(other), Err(node));
+    }
 
     #[test]
     fn public_vectors() {

@@ -2,7 +2,7 @@
 
 use crate::args::{AddArgs, ImportArgs};
 use crate::env::{open_input, parse_cid, Env};
-use crate::progress::transfer;
+use crate::progress::{shown, transfer};
 use anyhow::{bail, Result};
 use p2pmr_node::{FileError, Ledger, Replicas, StoreError};
 use std::io::{self, Write};
@@ -66,15 +66,11 @@ async fn progress_of(
     cid: p2pmr_protocol::Cid,
     offset: u64,
 ) -> indicatif::ProgressBar {
-    let bar = transfer(what, None, env.quiet);
-    if bar.is_hidden() {
-        return bar;
-    }
-    if let Ok(Some(size)) = node.blocks().size(cid).await {
-        bar.finish_and_clear();
-        return transfer(what, Some(size.saturating_sub(offset)), env.quiet);
-    }
-    bar
+    let size = match shown(env.quiet) {
+        true => node.blocks().size(cid).await.ok().flatten(),
+        false => None,
+    };
+    transfer(what, size.map(|s| s.saturating_sub(offset)), env.quiet)
 }
 
 pub(crate) async fn get(env: &Env, output: &Path, cid: &str) -> Result<()> {

@@ -259,10 +259,7 @@ pub(crate) enum Proved {
 
 /// Asks `peer` to prove it holds `block` (which this peer holds too) with a fresh nonce.
 pub(crate) async fn challenge(net: &NetClient, peer: PeerId, block: &Block) -> Proved {
-    let mut nonce = [0u8; 32];
-    for piece in nonce.chunks_mut(8) {
-        piece.copy_from_slice(&random_u64().to_le_bytes());
-    }
+    let nonce = crate::net::random_bytes::<32>();
     let cid = *block.cid();
     match patiently(net, peer, || BlockRequest::Prove { cid, nonce }).await {
         Ok(BlockResponse::Proof(p)) if p == proof(&nonce, block.data()) => Proved::Yes,
@@ -277,14 +274,9 @@ fn new_session() -> u64 {
     random_u64()
 }
 
-/// A random number from the operating system (the clock's nanoseconds if it has none).
+/// A random number (see [`crate::net::random_bytes`]).
 pub(crate) fn random_u64() -> u64 {
-    let mut bytes = [0; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-        return now.map_or(0, |d| d.as_nanos() as u64);
-    }
-    u64::from_le_bytes(bytes)
+    u64::from_le_bytes(crate::net::random_bytes())
 }
 
 /// Tells every daemon in `took` that add session `session` is complete.
@@ -1041,8 +1033,9 @@ pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError>
                 HashSet::new()
             });
             let claimed: Vec<&Cid> = all.iter().filter(|c| held.contains(c)).collect();
+            let n = claimed.len() as u64;
             if claimed.is_empty() {
-                return (peer, held, None);
+                return (peer, held, n, None);
             }
             let pick = *claimed[(random_u64() % claimed.len() as u64) as usize];
             let doubt = match fetcher.fetch(pick).await {
@@ -1054,15 +1047,14 @@ pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError>
                     }
                 },
             };
-            (peer, held, doubt)
+            (peer, held, n, doubt)
         }
     });
     let mut copies: HashMap<usize, u64> = HashMap::new();
     let mut counts = vec![0u64; all.len()];
     let mut holders = BTreeMap::new();
     let mut unproven = BTreeMap::new();
-    for (peer, held, doubt) in join_all(audits).await {
-        let n = all.iter().filter(|c| held.contains(c)).count() as u64;
+    for (peer, held, n, doubt) in join_all(audits).await {
         if let Some(why) = doubt {
             unproven.insert(peer, (n, why));
             continue;

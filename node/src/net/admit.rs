@@ -96,8 +96,9 @@ async fn request(
     rx.await.map_err(|_| NetError::Stopped)?
 }
 
-/// Random bytes from the operating system (the clock's nanoseconds, spread, if it has none).
-pub(super) fn random_bytes<const N: usize>() -> [u8; N] {
+/// Random bytes from the operating system (the clock's nanoseconds, spread, if it has none):
+/// the peer's one source, for probes, nonces, add sessions and random picks.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0; N];
     if getrandom::fill(&mut bytes).is_err() {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);

@@ -14,6 +14,7 @@ mod admit;
 mod link;
 mod swarm_key;
 
+pub(crate) use admit::random_bytes;
 pub use admit::ADMISSION_TIMEOUT;
 pub use link::{ClientConfig, Link};
 pub use swarm_key::{SwarmKey, SwarmKeyError, SWARM_KEY_FILE};

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::swarm::SwarmEvent;
-use libp2p::{noise, tcp, yamux, PeerId, Stream, StreamProtocol};
+use libp2p::{PeerId, Stream, StreamProtocol};
 use p2pmr_node::cluster::{Cluster, ClusterConfig};
 use p2pmr_node::DaemonConfig;
 use p2pmr_protocol::bitswap::{
@@ -26,16 +26,7 @@ async fn peer_of(
     futures::channel::mpsc::Receiver<Message>,
     Arc<AtomicUsize>,
 )> {
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )?
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
+    let mut swarm = super::tcp_swarm(|_| libp2p_stream::Behaviour::new())?;
     let mut control = swarm.behaviour().new_control();
     let mut incoming = control.accept(BITSWAP)?;
     swarm.dial(addr)?;

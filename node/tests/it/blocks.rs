@@ -260,22 +260,6 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
     Ok(())
 }
 
-/// A libp2p peer of the test's own, over TCP with Noise and Yamux, running `behaviour`.
-fn tcp_swarm<B: libp2p::swarm::NetworkBehaviour>(
-    behaviour: impl FnOnce(&Keypair) -> B,
-) -> Result<libp2p::Swarm<B>> {
-    use libp2p::{noise, tcp, yamux};
-    Ok(libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )?
-        .with_behaviour(behaviour)?
-        .build())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_past_the_per_peer_limit_are_answered_not_reset() -> Result<()> {
     use futures::StreamExt;
@@ -288,7 +272,7 @@ async fn requests_past_the_per_peer_limit_are_answered_not_reset() -> Result<()>
     let daemon = cluster.daemon(0).peer_id();
     // A peer of its own that sends 48 requests at once on one connection (p2pmr's own
     // clients queue past 32).
-    let mut swarm = tcp_swarm(|_| {
+    let mut swarm = super::tcp_swarm(|_| {
         request_response::Behaviour::with_codec(
             BlockCodec::default(),
             [(
@@ -698,7 +682,7 @@ mod fake {
         cunning: bool,
         mut busy_probes: usize,
     ) -> anyhow::Result<(PeerId, Multiaddr, tokio::task::JoinHandle<()>)> {
-        let mut swarm = super::tcp_swarm(|key| Liar {
+        let mut swarm = crate::tcp_swarm(|key| Liar {
             identify: identify::Behaviour::new(
                 identify::Config::new("/mapreduce/id/1.0.0".into(), key.public())
                     .with_agent_version(p2pmr_node::net::AGENT.into()),
