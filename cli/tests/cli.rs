@@ -1442,6 +1442,21 @@ mod abuse {
         }
     }
 
+    /// `p2pmr add --replicas 1 FILE` through the daemon at `addr`.
+    fn add_once(dir: &std::path::Path, addr: &str, file: &std::path::Path) -> std::process::Output {
+        p2pmr(
+            dir,
+            &[
+                "--peer",
+                addr,
+                "add",
+                "--replicas",
+                "1",
+                file.to_str().unwrap(),
+            ],
+        )
+    }
+
     /// A peer of its own that opens `streams` stalled job requests to `daemon` at `addr`.
     fn stalling_peer(
         addr: Multiaddr,
@@ -1725,6 +1740,58 @@ mod abuse {
     }
 
     #[test]
+    fn one_peer_stalling_large_frames_cannot_make_another_peers_adds_busy() {
+        let daemon = DaemonProcess::start_args(&[], &[]);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let addr: Multiaddr = daemon.addr.parse().unwrap();
+        let peer: PeerId = daemon.peer_id.parse().unwrap();
+        let pid = daemon.child.id();
+        let idle = rss(pid);
+        // 40 streams announcing 4 MiB each and sending all of it but a byte: more than all
+        // peers together may have this daemon hold.
+        let attacker = {
+            let _in_rt = rt.enter();
+            stalling_peer(addr, peer, 40).unwrap()
+        };
+        let until = Instant::now() + Duration::from_secs(20);
+        while rss(pid) < idle + (24 << 20) {
+            assert!(
+                Instant::now() < until,
+                "the attacker's frames never arrived"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let held = rss(pid);
+        eprintln!(
+            "one peer stalling 40 x 4 MiB: daemon RSS {} -> {} MiB",
+            idle >> 20,
+            held >> 20
+        );
+        // Another peer's add (blocks of 256 KiB, each over the frames read for free) goes
+        // through at once, not after a while of being told the daemon is busy.
+        let client = tempfile::tempdir().unwrap();
+        let text = mix(4 << 20);
+        let input = write_file(client.path(), "in.bin", &text);
+        let started = Instant::now();
+        let added = add_once(client.path(), &daemon.addr, &input);
+        let took = started.elapsed();
+        attacker.abort();
+        assert!(
+            added.status.success(),
+            "{}",
+            String::from_utf8_lossy(&added.stderr)
+        );
+        let read = p2pmr(
+            client.path(),
+            &["--peer", &daemon.addr, "cat", &stdout(&added)],
+        );
+        assert!(read.stdout == text);
+        eprintln!("another peer's add of 4 MiB took {took:?}");
+        assert!(took < Duration::from_secs(3), "the add took {took:?}");
+    }
+
+    #[test]
     fn forty_peers_stalling_large_frames_a_flood_and_a_fake_daemon_leave_it_serving() {
         let daemon = DaemonProcess::start_args(&[], &["--slots", "1"]);
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -1734,17 +1801,7 @@ mod abuse {
         let text = mix(4 << 20);
         let input = write_file(client.path(), "in.bin", &text);
         let cat = |cid: &str| p2pmr(client.path(), &["--peer", &daemon.addr, "cat", cid]);
-        let added = p2pmr(
-            client.path(),
-            &[
-                "--peer",
-                &daemon.addr,
-                "add",
-                "--replicas",
-                "1",
-                input.to_str().unwrap(),
-            ],
-        );
+        let added = add_once(client.path(), &daemon.addr, &input);
         assert!(added.status.success());
         let cid = stdout(&added);
 

@@ -11,11 +11,14 @@
 //! that placement, fetching and job scheduling read.
 
 mod admit;
+mod budget;
 mod link;
 mod swarm_key;
 
 pub(crate) use admit::random_bytes;
 pub use admit::ADMISSION_TIMEOUT;
+use budget::{Budgeted, Permits, BUDGET_UNIT};
+pub use budget::{InboundBudget, INBOUND_BUDGET, PEER_BUDGET};
 pub use link::{ClientConfig, Link};
 pub use swarm_key::{SwarmKey, SwarmKeyError, SWARM_KEY_FILE};
 
@@ -42,7 +45,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 /// Agent version announced over identify.
@@ -71,14 +74,9 @@ const JOB_QUEUE: usize = 64;
 /// How long a peer has, from opening a stream, to send its whole request: a slow or stalled
 /// sender cannot hold a half-read frame longer.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
-/// Bytes of each inbound frame read without drawing on the [`INBOUND_BUDGET`]: small
+/// Bytes of each inbound frame read without drawing on the [`InboundBudget`]: small
 /// requests (gets, job control) always get through.
 const FREE_FRAME_BYTES: usize = 16 << 10;
-/// Bytes of large inbound frames being read at once, in all: what peers sending large
-/// frames slowly (or never finishing them) can make this peer hold.
-pub const INBOUND_BUDGET: usize = 128 << 20;
-/// The budget is counted in units of this many bytes.
-const BUDGET_UNIT: usize = 1 << 10;
 /// Connections one peer may have established with this one at once.
 const MAX_CONNECTIONS_PER_PEER: u32 = 8;
 /// Incoming connections established at once, and still in their handshake.
@@ -420,8 +418,8 @@ impl NetClient {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     limits: libp2p::connection_limits::Behaviour,
-    blocks: request_response::Behaviour<BlockCodec>,
-    jobs: request_response::Behaviour<JobCodec>,
+    blocks: Budgeted<BlockCodec>,
+    jobs: Budgeted<JobCodec>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -594,7 +592,7 @@ fn make_behaviour(
         ProtocolSupport::Outbound
     };
     // One budget for the large inbound frames of both protocols.
-    let budget = Arc::new(Semaphore::new(INBOUND_BUDGET / BUDGET_UNIT));
+    let budget = InboundBudget::default();
     let blocks = request_response::Behaviour::with_codec(
         BlockCodec::new(budget.clone()),
         [(StreamProtocol::new(BLOCK_PROTOCOL), support.clone())],
@@ -602,13 +600,15 @@ fn make_behaviour(
             .with_request_timeout(REQUEST_TIMEOUT)
             .with_max_concurrent_streams(MAX_HANDLER_STREAMS),
     );
+    let blocks = Budgeted::new(blocks, budget.clone());
     let jobs = request_response::Behaviour::with_codec(
-        JobCodec::new(budget),
+        JobCodec::new(budget.clone()),
         [(StreamProtocol::new(JOB_PROTOCOL), support)],
         request_response::Config::default()
             .with_request_timeout(JOB_REQUEST_TIMEOUT)
             .with_max_concurrent_streams(MAX_HANDLER_STREAMS),
     );
+    let jobs = Budgeted::new(jobs, budget);
     let identify = identify::Behaviour::new(
         identify::Config::new("/mapreduce/id/1.0.0".into(), key.public())
             .with_agent_version(AGENT.into()),
@@ -1294,19 +1294,23 @@ pub struct Unreadable(pub String);
 /// over the message type's limit before allocating for them. A frame's buffer grows as its
 /// bytes arrive, so memory follows what a peer sent, not what it announced; an inbound
 /// request must arrive whole within [`REQUEST_DEADLINE`], and the part of it past
-/// [`FREE_FRAME_BYTES`] draws on a budget shared by every inbound stream
-/// ([`INBOUND_BUDGET`]): a request that finds it spent is answered `busy` (the sender retries
-/// later) instead of growing memory. A request that cannot be read is answered with why.
+/// [`FREE_FRAME_BYTES`] draws on the sending peer's share of a budget shared by every
+/// inbound stream ([`InboundBudget`]): a request that finds either spent is answered `busy`
+/// (the sender retries later) instead of growing memory. A request that cannot be read is
+/// answered with why.
 pub struct FramedCodec<Req, Resp> {
-    budget: Arc<Semaphore>,
+    budget: InboundBudget,
+    /// The peer's share, once this codec has been cloned for a connection.
+    peer: Option<Arc<Semaphore>>,
     kind: PhantomData<fn() -> (Req, Resp)>,
 }
 
 impl<Req, Resp> FramedCodec<Req, Resp> {
-    /// A codec whose large inbound frames draw on `budget` (permits of [`BUDGET_UNIT`] bytes).
-    pub fn new(budget: Arc<Semaphore>) -> Self {
+    /// A codec whose large inbound frames draw on `budget`.
+    pub fn new(budget: InboundBudget) -> Self {
         Self {
             budget,
+            peer: None,
             kind: PhantomData,
         }
     }
@@ -1321,13 +1325,23 @@ impl<Req, Resp> std::fmt::Debug for FramedCodec<Req, Resp> {
 impl<Req, Resp> Default for FramedCodec<Req, Resp> {
     /// A codec with a budget of its own.
     fn default() -> Self {
-        Self::new(Arc::new(Semaphore::new(INBOUND_BUDGET / BUDGET_UNIT)))
+        Self::new(InboundBudget::default())
     }
 }
 
 impl<Req, Resp> Clone for FramedCodec<Req, Resp> {
+    /// The behaviour's codec, cloned for a new connection, takes the connection's peer's
+    /// share; a connection's codec, cloned for a stream, shares it (see [`budget`]).
     fn clone(&self) -> Self {
-        Self::new(self.budget.clone())
+        let peer = match &self.peer {
+            Some(peer) => peer.clone(),
+            None => self.budget.for_new_connection(),
+        };
+        Self {
+            budget: self.budget.clone(),
+            peer: Some(peer),
+            kind: PhantomData,
+        }
     }
 }
 
@@ -1337,13 +1351,13 @@ pub type BlockCodec = FramedCodec<BlockRequest, BlockResponse>;
 pub type JobCodec = FramedCodec<JobRequest, JobResponse>;
 
 /// Reads one frame of at most `limit` bytes, growing its buffer as the bytes arrive; past
-/// [`FREE_FRAME_BYTES`], each piece must first be covered by `budget` (if given), held until
-/// the frame is decoded.
+/// [`FREE_FRAME_BYTES`], each piece must first be covered by `budget` (if given: the budgets
+/// and the peer's share), held until the frame is decoded.
 async fn read_frame<T: AsyncRead + Unpin + Send>(
     io: &mut T,
     limit: usize,
-    budget: Option<&Arc<Semaphore>>,
-) -> io::Result<(Vec<u8>, Option<OwnedSemaphorePermit>)> {
+    budget: Option<(&InboundBudget, &Arc<Semaphore>)>,
+) -> io::Result<(Vec<u8>, Option<Permits>)> {
     const PIECE: usize = 16 << 10;
     let mut len = [0u8; 4];
     io.read_exact(&mut len).await?;
@@ -1358,13 +1372,13 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
     // again, and reserve up to twice what arrived.
     let mut pieces: Vec<Vec<u8>> = Vec::new();
     let mut got = 0;
-    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut held: Option<Permits> = None;
     while got < len {
         let piece = (len - got).min(PIECE);
         let end = got + piece;
-        if let Some(budget) = budget.filter(|_| end > FREE_FRAME_BYTES) {
+        if let Some((budget, peer)) = budget.filter(|_| end > FREE_FRAME_BYTES) {
             let units = (end - got.max(FREE_FRAME_BYTES)).div_ceil(BUDGET_UNIT) as u32;
-            let Ok(more) = budget.clone().try_acquire_many_owned(units) else {
+            let Some(more) = budget.take(peer, units) else {
                 // The sender reads an answer only once it has written its frame: the rest is
                 // read and dropped, holding nothing, before it is told it is busy.
                 drop(pieces);
@@ -1416,7 +1430,11 @@ impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCode
     where
         T: AsyncRead + Unpin + Send,
     {
-        let read = read_frame(io, Req::LIMIT, Some(&self.budget));
+        let peer = match &self.peer {
+            Some(peer) => peer.clone(),
+            None => self.budget.for_new_connection(),
+        };
+        let read = read_frame(io, Req::LIMIT, Some((&self.budget, &peer)));
         let unreadable = |reason: String| Ok(Err(Unreadable(reason)));
         match tokio::time::timeout(REQUEST_DEADLINE, read).await {
             Err(_) => unreadable(format!(
@@ -1524,7 +1542,7 @@ mod tests {
         let (whole, _) = read(&mut codec, &frame).await;
         assert_eq!(whole.unwrap(), Ok(put.clone()));
         // The budget spent: the rest of the frame is read and dropped, and the answer is busy.
-        let mut codec = BlockCodec::new(Arc::new(Semaphore::new(1)));
+        let mut codec = BlockCodec::new(InboundBudget::new(BUDGET_UNIT, BUDGET_UNIT));
         let (spent, at) = read(&mut codec, &frame).await;
         assert_eq!(spent.unwrap(), Err(Unreadable(BUSY.into())));
         assert_eq!(at, frame.len() as u64, "the frame was not read to its end");
