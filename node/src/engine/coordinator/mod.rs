@@ -684,7 +684,7 @@ impl Coordinator {
             .collect();
         // Copies go to the daemons still with us; as many as the inputs had, if they can.
         let avoid: Vec<Vec<u8>> = job.gone.iter().map(|p| p.to_bytes()).collect();
-        let replicas_now = plan.replicas.min(1 + self.live_others(&job.gone));
+        let replicas_now = plan.replicas.min(self.live(&job.gone)).max(1);
         let sched = Schedule {
             kind: TaskKind::Reduce,
             peers: &plan.peers,
@@ -730,6 +730,13 @@ impl Coordinator {
             }
         }
         Ok(missing)
+    }
+
+    /// Daemons not given up on, this one among them unless its own worker was (verification
+    /// can exclude it): where a reducer's output copies may go.
+    fn live(&self, gone: &HashSet<PeerId>) -> usize {
+        let me = self.net().local_peer_id();
+        self.live_others(gone) + usize::from(!gone.contains(&me))
     }
 
     /// Daemons other than this one that are connected and not given up on.
