@@ -237,8 +237,8 @@ pub(crate) struct DaemonArgs {
     /// 4001 or the next free one]
     #[arg(long, value_name = "MULTIADDR")]
     pub(crate) listen: Vec<Multiaddr>,
-    /// Tasks to run at once [default: the number of cores; at most 128]. Coordinators
-    /// share a machine's slots out among the daemons running on it
+    /// Tasks to run at once [default: the number of cores, shared with the other daemons
+    /// on the machine that use the default; at most 128]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=128))]
     pub(crate) slots: Option<u32>,
     /// When coordinating, give up on a worker that does not answer a probe within this

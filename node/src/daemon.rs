@@ -243,7 +243,7 @@ impl Daemon {
         let worker = Worker::new(
             repo.clone(),
             network.client.clone(),
-            slots,
+            (slots, config.slots == 0),
             tasks.clone(),
             access,
             config.fault_wrong_output,

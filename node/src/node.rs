@@ -23,7 +23,7 @@ use p2pmr_protocol::job::JobSpec;
 use p2pmr_protocol::tar;
 use p2pmr_protocol::unixfs::{directory_entries, FileReader, Layout, UnixFsError, MAX_DEPTH};
 use p2pmr_protocol::{Block, Cid};
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{self, Read};
 use std::num::NonZeroUsize;
 use std::path::Path;
@@ -504,7 +504,7 @@ impl Blocks<'_> {
         let (roots, cids) = tokio::task::spawn_blocking(move || stage_car(source, &store))
             .await
             .expect("import task panicked")?;
-        self.commit(staging, cids, replicas).await?;
+        self.commit(staging, &roots, cids, replicas).await?;
         Ok(roots)
     }
 
@@ -527,7 +527,7 @@ impl Blocks<'_> {
             Ok((added, cids))
         })
         .await?;
-        self.commit(staging, cids, replicas).await?;
+        self.commit(staging, &[added.root], cids, replicas).await?;
         Ok(added)
     }
 
@@ -565,12 +565,13 @@ impl Blocks<'_> {
                 })
                 .await?;
                 let net = self.0.net(n.get()).await?;
-                Ok(blocks::replicate(net, &repo, &[cid], n.get() - 1, &[]).await?)
+                let own = HashMap::new();
+                Ok(blocks::replicate(net, &repo, &[cid], n.get() - 1, &[], &own).await?)
             }
             Replicas::Network(n) => {
                 let net = self.0.net(n.get()).await?;
                 let (tx, rx) = mpsc::channel(1);
-                tx.send(block).await.expect("the receiver is here");
+                tx.send((block, None)).await.expect("the receiver is here");
                 drop(tx);
                 Ok(blocks::push_all(net, rx, n.get()).await?)
             }
@@ -588,31 +589,40 @@ impl Blocks<'_> {
         Ok(Staging { store, _dir: dir })
     }
 
-    /// Stores the staged blocks `cids` as `replicas` says; the staging goes away either way.
+    /// Stores the staged blocks `cids` (of the DAGs at `roots`) as `replicas` says, placed by
+    /// group; the staging goes away either way.
     async fn commit(
         &self,
         staging: Staging,
+        roots: &[Cid],
         cids: Vec<Cid>,
         replicas: Replicas,
     ) -> Result<(), Error> {
         let staged = staging.store.clone();
+        let groups = || {
+            let (staged, roots) = (staged.clone(), roots.to_vec());
+            blocking(move || Ok::<_, Error>(blocks::placement_groups(&staged, &roots)))
+        };
         match replicas {
             Replicas::OnlyHash => {}
             Replicas::Local => self.keep(staged, cids).await?,
             Replicas::Network(n) if self.0.inner.serving => {
                 // A daemon keeps a copy and places the others, as it does a job's output.
+                let groups = groups().await?;
                 self.keep(staged, cids.clone()).await?;
                 let repo = self.0.repo().ok_or(Error::NoRepo)?.blocks().clone();
                 let net = self.0.net(n.get()).await?;
-                blocks::replicate(net, &repo, &cids, n.get() - 1, &[]).await?;
+                blocks::replicate(net, &repo, &cids, n.get() - 1, &[], &groups).await?;
             }
             Replicas::Network(n) => {
+                let groups = groups().await?;
                 let net = self.0.net(n.get()).await?;
                 let (tx, rx) = mpsc::channel(blocks::WINDOW);
                 let reader = tokio::task::spawn_blocking(move || {
                     for cid in &cids {
                         let block = staged.get(cid)?;
-                        if tx.blocking_send(block).is_err() {
+                        let group = groups.get(cid).copied();
+                        if tx.blocking_send((block, group)).is_err() {
                             break; // the upload failed; it says why
                         }
                     }

@@ -440,6 +440,44 @@ impl FileBuilder {
     }
 }
 
+/// Placement groups of a file's blocks, as [`FileBuilder`] emits them.
+///
+/// The leaves under one bottom-level node (up to [`Layout::max_links`] consecutive leaves: a
+/// map split's worth) form a group, placed on the same daemons: those ranked first for the
+/// group's key, the CID of its first leaf. Every other block (inner nodes, a file's only
+/// leaf) is a group of its own, keyed by its own CID. The key is what both sides can know: the
+/// adder when the group's first leaf is cut, a reader from the node that lists the leaves
+/// ([`FileReader::upcoming_grouped`]).
+#[derive(Debug, Clone)]
+pub struct Groups {
+    max_links: u64,
+    leaves: u64,
+    current: Option<Cid>,
+}
+
+impl Groups {
+    /// Groups for files built with `layout`.
+    pub fn new(layout: Layout) -> Self {
+        Self {
+            max_links: layout.max_links as u64,
+            leaves: 0,
+            current: None,
+        }
+    }
+
+    /// The group key of `cid`, the next block the builder emitted.
+    pub fn key(&mut self, cid: &Cid) -> Cid {
+        if cid.codec() != RAW {
+            return *cid;
+        }
+        if self.leaves.is_multiple_of(self.max_links) {
+            self.current = Some(*cid);
+        }
+        self.leaves += 1;
+        self.current.unwrap_or(*cid)
+    }
+}
+
 /// A block the reader still has to visit, with the file offset its bytes start at.
 #[derive(Debug, Clone)]
 struct Pending {
@@ -448,6 +486,8 @@ struct Pending {
     /// File bytes the parent says this subtree holds (checked when it arrives).
     expect: Option<u64>,
     depth: usize,
+    /// Its placement group's key (see [`Groups`]).
+    group: Cid,
 }
 
 /// Streams a UnixFS file's bytes from its DAG, starting at any byte offset.
@@ -476,6 +516,7 @@ impl FileReader {
                 start: 0,
                 expect: None,
                 depth: 0,
+                group: root,
             }],
             offset,
             size: None,
@@ -491,6 +532,11 @@ impl FileReader {
     /// A fetcher can request these ahead to keep a window of transfers in flight.
     pub fn upcoming(&self) -> impl Iterator<Item = &Cid> + '_ {
         self.stack.iter().rev().map(|p| &p.cid)
+    }
+
+    /// [`upcoming`](Self::upcoming), each with its placement group's key ([`Groups`]).
+    pub fn upcoming_grouped(&self) -> impl Iterator<Item = (&Cid, &Cid)> + '_ {
+        self.stack.iter().rev().map(|p| (&p.cid, &p.group))
     }
 
     /// The file offset at which the bytes under the next needed block start: a reader of a
@@ -524,6 +570,7 @@ impl FileReader {
             start,
             expect,
             depth,
+            ..
         } = self.stack.pop().expect("checked above");
         let (inline, total, links, sizes) = match cid.codec() {
             RAW => (block.data(), block.len() as u64, Vec::new(), Vec::new()),
@@ -578,6 +625,7 @@ impl FileReader {
         // Children in reverse so the first one ends on top of the stack; subtrees that end at or
         // before the start offset are never fetched.
         let mut child_end = start + total;
+        let first = links.first().map(|l| l.hash);
         for (link, &size) in links.iter().zip(&sizes).rev() {
             let child_start = child_end - size;
             if child_end > self.offset && size > 0 {
@@ -586,6 +634,7 @@ impl FileReader {
                     start: child_start,
                     expect: Some(size),
                     depth: depth + 1,
+                    group: group_of(&link.hash, first),
                 });
             }
             child_end = child_start;
@@ -595,9 +644,62 @@ impl FileReader {
     }
 }
 
+/// The placement group key of `child`, listed in a node whose first link is `first`
+/// ([`Groups`]).
+pub fn group_of(child: &Cid, first: Option<Cid>) -> Cid {
+    match first {
+        Some(first) if child.codec() == RAW && first.codec() == RAW => first,
+        _ => *child,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn readers_find_the_groups_the_builder_placed_by() {
+        let layout = Layout::new(4, 3).unwrap();
+        for chunks in [0usize, 1, 2, 3, 4, 7, 9, 10, 28] {
+            let bytes: Vec<u8> = (0..chunks * 4).map(|i| (i * 7 % 251) as u8).collect();
+            let mut builder = FileBuilder::new(layout);
+            let mut groups = Groups::new(layout);
+            let mut placed = HashMap::new();
+            let mut blocks = HashMap::new();
+            let mut emitted = Vec::new();
+            for chunk in bytes.chunks(4) {
+                emitted.extend(builder.push_chunk(chunk.to_vec()).unwrap());
+            }
+            let (root, rest) = builder.finish();
+            emitted.extend(rest);
+            for b in emitted {
+                placed.insert(*b.cid(), groups.key(b.cid()));
+                blocks.insert(*b.cid(), b);
+            }
+            let mut reader = FileReader::new(root);
+            let mut seen = 0;
+            loop {
+                let next = reader.upcoming_grouped().map(|(c, g)| (*c, *g)).next();
+                let Some((cid, group)) = next else { break };
+                assert_eq!(placed[&cid], group, "{chunks} chunks: {cid}");
+                reader.feed(&blocks[&cid]).unwrap();
+                seen += 1;
+            }
+            assert_eq!(seen, blocks.len());
+            // Leaves go in groups of max_links, each keyed by its first leaf.
+            let leaf_groups: HashSet<Cid> = placed
+                .iter()
+                .filter(|(c, _)| c.codec() == RAW)
+                .map(|(_, g)| *g)
+                .collect();
+            assert_eq!(
+                leaf_groups.len(),
+                chunks.max(1).div_ceil(3),
+                "{chunks} chunks"
+            );
+        }
+    }
 
     /// A file's root and cumulative size, built as kubo would.
     fn file_entry(name: &str, bytes: &[u8]) -> DirEntry {

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 /// Protocol name of block exchange. The version changes with any incompatible message change.
-pub const BLOCK_PROTOCOL: &str = "/mapreduce/block/4.0.0";
+pub const BLOCK_PROTOCOL: &str = "/mapreduce/block/5.0.0";
 
 /// Largest `Probe`: an admission challenge needs only a few random bytes.
 pub const MAX_PROBE: usize = 64;
@@ -55,6 +55,9 @@ pub enum BlockRequest {
         /// a grace period if it never does (daemons copying among themselves are not
         /// tracked).
         session: u64,
+        /// The block's placement group (see [`crate::unixfs::Groups`]): the key its holders
+        /// were ranked by, which the receiver places further copies by. `None`: its own CID.
+        group: Option<Cid>,
     },
     /// Every block pushed here in this add session belongs to a completed add: keep them.
     Commit {
@@ -138,6 +141,9 @@ enum WireRequest<'a> {
         #[serde(borrow, with = "serde_bytes")] &'a [u8],
         u8,
         u64,
+        /// The group's CID, empty for none.
+        #[serde(borrow, with = "serde_bytes")]
+        &'a [u8],
     ),
     Has(#[serde(borrow)] Vec<&'a serde_bytes::Bytes>),
     Commit(u64),
@@ -186,11 +192,13 @@ impl BlockRequest {
                 data,
                 replicas,
                 session,
+                group,
             } => encode(&WireRequest::Put(
                 &cid.to_bytes(),
                 data,
                 *replicas,
                 *session,
+                &group.map(|g| g.to_bytes()).unwrap_or_default(),
             )),
             Self::Commit { session } => encode(&WireRequest::Commit(*session)),
             Self::Prove { cid, nonce } => encode(&WireRequest::Prove(&cid.to_bytes(), *nonce)),
@@ -208,13 +216,19 @@ impl BlockRequest {
         check("request", bytes.len(), MAX_REQUEST_SIZE)?;
         Ok(match postcard::from_bytes(bytes).map_err(malformed)? {
             WireRequest::Get(cid) => Self::Get(parse_cid(cid)?),
-            WireRequest::Put(cid, data, replicas, session) => {
+            WireRequest::Put(cid, data, replicas, session, group) => {
                 check("block", data.len(), MAX_BLOCK_SIZE)?;
+                let cid = parse_cid(cid)?;
+                let group = match group {
+                    [] => None,
+                    bytes => Some(parse_cid(bytes)?).filter(|g| *g != cid),
+                };
                 Self::Put {
-                    cid: parse_cid(cid)?,
+                    cid,
                     data: data.to_vec(),
                     replicas,
                     session,
+                    group,
                 }
             }
             WireRequest::Commit(session) => Self::Commit { session },
@@ -344,6 +358,14 @@ mod tests {
                 data: block.data().to_vec(),
                 replicas: 3,
                 session: u64::MAX,
+                group: None,
+            },
+            BlockRequest::Put {
+                cid: *block.cid(),
+                data: block.data().to_vec(),
+                replicas: 2,
+                session: 1,
+                group: Some(cids(1)[0]),
             },
             BlockRequest::Commit { session: 7 },
             BlockRequest::Prove {
@@ -377,6 +399,7 @@ mod tests {
             data: vec![0; MAX_BLOCK_SIZE + 1],
             replicas: 1,
             session: 0,
+            group: None,
         };
         assert!(matches!(
             BlockRequest::decode(&too_big.encode()),

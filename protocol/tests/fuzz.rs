@@ -133,6 +133,7 @@ fn block_messages() {
             data: block.data().to_vec(),
             replicas: 2,
             session: 99,
+            group: Some(cid(5)),
         },
         BlockRequest::Has(vec![cid(3), cid(4)]),
         BlockRequest::Commit { session: 7 },

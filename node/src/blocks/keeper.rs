@@ -8,8 +8,9 @@
 //! holder of what it last said it held until the grace period has passed since it was last
 //! connected and answering, so a restart or a short network cut costs no copying at all. Once a holder is
 //! past the grace period, every block short of its target is copied by exactly one of its live
-//! holders — the first of them in the placement ranking, which all holders compute alike — to
-//! the best-ranked live daemons that lack it, the same rule `add` places blocks by.
+//! holders — the first of them in the ranking by the block's CID, which all holders compute
+//! alike — to the best-ranked live daemons that lack it by its placement group, the rule
+//! `add` places blocks by, so a group's copies go to the same daemons.
 //!
 //! Audits. A `Has` answer is a claim: with each census, every daemon that says it holds some
 //! of our blocks is asked to prove it holds one of them, picked at random (`Prove`, answered
@@ -48,6 +49,27 @@ const CENSUS_EVERY: Duration = Duration::from_secs(60);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Blocks copied at once.
 const COPIES_IN_FLIGHT: usize = 16;
+/// Set in a replica log record's target byte when a placement group follows the CID.
+const GROUP_FLAG: u8 = 0x80;
+
+/// One replica log record at the start of `bytes`: the CID, target, group and the record's
+/// length; `None` if it is cut short (a crash mid-write) or unreadable.
+fn record(bytes: &[u8]) -> Option<(Cid, u8, Option<Cid>, usize)> {
+    let cid_at = |at: usize| -> Option<(Cid, usize)> {
+        let len = usize::from(*bytes.get(at)?);
+        let cid = Cid::try_from(bytes.get(at + 1..at + 1 + len)?).ok()?;
+        Some((cid, at + 1 + len))
+    };
+    let flagged = *bytes.first()?;
+    let (cid, end) = cid_at(1)?;
+    let target = flagged & !GROUP_FLAG;
+    if flagged & GROUP_FLAG == 0 {
+        return Some((cid, target, None, end));
+    }
+    let (group, end) = cid_at(end)?;
+    Some((cid, target, Some(group), end))
+}
+
 /// Errors of the replica log.
 #[derive(Debug, Error)]
 #[error("replica log {path}")]
@@ -65,8 +87,9 @@ pub struct Keeper {
 
 #[derive(Debug)]
 struct Targets {
-    /// Target and when it was noted (for targets read from the log: when it was opened).
-    map: HashMap<Cid, (u8, Instant)>,
+    /// Target, when it was noted (for targets read from the log: when it was opened), and
+    /// placement group (if not the block's own CID).
+    map: HashMap<Cid, (u8, Instant, Option<Cid>)>,
     log: File,
     unsynced: bool,
     /// Bumped on every change, so the census knows when to look again.
@@ -90,16 +113,14 @@ impl Keeper {
             .map_err(err)?;
         let mut bytes = Vec::new();
         log.read_to_end(&mut bytes).map_err(err)?;
-        // Records: target (1 byte), CID length (1 byte), CID bytes.
+        // Records: target (1 byte; its top bit set if a group follows), CID length (1 byte),
+        // CID bytes, and if so the group's CID length (1 byte) and bytes.
         let (mut map, mut good, opened) = (HashMap::new(), 0, Instant::now());
-        while let [target, len, rest @ ..] = &bytes[good..] {
-            let len = usize::from(*len);
-            let Some(cid) = rest.get(..len).and_then(|b| Cid::try_from(b).ok()) else {
-                break;
-            };
-            let slot = map.entry(cid).or_insert((0u8, opened));
-            slot.0 = slot.0.max(*target);
-            good += 2 + len;
+        while let Some((cid, target, group, used)) = record(&bytes[good..]) {
+            let slot = map.entry(cid).or_insert((0u8, opened, None));
+            slot.0 = slot.0.max(target);
+            slot.2 = group.or(slot.2);
+            good += used;
         }
         if good < bytes.len() {
             log.set_len(good as u64).map_err(err)?;
@@ -122,21 +143,29 @@ impl Keeper {
         }
     }
 
-    /// Records that `cid` (held here) should be on `replicas` daemons in all. Durable after
-    /// the next [`Keeper::sync`].
-    pub fn note(&self, cid: Cid, replicas: u8) -> Result<(), KeeperError> {
+    /// Records that `cid` (held here, of the placement group `group`) should be on
+    /// `replicas` daemons in all. Durable after the next [`Keeper::sync`].
+    pub fn note(&self, cid: Cid, replicas: u8, group: Option<Cid>) -> Result<(), KeeperError> {
+        // Targets over this cannot be told from the group flag; nobody asks for so many.
+        let replicas = replicas.min(GROUP_FLAG - 1);
         if replicas <= 1 {
             return Ok(());
         }
         let mut t = self.inner.lock().expect("keeper lock");
-        if t.map.get(&cid).is_some_and(|&(r, _)| r >= replicas) {
+        if t.map.get(&cid).is_some_and(|&(r, _, _)| r >= replicas) {
             return Ok(());
         }
         let bytes = cid.to_bytes();
-        let mut record = vec![replicas, bytes.len() as u8];
+        let flag = if group.is_some() { GROUP_FLAG } else { 0 };
+        let mut record = vec![replicas | flag, bytes.len() as u8];
         record.extend_from_slice(&bytes);
+        if let Some(group) = group {
+            let bytes = group.to_bytes();
+            record.push(bytes.len() as u8);
+            record.extend_from_slice(&bytes);
+        }
         t.log.write_all(&record).map_err(|e| self.err(e))?;
-        t.map.insert(cid, (replicas, Instant::now()));
+        t.map.insert(cid, (replicas, Instant::now(), group));
         t.unsynced = true;
         t.generation += 1;
         Ok(())
@@ -160,15 +189,17 @@ impl Keeper {
             .expect("keeper lock")
             .map
             .get(cid)
-            .map(|&(r, _)| r)
+            .map(|&(r, _, _)| r)
     }
 
     fn snapshot(&self) -> (u64, Vec<Want>) {
         let t = self.inner.lock().expect("keeper lock");
-        let wants = t
-            .map
-            .iter()
-            .map(|(&cid, &(target, noted))| Want { cid, target, noted });
+        let wants = t.map.iter().map(|(&cid, &(target, noted, group))| Want {
+            cid,
+            target,
+            noted,
+            group,
+        });
         (t.generation, wants.collect())
     }
 
@@ -311,6 +342,7 @@ struct Want {
     cid: Cid,
     target: u8,
     noted: Instant,
+    group: Option<Cid>,
 }
 
 /// A daemon's answer to a census: which of our blocks it held, when it said so; when it was
@@ -357,13 +389,15 @@ async fn ask(net: &NetClient, peer: PeerId, cids: &[Cid]) -> Option<HashSet<Cid>
         .flatten()
 }
 
-/// One block to copy: to how many more daemons, chosen from which, and its target.
+/// One block to copy: to how many more daemons, chosen from which by its group, and its
+/// target.
 #[derive(Debug, PartialEq, Eq)]
 struct Copy {
     cid: Cid,
     more: usize,
     to: Vec<PeerId>,
     target: u8,
+    group: Option<Cid>,
 }
 
 /// The copies this daemon (`me`) must make: blocks short of their target for which it is the
@@ -386,7 +420,13 @@ fn plan(
     let mut copies = Vec::new();
     let mut still_short = HashMap::new();
     let mut waiting = false;
-    for &Want { cid, target, noted } in mine {
+    for &Want {
+        cid,
+        target,
+        noted,
+        group,
+    } in mine
+    {
         let mut holders = vec![Placed::new(me)];
         holders.extend(
             answers
@@ -418,6 +458,7 @@ fn plan(
                 more: usize::from(target) - have,
                 to,
                 target,
+                group,
             });
         }
     }
@@ -446,7 +487,13 @@ async fn copy(net: &NetClient, store: &BlockStore, plan: Vec<Copy>) -> usize {
             };
             let to: Vec<Placed> = c.to.into_iter().map(Placed::new).collect();
             let more = c.more.min(to.len());
-            match blocks::push(net, &to, &block, more, c.target.into(), 0).await {
+            let place = blocks::Placement {
+                replicas: more,
+                target: c.target.into(),
+                session: 0,
+                group: c.group,
+            };
+            match blocks::push(net, &to, &block, place).await {
                 Ok(_) => true,
                 Err(e) => {
                     tracing::warn!("re-replicating {cid}: {e}");
@@ -476,7 +523,12 @@ mod tests {
     }
 
     fn wants(blocks: &[Cid], target: u8, noted: Instant) -> Vec<Want> {
-        let want = |&cid| Want { cid, target, noted };
+        let want = |&cid| Want {
+            cid,
+            target,
+            noted,
+            group: None,
+        };
         blocks.iter().map(want).collect()
     }
 
@@ -488,32 +540,37 @@ mod tests {
             *Block::raw(b"b".to_vec()).cid(),
         );
         let keeper = Keeper::open(&dir.path().join("replicas")).unwrap();
-        keeper.note(a, 3).unwrap();
-        keeper.note(b, 2).unwrap();
-        keeper.note(b, 3).unwrap();
-        keeper.note(a, 2).unwrap(); // lower: ignored
-        keeper.note(*Block::raw(b"c".to_vec()).cid(), 1).unwrap(); // 1: nothing to watch
+        keeper.note(a, 3, None).unwrap();
+        keeper.note(b, 2, Some(a)).unwrap();
+        keeper.note(b, 3, Some(a)).unwrap();
+        keeper.note(a, 2, None).unwrap(); // lower: ignored
+        keeper
+            .note(*Block::raw(b"c".to_vec()).cid(), 1, None)
+            .unwrap(); // 1: nothing to watch
         keeper.sync().unwrap();
         drop(keeper);
-        // A crash in the middle of a record leaves a torn tail.
         let path = dir.path().join("replicas");
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
-        f.write_all(&[3, 36, 1, 2]).unwrap();
-        drop(f);
-        let keeper = Keeper::open(&dir.path().join("replicas")).unwrap();
-        assert_eq!(keeper.target(&a), Some(3));
-        assert_eq!(keeper.target(&b), Some(3));
-        assert_eq!(keeper.snapshot().1.len(), 2);
+        let group_of = |keeper: &Keeper, cid: &Cid| keeper.inner.lock().unwrap().map[cid].2;
+        for torn in [&[3u8, 36, 1, 2][..], &[3 | GROUP_FLAG, 0]] {
+            // A crash in the middle of a record leaves a torn tail.
+            let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+            f.write_all(torn).unwrap();
+            drop(f);
+            let keeper = Keeper::open(&path).unwrap();
+            assert_eq!(keeper.target(&a), Some(3));
+            assert_eq!(keeper.target(&b), Some(3));
+            assert_eq!(group_of(&keeper, &a), None);
+            assert_eq!(group_of(&keeper, &b), Some(a));
+            assert_eq!(keeper.snapshot().1.len(), 2);
+        }
         // The torn tail is gone, so new records stay readable.
+        let keeper = Keeper::open(&path).unwrap();
         let c = *Block::raw(b"d".to_vec()).cid();
-        keeper.note(c, 4).unwrap();
+        keeper.note(c, 4, Some(b)).unwrap();
         drop(keeper);
-        assert_eq!(
-            Keeper::open(&dir.path().join("replicas"))
-                .unwrap()
-                .target(&c),
-            Some(4)
-        );
+        let keeper = Keeper::open(&path).unwrap();
+        assert_eq!(keeper.target(&c), Some(4));
+        assert_eq!(group_of(&keeper, &c), Some(b));
     }
 
     #[test]

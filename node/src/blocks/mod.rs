@@ -8,9 +8,12 @@
 //! one exists, which is free and keeps `add --local` files readable without any daemon.
 //!
 //! Placement is rendezvous hashing over the connected daemons' peer ids
-//! ([`p2pmr_protocol::wire::rank_peers`]). No per-block provider records are announced:
-//! a reader ranks the daemons it knows the same way and asks the likely holders first, falling
-//! back to the rest, so finding a block costs no lookup and no DHT state.
+//! ([`p2pmr_protocol::wire::rank_peers`]) by each block's placement group
+//! ([`p2pmr_protocol::unixfs::Groups`]): the leaves under one bottom-level node go to the same
+//! daemons, so a map task over them finds its whole split on one holder. No per-block
+//! provider records are announced: a reader ranks the daemons it knows by the same key
+//! (which the node listing a leaf tells it) and asks the likely holders first, falling back
+//! to the rest, so finding a block costs no lookup and no DHT state.
 
 pub mod keeper;
 pub mod ledger;
@@ -24,7 +27,9 @@ use futures::future::join_all;
 use libp2p::PeerId;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
-use p2pmr_protocol::unixfs::{directory_entries, FileReader, Layout, UnixFsError};
+use p2pmr_protocol::unixfs::{
+    self, directory_entries, FileReader, Groups, Layout, NodeType, UnixFsData, UnixFsError,
+};
 use p2pmr_protocol::wire::{proof, rank_peers, BlockRequest, BlockResponse, MAX_HAS};
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -136,11 +141,13 @@ pub async fn add(
     source: impl Read + Send + 'static,
     replicas: usize,
 ) -> Result<Added, RemoteError> {
-    let (tx, rx) = mpsc::channel::<Block>(WINDOW);
+    let (tx, rx) = mpsc::channel::<(Block, Option<Cid>)>(WINDOW);
     // Chunking and hashing are CPU work: a plain thread feeds the async uploader.
     let builder = tokio::task::spawn_blocking(move || {
+        let mut groups = Groups::new(Layout::KUBO);
         files::build(source, Layout::KUBO, Vec::new, |b| {
-            tx.blocking_send(b).is_ok()
+            let group = groups.key(b.cid());
+            tx.blocking_send((b, Some(group))).is_ok()
         })
     });
     let pushed = push_all(net, rx, replicas).await;
@@ -157,9 +164,10 @@ pub async fn add(
 /// leaves nothing behind for good. Before committing, every daemon that took blocks proves it
 /// holds one of them, picked at random ([`BlockRequest::Prove`]): a peer that only claims to
 /// store fails the add rather than leave its blocks stored nowhere.
+/// Each block comes with its placement group's key (`None`: its own CID).
 pub async fn push_all(
     net: &NetClient,
-    mut blocks: mpsc::Receiver<Block>,
+    mut blocks: mpsc::Receiver<(Block, Option<Cid>)>,
     replicas: usize,
 ) -> Result<(), RemoteError> {
     let daemons: Vec<PeerId> = net.daemons().into_keys().collect();
@@ -184,7 +192,7 @@ pub async fn push_all(
                 failure.get_or_insert(e);
             }
         };
-    while let Some(block) = blocks.recv().await {
+    while let Some((block, group)) = blocks.recv().await {
         // Reap finished uploads so errors surface early and the set stays small.
         while let Some(done) = uploads.try_join_next() {
             reap(done, &mut took, &mut failure);
@@ -195,7 +203,13 @@ pub async fn push_all(
         let permit = window.clone().acquire_owned().await.expect("never closed");
         let (net, daemons) = (net.clone(), daemons.clone());
         uploads.spawn(async move {
-            let r = push(&net, &daemons, &block, replicas, replicas, session).await;
+            let place = Placement {
+                replicas,
+                target: replicas,
+                session,
+                group,
+            };
+            let r = push(&net, &daemons, &block, place).await;
             drop(permit);
             r.map(|peers| (peers, block))
         });
@@ -299,14 +313,16 @@ async fn commit(net: &NetClient, took: HashSet<PeerId>, session: u64) -> Result<
 
 /// Copies the blocks `cids` of `store` to `copies` other daemons each, chosen by the placement
 /// rule among the connected daemons (this peer and `avoid` excluded: this peer holds them
-/// already, and a coordinator may have given up on some daemons). Used for job
-/// outputs, which are written on the peer that computed them.
+/// already, and a coordinator may have given up on some daemons), by their placement group
+/// in `groups` (their own CID if not there). Used for job outputs, which are written on the
+/// peer that computed them, and for files added through a daemon.
 pub async fn replicate(
     net: &NetClient,
     store: &BlockStore,
     cids: &[Cid],
     copies: usize,
     avoid: &[PeerId],
+    groups: &HashMap<Cid, Cid>,
 ) -> Result<(), RemoteError> {
     if copies == 0 {
         return Ok(());
@@ -330,15 +346,20 @@ pub async fn replicate(
     for &cid in cids {
         let permit = window.clone().acquire_owned().await.expect("never closed");
         let (net, daemons, store) = (net.clone(), daemons.clone(), store.clone());
+        let group = groups.get(&cid).copied();
         uploads.spawn(async move {
             let block = tokio::task::spawn_blocking(move || store.get(&cid))
                 .await
                 .expect("store task panicked")
                 .map_err(FileError::Store)?;
             // Daemons' copies are not provisional on the receiver: no session to commit.
-            let r = push(&net, &daemons, &block, copies, copies + 1, 0)
-                .await
-                .map(drop);
+            let place = Placement {
+                replicas: copies,
+                target: copies + 1,
+                session: 0,
+                group,
+            };
+            let r = push(&net, &daemons, &block, place).await.map(drop);
             drop(permit);
             r
         });
@@ -347,6 +368,39 @@ pub async fn replicate(
         done.expect("upload task panicked")?;
     }
     Ok(())
+}
+
+/// The placement groups of the leaves of the UnixFS files under `roots` in `store` (whose
+/// blocks came in no particular order, e.g. a staged upload or CAR): each leaf listed by a
+/// file node maps to its group's key ([`unixfs::group_of`]). Blocks not in the map are placed
+/// by their own CID. Only file nodes group their children: a directory's entries are files
+/// of their own.
+pub fn placement_groups(store: &BlockStore, roots: &[Cid]) -> HashMap<Cid, Cid> {
+    let mut groups = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut stack: Vec<Cid> = roots.to_vec();
+    while let Some(cid) = stack.pop() {
+        if cid.codec() == RAW || !seen.insert(cid) {
+            continue;
+        }
+        let Ok(block) = store.get(&cid) else { continue };
+        let Ok(node) = PbNode::decode(block.data()) else {
+            continue;
+        };
+        let is_file = node
+            .data
+            .and_then(|d| UnixFsData::decode(d).ok())
+            .is_some_and(|d| matches!(d.kind, NodeType::File | NodeType::Raw));
+        let first = node.links.first().map(|l| l.hash);
+        for link in &node.links {
+            if is_file && link.hash.codec() == RAW {
+                groups.insert(link.hash, unixfs::group_of(&link.hash, first));
+            }
+            stack.push(link.hash);
+        }
+    }
+    groups.retain(|cid, group| cid != group);
+    groups
 }
 
 /// A daemon and its peer id's bytes, the form the placement rule hashes (computed once, not
@@ -372,24 +426,40 @@ impl AsRef<[u8]> for Placed {
     }
 }
 
-/// `daemons` ranked for holding `cid`, best first.
-fn placement(cid: &Cid, daemons: &[Placed]) -> Vec<PeerId> {
-    rank_peers(cid, daemons).into_iter().map(|d| d.id).collect()
+/// `daemons` ranked for holding blocks placed by `key` (a placement group's), best first.
+fn placement(key: &Cid, daemons: &[Placed]) -> Vec<PeerId> {
+    rank_peers(key, daemons).into_iter().map(|d| d.id).collect()
 }
 
-/// Stores `block` on `replicas` of `daemons`, best-ranked first, moving down the ranking past
-/// daemons that refuse or fail, in add session `session`. `target` is the block's replica
-/// count in all, which the receivers keep up. Returns the daemons that stored it.
+/// Where and how a block is pushed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Placement {
+    /// Daemons that must store it now.
+    pub(crate) replicas: usize,
+    /// Its replica count in all, which the receivers keep up.
+    pub(crate) target: usize,
+    /// The add session (0 for daemons' own copies).
+    pub(crate) session: u64,
+    /// Its placement group's key; `None`: its own CID.
+    pub(crate) group: Option<Cid>,
+}
+
+/// Stores `block` on `place.replicas` of `daemons`, best-ranked for its group first, moving
+/// down the ranking past daemons that refuse or fail. Returns the daemons that stored it.
 pub(crate) async fn push(
     net: &NetClient,
     daemons: &[Placed],
     block: &Block,
-    replicas: usize,
-    target: usize,
-    session: u64,
+    place: Placement,
 ) -> Result<Vec<PeerId>, RemoteError> {
+    let Placement {
+        replicas,
+        target,
+        session,
+        group,
+    } = place;
     let target = u8::try_from(target).unwrap_or(u8::MAX);
-    let ranked = placement(block.cid(), daemons);
+    let ranked = placement(group.as_ref().unwrap_or(block.cid()), daemons);
     let mut stored = 0;
     let mut took = Vec::with_capacity(replicas);
     let mut next = 0;
@@ -403,6 +473,7 @@ pub(crate) async fn push(
                 data: block.data().to_vec(),
                 replicas: target,
                 session,
+                group,
             })
         });
         for (peer, result) in batch.iter().zip(join_all(puts).await) {
@@ -509,9 +580,9 @@ impl Fetcher {
             .collect()
     }
 
-    /// The daemons to ask for `cid`, in order: placement rank, but among the first three
-    /// (the likely holders) the fastest to answer so far first.
-    fn candidates(&self, net: &NetClient, cid: &Cid) -> Vec<PeerId> {
+    /// The daemons to ask for a block placed by `key`, in order: placement rank, but among
+    /// the first three (the likely holders) the fastest to answer so far first.
+    fn candidates(&self, net: &NetClient, key: &Cid) -> Vec<PeerId> {
         let scores = self.scores.lock().expect("poisoned");
         let daemons: Vec<Placed> = net
             .daemons()
@@ -519,7 +590,7 @@ impl Fetcher {
             .filter(|p| !scores.get(p).is_some_and(|s| s.banned))
             .map(Placed::new)
             .collect();
-        let mut ranked = placement(cid, &daemons);
+        let mut ranked = placement(key, &daemons);
         let head = ranked.len().min(3);
         ranked[..head].sort_by(|a, b| {
             let la = scores.get(a).map_or(0.0, |s| s.latency_ms);
@@ -563,6 +634,17 @@ impl Fetcher {
         cid: Cid,
         hint: Option<PeerId>,
     ) -> Result<(Block, bool), RemoteError> {
+        self.fetch_placed(cid, None, hint).await
+    }
+
+    /// [`Fetcher::fetch_hinted`] for a block of the placement group `group` (its own if
+    /// `None`), whose likely holders are asked first.
+    async fn fetch_placed(
+        &self,
+        cid: Cid,
+        group: Option<Cid>,
+        hint: Option<PeerId>,
+    ) -> Result<(Block, bool), RemoteError> {
         let mut corrupt = None;
         if let Some(store) = &self.local {
             let store = store.clone();
@@ -579,7 +661,7 @@ impl Fetcher {
                 Err(e) => return Err(FileError::Store(e).into()),
             }
         }
-        match (self.fetch_remote(cid, hint).await, corrupt) {
+        match (self.fetch_remote(cid, group, hint).await, corrupt) {
             (Ok(block), Some(_)) => {
                 let store = self.local.clone().expect("corruption was found in it");
                 let repaired = block.clone();
@@ -597,11 +679,17 @@ impl Fetcher {
         }
     }
 
-    async fn fetch_remote(&self, cid: Cid, hint: Option<PeerId>) -> Result<Block, RemoteError> {
+    async fn fetch_remote(
+        &self,
+        cid: Cid,
+        group: Option<Cid>,
+        hint: Option<PeerId>,
+    ) -> Result<Block, RemoteError> {
         let Some(net) = self.network().await? else {
             return Err(FileError::Store(StoreError::NotFound(cid)).into());
         };
-        let mut candidates = self.candidates(net, &cid);
+        let key = group.unwrap_or(cid);
+        let mut candidates = self.candidates(net, &key);
         if let Some(hint) = hint.filter(|h| *h != net.local_peer_id()) {
             candidates.retain(|p| *p != hint);
             candidates.insert(0, hint);
@@ -615,7 +703,7 @@ impl Fetcher {
         // may find one that does. At once if discovery has already settled.
         if let Some(net) = self.network_settled().await? {
             let more: Vec<PeerId> = self
-                .candidates(net, &cid)
+                .candidates(net, &key)
                 .into_iter()
                 .filter(|p| !candidates.contains(p))
                 .collect();
@@ -718,7 +806,7 @@ impl Fetcher {
         let result = async {
             while let Some(&next) = reader.next_needed() {
                 // Only network fetches are worth running ahead; local blocks are read in turn.
-                for &cid in reader.upcoming().take(WINDOW) {
+                for (&cid, &group) in reader.upcoming_grouped().take(WINDOW) {
                     if inflight.contains_key(&cid) || local.contains(&cid) {
                         continue;
                     }
@@ -727,10 +815,9 @@ impl Fetcher {
                         local.insert(cid);
                     } else {
                         let fetcher = self.clone();
-                        inflight.insert(
-                            cid,
-                            tokio::spawn(async move { fetcher.fetch_hinted(cid, None).await }),
-                        );
+                        let fetch =
+                            async move { fetcher.fetch_placed(cid, Some(group), None).await };
+                        inflight.insert(cid, tokio::spawn(fetch));
                     }
                 }
                 local.remove(&next);

@@ -237,6 +237,7 @@ async fn handle(
             data,
             replicas,
             session,
+            group,
         } => {
             let is_daemon = net.is_daemon_admitted(&writer.peer).await;
             let replicas = if is_daemon {
@@ -259,7 +260,7 @@ async fn handle(
                     limits.reserve(peer, is_daemon, size)?;
                 }
                 let put = store.put(&block).map_err(|e| for_peer(&e)).and_then(|_| {
-                    keeper.note(*block.cid(), replicas).map_err(|e| {
+                    keeper.note(*block.cid(), replicas, group).map_err(|e| {
                         tracing::warn!("{}", crate::error::Chain(&e));
                         "cannot record the block's replica target".to_string()
                     })

@@ -1535,6 +1535,7 @@ mod tests {
             data: block.data().to_vec(),
             replicas: 1,
             session: 1,
+            group: None,
         };
         let frame = framed(&put);
         // Read whole with budget to spare.

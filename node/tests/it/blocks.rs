@@ -185,6 +185,7 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
         data: b"other bytes".to_vec(),
         replicas: 1,
         session: 1,
+        group: None,
     };
     assert!(matches!(
         client.request(daemon, lie).await?,
@@ -203,6 +204,7 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
         data: vec![0; p2pmr_protocol::MAX_BLOCK_SIZE + extra],
         replicas: 1,
         session: 1,
+        group: None,
     };
     match client.request(daemon, huge(1)).await? {
         BlockResponse::Refused(reason) => assert!(reason.contains("block is"), "{reason}"),
@@ -219,6 +221,7 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
         data: good.data().to_vec(),
         replicas: 1,
         session: 1,
+        group: None,
     };
     assert_eq!(client.request(daemon, put).await?, BlockResponse::Stored);
     // A client's replica target is capped: the keeper would copy the block everywhere.
@@ -228,6 +231,7 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
         data: greedy.data().to_vec(),
         replicas: 255,
         session: 1,
+        group: None,
     };
     assert_eq!(client.request(daemon, put).await?, BlockResponse::Stored);
     let log = std::fs::read(cluster.daemon(0).repo().replica_log())?;
@@ -580,7 +584,7 @@ async fn dags_go_out_and_back_in_as_car_files_and_bad_ones_keep_nothing() -> Res
     holder.peers().wait_for(3).await?;
     let cids: Vec<_> = local.blocks().list().collect::<Result<_, _>>()?;
     let net = holder.net(3).await?;
-    p2pmr_node::blocks::replicate(net, local.blocks(), &cids, 2, &[]).await?;
+    p2pmr_node::blocks::replicate(net, local.blocks(), &cids, 2, &[], &Default::default()).await?;
     holder.shutdown().await;
 
     // Out: the root first, every block once, each verified by the reader.
@@ -817,9 +821,19 @@ async fn an_admitted_peer_that_only_claims_to_store_fails_the_add_and_is_named()
         node.net(3).await?.daemons().contains_key(&liar),
         "it passes for a daemon"
     );
-    // 32 leaves and a root: placement over 3 daemons gives the liar none of them in
-    // (2/3)^33 of runs (with 2 MiB, 1 in 40 runs, and the add rightly succeeded).
-    let bytes = data(8 << 20, 11);
+    // 32 leaves (one placement group, keyed by the first leaf's CID) and a root: data whose
+    // group the placement rule gives the liar first, so it is sent the leaves.
+    let ids: Vec<Vec<u8>> = (0..2)
+        .map(|i| cluster.daemon(i).peer_id().to_bytes())
+        .chain([liar.to_bytes()])
+        .collect();
+    let bytes = (11..)
+        .map(|seed| data(8 << 20, seed))
+        .find(|bytes| {
+            let first = Block::raw(bytes[..256 << 10].to_vec());
+            wire::rank_peers(first.cid(), &ids)[0] == &liar.to_bytes()
+        })
+        .expect("one in three seeds");
     for replicas in [1, 3] {
         let refused = node
             .blocks()

@@ -41,7 +41,8 @@ use tokio::task::JoinSet;
 mod plan;
 mod schedule;
 
-use plan::{reuse, share_hosts, PlannedMap};
+pub use plan::Leaf;
+use plan::{reuse, PlannedMap};
 pub use schedule::LOCALITY_DELAY;
 use schedule::{Action, AttemptId, PhaseState, Schedule, Skips, Tally};
 
@@ -215,6 +216,9 @@ impl From<String> for Stop {
 struct Plan {
     peers: Vec<PeerId>,
     slots: Vec<u32>,
+    /// Each peer's machine and each machine's slots (see [`plan::machines`]).
+    machine: Vec<usize>,
+    machine_slots: Vec<u32>,
     maps: Vec<PlannedMap>,
     /// Input bytes of each map task.
     map_bytes: Vec<u64>,
@@ -605,6 +609,7 @@ impl Coordinator {
             kind: TaskKind::Map,
             peers: &plan.peers,
             slots: &plan.slots,
+            machines: Some((&plan.machine, &plan.machine_slots)),
             local: Some(&plan.local),
             bytes: &plan.map_bytes,
             tasks,
@@ -689,6 +694,7 @@ impl Coordinator {
             kind: TaskKind::Reduce,
             peers: &plan.peers,
             slots: &plan.slots,
+            machines: Some((&plan.machine, &plan.machine_slots)),
             local: None,
             bytes: &run_bytes,
             tasks: pending,
@@ -777,7 +783,8 @@ impl Coordinator {
             .replicas
             .saturating_sub(1)
             .min(self.live_others(&job.gone));
-        blocks::replicate(self.net(), repo.blocks(), &[root], copies, &avoid)
+        let own = HashMap::new();
+        blocks::replicate(self.net(), repo.blocks(), &[root], copies, &avoid, &own)
             .await
             .map_err(|e| format!("cannot replicate the output directory: {e}"))?;
         Ok(root)
@@ -818,13 +825,13 @@ impl Coordinator {
             .map_err(|e| format!("input {} ({}): {e}", input.name, input.cid))?;
             inputs.push(leaves);
         }
-        let input_bytes: u64 = inputs.iter().flatten().map(|(_, len)| len).sum();
+        let input_bytes: u64 = inputs.iter().flatten().map(|l| l.len).sum();
 
         // Who can work, with how many slots, holding which blocks.
         let mut peers = vec![me];
         peers.extend(self.net().daemons().into_keys().filter(|p| *p != me));
         let all_leaves: Vec<Cid> = {
-            let mut set: Vec<Cid> = inputs.iter().flatten().map(|l| l.0).collect();
+            let mut set: Vec<Cid> = inputs.iter().flatten().map(|l| l.cid).collect();
             set.sort();
             set.dedup();
             set
@@ -848,7 +855,7 @@ impl Coordinator {
                 self.held(peer, &all_leaves).await
             });
         }
-        share_hosts(&mut slots, &hosts);
+        let (machine, machine_slots) = plan::machines(&slots, &hosts);
 
         // Work done for an earlier coordinator of this job (it died, and a client or another
         // daemon handed the job to this one): the workers remember the tasks they finished
@@ -860,8 +867,8 @@ impl Coordinator {
             FinishedTask::Map { split, .. } => Some(*split),
             FinishedTask::Reduce { .. } => None,
         });
-        let split = plan::split_for(spec, earlier, input_bytes, &slots);
-        let maps = plan::cut_maps(inputs, split);
+        let split = plan::split_for(spec, earlier, input_bytes, &machine_slots);
+        let maps = plan::cut_maps(inputs, split, &holdings);
         let workers = slots.iter().filter(|&&n| n > 0).count();
         if workers < spec.verify as usize {
             return Err(format!(
@@ -883,6 +890,8 @@ impl Coordinator {
             map_bytes: maps.iter().map(|m| m.end - m.start).collect(),
             peers,
             slots,
+            machine,
+            machine_slots,
             maps,
             local,
             split,
@@ -1069,13 +1078,14 @@ impl Coordinator {
     }
 }
 
-/// The leaves of the file at `root`, in order, with their sizes (fetching inner nodes only).
-pub async fn leaves(fetcher: &Fetcher, root: Cid) -> Result<Vec<(Cid, u64)>, RemoteError> {
+/// The leaves of the file at `root`, in order, with their sizes and placement groups
+/// (fetching inner nodes only).
+pub async fn leaves(fetcher: &Fetcher, root: Cid) -> Result<Vec<Leaf>, RemoteError> {
     let mut out = Vec::new();
     // Depth-first, children pushed in reverse so they pop in order; the depth is capped as the
     // reader caps it.
-    let mut stack = vec![(root, None::<u64>, 0usize)];
-    while let Some((cid, size, depth)) = stack.pop() {
+    let mut stack = vec![(root, None::<u64>, 0usize, root)];
+    while let Some((cid, size, depth, group)) = stack.pop() {
         if depth > unixfs::MAX_DEPTH {
             return Err(UnixFsError::TooDeep { cid }.into());
         }
@@ -1084,7 +1094,7 @@ pub async fn leaves(fetcher: &Fetcher, root: Cid) -> Result<Vec<(Cid, u64)>, Rem
                 Some(len) => len,
                 None => fetcher.fetch(cid).await?.len() as u64,
             };
-            out.push((cid, len));
+            out.push(Leaf { cid, len, group });
             continue;
         }
         let block = fetcher.fetch(cid).await?;
@@ -1101,14 +1111,17 @@ pub async fn leaves(fetcher: &Fetcher, root: Cid) -> Result<Vec<(Cid, u64)>, Rem
         }
         if node.links.is_empty() {
             // Inline data (dag-pb leaves of older files): read it whole through the reader.
-            out.push((cid, data.data.map_or(0, |d| d.len() as u64)));
+            let len = data.data.map_or(0, |d| d.len() as u64);
+            out.push(Leaf { cid, len, group });
             continue;
         }
         if data.blocksizes.len() != node.links.len() {
             return Err(malformed("blocksizes do not match links").into());
         }
+        let first = node.links.first().map(|l| l.hash);
         for (link, &len) in node.links.iter().zip(&data.blocksizes).rev() {
-            stack.push((link.hash, Some(len), depth + 1));
+            let group = unixfs::group_of(&link.hash, first);
+            stack.push((link.hash, Some(len), depth + 1, group));
         }
     }
     Ok(out)

@@ -31,24 +31,77 @@ pub(super) fn split_for(
     }
 }
 
-/// Map tasks over `inputs` (each input's leaves with their sizes, in order): a task ends at
-/// the first leaf edge at or past `split` bytes from its start.
-pub(super) fn cut_maps(inputs: Vec<Vec<(Cid, u64)>>, split: u64) -> Vec<PlannedMap> {
+/// A leaf of an input file: its CID, its size, and its placement group's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leaf {
+    /// The leaf.
+    pub cid: Cid,
+    /// Its file bytes.
+    pub len: u64,
+    /// Its placement group ([`p2pmr_protocol::unixfs::Groups`]).
+    pub group: Cid,
+}
+
+/// Map tasks over `inputs` (each input's leaves, in order): a task ends at the first leaf
+/// edge at or past `split` bytes from its start (or, if its placement group ends within an
+/// eighth of `split` more, at the group's end: no sliver of a group as a task of its own),
+/// and also where a placement group begins that no daemon holding all of the task's leaves
+/// so far holds (by `holdings`, the leaves each daemon holds): a task is then readable whole
+/// from at least one daemon. Files placed by group (leaves in a group share holders) are cut
+/// only at group edges, and only where the holders change; lone leaves (files placed block
+/// by block) are never cut for this.
+pub(super) fn cut_maps(
+    inputs: Vec<Vec<Leaf>>,
+    split: u64,
+    holdings: &[HashSet<Cid>],
+) -> Vec<PlannedMap> {
+    let holders = |cid: &Cid| -> Vec<usize> {
+        (0..holdings.len())
+            .filter(|&d| holdings[d].contains(cid))
+            .collect()
+    };
     let mut maps = Vec::new();
     for (i, leaves) in inputs.into_iter().enumerate() {
         let mut offset = 0;
         let mut current: Option<PlannedMap> = None;
-        for (cid, len) in leaves {
+        // Daemons holding every leaf of the current task.
+        let mut common: Vec<usize> = Vec::new();
+        // Bytes of each leaf's group after it.
+        let mut after = vec![0u64; leaves.len()];
+        for k in (0..leaves.len().saturating_sub(1)).rev() {
+            if leaves[k + 1].group == leaves[k].group {
+                after[k] = after[k + 1] + leaves[k + 1].len;
+            }
+        }
+        for (k, leaf) in leaves.iter().enumerate() {
+            let starts_group = leaves.get(k + 1).is_some_and(|n| n.group == leaf.group)
+                && (k == 0 || leaves[k - 1].group != leaf.group);
+            let held = holders(&leaf.cid);
+            if current.is_some() && starts_group && !common.is_empty() {
+                let both: Vec<usize> = common
+                    .iter()
+                    .copied()
+                    .filter(|d| held.contains(d))
+                    .collect();
+                if both.is_empty() {
+                    maps.extend(current.take());
+                }
+            }
+            if current.is_none() {
+                common = held;
+            } else {
+                common.retain(|d| held.contains(d));
+            }
             let task = current.get_or_insert_with(|| PlannedMap {
                 input: i as u32,
                 start: offset,
                 end: offset,
                 leaves: Vec::new(),
             });
-            task.leaves.push((cid, len));
-            task.end += len;
-            offset += len;
-            if task.end - task.start >= split {
+            task.leaves.push((leaf.cid, leaf.len));
+            task.end += leaf.len;
+            offset += leaf.len;
+            if task.end - task.start >= split && (after[k] == 0 || after[k] > split / 8) {
                 maps.extend(current.take());
             }
         }
@@ -123,28 +176,36 @@ pub(super) fn with_missing_runs(
         .collect()
 }
 
-/// Shares each machine's slots out among the daemons on it (those reporting the same `hosts`
-/// entry, not 0): a machine runs as many tasks at once as the most any of its daemons
-/// offers, split evenly, at least one per daemon so each can still map the blocks it holds.
+/// The machines the daemons run on (those reporting the same `hosts` entry, not 0, share
+/// one; any other is a machine of its own) and the task slots of each: as many as the most
+/// any of its daemons offers. Returns each daemon's machine and each machine's slots.
+/// Daemons given `--slots` report no host: they run that many tasks whatever else runs on
+/// their machine.
 ///
-/// Slots default to the cores, so two daemons on one 2-core machine offered four and ran
-/// four map tasks on two cores, each with its own multi-megabyte count table; the automatic
-/// split then also cut the input in four instead of two, which was measurably slower
-/// (BENCHMARKS.md, "What moved the job rows").
-pub(super) fn share_hosts(slots: &mut [u32], hosts: &[u64]) {
-    let mut machines: HashMap<u64, Vec<usize>> = HashMap::new();
-    for (i, (&n, &host)) in slots.iter().zip(hosts).enumerate() {
-        if n > 0 && host != 0 {
-            machines.entry(host).or_default().push(i);
-        }
+/// Slots default to the cores, so two daemons on one 2-core machine offered four and would
+/// run four map tasks on two cores, each with its own multi-megabyte count table (measurably
+/// slower: BENCHMARKS.md, "What moved the job rows"). Splitting a machine's slots among its
+/// daemons instead tied each slot to one daemon: with placement groups a daemon holds whole
+/// splits, and one whose own slot was taken while a neighbour's stood idle read its next
+/// split over the network. So the scheduler caps tasks per machine and lets any of its
+/// daemons take them.
+pub(super) fn machines(slots: &[u32], hosts: &[u64]) -> (Vec<usize>, Vec<u32>) {
+    let mut index: HashMap<u64, usize> = HashMap::new();
+    let (mut of, mut machine_slots) = (Vec::with_capacity(slots.len()), Vec::new());
+    for (&n, &host) in slots.iter().zip(hosts) {
+        let m = if n > 0 && host != 0 {
+            *index.entry(host).or_insert_with(|| {
+                machine_slots.push(0);
+                machine_slots.len() - 1
+            })
+        } else {
+            machine_slots.push(0);
+            machine_slots.len() - 1
+        };
+        machine_slots[m] = machine_slots[m].max(n);
+        of.push(m);
     }
-    for daemons in machines.values() {
-        let k = daemons.len() as u32;
-        let most = daemons.iter().map(|&i| slots[i]).max().unwrap_or(1);
-        for (j, &i) in daemons.iter().enumerate() {
-            slots[i] = (most / k + u32::from((j as u32) < most % k)).max(1);
-        }
-    }
+    (of, machine_slots)
 }
 
 /// Takes the outputs of `finished` tasks (from [`Coordinator::finished`]) that match this
@@ -246,25 +307,111 @@ pub(super) struct PlannedMap {
 mod tests {
     use super::*;
 
+    /// Leaves each of its own placement group.
+    fn own_groups(inputs: Vec<Vec<(Cid, u64)>>) -> Vec<Vec<Leaf>> {
+        inputs
+            .into_iter()
+            .map(|leaves| {
+                leaves
+                    .into_iter()
+                    .map(|(cid, len)| Leaf {
+                        cid,
+                        len,
+                        group: cid,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     #[test]
-    fn machines_share_their_slots_out_among_their_daemons() {
-        // (slots offered, hosts) → slots used. Host 0 is unknown: never grouped; 0 slots is a
-        // daemon that did not answer: never given any.
-        for (offered, hosts, used) in [
-            (vec![], vec![], vec![]),
-            (vec![2], vec![7], vec![2]),
-            (vec![2, 2], vec![7, 8], vec![2, 2]),
-            (vec![2, 2], vec![7, 7], vec![1, 1]),
-            (vec![2, 2], vec![0, 0], vec![2, 2]),
-            (vec![2, 2, 2, 2], vec![7; 4], vec![1, 1, 1, 1]),
-            (vec![8, 8, 8], vec![7; 3], vec![3, 3, 2]),
-            (vec![1, 4], vec![7, 7], vec![2, 2]),
-            (vec![2, 0, 2], vec![7; 3], vec![1, 0, 1]),
-            (vec![4, 4, 2], vec![7, 7, 8], vec![2, 2, 2]),
+    fn tasks_end_where_no_daemon_holds_the_next_group_with_the_rest() {
+        // Three groups of 3 leaves of 4 bytes (keyed by their first leaf) on daemons {0, 1},
+        // {1, 2} and {2, 0}, then two lone leaves on daemons 3 and 0.
+        let leaves: Vec<Leaf> = (0..11u8)
+            .map(|i| Leaf {
+                cid: leaf(i),
+                len: 4,
+                group: leaf(if i < 9 { i / 3 * 3 } else { i }),
+            })
+            .collect();
+        let on = |daemons: &[usize], d: usize| daemons.contains(&d);
+        let holdings: Vec<HashSet<Cid>> = (0..4)
+            .map(|d| {
+                (0..11u8)
+                    .filter(|&i| match i {
+                        0..=2 => on(&[0, 1], d),
+                        3..=5 => on(&[1, 2], d),
+                        6..=8 => on(&[2, 0], d),
+                        9 => d == 3,
+                        _ => d == 0,
+                    })
+                    .map(leaf)
+                    .collect()
+            })
+            .collect();
+        for (split, want) in [
+            // The first two groups share daemon 1; the third is on neither of theirs. Lone
+            // leaves are never cut apart for locality.
+            (100, vec![(0, 24), (24, 44)]),
+            (12, vec![(0, 12), (12, 24), (24, 36), (36, 44)]),
+            // A task that ends mid-group goes on into the next one if a daemon holds both.
+            (
+                8,
+                vec![(0, 8), (8, 16), (16, 24), (24, 32), (32, 40), (40, 44)],
+            ),
         ] {
-            let mut slots = offered.clone();
-            share_hosts(&mut slots, &hosts);
-            assert_eq!(slots, used, "{offered:?} on {hosts:?}");
+            let got: Vec<(u64, u64)> = cut_maps(vec![leaves.clone()], split, &holdings)
+                .iter()
+                .map(|m| (m.start, m.end))
+                .collect();
+            assert_eq!(got, want, "split {split}");
+        }
+        // Without holdings (nobody answered), the split alone cuts.
+        let got = cut_maps(vec![leaves.clone()], 100, &[]);
+        assert_eq!(got.len(), 1);
+        // A group of 18 one-byte leaves and a split of 16: the last 2 bytes stay in the task.
+        let group: Vec<Leaf> = (0..18u8)
+            .map(|i| Leaf {
+                cid: leaf(i),
+                len: 1,
+                group: leaf(0),
+            })
+            .collect();
+        let ends: Vec<u64> = cut_maps(vec![group.clone()], 16, &[])
+            .iter()
+            .map(|m| m.end)
+            .collect();
+        assert_eq!(ends, vec![18]);
+        let ends: Vec<u64> = cut_maps(vec![group], 8, &[])
+            .iter()
+            .map(|m| m.end)
+            .collect();
+        assert_eq!(ends, vec![8, 16, 18], "2 bytes is more than an eighth of 8");
+    }
+
+    #[test]
+    fn daemons_on_one_machine_share_its_slots() {
+        // (slots offered, hosts) → (machine of each daemon, slots of each machine). Host 0 is
+        // unknown: never grouped; 0 slots is a daemon that did not answer: never given any.
+        type Case = (Vec<u32>, Vec<u64>, Vec<usize>, Vec<u32>);
+        let cases: Vec<Case> = vec![
+            (vec![], vec![], vec![], vec![]),
+            (vec![2], vec![7], vec![0], vec![2]),
+            (vec![2, 2], vec![7, 8], vec![0, 1], vec![2, 2]),
+            (vec![2, 2], vec![7, 7], vec![0, 0], vec![2]),
+            (vec![2, 2], vec![0, 0], vec![0, 1], vec![2, 2]),
+            (vec![2; 4], vec![7; 4], vec![0; 4], vec![2]),
+            (vec![1, 4], vec![7, 7], vec![0, 0], vec![4]),
+            (vec![2, 0, 2], vec![7; 3], vec![0, 1, 0], vec![2, 0]),
+            (vec![4, 4, 2], vec![7, 7, 8], vec![0, 0, 1], vec![4, 2]),
+        ];
+        for (offered, hosts, of, slots) in cases {
+            assert_eq!(
+                machines(&offered, &hosts),
+                (of, slots),
+                "{offered:?} on {hosts:?}"
+            );
         }
     }
 
@@ -304,7 +451,7 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let got: Vec<(u32, u64, u64)> = cut_maps(inputs, split)
+            let got: Vec<(u32, u64, u64)> = cut_maps(own_groups(inputs), split, &[])
                 .iter()
                 .map(|m| (m.input, m.start, m.end))
                 .collect();
@@ -343,7 +490,7 @@ mod tests {
 
     #[test]
     fn finished_work_is_reused_only_where_it_matches_the_plan() {
-        let maps = cut_maps(vec![vec![(leaf(0), 4), (leaf(1), 4)]], 4);
+        let maps = cut_maps(own_groups(vec![vec![(leaf(0), 4), (leaf(1), 4)]]), 4, &[]);
         let (me, other) = (PeerId::random(), PeerId::random());
         let map = |task, start, end, split| FinishedTask::Map {
             task,
@@ -377,7 +524,11 @@ mod tests {
 
     #[test]
     fn a_verified_job_reuses_only_outputs_a_majority_reported() {
-        let maps = cut_maps(vec![vec![(leaf(0), 4), (leaf(1), 4), (leaf(2), 4)]], 4);
+        let maps = cut_maps(
+            own_groups(vec![vec![(leaf(0), 4), (leaf(1), 4), (leaf(2), 4)]]),
+            4,
+            &[],
+        );
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
         let map = |task, start, made: Cid, records| {
             let mut out = output(&[made]);
@@ -443,7 +594,7 @@ mod tests {
         assert_eq!(output_replicas(&[a], &holdings, 3), 2);
         assert_eq!(output_replicas(&[a], &holdings, 1), 1);
         assert_eq!(output_replicas(&[], &holdings, 3), 1);
-        let maps = cut_maps(vec![vec![(a, 5), (b, 7)]], 100);
+        let maps = cut_maps(own_groups(vec![vec![(a, 5), (b, 7)]]), 100, &[]);
         assert_eq!(locality(&maps, &holdings), vec![vec![12, 5, 0]]);
     }
 }

@@ -5,10 +5,15 @@
 //! the network fetcher drives `protocol`'s `FileReader`.
 //!
 //! Its policies:
-//! - **Spread**: one task per peer per round, so tasks spread over the peers.
-//! - **Locality**: a peer takes the pending map task of which it holds the most bytes.
+//! - **Spread**: one task per peer per round, so tasks spread over the peers; a machine runs
+//!   no more tasks at once than its slots, whichever of its daemons run them.
+//! - **Locality**: a map task goes first to the free peer holding the largest share of it;
+//!   a peer that must fetch takes the pending map task of which it holds the most bytes.
 //! - **Delay scheduling**: a peer holding none of the pending map tasks' bytes waits
-//!   [`LOCALITY_DELAY`] before taking one it must fetch.
+//!   [`LOCALITY_DELAY`] before taking one it must fetch, and longer while other peers keep
+//!   starting tasks they hold (until none has for [`LOCALITY_WAIT`], Spark's rule): their
+//!   holders will get to them, and reading a split over the network costs more than it
+//!   saves whenever holders free up about as fast.
 //! - **Backups** (the paper's backup tasks): once nothing is left to assign, an idle peer
 //!   takes a second copy of the task that has run longest, if it has run [`BACKUP_FACTOR`]
 //!   times the phase's median; the first copy to finish wins and the other is stopped.
@@ -36,6 +41,8 @@ use std::time::{Duration, Instant};
 /// How long a daemon with a free slot waits for a task whose blocks it holds before it takes
 /// one it must fetch.
 pub const LOCALITY_DELAY: Duration = Duration::from_millis(300);
+/// How long no peer must have started a task it holds before a peer takes one it must fetch.
+pub(crate) const LOCALITY_WAIT: Duration = Duration::from_secs(1);
 /// Attempts per task before the job fails (failures of the peer, not of the task's code).
 pub(crate) const MAX_ATTEMPTS: usize = 4;
 /// Times a task may fail by itself (trap, time or memory limit), each on another peer when
@@ -56,6 +63,9 @@ pub(crate) struct Schedule<'a> {
     pub(crate) kind: TaskKind,
     pub(crate) peers: &'a [PeerId],
     pub(crate) slots: &'a [u32],
+    /// The machine each peer runs on, and each machine's slots: a machine runs no more tasks
+    /// at once than that, whichever of its peers run them (`None`: a machine per peer).
+    pub(crate) machines: Option<(&'a [usize], &'a [u32])>,
     /// For map tasks: bytes of each task held by each peer.
     pub(crate) local: Option<&'a [Vec<u64>]>,
     /// Input bytes of each task of the job.
@@ -130,6 +140,9 @@ pub(crate) struct PhaseState<'a> {
     /// Tasks to assign, the next one last.
     pending: Vec<usize>,
     free: Vec<u32>,
+    /// Each peer's machine, and the slots free on each machine.
+    machine: Vec<usize>,
+    machine_free: Vec<u32>,
     dead: Vec<bool>,
     running: BTreeMap<AttemptId, Attempt>,
     next_id: AttemptId,
@@ -141,6 +154,8 @@ pub(crate) struct PhaseState<'a> {
     complete: HashSet<usize>,
     probing: HashSet<usize>,
     idle_since: Vec<Option<Instant>>,
+    /// When a peer last started a map task whose bytes it holds.
+    last_local: Option<Instant>,
     /// How often, and on which peers, each task failed by itself.
     failed: HashMap<usize, (usize, HashSet<usize>)>,
     /// Peers that run each task, whose outputs must agree.
@@ -187,6 +202,14 @@ impl<'a> PhaseState<'a> {
                 .flat_map(|&t| std::iter::repeat_n(t, verify))
                 .collect(),
             free: sched.slots.to_vec(),
+            machine: match sched.machines {
+                Some((of, _)) => of.to_vec(),
+                None => (0..sched.peers.len()).collect(),
+            },
+            machine_free: match sched.machines {
+                Some((_, slots)) => slots.to_vec(),
+                None => sched.slots.to_vec(),
+            },
             dead,
             running: BTreeMap::new(),
             next_id: 0,
@@ -196,6 +219,7 @@ impl<'a> PhaseState<'a> {
             complete: HashSet::new(),
             probing: HashSet::new(),
             idle_since: vec![None; sched.peers.len()],
+            last_local: None,
             failed: HashMap::new(),
             verify,
             votes: HashMap::new(),
@@ -236,7 +260,7 @@ impl<'a> PhaseState<'a> {
         // cannot go on.
         let t = *self.pending.last().expect("not empty");
         let able =
-            (0..self.peers.len()).any(|p| !self.dead[p] && self.free[p] > 0 && self.eligible(t, p));
+            (0..self.peers.len()).any(|p| !self.dead[p] && self.has_slot(p) && self.eligible(t, p));
         if able {
             return None;
         }
@@ -252,13 +276,18 @@ impl<'a> PhaseState<'a> {
         )
     }
 
-    /// Starts what can start at `now`: one task per free peer per round while any is taken.
+    /// Starts what can start at `now`. Map tasks go first to daemons that hold them, the
+    /// most local pairing first (so a machine's free slot goes to whichever of its daemons
+    /// holds the most of a task); then one task per free peer per round while any is taken.
     pub(crate) fn assign(&mut self, now: Instant) {
         let after = backup_after(&mut self.took);
         loop {
             let mut assigned = false;
+            while self.assign_local(now) {
+                assigned = true;
+            }
             for p in 0..self.peers.len() {
-                if self.free[p] > 0 && !self.dead[p] && self.assign_to(p, now, after) {
+                if self.has_slot(p) && !self.dead[p] && self.assign_to(p, now, after) {
                     assigned = true;
                 }
             }
@@ -266,6 +295,37 @@ impl<'a> PhaseState<'a> {
                 break;
             }
         }
+    }
+
+    /// Starts the pending map task on the free peer that holds the largest share of it (ties:
+    /// the peer with the most free slots, so tasks spread); says whether there was one.
+    fn assign_local(&mut self, now: Instant) -> bool {
+        let Some(local) = self.local else {
+            return false;
+        };
+        let mut best: Option<((u64, u32, u64), usize, usize)> = None;
+        let free = (0..self.peers.len()).filter(|&p| self.has_slot(p) && !self.dead[p]);
+        for p in free {
+            for (at, &t) in self.pending.iter().enumerate() {
+                let held = local[t][p];
+                if held == 0 || !self.eligible(t, p) {
+                    continue;
+                }
+                let share = held.saturating_mul(1 << 16) / self.bytes[t].max(1);
+                let key = (share, self.free[p], held);
+                if best.as_ref().is_none_or(|(k, _, _)| key > *k) {
+                    best = Some((key, p, at));
+                }
+            }
+        }
+        let Some((_, p, at)) = best else {
+            return false;
+        };
+        self.last_local = Some(now);
+        self.idle_since[p] = None;
+        let t = self.pending.remove(at);
+        self.start(t, p, now);
+        true
     }
 
     /// Gives peer `p` a task if one is right for it now; says whether it did.
@@ -277,11 +337,19 @@ impl<'a> PhaseState<'a> {
             return false;
         };
         if self.local.is_some() && score == 0 {
-            // Delay scheduling: wait a little for a task this peer holds.
+            // Delay scheduling: wait a little for a task this peer holds, and while holders
+            // keep starting theirs.
             let since = *self.idle_since[p].get_or_insert(now);
-            if now.duration_since(since) < LOCALITY_DELAY {
+            if now.duration_since(since) < LOCALITY_DELAY
+                || self
+                    .last_local
+                    .is_some_and(|l| now.duration_since(l) < LOCALITY_WAIT)
+            {
                 return false;
             }
+        }
+        if score > 0 {
+            self.last_local = Some(now);
         }
         self.idle_since[p] = None;
         let t = self.pending.remove(at);
@@ -339,6 +407,17 @@ impl<'a> PhaseState<'a> {
         }
     }
 
+    /// Whether peer `p` and its machine have a slot free.
+    fn has_slot(&self, p: usize) -> bool {
+        self.free[p] > 0 && self.machine_free[self.machine[p]] > 0
+    }
+
+    /// Gives back the slot a task of peer `p` held.
+    fn release(&mut self, p: usize) {
+        self.free[p] += 1;
+        self.machine_free[self.machine[p]] += 1;
+    }
+
     /// Whether peer `p` may take a copy of task `t`.
     fn eligible(&self, t: usize, p: usize) -> bool {
         // A task that failed on this peer goes elsewhere while there is elsewhere; nor does
@@ -362,6 +441,7 @@ impl<'a> PhaseState<'a> {
             TaskKind::Reduce => self.tally.counters.reduce_attempts += 1,
         }
         self.free[p] -= 1;
+        self.machine_free[self.machine[p]] -= 1;
         let local_percent = match self.local {
             Some(local) if self.bytes[t] > 0 => (local[t][p] * 100 / self.bytes[t]) as u8,
             _ => 100,
@@ -401,7 +481,7 @@ impl<'a> PhaseState<'a> {
     pub(crate) fn cancelled(&mut self, id: AttemptId, now: Instant) -> Result<(), Stop> {
         if self.beaten.remove(&id) {
             if let Some(a) = self.running.remove(&id) {
-                self.free[a.p] += 1;
+                self.release(a.p);
             }
             return Ok(());
         }
@@ -435,7 +515,7 @@ impl<'a> PhaseState<'a> {
         if self.complete.contains(&t) {
             // The losing copy of a backed-up task answered before it could be stopped.
             if result.is_ok() {
-                self.free[p] += 1;
+                self.release(p);
             }
             return Ok(());
         }
@@ -445,7 +525,7 @@ impl<'a> PhaseState<'a> {
         match result {
             Ok(JobResponse::MissingRuns(runs)) if kind == TaskKind::Reduce => {
                 // Not this reducer's fault: the caller re-runs the maps and tries again.
-                self.free[p] += 1;
+                self.release(p);
                 self.emit(Event::TaskFailed {
                     kind,
                     task: t as u32,
@@ -467,7 +547,7 @@ impl<'a> PhaseState<'a> {
                     )
                     .into());
                 }
-                self.free[p] += 1;
+                self.release(p);
                 let took = now.duration_since(since);
                 self.took.push(took);
                 self.emit(Event::TaskFinished {
@@ -481,7 +561,7 @@ impl<'a> PhaseState<'a> {
             }
             Ok(busy) if busy.is_busy() => {
                 // The worker's queue was full: not the task's fault.
-                self.free[p] += 1;
+                self.release(p);
                 self.pending.push(t);
                 self.tally.attempts[t] -= 1;
             }
@@ -490,7 +570,7 @@ impl<'a> PhaseState<'a> {
             {
                 // The same record failed the task again: leave it out from now on (the task
                 // starts afresh, with a new count of failures).
-                self.free[p] += 1;
+                self.release(p);
                 self.skips.skip(t, record).map_err(|limit| {
                     format!(
                         "map task {t} failed again on the record at input offset {record}, \
@@ -516,7 +596,7 @@ impl<'a> PhaseState<'a> {
             Ok(JobResponse::Failed(reason) | JobResponse::RecordFailed { reason, .. }) => {
                 // The task failed by itself (trap, time or memory limit): try it on other
                 // peers a bounded number of times, then fail the job with the reason.
-                self.free[p] += 1;
+                self.release(p);
                 let (count, on) = self.failed.entry(t).or_default();
                 *count += 1;
                 on.insert(p);
@@ -798,6 +878,7 @@ mod tests {
         kind: TaskKind,
         peers: Vec<PeerId>,
         slots: Vec<u32>,
+        machines: Option<(Vec<usize>, Vec<u32>)>,
         local: Option<Vec<Vec<u64>>>,
         bytes: Vec<u64>,
         skips: Skips,
@@ -815,6 +896,7 @@ mod tests {
                 kind,
                 peers: (0..peers).map(|_| PeerId::random()).collect(),
                 slots: vec![slots; peers],
+                machines: None,
                 local: None,
                 bytes: vec![100; tasks],
                 skips: Skips::new(0),
@@ -855,6 +937,7 @@ mod tests {
                     kind: self.kind,
                     peers: &self.peers,
                     slots: &self.slots,
+                    machines: self.machines.as_ref().map(|(of, n)| (&of[..], &n[..])),
                     local: self.local.as_deref(),
                     bytes: &self.bytes,
                     tasks,
@@ -1172,6 +1255,40 @@ mod tests {
     }
 
     #[test]
+    fn a_machine_runs_no_more_tasks_than_its_slots_whichever_daemons_run_them() {
+        // Four daemons on one machine with two slots, each offering two. Daemon 0 holds
+        // nothing; tasks 0 and 3 are on daemon 1, task 1 on 2, task 2 on 3.
+        let holder = [1, 2, 3, 1];
+        let local = holder
+            .iter()
+            .map(|&h| (0..4).map(|p| if p == h { 100 } else { 0 }).collect())
+            .collect();
+        let mut f = Fixture::new(TaskKind::Map, 4, 4, 2).with_local(local);
+        f.machines = Some((vec![0; 4], vec![2]));
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let first = starts(&s.take_actions(), &peers);
+        assert_eq!(first.len(), 2, "{first:?}");
+        assert!(
+            first.iter().all(|x| holder[x.1] == x.2),
+            "on holders: {first:?}"
+        );
+        s.assign(at(t0, 2000));
+        assert!(
+            starts(&s.take_actions(), &peers).is_empty(),
+            "the machine is full"
+        );
+        // Daemon 0 has been idle long past every delay when a slot frees: the slot still goes
+        // to a daemon holding a pending task.
+        s.answered(first[0].0, map_done(), at(t0, 2000)).unwrap();
+        s.assign(at(t0, 2000));
+        let next = starts(&s.take_actions(), &peers);
+        assert_eq!(next.len(), 1, "{next:?}");
+        assert_eq!(holder[next[0].1], next[0].2, "on its holder: {next:?}");
+    }
+
+    #[test]
     fn a_peer_without_local_tasks_waits_before_taking_a_remote_one() {
         // Both tasks are on peer 0, which has one slot; peer 1 holds neither.
         let mut f =
@@ -1186,6 +1303,11 @@ mod tests {
             "peer 1 still waits"
         );
         s.assign(t0 + LOCALITY_DELAY);
+        assert!(
+            starts(&s.take_actions(), &peers).is_empty(),
+            "peer 0 started a local task under a second ago"
+        );
+        s.assign(t0 + LOCALITY_WAIT);
         let late = starts(&s.take_actions(), &peers);
         assert_eq!(late.len(), 1);
         assert_eq!(late[0].2, 1, "peer 1 takes it once the delay is over");

@@ -201,11 +201,13 @@ pub(crate) fn host_id() -> u64 {
 }
 
 impl Worker {
-    /// A worker over `repo` and `net` running up to `slots` tasks at once.
+    /// A worker over `repo` and `net` running up to `slots` tasks at once; with `shared`,
+    /// they are its machine's cores, which it shares with the other daemons there (it
+    /// reports its machine; see [`host_id`]).
     pub(crate) fn new(
         repo: Repo,
         net: NetClient,
-        slots: u32,
+        (slots, shared): (u32, bool),
         tasks: Tasks,
         access: JobAccess,
         wrong_output: bool,
@@ -220,7 +222,7 @@ impl Worker {
                 exec,
                 fetcher,
                 slots,
-                host: host_id(),
+                host: if shared { host_id() } else { 0 },
                 permits: Arc::new(Semaphore::new(slots as usize)),
                 running: Mutex::new(HashMap::new()),
                 loads: Semaphore::new(MAX_LOADS),
@@ -700,12 +702,20 @@ impl Worker {
             .iter()
             .filter_map(|p| PeerId::from_bytes(p).ok())
             .collect();
+        // The output's leaves are placed in groups like an added file's, for the jobs that
+        // read it next.
+        let store = self.inner.repo.blocks().clone();
+        let root = written.root;
+        let groups = tokio::task::spawn_blocking(move || blocks::placement_groups(&store, &[root]))
+            .await
+            .unwrap_or_default();
         blocks::replicate(
             &self.inner.net,
             self.inner.repo.blocks(),
             &written.cids,
             copies,
             &avoid,
+            &groups,
         )
         .await
         .map_err(TaskError::Replicate)?;

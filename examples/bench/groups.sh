@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Placement groups at work: wordcount of CORPUS on 2 daemons and on 4, each cluster holding it
+# with 2 replicas, interleaved, same binary (build it first: cargo build --release):
+#
+#   examples/bench/groups.sh P2PMR_BIN CORPUS [ROUNDS]
+#
+# Prints each run's time and the share of map input its tasks read from their own daemon, the
+# medians, and the 4-daemon/2-daemon time ratio (under 1: four daemons are faster). Every run
+# has its own --arg, so no job is answered from an earlier one's output; every output is
+# checked against the first.
+set -euo pipefail
+bin=$(realpath "$1") corpus=$2 rounds=${3:-3}
+work=$(mktemp -d)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+addr() { grep -m1 '^listening on' "$work/$1.out" | awk '{print $3}'; }
+start() { # NAME [PEER]
+    local peers=()
+    [ -n "${2:-}" ] && peers=(--peer "$2")
+    "$bin" --home "$work/$1" --no-mdns "${peers[@]}" daemon --listen /ip4/127.0.0.1/tcp/0 \
+        --api off >"$work/$1.out" 2>"$work/$1.err" &
+    pids+=($!)
+    for _ in $(seq 200); do
+        grep -q "^listening on" "$work/$1.out" 2>/dev/null && return
+        sleep 0.05
+    done
+    echo "daemon $1 did not start" >&2
+    exit 1
+}
+declare -A peers
+for n in 2 4; do
+    for i in $(seq "$n"); do
+        first=""
+        [ "$i" -gt 1 ] && first=$(addr "c$n-1")
+        start "c$n-$i" "$first"
+        peers[$n]+=" --peer $(addr "c$n-$i")"
+    done
+done
+# shellcheck disable=SC2086
+client() { local n=$1; shift; "$bin" --home "$work/client$n" --no-mdns ${peers[$n]} "$@"; }
+declare -A cid
+for n in 2 4; do
+    cid[$n]=$(client "$n" add --quiet --replicas 2 "$corpus")
+    client "$n" run --job wordcount --input "${cid[$n]}" --reducers 2 --arg warm=1 --json >/dev/null
+done
+now() { date +%s%N; }
+secs() { awk -v n=$(($2 - $1)) 'BEGIN { printf "%.4f", n / 1e9 }'; }
+lines() { client "$1" cat "$2" | sort | sha256sum | cut -c1-16; }
+local_share() {
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    e = json.loads(l)
+    if e.get("event") == "completed":
+        c = e["counters"]
+        print("%.3f %s" % (c["local_map_bytes"] / max(1, c["local_map_bytes"] + c["remote_map_bytes"]), e["output"]))'
+}
+want=""
+for r in $(seq "$rounds"); do
+    for n in 2 4; do
+        s=$(now)
+        read -r share out < <(client "$n" run --job wordcount --input "${cid[$n]}" --reducers 2 \
+            --arg round="$r" --json 2>/dev/null | local_share)
+        t=$(secs "$s" "$(now)")
+        got=$(lines "$n" "$out")
+        [ -n "$want" ] || want=$got
+        [ "$got" = "$want" ] || { echo "$n daemons, run $r: output differs" >&2; exit 1; }
+        echo "daemons $n $t local $share"
+    done
+done | tee "$work/runs"
+median() {
+    awk -v n="$1" -v f="$2" '$2 == n { print $f }' "$work/runs" | sort -g |
+        awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+mb=$(stat -c %s "$corpus")
+two=$(median 2 3) four=$(median 4 3) l2=$(median 2 5) l4=$(median 4 5)
+awk -v a="$two" -v b="$four" -v mb="$mb" -v l2="$l2" -v l4="$l4" 'BEGIN {
+    printf "wordcount, 2 replicas: 2 daemons median %.3f s (%.0f MB/s, %.0f%% local), 4 daemons median %.3f s (%.0f MB/s, %.0f%% local), 4/2 time %.2f\n",
+        a, mb / 1e6 / a, l2 * 100, b, mb / 1e6 / b, l4 * 100, b / a }'
