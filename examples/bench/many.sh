@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Many daemons on one machine: DAEMONS daemon processes (64 by default; each told only of the
+# first, finding the rest through Kademlia), CORPUS added with 2 replicas, wordcount with 4
+# reducers (build first: cargo build --release):
+#
+#   examples/bench/many.sh P2PMR_BIN CORPUS [DAEMONS]
+#
+# Checks the job's output equals `p2pmr run-local`'s on the same file, and prints the job's
+# wall time, the share of map input its tasks read from their own daemon (the `completed`
+# event's counters), how many daemons ran map tasks, and the daemons' peak RSS (VmHWM): idle
+# before the add, and at the end, summed over all of them and the largest.
+set -euo pipefail
+bin=$(realpath "$1") corpus=$2 daemons=${3:-64}
+work=$(mktemp -d)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+ulimit -n 65536 2>/dev/null || true
+addr() { grep -m1 '^listening on' "$work/d$1.out" | awk '{print $3}'; }
+for i in $(seq "$daemons"); do
+    peers=()
+    [ "$i" -gt 1 ] && peers=(--peer "$(addr 1)")
+    "$bin" --home "$work/d$i" --no-mdns "${peers[@]}" daemon --listen /ip4/127.0.0.1/tcp/0 \
+        --api off >"$work/d$i.out" 2>"$work/d$i.err" &
+    pids+=($!)
+    for _ in $(seq 400); do
+        grep -q "^listening on" "$work/d$i.out" 2>/dev/null && break
+        sleep 0.05
+    done
+done
+all=()
+for i in $(seq "$daemons"); do all+=(--peer "$(addr "$i")"); done
+client() { "$bin" --home "$work/client" --no-mdns -q "${all[@]}" "$@"; }
+# Every daemon must know every other before the job is planned (the coordinator schedules
+# over the daemons it knows); a daemon's own view is what `peers` through it alone shows.
+for i in 1 "$daemons"; do
+    for _ in $(seq 120); do
+        n=$("$bin" --home "$work/probe" --no-mdns --peer "$(addr "$i")" peers | wc -l)
+        [ "$n" -ge "$daemons" ] && break
+        sleep 1
+    done
+done
+rss() { # sum and max of the daemons' VmHWM, MiB
+    for p in "${pids[@]}"; do awk '/^VmHWM:/ { print $2 }' "/proc/$p/status"; done |
+        awk '{ s += $1; if ($1 > m) m = $1 } END { printf "%d MiB in all, %d MiB the largest", s / 1024, m / 1024 }'
+}
+idle=$(rss)
+cid=$(client add --replicas 2 "$corpus")
+"$bin" run-local --job wordcount --reducers 4 --input "$corpus" | sort >"$work/want"
+s=$(date +%s%N)
+client run --job wordcount --input "$cid" --reducers 4 --json >"$work/events"
+t=$(awk -v n=$(($(date +%s%N) - s)) 'BEGIN { printf "%.2f", n / 1e9 }')
+out=$(python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    e = json.loads(l)
+    if e["event"] == "completed": print(e["output"])' "$work/events")
+client cat "$out" | sort | cmp - "$work/want" || { echo "the output differs from run-local's" >&2; exit 1; }
+python3 -c 'import json,sys
+mappers = set()
+for l in open(sys.argv[1]):
+    e = json.loads(l)
+    if e["event"] == "task_started" and e["kind"] == "map":
+        mappers.add(e["peer"])
+    if e["event"] == "planned":
+        maps = e["maps"]
+    if e["event"] == "completed":
+        c = e["counters"]
+        local = c["local_map_bytes"] / max(1, c["local_map_bytes"] + c["remote_map_bytes"])
+print("%s daemons, %d MiB, 2 replicas: wordcount in %s s, output equals run-local, %.1f%% of map input read locally, %d map tasks on %d daemons" % (sys.argv[2], int(sys.argv[3]) >> 20, sys.argv[4], local * 100, maps, len(mappers)))' \
+    "$work/events" "$daemons" "$(stat -c %s "$corpus")" "$t"
+echo "daemon peak RSS: idle $idle; after the add and the job $(rss)"
