@@ -836,24 +836,32 @@ impl Coordinator {
             set.dedup();
             set
         };
+        // Every daemon at once (a few at a time would make planning grow with the daemons).
+        let asked = peers.iter().map(|&peer| {
+            let all_leaves = &all_leaves;
+            async move {
+                // A daemon that does not answer in time (stalled) gets no tasks.
+                let asked =
+                    tokio::time::timeout(self.inner.liveness, self.call(peer, JobRequest::Slots));
+                let (n, host) = match asked.await {
+                    Ok(Ok(JobResponse::Slots { slots, host })) => (slots.clamp(1, 1024), host),
+                    _ => (0, 0),
+                };
+                let held = if n == 0 {
+                    HashSet::new()
+                } else {
+                    self.held(peer, all_leaves).await
+                };
+                (n, host, held)
+            }
+        });
         let mut slots = Vec::new();
         let mut hosts = Vec::new();
         let mut holdings = Vec::new();
-        for &peer in &peers {
-            // A daemon that does not answer in time (stalled) gets no tasks.
-            let asked =
-                tokio::time::timeout(self.inner.liveness, self.call(peer, JobRequest::Slots));
-            let (n, host) = match asked.await {
-                Ok(Ok(JobResponse::Slots { slots, host })) => (slots.clamp(1, 1024), host),
-                _ => (0, 0),
-            };
+        for (n, host, held) in futures::future::join_all(asked).await {
             slots.push(n);
             hosts.push(host);
-            holdings.push(if n == 0 {
-                HashSet::new()
-            } else {
-                self.held(peer, &all_leaves).await
-            });
+            holdings.push(held);
         }
         let (machine, machine_slots) = plan::machines(&slots, &hosts);
 
@@ -910,16 +918,24 @@ impl Coordinator {
         slots: &[u32],
     ) -> Vec<(PeerId, FinishedTask)> {
         let job = spec.id();
-        let mut all = Vec::new();
-        for (&peer, _) in peers.iter().zip(slots).filter(|(_, n)| **n > 0) {
-            let asked = self.call(peer, JobRequest::Finished { job });
-            if let Ok(Ok(JobResponse::Finished(tasks))) =
-                tokio::time::timeout(self.inner.liveness, asked).await
-            {
-                all.extend(tasks.into_iter().map(|t| (peer, t)));
-            }
-        }
-        all
+        let asked = peers
+            .iter()
+            .zip(slots)
+            .filter(|(_, n)| **n > 0)
+            .map(|(&peer, _)| async move {
+                let asked = self.call(peer, JobRequest::Finished { job });
+                match tokio::time::timeout(self.inner.liveness, asked).await {
+                    Ok(Ok(JobResponse::Finished(tasks))) => {
+                        tasks.into_iter().map(|t| (peer, t)).collect()
+                    }
+                    _ => Vec::new(),
+                }
+            });
+        futures::future::join_all(asked)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Forgets the outputs of map tasks `lost`, telling watchers why they run again.
