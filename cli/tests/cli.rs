@@ -1197,10 +1197,11 @@ fn verify_from_the_command_line_outvotes_a_faulty_daemon() {
         all.extend_from_slice(args);
         p2pmr(client.path(), &all)
     };
-    // 4 MiB in 1 MiB splits: four map tasks.
+    // 4 MiB in 1 MiB splits: four map tasks. On every daemon: the input is one placement
+    // group, and the faulty daemon must hold it to be given tasks while holders take them.
     let text = "the cat sat on the mat\nthe dog sat\n".repeat(4 << 20 >> 5);
     let input = write_file(client.path(), "in.txt", text.as_bytes());
-    let added = with_peers(&["add", input.to_str().unwrap()]);
+    let added = with_peers(&["add", "--replicas", "3", input.to_str().unwrap()]);
     assert!(
         added.status.success(),
         "{}",

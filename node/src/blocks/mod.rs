@@ -567,7 +567,7 @@ impl Fetcher {
 
     /// The network once discovery has settled: every daemon it will find, found.
     async fn network_settled(&self) -> Result<Option<&NetClient>, RemoteError> {
-        Ok(self.link.ready(1).await?)
+        Ok(self.link.ready_quiet(1).await?)
     }
 
     /// Peers found lying so far.

@@ -25,6 +25,15 @@ use tokio::task::JoinHandle;
 /// How long an mDNS peer waits for more daemons to answer after the last one did, when it
 /// waits for discovery to settle.
 const QUIET: Duration = Duration::from_millis(300);
+
+/// Whether a wait for daemons also waits for discovery to go quiet.
+#[derive(Debug, Clone, Copy)]
+enum Quiet {
+    No,
+    /// With mDNS only: without it, the named peers being there is enough.
+    WithMdns,
+    Always,
+}
 /// The shortest discovery window.
 const MIN_DISCOVERY: Duration = Duration::from_millis(500);
 /// How long past the window a client with no daemon waits for dials under way to decide.
@@ -117,23 +126,35 @@ impl Link {
     /// more have answered for a moment) or discovery is over (`None` when offline). `want` =
     /// `usize::MAX` waits for the whole window.
     pub async fn ready(&self, want: usize) -> Result<Option<&NetClient>, NetError> {
-        self.ready_as(want, true).await
+        self.ready_as(want, Quiet::WithMdns).await
+    }
+
+    /// Like [`Link::ready`], but also without mDNS waits until no daemon has been found for
+    /// a moment (or discovery is over): for a reader that did not find a block among the
+    /// daemons found so far, Kademlia's sweeps may be finding more.
+    pub async fn ready_quiet(&self, want: usize) -> Result<Option<&NetClient>, NetError> {
+        self.ready_as(want, Quiet::Always).await
     }
 
     /// Like [`Link::ready`], but goes as soon as `want` daemons are connected, without waiting
     /// for mDNS answers to stop coming.
     pub async fn ready_soon(&self, want: usize) -> Result<Option<&NetClient>, NetError> {
-        self.ready_as(want, false).await
+        self.ready_as(want, Quiet::No).await
     }
 
-    async fn ready_as(&self, want: usize, settle: bool) -> Result<Option<&NetClient>, NetError> {
+    async fn ready_as(&self, want: usize, quiet: Quiet) -> Result<Option<&NetClient>, NetError> {
         let config = match &self.kind {
             Kind::Offline => return Ok(None),
             Kind::Given => return Ok(self.get()),
             Kind::Lazy(config) => config,
         };
         let started = self.started.get_or_try_init(|| start(config)).await?;
-        started.wait(want, settle && config.mdns).await;
+        let settle = match quiet {
+            Quiet::No => false,
+            Quiet::WithMdns => config.mdns,
+            Quiet::Always => true,
+        };
+        started.wait(want, settle).await;
         // Found no daemon but met one it could not talk to: that is the thing to say.
         if let Some(peer) = started
             .net

@@ -524,6 +524,8 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         dialing: dialing_tx,
         under_way: HashMap::new(),
         bootstrapped: false,
+        sweeping: None,
+        sweep_again: false,
         banned: HashSet::new(),
         known: HashMap::new(),
     };
@@ -683,6 +685,10 @@ struct EventLoop {
     /// Our dials under way, and the peer each is meant to reach (if known).
     under_way: HashMap<ConnectionId, Option<PeerId>>,
     bootstrapped: bool,
+    /// A discovery sweep (a Kademlia lookup whose answers are dialled) is under way, and
+    /// whether another was asked for meanwhile.
+    sweeping: Option<kad::QueryId>,
+    sweep_again: bool,
     /// Peers caught misbehaving: never connected to again by this peer.
     banned: HashSet<PeerId>,
     /// Daemons seen (with the addresses they listen on), redialled while disconnected: a
@@ -1004,6 +1010,18 @@ impl EventLoop {
                     self.dial_peer(peer, addrs);
                 }
             }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                step,
+                ..
+            }) => {
+                let found = match result {
+                    Ok(ok) => ok.peers,
+                    Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                };
+                self.swept(id, found, step.last);
+            }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, addresses, ..
             }) => {
@@ -1069,11 +1087,47 @@ impl EventLoop {
         if self.known.len() < MAX_KNOWN || self.known.contains_key(&peer) {
             self.known.insert(peer, info.addrs.clone());
         }
-        self.daemons
+        let new = self
+            .daemons
             .send_if_modified(|d| d.insert(peer, info.clone()).as_ref() != Some(&info));
         if !self.bootstrapped {
             self.bootstrapped = true;
             let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+        if new {
+            self.sweep();
+        }
+    }
+
+    /// Looks up the peers closest to a random key through the daemons known so far and
+    /// connects to those found: a daemon told of one other learns of the rest (which then
+    /// become daemons here once admitted, each asking for another sweep). One at a time; a
+    /// sweep asked for meanwhile runs after it.
+    fn sweep(&mut self) {
+        if self.sweeping.is_some() {
+            self.sweep_again = true;
+            return;
+        }
+        if self.known.len() >= MAX_KNOWN {
+            return;
+        }
+        let key = PeerId::random();
+        self.sweeping = Some(self.swarm.behaviour_mut().kad.get_closest_peers(key));
+    }
+
+    /// A sweep's lookup answered: connects to what it found.
+    fn swept(&mut self, id: kad::QueryId, found: Vec<kad::PeerInfo>, last: bool) {
+        if self.sweeping != Some(id) {
+            return;
+        }
+        for info in found {
+            self.dial_peer(info.peer_id, info.addrs);
+        }
+        if last {
+            self.sweeping = None;
+            if std::mem::take(&mut self.sweep_again) {
+                self.sweep();
+            }
         }
     }
 

@@ -1096,3 +1096,70 @@ async fn a_flood_of_watches_neither_refuses_a_submission_nor_takes_a_tasks_handl
     cluster.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_four_daemons_in_a_chain_serve_clients_told_of_one_of_them() -> Result<()> {
+    // Each daemon is told only of the one started before it.
+    let mut cluster = Cluster::start(p2pmr_node::cluster::ClusterConfig {
+        daemons: 0,
+        slots: 1,
+        linked: false,
+        daemon: p2pmr_node::DaemonConfig::default(),
+    })
+    .await?;
+    for i in 0..24 {
+        let bootstrap = cluster.addrs().into_iter().skip(i.max(1) - 1).collect();
+        cluster
+            .add(p2pmr_node::DaemonConfig {
+                listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+                bootstrap,
+                mdns: false,
+                slots: 1,
+                ..p2pmr_node::DaemonConfig::default()
+            })
+            .await?;
+    }
+    let addrs = cluster.addrs();
+    let corpus = big_corpus(12)?;
+    let expected = run_local("wordcount", &[("corpus".into(), corpus.clone())], 2, &[])?;
+    // Added through the first.
+    let writer = cluster.client_of(vec![addrs[0].clone()]);
+    writer.peers().wait_for(2).await?;
+    let input = add(&writer, corpus.clone(), 2).await?;
+    let blocks = writer.blocks().stat(input).await?.blocks;
+    writer.shutdown().await;
+    // Read, counted and run through clients told only of the last daemon, or the middle one.
+    for i in [23, 12] {
+        let reader = cluster.client_of(vec![addrs[i].clone()]);
+        reader.peers().wait_for(1).await?;
+        assert_eq!(cat_all(&reader, input).await?, corpus, "through daemon {i}");
+        let stat = reader.blocks().stat(input).await?;
+        assert_eq!(
+            stat.replicas,
+            vec![0, 0, blocks],
+            "through daemon {i}: {stat:?}"
+        );
+        let module = publish(&reader, "wordcount").await?;
+        let tag = i.to_string();
+        let ran = run_job(
+            &reader,
+            module,
+            &[("corpus".into(), input)],
+            2,
+            &[("through", &tag)],
+            AUTO_SPLIT,
+        )
+        .await?;
+        let output = ran
+            .output
+            .ok_or_else(|| anyhow::anyhow!("through daemon {i}: {:?}", ran.reason))?;
+        assert_eq!(
+            sorted_lines(&cat_all(&reader, output).await?),
+            expected,
+            "through daemon {i}"
+        );
+        reader.shutdown().await;
+    }
+    cluster.stop().await;
+    Ok(())
+}
