@@ -3,14 +3,15 @@
 # first, finding the rest through Kademlia), CORPUS added with 2 replicas, wordcount with 4
 # reducers (build first: cargo build --release):
 #
-#   examples/bench/many.sh P2PMR_BIN CORPUS [DAEMONS]
+#   examples/bench/many.sh P2PMR_BIN CORPUS [DAEMONS] [MIN_LOCAL_PERCENT]
 #
-# Checks the job's output equals `p2pmr run-local`'s on the same file, and prints the job's
+# Checks the job's output equals `p2pmr run-local`'s on the same file (and, if given, that at
+# least MIN_LOCAL_PERCENT of the map input was read locally), and prints the job's
 # wall time, the share of map input its tasks read from their own daemon (the `completed`
 # event's counters), how many daemons ran map tasks, and the daemons' peak RSS (VmHWM): idle
 # before the add, and at the end, summed over all of them and the largest.
 set -euo pipefail
-bin=$(realpath "$1") corpus=$2 daemons=${3:-64}
+bin=$(realpath "$1") corpus=$2 daemons=${3:-64} min_local=${4:-0}
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
@@ -65,6 +66,8 @@ for l in open(sys.argv[1]):
     if e["event"] == "completed":
         c = e["counters"]
         local = c["local_map_bytes"] / max(1, c["local_map_bytes"] + c["remote_map_bytes"])
-print("%s daemons, %d MiB, 2 replicas: wordcount in %s s, output equals run-local, %.1f%% of map input read locally, %d map tasks on %d daemons" % (sys.argv[2], int(sys.argv[3]) >> 20, sys.argv[4], local * 100, maps, len(mappers)))' \
-    "$work/events" "$daemons" "$(stat -c %s "$corpus")" "$t"
+print("%s daemons, %d MiB, 2 replicas: wordcount in %s s, output equals run-local, %.1f%% of map input read locally, %d map tasks on %d daemons" % (sys.argv[2], int(sys.argv[3]) >> 20, sys.argv[4], local * 100, maps, len(mappers)))
+if local * 100 < float(sys.argv[5]):
+    sys.exit("less than %s%% of the map input was read locally" % sys.argv[5])' \
+    "$work/events" "$daemons" "$(stat -c %s "$corpus")" "$t" "$min_local"
 echo "daemon peak RSS: idle $idle; after the add and the job $(rss)"
