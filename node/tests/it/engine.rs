@@ -858,10 +858,12 @@ async fn lost_mappers_and_reducers_still_give_the_exact_output() -> Result<()> {
         done_before.saturating_sub(reused as usize)
     );
     // Whether any output died with the coordinator depends on whether it ran map tasks:
-    // with placement groups it may hold none of the input and leave them to holders.
+    // with placement groups it may hold none of the input and leave them to holders. A task
+    // may also finish on a worker after the coordinator died, unseen by the client, and be
+    // reused: more than the client saw finish.
     assert!(
-        reused > 0 && reused as usize <= done_before,
-        "{reused} of {maps}, {done_before} done before"
+        reused > 0 && reused <= maps,
+        "{reused} of {maps}, {done_before} seen done before"
     );
     let planned: Vec<u32> = events
         .iter()
