@@ -13,26 +13,13 @@ bin=$(realpath "$1") corpus=$2 rounds=${3:-3}
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
-addr() { grep -m1 '^listening on' "$work/$1.out" | awk '{print $3}'; }
-start() { # NAME [PEER]
-    local peers=()
-    [ -n "${2:-}" ] && peers=(--peer "$2")
-    "$bin" --home "$work/$1" --no-mdns "${peers[@]}" daemon --listen /ip4/127.0.0.1/tcp/0 \
-        --api off >"$work/$1.out" 2>"$work/$1.err" &
-    pids+=($!)
-    for _ in $(seq 200); do
-        grep -q "^listening on" "$work/$1.out" 2>/dev/null && return
-        sleep 0.05
-    done
-    echo "daemon $1 did not start" >&2
-    exit 1
-}
+source "$(dirname "$0")/daemons.sh"
 declare -A peers
 for n in 2 4; do
     for i in $(seq "$n"); do
-        first=""
-        [ "$i" -gt 1 ] && first=$(addr "c$n-1")
-        start "c$n-$i" "$first"
+        first=()
+        [ "$i" -gt 1 ] && first=(--peer "$(addr "c$n-1")")
+        start_daemon "c$n-$i" "${first[@]}"
         peers[$n]+=" --peer $(addr "c$n-$i")"
     done
 done

@@ -16,26 +16,20 @@ work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 ulimit -n 65536 2>/dev/null || true
-addr() { grep -m1 '^listening on' "$work/d$1.out" | awk '{print $3}'; }
+source "$(dirname "$0")/daemons.sh"
 for i in $(seq "$daemons"); do
     peers=()
-    [ "$i" -gt 1 ] && peers=(--peer "$(addr 1)")
-    "$bin" --home "$work/d$i" --no-mdns "${peers[@]}" daemon --listen /ip4/127.0.0.1/tcp/0 \
-        --api off >"$work/d$i.out" 2>"$work/d$i.err" &
-    pids+=($!)
-    for _ in $(seq 400); do
-        grep -q "^listening on" "$work/d$i.out" 2>/dev/null && break
-        sleep 0.05
-    done
+    [ "$i" -gt 1 ] && peers=(--peer "$(addr d1)")
+    start_daemon "d$i" "${peers[@]}"
 done
 all=()
-for i in $(seq "$daemons"); do all+=(--peer "$(addr "$i")"); done
+for i in $(seq "$daemons"); do all+=(--peer "$(addr "d$i")"); done
 client() { "$bin" --home "$work/client" --no-mdns -q "${all[@]}" "$@"; }
 # Every daemon must know every other before the job is planned (the coordinator schedules
 # over the daemons it knows); a daemon's own view is what `peers` through it alone shows.
 for i in 1 "$daemons"; do
     for _ in $(seq 120); do
-        n=$("$bin" --home "$work/probe" --no-mdns --peer "$(addr "$i")" peers | wc -l)
+        n=$("$bin" --home "$work/probe" --no-mdns --peer "$(addr "d$i")" peers | wc -l)
         [ "$n" -ge "$daemons" ] && break
         sleep 1
     done

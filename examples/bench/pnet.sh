@@ -15,20 +15,14 @@ work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 "$bin" swarm-key new "$work/swarm.key" >/dev/null
-start() { # NAME [daemon args...]
+source "$(dirname "$0")/daemons.sh"
+start() { # NAME [global args...]
     "$bin" --home "$work/$1" --no-mdns add --local "$corpus" >"$work/$1.cid"
-    "$bin" --home "$work/$1" --no-mdns "${@:2}" daemon --listen /ip4/127.0.0.1/tcp/0 \
-        --api off >"$work/$1.out" 2>"$work/$1.err" &
-    pids+=($!)
-    for _ in $(seq 200); do
-        grep -q "^listening on" "$work/$1.out" 2>/dev/null && break
-        sleep 0.05
-    done
+    start_daemon "$@"
 }
 start plain
 start private --swarm-key "$work/swarm.key"
 cid=$(cat "$work/plain.cid")
-addr() { grep -m1 '^listening on' "$work/$1.out" | awk '{print $3}'; }
 now() { date +%s%N; }
 secs() { awk -v n=$(($2 - $1)) 'BEGIN { printf "%.4f", n / 1e9 }'; }
 for r in $(seq "$rounds"); do

@@ -14,20 +14,14 @@ bin=$(realpath "$1") corpus=$2 rounds=${3:-3} daemons=${4:-3}
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
-addr() { grep -m1 '^listening on' "$work/d$1.out" | awk '{print $3}'; }
+source "$(dirname "$0")/daemons.sh"
 for i in $(seq "$daemons"); do
     peers=()
-    [ "$i" -gt 1 ] && peers=(--peer "$(addr 1)")
-    "$bin" --home "$work/d$i" --no-mdns "${peers[@]}" daemon --listen /ip4/127.0.0.1/tcp/0 \
-        --api off >"$work/d$i.out" 2>"$work/d$i.err" &
-    pids+=($!)
-    for _ in $(seq 200); do
-        grep -q "^listening on" "$work/d$i.out" 2>/dev/null && break
-        sleep 0.05
-    done
+    [ "$i" -gt 1 ] && peers=(--peer "$(addr d1)")
+    start_daemon "d$i" "${peers[@]}"
 done
 all=()
-for i in $(seq "$daemons"); do all+=(--peer "$(addr "$i")"); done
+for i in $(seq "$daemons"); do all+=(--peer "$(addr "d$i")"); done
 client() { "$bin" --home "$work/client" --no-mdns "${all[@]}" "$@"; }
 cid=$(client add --replicas 2 "$corpus" 2>/dev/null)
 now() { date +%s%N; }

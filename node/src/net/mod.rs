@@ -1368,6 +1368,15 @@ impl<Req, Resp> FramedCodec<Req, Resp> {
             kind: PhantomData,
         }
     }
+
+    /// The share of the peer this codec reads from: its connection's, or (the behaviour's
+    /// own codec, before any connection) a new connection's.
+    fn peer_budget(&self) -> Arc<Semaphore> {
+        match &self.peer {
+            Some(peer) => peer.clone(),
+            None => self.budget.for_new_connection(),
+        }
+    }
 }
 
 impl<Req, Resp> std::fmt::Debug for FramedCodec<Req, Resp> {
@@ -1387,13 +1396,9 @@ impl<Req, Resp> Clone for FramedCodec<Req, Resp> {
     /// The behaviour's codec, cloned for a new connection, takes the connection's peer's
     /// share; a connection's codec, cloned for a stream, shares it (see [`budget`]).
     fn clone(&self) -> Self {
-        let peer = match &self.peer {
-            Some(peer) => peer.clone(),
-            None => self.budget.for_new_connection(),
-        };
         Self {
             budget: self.budget.clone(),
-            peer: Some(peer),
+            peer: Some(self.peer_budget()),
             kind: PhantomData,
         }
     }
@@ -1484,10 +1489,7 @@ impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCode
     where
         T: AsyncRead + Unpin + Send,
     {
-        let peer = match &self.peer {
-            Some(peer) => peer.clone(),
-            None => self.budget.for_new_connection(),
-        };
+        let peer = self.peer_budget();
         let read = read_frame(io, Req::LIMIT, Some((&self.budget, &peer)));
         let unreadable = |reason: String| Ok(Err(Unreadable(reason)));
         match tokio::time::timeout(REQUEST_DEADLINE, read).await {

@@ -77,15 +77,12 @@ pub(super) fn cut_maps(
             let starts_group = leaves.get(k + 1).is_some_and(|n| n.group == leaf.group)
                 && (k == 0 || leaves[k - 1].group != leaf.group);
             let held = holders(&leaf.cid);
-            if current.is_some() && starts_group && !common.is_empty() {
-                let both: Vec<usize> = common
-                    .iter()
-                    .copied()
-                    .filter(|d| held.contains(d))
-                    .collect();
-                if both.is_empty() {
-                    maps.extend(current.take());
-                }
+            if current.is_some()
+                && starts_group
+                && !common.is_empty()
+                && !common.iter().any(|d| held.contains(d))
+            {
+                maps.extend(current.take());
             }
             if current.is_none() {
                 common = held;

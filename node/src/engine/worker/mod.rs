@@ -706,9 +706,12 @@ impl Worker {
         // read it next.
         let store = self.inner.repo.blocks().clone();
         let root = written.root;
-        let groups = tokio::task::spawn_blocking(move || blocks::placement_groups(&store, &[root]))
-            .await
-            .unwrap_or_default();
+        let groups = match copies {
+            0 => HashMap::new(),
+            _ => tokio::task::spawn_blocking(move || blocks::placement_groups(&store, &[root]))
+                .await
+                .unwrap_or_default(),
+        };
         blocks::replicate(
             &self.inner.net,
             self.inner.repo.blocks(),
