@@ -4,31 +4,13 @@
 //   node bitswap.mjs DAEMON_MULTIADDR FILE CID [FILE CID...]
 import { setMaxListeners } from 'node:events'
 import { readFile } from 'node:fs/promises'
-import { nowhere } from './helia-env.mjs'
-const { createHeliaLight } = await import('helia')
-const { withLibp2pLight } = await import('@helia/libp2p')
-const { withBitswap } = await import('@helia/bitswap')
+import { bitswapNode } from './helia-env.mjs'
 const { unixfs } = await import('@helia/unixfs')
-const { tcp } = await import('@libp2p/tcp')
-const { noise } = await import('@libp2p/noise')
-const { yamux } = await import('@libp2p/yamux')
-const { identify } = await import('@libp2p/identify')
 const { multiaddr } = await import('@multiformats/multiaddr')
 const { CID } = await import('multiformats/cid')
 
 const [addr, ...pairs] = process.argv.slice(2)
-let helia = createHeliaLight({ routers: [nowhere] })
-helia = withLibp2pLight(helia, {
-  addresses: { listen: [] },
-  transports: [tcp()],
-  connectionEncrypters: [noise()],
-  streamMuxers: [yamux()],
-  services: { identify: identify() },
-  // Loopback only: the daemon is on 127.0.0.1.
-  connectionGater: { denyDialMultiaddr: () => false },
-})
-helia = withBitswap(helia)
-await helia.start()
+const helia = await bitswapNode()
 await helia.libp2p.dial(multiaddr(addr))
 const results = []
 for (let i = 0; i < pairs.length; i += 2) {

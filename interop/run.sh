@@ -7,7 +7,8 @@
 #   Gateway: @helia/verified-fetch, with a daemon's gateway as its only source, fetches a
 #   two-level file bit-exact (every block checked against its CID) and refuses an unknown CID.
 #   Bitswap: a Helia node (js-libp2p, TCP + Noise + Yamux) dials a daemon and reads a 20 MiB
-#   file and the two-level one over Bitswap 1.2.0, bit-exact.
+#   file and the two-level one over Bitswap 1.2.0, bit-exact; and the reverse: daemons told of
+#   a Helia node run wordcount over a CID only it holds and pin another, fetched over Bitswap.
 #   Dashboard: interop/dashboard.sh, in headless chromium.
 # Usage: interop/run.sh [P2PMR_BIN]   (installs the npm packages from the lockfile if needed)
 set -euo pipefail
@@ -52,5 +53,52 @@ twenty=$(p2pmr c add --peer "$(listening d1)" --replicas 2 "$work/twenty")
 both=$(p2pmr c add --peer "$(listening d1)" --replicas 2 "$work/file")
 swapped=$(node "$here/bitswap.mjs" "$(listening d1)" "$work/twenty" "$twenty" "$work/file" "$both")
 echo "interop: Helia over Bitswap from $(listening d1): $swapped"
+
+# The reverse: a Helia node adds files with kubo's settings (their CIDs must be what
+# `p2pmr add -n` prints) and holds them alone; daemons told of it fetch them over Bitswap.
+awk 'BEGIN { split("the of and a to in is was that for on with as by at from his her it", w, " ");
+             srand(11); while (n < 46137344) { l = ""; for (j = 0; j < 12; j++) l = l w[int(rand() * 20) + 1] " ";
+             print l; n += length(l) + 1 } }' >"$work/text"
+mkfifo "$work/helia.in"
+node "$here/bitswap-serve.mjs" "$work/text" "$work/file" <"$work/helia.in" >"$work/helia.json" \
+    2>"$work/helia.err" &
+pids+=($!)
+exec 9>"$work/helia.in" # Helia serves until this script exits
+for _ in $(seq 600); do [[ -s $work/helia.json ]] && break; sleep 0.1; done
+[[ -s $work/helia.json ]] || { echo "interop: Helia did not start: $(cat "$work/helia.err")" >&2; exit 1; }
+helia=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1])).addr)' "$work/helia.json")
+read -r text_cid file_cid < <(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1])).cids.join(" "))' "$work/helia.json")
+[[ $text_cid == "$(p2pmr c add -n "$work/text")" && $file_cid == "$(p2pmr c add -n "$work/file")" ]] ||
+    { echo "interop: Helia's CIDs $text_cid $file_cid differ from p2pmr add -n's" >&2; exit 1; }
+start d3 "$helia"
+# (One --peer per place: given both before and after `daemon`, the later one wins.)
+P2PMR_PEERS="$(listening d3),$helia" start d4
+for _ in $(seq 20); do
+    [[ $(p2pmr e peers --peer "$(listening d3)" | grep -c 12D3) -ge 2 ]] && break
+    sleep 0.2
+done
+# wordcount over a CID no daemon holds: fetched from Helia first, then run; exact output.
+out=$(p2pmr e run --peer "$(listening d3)" --job wordcount --input "$text_cid" 2>"$work/run.err") ||
+    { echo "interop: wordcount over Helia's CID failed: $(cat "$work/run.err")" >&2; exit 1; }
+grep -q "^fetched $text_cid: " "$work/run.err" ||
+    { echo "interop: no fetch phase in: $(cat "$work/run.err")" >&2; exit 1; }
+p2pmr e get --peer "$(listening d3)" -o "$work/counted" "$out"
+cat "$work/counted"/part-* | cmp - <(p2pmr e run-local --job wordcount --input "$work/text") ||
+    { echo "interop: wordcount over Helia's CID differs from run-local's" >&2; exit 1; }
+# pin add: the two-level random file, kept on both daemons, then read back bit-exact.
+p2pmr e pin add --peer "$(listening d3)" --replicas 2 "$file_cid" >"$work/pinned" 2>"$work/pin.err" ||
+    { echo "interop: pin add failed: $(cat "$work/pin.err")" >&2; exit 1; }
+[[ $(cat "$work/pinned") == "$file_cid" ]]
+p2pmr e stat --peer "$(listening d3)" "$file_cid" | grep -q "179 blocks on 2 daemon" ||
+    { echo "interop: the pinned file is not on 2 daemons: $(p2pmr e stat --peer "$(listening d3)" "$file_cid")" >&2; exit 1; }
+p2pmr f cat --peer "$(listening d4)" "$file_cid" | cmp - "$work/file"
+# A CID neither the daemons nor Helia hold: one clear error, soon (Helia says it does not have it).
+missing=$(p2pmr c add -n <(head -c 1000 /dev/urandom))
+if p2pmr e pin add --peer "$(listening d3)" "$missing" 2>"$work/missing.err"; then
+    echo "interop: pin add of a CID nobody holds succeeded" >&2; exit 1
+fi
+grep -q "none of 1 IPFS peer(s) has $missing" "$work/missing.err" ||
+    { echo "interop: unexpected error for a missing CID: $(cat "$work/missing.err")" >&2; exit 1; }
+echo "interop: daemons fetch from Helia over Bitswap: wordcount over $text_cid exact, $file_cid pinned on 2 daemons and read back bit-exact, a missing CID refused"
 
 "$here/dashboard.sh" "$bin" 8

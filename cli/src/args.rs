@@ -144,6 +144,33 @@ pub(crate) enum Command {
     /// Move DAGs in and out as CAR files (kubo's `dag export` / `dag import`).
     #[command(subcommand)]
     Dag(DagCommand),
+    /// Keep DAGs on the daemons, fetched from wherever they are (kubo's `pin`).
+    #[command(subcommand)]
+    Pin(PinCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PinCommand {
+    /// Have the daemons fetch the DAG under CID and keep it on --replicas of them.
+    ///
+    /// A daemon fetches every block, verifying each, from the daemons or, for data only IPFS
+    /// nodes hold, from the IPFS peers it is connected to over Bitswap (give a daemon an IPFS
+    /// node's address with --peer); then it keeps one copy and places the others by group,
+    /// as add does. Shows the blocks and bytes fetched; prints the CID when it is stored.
+    Add {
+        /// Distinct daemons that must each hold every block
+        #[arg(long, default_value_t = 2, value_name = "N",
+              value_parser = clap::value_parser!(u16).range(1..))]
+        replicas: u16,
+        /// The daemon that fetches [default: the one the CID ranks first]
+        #[arg(long, value_name = "PEERID")]
+        daemon: Option<libp2p::PeerId>,
+        /// Print one JSON event per line
+        #[arg(long)]
+        json: bool,
+        /// The DAG's root CID
+        cid: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -9,7 +9,7 @@ mod env;
 mod progress;
 
 use anyhow::{Context, Result};
-use args::{Cli, Command, DagCommand, RepoCommand, SwarmKeyCommand};
+use args::{Cli, Command, DagCommand, PinCommand, RepoCommand, SwarmKeyCommand};
 use clap::Parser;
 use std::io;
 use std::process::ExitCode;
@@ -75,6 +75,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Id { daemon } => cmd::daemon::id(&env, daemon),
         Command::Dag(DagCommand::Export { cid }) => block_on(cmd::blocks::dag_export(&env, &cid)),
         Command::Dag(DagCommand::Import(args)) => block_on(cmd::blocks::dag_import(&env, args)),
+        Command::Pin(PinCommand::Add {
+            replicas,
+            daemon,
+            json,
+            cid,
+        }) => block_on(cmd::jobs::pin_add(&env, replicas, daemon, json, &cid)),
     }
 }
 

@@ -1,10 +1,11 @@
 //! Showing progress: a job's events as live bars on stderr (map and reduce tasks, bytes/s,
-//! ETA, active peers, retries), plain lines when stderr is not a terminal, or one JSON object
-//! per event on stdout (`--json`); and a bar for the bytes a data command moves.
+//! ETA, active peers, retries; the bytes of a fetch phase or pin), plain lines when stderr is
+//! not a terminal, or one JSON object per event on stdout (`--json`); and a bar for the bytes
+//! a data command moves.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use p2pmr_node::engine::events::event_json;
-use p2pmr_protocol::engine::{Event, TaskKind};
+use p2pmr_protocol::engine::{Event, Phase, TaskKind};
 use std::collections::{HashMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
@@ -36,6 +37,9 @@ pub(crate) struct Progress {
     /// Tasks counted as finished.
     finished: HashSet<(TaskKind, u32)>,
     retries: u32,
+    /// The fetch phase's bar and the last progress it showed.
+    fetch: Option<ProgressBar>,
+    fetched: Option<Event>,
 }
 
 /// A bar for a data command moving `total` bytes (or an unknown number), labelled `what`,
@@ -94,6 +98,8 @@ impl Progress {
             running: HashMap::new(),
             finished: HashSet::new(),
             retries: 0,
+            fetch: None,
+            fetched: None,
         }
     }
 
@@ -179,7 +185,33 @@ impl Progress {
                     }
                 }
             }
+            Event::Phase(Phase::Fetch) => {
+                self.line("no daemon holds the input: fetching it from IPFS peers".into());
+                let bar = self.multi.add(ProgressBar::new_spinner());
+                bar.set_style(
+                    ProgressStyle::with_template("{prefix:>7} {spinner} {msg}")
+                        .expect("valid template"),
+                );
+                bar.set_prefix("fetch");
+                bar.enable_steady_tick(Duration::from_millis(200));
+                self.fetch = Some(bar);
+            }
             Event::Phase(_) => {}
+            Event::Fetching { done, .. } => {
+                let text = fetched_text(event);
+                if let Some(bar) = &self.fetch {
+                    bar.set_message(text.clone());
+                }
+                if *done {
+                    if let Some(bar) = self.fetch.take() {
+                        bar.finish_and_clear();
+                    }
+                    self.line(format!("fetched {text}"));
+                } else if !self.tty {
+                    self.line(format!("fetching: {text}"));
+                }
+                self.fetched = Some(event.clone());
+            }
             Event::TaskStarted {
                 kind, task, peer, ..
             } => {
@@ -260,13 +292,19 @@ impl Progress {
                 ));
             }
             Event::Completed {
+                output,
                 counters,
                 elapsed_ms,
                 cached,
-                ..
             } => {
                 self.finish_bars();
-                if *cached {
+                if self.map.is_none() && self.fetched.is_some() && self.input_bytes == 0 {
+                    // A pin: fetching was all there was to do.
+                    self.line(format!(
+                        "pinned {output} in {:.2}s",
+                        *elapsed_ms as f64 / 1e3
+                    ));
+                } else if *cached {
                     self.line("done: the same job ran before; its output is reused".into());
                 } else {
                     let local = counters.local_map_bytes as f64
@@ -298,5 +336,27 @@ impl Progress {
         for bar in [self.map.take(), self.reduce.take()].into_iter().flatten() {
             bar.finish();
         }
+        if let Some(bar) = self.fetch.take() {
+            bar.finish_and_clear();
+        }
     }
+}
+
+/// A `Fetching` event in words.
+fn fetched_text(event: &Event) -> String {
+    let Event::Fetching {
+        root,
+        blocks,
+        bytes,
+        from_ipfs,
+        retries,
+        ..
+    } = event
+    else {
+        return String::new();
+    };
+    format!(
+        "{root}: {blocks} blocks, {:.1} MB ({from_ipfs} blocks from IPFS peers), {retries} retries",
+        *bytes as f64 / 1e6
+    )
 }

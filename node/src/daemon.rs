@@ -6,6 +6,7 @@
 //! coordinator or the worker, and the [`Keeper`] that restores replica counts. Every task it
 //! starts goes through one task set, so [`Daemon::stop`] leaves none of them running.
 
+use crate::bitswap::Bitswap;
 use crate::blocks::keeper::{Keeper, KeeperError};
 use crate::blocks::ledger::Ledger;
 use crate::blocks::limits::{WriteLimits, WritePolicy};
@@ -221,10 +222,16 @@ impl Daemon {
             tasks.clone(),
         ));
         tasks.spawn(replicas.run(network.client.clone(), repo.blocks().clone(), config.grace));
+        let bitswap = Bitswap::new(
+            network.client.streams(),
+            network.client.clone(),
+            tasks.clone(),
+        );
         tasks.spawn(crate::bitswap::serve(
             network.client.streams(),
             repo.blocks().clone(),
             tasks.clone(),
+            bitswap.clone(),
         ));
         tasks.spawn(collect_garbage(
             ledger,
@@ -248,7 +255,9 @@ impl Daemon {
             access,
             config.fault_wrong_output,
         )?;
-        let coordinator = Coordinator::new(worker.clone(), config.liveness, tasks.clone());
+        let node = Node::serving(network.client.clone(), repo.clone(), bitswap);
+        let coordinator =
+            Coordinator::new(worker.clone(), node.clone(), config.liveness, tasks.clone());
         tasks.spawn(crate::engine::server::serve(
             coordinator.clone(),
             worker,
@@ -256,7 +265,6 @@ impl Daemon {
             network.jobs,
             tasks.clone(),
         ));
-        let node = Node::serving(network.client.clone(), repo.clone());
         let api = match api_listener {
             Some((listener, api)) => {
                 let addr = listener.local_addr().ok();

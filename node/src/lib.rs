@@ -4,9 +4,10 @@
 //! its blocks and identity), [`net`] the libp2p swarm, [`blocks`] moving blocks between peers
 //! (push, fetch, replica upkeep), [`engine`] the MapReduce engine (job client, coordinator,
 //! worker and the wasm runtime), and [`daemon`] a serving peer that puts them together; a
-//! daemon also serves IPFS's Bitswap (`bitswap`), so IPFS nodes can fetch what it holds.
+//! daemon also speaks IPFS's Bitswap ([`bitswap`]), so IPFS nodes can fetch what it holds and
+//! it can fetch what only they hold.
 
-mod bitswap;
+pub mod bitswap;
 pub mod blocks;
 pub mod cluster;
 pub mod corpus;

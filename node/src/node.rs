@@ -6,7 +6,8 @@
 //! of itself ([`Daemon::node`](crate::Daemon::node)). Clones share the network, the repository
 //! and one [`Fetcher`], so the peers' latency scores and bans persist across calls.
 
-use crate::blocks::{self, Fetcher, FileStat, RemoteError, DISCOVERY};
+use crate::bitswap::Bitswap;
+use crate::blocks::{self, Fetched, Fetcher, FileStat, RemoteError, DISCOVERY};
 use crate::engine::client::{self, ClientError, Follower};
 use crate::error::Error;
 use crate::net::{ClientConfig, Link, NetClient, PeerInfo, SwarmKey};
@@ -133,7 +134,7 @@ impl NodeBuilder {
         } else {
             Link::lazy(self.config)
         };
-        Node::with_link(link, self.repo, false)
+        Node::with_link(link, self.repo, None)
     }
 }
 
@@ -143,14 +144,19 @@ impl Node {
         NodeBuilder::default()
     }
 
-    /// A daemon's view of itself: its running network and repository.
-    pub(crate) fn serving(net: NetClient, repo: Repo) -> Self {
-        Self::with_link(Link::given(net), Some(repo), true)
+    /// A daemon's view of itself: its running network and repository, and the IPFS nodes it
+    /// can fetch from.
+    pub(crate) fn serving(net: NetClient, repo: Repo, bitswap: Bitswap) -> Self {
+        Self::with_link(Link::given(net), Some(repo), Some(bitswap))
     }
 
-    fn with_link(link: Link, repo: Option<Repo>, serving: bool) -> Self {
+    fn with_link(link: Link, repo: Option<Repo>, bitswap: Option<Bitswap>) -> Self {
         let link = Arc::new(link);
-        let fetcher = Fetcher::over(link.clone(), repo.as_ref().map(|r| r.blocks().clone()));
+        let serving = bitswap.is_some();
+        let mut fetcher = Fetcher::over(link.clone(), repo.as_ref().map(|r| r.blocks().clone()));
+        if let Some(bitswap) = bitswap {
+            fetcher = fetcher.with_bitswap(bitswap);
+        }
         Self {
             inner: Arc::new(Inner {
                 link,
@@ -635,6 +641,46 @@ impl Blocks<'_> {
         }
         drop(staging);
         Ok(())
+    }
+
+    /// Has a daemon (`daemon`, else the one `root` ranks first) fetch the DAG at `root` from
+    /// wherever it is, IPFS nodes included, and keep it on `replicas` daemons; the handle
+    /// follows its progress like a job's (`Fetching` events, then `Completed` with `root`).
+    pub async fn pin(
+        &self,
+        root: Cid,
+        replicas: u32,
+        daemon: Option<PeerId>,
+    ) -> Result<JobHandle, Error> {
+        let net = self.0.net(replicas as usize).await?;
+        let coordinator = client::coordinator_for(net, &root, daemon)?;
+        let id = client::pin(net, coordinator, root, replicas).await?;
+        Ok(JobHandle {
+            node: self.0.clone(),
+            id,
+            coordinator,
+            spec: None,
+        })
+    }
+
+    /// Fetches the DAG at `root` from wherever it is (this repository, daemons, or, for a
+    /// daemon's own node, IPFS nodes over Bitswap) and stores it as `replicas` says, placed by
+    /// group like an add; `progress` sees each block as it comes. Nothing is kept if a block
+    /// cannot be had.
+    pub(crate) async fn fetch_and_keep(
+        &self,
+        root: Cid,
+        replicas: Replicas,
+        progress: impl FnMut(&Fetched),
+    ) -> Result<Fetched, Error> {
+        let staging = self.staging()?;
+        let (cids, fetched) = self
+            .0
+            .fetcher()
+            .fetch_dag(root, &staging.store, progress)
+            .await?;
+        self.commit(staging, &[root], cids, replicas).await?;
+        Ok(fetched)
     }
 
     /// Copies every block of the DAG at `root` into `store`.

@@ -95,6 +95,17 @@ pub enum JobRequest {
     },
     /// Anyone to a daemon: its slots, running tasks and the blocks it holds (for dashboards).
     Status,
+    /// Client to daemon: fetch the DAG at `root` from wherever it is (daemons, or IPFS nodes
+    /// over Bitswap) and keep it on `replicas` daemons. Answered `Accepted` with an id whose
+    /// progress is watched like a job's (`Watch`): `Fetching` events, then `Completed` with
+    /// the root as its output.
+    Pin {
+        /// The DAG's root.
+        #[serde(with = "cid_bytes")]
+        root: Cid,
+        /// Daemons to keep it on.
+        replicas: u32,
+    },
 }
 
 /// A task a worker finished, as it answers [`JobRequest::Finished`].
@@ -246,6 +257,8 @@ pub struct DaemonStatus {
     pub bytes: u64,
     /// The latest peers refused permission to start or stop jobs here, oldest first.
     pub refusals: Vec<Refusal>,
+    /// IPFS nodes it is connected to (peers it can fetch from over Bitswap).
+    pub ipfs_peers: u32,
 }
 
 /// A peer turned away by a daemon's job access policy.
@@ -389,6 +402,8 @@ pub enum Phase {
     Reduce,
     /// The output directory is stored and replicated.
     Store,
+    /// Inputs no daemon holds are fetched from IPFS nodes and stored (also a pin's one phase).
+    Fetch,
 }
 
 /// Map or reduce.
@@ -525,6 +540,24 @@ pub enum Event {
     },
     /// The job was cancelled.
     Cancelled,
+    /// Progress of the fetch phase: blocks and bytes fetched so far (of a DAG whose size is
+    /// learnt as it is walked), how many came from IPFS nodes over Bitswap, and how many
+    /// wants had to be sent again for want of an answer.
+    Fetching {
+        /// The DAG being fetched.
+        #[serde(with = "cid_bytes")]
+        root: Cid,
+        /// Blocks fetched.
+        blocks: u64,
+        /// Bytes fetched.
+        bytes: u64,
+        /// Blocks that came from IPFS nodes.
+        from_ipfs: u64,
+        /// Wants sent again after a timeout.
+        retries: u64,
+        /// Whether the whole DAG is fetched.
+        done: bool,
+    },
 }
 
 impl Event {
@@ -668,6 +701,10 @@ mod tests {
             JobRequest::Abort { job: cid(4) },
             JobRequest::Slots,
             JobRequest::Status,
+            JobRequest::Pin {
+                root: cid(5),
+                replicas: 2,
+            },
         ];
         let counters = Counters {
             input_records: 5,
@@ -696,9 +733,18 @@ mod tests {
                         elapsed_ms: 12,
                         cached: false,
                     },
+                    Event::Phase(Phase::Fetch),
+                    Event::Fetching {
+                        root: cid(3),
+                        blocks: 7,
+                        bytes: 1 << 20,
+                        from_ipfs: 6,
+                        retries: 1,
+                        done: false,
+                    },
                 ],
-                times: vec![1, 2, 3, 4],
-                next: 4,
+                times: vec![1, 2, 3, 4, 5, 6],
+                next: 6,
                 done: true,
             },
             JobResponse::Jobs(vec![JobSummary {
@@ -735,6 +781,7 @@ mod tests {
                 running: 1,
                 blocks: 4096,
                 bytes: 1 << 30,
+                ipfs_peers: 1,
                 refusals: vec![Refusal {
                     peer: "12D3".into(),
                     at_ms: 1,

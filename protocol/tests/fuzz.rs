@@ -290,6 +290,7 @@ fn job_messages_and_specs() {
             blocks: 3,
             bytes: 4,
             refusals: vec![],
+            ipfs_peers: 0,
         }),
         JobResponse::busy(),
     ];

@@ -69,6 +69,24 @@ pub(crate) async fn watch(
     result
 }
 
+pub(crate) async fn pin_add(
+    env: &Env,
+    replicas: u16,
+    daemon: Option<PeerId>,
+    json: bool,
+    cid: &str,
+) -> Result<()> {
+    let root = parse_cid(cid)?;
+    let node = env.node(None)?;
+    let result = async {
+        let pin = node.blocks().pin(root, u32::from(replicas), daemon).await?;
+        follow(&pin, json).await
+    }
+    .await;
+    node.shutdown().await;
+    result
+}
+
 /// Shows a job's events until it ends; prints the output CID on success.
 async fn follow(job: &JobHandle, json: bool) -> Result<()> {
     let mut progress = Progress::new(if json { Mode::Json } else { Mode::Human });

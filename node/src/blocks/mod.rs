@@ -18,8 +18,12 @@
 pub mod keeper;
 pub mod ledger;
 pub mod limits;
+mod pin;
 pub(crate) mod server;
 
+pub use pin::Fetched;
+
+use crate::bitswap::{Bitswap, BitswapError};
 use crate::net::{Link, NetClient, NetError};
 use crate::repo::files::{self, Added, FileError};
 use crate::repo::store::{BlockStore, StoreError};
@@ -102,6 +106,14 @@ pub enum RemoteError {
         peer: PeerId,
         /// Why.
         reason: String,
+    },
+    /// Neither a daemon nor an IPFS node (over Bitswap) had the block.
+    #[error("{daemons}; nor over Bitswap: {ipfs}")]
+    NotOnIpfs {
+        /// What the daemons answered.
+        daemons: Box<RemoteError>,
+        /// What the IPFS nodes answered.
+        ipfs: BitswapError,
     },
     /// Reading or writing files failed.
     #[error(transparent)]
@@ -542,6 +554,8 @@ pub struct Fetcher {
     link: Arc<Link>,
     local: Option<BlockStore>,
     scores: Arc<Mutex<HashMap<PeerId, PeerScore>>>,
+    /// IPFS nodes, asked when no daemon has a block (a daemon's own fetcher only).
+    bitswap: Option<Bitswap>,
 }
 
 impl Fetcher {
@@ -558,7 +572,26 @@ impl Fetcher {
             link,
             local,
             scores: Arc::default(),
+            bitswap: None,
         }
+    }
+
+    /// This fetcher, also fetching from IPFS nodes over `bitswap` what no daemon has.
+    pub(crate) fn with_bitswap(mut self, bitswap: Bitswap) -> Self {
+        self.bitswap = Some(bitswap);
+        self
+    }
+
+    /// Whether IPFS nodes are connected to fetch from.
+    pub fn has_ipfs_sources(&self) -> bool {
+        self.bitswap
+            .as_ref()
+            .is_some_and(|b| !b.sources().is_empty())
+    }
+
+    /// Wants sent again to IPFS nodes after a timeout, so far.
+    pub fn ipfs_retries(&self) -> u64 {
+        self.bitswap.as_ref().map_or(0, Bitswap::retries)
     }
 
     async fn network(&self) -> Result<Option<&NetClient>, RemoteError> {
@@ -645,6 +678,20 @@ impl Fetcher {
         group: Option<Cid>,
         hint: Option<PeerId>,
     ) -> Result<(Block, bool), RemoteError> {
+        self.fetch_from(cid, group, hint, false)
+            .await
+            .map(|(block, source)| (block, source != Source::Local))
+    }
+
+    /// Fetches `cid`, saying where it came from; with `ipfs_first`, IPFS nodes are asked
+    /// before daemons (the rest of a DAG whose blocks came from them).
+    async fn fetch_from(
+        &self,
+        cid: Cid,
+        group: Option<Cid>,
+        hint: Option<PeerId>,
+        ipfs_first: bool,
+    ) -> Result<(Block, Source), RemoteError> {
         let mut corrupt = None;
         if let Some(store) = &self.local {
             let store = store.clone();
@@ -652,7 +699,7 @@ impl Fetcher {
                 .await
                 .expect("store task panicked");
             match local {
-                Ok(block) => return Ok((block, false)),
+                Ok(block) => return Ok((block, Source::Local)),
                 Err(StoreError::NotFound(_)) => {}
                 Err(e @ StoreError::Corrupt { .. }) => {
                     tracing::debug!("{e}; fetching it from the network");
@@ -661,8 +708,17 @@ impl Fetcher {
                 Err(e) => return Err(FileError::Store(e).into()),
             }
         }
-        match (self.fetch_remote(cid, group, hint).await, corrupt) {
-            (Ok(block), Some(_)) => {
+        let fetched = match &self.bitswap {
+            Some(bitswap) if ipfs_first && !bitswap.sources().is_empty() => {
+                match bitswap.fetch(cid).await {
+                    Ok(block) => Ok((block, Source::Ipfs)),
+                    Err(_) => self.fetch_remote(cid, group, hint).await,
+                }
+            }
+            _ => self.fetch_remote(cid, group, hint).await,
+        };
+        match (fetched, corrupt) {
+            (Ok((block, source)), Some(_)) => {
                 let store = self.local.clone().expect("corruption was found in it");
                 let repaired = block.clone();
                 let put = tokio::task::spawn_blocking(move || store.put(&repaired)).await;
@@ -671,15 +727,39 @@ impl Fetcher {
                     Ok(Err(e)) => tracing::warn!("cannot repair {cid} in the local store: {e}"),
                     Err(e) => tracing::warn!("cannot repair {cid} in the local store: {e}"),
                 }
-                Ok((block, true))
+                Ok((block, source))
             }
-            (Ok(block), None) => Ok((block, true)),
+            (Ok(fetched), None) => Ok(fetched),
             (Err(_), Some(e)) => Err(FileError::Store(e).into()),
             (Err(e), None) => Err(e),
         }
     }
 
+    /// From the daemons, then (if this fetcher has them) from IPFS nodes.
     async fn fetch_remote(
+        &self,
+        cid: Cid,
+        group: Option<Cid>,
+        hint: Option<PeerId>,
+    ) -> Result<(Block, Source), RemoteError> {
+        let daemons = self.fetch_daemons(cid, group, hint).await;
+        match (daemons, &self.bitswap) {
+            (Ok(block), _) => Ok((block, Source::Daemon)),
+            (
+                Err(e @ (RemoteError::Unavailable { .. } | RemoteError::NoDaemons { .. })),
+                Some(bitswap),
+            ) if !bitswap.sources().is_empty() => match bitswap.fetch(cid).await {
+                Ok(block) => Ok((block, Source::Ipfs)),
+                Err(ipfs) => Err(RemoteError::NotOnIpfs {
+                    daemons: Box::new(e),
+                    ipfs,
+                }),
+            },
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    async fn fetch_daemons(
         &self,
         cid: Cid,
         group: Option<Cid>,
@@ -1016,6 +1096,14 @@ impl Fetcher {
             .map_err(FileError::Store)?;
         Ok(n)
     }
+}
+
+/// Where a fetched block came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Local,
+    Daemon,
+    Ipfs,
 }
 
 /// A block fetch running ahead of the reader.

@@ -50,7 +50,7 @@ impl JobAccess {
         let guarded = task
             || matches!(
                 request,
-                JobRequest::Submit { .. } | JobRequest::Cancel { .. }
+                JobRequest::Submit { .. } | JobRequest::Cancel { .. } | JobRequest::Pin { .. }
             );
         let allowed = match &self.allowed {
             None => true,

@@ -125,6 +125,24 @@ pub async fn submit(
     }
 }
 
+/// Asks `daemon` to pin `root` on `replicas` daemons; returns the id its progress is watched
+/// by.
+pub async fn pin(
+    net: &NetClient,
+    daemon: PeerId,
+    root: Cid,
+    replicas: u32,
+) -> Result<Cid, ClientError> {
+    match net
+        .job_request(daemon, JobRequest::Pin { root, replicas })
+        .await?
+    {
+        JobResponse::Accepted { job } => Ok(job),
+        JobResponse::Failed(reason) => Err(ClientError::Refused(reason)),
+        other => Err(ClientError::Protocol(format!("{other:?}"))),
+    }
+}
+
 /// Publishes the encoded spec as a block of its own, whose CID is the job id, on `replicas`
 /// daemons: with it, anyone who knows only the job id (`p2pmr watch JOBID`) can hand the job
 /// to another coordinator if its coordinator dies.

@@ -44,6 +44,7 @@ pub fn event_json(event: &Event) -> Value {
             Phase::Map => "map",
             Phase::Reduce => "reduce",
             Phase::Store => "store",
+            Phase::Fetch => "fetch",
         }}),
         Event::TaskStarted {
             kind,
@@ -93,6 +94,15 @@ pub fn event_json(event: &Event) -> Value {
                    "cached": cached}),
         Event::Failed { reason } => json!({"event": "failed", "reason": reason}),
         Event::Cancelled => json!({"event": "cancelled"}),
+        Event::Fetching {
+            root,
+            blocks,
+            bytes,
+            from_ipfs,
+            retries,
+            done,
+        } => json!({"event": "fetching", "root": root.to_string(), "blocks": blocks,
+                   "bytes": bytes, "from_ipfs": from_ipfs, "retries": retries, "done": done}),
     }
 }
 

@@ -72,6 +72,7 @@ fn for_coordinator(request: &JobRequest) -> bool {
             | JobRequest::Watch { .. }
             | JobRequest::List
             | JobRequest::Cancel { .. }
+            | JobRequest::Pin { .. }
     )
 }
 

@@ -34,12 +34,13 @@ use libp2p::{
     identify, kad, mdns, noise, ping, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Swarm,
     Transport,
 };
+use p2pmr_protocol::bitswap::BITSWAP_PROTOCOL;
 use p2pmr_protocol::engine::{JobRequest, JobResponse, JOB_PROTOCOL, MAX_JOB_MESSAGE};
 use p2pmr_protocol::wire::{
     BlockRequest, BlockResponse, WireError, BLOCK_PROTOCOL, BUSY, MAX_REQUEST_SIZE,
     MAX_RESPONSE_SIZE,
 };
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -248,6 +249,7 @@ pub struct NetClient {
     refused: watch::Receiver<Option<PeerId>>,
     dialing: watch::Receiver<u32>,
     admitting: watch::Receiver<HashSet<PeerId>>,
+    sources: watch::Receiver<BTreeSet<PeerId>>,
     streams: Streams,
 }
 
@@ -397,6 +399,11 @@ impl NetClient {
         self.daemons.borrow().clone()
     }
 
+    /// Connected peers that are not daemons but speak Bitswap (IPFS nodes): block sources.
+    pub fn bitswap_sources(&self) -> Vec<PeerId> {
+        self.sources.borrow().iter().copied().collect()
+    }
+
     /// A receiver that sees every change of the daemon set.
     pub fn watch_daemons(&self) -> watch::Receiver<BTreeMap<PeerId, PeerInfo>> {
         self.daemons.clone()
@@ -501,6 +508,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     let (refused_tx, refused) = watch::channel(None);
     let (dialing_tx, dialing) = watch::channel(0);
     let (admitting_tx, admitting) = watch::channel(HashSet::new());
+    let (sources_tx, sources) = watch::channel(BTreeSet::new());
     let streams = Streams(swarm.behaviour().streams.new_control());
     let mut event_loop = EventLoop {
         own_commands: commands_tx.downgrade(),
@@ -519,6 +527,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         pending_jobs: HashMap::new(),
         dials: HashMap::new(),
         daemons: daemons_tx,
+        sources: sources_tx,
         listen: listen_tx,
         refused: refused_tx,
         dialing: dialing_tx,
@@ -561,6 +570,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         refused,
         dialing,
         admitting,
+        sources,
         streams,
     };
     let task = tokio::spawn(event_loop.run());
@@ -574,11 +584,23 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
 
 /// Yamux with fewer streams per connection than its default: each may hold a receive window
 /// of data, and our protocols use at most [`MAX_STREAMS`] each.
+///
+/// Its receive windows stop growing at [`MAX_FRAME`] per stream: rust-yamux refuses a frame
+/// body over 1 MiB and closes the whole connection, while js-libp2p's yamux sends as large a
+/// frame as the window allows (a Helia node answering wants killed its connection with
+/// 1.5 MiB frames). Our own protocols move at most a block per stream, within the initial
+/// 256 KiB window, so they lose nothing by it.
 fn muxer() -> yamux::Config {
+    let streams = 4 * MAX_STREAMS;
     let mut config = yamux::Config::default();
-    config.set_max_num_streams(4 * MAX_STREAMS);
+    config.set_max_num_streams(streams);
+    // Every stream's initial 256 KiB, and room for one of them to grow to MAX_FRAME.
+    config.set_max_connection_receive_window(Some(streams * (256 << 10) + MAX_FRAME - (256 << 10)));
     config
 }
+
+/// The largest frame body rust-yamux accepts.
+const MAX_FRAME: usize = 1 << 20;
 
 /// The protocols every peer runs: blocks and jobs (served by daemons, asked by all),
 /// identify, ping, Kademlia and, if asked for, mDNS.
@@ -678,6 +700,8 @@ struct EventLoop {
     pending_jobs: HashMap<OutboundRequestId, oneshot::Sender<Result<JobResponse, NetError>>>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetError>>>>,
     daemons: watch::Sender<BTreeMap<PeerId, PeerInfo>>,
+    /// Connected peers that speak Bitswap but not our block protocol.
+    sources: watch::Sender<BTreeSet<PeerId>>,
     listen: watch::Sender<Vec<Multiaddr>>,
     refused: watch::Sender<Option<PeerId>>,
     /// Outgoing connections being set up (dialled, not yet connected or failed).
@@ -945,6 +969,7 @@ impl EventLoop {
                 self.candidates.remove(&peer_id);
                 self.daemons
                     .send_if_modified(|d| d.remove(&peer_id).is_some());
+                self.sources.send_if_modified(|s| s.remove(&peer_id));
             }
             SwarmEvent::Behaviour(event) => self.handle_behaviour(event),
             _ => {}
@@ -985,10 +1010,14 @@ impl EventLoop {
             ),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 let block = StreamProtocol::new(BLOCK_PROTOCOL);
-                if !info.protocols.contains(&block)
-                    || !self.swarm.is_connected(&peer_id)
-                    || self.banned.contains(&peer_id)
-                {
+                if !self.swarm.is_connected(&peer_id) || self.banned.contains(&peer_id) {
+                    return;
+                }
+                if !info.protocols.contains(&block) {
+                    let bitswap = StreamProtocol::new(BITSWAP_PROTOCOL);
+                    if info.protocols.contains(&bitswap) {
+                        self.add_source(peer_id, info.listen_addrs);
+                    }
                     return;
                 }
                 let info = PeerInfo {
@@ -1097,6 +1126,15 @@ impl EventLoop {
         if new {
             self.sweep();
         }
+    }
+
+    /// Counts a peer that speaks Bitswap but is no daemon (an IPFS node) as a block source,
+    /// redialled like a daemon while it is gone if it listens anywhere.
+    fn add_source(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if !addrs.is_empty() && (self.known.len() < MAX_KNOWN || self.known.contains_key(&peer)) {
+            self.known.insert(peer, addrs);
+        }
+        self.sources.send_if_modified(|s| s.insert(peer));
     }
 
     /// Looks up the peers closest to a random key through the daemons known so far and

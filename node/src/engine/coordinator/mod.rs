@@ -17,10 +17,13 @@
 //! are recorded in `<home>/jobs/<job id>`, so the same spec over the same inputs is answered
 //! with the existing output at once.
 
-use crate::blocks::{self, Fetcher, RemoteError};
+use crate::blocks::{self, Fetched, Fetcher, RemoteError};
+use crate::engine::client;
 use crate::engine::worker::Worker;
+use crate::error::Chain;
 use crate::net::NetClient;
 use crate::tasks::Tasks;
+use crate::{Node, Replicas};
 use libp2p::PeerId;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
@@ -30,7 +33,7 @@ use p2pmr_protocol::engine::{
 };
 use p2pmr_protocol::job::JobSpec;
 use p2pmr_protocol::unixfs::{self, DirEntry, UnixFsData, UnixFsError};
-use p2pmr_protocol::Cid;
+use p2pmr_protocol::{Block, Cid};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -55,6 +58,10 @@ const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Times planning asks again for input blocks no reachable daemon has, and the pause between.
 const PLAN_RETRIES: u32 = 3;
 const PLAN_RETRY_PAUSE: Duration = Duration::from_secs(2);
+/// Copies kept of an input fetched from IPFS nodes (as many as `p2pmr add` makes).
+const INPUT_REPLICAS: usize = 2;
+/// How often a fetch phase reports its progress.
+const FETCH_EVENTS: Duration = Duration::from_millis(250);
 /// Jobs a coordinator keeps in memory (finished ones are dropped oldest first).
 const MAX_JOBS: usize = 256;
 /// Jobs a coordinator runs at once.
@@ -69,6 +76,8 @@ pub struct Coordinator {
 #[derive(Debug)]
 struct Inner {
     worker: Worker,
+    /// The daemon's own node: pins and fetch phases store what they fetch through it.
+    node: Node,
     /// A daemon running a task that does not answer a probe within this time is taken for
     /// dead (stalled, cut off): its tasks run elsewhere and its map outputs are made again.
     liveness: Duration,
@@ -264,11 +273,12 @@ impl Progress {
 impl Coordinator {
     /// A coordinator whose tasks run on `worker`'s daemon and the daemons it is connected to;
     /// a worker that does not answer a probe within `liveness` is given up on.
-    pub(crate) fn new(worker: Worker, liveness: Duration, tasks: Tasks) -> Self {
+    pub(crate) fn new(worker: Worker, node: Node, liveness: Duration, tasks: Tasks) -> Self {
         let dir = worker.repo().jobs_dir();
         Self {
             inner: Arc::new(Inner {
                 worker,
+                node,
                 liveness,
                 dir,
                 jobs: Mutex::new(HashMap::new()),
@@ -290,6 +300,10 @@ impl Coordinator {
                 Err(reason) => JobResponse::Failed(reason),
             },
             JobRequest::Watch { job, from } => self.watch(job, from).await,
+            JobRequest::Pin { root, replicas } => match self.pin(root, replicas, from.peer) {
+                Ok(job) => JobResponse::Accepted { job },
+                Err(reason) => JobResponse::Failed(reason),
+            },
             JobRequest::List => {
                 let jobs = self.inner.jobs.lock().expect("poisoned");
                 let mut list: Vec<JobSummary> = jobs.values().map(|h| h.summary()).collect();
@@ -355,17 +369,179 @@ impl Coordinator {
         jobs.insert(job, handle);
     }
 
-    fn submit(&self, bytes: &[u8], by: PeerId) -> Result<Cid, String> {
-        let spec = JobSpec::decode(bytes).map_err(|e| e.to_string())?;
-        let id = spec.id();
-        if let Some(h) = self.handle_of(&id) {
-            let state = h.log.lock().expect("poisoned").state.clone();
-            if matches!(state, JobState::Running | JobState::Succeeded { .. }) {
-                // The same spec is the same job: whoever submits it shares it.
-                h.submitters.lock().expect("poisoned").insert(by);
-                return Ok(id);
+    /// Starts pinning `root` on `replicas` daemons: an operation watched like a job.
+    fn pin(&self, root: Cid, replicas: u32, by: PeerId) -> Result<Cid, String> {
+        let daemons = self.net().daemons().len() + 1;
+        if replicas == 0 || replicas as usize > daemons {
+            return Err(format!(
+                "cannot keep {root} on {replicas} daemon(s): {daemons} are reachable from here"
+            ));
+        }
+        self.running_below_limit()?;
+        // Each pin is its own operation (pinning again after a loss must fetch again).
+        let mut seed = b"p2pmr pin\0".to_vec();
+        seed.extend_from_slice(&root.to_bytes());
+        seed.extend_from_slice(&replicas.to_be_bytes());
+        seed.extend_from_slice(&blocks::random_u64().to_be_bytes());
+        let id = *Block::raw(seed).cid();
+        let handle = self.accept(id, by);
+        let this = self.clone();
+        self.inner.tasks.spawn(async move {
+            let mut cancel = handle.cancel.subscribe();
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                r = this.fetch_input(&handle, root, replicas as usize) => r.map_err(Stop::Failed),
+                _ = cancel.wait_for(|c| *c) => Err(Stop::Cancelled),
+            };
+            handle.emit(match outcome {
+                Ok(fetched) => Event::Completed {
+                    output: root,
+                    counters: Counters {
+                        input_bytes: fetched.bytes,
+                        ..Counters::default()
+                    },
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                    cached: false,
+                },
+                Err(Stop::Failed(reason)) => Event::Failed { reason },
+                Err(Stop::Cancelled) => Event::Cancelled,
+            });
+        });
+        Ok(id)
+    }
+
+    /// A daemon connected to IPFS nodes: this one if it is, else the first other that says
+    /// it is (`None` if none is).
+    async fn ipfs_daemon(&self) -> Option<PeerId> {
+        if self.inner.node.fetcher().has_ipfs_sources() {
+            return Some(self.net().local_peer_id());
+        }
+        let asked = self.net().daemons().into_keys().map(|peer| async move {
+            let status = tokio::time::timeout(
+                self.inner.liveness,
+                self.net().job_request(peer, JobRequest::Status),
+            );
+            match status.await {
+                Ok(Ok(JobResponse::Status(s))) if s.ipfs_peers > 0 => Some(peer),
+                _ => None,
+            }
+        });
+        futures::future::join_all(asked)
+            .await
+            .into_iter()
+            .flatten()
+            .next()
+    }
+
+    /// The fetch phase: the DAG at `root` fetched from wherever it is (IPFS nodes included)
+    /// and stored on `replicas` daemons, with `Fetching` events along the way. IPFS nodes
+    /// are usually known to some daemons only (those given their address): when this one
+    /// knows none and another does, that one is asked to pin the DAG, and its progress is
+    /// passed on.
+    async fn fetch_input(
+        &self,
+        handle: &JobHandle,
+        root: Cid,
+        replicas: usize,
+    ) -> Result<Fetched, String> {
+        handle.emit(Event::Phase(Phase::Fetch));
+        let me = self.net().local_peer_id();
+        match self.ipfs_daemon().await {
+            Some(other) if other != me => self.fetch_through(handle, other, root, replicas).await,
+            _ => self.fetch_here(handle, root, replicas).await,
+        }
+    }
+
+    /// [`Coordinator::fetch_input`] by `daemon`, followed to its end.
+    async fn fetch_through(
+        &self,
+        handle: &JobHandle,
+        daemon: PeerId,
+        root: Cid,
+        replicas: usize,
+    ) -> Result<Fetched, String> {
+        let net = self.net();
+        let fail = |e: &dyn std::fmt::Display| format!("fetching {root} through {daemon}: {e}");
+        let id = client::pin(net, daemon, root, replicas as u32)
+            .await
+            .map_err(|e| fail(&e))?;
+        let mut follower = client::Follower::new(net.clone(), daemon, id, None);
+        let mut last = Fetched::default();
+        while let Some(events) = follower.next_batch().await.map_err(|e| fail(&e))? {
+            for event in events {
+                match &event {
+                    Event::Fetching {
+                        blocks,
+                        bytes,
+                        from_ipfs,
+                        retries,
+                        ..
+                    } => {
+                        last = Fetched {
+                            blocks: *blocks,
+                            bytes: *bytes,
+                            from_ipfs: *from_ipfs,
+                            retries: *retries,
+                        };
+                        handle.emit(event.clone());
+                    }
+                    Event::Completed { .. } => return Ok(last),
+                    Event::Failed { reason } => return Err(fail(reason)),
+                    Event::Cancelled => return Err(fail(&"cancelled")),
+                    _ => {}
+                }
             }
         }
+        Err(fail(&"its events ended without an outcome"))
+    }
+
+    /// [`Coordinator::fetch_input`] by this daemon.
+    async fn fetch_here(
+        &self,
+        handle: &JobHandle,
+        root: Cid,
+        replicas: usize,
+    ) -> Result<Fetched, String> {
+        let event = |f: &Fetched, done: bool| Event::Fetching {
+            root,
+            blocks: f.blocks,
+            bytes: f.bytes,
+            from_ipfs: f.from_ipfs,
+            retries: f.retries,
+            done,
+        };
+        let mut shown = Instant::now();
+        let progress = |f: &Fetched| {
+            if shown.elapsed() >= FETCH_EVENTS {
+                shown = Instant::now();
+                handle.emit(event(f, false));
+            }
+        };
+        let fetched = self
+            .inner
+            .node
+            .blocks()
+            .fetch_and_keep(root, Replicas::network(replicas), progress)
+            .await
+            .map_err(|e| format!("fetching {root}: {}", Chain(&e)))?;
+        handle.emit(event(&fetched, true));
+        Ok(fetched)
+    }
+
+    /// A new job `id` submitted by `by`, accepted and kept.
+    fn accept(&self, id: Cid, by: PeerId) -> Arc<JobHandle> {
+        let handle = JobHandle::new(id);
+        handle.submitters.lock().expect("poisoned").insert(by);
+        handle.emit(Event::Accepted {
+            job: id,
+            coordinator: self.net().local_peer_id().to_string(),
+        });
+        self.insert(id, handle.clone());
+        handle
+    }
+
+    /// `Err` with a reason if this coordinator runs as many jobs as it may.
+    fn running_below_limit(&self) -> Result<(), String> {
         let running = {
             let jobs = self.inner.jobs.lock().expect("poisoned");
             jobs.values()
@@ -377,13 +553,22 @@ impl Coordinator {
                 "this coordinator is running {running} jobs already; try again later"
             ));
         }
-        let handle = JobHandle::new(id);
-        handle.submitters.lock().expect("poisoned").insert(by);
-        handle.emit(Event::Accepted {
-            job: id,
-            coordinator: self.net().local_peer_id().to_string(),
-        });
-        self.insert(id, handle.clone());
+        Ok(())
+    }
+
+    fn submit(&self, bytes: &[u8], by: PeerId) -> Result<Cid, String> {
+        let spec = JobSpec::decode(bytes).map_err(|e| e.to_string())?;
+        let id = spec.id();
+        if let Some(h) = self.handle_of(&id) {
+            let state = h.log.lock().expect("poisoned").state.clone();
+            if matches!(state, JobState::Running | JobState::Succeeded { .. }) {
+                // The same spec is the same job: whoever submits it shares it.
+                h.submitters.lock().expect("poisoned").insert(by);
+                return Ok(id);
+            }
+        }
+        self.running_below_limit()?;
+        let handle = self.accept(id, by);
         let this = self.clone();
         let bytes = bytes.to_vec();
         self.inner
@@ -811,8 +996,20 @@ impl Coordinator {
             // cut off (daemons redial each other every few seconds): ask again a few times
             // before failing the job.
             let mut tries = 0;
+            let mut fetched = false;
             let leaves = loop {
                 match leaves(fetcher, input.cid).await {
+                    // No daemon has it, but IPFS nodes are connected: fetch it from them
+                    // and store it here like an add, then plan as usual.
+                    Err(RemoteError::Unavailable { .. } | RemoteError::NoDaemons { .. })
+                        if !fetched && self.ipfs_daemon().await.is_some() =>
+                    {
+                        fetched = true;
+                        let replicas = INPUT_REPLICAS.min(self.net().daemons().len() + 1);
+                        self.fetch_input(handle, input.cid, replicas)
+                            .await
+                            .map_err(|e| format!("input {}: {e}", input.name))?;
+                    }
                     Err(RemoteError::Unavailable { .. } | RemoteError::NoDaemons { .. })
                         if tries < PLAN_RETRIES =>
                     {

@@ -284,6 +284,7 @@ impl Worker {
             blocks: held.blocks,
             bytes: held.bytes,
             refusals: self.inner.access.refusals(),
+            ipfs_peers: self.inner.net.bitswap_sources().len() as u32,
         })
     }
 

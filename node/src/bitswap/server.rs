@@ -1,8 +1,9 @@
-//! A Bitswap 1.2.0 server, so IPFS nodes (kubo, Helia) can fetch what daemons hold: it
-//! accepts `/ipfs/bitswap/1.2.0` streams (identify then lists the protocol), reads the
-//! wantlists peers send, and answers on a stream of its own to each peer, as the protocol
-//! has it: blocks for want-block, `Have` (or the block itself when it is small) for
-//! want-have, `DontHave` when asked to say so.
+//! The Bitswap server, so IPFS nodes (kubo, Helia) can fetch what daemons hold: it accepts
+//! `/ipfs/bitswap/1.2.0` streams (identify then lists the protocol), reads the wantlists
+//! peers send, and answers on a stream of its own to each peer, as the protocol has it:
+//! blocks for want-block, `Have` (or the block itself when it is small) for want-have,
+//! `DontHave` when asked to say so. Blocks and presences on the same streams are answers to
+//! this daemon's own wants: they go to the [`Bitswap`] client.
 //!
 //! Bounded everywhere: streams in all and per peer, 1024 wants remembered per peer, messages
 //! of at most 4 MiB (refused from their length alone), a peer's answers going out one
@@ -10,16 +11,17 @@
 //! among peers by one semaphore. Wants for blocks not held are remembered (a full wantlist
 //! replaces them) but not answered later if the block arrives.
 
+use super::{Bitswap, Outbound};
 use crate::repo::store::{BlockStore, StoreError};
 use crate::tasks::Tasks;
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, StreamExt};
 use libp2p::{PeerId, Stream, StreamProtocol};
 use p2pmr_protocol::bitswap::{Frames, Message, Presence, WantType, BITSWAP_PROTOCOL, MAX_ENTRIES};
 use p2pmr_protocol::block::canonical;
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 
 /// Inbound Bitswap streams at once, in all and from one peer.
@@ -35,13 +37,14 @@ const BATCH: usize = 1 << 20;
 const SEND_SMALL: usize = 1024;
 /// A stream that sends nothing for this long is closed.
 const IDLE: Duration = Duration::from_secs(300);
-/// An answer stream unused for this long is replaced by a new one rather than written to:
-/// Helia aborts a stream that brings nothing for 10 s, and a write racing that abort would
-/// be lost.
-const REUSE: Duration = Duration::from_secs(4);
 
-/// Serves Bitswap from `store` until the network stops.
-pub(crate) async fn serve(mut control: libp2p_stream::Control, store: BlockStore, tasks: Tasks) {
+/// Serves Bitswap from `store` until the network stops, handing answers to `client`.
+pub(crate) async fn serve(
+    mut control: libp2p_stream::Control,
+    store: BlockStore,
+    tasks: Tasks,
+    client: Bitswap,
+) {
     let protocol = StreamProtocol::new(BITSWAP_PROTOCOL);
     let mut incoming = match control.accept(protocol) {
         Ok(incoming) => incoming,
@@ -54,6 +57,7 @@ pub(crate) async fn serve(mut control: libp2p_stream::Control, store: BlockStore
         streams: Arc::new(Semaphore::new(MAX_STREAMS)),
         reads: Arc::new(Semaphore::new(READS)),
         peers: Arc::default(),
+        client,
     };
     while let Some((peer, stream)) = incoming.next().await {
         server.accept(peer, stream);
@@ -68,6 +72,7 @@ struct Server {
     streams: Arc<Semaphore>,
     reads: Arc<Semaphore>,
     peers: Arc<Mutex<HashMap<PeerId, PeerLink>>>,
+    client: Bitswap,
 }
 
 /// A peer's inbound streams and the queue to its answerer. The answerer (with the peer's
@@ -102,7 +107,7 @@ impl Server {
         };
         let this = self.clone();
         self.tasks.spawn(async move {
-            if let Err(e) = read(stream, &wants).await {
+            if let Err(e) = read(peer, stream, &wants, &this.client).await {
                 tracing::debug!("bitswap: stream from {peer} ended: {e}");
             }
             this.closed(peer);
@@ -122,7 +127,7 @@ impl Server {
     /// message has come for [`IDLE`] and no stream of the peer's is open.
     async fn answer(self, peer: PeerId, mut wants: mpsc::Receiver<Message>) {
         let mut list = WantList::default();
-        let mut out: Option<(Stream, Instant)> = None;
+        let mut out = Outbound::default();
         loop {
             let msg = match tokio::time::timeout(IDLE, wants.recv()).await {
                 Ok(Some(msg)) => msg,
@@ -165,9 +170,8 @@ impl Server {
                 if reply == Message::default() {
                     continue;
                 }
-                if let Err(e) = self.send(peer, &mut out, &reply).await {
+                if let Err(e) = out.send(&self.control, peer, &reply.framed()).await {
                     tracing::debug!("bitswap: cannot answer {peer}: {e}");
-                    out = None;
                 }
             }
         }
@@ -190,42 +194,16 @@ impl Server {
             }
         }
     }
-
-    /// Writes `reply` on the stream to `peer`: the last one if it was used within [`REUSE`],
-    /// else (or if writing fails) a new one.
-    async fn send(
-        &self,
-        peer: PeerId,
-        out: &mut Option<(Stream, Instant)>,
-        reply: &Message,
-    ) -> std::io::Result<()> {
-        let frame = reply.framed();
-        if let Some((mut stream, used)) = out.take() {
-            if used.elapsed() < REUSE && write(&mut stream, &frame).await.is_ok() {
-                *out = Some((stream, Instant::now()));
-                return Ok(());
-            }
-            let _ = stream.close().await;
-        }
-        let mut stream = self
-            .control
-            .clone()
-            .open_stream(peer, StreamProtocol::new(BITSWAP_PROTOCOL))
-            .await
-            .map_err(std::io::Error::other)?;
-        write(&mut stream, &frame).await?;
-        *out = Some((stream, Instant::now()));
-        Ok(())
-    }
 }
 
-async fn write(stream: &mut Stream, frame: &[u8]) -> std::io::Result<()> {
-    stream.write_all(frame).await?;
-    stream.flush().await
-}
-
-/// Reads `stream`'s messages into `wants` until it ends, idles or breaks the protocol.
-async fn read(mut stream: Stream, wants: &mpsc::Sender<Message>) -> std::io::Result<()> {
+/// Reads `peer`'s messages from `stream` until it ends, idles or breaks the protocol: wants
+/// into `wants`, blocks and presences to `client`.
+async fn read(
+    peer: PeerId,
+    mut stream: Stream,
+    wants: &mpsc::Sender<Message>,
+    client: &Bitswap,
+) -> std::io::Result<()> {
     let mut frames = Frames::default();
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -238,7 +216,7 @@ async fn read(mut stream: Stream, wants: &mpsc::Sender<Message>) -> std::io::Res
         frames.push(&buf[..n]);
         while let Some(frame) = frames.next_frame().map_err(std::io::Error::other)? {
             let msg = Message::decode(&frame).map_err(std::io::Error::other)?;
-            // Only the wants matter to a server; blocks sent unasked are not kept.
+            client.received(peer, &msg);
             if msg.wantlist.entries.is_empty() && !msg.wantlist.full {
                 continue;
             }
