@@ -1,6 +1,6 @@
 // The npm package kubo-rpc-client against a p2pmr daemon's HTTP API, as a kubo user would use it:
-// add a file, cat it back bit-exact, read and stat a block, export the DAG as a CAR, import a
-// CAR, list peers, read the node's id.
+// add a file, cat it back bit-exact, pin it, read and stat a block, export the DAG as a CAR,
+// import a CAR, list peers, read the node's id.
 //
 //   node kubo.mjs http://127.0.0.1:5001 FILE CID   (CID: what `p2pmr add -n FILE` prints)
 import { create } from 'kubo-rpc-client'
@@ -20,6 +20,9 @@ check(String(cid) === expected, `add gave ${cid}, p2pmr add -n ${expected}`)
 const chunks = []
 for await (const chunk of client.cat(cid)) chunks.push(chunk)
 check(Buffer.compare(Buffer.concat(chunks), content) === 0, 'cat is not bit-exact')
+
+const pinned = await client.pin.add(cid)
+check(String(pinned) === String(cid), `pin/add answered ${pinned}`)
 
 const block = await client.block.get(cid)
 const stat = await client.block.stat(cid)

@@ -21,6 +21,9 @@ use tokio::task::JoinSet;
 /// fetch from an IPFS node may take two round trips (want-have, want-block).
 pub(crate) const PIN_WINDOW: usize = 32;
 
+/// How often a DAG fetch reports progress when no block arrives.
+const STALLED: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Progress of a DAG fetch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Fetched {
@@ -36,7 +39,8 @@ pub struct Fetched {
 
 impl Fetcher {
     /// Copies every block of the DAG at `root` into `store` (durably, with one sync at the
-    /// end), calling `progress` after each block. Returns the blocks' CIDs and the totals.
+    /// end), calling `progress` after each block and every second without one. Returns the
+    /// blocks' CIDs and the totals.
     pub async fn fetch_dag(
         &self,
         root: Cid,
@@ -50,6 +54,8 @@ impl Fetcher {
         // (block, depth, ask IPFS nodes first)
         let mut queue = vec![(root, 0usize, false)];
         let mut running = JoinSet::new();
+        let mut tick = tokio::time::interval(STALLED);
+        tick.tick().await;
         loop {
             while running.len() < PIN_WINDOW {
                 let Some((cid, depth, ipfs_first)) = queue.pop() else {
@@ -72,7 +78,16 @@ impl Fetcher {
                     Ok::<_, RemoteError>((cid, depth, source, len, children))
                 });
             }
-            let Some(finished) = running.join_next().await else {
+            // A stalled fetch still reports, so its retries show while it waits.
+            let finished = tokio::select! {
+                finished = running.join_next() => finished,
+                _ = tick.tick() => {
+                    done.retries = self.ipfs_retries() - retries_before;
+                    progress(&done);
+                    continue;
+                }
+            };
+            let Some(finished) = finished else {
                 break;
             };
             let (cid, depth, source, len, children) = finished.expect("fetch task panicked")?;

@@ -15,6 +15,7 @@ mod jobs;
 mod rpc;
 mod upload;
 
+use crate::bitswap::BitswapError;
 use crate::blocks::RemoteError;
 use crate::engine::client::ClientError;
 use crate::error::Error;
@@ -258,7 +259,14 @@ impl IntoResponse for ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let status = match &e {
-            Error::Blocks(RemoteError::Unavailable { .. } | RemoteError::NoDaemons { .. })
+            Error::Blocks(
+                RemoteError::Unavailable { .. }
+                | RemoteError::NoDaemons { .. }
+                | RemoteError::NotOnIpfs {
+                    ipfs: BitswapError::NotFound { .. } | BitswapError::NoSources { .. },
+                    ..
+                },
+            )
             | Error::Store(StoreError::NotFound(_))
             | Error::File(FileError::Store(StoreError::NotFound(_))) => StatusCode::NOT_FOUND,
             Error::Blocks(RemoteError::File(FileError::Format(_))) | Error::Car(_) => {
@@ -267,6 +275,10 @@ impl From<Error> for ApiError {
             Error::Jobs(ClientError::Refused(reason)) if reason.starts_with("no job") => {
                 StatusCode::NOT_FOUND
             }
+            Error::Blocks(RemoteError::NotOnIpfs {
+                ipfs: BitswapError::TimedOut { .. },
+                ..
+            }) => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, crate::error::Chain(&e).to_string())

@@ -21,6 +21,34 @@ pub(super) fn routes() -> Router<Api> {
         .route("/block/stat", post(block_stat))
         .route("/dag/export", post(dag_export))
         .route("/get", post(get))
+        .route("/pin/add", post(pin_add))
+}
+
+/// Most copies `pin/add` may ask for.
+const MAX_PIN_REPLICAS: u64 = 64;
+
+/// `pin/add?arg=CID[&replicas=N]`: fetches the DAG from wherever it is (daemons, or IPFS
+/// nodes over Bitswap) and keeps it on N daemons, this one first (by default only this one,
+/// as kubo pins on its own node); answers `{"Pins": [CID]}` once every block is stored.
+async fn pin_add(
+    State(api): State<Api>,
+    Query(params): Query<Params>,
+) -> Result<Json<Value>, ApiError> {
+    let root = cid_arg(&params)?;
+    let replicas = number(&params, "replicas")?.unwrap_or(1);
+    if !(1..=MAX_PIN_REPLICAS).contains(&replicas) {
+        return Err(ApiError::bad_request(format!(
+            "replicas must be from 1 to {MAX_PIN_REPLICAS}"
+        )));
+    }
+    let (me, _) = api.node.identity().await?;
+    let pin = api
+        .node
+        .blocks()
+        .pin(root, replicas as u32, Some(me))
+        .await?;
+    pin.wait(|_| {}).await?;
+    Ok(Json(json!({ "Pins": [root.to_string()] })))
 }
 
 async fn id(State(api): State<Api>) -> Result<Json<Value>, ApiError> {

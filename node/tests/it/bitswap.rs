@@ -1,5 +1,6 @@
-//! A daemon's Bitswap 1.2.0 server against a peer of the test's own speaking it with plain
-//! libp2p streams: wants sent on one stream, answers read from the stream the daemon opens.
+//! A daemon's Bitswap 1.2.0 server and client against peers of the test's own that speak it
+//! over plain libp2p streams: wants sent on one stream, answers read from the stream the
+//! daemon opens; and IPFS peers that do not have what a daemon wants.
 
 use anyhow::Result;
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
@@ -47,19 +48,26 @@ async fn peer_of(
         while let Some((_, mut stream)) = incoming.next().await {
             counted.fetch_add(1, Ordering::Relaxed);
             let mut frames = Frames::default();
-            let mut buf = vec![0; 64 << 10];
-            while let Ok(n) = stream.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                frames.push(&buf[..n]);
-                while let Ok(Some(frame)) = frames.next_frame() {
-                    let _ = futures::SinkExt::send(&mut tx, Message::decode(&frame).unwrap()).await;
+            while let Some(messages) = read_messages(&mut stream, &mut frames).await {
+                for msg in messages {
+                    let _ = futures::SinkExt::send(&mut tx, msg).await;
                 }
             }
         }
     });
     Ok((control, rx, opened))
+}
+
+/// The messages the next read from `stream` completes (`None` once the stream ends).
+async fn read_messages(stream: &mut Stream, frames: &mut Frames) -> Option<Vec<Message>> {
+    let mut buf = vec![0; 64 << 10];
+    let n = stream.read(&mut buf).await.ok().filter(|&n| n > 0)?;
+    frames.push(&buf[..n]);
+    let mut messages = Vec::new();
+    while let Ok(Some(frame)) = frames.next_frame() {
+        messages.push(Message::decode(&frame).expect("a well-formed message"));
+    }
+    Some(messages)
 }
 
 fn want(cid: Cid, want_type: WantType, send_dont_have: bool) -> WantEntry {
@@ -227,5 +235,113 @@ async fn a_daemon_answers_wants_as_bitswap_1_2_0_has_it() -> Result<()> {
         "answers came on more than one stream"
     );
     cluster.stop().await;
+    Ok(())
+}
+
+/// An IPFS node as far as a daemon can tell (identify lists Bitswap, not our block
+/// protocol) that has no blocks: it answers every want with `DontHave` if `dont_have`, else
+/// never. Returns its address and the count of wants it received.
+async fn blockless_ipfs_peer(dont_have: bool) -> Result<(libp2p::Multiaddr, Arc<AtomicUsize>)> {
+    #[derive(libp2p::swarm::NetworkBehaviour)]
+    struct Ipfs {
+        identify: libp2p::identify::Behaviour,
+        streams: libp2p_stream::Behaviour,
+    }
+    let mut swarm = super::tcp_swarm(|key| Ipfs {
+        identify: libp2p::identify::Behaviour::new(libp2p::identify::Config::new(
+            "/ipfs/id/1.0.0".into(),
+            key.public(),
+        )),
+        streams: libp2p_stream::Behaviour::new(),
+    })?;
+    let mut control = swarm.behaviour().streams.new_control();
+    let mut incoming = control.accept(BITSWAP)?;
+    swarm.listen_on("/ip4/127.0.0.1/tcp/0".parse()?)?;
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+            break address.with(libp2p::multiaddr::Protocol::P2p(*swarm.local_peer_id()));
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let wanted = Arc::new(AtomicUsize::new(0));
+    let counted = wanted.clone();
+    tokio::spawn(async move {
+        while let Some((peer, mut stream)) = incoming.next().await {
+            let (counted, mut control) = (counted.clone(), control.clone());
+            tokio::spawn(async move {
+                let mut frames = Frames::default();
+                while let Some(messages) = read_messages(&mut stream, &mut frames).await {
+                    for msg in messages {
+                        let asked: Vec<Cid> = msg
+                            .wantlist
+                            .entries
+                            .iter()
+                            .filter(|e| !e.cancel)
+                            .map(|e| e.cid)
+                            .collect();
+                        counted.fetch_add(asked.len(), Ordering::Relaxed);
+                        if dont_have && !asked.is_empty() {
+                            let answer = Message {
+                                presences: asked.iter().map(|c| (*c, Presence::DontHave)).collect(),
+                                ..Message::default()
+                            };
+                            if let Ok(mut out) = control.open_stream(peer, BITSWAP).await {
+                                let _ = send(&mut out, &answer).await;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok((addr, wanted))
+}
+
+/// `pin add` of a CID that neither the daemons nor the IPFS node they know hold: an IPFS node
+/// that says so fails it at once; one that never answers is asked three times, the retries
+/// showing in the pin's progress, and then it fails with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_nobody_can_serve_fails_at_once_or_after_its_retries() -> Result<()> {
+    for dont_have in [true, false] {
+        let (ipfs, wanted) = blockless_ipfs_peer(dont_have).await?;
+        let cluster = Cluster::start(ClusterConfig::linked(1, 1)).await?;
+        cluster.daemon(0).net().dial(ipfs).await?;
+        for _ in 0..100 {
+            if !cluster.daemon(0).net().bitswap_sources().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(cluster.daemon(0).net().bitswap_sources().len(), 1);
+        let missing = *Block::raw(b"held by no one".to_vec()).cid();
+        let client = cluster.client();
+        let started = std::time::Instant::now();
+        let pin = client.blocks().pin(missing, 1, None).await?;
+        let mut retries = 0;
+        let outcome = pin
+            .wait(|e| {
+                if let p2pmr_protocol::engine::Event::Fetching { retries: r, .. } = e {
+                    retries = retries.max(*r);
+                }
+            })
+            .await;
+        let took = started.elapsed();
+        let error = format!("{:#}", outcome.expect_err("nobody holds it"));
+        if dont_have {
+            assert!(error.contains("none of 1 IPFS peer(s) has"), "{error}");
+            assert!(took < Duration::from_secs(3), "{took:?}");
+            assert_eq!(wanted.load(Ordering::Relaxed), 1);
+        } else {
+            assert!(error.contains("after 3 tries"), "{error}");
+            assert_eq!(retries, 2, "the retries shown in the pin's progress");
+            assert!(wanted.load(Ordering::Relaxed) >= 3);
+        }
+        client.shutdown().await;
+        cluster.stop().await;
+    }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! over TCP on 127.0.0.1 in this process, each with its own repository in a temporary
 //! directory, started by the library's shared [`Cluster`](p2pmr_node::cluster::Cluster).
 //!
-//! - `bitswap`: the Bitswap 1.2.0 server against a peer speaking it over plain streams.
+//! - `bitswap`: the Bitswap 1.2.0 server against a peer speaking it over plain streams, and
+//!   the client against IPFS peers that do not have what it wants.
 //! - `blocks`: adding, reading and keeping blocks across peers (lying peers, corrupt disks,
 //!   lost daemons, Kademlia discovery).
 //! - `engine`: MapReduce jobs over the network, checked against `run-local`.
