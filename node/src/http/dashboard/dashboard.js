@@ -94,6 +94,7 @@ function jobState(id) {
       id, state: 'running', maps: [0, 0], reduces: [0, 0], elapsed: 0, inputBytes: 0,
       counters: null, output: null, reason: null, coordinator: '', first: null, last: null,
       tasks: new Map(), finished: new Set(), mismatches: [], retries: 0, backups: 0, events: 0,
+      fetched: null,
       seen: Date.now(),
     });
   }
@@ -177,6 +178,7 @@ function apply(j, e) {
     case 'failed': j.state = 'failed'; j.reason = e.reason; break;
     case 'cancelled': j.state = 'cancelled'; break;
     case 'error': j.reason = e.reason; break;
+    case 'fetching': j.fetched = e; break;
   }
 }
 
@@ -298,6 +300,9 @@ function card(j) {
       (elapsed / 1000).toFixed(1) + ' s' + (mbs ? ' · ' + mbs + ' MB/s' : '') +
       (j.inputBytes ? ' · ' + bytes(j.inputBytes) + ' in' : '') +
       ' · ' + j.retries + ' retries · ' + j.backups + ' backups'),
+    j.fetched ? el('div', { class: 'stats fetch' }, (j.fetched.done ? 'fetched ' : 'fetching ') +
+      j.fetched.blocks + ' blocks, ' + bytes(j.fetched.bytes) + ' (' + j.fetched.from_ipfs +
+      ' from IPFS peers) · ' + j.fetched.retries + ' retries') : '',
     j.reason ? el('div', { class: 'error' }, j.reason) : '',
     ...j.mismatches.map((m) => el('div', { class: 'error mismatch' }, m)),
     output(j),
