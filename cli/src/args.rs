@@ -243,6 +243,11 @@ pub(crate) enum SwarmKeyCommand {
 /// The arguments of `p2pmr add`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct AddArgs {
+    /// How the file is cut into leaves, as kubo's --chunker: size-N (N bytes each, up to
+    /// 2 MiB) or buzhash (content-defined, 128-512 KiB: an insertion moves the boundaries
+    /// around it only, so an edited file shares the rest of its blocks, and jobs their work)
+    #[arg(long, default_value = "size-262144", value_name = "CHUNKER")]
+    pub(crate) chunker: p2pmr_protocol::chunker::Chunker,
     /// Only compute and print the CID; store nothing, contact no one (as kubo's `add -n`)
     #[arg(short = 'n', long, conflicts_with_all = ["local", "replicas"])]
     pub(crate) only_hash: bool,

@@ -311,17 +311,29 @@ impl Blocks<'_> {
         source: impl Read + Send + 'static,
         replicas: Replicas,
     ) -> Result<Added, Error> {
+        self.add_as(source, replicas, Layout::KUBO).await
+    }
+
+    /// [`Blocks::add`] in `layout` (e.g. kubo's with `--chunker=buzhash`).
+    pub async fn add_as(
+        &self,
+        source: impl Read + Send + 'static,
+        replicas: Replicas,
+        layout: Layout,
+    ) -> Result<Added, Error> {
         match replicas {
-            Replicas::OnlyHash => blocking(move || files::import(source, None, Layout::KUBO)).await,
+            Replicas::OnlyHash => blocking(move || files::import(source, None, layout)).await,
             Replicas::Local => {
-                let repo = self.0.repo().ok_or(Error::NoRepo)?.clone();
-                blocking(move || repo.add(source)).await
+                let repo = self.0.repo().ok_or(Error::NoRepo)?.blocks().clone();
+                blocking(move || files::import(source, Some(&repo), layout)).await
             }
             // A daemon holds one of the copies itself (see `commit`).
-            Replicas::Network(_) if self.0.inner.serving => self.add_whole(source, replicas).await,
+            Replicas::Network(_) if self.0.inner.serving => {
+                self.add_whole_as(source, replicas, layout).await
+            }
             Replicas::Network(n) => {
                 let net = self.0.net(n.get()).await?;
-                Ok(blocks::add(net, source, n.get()).await?)
+                Ok(blocks::add(net, source, n.get(), layout).await?)
             }
         }
     }
@@ -522,13 +534,23 @@ impl Blocks<'_> {
         source: impl Read + Send + 'static,
         replicas: Replicas,
     ) -> Result<Added, Error> {
+        self.add_whole_as(source, replicas, Layout::KUBO).await
+    }
+
+    /// [`Blocks::add_whole`] in `layout`.
+    pub async fn add_whole_as(
+        &self,
+        source: impl Read + Send + 'static,
+        replicas: Replicas,
+        layout: Layout,
+    ) -> Result<Added, Error> {
         if replicas == Replicas::OnlyHash {
-            return blocking(move || files::import(source, None, Layout::KUBO)).await;
+            return blocking(move || files::import(source, None, layout)).await;
         }
         let staging = self.staging()?;
         let store = staging.store.clone();
         let (added, cids) = blocking(move || -> Result<_, Error> {
-            let added = files::import(source, Some(&store), Layout::KUBO)?;
+            let added = files::import(source, Some(&store), layout)?;
             let cids = store.list().collect::<Result<Vec<Cid>, _>>()?;
             Ok((added, cids))
         })

@@ -4,8 +4,8 @@
 //! Beside them: the peers' wire messages and placement rule ([`wire`]), the job ABI between host
 //! and wasm modules ([`abi`]), the record rule map tasks read by ([`records`]) and the job spec
 //! whose CID is a job's id ([`job`]), the job protocol's messages and events ([`engine`]), and
-//! CAR archives for moving DAGs between tools ([`car`]), and the messages of IPFS's block
-//! exchange, Bitswap ([`bitswap`]).
+//! CAR archives for moving DAGs between tools ([`car`]), the messages of IPFS's block
+//! exchange, Bitswap ([`bitswap`]), and how files are cut into leaves ([`chunker`]).
 //!
 //! Nothing here does I/O or depends on an async runtime. The block store, the network and the
 //! scheduler in `p2pmr-node` drive the sans-I/O state machines defined here
@@ -17,6 +17,7 @@ pub mod abi;
 pub mod bitswap;
 pub mod block;
 pub mod car;
+pub mod chunker;
 pub mod dagpb;
 pub mod engine;
 pub mod job;

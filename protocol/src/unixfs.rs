@@ -13,6 +13,7 @@
 //! [`Block`]s, so the local store, the network fetcher and the map-task reader all share it.
 
 use crate::block::{Block, DAG_PB, RAW};
+use crate::chunker::Chunker;
 use crate::dagpb::{self, DagPbError, PbLink, PbNode};
 use crate::pb::{self, Reader, WireError, WIRE_LEN, WIRE_VARINT};
 use cid::Cid;
@@ -73,14 +74,14 @@ pub enum UnixFsError {
 /// Chunking and fan-out of a file DAG.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
-    chunk_size: usize,
+    chunker: Chunker,
     max_links: usize,
 }
 
 impl Layout {
     /// kubo's defaults: 256 KiB chunks, 174 links per node.
     pub const KUBO: Layout = Layout {
-        chunk_size: DEFAULT_CHUNK_SIZE,
+        chunker: Chunker::DEFAULT,
         max_links: DEFAULT_MAX_LINKS,
     };
 
@@ -97,14 +98,24 @@ impl Layout {
             ));
         }
         Ok(Self {
-            chunk_size,
+            chunker: Chunker::Size(chunk_size),
             max_links,
         })
     }
 
-    /// Bytes per leaf.
+    /// The same layout with leaves cut by `chunker` (kubo's `--chunker`).
+    pub fn with_chunker(self, chunker: Chunker) -> Self {
+        Self { chunker, ..self }
+    }
+
+    /// How leaves are cut.
+    pub fn chunker(&self) -> Chunker {
+        self.chunker
+    }
+
+    /// Bytes per leaf at most (every leaf but the last, for fixed-size chunks).
     pub fn chunk_size(&self) -> usize {
-        self.chunk_size
+        self.chunker.max_chunk()
     }
 
     /// Children per node.
@@ -343,23 +354,26 @@ impl FileBuilder {
     }
 
     /// Adds the next chunk of the file and returns the blocks completed by it: the raw leaf, then
-    /// any parent nodes that just filled up. Every chunk but the last must be exactly
-    /// `chunk_size` bytes; empty chunks are ignored.
+    /// any parent nodes that just filled up. With fixed-size chunks every chunk but the last
+    /// must be exactly the size; content-defined ones may be any size up to their largest.
+    /// Empty chunks are ignored.
     pub fn push_chunk(&mut self, chunk: Vec<u8>) -> Result<Vec<Block>, UnixFsError> {
         if chunk.is_empty() {
             return Ok(Vec::new());
         }
-        if chunk.len() > self.layout.chunk_size {
+        if chunk.len() > self.layout.chunk_size() {
             return Err(UnixFsError::InvalidChunk(
                 "chunk larger than the layout's chunk size",
             ));
         }
-        if self.saw_short_chunk {
-            return Err(UnixFsError::InvalidChunk(
-                "only the last chunk may be short",
-            ));
+        if let Chunker::Size(size) = self.layout.chunker {
+            if self.saw_short_chunk {
+                return Err(UnixFsError::InvalidChunk(
+                    "only the last chunk may be short",
+                ));
+            }
+            self.saw_short_chunk = chunk.len() < size;
         }
-        self.saw_short_chunk = chunk.len() < self.layout.chunk_size;
         self.chunks += 1;
         let len = chunk.len() as u64;
         let leaf = Block::raw(chunk);

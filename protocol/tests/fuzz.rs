@@ -17,25 +17,8 @@ use p2pmr_protocol::wire::{BlockRequest, BlockResponse};
 use p2pmr_protocol::{Block, Cid};
 use std::time::{Duration, Instant};
 
-/// xorshift64*: small, fast, and the same everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+mod common;
+use common::Rng;
 
 /// One input derived from `corpus`: random bytes, or a valid input cut, flipped, spliced,
 /// or with a length-like byte run set to extremes.

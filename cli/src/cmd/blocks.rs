@@ -5,6 +5,7 @@ use crate::env::{open_input, parse_cid, Env};
 use crate::progress::{shown, transfer};
 use anyhow::{bail, Result};
 use p2pmr_node::{FileError, Ledger, Replicas, StoreError};
+use p2pmr_protocol::unixfs::Layout;
 use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
@@ -27,7 +28,8 @@ pub(crate) async fn add(env: &Env, args: AddArgs) -> Result<()> {
         (None, Replicas::network(args.replicas.into()))
     };
     let node = env.node(repo)?;
-    let added = node.blocks().add(source, replicas).await;
+    let layout = Layout::KUBO.with_chunker(args.chunker);
+    let added = node.blocks().add_as(source, replicas, layout).await;
     node.shutdown().await;
     bar.finish_and_clear();
     println!("{}", added?.root);

@@ -152,12 +152,13 @@ pub async fn add(
     net: &NetClient,
     source: impl Read + Send + 'static,
     replicas: usize,
+    layout: Layout,
 ) -> Result<Added, RemoteError> {
     let (tx, rx) = mpsc::channel::<(Block, Option<Cid>)>(WINDOW);
     // Chunking and hashing are CPU work: a plain thread feeds the async uploader.
     let builder = tokio::task::spawn_blocking(move || {
-        let mut groups = Groups::new(Layout::KUBO);
-        files::build(source, Layout::KUBO, Vec::new, |b| {
+        let mut groups = Groups::new(layout);
+        files::build(source, layout, Vec::new, |b| {
             let group = groups.key(b.cid());
             tx.blocking_send((b, Some(group))).is_ok()
         })

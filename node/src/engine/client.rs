@@ -10,6 +10,7 @@ use crate::net::{NetClient, NetError};
 use libp2p::PeerId;
 use p2pmr_protocol::engine::{Event, JobRequest, JobResponse, JobSummary};
 use p2pmr_protocol::job::JobSpec;
+use p2pmr_protocol::unixfs::Layout;
 use p2pmr_protocol::wire::rank_peers;
 use p2pmr_protocol::Cid;
 use std::time::Duration;
@@ -100,7 +101,7 @@ pub async fn publish_module(
     replicas: usize,
 ) -> Result<Cid, ClientError> {
     let replicas = replicas.clamp(1, net.daemons().len().max(1));
-    let added = blocks::add(net, std::io::Cursor::new(wasm), replicas).await?;
+    let added = blocks::add(net, std::io::Cursor::new(wasm), replicas, Layout::KUBO).await?;
     Ok(added.root)
 }
 
@@ -152,7 +153,13 @@ pub async fn publish_spec(
     replicas: usize,
 ) -> Result<(), ClientError> {
     let replicas = replicas.clamp(1, net.daemons().len().max(1));
-    blocks::add(net, std::io::Cursor::new(spec.encode()), replicas).await?;
+    blocks::add(
+        net,
+        std::io::Cursor::new(spec.encode()),
+        replicas,
+        Layout::KUBO,
+    )
+    .await?;
     Ok(())
 }
 

@@ -13,6 +13,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use p2pmr_protocol::chunker::Chunker;
+use p2pmr_protocol::unixfs::Layout;
 use p2pmr_protocol::{Block, MAX_BLOCK_SIZE};
 use serde_json::json;
 use std::io::{self, Read};
@@ -127,11 +129,13 @@ async fn add(
     if params.get("raw-leaves").is_some_and(|v| v == "false") {
         return Err(ApiError::bad_request("only raw leaves are served"));
     }
-    if params.get("chunker").is_some_and(|c| c != "size-262144") {
-        return Err(ApiError::bad_request(
-            "only the chunker size-262144 is served",
-        ));
-    }
+    let chunker = match params.get("chunker") {
+        Some(c) => c
+            .parse::<Chunker>()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        None => Chunker::DEFAULT,
+    };
+    let layout = Layout::KUBO.with_chunker(chunker);
     let replicas = if flag(&params, "only-hash") {
         Replicas::OnlyHash
     } else {
@@ -141,7 +145,7 @@ async fn add(
     let name = field.file_name().unwrap_or_default().to_owned();
     let node = api.node.clone();
     let added = stream_into(&api, field, move |pipe| {
-        Box::pin(async move { node.blocks().add_whole(pipe, replicas).await })
+        Box::pin(async move { node.blocks().add_whole_as(pipe, replicas, layout).await })
     })
     .await?;
     let hash = added.root.to_string();

@@ -11,6 +11,7 @@
 //! and with plainly writing the same bytes is in BENCHMARKS.md ("Foundation").
 
 use crate::repo::store::{BlockStore, StoreError, SyncTracker};
+use p2pmr_protocol::chunker::Chunker;
 use p2pmr_protocol::unixfs::{FileBuilder, FileReader, Layout, UnixFsError};
 use p2pmr_protocol::{Block, Cid};
 use std::io::{self, Read};
@@ -146,16 +147,9 @@ pub(crate) fn build(
 ) -> Result<Added, FileError> {
     let mut builder = FileBuilder::new(layout);
     let (mut size, mut blocks) = (0u64, 0u64);
-    loop {
-        let mut chunk = buffer();
-        let n = (&mut source)
-            .take(layout.chunk_size() as u64)
-            .read_to_end(&mut chunk)
-            .map_err(FileError::Input)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
+    let mut chunks = Chunks::new(layout.chunker());
+    while let Some(chunk) = chunks.next(&mut source, &mut buffer)? {
+        size += chunk.len() as u64;
         for block in builder.push_chunk(chunk)? {
             blocks += 1;
             if !emit(block) {
@@ -166,9 +160,6 @@ pub(crate) fn build(
                 });
             }
         }
-        if n < layout.chunk_size() {
-            break;
-        }
     }
     let (root, rest) = builder.finish();
     for block in rest {
@@ -178,6 +169,65 @@ pub(crate) fn build(
         }
     }
     Ok(Added { root, size, blocks })
+}
+
+/// A reader's bytes cut into chunks as a [`Chunker`] says. Fixed-size chunks are read straight
+/// into their buffers; content-defined ones need the bytes after a cut to place it, so those
+/// go through a buffer of the largest chunk.
+struct Chunks {
+    chunker: Chunker,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+impl Chunks {
+    fn new(chunker: Chunker) -> Self {
+        Self {
+            chunker,
+            buf: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// The next chunk, in a buffer from `buffer`; `None` at the end.
+    fn next(
+        &mut self,
+        source: &mut impl Read,
+        buffer: &mut impl FnMut() -> Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, FileError> {
+        let max = self.chunker.max_chunk();
+        if let Chunker::Size(size) = self.chunker {
+            if self.eof {
+                return Ok(None);
+            }
+            let mut chunk = buffer();
+            let n = source
+                .take(size as u64)
+                .read_to_end(&mut chunk)
+                .map_err(FileError::Input)?;
+            self.eof = n < size;
+            return Ok((n > 0).then_some(chunk));
+        }
+        if !self.eof && self.buf.len() < max {
+            let want = max - self.buf.len();
+            let n = source
+                .take(want as u64)
+                .read_to_end(&mut self.buf)
+                .map_err(FileError::Input)?;
+            self.eof = n < want;
+        }
+        let n = self
+            .chunker
+            .cut(&self.buf, self.eof)
+            .expect("a full buffer or the rest of the input can be cut");
+        if n == 0 {
+            return Ok(None);
+        }
+        let mut chunk = buffer();
+        chunk.extend_from_slice(&self.buf[..n]);
+        self.buf.drain(..n);
+        Ok(Some(chunk))
+    }
 }
 
 /// A file being written into the store as a byte stream (`io::Write`), chunked and linked as
@@ -386,6 +436,50 @@ mod tests {
                 written.tsize, stored,
                 "size {size}: tsize counts every block"
             );
+        }
+    }
+
+    /// Leaves of `bytes` added with `chunker`, in order.
+    fn leaves(bytes: &[u8], chunker: Chunker) -> Vec<Cid> {
+        let mut leaves = Vec::new();
+        build(bytes, Layout::KUBO.with_chunker(chunker), Vec::new, |b| {
+            if b.cid().codec() == p2pmr_protocol::block::RAW {
+                leaves.push(*b.cid());
+            }
+            true
+        })
+        .unwrap();
+        leaves
+    }
+
+    #[test]
+    fn with_buzhash_an_insertion_changes_the_leaves_around_it_only() {
+        // Text with no long repeats: a xorshift's bytes as letters and spaces.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let text: Vec<u8> = (0..(6 << 20))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b"abcdefghijklmnopqrstuvwxyz    "[(x % 30) as usize]
+            })
+            .collect();
+        let mut edited = text.clone();
+        let middle = text.len() / 2;
+        edited.splice(middle..middle, b"an inserted sentence. ".repeat(47));
+        for (chunker, at_most_new) in [(Chunker::Buzhash, 3), (Chunker::DEFAULT, usize::MAX)] {
+            let (before, after) = (leaves(&text, chunker), leaves(&edited, chunker));
+            let new = after.iter().filter(|c| !before.contains(c)).count();
+            if chunker == Chunker::Buzhash {
+                assert!(
+                    new <= at_most_new,
+                    "{new} of {} leaves are new",
+                    after.len()
+                );
+            } else {
+                // Fixed-size chunks shift: every leaf after the insertion is new.
+                assert!(new >= after.len() / 2 - 1, "{new} of {}", after.len());
+            }
         }
     }
 
