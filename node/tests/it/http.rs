@@ -6,8 +6,9 @@ use anyhow::{bail, Result};
 use p2pmr_node::cluster::{Cluster, ClusterConfig};
 use p2pmr_node::{ApiConfig, Replicas};
 use p2pmr_protocol::car::{CarEvent, CarReader};
+use p2pmr_protocol::chunker::Chunker;
 use p2pmr_protocol::dagpb::PbNode;
-use p2pmr_protocol::unixfs::{directory, DirEntry};
+use p2pmr_protocol::unixfs::{directory, DirEntry, Layout};
 use serde_json::Value;
 use std::io::Cursor;
 use std::net::SocketAddr;
@@ -566,7 +567,7 @@ async fn uploads_are_stored_whole_or_not_at_all() -> Result<()> {
         ndjson(&upload(api0, "/api/v0/add?replicas=2", &spread).await?)[0]["Hash"].clone();
     let spread_root: p2pmr_protocol::Cid = spread_root.as_str().unwrap_or_default().parse()?;
     assert!(d0.repo().blocks().has(&spread_root) && d1.repo().blocks().has(&spread_root));
-    // only-hash stores nothing; other layouts are refused.
+    // only-hash stores nothing; kubo's other chunkers are served, other layouts refused.
     let before = blocks_of(d0)?;
     let other = data(1000).iter().map(|b| b ^ 0xaa).collect::<Vec<u8>>();
     let hashed = upload(api0, "/api/v0/add?only-hash=true", &other).await?;
@@ -578,8 +579,35 @@ async fn uploads_are_stored_whole_or_not_at_all() -> Result<()> {
             .status,
         400
     );
+    for (chunker, layout) in [
+        ("size-1024", Layout::new(1024, 174)?),
+        ("buzhash", Layout::KUBO.with_chunker(Chunker::Buzhash)),
+    ] {
+        let query = format!("/api/v0/add?only-hash=true&chunker={chunker}");
+        let bytes = data(600_000);
+        let answer = upload(api0, &query, &bytes).await?;
+        let offline = p2pmr_node::Node::builder().offline().build();
+        let mut roots = Vec::new();
+        for layout in [layout, Layout::KUBO] {
+            let source = Cursor::new(bytes.clone());
+            let blocks = offline.blocks();
+            roots.push(
+                blocks
+                    .add_as(source, Replicas::OnlyHash, layout)
+                    .await?
+                    .root,
+            );
+        }
+        let (expected, default) = (roots[0], roots[1]);
+        assert_ne!(expected, default, "{chunker}");
+        assert_eq!(
+            ndjson(&answer)[0]["Hash"],
+            expected.to_string(),
+            "{chunker}"
+        );
+    }
     assert_eq!(
-        upload(api0, "/api/v0/add?chunker=size-1024", &other)
+        upload(api0, "/api/v0/add?chunker=rabin", &other)
             .await?
             .status,
         400
