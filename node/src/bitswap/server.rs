@@ -9,7 +9,8 @@
 //! of at most 4 MiB (refused from their length alone), a peer's answers going out one
 //! message at a time (at most [`BATCH`] bytes each) while store reads are shared fairly
 //! among peers by one semaphore. Wants for blocks not held are remembered (a full wantlist
-//! replaces them) but not answered later if the block arrives.
+//! replaces them) and answered when the block arrives in the store (an add, a pin, a copy
+//! from another daemon).
 
 use super::{Bitswap, Outbound};
 use crate::repo::store::{BlockStore, StoreError};
@@ -22,7 +23,7 @@ use p2pmr_protocol::{Block, Cid};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, Semaphore};
 
 /// Inbound Bitswap streams at once, in all and from one peer.
 const MAX_STREAMS: usize = 256;
@@ -125,29 +126,47 @@ impl Server {
 
     /// Keeps `peer`'s wantlist and answers it on a stream of this server's own, until no
     /// message has come for [`IDLE`] and no stream of the peer's is open.
+    /// Wants for blocks not held are answered again when such a block arrives in the store.
     async fn answer(self, peer: PeerId, mut wants: mpsc::Receiver<Message>) {
         let mut list = WantList::default();
         let mut out = Outbound::default();
+        let mut arrivals = Some(self.store.arrivals());
+        let mut idle_at = tokio::time::Instant::now() + IDLE;
         loop {
-            let msg = match tokio::time::timeout(IDLE, wants.recv()).await {
-                Ok(Some(msg)) => msg,
-                Ok(None) => return,
-                Err(_) => {
+            let fresh = tokio::select! {
+                msg = wants.recv() => match msg {
+                    Some(msg) => {
+                        idle_at = tokio::time::Instant::now() + IDLE;
+                        list.update(&msg)
+                    }
+                    None => return,
+                },
+                arrived = recv(&mut arrivals) => match arrived {
+                    Ok(cid) => list.arrived(&cid),
+                    // Too many blocks arrived to follow one by one: look at every want again.
+                    Err(broadcast::error::RecvError::Lagged(_)) => list.all_missing(),
+                    Err(broadcast::error::RecvError::Closed) => {
+                        arrivals = None;
+                        Vec::new()
+                    }
+                },
+                () = tokio::time::sleep_until(idle_at) => {
                     let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
                     if peers.get(&peer).is_some_and(|l| l.streams == 0) {
                         peers.remove(&peer);
                         return;
                     }
+                    idle_at = tokio::time::Instant::now() + IDLE;
                     continue;
                 }
             };
-            let fresh = list.update(&msg);
             let mut pending = fresh.into_iter().peekable();
             while pending.peek().is_some() {
                 let mut reply = Message::default();
                 let mut bytes = 0;
                 for want in pending.by_ref() {
                     let Some(found) = self.look_up(&want).await else {
+                        list.missing(&want.cid);
                         if want.send_dont_have {
                             reply.presences.push((want.cid, Presence::DontHave));
                         }
@@ -196,6 +215,16 @@ impl Server {
     }
 }
 
+/// The next block to arrive in the store, or never when arrivals are not followed.
+async fn recv(
+    arrivals: &mut Option<broadcast::Receiver<Cid>>,
+) -> Result<Cid, broadcast::error::RecvError> {
+    match arrivals {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads `peer`'s messages from `stream` until it ends, idles or breaks the protocol: wants
 /// into `wants`, blocks and presences to `client`.
 async fn read(
@@ -240,18 +269,56 @@ struct Want {
 }
 
 /// What a peer wants: at most [`MAX_ENTRIES`] CIDs not yet sent (so answered with `Have` or
-/// `DontHave`), and which of them were answered.
+/// `DontHave`), which of them were answered, and which were not held when they were (by
+/// canonical CID, to the CID as wanted).
 #[derive(Debug, Default)]
 struct WantList {
     wants: HashMap<Cid, (WantType, bool)>,
     answered: HashSet<Cid>,
+    missing: HashMap<Cid, Cid>,
 }
 
 impl WantList {
     /// The block for `cid` went out: the want is met.
     fn sent(&mut self, cid: &Cid) {
+        self.forget(cid);
+    }
+
+    fn forget(&mut self, cid: &Cid) {
         self.wants.remove(cid);
         self.answered.remove(cid);
+        self.missing.remove(&canonical(cid));
+    }
+
+    /// The want for `cid` found no block.
+    fn missing(&mut self, cid: &Cid) {
+        if self.wants.contains_key(cid) {
+            self.missing.insert(canonical(cid), *cid);
+        }
+    }
+
+    /// The block `cid` (canonical) arrived in the store: the want for it, if one waits.
+    fn arrived(&mut self, cid: &Cid) -> Vec<Want> {
+        let Some(wanted) = self.missing.remove(cid) else {
+            return Vec::new();
+        };
+        self.want(wanted).into_iter().collect()
+    }
+
+    /// Every want that found no block, to be looked up again.
+    fn all_missing(&mut self) -> Vec<Want> {
+        let missing: Vec<Cid> = self.missing.drain().map(|(_, wanted)| wanted).collect();
+        missing.into_iter().filter_map(|c| self.want(c)).collect()
+    }
+
+    fn want(&self, cid: Cid) -> Option<Want> {
+        let &(kind, _) = self.wants.get(&cid)?;
+        // A block that is still missing has been said to be so already.
+        Some(Want {
+            cid,
+            kind,
+            send_dont_have: false,
+        })
     }
 
     /// Applies a message's wantlist; returns the wants to answer now (new ones, and a
@@ -261,12 +328,12 @@ impl WantList {
             let keep: HashSet<Cid> = msg.wantlist.entries.iter().map(|e| e.cid).collect();
             self.wants.retain(|cid, _| keep.contains(cid));
             self.answered.retain(|cid| keep.contains(cid));
+            self.missing.retain(|_, wanted| keep.contains(wanted));
         }
         let mut fresh = Vec::new();
         for entry in &msg.wantlist.entries {
             if entry.cancel {
-                self.wants.remove(&entry.cid);
-                self.answered.remove(&entry.cid);
+                self.forget(&entry.cid);
                 continue;
             }
             let upgraded = self.wants.get(&entry.cid).is_some_and(|(kind, _)| {
@@ -276,8 +343,7 @@ impl WantList {
                 // Every want here has been answered (Have or DontHave; those answered with
                 // the block are gone), and peers need not cancel them: one makes room.
                 if let Some(old) = self.wants.keys().next().copied() {
-                    self.wants.remove(&old);
-                    self.answered.remove(&old);
+                    self.forget(&old);
                 }
             }
             self.wants
@@ -350,6 +416,29 @@ mod tests {
         let got = list.update(&msg(true, vec![(3, WantType::Block, false)]));
         assert_eq!(got.len(), 1);
         assert_eq!(list.wants.len(), 1);
+    }
+
+    #[test]
+    fn wants_found_missing_are_answered_when_their_block_arrives() {
+        let mut list = WantList::default();
+        for want in list.update(&msg(
+            false,
+            vec![(1, WantType::Block, false), (2, WantType::Have, false)],
+        )) {
+            list.missing(&want.cid);
+        }
+        // Another block arriving answers nothing; the wanted one its want, once.
+        assert!(list.arrived(&cid(3)).is_empty());
+        let got = list.arrived(&cid(1));
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].cid, got[0].kind), (cid(1), WantType::Block));
+        assert!(list.arrived(&cid(1)).is_empty());
+        // A cancelled want is not answered; after a lag, every want still missing is.
+        list.update(&msg(false, vec![(4, WantType::Block, false)]));
+        list.missing(&cid(4));
+        list.update(&msg(false, vec![(4, WantType::Block, true)]));
+        let again: Vec<Cid> = list.all_missing().into_iter().map(|w| w.cid).collect();
+        assert_eq!(again, [cid(2)]);
     }
 
     #[test]

@@ -71,6 +71,8 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
 
 /// The alphabet of base32 CIDs, whose characters name the shard directories.
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+/// Newly stored blocks announced to each follower before it is told it fell behind.
+const ARRIVALS: usize = 256;
 
 /// Block count and bytes held.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -97,6 +99,8 @@ struct Inner {
     /// the first time the filesystem refuses one.
     #[cfg(target_os = "linux")]
     tmpfile: std::sync::atomic::AtomicBool,
+    /// Blocks newly stored, by canonical CID, for whoever waits for one (Bitswap wants).
+    arrivals: tokio::sync::broadcast::Sender<Cid>,
 }
 
 impl BlockStore {
@@ -110,6 +114,7 @@ impl BlockStore {
             next_tmp: AtomicU64::new(0),
             #[cfg(target_os = "linux")]
             tmpfile: std::sync::atomic::AtomicBool::new(true),
+            arrivals: tokio::sync::broadcast::channel(ARRIVALS).0,
         };
         let new = !inner.blocks.is_dir();
         for d in [&inner.blocks, &inner.tmp, &inner.quarantine] {
@@ -236,6 +241,26 @@ impl BlockStore {
     /// Stores a block atomically. Returns `false` if it was already present. The block is not
     /// yet durable against power loss: call [`sync`](Self::sync) before acknowledging it.
     pub fn put(&self, block: &Block) -> Result<bool, StoreError> {
+        let stored = self.write(block)?;
+        if stored {
+            self.arrived(block.cid());
+        }
+        Ok(stored)
+    }
+
+    /// Blocks stored from now on (by [`put`](Self::put) or [`adopt`](Self::adopt)), by
+    /// canonical CID. A receiver that falls behind by more than a few hundred is told it
+    /// lagged.
+    pub fn arrivals(&self) -> tokio::sync::broadcast::Receiver<Cid> {
+        self.inner.arrivals.subscribe()
+    }
+
+    fn arrived(&self, cid: &Cid) {
+        // No receiver is the common case, and not an error.
+        let _ = self.inner.arrivals.send(canonical(cid));
+    }
+
+    fn write(&self, block: &Block) -> Result<bool, StoreError> {
         let path = self.path_of(block.cid());
         match fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_file() => return Ok(false),
@@ -288,7 +313,10 @@ impl BlockStore {
     pub fn adopt(&self, staged: &BlockStore, cid: &Cid) -> Result<(), StoreError> {
         let (from, to) = (staged.path_of(cid), self.path_of(cid));
         match fs::rename(&from, &to) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.arrived(cid);
+                Ok(())
+            }
             Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
                 self.put(&staged.get(cid)?).map(drop)
             }

@@ -178,6 +178,30 @@ async fn a_daemon_answers_wants_as_bitswap_1_2_0_has_it() -> Result<()> {
         "answered a missing block without sendDontHave: {more:?}"
     );
 
+    // A block wanted while missing is sent once it arrives in the store, for want-block and
+    // (as Have) for want-have.
+    let (later, later_have) = (
+        Block::raw(vec![9; 2000]),
+        Block::raw(b"arrives later, small".to_vec()),
+    );
+    send(
+        &mut stream,
+        &wants(vec![
+            want(*later.cid(), WantType::Block, true),
+            want(*later_have.cid(), WantType::Have, false),
+        ]),
+    )
+    .await?;
+    let (_, presences) = answers(&mut rx, 1).await;
+    assert_eq!(presences, vec![(*later.cid(), Presence::DontHave)]);
+    store.put(&later)?;
+    store.put(&later_have)?;
+    let (mut blocks, presences) = answers(&mut rx, 2).await;
+    blocks.sort_by_key(|b| b.cid().to_bytes());
+    let mut expected = vec![later.clone(), later_have.clone()];
+    expected.sort_by_key(|b| b.cid().to_bytes());
+    assert_eq!((blocks, presences), (expected, vec![]));
+
     // A CIDv0 want of a dag-pb block is answered under the CIDv0.
     let node = Block::dag_pb(vec![0x0a, 0x02, 0x08, 0x01]);
     store.put(&node)?;
