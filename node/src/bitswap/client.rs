@@ -272,9 +272,13 @@ impl Bitswap {
         }
     }
 
-    /// Sends a want for the registration's block to `peer`.
+    /// Sends a want for the registration's block to `peer`, after a cancel of any earlier
+    /// one: a server that answered the same want moments ago (a block read twice, a retry)
+    /// may take a repeat for one already met and stay silent (Helia does, for 5 s), while a
+    /// cancel and a new want are answered afresh.
     fn want(&self, reg: &mut Registration<'_>, peer: PeerId, kind: WantType) {
         reg.asked.insert(peer);
+        self.queue(peer, entry(reg.cid, WantType::Block, true));
         self.queue(peer, entry(reg.cid, kind, false));
     }
 
