@@ -16,12 +16,8 @@ trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 source "$(dirname "$0")/daemons.sh"
 declare -A peers
 for n in 2 4; do
-    for i in $(seq "$n"); do
-        first=()
-        [ "$i" -gt 1 ] && first=(--peer "$(addr "c$n-1")")
-        start_daemon "c$n-$i" "${first[@]}"
-        peers[$n]+=" --peer $(addr "c$n-$i")"
-    done
+    start_chain "c$n-" "$n"
+    peers[$n]=$(peer_args "c$n-" "$n" | tr '\n' ' ')
 done
 # shellcheck disable=SC2086
 client() { local n=$1; shift; "$bin" --home "$work/client$n" --no-mdns ${peers[$n]} "$@"; }
@@ -30,8 +26,6 @@ for n in 2 4; do
     cid[$n]=$(client "$n" add --quiet --replicas 2 "$corpus")
     client "$n" run --job wordcount --input "${cid[$n]}" --reducers 2 --arg warm=1 --json >/dev/null
 done
-now() { date +%s%N; }
-secs() { awk -v n=$(($2 - $1)) 'BEGIN { printf "%.4f", n / 1e9 }'; }
 lines() { client "$1" cat "$2" | sort | sha256sum | cut -c1-16; }
 local_share() {
     python3 -c 'import json,sys
@@ -54,10 +48,7 @@ for r in $(seq "$rounds"); do
         echo "daemons $n $t local $share"
     done
 done | tee "$work/runs"
-median() {
-    awk -v n="$1" -v f="$2" '$2 == n { print $f }' "$work/runs" | sort -g |
-        awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
-}
+median() { awk -v n="$1" -v f="$2" '$2 == n { print $f }' "$work/runs" | median_of; }
 mb=$(stat -c %s "$corpus")
 two=$(median 2 3) four=$(median 4 3) l2=$(median 2 5) l4=$(median 4 5)
 awk -v a="$two" -v b="$four" -v mb="$mb" -v l2="$l2" -v l4="$l4" 'BEGIN {

@@ -17,13 +17,8 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 ulimit -n 65536 2>/dev/null || true
 source "$(dirname "$0")/daemons.sh"
-for i in $(seq "$daemons"); do
-    peers=()
-    [ "$i" -gt 1 ] && peers=(--peer "$(addr d1)")
-    start_daemon "d$i" "${peers[@]}"
-done
-all=()
-for i in $(seq "$daemons"); do all+=(--peer "$(addr "d$i")"); done
+start_chain d "$daemons"
+mapfile -t all < <(peer_args d "$daemons")
 client() { "$bin" --home "$work/client" --no-mdns -q "${all[@]}" "$@"; }
 # Every daemon must know every other before the job is planned (the coordinator schedules
 # over the daemons it knows); a daemon's own view is what `peers` through it alone shows.

@@ -23,8 +23,6 @@ start() { # NAME [global args...]
 start plain
 start private --swarm-key "$work/swarm.key"
 cid=$(cat "$work/plain.cid")
-now() { date +%s%N; }
-secs() { awk -v n=$(($2 - $1)) 'BEGIN { printf "%.4f", n / 1e9 }'; }
 for r in $(seq "$rounds"); do
     s=$(now)
     "$bin" --home "$work/none" --no-mdns --peer "$(addr plain)" cat "$cid" | cmp - "$corpus"
@@ -34,10 +32,7 @@ for r in $(seq "$rounds"); do
         cat "$cid" | cmp - "$corpus"
     echo "private cat $(secs "$s" "$(now)")"
 done | tee "$work/runs"
-median() {
-    awk -v w="$1" '$1 == w { print $3 }' "$work/runs" | sort -g |
-        awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
-}
+median() { awk -v w="$1" '$1 == w { print $3 }' "$work/runs" | median_of; }
 mb=$(stat -c %s "$corpus")
 p=$(median plain) q=$(median private)
 awk -v p="$p" -v q="$q" -v mb="$mb" 'BEGIN {

@@ -15,17 +15,10 @@ work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 source "$(dirname "$0")/daemons.sh"
-for i in $(seq "$daemons"); do
-    peers=()
-    [ "$i" -gt 1 ] && peers=(--peer "$(addr d1)")
-    start_daemon "d$i" "${peers[@]}"
-done
-all=()
-for i in $(seq "$daemons"); do all+=(--peer "$(addr "d$i")"); done
+start_chain d "$daemons"
+mapfile -t all < <(peer_args d "$daemons")
 client() { "$bin" --home "$work/client" --no-mdns "${all[@]}" "$@"; }
 cid=$(client add --replicas 2 "$corpus" 2>/dev/null)
-now() { date +%s%N; }
-secs() { awk -v n=$(($2 - $1)) 'BEGIN { printf "%.4f", n / 1e9 }'; }
 # The output's lines, whatever the partitioning: the same for every run of the same input.
 lines() { client cat "$1" | sort | sha256sum | cut -c1-16; }
 client run --job wordcount --input "$cid" --reducers 2 --arg warm=1 --json >/dev/null
@@ -44,10 +37,7 @@ for r in $(seq "$rounds"); do
         echo "$which run $t"
     done
 done | tee "$work/runs"
-median() {
-    awk -v w="$1" '$1 == w { print $3 }' "$work/runs" | sort -g |
-        awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
-}
+median() { awk -v w="$1" '$1 == w { print $3 }' "$work/runs" | median_of; }
 mb=$(stat -c %s "$corpus")
 p=$(median plain) q=$(median verified)
 awk -v p="$p" -v q="$q" -v mb="$mb" -v n="$daemons" 'BEGIN {

@@ -159,6 +159,11 @@ impl Bitswap {
         self.inner.net.bitswap_sources()
     }
 
+    /// Whether any source is connected.
+    pub fn has_sources(&self) -> bool {
+        self.inner.net.has_bitswap_sources()
+    }
+
     /// Wants sent again after [`TIMEOUT`] without an answer, since the daemon started.
     pub fn retries(&self) -> u64 {
         self.inner.retries.load(Ordering::Relaxed)

@@ -585,9 +585,7 @@ impl Fetcher {
 
     /// Whether IPFS nodes are connected to fetch from.
     pub fn has_ipfs_sources(&self) -> bool {
-        self.bitswap
-            .as_ref()
-            .is_some_and(|b| !b.sources().is_empty())
+        self.bitswap.as_ref().is_some_and(Bitswap::has_sources)
     }
 
     /// Wants sent again to IPFS nodes after a timeout, so far.
@@ -710,7 +708,7 @@ impl Fetcher {
             }
         }
         let fetched = match &self.bitswap {
-            Some(bitswap) if ipfs_first && !bitswap.sources().is_empty() => {
+            Some(bitswap) if ipfs_first && bitswap.has_sources() => {
                 match bitswap.fetch(cid).await {
                     Ok(block) => Ok((block, Source::Ipfs)),
                     Err(_) => self.fetch_remote(cid, group, hint).await,
@@ -749,7 +747,7 @@ impl Fetcher {
             (
                 Err(e @ (RemoteError::Unavailable { .. } | RemoteError::NoDaemons { .. })),
                 Some(bitswap),
-            ) if !bitswap.sources().is_empty() => match bitswap.fetch(cid).await {
+            ) if bitswap.has_sources() => match bitswap.fetch(cid).await {
                 Ok(block) => Ok((block, Source::Ipfs)),
                 Err(ipfs) => Err(RemoteError::NotOnIpfs {
                     daemons: Box::new(e),
@@ -1068,34 +1066,10 @@ impl Fetcher {
     }
 
     /// Copies every block of the DAG at `root` (file or directory) into `store`, so it can be
-    /// read without the network.
+    /// read without the network; returns how many blocks.
     pub async fn copy_into(&self, root: Cid, store: &BlockStore) -> Result<u64, RemoteError> {
-        let mut copied = Vec::new();
-        let mut stack = vec![(root, 0usize)];
-        while let Some((cid, depth)) = stack.pop() {
-            if depth > p2pmr_protocol::unixfs::MAX_DEPTH {
-                return Err(UnixFsError::TooDeep { cid }.into());
-            }
-            let block = self.fetch(cid).await?;
-            if cid.codec() != RAW {
-                let node = PbNode::decode(block.data()).map_err(UnixFsError::from)?;
-                stack.extend(node.links.iter().map(|l| (l.hash, depth + 1)));
-            }
-            let store = store.clone();
-            tokio::task::spawn_blocking(move || store.put(&block))
-                .await
-                .expect("store task panicked")
-                .map_err(FileError::Store)?;
-            copied.push(cid);
-        }
-        // One sync for the whole DAG, not one per block.
-        let n = copied.len() as u64;
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.sync(copied.iter()))
-            .await
-            .expect("store task panicked")
-            .map_err(FileError::Store)?;
-        Ok(n)
+        let (cids, _) = self.fetch_dag(root, store, |_| {}).await?;
+        Ok(cids.len() as u64)
     }
 }
 

@@ -111,15 +111,20 @@ pub async fn submit(
     coordinator: PeerId,
     spec: &JobSpec,
 ) -> Result<Cid, ClientError> {
-    match net
+    let answer = net
         .job_request(
             coordinator,
             JobRequest::Submit {
                 spec: spec.encode(),
             },
         )
-        .await?
-    {
+        .await?;
+    accepted(answer)
+}
+
+/// The id in a coordinator's `Accepted`, or why it did not accept.
+fn accepted(answer: JobResponse) -> Result<Cid, ClientError> {
+    match answer {
         JobResponse::Accepted { job } => Ok(job),
         JobResponse::Failed(reason) => Err(ClientError::Refused(reason)),
         other => Err(ClientError::Protocol(format!("{other:?}"))),
@@ -134,14 +139,10 @@ pub async fn pin(
     root: Cid,
     replicas: u32,
 ) -> Result<Cid, ClientError> {
-    match net
-        .job_request(daemon, JobRequest::Pin { root, replicas })
-        .await?
-    {
-        JobResponse::Accepted { job } => Ok(job),
-        JobResponse::Failed(reason) => Err(ClientError::Refused(reason)),
-        other => Err(ClientError::Protocol(format!("{other:?}"))),
-    }
+    accepted(
+        net.job_request(daemon, JobRequest::Pin { root, replicas })
+            .await?,
+    )
 }
 
 /// Publishes the encoded spec as a block of its own, whose CID is the job id, on `replicas`

@@ -404,6 +404,11 @@ impl NetClient {
         self.sources.borrow().iter().copied().collect()
     }
 
+    /// Whether any such source is connected (without copying the set: asked per block).
+    pub fn has_bitswap_sources(&self) -> bool {
+        !self.sources.borrow().is_empty()
+    }
+
     /// A receiver that sees every change of the daemon set.
     pub fn watch_daemons(&self) -> watch::Receiver<BTreeMap<PeerId, PeerInfo>> {
         self.daemons.clone()
@@ -715,8 +720,9 @@ struct EventLoop {
     sweep_again: bool,
     /// Peers caught misbehaving: never connected to again by this peer.
     banned: HashSet<PeerId>,
-    /// Daemons seen (with the addresses they listen on), redialled while disconnected: a
-    /// daemon that was restarted, frozen or cut off comes back into the network by itself.
+    /// Daemons and IPFS block sources seen (with the addresses they listen on), redialled
+    /// while disconnected: a daemon that was restarted, frozen or cut off comes back into the
+    /// network by itself.
     known: HashMap<PeerId, Vec<Multiaddr>>,
 }
 

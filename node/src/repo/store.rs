@@ -256,8 +256,10 @@ impl BlockStore {
     }
 
     fn arrived(&self, cid: &Cid) {
-        // No receiver is the common case, and not an error.
-        let _ = self.inner.arrivals.send(canonical(cid));
+        // Nobody follows arrivals unless IPFS peers are connected: the common case.
+        if self.inner.arrivals.receiver_count() > 0 {
+            let _ = self.inner.arrivals.send(canonical(cid));
+        }
     }
 
     fn write(&self, block: &Block) -> Result<bool, StoreError> {

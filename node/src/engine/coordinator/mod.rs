@@ -389,8 +389,13 @@ impl Coordinator {
         self.inner.tasks.spawn(async move {
             let mut cancel = handle.cancel.subscribe();
             let started = Instant::now();
+            let fetch = async {
+                let via = this.ipfs_daemon().await;
+                this.fetch_input(&handle, root, replicas as usize, via)
+                    .await
+            };
             let outcome = tokio::select! {
-                r = this.fetch_input(&handle, root, replicas as usize) => r.map_err(Stop::Failed),
+                r = fetch => r.map_err(Stop::Failed),
                 _ = cancel.wait_for(|c| *c) => Err(Stop::Cancelled),
             };
             handle.emit(match outcome {
@@ -435,18 +440,19 @@ impl Coordinator {
 
     /// The fetch phase: the DAG at `root` fetched from wherever it is (IPFS nodes included)
     /// and stored on `replicas` daemons, with `Fetching` events along the way. IPFS nodes
-    /// are usually known to some daemons only (those given their address): when this one
-    /// knows none and another does, that one is asked to pin the DAG, and its progress is
-    /// passed on.
+    /// are usually known to some daemons only (those given their address): `via` is one that
+    /// knows some ([`Coordinator::ipfs_daemon`]); when it is another daemon, that one is asked
+    /// to pin the DAG, and its progress is passed on.
     async fn fetch_input(
         &self,
         handle: &JobHandle,
         root: Cid,
         replicas: usize,
+        via: Option<PeerId>,
     ) -> Result<Fetched, String> {
         handle.emit(Event::Phase(Phase::Fetch));
         let me = self.net().local_peer_id();
-        match self.ipfs_daemon().await {
+        match via {
             Some(other) if other != me => self.fetch_through(handle, other, root, replicas).await,
             _ => self.fetch_here(handle, root, replicas).await,
         }
@@ -998,18 +1004,26 @@ impl Coordinator {
             let mut tries = 0;
             let mut fetched = false;
             let leaves = loop {
-                match leaves(fetcher, input.cid).await {
-                    // No daemon has it, but IPFS nodes are connected: fetch it from them
-                    // and store it here like an add, then plan as usual.
-                    Err(RemoteError::Unavailable { .. } | RemoteError::NoDaemons { .. })
-                        if !fetched && self.ipfs_daemon().await.is_some() =>
-                    {
+                let found = leaves(fetcher, input.cid).await;
+                if let Err(RemoteError::Unavailable { .. } | RemoteError::NoDaemons { .. }) = found
+                {
+                    // No daemon has it, but IPFS nodes are connected: fetch it from them and
+                    // store it like an add, then plan as usual.
+                    let via = if fetched {
+                        None
+                    } else {
+                        self.ipfs_daemon().await
+                    };
+                    if via.is_some() {
                         fetched = true;
                         let replicas = INPUT_REPLICAS.min(self.net().daemons().len() + 1);
-                        self.fetch_input(handle, input.cid, replicas)
+                        self.fetch_input(handle, input.cid, replicas, via)
                             .await
                             .map_err(|e| format!("input {}: {e}", input.name))?;
+                        continue;
                     }
+                }
+                match found {
                     Err(RemoteError::Unavailable { .. } | RemoteError::NoDaemons { .. })
                         if tries < PLAN_RETRIES =>
                     {
