@@ -94,8 +94,9 @@ curl -sf "$(api d4)/ipfs/$file_cid" | cmp - "$work/file" ||
 p2pmr e pin add --peer "$(listening d3)" --replicas 2 "$file_cid" >"$work/pinned" 2>"$work/pin.err" ||
     { echo "interop: pin add failed: $(cat "$work/pin.err")" >&2; exit 1; }
 [[ $(cat "$work/pinned") == "$file_cid" ]]
-p2pmr e stat --peer "$(listening d3)" "$file_cid" | grep -q "179 blocks on 2 daemon" ||
-    { echo "interop: the pinned file is not on 2 daemons: $(p2pmr e stat --peer "$(listening d3)" "$file_cid")" >&2; exit 1; }
+stat=$(p2pmr e stat --peer "$(listening d3)" "$file_cid")
+grep -q "179 blocks on 2 daemon" <<<"$stat" ||
+    { echo "interop: the pinned file is not on 2 daemons: $stat" >&2; exit 1; }
 p2pmr f cat --peer "$(listening d4)" "$file_cid" | cmp - "$work/file"
 # A CID neither the daemons nor Helia hold: one clear error, soon (Helia says it does not have it).
 missing=$(p2pmr c add -n <(head -c 1000 /dev/urandom))

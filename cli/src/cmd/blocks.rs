@@ -98,17 +98,22 @@ pub(crate) async fn stat(env: &Env, cid: &str) -> Result<()> {
     let stat = node.blocks().stat(cid).await;
     node.shutdown().await;
     let stat = stat?;
-    println!("cid:     {cid}");
-    println!("size:    {} bytes", stat.size);
-    println!("blocks:  {}", stat.blocks);
+    // Written, not printed: a reader that stops early (`| head`) ends the command quietly.
+    let mut out = io::stdout().lock();
+    writeln!(out, "cid:     {cid}")?;
+    writeln!(out, "size:    {} bytes", stat.size)?;
+    writeln!(out, "blocks:  {}", stat.blocks)?;
     for (copies, n) in stat.replicas.iter().enumerate().filter(|(_, n)| **n > 0) {
-        println!("copies:  {n} blocks on {copies} daemon(s)");
+        writeln!(out, "copies:  {n} blocks on {copies} daemon(s)")?;
     }
     for (peer, n) in &stat.holders {
-        println!("holder:  {peer} {n} blocks");
+        writeln!(out, "holder:  {peer} {n} blocks")?;
     }
     for (peer, (n, why)) in &stat.unproven {
-        println!("unproven: {peer} claims {n} blocks but could not prove it holds one ({why}); not counted");
+        writeln!(
+            out,
+            "unproven: {peer} claims {n} blocks but could not prove it holds one ({why}); not counted"
+        )?;
     }
     Ok(())
 }
@@ -117,9 +122,10 @@ pub(crate) async fn peers(env: &Env) -> Result<()> {
     let node = env.node(None)?;
     let daemons = node.peers().list().await;
     node.shutdown().await;
+    let mut out = io::stdout().lock();
     for (id, info) in daemons? {
         let addrs: Vec<String> = info.addrs.iter().map(ToString::to_string).collect();
-        println!("{id} {} {}", info.agent, addrs.join(" "));
+        writeln!(out, "{id} {} {}", info.agent, addrs.join(" "))?;
     }
     Ok(())
 }
