@@ -13,10 +13,9 @@ fn main() {
     let root = manifest.parent().unwrap().to_owned();
     let out = PathBuf::from(std::env::var_os("OUT_DIR").unwrap());
     let target_dir = root.join("target/wasm-jobs");
-    println!(
-        "cargo:rerun-if-changed={}",
-        root.join("wasm-jobs").display()
-    );
+    // Each source file, not the directory: cargo did not always see a change deep inside
+    // a directory named here.
+    watch(&root.join("wasm-jobs"));
     println!(
         "cargo:rerun-if-changed={}",
         root.join("Cargo.lock").display()
@@ -60,5 +59,24 @@ fn main() {
         ));
         std::fs::copy(&built, out.join(format!("{job}.wasm")))
             .unwrap_or_else(|e| panic!("{}: {e}", built.display()));
+    }
+}
+
+/// Asks cargo to rerun this script when a file under `dir` (but not in a `target` folder)
+/// changes, or one is added or removed.
+fn watch(dir: &std::path::Path) {
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n != "target") {
+                watch(&path);
+            }
+        } else {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
     }
 }
