@@ -303,6 +303,11 @@ pub(crate) struct DaemonArgs {
     /// are not counted)
     #[arg(long, value_name = "SIZE", default_value = "16GiB", value_parser = parse_size)]
     pub(crate) max_client_bytes: u64,
+    /// Outputs of tasks run here to remember for later jobs that run the same task on the
+    /// same bytes, by the bytes they name, e.g. 2GiB; the least recently used are forgotten
+    /// first, and 0 remembers none
+    #[arg(long, value_name = "SIZE", default_value = "2GiB", value_parser = parse_size)]
+    pub(crate) memo_bytes: u64,
     /// Free space to keep on the repository's disk: a share (5%) or a size (20GiB); a write
     /// that would pass it is refused
     #[arg(long, value_name = "PCT%|SIZE", default_value = "5%", value_parser = parse_min_free)]
@@ -409,6 +414,10 @@ pub(crate) struct RunArgs {
           value_parser = clap::value_parser!(u32)
               .range(2..=i64::from(p2pmr_protocol::job::MAX_VERIFY)))]
     pub(crate) verify: Option<u32>,
+    /// Run every task, reusing no output the daemons remember from earlier jobs (nor this
+    /// job's previous result)
+    #[arg(long)]
+    pub(crate) no_memo: bool,
     /// Print one JSON event per line on stdout instead of progress bars
     #[arg(long)]
     pub(crate) json: bool,

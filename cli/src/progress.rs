@@ -175,10 +175,21 @@ impl Progress {
                 self.map = Some(self.bar("map", *maps));
                 self.reduce = Some(self.bar("reduce", *reduces));
             }
-            Event::Reused { maps, reduces } => {
-                self.line(format!(
-                    "took over the job: {maps} map and {reduces} reduce tasks already done are reused"
-                ));
+            Event::Reused {
+                maps,
+                reduces,
+                input_bytes,
+                memo,
+            } => {
+                self.line(if *memo {
+                    let over = match input_bytes {
+                        0 => String::new(),
+                        n => format!(" (over {:.1} MB of input)", *n as f64 / 1e6),
+                    };
+                    format!("reused {maps} map and {reduces} reduce task outputs the daemons remember{over}")
+                } else {
+                    format!("took over the job: {maps} map and {reduces} reduce tasks already done are reused")
+                });
                 for (bar, n) in [(&self.map, maps), (&self.reduce, reduces)] {
                     if let Some(bar) = bar {
                         bar.inc(u64::from(*n));

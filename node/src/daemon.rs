@@ -86,6 +86,8 @@ pub struct DaemonConfig {
     /// How long a client's add may go without a block or a commit before the blocks it
     /// pushed here are collected (an add interrupted or abandoned).
     pub gc_grace: Duration,
+    /// Bytes of task outputs the worker remembers for later jobs (0: none).
+    pub memo_bytes: u64,
     /// For testing verified execution only (`P2PMR_FAULT_WRONG_OUTPUT=1` for `p2pmr daemon`):
     /// the daemon alters one record of every map output it produces. Never on by default.
     pub fault_wrong_output: bool,
@@ -107,6 +109,7 @@ impl Default for DaemonConfig {
             allow_jobs: None,
             writes: WritePolicy::default(),
             gc_grace: crate::blocks::ledger::DEFAULT_GC_GRACE,
+            memo_bytes: crate::engine::worker::DEFAULT_MEMO_BYTES,
             fault_wrong_output: false,
         }
     }
@@ -253,7 +256,7 @@ impl Daemon {
             (slots, config.slots == 0),
             tasks.clone(),
             access,
-            config.fault_wrong_output,
+            (config.memo_bytes, config.fault_wrong_output),
         )?;
         let node = Node::serving(network.client.clone(), repo.clone(), bitswap);
         let coordinator =

@@ -35,6 +35,11 @@
 //! the combiner (`which` = 0) and out of it (1), for the job counters. Modules without it are
 //! still v1 modules; their combine counters read 0.
 //!
+//! Optional: `p2pmr_positional() -> i32`, read after `p2pmr_map_end`: 1 if the task's output
+//! depends on where its records lie in the input (the module read their offsets), 0 if only
+//! on their bytes. Hosts reuse a remembered map output for a range elsewhere in an input only
+//! when it was 0 ([`crate::memo`]); a module without it counts as 1.
+//!
 //! # Imports (module `p2pmr`)
 //!
 //! | import | meaning |

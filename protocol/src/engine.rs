@@ -38,6 +38,33 @@ mod cid_bytes {
     }
 }
 
+/// A list of CIDs as their binary forms.
+pub(crate) mod cids_bytes {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(cids: &[Cid], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            cids.iter()
+                .map(|c| serde_bytes::ByteBuf::from(c.to_bytes())),
+        )
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Cid>, D::Error> {
+        let list: Vec<&serde_bytes::Bytes> = Deserialize::deserialize(d)?;
+        list.into_iter()
+            .map(|bytes| {
+                Cid::try_from(&bytes[..])
+                    .map(|c| canonical(&c))
+                    .map_err(|_| serde::de::Error::custom("malformed CID"))
+            })
+            .collect()
+    }
+}
+
+/// Most keys in one [`JobRequest::Memo`].
+pub const MAX_MEMO_KEYS: usize = 1024;
+
 /// A request of the job protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobRequest {
@@ -105,6 +132,13 @@ pub enum JobRequest {
         root: Cid,
         /// Daemons to keep it on.
         replicas: u32,
+    },
+    /// Coordinator to worker: the task outputs it remembers under these keys
+    /// ([`crate::memo`]), whichever job made them. Answered [`JobResponse::Memo`].
+    Memo {
+        /// The keys, at most [`MAX_MEMO_KEYS`].
+        #[serde(with = "cids_bytes")]
+        keys: Vec<Cid>,
     },
 }
 
@@ -242,6 +276,19 @@ pub enum JobResponse {
     },
     /// What a daemon holds and runs (see [`JobRequest::Status`]).
     Status(DaemonStatus),
+    /// The outputs a worker remembers under the keys asked for (see [`JobRequest::Memo`]);
+    /// keys it does not know are left out.
+    Memo(Vec<MemoHit>),
+}
+
+/// A task output a worker remembers, and its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoHit {
+    /// The task's key.
+    #[serde(with = "cid_bytes")]
+    pub key: Cid,
+    /// What it produced.
+    pub entry: crate::memo::Remembered,
 }
 
 /// A daemon's load and holdings, as it answers [`JobRequest::Status`].
@@ -259,6 +306,10 @@ pub struct DaemonStatus {
     pub refusals: Vec<Refusal>,
     /// IPFS nodes it is connected to (peers it can fetch from over Bitswap).
     pub ipfs_peers: u32,
+    /// Task outputs its worker remembers for later jobs ([`crate::memo`]).
+    pub memo_tasks: u32,
+    /// The bytes those outputs name.
+    pub memo_bytes: u64,
 }
 
 /// A peer turned away by a daemon's job access policy.
@@ -447,13 +498,18 @@ pub enum Event {
         /// Daemons that will run tasks.
         workers: u32,
     },
-    /// Tasks a previous coordinator of this job finished whose outputs still exist: they
-    /// are reused, not run again (this coordinator took over the job).
+    /// Tasks whose outputs exist already and are reused, not run again: finished for a
+    /// previous coordinator of this job (this one took over), or remembered by the workers
+    /// from any job that ran the same task on the same bytes ([`crate::memo`]).
     Reused {
         /// Map tasks reused.
         maps: u32,
         /// Reduce tasks reused.
         reduces: u32,
+        /// Input bytes the reused map tasks cover.
+        input_bytes: u64,
+        /// From the workers' memo (else from a previous coordinator of the job).
+        memo: bool,
     },
     /// A phase began.
     Phase(Phase),
@@ -599,9 +655,19 @@ impl JobRequest {
         encode(self)
     }
 
-    /// Decodes a request, enforcing the size limit.
+    /// Decodes a request, enforcing the size limits.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
-        decode(bytes)
+        let request: Self = decode(bytes)?;
+        if let Self::Memo { keys } = &request {
+            if keys.len() > MAX_MEMO_KEYS {
+                return Err(WireError::TooLarge {
+                    what: "memo key list",
+                    size: keys.len(),
+                    limit: MAX_MEMO_KEYS,
+                });
+            }
+        }
+        Ok(request)
     }
 }
 
@@ -705,6 +771,9 @@ mod tests {
                 root: cid(5),
                 replicas: 2,
             },
+            JobRequest::Memo {
+                keys: vec![cid(6), cid(7)],
+            },
         ];
         let counters = Counters {
             input_records: 5,
@@ -733,6 +802,12 @@ mod tests {
                         elapsed_ms: 12,
                         cached: false,
                     },
+                    Event::Reused {
+                        maps: 3,
+                        reduces: 1,
+                        input_bytes: 1 << 30,
+                        memo: true,
+                    },
                     Event::Phase(Phase::Fetch),
                     Event::Fetching {
                         root: cid(3),
@@ -743,7 +818,7 @@ mod tests {
                         done: false,
                     },
                 ],
-                times: vec![1, 2, 3, 4, 5, 6],
+                times: vec![1, 2, 3, 4, 5, 6, 7],
                 next: 6,
                 done: true,
             },
@@ -782,12 +857,42 @@ mod tests {
                 blocks: 4096,
                 bytes: 1 << 30,
                 ipfs_peers: 1,
+                memo_tasks: 3,
+                memo_bytes: 1 << 20,
                 refusals: vec![Refusal {
                     peer: "12D3".into(),
                     at_ms: 1,
                     what: "submit".into(),
                 }],
             }),
+            JobResponse::Memo(vec![
+                MemoHit {
+                    key: cid(8),
+                    entry: crate::memo::Remembered::Map(crate::memo::MapMemo {
+                        output: MapOutput {
+                            parts: vec![
+                                None,
+                                Some(PartOut {
+                                    cid: cid(3),
+                                    bytes: 9,
+                                }),
+                            ],
+                            counters,
+                        },
+                        after: vec![cid(4), cid(5)],
+                        positional: Some(1 << 20),
+                    }),
+                },
+                MemoHit {
+                    key: cid(9),
+                    entry: crate::memo::Remembered::Reduce(ReduceOutput {
+                        cid: cid(6),
+                        size: 10,
+                        tsize: 20,
+                        counters,
+                    }),
+                },
+            ]),
             JobResponse::Finished(vec![
                 FinishedTask::Map {
                     task: 1,
@@ -838,6 +943,13 @@ mod tests {
     fn limits_and_hostile_bytes() {
         assert!(matches!(
             JobRequest::decode(&vec![0; MAX_JOB_MESSAGE + 1]),
+            Err(WireError::TooLarge { .. })
+        ));
+        let keys = JobRequest::Memo {
+            keys: vec![cid(1); MAX_MEMO_KEYS + 1],
+        };
+        assert!(matches!(
+            JobRequest::decode(&keys.encode()),
             Err(WireError::TooLarge { .. })
         ));
         let long = JobResponse::Failed("é".repeat(5000));

@@ -82,6 +82,10 @@ pub struct JobSpec {
     /// Daemons that run each task, whose outputs' CIDs must agree before the job goes on
     /// (verified execution); 1, the default, runs each task once and believes its answer.
     pub verify: u32,
+    /// Whether tasks may reuse outputs the workers remember from earlier jobs
+    /// ([`crate::memo`]); off (`p2pmr run --no-memo`) every task runs. It is part of the job's
+    /// id, so a run without the memo is a new job, not the last result of the same one.
+    pub memo: bool,
 }
 
 /// Why a spec is invalid.
@@ -109,9 +113,10 @@ struct WireSpec<'a> {
     split_size: u64,
     skip_bad_records: u32,
     verify: u32,
+    memo: bool,
 }
 
-const SPEC_VERSION: u8 = 3;
+const SPEC_VERSION: u8 = 4;
 
 /// The split size picked for `input_bytes` of input over `slots` task slots in all: one task
 /// per slot, each from [`AUTO_SPLIT_MIN`] to [`AUTO_SPLIT_MAX`] bytes (Spark's rule).
@@ -153,6 +158,7 @@ impl JobSpec {
             split_size: AUTO_SPLIT,
             skip_bad_records: 0,
             verify: 1,
+            memo: true,
         };
         spec.validate()?;
         Ok(spec)
@@ -192,6 +198,12 @@ impl JobSpec {
     /// [`MAX_SKIPPED_RECORDS`]).
     pub fn with_skip_bad_records(mut self, records: u32) -> Self {
         self.skip_bad_records = records.min(MAX_SKIPPED_RECORDS);
+        self
+    }
+
+    /// This spec with the task memo on (the default) or off.
+    pub fn with_memo(mut self, memo: bool) -> Self {
+        self.memo = memo;
         self
     }
 
@@ -282,6 +294,7 @@ impl JobSpec {
             split_size: self.split_size,
             skip_bad_records: self.skip_bad_records,
             verify: self.verify,
+            memo: self.memo,
         };
         postcard::to_allocvec(&wire).expect("in-memory encoding of plain data cannot fail")
     }
@@ -332,6 +345,7 @@ impl JobSpec {
             split_size: wire.split_size,
             skip_bad_records: wire.skip_bad_records,
             verify: wire.verify,
+            memo: wire.memo,
         };
         spec.validate()?;
         if spec.encode() != bytes {
@@ -482,6 +496,16 @@ mod tests {
                 Err(JobSpecError::Invalid(_))
             ));
         }
+    }
+
+    #[test]
+    fn a_run_without_the_memo_is_another_job() {
+        let plain = spec(&[]);
+        assert!(plain.memo);
+        let full = spec(&[]).with_memo(false);
+        assert_eq!(JobSpec::decode(&full.encode()).unwrap(), full);
+        assert_ne!(full.id(), plain.id());
+        assert_eq!(spec(&[]).with_memo(true).id(), plain.id());
     }
 
     #[test]

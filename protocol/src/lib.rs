@@ -5,7 +5,8 @@
 //! and wasm modules ([`abi`]), the record rule map tasks read by ([`records`]) and the job spec
 //! whose CID is a job's id ([`job`]), the job protocol's messages and events ([`engine`]), and
 //! CAR archives for moving DAGs between tools ([`car`]), the messages of IPFS's block
-//! exchange, Bitswap ([`bitswap`]), and how files are cut into leaves ([`chunker`]).
+//! exchange, Bitswap ([`bitswap`]), how files are cut into leaves ([`chunker`]), and the keys
+//! under which workers remember task outputs across jobs ([`memo`]).
 //!
 //! Nothing here does I/O or depends on an async runtime. The block store, the network and the
 //! scheduler in `p2pmr-node` drive the sans-I/O state machines defined here
@@ -21,6 +22,7 @@ pub mod chunker;
 pub mod dagpb;
 pub mod engine;
 pub mod job;
+pub mod memo;
 mod pb;
 pub mod records;
 pub mod tar;

@@ -10,6 +10,10 @@
 //! [`RecordSplitter`] is sans-I/O: feed it the input's bytes from [`RecordSplitter::feed_from`]
 //! on, in pieces of any size, until [`RecordSplitter::is_done`] or the end of the input.
 
+/// Version of the record rule above. Task outputs are remembered under keys that include it
+/// ([`crate::memo`]): a change to how records are cut must change it.
+pub const RECORD_RULE: u32 = 1;
+
 /// Cuts a range of an input into batches of whole records.
 #[derive(Debug, Clone)]
 pub struct RecordSplitter {

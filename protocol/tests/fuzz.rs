@@ -274,6 +274,8 @@ fn job_messages_and_specs() {
             bytes: 4,
             refusals: vec![],
             ipfs_peers: 0,
+            memo_tasks: 0,
+            memo_bytes: 0,
         }),
         JobResponse::busy(),
     ];

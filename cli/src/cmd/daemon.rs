@@ -43,6 +43,7 @@ pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
             liveness: Duration::from_secs_f64(args.liveness_secs),
             grace: Duration::from_secs_f64(args.grace_secs),
             gc_grace: Duration::from_secs_f64(args.gc_grace_secs),
+            memo_bytes: args.memo_bytes,
             api,
             swarm_key: env.swarm_key()?,
             allow_jobs: allowed_peers(&args.allow_jobs)?,

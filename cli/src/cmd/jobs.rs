@@ -39,7 +39,8 @@ pub(crate) async fn run(env: &Env, args: RunArgs) -> Result<()> {
                 ..TaskLimits::default()
             })
             .with_skip_bad_records(args.skip_bad_records.unwrap_or(0))
-            .with_verify(args.verify.unwrap_or(1));
+            .with_verify(args.verify.unwrap_or(1))
+            .with_memo(!args.no_memo);
         let job = node.jobs().submit(spec, args.coordinator).await?;
         if args.detach {
             println!("{}", job.id());

@@ -1104,6 +1104,8 @@ pub async fn held_by(net: &NetClient, peer: PeerId, cids: &[Cid]) -> Option<Hash
 pub struct Chunk {
     /// The bytes.
     pub bytes: Vec<u8>,
+    /// The block they are from.
+    pub cid: Cid,
     /// They came from another peer (not the local store).
     pub remote: bool,
 }
@@ -1123,11 +1125,13 @@ impl Chunk {
         // copying it.
         let start = bytes.as_ptr() as usize - block.data().as_ptr() as usize;
         let end = start + bytes.len();
+        let cid = *block.cid();
         let mut data = block.into_data();
         data.truncate(end);
         data.drain(..start);
         Ok(Some(Self {
             bytes: data,
+            cid,
             remote,
         }))
     }

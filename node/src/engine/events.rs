@@ -37,9 +37,14 @@ pub fn event_json(event: &Event) -> Value {
             workers,
         } => json!({"event": "planned", "maps": maps, "reduces": reduces,
                    "input_bytes": input_bytes, "workers": workers}),
-        Event::Reused { maps, reduces } => {
-            json!({"event": "reused", "maps": maps, "reduces": reduces})
-        }
+        Event::Reused {
+            maps,
+            reduces,
+            input_bytes,
+            memo,
+        } => json!({"event": "reused", "maps": maps, "reduces": reduces,
+                   "input_bytes": input_bytes,
+                   "from": if *memo { "memo" } else { "takeover" }}),
         Event::Phase(p) => json!({"event": "phase", "phase": match p {
             Phase::Map => "map",
             Phase::Reduce => "reduce",

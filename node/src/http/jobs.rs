@@ -46,7 +46,7 @@ async fn daemons(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
         let addrs: Vec<String> = view.info.addrs.iter().map(ToString::to_string).collect();
         let mut entry = seen.get(&view.peer).cloned().unwrap_or_else(|| {
             json!({"ID": view.peer.to_string(), "Slots": 0, "Running": 0, "Blocks": 0, "Bytes": 0,
-                   "Refusals": []})
+                   "MemoTasks": 0, "MemoBytes": 0, "Refusals": []})
         });
         entry["Addresses"] = json!(addrs);
         entry["Agent"] = json!(view.info.agent);
@@ -58,6 +58,8 @@ async fn daemons(State(api): State<Api>) -> Result<Json<Value>, ApiError> {
                 entry["Running"] = json!(status.running);
                 entry["Blocks"] = json!(status.blocks);
                 entry["Bytes"] = json!(status.bytes);
+                entry["MemoTasks"] = json!(status.memo_tasks);
+                entry["MemoBytes"] = json!(status.memo_bytes);
                 let refusals: Vec<Value> = status
                     .refusals
                     .iter()
@@ -107,6 +109,8 @@ struct RunRequest {
     skip_bad_records: u32,
     #[serde(default = "one")]
     verify: u32,
+    #[serde(default)]
+    no_memo: bool,
     coordinator: Option<String>,
 }
 
@@ -174,7 +178,7 @@ async fn run(State(api): State<Api>, body: Bytes) -> Result<Json<Value>, ApiErro
             "verify must be from 1 to {MAX_VERIFY} daemons"
         )));
     }
-    let spec = spec.with_verify(req.verify);
+    let spec = spec.with_verify(req.verify).with_memo(!req.no_memo);
     let coordinator = req
         .coordinator
         .map(|c| c.parse::<PeerId>())

@@ -1165,3 +1165,161 @@ async fn twenty_four_daemons_in_a_chain_serve_clients_told_of_one_of_them() -> R
     cluster.stop().await;
     Ok(())
 }
+
+/// Map tasks of a job that started, and those whose outputs were reused from the workers'
+/// memo, and reduce tasks of each.
+fn memo_counts(ran: &Ran) -> ((usize, u32), (usize, u32)) {
+    let (maps, _, _) = count_tasks(&ran.events, TaskKind::Map);
+    let (reduces, _, _) = count_tasks(&ran.events, TaskKind::Reduce);
+    let (mut reused_maps, mut reused_reduces) = (0, 0);
+    for e in &ran.events {
+        if let Event::Reused {
+            maps,
+            reduces,
+            memo: true,
+            ..
+        } = e
+        {
+            reused_maps += maps;
+            reused_reduces += reduces;
+        }
+    }
+    ((maps, reused_maps), (reduces, reused_reduces))
+}
+
+/// `text` with `insert` put in at the first line start at or after `at`.
+fn inserted(text: &[u8], at: usize, insert: &[u8]) -> Vec<u8> {
+    let at = at + text[at..].iter().position(|&b| b == b'\n').unwrap_or(0) + 1;
+    let mut out = text[..at].to_vec();
+    out.extend_from_slice(insert);
+    out.extend_from_slice(&text[at..]);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_run_again_only_when_what_they_depend_on_changed() -> Result<()> {
+    use p2pmr_protocol::chunker::Chunker;
+    use p2pmr_protocol::unixfs::Layout;
+    use std::io::Read;
+    let cluster = linked(2, 2).await?;
+    let client = super::client(&cluster, 2).await?;
+    let mut text = Vec::new();
+    p2pmr_node::corpus::Corpus::new(6 << 20).read_to_end(&mut text)?;
+    let buzhash = Layout::KUBO.with_chunker(Chunker::Buzhash);
+    let add_buzhash = |bytes: Vec<u8>| {
+        let client = client.clone();
+        async move {
+            let added = client
+                .blocks()
+                .add_as(std::io::Cursor::new(bytes), Replicas::network(2), buzhash)
+                .await?;
+            anyhow::Ok(added.root)
+        }
+    };
+    let input = add_buzhash(text.clone()).await?;
+    let named = vec![("corpus".to_string(), input)];
+    let wordcount = publish(&client, "wordcount").await?;
+    let split = 1 << 20;
+    let check = |ran: &Ran, bytes: &[u8], job: &str, reducers: u32, args: &[(&str, &str)]| {
+        let output = ran
+            .output
+            .ok_or_else(|| anyhow::anyhow!("{job}: {:?}", ran.reason))?;
+        let expected = run_local(job, &[("corpus".into(), bytes.to_vec())], reducers, args)?;
+        anyhow::Ok((output, expected))
+    };
+
+    // The first run: every task runs.
+    let first = run_job(&client, wordcount, &named, 2, &[], split).await?;
+    let (output, expected) = check(&first, &text, "wordcount", 2, &[])?;
+    assert_eq!(read_output(&cluster, output).await?, expected);
+    let (maps, reduces) = planned(&first.events);
+    assert!(maps >= 4, "{maps} map tasks");
+    assert_eq!(memo_counts(&first), ((maps as usize, 0), (2, 0)));
+
+    // Another job doing the same tasks (only its time limit differs): every output is reused,
+    // and the result is the same directory.
+    let same =
+        job_spec(wordcount, &named, 2, &[], split)?.with_limits(p2pmr_protocol::job::TaskLimits {
+            timeout_ms: 30_000,
+            ..Default::default()
+        });
+    let again = run_spec(&client, same.clone()).await?;
+    assert_eq!(again.output, Some(output));
+    assert_eq!(memo_counts(&again), ((0, maps), (0, reduces)));
+    // Without the memo, everything runs.
+    let full = run_spec(&client, same.with_memo(false)).await?;
+    assert_eq!(full.output, Some(output));
+    assert_eq!(memo_counts(&full), ((maps as usize, 0), (2, 0)));
+
+    // What a task depends on, changed one at a time: the module (the same code with a custom
+    // section appended), an argument, the reducer count. Every task runs again.
+    let mut renamed = shipped::by_name("wordcount").expect("shipped").to_vec();
+    renamed.extend_from_slice(&[0, 6, 4, b'n', b'o', b't', b'e', 42]);
+    let other_module = client.jobs().publish(renamed).await?;
+    assert_ne!(other_module, wordcount);
+    type Case<'a> = (&'a str, Cid, u32, &'a [(&'a str, &'a str)]);
+    let cases: [Case; 3] = [
+        ("module", other_module, 2, &[]),
+        ("argument", wordcount, 2, &[("unused", "1")]),
+        ("reducers", wordcount, 3, &[]),
+    ];
+    for (what, module, reducers, args) in cases {
+        let ran = run_job(&client, module, &named, reducers, args, split).await?;
+        let (output, expected) = check(&ran, &text, "wordcount", reducers, args)?;
+        assert_eq!(read_output(&cluster, output).await?, expected, "{what}");
+        let n = planned(&ran.events).0 as usize;
+        assert_eq!(
+            memo_counts(&ran),
+            ((n, 0), (reducers as usize, 0)),
+            "{what}"
+        );
+    }
+
+    // A line inserted in the middle and one appended: the tasks around them run, the rest
+    // are reused, and the output is exact.
+    let mut edited = inserted(
+        &text,
+        text.len() / 2,
+        b"an inserted line of brand new words\n",
+    );
+    edited.extend_from_slice(b"and one more at the end\n");
+    let edited_input = add_buzhash(edited.clone()).await?;
+    let edited_named = vec![("corpus".to_string(), edited_input)];
+    let ran = run_job(&client, wordcount, &edited_named, 2, &[], split).await?;
+    let (output, expected) = check(&ran, &edited, "wordcount", 2, &[])?;
+    assert_eq!(read_output(&cluster, output).await?, expected);
+    let n = planned(&ran.events).0;
+    let ((ran_maps, reused_maps), _) = memo_counts(&ran);
+    assert_eq!(ran_maps as u32 + reused_maps, n);
+    assert!(
+        (1..=3).contains(&ran_maps) && reused_maps >= 2,
+        "{ran_maps} map tasks ran, {reused_maps} reused"
+    );
+
+    // grep keys its output by byte offset: after the insertion its tasks that moved run
+    // again (and those before it are reused), and the output is exact.
+    let grep = publish(&client, "grep").await?;
+    let args: &[(&str, &str)] = &[("pattern", "^the ")];
+    let before = run_job(&client, grep, &named, 1, args, split).await?;
+    let (output, expected) = check(&before, &text, "grep", 1, args)?;
+    assert_eq!(read_output(&cluster, output).await?, expected);
+    let inserted_only = inserted(&text, text.len() / 2, b"the inserted line\n");
+    let moved_input = add_buzhash(inserted_only.clone()).await?;
+    let moved = vec![("corpus".to_string(), moved_input)];
+    let after = run_job(&client, grep, &moved, 1, args, split).await?;
+    let (output, expected) = check(&after, &inserted_only, "grep", 1, args)?;
+    assert_eq!(read_output(&cluster, output).await?, expected);
+    let ((ran_maps, reused_maps), _) = memo_counts(&after);
+    let n = planned(&after.events).0 as usize;
+    assert!(
+        reused_maps >= 1,
+        "the tasks before the insertion are reused"
+    );
+    assert!(
+        ran_maps >= n / 3,
+        "{ran_maps} of {n} grep tasks ran: those past the insertion must"
+    );
+    client.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}

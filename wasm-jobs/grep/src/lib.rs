@@ -29,7 +29,7 @@ impl Job for Grep {
             for record in records {
                 if re.is_match(record.bytes) {
                     emit.emit(
-                        format!("{}:{:020}", input.name(), record.offset),
+                        format!("{}:{:020}", input.name(), record.offset()),
                         record.bytes,
                     );
                 }

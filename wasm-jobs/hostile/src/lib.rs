@@ -45,7 +45,7 @@ impl Job for Hostile {
             mode => {
                 for record in records {
                     if mode == "trap" && record.bytes.windows(4).any(|w| w == b"TRAP") {
-                        panic!("record at offset {} asked for it", record.offset);
+                        panic!("record at offset {} asked for it", record.offset());
                     }
                     emit.emit("lines", "1");
                 }

@@ -112,13 +112,23 @@ impl Args {
 /// One record: a line without its `\n` (a `\r` before it is kept).
 #[derive(Debug, Clone, Copy)]
 pub struct Record<'a> {
-    /// Byte offset of the record in its input.
-    pub offset: u64,
+    offset: u64,
     /// The record's bytes.
     pub bytes: &'a [u8],
 }
 
 impl<'a> Record<'a> {
+    /// Byte offset of the record in its input.
+    ///
+    /// A task whose records' offsets were read produces output that holds only for a range
+    /// starting where this one did: the host then reuses it only for a task starting at the
+    /// same offset, while the output of a task that never asked is reused wherever its bytes
+    /// move to (an insertion earlier in the file).
+    pub fn offset(&self) -> u64 {
+        POSITIONAL.set(true);
+        self.offset
+    }
+
     /// The record as UTF-8, if it is.
     pub fn text(&self) -> Option<&'a str> {
         std::str::from_utf8(self.bytes).ok()
@@ -130,6 +140,8 @@ thread_local! {
     static CURSOR: Cell<usize> = const { Cell::new(0) };
     /// The last map task's combiner input and output pair counts.
     static COMBINED: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    /// Whether the current map task read a record's offset.
+    static POSITIONAL: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The records of a batch, in order.
@@ -1125,6 +1137,7 @@ pub mod rt {
             t.name = String::from_utf8_lossy(&t.input[..len as usize]).into_owned();
             t.sink = Some(MapSink::new::<J>(true));
         });
+        POSITIONAL.set(false);
         0
     }
 
@@ -1192,6 +1205,11 @@ pub mod rt {
         CURSOR.with(|c| c.get() as i32)
     }
 
+    /// Whether the map task read a record's offset (1) or not (0).
+    pub fn positional() -> i32 {
+        i32::from(POSITIONAL.get())
+    }
+
     /// The map task's combiner counts: pairs in (`which` 0) or out (1).
     pub fn combined(which: i32) -> i64 {
         let (taken, given) = COMBINED.get();
@@ -1242,6 +1260,10 @@ macro_rules! export {
             #[unsafe(no_mangle)]
             extern "C" fn p2pmr_combined(which: i32) -> i64 {
                 $crate::rt::combined(which)
+            }
+            #[unsafe(no_mangle)]
+            extern "C" fn p2pmr_positional() -> i32 {
+                $crate::rt::positional()
             }
             #[unsafe(no_mangle)]
             extern "C" fn p2pmr_has_combine() -> i32 {

@@ -25,13 +25,15 @@ use crate::net::NetClient;
 use crate::tasks::Tasks;
 use crate::{Node, Replicas};
 use libp2p::PeerId;
+use p2pmr_protocol::abi::encode_args;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::engine::{
     Counters, Event, FinishedTask, JobRequest, JobResponse, JobState, JobSummary, MapOutput,
-    MapTask, Phase, ReduceTask, RunRef, TaskKind, MAX_EVENTS_PER_REPLY,
+    MapTask, MemoHit, Phase, ReduceTask, RunRef, TaskKind, MAX_EVENTS_PER_REPLY, MAX_MEMO_KEYS,
 };
 use p2pmr_protocol::job::JobSpec;
+use p2pmr_protocol::memo::{ReduceKey, Remembered};
 use p2pmr_protocol::unixfs::{self, DirEntry, UnixFsData, UnixFsError};
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{HashMap, HashSet};
@@ -162,7 +164,7 @@ impl JobHandle {
                     log.maps = (0, *maps);
                     log.reduces = (0, *reduces);
                 }
-                Event::Reused { maps, reduces } => {
+                Event::Reused { maps, reduces, .. } => {
                     log.maps.0 += maps;
                     log.reduces.0 += reduces;
                 }
@@ -240,6 +242,8 @@ struct Plan {
     finished: Vec<(PeerId, FinishedTask)>,
     /// Daemons each task runs on whose outputs must agree.
     verify: usize,
+    /// Each map task's memo key, or none if the job does not use the memo.
+    lookups: Vec<plan::MapLookup>,
 }
 
 /// Where a job is across its rounds.
@@ -713,8 +717,11 @@ impl Coordinator {
             handle.emit(Event::Reused {
                 maps: reused_maps,
                 reduces: reused_reduces,
+                input_bytes: 0,
+                memo: false,
             });
         }
+        self.remembered_maps(handle, &plan, &mut job).await;
         let mut to_map: Vec<usize> = if job.entries.iter().all(Option::is_some) {
             Vec::new() // every partition is done: no map output is needed any more
         } else {
@@ -759,6 +766,9 @@ impl Coordinator {
             let pending: Vec<usize> = (0..spec.reducers as usize)
                 .filter(|r| job.entries[*r].is_none())
                 .collect();
+            let pending = self
+                .remembered_reduces(handle, spec, &plan, &mut job, pending)
+                .await;
             if pending.is_empty() {
                 break;
             }
@@ -1087,7 +1097,14 @@ impl Coordinator {
             FinishedTask::Reduce { .. } => None,
         });
         let split = plan::split_for(spec, earlier, input_bytes, &machine_slots);
-        let maps = plan::cut_maps(inputs, split, &holdings);
+        let maps = plan::cut_maps(inputs.clone(), split, &holdings);
+        // A verified job checks every task's output against other daemons' runs of it: a
+        // remembered output is one daemon's word.
+        let lookups = if spec.memo && spec.verify == 1 {
+            plan::map_lookups(spec, &inputs, &maps)
+        } else {
+            Vec::new()
+        };
         let workers = slots.iter().filter(|&&n| n > 0).count();
         if workers < spec.verify as usize {
             return Err(format!(
@@ -1117,7 +1134,146 @@ impl Coordinator {
             replicas,
             finished,
             verify: spec.verify as usize,
+            lookups,
         })
+    }
+
+    /// Asks every worker of the plan for the outputs it remembers under `keys`.
+    async fn ask_memo(&self, plan: &Plan, keys: &[Cid]) -> Vec<(PeerId, MemoHit)> {
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let asked = plan
+            .peers
+            .iter()
+            .zip(&plan.slots)
+            .filter(|(_, n)| **n > 0)
+            .map(|(&peer, _)| async move {
+                let mut hits = Vec::new();
+                for batch in keys.chunks(MAX_MEMO_KEYS / 2) {
+                    let keys = batch.to_vec();
+                    let asked = self.call(peer, JobRequest::Memo { keys });
+                    match tokio::time::timeout(self.inner.liveness, asked).await {
+                        Ok(Ok(JobResponse::Memo(found))) => {
+                            hits.extend(found.into_iter().map(|h| (peer, h)))
+                        }
+                        // An older or busy daemon: its memo is not used this time.
+                        _ => break,
+                    }
+                }
+                hits
+            });
+        futures::future::join_all(asked)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Takes the outputs the workers remember for map tasks that have none yet: each must
+    /// have read what this task would read past its range and, if its module looked at
+    /// offsets, have started where this task starts. The coordinator's own worker first.
+    async fn remembered_maps(&self, handle: &JobHandle, plan: &Plan, job: &mut Progress) {
+        let wanted: Vec<usize> = (0..plan.lookups.len())
+            .filter(|&t| job.outputs[t].is_none())
+            .collect();
+        let keys: Vec<Cid> = wanted.iter().map(|&t| plan.lookups[t].key).collect();
+        let mut hits = self.ask_memo(plan, &keys).await;
+        let me = self.net().local_peer_id();
+        hits.sort_by_key(|(peer, _)| *peer != me);
+        let by_key: HashMap<Cid, usize> =
+            wanted.iter().map(|&t| (plan.lookups[t].key, t)).collect();
+        let reducers = job.entries.len();
+        let (mut maps, mut bytes) = (0, 0);
+        for (peer, hit) in hits {
+            let (Some(&t), Remembered::Map(memo)) = (by_key.get(&hit.key), hit.entry) else {
+                continue;
+            };
+            let task = &plan.maps[t];
+            if job.outputs[t].is_some()
+                || memo.output.parts.len() != reducers
+                || !memo.fits(task.start, &plan.lookups[t].next)
+            {
+                continue;
+            }
+            job.outputs[t] = Some((memo.output, peer));
+            maps += 1;
+            bytes += task.end - task.start;
+        }
+        if maps > 0 {
+            handle.emit(Event::Reused {
+                maps,
+                reduces: 0,
+                input_bytes: bytes,
+                memo: true,
+            });
+        }
+    }
+
+    /// Takes the outputs the workers remember for the `pending` partitions (reduce tasks over
+    /// the same runs); returns the partitions still to reduce.
+    async fn remembered_reduces(
+        &self,
+        handle: &JobHandle,
+        spec: &JobSpec,
+        plan: &Plan,
+        job: &mut Progress,
+        pending: Vec<usize>,
+    ) -> Vec<usize> {
+        if plan.lookups.is_empty() || pending.is_empty() {
+            return pending;
+        }
+        let args = encode_args(spec.args().iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let keys: Vec<(usize, Cid)> = pending
+            .iter()
+            .map(|&r| {
+                let runs: Vec<Cid> = job
+                    .outputs
+                    .iter()
+                    .flatten()
+                    .filter_map(|(out, _)| out.parts[r].as_ref().map(|p| p.cid))
+                    .collect();
+                let key = ReduceKey {
+                    module: spec.module,
+                    args: &args,
+                    reducers: spec.reducers,
+                    partition: r as u32,
+                    runs: &runs,
+                }
+                .key();
+                (r, key)
+            })
+            .collect();
+        let asked: Vec<Cid> = keys.iter().map(|(_, k)| *k).collect();
+        let by_key: HashMap<Cid, usize> = keys.into_iter().map(|(r, k)| (k, r)).collect();
+        let mut reduces = 0;
+        for (_, hit) in self.ask_memo(plan, &asked).await {
+            let (Some(&r), Remembered::Reduce(out)) = (by_key.get(&hit.key), hit.entry) else {
+                continue;
+            };
+            if job.entries[r].is_some() {
+                continue;
+            }
+            job.counters.add(&out.counters);
+            job.entries[r] = Some(DirEntry {
+                name: format!("part-{r:05}"),
+                cid: out.cid,
+                tsize: out.tsize,
+            });
+            reduces += 1;
+        }
+        if reduces > 0 {
+            handle.emit(Event::Reused {
+                maps: 0,
+                reduces,
+                input_bytes: 0,
+                memo: true,
+            });
+        }
+        pending
+            .into_iter()
+            .filter(|&r| job.entries[r].is_none())
+            .collect()
     }
 
     /// Asks the live workers which tasks of this job they finished and still hold the output

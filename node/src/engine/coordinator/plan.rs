@@ -1,11 +1,14 @@
 //! Planning a job, as pure functions the coordinator's `run` calls: how machines share their
 //! slots, the split size (the one an earlier coordinator used, on takeover), map tasks cut on
-//! leaf edges, which finished work is reused, how many copies the output gets, which daemon
-//! holds how much of each task, and which map outputs are lost.
+//! leaf edges the content chooses, their memo keys, which finished work is reused, how many
+//! copies the output gets, which daemon holds how much of each task, and which map outputs
+//! are lost.
 
 use libp2p::PeerId;
+use p2pmr_protocol::abi::encode_args;
 use p2pmr_protocol::engine::{Counters, FinishedTask, MapOutput};
 use p2pmr_protocol::job::{JobSpec, AUTO_SPLIT, AUTO_SPLIT_MAX, AUTO_SPLIT_MIN};
+use p2pmr_protocol::memo::MapKey;
 use p2pmr_protocol::unixfs::DirEntry;
 use p2pmr_protocol::Cid;
 use std::collections::{HashMap, HashSet};
@@ -42,14 +45,69 @@ pub struct Leaf {
     pub group: Cid,
 }
 
-/// Map tasks over `inputs` (each input's leaves, in order): a task ends at the first leaf
-/// edge at or past `split` bytes from its start (or, if its placement group ends within an
-/// eighth of `split` more, at the group's end: no sliver of a group as a task of its own),
-/// and also where a placement group begins that no daemon holding all of the task's leaves
-/// so far holds (by `holdings`, the leaves each daemon holds): a task is then readable whole
-/// from at least one daemon. Files placed by group (leaves in a group share holders) are cut
-/// only at group edges, and only where the holders change; lone leaves (files placed block
-/// by block) are never cut for this.
+/// The largest power of two at most `split`.
+fn quantum(split: u64) -> u64 {
+    1 << (63 - split.max(1).leading_zeros())
+}
+
+/// `split` rounded down to an eighth of its [`quantum`]: a split size that moves a little
+/// (the input grew by a few blocks) then cuts the same tasks.
+fn rounded(split: u64) -> u64 {
+    split - split % (quantum(split) / 8).max(1)
+}
+
+/// A leaf's rank for choosing task ends: its CID's hash, as a number.
+fn rank(leaf: &Cid) -> u64 {
+    let digest = leaf.hash().digest();
+    let mut first = [0u8; 8];
+    let n = digest.len().min(8);
+    first[..n].copy_from_slice(&digest[..n]);
+    u64::from_be_bytes(first)
+}
+
+/// Which leaves may end a task: each whose rank is the lowest of all leaves ending within
+/// `reach` bytes of its end, before or after (the earlier of equal ranks). Whether a leaf is
+/// one depends only on the leaves around it, so an edit changes the ends within `reach` of
+/// it and no others; and two ends are more than `reach` apart, a little under twice that on
+/// average.
+fn content_ends(leaves: &[Leaf], reach: u64) -> Vec<bool> {
+    let ends: Vec<u64> = leaves
+        .iter()
+        .scan(0u64, |at, l| {
+            *at += l.len;
+            Some(*at)
+        })
+        .collect();
+    let ranks: Vec<u64> = leaves.iter().map(|l| rank(&l.cid)).collect();
+    (0..leaves.len())
+        .map(|k| {
+            let lower = |j: usize| (ranks[j], j) < (ranks[k], k);
+            // Most leaves meet a lower one within a few steps.
+            let before = (0..k)
+                .rev()
+                .take_while(|&j| ends[k] - ends[j] <= reach)
+                .any(lower);
+            !before
+                && !(k + 1..leaves.len())
+                    .take_while(|&j| ends[j] - ends[k] <= reach)
+                    .any(lower)
+        })
+        .collect()
+}
+
+/// Map tasks over `inputs` (each input's leaves, in order), cut on leaf edges chosen by the
+/// leaves' content, so that an edit of a file changes the tasks around it and not the
+/// others (their outputs are then reused from the workers' memo):
+///
+/// - a task ends after a leaf of [`content_ends`] with a reach of half the split (rounded,
+///   [`rounded`]): tasks are the split long on average, from half of it to about twice;
+/// - it ends anyway at twice the split, and never leaves less than half a split to the end
+///   of its input (the last task takes it);
+/// - it also ends where a placement group begins that no daemon holding all of the task's
+///   leaves so far holds (by `holdings`, the leaves each daemon holds): a task is then
+///   readable whole from at least one daemon. Files placed by group (leaves in a group share
+///   holders) are cut only at group edges, and only where the holders change; lone leaves
+///   (files placed block by block) are never cut for this.
 pub(super) fn cut_maps(
     inputs: Vec<Vec<Leaf>>,
     split: u64,
@@ -60,19 +118,15 @@ pub(super) fn cut_maps(
             .filter(|&d| holdings[d].contains(cid))
             .collect()
     };
+    let split = rounded(split);
     let mut maps = Vec::new();
     for (i, leaves) in inputs.into_iter().enumerate() {
+        let ends = content_ends(&leaves, split / 2);
+        let total: u64 = leaves.iter().map(|l| l.len).sum();
         let mut offset = 0;
         let mut current: Option<PlannedMap> = None;
         // Daemons holding every leaf of the current task.
         let mut common: Vec<usize> = Vec::new();
-        // Bytes of each leaf's group after it.
-        let mut after = vec![0u64; leaves.len()];
-        for k in (0..leaves.len().saturating_sub(1)).rev() {
-            if leaves[k + 1].group == leaves[k].group {
-                after[k] = after[k + 1] + leaves[k + 1].len;
-            }
-        }
         for (k, leaf) in leaves.iter().enumerate() {
             let starts_group = leaves.get(k + 1).is_some_and(|n| n.group == leaf.group)
                 && (k == 0 || leaves[k - 1].group != leaf.group);
@@ -98,13 +152,88 @@ pub(super) fn cut_maps(
             task.leaves.push((leaf.cid, leaf.len));
             task.end += leaf.len;
             offset += leaf.len;
-            if task.end - task.start >= split && (after[k] == 0 || after[k] > split / 8) {
+            let len = task.end - task.start;
+            // A task that began at a forced or a holders' cut may meet a content end soon.
+            let content = ends[k] && len >= split / 4 && len > 0;
+            if (content || len >= 2 * split) && total - offset >= split / 2 {
                 maps.extend(current.take());
             }
         }
         maps.extend(current.take());
     }
     maps
+}
+
+/// What to ask the workers' memo for, for one map task ([`p2pmr_protocol::memo`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct MapLookup {
+    /// The task's key.
+    pub(super) key: Cid,
+    /// The leaves after its range (a remembered output must have read a prefix of these).
+    pub(super) next: Vec<Cid>,
+}
+
+/// Leaves past a task's end a remembered output may have read to finish its last record.
+const NEXT_LEAVES: usize = 64;
+
+/// The memo key of each map task in `maps`, planned over `inputs` for `spec`: the leaves a
+/// worker reads for it are the one before its range (if any) and its own, as it reads from
+/// the byte before its start.
+pub(super) fn map_lookups(
+    spec: &JobSpec,
+    inputs: &[Vec<Leaf>],
+    maps: &[PlannedMap],
+) -> Vec<MapLookup> {
+    let args = encode_args(spec.args().iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    // Empty leaves give a reader no bytes: it never sees them.
+    let inputs: Vec<Vec<&Leaf>> = inputs
+        .iter()
+        .map(|leaves| leaves.iter().filter(|l| l.len > 0).collect())
+        .collect();
+    let starts: Vec<Vec<u64>> = inputs
+        .iter()
+        .map(|leaves| {
+            leaves
+                .iter()
+                .scan(0, |at, l| {
+                    let start = *at;
+                    *at += l.len;
+                    Some(start)
+                })
+                .collect()
+        })
+        .collect();
+    maps.iter()
+        .map(|m| {
+            let leaves = &inputs[m.input as usize];
+            let starts = &starts[m.input as usize];
+            let first = starts.partition_point(|&s| s < m.start);
+            let last = starts.partition_point(|&s| s < m.end);
+            let from = if m.start > 0 {
+                first.saturating_sub(1)
+            } else {
+                first
+            };
+            let read: Vec<Cid> = leaves[from..last].iter().map(|l| l.cid).collect();
+            let name = &spec.inputs[m.input as usize].name;
+            MapLookup {
+                key: MapKey {
+                    module: spec.module,
+                    args: &args,
+                    reducers: spec.reducers,
+                    input: name,
+                    first: m.start == 0,
+                    leaves: &read,
+                }
+                .key(),
+                next: leaves[last..]
+                    .iter()
+                    .take(NEXT_LEAVES)
+                    .map(|l| l.cid)
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 /// Copies of the output: as many as the least-copied input leaf has among `holdings` (the
@@ -347,44 +476,79 @@ mod tests {
                     .collect()
             })
             .collect();
-        for (split, want) in [
-            // The first two groups share daemon 1; the third is on neither of theirs. Lone
-            // leaves are never cut apart for locality.
-            (100, vec![(0, 24), (24, 44)]),
-            (12, vec![(0, 12), (12, 24), (24, 36), (36, 44)]),
-            // A task that ends mid-group goes on into the next one if a daemon holds both.
-            (
-                8,
-                vec![(0, 8), (8, 16), (16, 24), (24, 32), (32, 40), (40, 44)],
-            ),
-        ] {
-            let got: Vec<(u64, u64)> = cut_maps(vec![leaves.clone()], split, &holdings)
-                .iter()
-                .map(|m| (m.start, m.end))
-                .collect();
-            assert_eq!(got, want, "split {split}");
-        }
+        // The first two groups share daemon 1; the third is on neither of theirs. Lone leaves
+        // are never cut apart for locality. (The split is too large for content to cut.)
+        let got: Vec<(u64, u64)> = cut_maps(vec![leaves.clone()], 100, &holdings)
+            .iter()
+            .map(|m| (m.start, m.end))
+            .collect();
+        assert_eq!(got, vec![(0, 24), (24, 44)]);
         // Without holdings (nobody answered), the split alone cuts.
         let got = cut_maps(vec![leaves.clone()], 100, &[]);
         assert_eq!(got.len(), 1);
-        // A group of 18 one-byte leaves and a split of 16: the last 2 bytes stay in the task.
-        let group: Vec<Leaf> = (0..18u8)
-            .map(|i| Leaf {
-                cid: leaf(i),
-                len: 1,
-                group: leaf(0),
+    }
+
+    /// `n` leaves of 128 to 512 KiB (as buzhash cuts them), each with its own CID.
+    fn random_leaves(n: usize, seed: u64) -> Vec<Leaf> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let cid = *p2pmr_protocol::Block::raw(x.to_le_bytes().to_vec()).cid();
+                let len = (128 << 10) + (x >> 33) % (384 << 10);
+                Leaf {
+                    cid,
+                    len,
+                    group: cid,
+                }
             })
-            .collect();
-        let ends: Vec<u64> = cut_maps(vec![group.clone()], 16, &[])
+            .collect()
+    }
+
+    /// Tasks of `after` whose leaves no task of `before` has.
+    fn new_tasks(before: &[PlannedMap], after: &[PlannedMap]) -> usize {
+        after
             .iter()
-            .map(|m| m.end)
-            .collect();
-        assert_eq!(ends, vec![18]);
-        let ends: Vec<u64> = cut_maps(vec![group], 8, &[])
-            .iter()
-            .map(|m| m.end)
-            .collect();
-        assert_eq!(ends, vec![8, 16, 18], "2 bytes is more than an eighth of 8");
+            .filter(|m| !before.iter().any(|b| b.leaves == m.leaves))
+            .count()
+    }
+
+    #[test]
+    fn an_edit_changes_the_tasks_around_it_and_no_others() {
+        let split = 32 << 20;
+        for seed in 1..=20 {
+            let leaves = random_leaves(4000, seed);
+            let before = cut_maps(vec![leaves.clone()], split, &[]);
+            let total: u64 = leaves.iter().map(|l| l.len).sum();
+            // Lengths: from half the split to twice (a quarter after a forced cut), the last
+            // one aside; about the split on average.
+            for m in &before[..before.len() - 1] {
+                let len = m.end - m.start;
+                assert!(
+                    (split / 4..=2 * split + (512 << 10)).contains(&len),
+                    "{len}"
+                );
+            }
+            let mean = total / before.len() as u64;
+            assert!(
+                mean > split * 9 / 10 && mean < split * 11 / 10,
+                "seed {seed}: mean {mean}"
+            );
+            // An insertion (a new leaf, and the one it landed in changed) in the middle.
+            let mut edited = leaves.clone();
+            let mid = leaves.len() / 2;
+            edited[mid] = random_leaves(1, 1000 + seed)[0];
+            edited.insert(mid, random_leaves(1, 2000 + seed)[0]);
+            let after = cut_maps(vec![edited], split, &[]);
+            assert!(new_tasks(&before, &after) <= 2, "seed {seed}: insertion");
+            // An append of a few leaves, with the split a little larger (the input grew).
+            let mut grown = leaves.clone();
+            grown.extend(random_leaves(4, 3000 + seed));
+            let after = cut_maps(vec![grown], split + (1 << 20) / 8, &[]);
+            assert!(new_tasks(&before, &after) <= 2, "seed {seed}: append");
+        }
     }
 
     #[test]
@@ -427,32 +591,66 @@ mod tests {
     }
 
     #[test]
-    fn map_tasks_end_at_the_first_leaf_edge_past_the_split() {
-        // (leaf sizes per input, split) -> (input, start, end) of each task.
-        type Case = (Vec<Vec<u64>>, u64, Vec<(u32, u64, u64)>);
-        let cases: Vec<Case> = vec![
-            (vec![vec![]], 10, vec![]),
-            (vec![vec![4, 4, 4]], 8, vec![(0, 0, 8), (0, 8, 12)]),
-            (vec![vec![4, 4, 4]], 5, vec![(0, 0, 8), (0, 8, 12)]),
-            (vec![vec![4, 4, 4]], 100, vec![(0, 0, 12)]),
-            (vec![vec![10], vec![3, 3]], 4, vec![(0, 0, 10), (1, 0, 6)]),
-            (vec![vec![0, 5]], 1, vec![(0, 0, 5)]),
+    fn map_tasks_tile_each_input_on_leaf_edges() {
+        // (leaf sizes per input, split): every task is a run of whole leaves of one input,
+        // the tasks of an input follow each other from 0 to its end, no task is empty, and
+        // none is left less than half a split at the end of its input.
+        let cases: Vec<(Vec<Vec<u64>>, u64)> = vec![
+            (vec![vec![]], 10),
+            (vec![vec![4, 4, 4]], 8),
+            (vec![vec![4, 4, 4]], 5),
+            (vec![vec![4, 4, 4]], 100),
+            (vec![vec![10], vec![3, 3]], 4),
+            (vec![vec![0, 5]], 1),
+            (vec![vec![1; 100], vec![7; 30]], 16),
+            (vec![(1..200).collect()], 64),
         ];
-        for (sizes, split, want) in cases {
-            let inputs = sizes
+        for (sizes, split) in cases {
+            let inputs: Vec<Vec<Leaf>> = sizes
                 .iter()
-                .map(|s| {
+                .enumerate()
+                .map(|(i, s)| {
                     s.iter()
                         .enumerate()
-                        .map(|(i, &n)| (leaf(i as u8), n))
+                        .map(|(k, &n)| {
+                            let cid = *p2pmr_protocol::Block::raw(vec![i as u8, k as u8]).cid();
+                            Leaf {
+                                cid,
+                                len: n,
+                                group: cid,
+                            }
+                        })
                         .collect()
                 })
                 .collect();
-            let got: Vec<(u32, u64, u64)> = cut_maps(own_groups(inputs), split, &[])
-                .iter()
-                .map(|m| (m.input, m.start, m.end))
-                .collect();
-            assert_eq!(got, want, "{sizes:?} split {split}");
+            let maps = cut_maps(inputs.clone(), split, &[]);
+            for (i, leaves) in inputs.iter().enumerate() {
+                let total: u64 = leaves.iter().map(|l| l.len).sum();
+                let tasks: Vec<&PlannedMap> = maps.iter().filter(|m| m.input == i as u32).collect();
+                let mut at = 0;
+                let mut next = 0;
+                for (n, m) in tasks.iter().enumerate() {
+                    assert_eq!(m.start, at, "{sizes:?} split {split}");
+                    assert!(m.end > m.start || total == 0);
+                    let own: Vec<(Cid, u64)> = leaves[next..next + m.leaves.len()]
+                        .iter()
+                        .map(|l| (l.cid, l.len))
+                        .collect();
+                    assert_eq!(m.leaves, own);
+                    next += m.leaves.len();
+                    at = m.end;
+                    if n + 1 < tasks.len() {
+                        assert!(
+                            total - m.end >= rounded(split) / 2,
+                            "{sizes:?} split {split}"
+                        );
+                    }
+                }
+                assert_eq!((at, next), (total, leaves.len()), "{sizes:?} split {split}");
+            }
+            if split >= 100 {
+                assert_eq!(maps.len(), 1, "one task when the split holds the input");
+            }
         }
     }
 

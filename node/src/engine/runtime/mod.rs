@@ -1070,12 +1070,13 @@ impl MapTask {
 
     /// Ends the task (the combiner runs) and returns its output, sorted per partition.
     pub fn finish(self) -> Result<Partitions, JobError> {
-        self.finish_counted().map(|(parts, _)| parts)
+        self.finish_counted().map(|end| end.parts)
     }
 
-    /// Like [`MapTask::finish`], also returning the combiner's pair counts (in, out) when the
-    /// module reports them (the optional `p2pmr_combined` export of the SDK).
-    pub fn finish_counted(mut self) -> Result<(Partitions, Option<(u64, u64)>), JobError> {
+    /// Like [`MapTask::finish`], also returning what the module reports of the task: the
+    /// combiner's pair counts and whether it read records' offsets (the optional
+    /// `p2pmr_combined` and `p2pmr_positional` exports of the SDK).
+    pub fn finish_counted(mut self) -> Result<MapEnd, JobError> {
         let end = self.funcs.map_end.call(&mut self.store, ());
         match end {
             Ok(0) => {}
@@ -1105,11 +1106,34 @@ impl MapTask {
                 let given = f.call(&mut self.store, 1).ok()?;
                 Some((u64::try_from(taken).ok()?, u64::try_from(given).ok()?))
             });
+        // A module that does not say may have used them.
+        let positional = self
+            .instance
+            .get_typed_func::<(), i32>(&mut self.store, "p2pmr_positional")
+            .ok()
+            .and_then(|f| f.call(&mut self.store, ()).ok())
+            .is_none_or(|used| used != 0);
         // The instance (its linear memory) goes back to the pool before the sort allocates,
         // and each partition's unsorted pairs are freed as soon as they are sorted.
         drop(self);
-        Ok((parts.into_iter().map(Run::sort).collect(), combined))
+        Ok(MapEnd {
+            parts: parts.into_iter().map(Run::sort).collect(),
+            combined,
+            positional,
+        })
     }
+}
+
+/// What a map task ends with ([`MapTask::finish_counted`]).
+#[derive(Debug)]
+pub struct MapEnd {
+    /// The output, sorted per partition.
+    pub parts: Partitions,
+    /// The combiner's pairs in and out, if the module counts them.
+    pub combined: Option<(u64, u64)>,
+    /// Whether the output may depend on where the records lie in the input (the module read
+    /// their offsets, or does not say).
+    pub positional: bool,
 }
 
 /// Messages from modules and the validator span lines; errors are reported on one.

@@ -12,8 +12,10 @@
 //! `Slots`. Tasks of a job can be aborted (`Abort`); every task runs in its own tokio task so
 //! aborting drops its fetches.
 
+mod memo;
 pub mod shuffle;
 
+use self::memo::Memo;
 use self::shuffle::{MissingRuns, ShuffleError, StreamMerge};
 use crate::blocks::RemoteError;
 use crate::blocks::{self, Chunk, Fetcher};
@@ -29,10 +31,11 @@ use crate::Repo;
 use libp2p::PeerId;
 use p2pmr_protocol::abi::encode_args;
 use p2pmr_protocol::engine::{
-    Counters, DaemonStatus, FinishedTask, JobRequest, JobResponse, MapOutput, MapTask, PartOut,
-    ReduceOutput, ReduceTask, TaskKind,
+    Counters, DaemonStatus, FinishedTask, JobRequest, JobResponse, MapOutput, MapTask, MemoHit,
+    PartOut, ReduceOutput, ReduceTask, TaskKind,
 };
 use p2pmr_protocol::job::JobSpec;
+use p2pmr_protocol::memo::{MapKey, MapMemo, ReduceKey, Remembered};
 use p2pmr_protocol::records::{without_records, RecordSplitter};
 use p2pmr_protocol::Cid;
 use std::collections::{HashMap, VecDeque};
@@ -57,6 +60,11 @@ const FINISHED_JOBS: usize = 64;
 /// Finished tasks remembered per job, in (over-estimated) encoded bytes: the answer must
 /// stay under the 4 MiB message limit.
 const FINISHED_BYTES: usize = 2 << 20;
+/// Bytes of remembered outputs one `Memo` answer carries at most (estimated as for
+/// [`FINISHED_BYTES`]); coordinators ask for a few hundred keys at a time.
+const MEMO_ANSWER_BYTES: usize = 2 << 20;
+/// Default budget of the task memo (the bytes of the runs and outputs it names).
+pub const DEFAULT_MEMO_BYTES: u64 = 2 << 30;
 
 /// A running task of a job: map or reduce, its number, how to stop it.
 type RunningTask = (TaskKind, u32, tokio::task::AbortHandle);
@@ -158,6 +166,8 @@ struct Inner {
     access: JobAccess,
     /// For tests of verified execution: alter one record of every map output.
     wrong_output: bool,
+    /// Outputs of tasks run here, by key, for any job that runs the same task again.
+    memo: Memo,
 }
 
 impl std::fmt::Debug for Worker {
@@ -210,7 +220,7 @@ impl Worker {
         (slots, shared): (u32, bool),
         tasks: Tasks,
         access: JobAccess,
-        wrong_output: bool,
+        (memo_bytes, wrong_output): (u64, bool),
     ) -> Result<Self, crate::engine::runtime::JobError> {
         let exec = Executor::new(Limits::default())?;
         let fetcher = Fetcher::new(Some(net.clone()), Some(repo.blocks().clone()));
@@ -232,6 +242,7 @@ impl Worker {
                 tasks,
                 access,
                 wrong_output,
+                memo: Memo::new(memo_bytes),
             }),
         })
     }
@@ -278,6 +289,7 @@ impl Worker {
             }
         };
         let free = self.inner.permits.available_permits() as u32;
+        let (memo_tasks, memo_bytes) = self.inner.memo.held();
         Ok(DaemonStatus {
             slots: self.inner.slots,
             running: self.inner.slots.saturating_sub(free),
@@ -285,6 +297,8 @@ impl Worker {
             bytes: held.bytes,
             refusals: self.inner.access.refusals(),
             ipfs_peers: self.inner.net.bitswap_sources().len() as u32,
+            memo_tasks: memo_tasks as u32,
+            memo_bytes,
         })
     }
 
@@ -364,6 +378,7 @@ impl Worker {
                 }
                 response
             }
+            JobRequest::Memo { keys } => JobResponse::Memo(self.remembered(&keys).await),
             JobRequest::Finished { job } => JobResponse::Finished(
                 self.inner
                     .finished
@@ -399,6 +414,40 @@ impl Worker {
             }
             other => JobResponse::Failed(format!("not a worker request: {other:?}")),
         }
+    }
+
+    /// The outputs remembered under `keys` whose blocks are still here, as many as fit in an
+    /// answer.
+    async fn remembered(&self, keys: &[Cid]) -> Vec<MemoHit> {
+        let hits = self.inner.memo.get(keys);
+        if hits.is_empty() {
+            return hits;
+        }
+        let store = self.inner.repo.blocks().clone();
+        let (kept, gone) = tokio::task::spawn_blocking(move || {
+            let (mut kept, mut gone, mut bytes) = (Vec::new(), Vec::new(), 0);
+            for hit in hits {
+                if !memo::roots_of(&hit.entry).iter().all(|c| store.has(c)) {
+                    gone.push(hit.key);
+                    continue;
+                }
+                bytes += match &hit.entry {
+                    Remembered::Map(m) => 128 + 64 * (m.output.parts.len() + m.after.len()),
+                    Remembered::Reduce(_) => 192,
+                };
+                if bytes > MEMO_ANSWER_BYTES {
+                    break;
+                }
+                kept.push(hit);
+            }
+            (kept, gone)
+        })
+        .await
+        .unwrap_or_default();
+        for key in &gone {
+            self.inner.memo.forget(key);
+        }
+        kept
     }
 
     /// Records a finished task of `job` (bounded: the oldest jobs, then the oldest tasks,
@@ -553,10 +602,18 @@ impl Worker {
         let limits = limits_of(&spec);
         let reducers = spec.reducers;
         let mut wrong_output = self.inner.wrong_output;
+        let (start, end) = (task.start, task.end);
+        // A task that left records out is not the task its key names.
+        let memoised = task.skip.is_empty();
+        let task_args = args.clone();
         let mapped = tokio::task::spawn_blocking(move || {
             let mut c = Counters::default();
             let mut map = exec.map_task(&module, name, &args, reducers, limits)?;
             let skip = task.skip;
+            // The leaves the task read, before its range's end and past it (for its key and
+            // what its memo entry depends on besides), and where the next chunk begins.
+            let (mut within, mut after) = (Vec::new(), Vec::new());
+            let mut at = splitter.feed_from();
             let mut feed =
                 |map: &mut crate::engine::runtime::MapTask, offset: u64, batch: &[u8]| {
                     let (pieces, skipped) = without_records(batch, offset, &skip);
@@ -577,6 +634,12 @@ impl Worker {
                 splitter.feed_from(),
                 MAP_BUFFER,
                 |chunk: Chunk| {
+                    if at < end {
+                        within.push(chunk.cid);
+                    } else {
+                        after.push(chunk.cid);
+                    }
+                    at += chunk.bytes.len() as u64;
                     if chunk.remote {
                         c.remote_map_bytes += chunk.bytes.len() as u64;
                     } else {
@@ -594,7 +657,8 @@ impl Worker {
             if let Some((offset, batch)) = splitter.finish() {
                 feed(&mut map, offset, &batch)?;
             }
-            let (parts, combined) = map.finish_counted()?;
+            let ended = map.finish_counted()?;
+            let (parts, combined, positional) = (ended.parts, ended.combined, ended.positional);
             if let Some((taken, given)) = combined {
                 c.combine_input_records += taken;
                 c.combine_output_records += given;
@@ -619,16 +683,35 @@ impl Worker {
                     bytes: written.size,
                 }));
             }
-            Ok::<_, MapFailure>((out, c, complete, read))
+            let read_leaves = (within, after, positional);
+            Ok::<_, MapFailure>((out, c, complete, read, read_leaves))
         })
         .await
         .map_err(|e| TaskError::Aborted(format!("map task panicked: {e}")))?;
-        let (parts, counters, complete, read) = mapped?;
+        let (parts, counters, complete, read, (within, after, positional)) = mapped?;
         if let (false, Err(source)) = (complete, read) {
             let name = input.name;
             return Err(TaskError::Input { name, source }.into());
         }
-        Ok(MapOutput { parts, counters })
+        let output = MapOutput { parts, counters };
+        if memoised {
+            let key = MapKey {
+                module: spec.module,
+                args: &task_args,
+                reducers,
+                input: &input.name,
+                first: start == 0,
+                leaves: &within,
+            }
+            .key();
+            let entry = MapMemo {
+                output: output.clone(),
+                after,
+                positional: positional.then_some(start),
+            };
+            self.inner.memo.put(key, Remembered::Map(entry));
+        }
+        Ok(output)
     }
 
     async fn reduce(&self, spec: JobSpec, task: ReduceTask) -> Result<JobResponse, TaskError> {
@@ -697,6 +780,16 @@ impl Worker {
             ));
         }
         let written = reduced?;
+        let run_cids: Vec<Cid> = task.runs.iter().map(|r| r.cid).collect();
+        let args = encode_args(spec.args().iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let key = ReduceKey {
+            module: spec.module,
+            args: &args,
+            reducers: spec.reducers,
+            partition: task.partition,
+            runs: &run_cids,
+        }
+        .key();
         let copies = task.replicas.saturating_sub(1) as usize;
         let avoid: Vec<PeerId> = task
             .avoid
@@ -723,7 +816,7 @@ impl Worker {
         )
         .await
         .map_err(TaskError::Replicate)?;
-        Ok(JobResponse::ReduceDone(ReduceOutput {
+        let output = ReduceOutput {
             cid: written.root,
             size: written.size,
             tsize: written.tsize,
@@ -733,7 +826,9 @@ impl Worker {
                 reduce_output_bytes: written.size,
                 ..Counters::default()
             },
-        }))
+        };
+        self.inner.memo.put(key, Remembered::Reduce(output.clone()));
+        Ok(JobResponse::ReduceDone(output))
     }
 }
 

@@ -69,6 +69,8 @@ async function pollDaemons() {
       el('td', { class: 'num' }, d.Running),
       el('td', { class: 'num' }, d.Blocks),
       el('td', { class: 'num' }, bytes(d.Bytes)),
+      el('td', { class: 'num', title: bytes(d.MemoBytes || 0) + ' of task output' },
+        d.MemoTasks || 0),
       el('td', { class: 'mono' }, (d.Addresses || []).join(' ')));
     return tr;
   });
@@ -94,7 +96,7 @@ function jobState(id) {
       id, state: 'running', maps: [0, 0], reduces: [0, 0], elapsed: 0, inputBytes: 0,
       counters: null, output: null, reason: null, coordinator: '', first: null, last: null,
       tasks: new Map(), finished: new Set(), mismatches: [], retries: 0, backups: 0, events: 0,
-      fetched: null,
+      fetched: null, reused: null,
       seen: Date.now(),
     });
   }
@@ -136,8 +138,13 @@ function apply(j, e) {
     case 'accepted': j.coordinator = e.coordinator; break;
     case 'planned':
       j.maps = [0, e.maps]; j.reduces = [0, e.reduces]; j.inputBytes = e.input_bytes; break;
-    case 'reused':
-      j.maps[0] += e.maps; j.reduces[0] += e.reduces; break;
+    case 'reused': {
+      j.maps[0] += e.maps; j.reduces[0] += e.reduces;
+      const r = j.reused || { maps: 0, reduces: 0, bytes: 0, from: e.from };
+      r.maps += e.maps; r.reduces += e.reduces; r.bytes += e.input_bytes || 0;
+      j.reused = r;
+      break;
+    }
     case 'task_started': {
       const t = j.tasks.get(key) || { kind: e.kind, task: e.task, runs: [] };
       t.runs.push({ peer: e.peer, start: e.at, end: null, attempt: e.attempt, backup: false });
@@ -303,6 +310,9 @@ function card(j) {
     j.fetched ? el('div', { class: 'stats fetch' }, (j.fetched.done ? 'fetched ' : 'fetching ') +
       j.fetched.blocks + ' blocks, ' + bytes(j.fetched.bytes) + ' (' + j.fetched.from_ipfs +
       ' from IPFS peers) · ' + j.fetched.retries + ' retries') : '',
+    j.reused ? el('div', { class: 'stats reused' }, 'reused ' + j.reused.maps + ' map and ' +
+      j.reused.reduces + ' reduce tasks' + (j.reused.bytes ? ' over ' + bytes(j.reused.bytes) : '') +
+      (j.reused.from === 'memo' ? ' the daemons remember' : ' from the previous coordinator')) : '',
     j.reason ? el('div', { class: 'error' }, j.reason) : '',
     ...j.mismatches.map((m) => el('div', { class: 'error mismatch' }, m)),
     output(j),
