@@ -35,10 +35,12 @@
 //! the combiner (`which` = 0) and out of it (1), for the job counters. Modules without it are
 //! still v1 modules; their combine counters read 0.
 //!
-//! Optional: `p2pmr_positional() -> i32`, read after `p2pmr_map_end`: 1 if the task's output
-//! depends on where its records lie in the input (the module read their offsets), 0 if only
-//! on their bytes. Hosts reuse a remembered map output for a range elsewhere in an input only
-//! when it was 0 ([`crate::memo`]); a module without it counts as 1.
+//! Optional: `p2pmr_depends() -> i32`, read after `p2pmr_map_end`: what the task's output
+//! depends on besides its records' bytes, the arguments and the reducer count, as bits:
+//! [`DEPENDS_ON_OFFSETS`] (it read where records lie in the input), [`DEPENDS_ON_NAME`] (it
+//! read the input's name). Hosts reuse a remembered map output for a range elsewhere in an
+//! input, or for an input of another name, only when the bit is clear ([`crate::memo`]); a
+//! module without the export counts as depending on both.
 //!
 //! # Imports (module `p2pmr`)
 //!
@@ -60,6 +62,11 @@
 
 /// The ABI version this crate describes.
 pub const ABI_VERSION: i32 = 1;
+
+/// `p2pmr_depends` bit: the map task's output depends on its records' byte offsets.
+pub const DEPENDS_ON_OFFSETS: i32 = 1;
+/// `p2pmr_depends` bit: the map task's output depends on its input's name.
+pub const DEPENDS_ON_NAME: i32 = 2;
 
 /// The exports a job module must have, with their parameter and result counts.
 pub const REQUIRED_EXPORTS: [(&str, usize, usize); 9] = [

@@ -881,6 +881,7 @@ mod tests {
                         },
                         after: vec![cid(4), cid(5)],
                         positional: Some(1 << 20),
+                        named: Some("corpus".into()),
                     }),
                 },
                 MemoHit {

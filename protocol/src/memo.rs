@@ -2,13 +2,14 @@
 //! CID, so a worker can keep outputs across jobs and a coordinator can ask for them by key.
 //!
 //! A task's output is a function of its module, the arguments, the reducer count (which, with
-//! the partitioning rule of the ABI, decides where each pair goes), the input's name (the
-//! module is told it), the bytes it reads, the rule that cuts those bytes into records and the
-//! format the host writes runs in. The bytes are named by the CIDs of the leaves they lie in,
-//! so an edit anywhere else in a file leaves the key alone. Three things are settled only after
-//! the task has run, and are kept beside the output instead of in the key (see [`MapMemo`]):
-//! the leaves past the range's end the task read to finish its last record, and whether the
-//! module looked at records' byte offsets (then the output holds only where the range starts).
+//! the partitioning rule of the ABI, decides where each pair goes), the bytes it reads, the
+//! rule that cuts those bytes into records and the format the host writes runs in. The bytes
+//! are named by the CIDs of the leaves they lie in, so an edit anywhere else in a file leaves
+//! the key alone. Three things are settled only after the task has run, and are kept beside
+//! the output instead of in the key (see [`MapMemo`]): the leaves past the range's end the
+//! task read to finish its last record, whether the module looked at records' byte offsets
+//! (then the output holds only where the range starts) and whether it looked at the input's
+//! name (then it holds only for that name).
 //!
 //! Anything that changes what a task computes must change its key or be checked against what
 //! is kept: a wrong reuse is a wrong answer, which a rerun of the task would never give.
@@ -50,8 +51,6 @@ pub struct MapKey<'a> {
     pub args: &'a [u8],
     /// Reduce partitions.
     pub reducers: u32,
-    /// The input's name in the job.
-    pub input: &'a str,
     /// Whether the range starts at the file's first byte (a task starting elsewhere skips
     /// the record it begins inside).
     pub first: bool,
@@ -68,7 +67,6 @@ struct MapMaterial<'a> {
     module: Vec<u8>,
     args: &'a [u8],
     reducers: u32,
-    input: &'a str,
     first: bool,
     leaves: Vec<Vec<u8>>,
 }
@@ -104,7 +102,6 @@ impl MapKey<'_> {
             module: self.module.to_bytes(),
             args: self.args,
             reducers: self.reducers,
-            input: self.input,
             first: self.first,
             leaves: self.leaves.iter().map(Cid::to_bytes).collect(),
         })
@@ -157,13 +154,19 @@ pub struct MapMemo {
     /// Where the range started, if the module read records' byte offsets: then the output is
     /// right only for a range starting there.
     pub positional: Option<u64>,
+    /// The input's name, if the module read it: then the output is right only for an input
+    /// of that name.
+    pub named: Option<String>,
 }
 
 impl MapMemo {
-    /// Whether this output is the one a task starting at `start`, whose file continues
-    /// past its range with `next` (the following leaves, in order), would produce.
-    pub fn fits(&self, start: u64, next: &[Cid]) -> bool {
-        self.positional.is_none_or(|at| at == start) && next.starts_with(&self.after)
+    /// Whether this output is the one a task starting at `start` of the input named `input`,
+    /// whose file continues past its range with `next` (the following leaves, in order),
+    /// would produce.
+    pub fn fits(&self, start: u64, input: &str, next: &[Cid]) -> bool {
+        self.positional.is_none_or(|at| at == start)
+            && self.named.as_deref().is_none_or(|name| name == input)
+            && next.starts_with(&self.after)
     }
 }
 
@@ -189,7 +192,6 @@ mod tests {
             module: cid(1),
             args: b"a",
             reducers: 2,
-            input: "corpus",
             first: false,
             leaves,
         }
@@ -211,10 +213,6 @@ mod tests {
             MapKey { args: b"b", ..base },
             MapKey {
                 reducers: 3,
-                ..base
-            },
-            MapKey {
-                input: "other",
                 ..base
             },
             MapKey {
@@ -299,22 +297,25 @@ mod tests {
     }
 
     #[test]
-    fn a_remembered_output_fits_only_the_same_continuation_and_start() {
-        let memo = |after: Vec<Cid>, positional| MapMemo {
+    fn a_remembered_output_fits_only_the_same_continuation_start_and_name() {
+        let memo = |after: Vec<Cid>, positional, named: Option<&str>| MapMemo {
             output: MapOutput {
                 parts: vec![None],
                 counters: Default::default(),
             },
             after,
             positional,
+            named: named.map(str::to_owned),
         };
         let next = [cid(5), cid(6)];
-        assert!(memo(vec![], None).fits(100, &next));
-        assert!(memo(vec![cid(5)], None).fits(100, &next));
-        assert!(memo(vec![cid(5), cid(6)], None).fits(7, &next));
-        assert!(!memo(vec![cid(6)], None).fits(100, &next));
-        assert!(!memo(vec![cid(5), cid(6), cid(7)], None).fits(100, &next));
-        assert!(memo(vec![], Some(100)).fits(100, &next));
-        assert!(!memo(vec![], Some(100)).fits(101, &next));
+        assert!(memo(vec![], None, None).fits(100, "a", &next));
+        assert!(memo(vec![cid(5)], None, None).fits(100, "a", &next));
+        assert!(memo(vec![cid(5), cid(6)], None, None).fits(7, "a", &next));
+        assert!(!memo(vec![cid(6)], None, None).fits(100, "a", &next));
+        assert!(!memo(vec![cid(5), cid(6), cid(7)], None, None).fits(100, "a", &next));
+        assert!(memo(vec![], Some(100), None).fits(100, "a", &next));
+        assert!(!memo(vec![], Some(100), None).fits(101, "a", &next));
+        assert!(memo(vec![], None, Some("a")).fits(100, "a", &next));
+        assert!(!memo(vec![], None, Some("a")).fits(100, "b", &next));
     }
 }

@@ -1246,6 +1246,40 @@ async fn tasks_run_again_only_when_what_they_depend_on_changed() -> Result<()> {
     let again = run_spec(&client, same.clone()).await?;
     assert_eq!(again.output, Some(output));
     assert_eq!(memo_counts(&again), ((0, maps), (0, reduces)));
+    // Repeated content: tasks over the same leaves share a key, and one remembered output
+    // serves them all.
+    let tiled: Vec<u8> = text[..(1 << 20) + 77].repeat(5);
+    let tiled_input = vec![("corpus".to_string(), add_buzhash(tiled.clone()).await?)];
+    let tiled_spec = job_spec(wordcount, &tiled_input, 2, &[], split)?;
+    let ran = run_spec(&client, tiled_spec.clone()).await?;
+    let (tiled_output, expected) = check(&ran, &tiled, "wordcount", 2, &[])?;
+    assert_eq!(read_output(&cluster, tiled_output).await?, expected);
+    let n = planned(&ran.events).0;
+    let ran = run_spec(&client, tiled_spec.with_skip_bad_records(1)).await?;
+    assert_eq!(ran.output, Some(tiled_output));
+    assert_eq!(memo_counts(&ran).0, (0, n), "every tiled task reused");
+
+    // Under another name: wordcount never asks for it, so its map outputs are reused;
+    // indexer keys its pairs by it, so its tasks run again.
+    let renamed_input = vec![("other".to_string(), input)];
+    let ran = run_job(&client, wordcount, &renamed_input, 2, &[], split).await?;
+    assert_eq!(ran.output, Some(output));
+    assert_eq!(memo_counts(&ran).0, (0, maps));
+    let indexer = publish(&client, "indexer").await?;
+    let first_name = run_job(&client, indexer, &named, 1, &[], split).await?;
+    assert!(first_name.output.is_some(), "{:?}", first_name.reason);
+    let ran = run_job(&client, indexer, &renamed_input, 1, &[], split).await?;
+    let (output_renamed, expected) = {
+        let output = ran
+            .output
+            .ok_or_else(|| anyhow::anyhow!("indexer: {:?}", ran.reason))?;
+        let expected = run_local("indexer", &[("other".into(), text.clone())], 1, &[])?;
+        (output, expected)
+    };
+    assert_eq!(read_output(&cluster, output_renamed).await?, expected);
+    let n = planned(&ran.events).0 as usize;
+    assert_eq!(memo_counts(&ran).0, (n, 0), "indexer under another name");
+
     // Without the memo, everything runs.
     let full = run_spec(&client, same.with_memo(false)).await?;
     assert_eq!(full.output, Some(output));

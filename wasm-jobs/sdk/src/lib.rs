@@ -72,7 +72,11 @@ pub struct Input<'a> {
 
 impl Input<'_> {
     /// The input's name: its CID on the network, its file name in local mode.
+    ///
+    /// Like [`Record::offset`], asking tells the host the task's output depends on it: it
+    /// is then reused only for an input of the same name.
     pub fn name(&self) -> &str {
+        DEPENDS.set(DEPENDS.get() | DEPENDS_ON_NAME);
         self.name
     }
 
@@ -125,7 +129,7 @@ impl<'a> Record<'a> {
     /// same offset, while the output of a task that never asked is reused wherever its bytes
     /// move to (an insertion earlier in the file).
     pub fn offset(&self) -> u64 {
-        POSITIONAL.set(true);
+        DEPENDS.set(DEPENDS.get() | DEPENDS_ON_OFFSETS);
         self.offset
     }
 
@@ -135,13 +139,18 @@ impl<'a> Record<'a> {
     }
 }
 
+/// `p2pmr_depends` bit: the map task read a record's byte offset.
+const DEPENDS_ON_OFFSETS: i32 = 1;
+/// `p2pmr_depends` bit: the map task read its input's name.
+const DEPENDS_ON_NAME: i32 = 2;
+
 thread_local! {
     /// Offset (within the batch) of the record being mapped, for error reports after a trap.
     static CURSOR: Cell<usize> = const { Cell::new(0) };
     /// The last map task's combiner input and output pair counts.
     static COMBINED: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
-    /// Whether the current map task read a record's offset.
-    static POSITIONAL: Cell<bool> = const { Cell::new(false) };
+    /// What the current map task asked for besides its records' bytes: `DEPENDS_ON_*` bits.
+    static DEPENDS: Cell<i32> = const { Cell::new(0) };
 }
 
 /// The records of a batch, in order.
@@ -1137,7 +1146,7 @@ pub mod rt {
             t.name = String::from_utf8_lossy(&t.input[..len as usize]).into_owned();
             t.sink = Some(MapSink::new::<J>(true));
         });
-        POSITIONAL.set(false);
+        DEPENDS.set(0);
         0
     }
 
@@ -1205,9 +1214,9 @@ pub mod rt {
         CURSOR.with(|c| c.get() as i32)
     }
 
-    /// Whether the map task read a record's offset (1) or not (0).
-    pub fn positional() -> i32 {
-        i32::from(POSITIONAL.get())
+    /// What the map task asked for besides its records' bytes (`p2pmr_depends`).
+    pub fn depends() -> i32 {
+        DEPENDS.get()
     }
 
     /// The map task's combiner counts: pairs in (`which` 0) or out (1).
@@ -1262,8 +1271,8 @@ macro_rules! export {
                 $crate::rt::combined(which)
             }
             #[unsafe(no_mangle)]
-            extern "C" fn p2pmr_positional() -> i32 {
-                $crate::rt::positional()
+            extern "C" fn p2pmr_depends() -> i32 {
+                $crate::rt::depends()
             }
             #[unsafe(no_mangle)]
             extern "C" fn p2pmr_has_combine() -> i32 {

@@ -1181,24 +1181,28 @@ impl Coordinator {
         let mut hits = self.ask_memo(plan, &keys).await;
         let me = self.net().local_peer_id();
         hits.sort_by_key(|(peer, _)| *peer != me);
-        let by_key: HashMap<Cid, usize> =
-            wanted.iter().map(|&t| (plan.lookups[t].key, t)).collect();
+        // Repeated content makes tasks with the same key: one output may serve several.
+        let mut by_key: HashMap<Cid, Vec<usize>> = HashMap::new();
+        for &t in &wanted {
+            by_key.entry(plan.lookups[t].key).or_default().push(t);
+        }
         let reducers = job.entries.len();
         let (mut maps, mut bytes) = (0, 0);
         for (peer, hit) in hits {
-            let (Some(&t), Remembered::Map(memo)) = (by_key.get(&hit.key), hit.entry) else {
+            let (Some(tasks), Remembered::Map(memo)) = (by_key.get(&hit.key), hit.entry) else {
                 continue;
             };
-            let task = &plan.maps[t];
-            if job.outputs[t].is_some()
-                || memo.output.parts.len() != reducers
-                || !memo.fits(task.start, &plan.lookups[t].next)
-            {
+            if memo.output.parts.len() != reducers {
                 continue;
             }
-            job.outputs[t] = Some((memo.output, peer));
-            maps += 1;
-            bytes += task.end - task.start;
+            for &t in tasks {
+                let (task, lookup) = (&plan.maps[t], &plan.lookups[t]);
+                if job.outputs[t].is_none() && memo.fits(task.start, &lookup.input, &lookup.next) {
+                    job.outputs[t] = Some((memo.output.clone(), peer));
+                    maps += 1;
+                    bytes += task.end - task.start;
+                }
+            }
         }
         if maps > 0 {
             handle.emit(Event::Reused {

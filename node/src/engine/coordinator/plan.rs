@@ -65,11 +65,12 @@ fn rank(leaf: &Cid) -> u64 {
     u64::from_be_bytes(first)
 }
 
-/// Which leaves may end a task: each whose rank is the lowest of all leaves ending within
-/// `reach` bytes of its end, before or after (the earlier of equal ranks). Whether a leaf is
-/// one depends only on the leaves around it, so an edit changes the ends within `reach` of
-/// it and no others; and two ends are more than `reach` apart, a little under twice that on
-/// average.
+/// Which leaves may end a task: each with no lower rank among the leaves ending within
+/// `reach` bytes of its end, before or after. Whether a leaf is one depends only on the
+/// leaves around it, so an edit changes the ends within `reach` of it and no others. Two ends
+/// are more than `reach` apart, about twice that on average, unless they are the same leaf:
+/// copies of a block in repeated content (a run of zeros, a tiled file) do not hide each
+/// other, as the first copy would hide the next ones wherever they are.
 fn content_ends(leaves: &[Leaf], reach: u64) -> Vec<bool> {
     let ends: Vec<u64> = leaves
         .iter()
@@ -81,7 +82,7 @@ fn content_ends(leaves: &[Leaf], reach: u64) -> Vec<bool> {
     let ranks: Vec<u64> = leaves.iter().map(|l| rank(&l.cid)).collect();
     (0..leaves.len())
         .map(|k| {
-            let lower = |j: usize| (ranks[j], j) < (ranks[k], k);
+            let lower = |j: usize| ranks[j] < ranks[k];
             // Most leaves meet a lower one within a few steps.
             let before = (0..k)
                 .rev()
@@ -99,8 +100,9 @@ fn content_ends(leaves: &[Leaf], reach: u64) -> Vec<bool> {
 /// leaves' content, so that an edit of a file changes the tasks around it and not the
 /// others (their outputs are then reused from the workers' memo):
 ///
-/// - a task ends after a leaf of [`content_ends`] with a reach of half the split (rounded,
-///   [`rounded`]): tasks are the split long on average, from half of it to about twice;
+/// - a task at least half a split long ends after a leaf of [`content_ends`] with a reach
+///   of half the split (rounded, [`rounded`]): tasks are the split long on average, from
+///   half of it to twice;
 /// - it ends anyway at twice the split, and never leaves less than half a split to the end
 ///   of its input (the last task takes it);
 /// - it also ends where a placement group begins that no daemon holding all of the task's
@@ -153,8 +155,9 @@ pub(super) fn cut_maps(
             task.end += leaf.len;
             offset += leaf.len;
             let len = task.end - task.start;
-            // A task that began at a forced or a holders' cut may meet a content end soon.
-            let content = ends[k] && len >= split / 4 && len > 0;
+            // Ends closer than half a split are copies of one leaf, or follow a forced or a
+            // holders' cut.
+            let content = ends[k] && len >= split / 2 && len > 0;
             if (content || len >= 2 * split) && total - offset >= split / 2 {
                 maps.extend(current.take());
             }
@@ -169,6 +172,8 @@ pub(super) fn cut_maps(
 pub(super) struct MapLookup {
     /// The task's key.
     pub(super) key: Cid,
+    /// The input's name.
+    pub(super) input: String,
     /// The leaves after its range (a remembered output must have read a prefix of these).
     pub(super) next: Vec<Cid>,
 }
@@ -215,13 +220,12 @@ pub(super) fn map_lookups(
                 first
             };
             let read: Vec<Cid> = leaves[from..last].iter().map(|l| l.cid).collect();
-            let name = &spec.inputs[m.input as usize].name;
             MapLookup {
+                input: spec.inputs[m.input as usize].name.clone(),
                 key: MapKey {
                     module: spec.module,
                     args: &args,
                     reducers: spec.reducers,
-                    input: name,
                     first: m.start == 0,
                     leaves: &read,
                 }
@@ -516,24 +520,53 @@ mod tests {
     }
 
     #[test]
+    fn repeated_content_still_makes_tasks_of_about_the_split() {
+        let split: u64 = 32 << 20;
+        // A run of one leaf (zeros), and a tiled file whose period (100 leaves, ~32 MiB) is
+        // under the reach of a half split... and one over it.
+        let zeros = vec![random_leaves(1, 7)[0]; 2000];
+        let tile = random_leaves(100, 8);
+        let small_tile: Vec<Leaf> = random_leaves(20, 9)
+            .into_iter()
+            .cycle()
+            .take(4000)
+            .collect();
+        let tiled: Vec<Leaf> = tile.iter().cycle().take(4000).copied().collect();
+        for (what, leaves) in [
+            ("zeros", zeros),
+            ("tiled", tiled),
+            ("small tiles", small_tile),
+        ] {
+            let maps = cut_maps(vec![leaves], split, &[]);
+            for m in &maps[..maps.len() - 1] {
+                let len = m.end - m.start;
+                assert!(
+                    (split / 2..=2 * split + (512 << 10)).contains(&len),
+                    "{what}: {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn an_edit_changes_the_tasks_around_it_and_no_others() {
         let split = 32 << 20;
         for seed in 1..=20 {
             let leaves = random_leaves(4000, seed);
             let before = cut_maps(vec![leaves.clone()], split, &[]);
             let total: u64 = leaves.iter().map(|l| l.len).sum();
-            // Lengths: from half the split to twice (a quarter after a forced cut), the last
-            // one aside; about the split on average.
+            // Lengths: from half the split to twice, the last one aside; about the split on
+            // average.
             for m in &before[..before.len() - 1] {
                 let len = m.end - m.start;
                 assert!(
-                    (split / 4..=2 * split + (512 << 10)).contains(&len),
+                    (split / 2..=2 * split + (512 << 10)).contains(&len),
                     "{len}"
                 );
             }
             let mean = total / before.len() as u64;
             assert!(
-                mean > split * 9 / 10 && mean < split * 11 / 10,
+                mean > split * 17 / 20 && mean < split * 5 / 4,
                 "seed {seed}: mean {mean}"
             );
             // An insertion (a new leaf, and the one it landed in changed) in the middle.

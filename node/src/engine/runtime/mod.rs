@@ -9,7 +9,9 @@
 //! module does (loop, trap, eat memory, emit without end, hand back malformed bytes), the task
 //! fails with a typed [`JobError`] and the executor goes on serving other tasks.
 
-use p2pmr_protocol::abi::{self, ABI_VERSION, REQUIRED_EXPORTS};
+use p2pmr_protocol::abi::{
+    self, ABI_VERSION, DEPENDS_ON_NAME, DEPENDS_ON_OFFSETS, REQUIRED_EXPORTS,
+};
 use p2pmr_protocol::Cid;
 use std::collections::HashMap;
 use std::fmt;
@@ -1075,7 +1077,7 @@ impl MapTask {
 
     /// Like [`MapTask::finish`], also returning what the module reports of the task: the
     /// combiner's pair counts and whether it read records' offsets (the optional
-    /// `p2pmr_combined` and `p2pmr_positional` exports of the SDK).
+    /// `p2pmr_combined` and `p2pmr_depends` exports of the SDK).
     pub fn finish_counted(mut self) -> Result<MapEnd, JobError> {
         let end = self.funcs.map_end.call(&mut self.store, ());
         match end {
@@ -1106,20 +1108,21 @@ impl MapTask {
                 let given = f.call(&mut self.store, 1).ok()?;
                 Some((u64::try_from(taken).ok()?, u64::try_from(given).ok()?))
             });
-        // A module that does not say may have used them.
-        let positional = self
+        // A module that does not say may have used them all.
+        let depends = self
             .instance
-            .get_typed_func::<(), i32>(&mut self.store, "p2pmr_positional")
+            .get_typed_func::<(), i32>(&mut self.store, "p2pmr_depends")
             .ok()
             .and_then(|f| f.call(&mut self.store, ()).ok())
-            .is_none_or(|used| used != 0);
+            .unwrap_or(!0);
         // The instance (its linear memory) goes back to the pool before the sort allocates,
         // and each partition's unsorted pairs are freed as soon as they are sorted.
         drop(self);
         Ok(MapEnd {
             parts: parts.into_iter().map(Run::sort).collect(),
             combined,
-            positional,
+            positional: depends & DEPENDS_ON_OFFSETS != 0,
+            named: depends & DEPENDS_ON_NAME != 0,
         })
     }
 }
@@ -1134,6 +1137,9 @@ pub struct MapEnd {
     /// Whether the output may depend on where the records lie in the input (the module read
     /// their offsets, or does not say).
     pub positional: bool,
+    /// Whether the output may depend on the input's name (the module read it, or does not
+    /// say).
+    pub named: bool,
 }
 
 /// Messages from modules and the validator span lines; errors are reported on one.

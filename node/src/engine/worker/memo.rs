@@ -9,7 +9,7 @@
 use p2pmr_protocol::engine::MemoHit;
 use p2pmr_protocol::memo::Remembered;
 use p2pmr_protocol::Cid;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 /// Remembered task outputs, least recently used forgotten first. Cheap to share.
@@ -19,14 +19,33 @@ pub(super) struct Memo {
     state: Mutex<State>,
 }
 
+/// An entry's place: its key and which of the key's variants it is. Tasks with one key can
+/// differ in what was settled after they ran (the leaves past their end, where they started,
+/// the input's name: repeated content has many such tasks), so each variant is kept.
+type Slot = (Cid, u64);
+
 #[derive(Debug, Default)]
 struct State {
-    /// Key → (entry, its bytes, when it was last used).
-    entries: HashMap<Cid, (Remembered, u64, u64)>,
-    /// When each entry was last used → its key.
-    by_use: BTreeMap<u64, Cid>,
+    /// Slot → (entry, its bytes, when it was last used).
+    entries: BTreeMap<Slot, (Remembered, u64, u64)>,
+    /// When each entry was last used → its slot.
+    by_use: BTreeMap<u64, Slot>,
     bytes: u64,
     clock: u64,
+}
+
+/// Which variant of its key an entry is: a hash of what a map output was found to depend on
+/// besides its key (reduce outputs have one variant).
+fn variant_of(entry: &Remembered) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let Remembered::Map(m) = entry else {
+        return 0;
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.after.hash(&mut h);
+    m.positional.hash(&mut h);
+    m.named.hash(&mut h);
+    h.finish()
 }
 
 /// The bytes an entry stands for: its map runs' or its reduce output's.
@@ -46,6 +65,15 @@ pub(super) fn roots_of(entry: &Remembered) -> Vec<Cid> {
     }
 }
 
+impl State {
+    fn remove(&mut self, slot: &Slot) {
+        if let Some((_, size, used)) = self.entries.remove(slot) {
+            self.by_use.remove(&used);
+            self.bytes -= size;
+        }
+    }
+}
+
 impl Memo {
     /// A memo holding entries for up to `budget` bytes (0 keeps nothing).
     pub(super) fn new(budget: u64) -> Self {
@@ -55,61 +83,61 @@ impl Memo {
         }
     }
 
-    /// Remembers `entry` under `key`, forgetting the least recently used entries to make
-    /// room. An entry larger than the whole budget is not kept.
+    /// Remembers `entry` under `key` (replacing the same variant), forgetting the least
+    /// recently used entries to make room. An entry larger than the whole budget is not kept.
     pub(super) fn put(&self, key: Cid, entry: Remembered) {
         let size = size_of(&entry);
         if self.budget == 0 || size > self.budget {
             return;
         }
+        let slot = (key, variant_of(&entry));
         let mut s = self.state.lock().expect("poisoned");
-        s.clock += 1;
-        let now = s.clock;
-        if let Some((_, old_size, used)) = s.entries.remove(&key) {
-            s.by_use.remove(&used);
-            s.bytes -= old_size;
-        }
+        s.remove(&slot);
         while s.bytes + size > self.budget {
             let Some((_, oldest)) = s.by_use.pop_first() else {
                 break;
             };
-            if let Some((_, gone, _)) = s.entries.remove(&oldest) {
-                s.bytes -= gone;
-            }
+            s.remove(&oldest);
         }
-        s.entries.insert(key, (entry, size, now));
-        s.by_use.insert(now, key);
+        s.clock += 1;
+        let now = s.clock;
+        s.entries.insert(slot, (entry, size, now));
+        s.by_use.insert(now, slot);
         s.bytes += size;
     }
 
-    /// The entries under `keys` (those known), each marked as just used.
+    /// Every entry under `keys` (all variants), each marked as just used.
     pub(super) fn get(&self, keys: &[Cid]) -> Vec<MemoHit> {
         let mut s = self.state.lock().expect("poisoned");
         let mut hits = Vec::new();
         for key in keys {
-            s.clock += 1;
-            let now = s.clock;
-            let Some((entry, _, used)) = s.entries.get_mut(key) else {
-                continue;
-            };
-            let was = std::mem::replace(used, now);
-            hits.push(MemoHit {
-                key: *key,
-                entry: entry.clone(),
-            });
-            s.by_use.remove(&was);
-            s.by_use.insert(now, *key);
+            let slots: Vec<Slot> = s
+                .entries
+                .range((*key, 0)..=(*key, u64::MAX))
+                .map(|(slot, _)| *slot)
+                .collect();
+            for slot in slots {
+                s.clock += 1;
+                let now = s.clock;
+                let Some((entry, _, used)) = s.entries.get_mut(&slot) else {
+                    continue;
+                };
+                let was = std::mem::replace(used, now);
+                hits.push(MemoHit {
+                    key: *key,
+                    entry: entry.clone(),
+                });
+                s.by_use.remove(&was);
+                s.by_use.insert(now, slot);
+            }
         }
         hits
     }
 
-    /// Forgets the entry under `key` (its blocks are gone).
-    pub(super) fn forget(&self, key: &Cid) {
-        let mut s = self.state.lock().expect("poisoned");
-        if let Some((_, size, used)) = s.entries.remove(key) {
-            s.by_use.remove(&used);
-            s.bytes -= size;
-        }
+    /// Forgets `entry` under `key` (its blocks are gone).
+    pub(super) fn forget(&self, key: Cid, entry: &Remembered) {
+        let slot = (key, variant_of(entry));
+        self.state.lock().expect("poisoned").remove(&slot);
     }
 
     /// Entries kept and the bytes they stand for.
@@ -144,6 +172,7 @@ mod tests {
             },
             after: vec![],
             positional: None,
+            named: None,
         })
     }
 
@@ -171,7 +200,7 @@ mod tests {
         // The same key again replaces its entry.
         memo.put(cid(4), map_of(10));
         assert_eq!(memo.held(), (3, 70));
-        memo.forget(&cid(4));
+        memo.forget(cid(4), &map_of(10));
         assert_eq!(memo.held(), (2, 60));
         let reduce = Remembered::Reduce(ReduceOutput {
             cid: cid(7),
@@ -182,6 +211,13 @@ mod tests {
         memo.put(cid(6), reduce.clone());
         assert_eq!(memo.held(), (3, 100));
         assert_eq!(roots_of(&reduce), vec![cid(7)]);
+        // Variants of one key (another continuation) are kept side by side.
+        let mut other = map_of(5);
+        if let Remembered::Map(m) = &mut other {
+            m.after = vec![cid(99)];
+        }
+        memo.put(cid(3), other);
+        assert_eq!(memo.get(&[cid(3)]).len(), 2);
         let off = Memo::new(0);
         off.put(cid(8), map_of(0));
         assert!(off.get(&[cid(8)]).is_empty());

@@ -428,7 +428,7 @@ impl Worker {
             let (mut kept, mut gone, mut bytes) = (Vec::new(), Vec::new(), 0);
             for hit in hits {
                 if !memo::roots_of(&hit.entry).iter().all(|c| store.has(c)) {
-                    gone.push(hit.key);
+                    gone.push(hit);
                     continue;
                 }
                 bytes += match &hit.entry {
@@ -444,8 +444,8 @@ impl Worker {
         })
         .await
         .unwrap_or_default();
-        for key in &gone {
-            self.inner.memo.forget(key);
+        for hit in &gone {
+            self.inner.memo.forget(hit.key, &hit.entry);
         }
         kept
     }
@@ -658,7 +658,8 @@ impl Worker {
                 feed(&mut map, offset, &batch)?;
             }
             let ended = map.finish_counted()?;
-            let (parts, combined, positional) = (ended.parts, ended.combined, ended.positional);
+            let (parts, combined) = (ended.parts, ended.combined);
+            let depends = (ended.positional, ended.named);
             if let Some((taken, given)) = combined {
                 c.combine_input_records += taken;
                 c.combine_output_records += given;
@@ -683,12 +684,12 @@ impl Worker {
                     bytes: written.size,
                 }));
             }
-            let read_leaves = (within, after, positional);
+            let read_leaves = (within, after, depends);
             Ok::<_, MapFailure>((out, c, complete, read, read_leaves))
         })
         .await
         .map_err(|e| TaskError::Aborted(format!("map task panicked: {e}")))?;
-        let (parts, counters, complete, read, (within, after, positional)) = mapped?;
+        let (parts, counters, complete, read, (within, after, (positional, named))) = mapped?;
         if let (false, Err(source)) = (complete, read) {
             let name = input.name;
             return Err(TaskError::Input { name, source }.into());
@@ -699,7 +700,6 @@ impl Worker {
                 module: spec.module,
                 args: &task_args,
                 reducers,
-                input: &input.name,
                 first: start == 0,
                 leaves: &within,
             }
@@ -708,6 +708,7 @@ impl Worker {
                 output: output.clone(),
                 after,
                 positional: positional.then_some(start),
+                named: named.then(|| input.name.clone()),
             };
             self.inner.memo.put(key, Remembered::Map(entry));
         }
