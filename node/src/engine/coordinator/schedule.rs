@@ -18,7 +18,7 @@
 //!   takes a second copy of the task that has run longest, if it has run [`BACKUP_FACTOR`]
 //!   times the phase's median; the first copy to finish wins and the other is stopped.
 //! - **Retries**: a peer that fails (unreachable, stalled) is given up on and its task runs
-//!   elsewhere, [`MAX_ATTEMPTS`] attempts at most; a task that fails by itself (trap, time or
+//!   elsewhere, [`MAX_ATTEMPTS`] attempts lost so in a phase at most; a task that fails by itself (trap, time or
 //!   memory limit) runs again on another peer while there is one, [`TASK_FAILURES`] times at
 //!   most; a `busy` answer is not an attempt.
 //! - **Liveness**: peers running our tasks are probed; one that does not answer is given up
@@ -43,7 +43,8 @@ use std::time::{Duration, Instant};
 pub const LOCALITY_DELAY: Duration = Duration::from_millis(300);
 /// How long no peer must have started a task it holds before a peer takes one it must fetch.
 pub(crate) const LOCALITY_WAIT: Duration = Duration::from_secs(1);
-/// Attempts per task before the job fails (failures of the peer, not of the task's code).
+/// Attempts of a task a phase may lose with their peers (unreachable, stalled) before the job
+/// fails.
 pub(crate) const MAX_ATTEMPTS: usize = 4;
 /// Times a task may fail by itself (trap, time or memory limit), each on another peer when
 /// there is one, before the job fails: a flaky peer is not the job's fault, a bad record is.
@@ -158,6 +159,11 @@ pub(crate) struct PhaseState<'a> {
     last_local: Option<Instant>,
     /// How often, and on which peers, each task failed by itself.
     failed: HashMap<usize, (usize, HashSet<usize>)>,
+    /// Attempts of each task lost with their peer in this phase. Outputs lost with their
+    /// holder in an earlier round do not count (Hadoop's killed, not failed, attempts): under
+    /// churn a task can lose several in a row through no fault of its own, and the job's
+    /// rounds are bounded anyway.
+    lost: HashMap<usize, u32>,
     /// Peers that run each task, whose outputs must agree.
     verify: usize,
     /// Verification: the outputs each task's copies produced so far, by peer.
@@ -221,6 +227,7 @@ impl<'a> PhaseState<'a> {
             idle_since: vec![None; sched.peers.len()],
             last_local: None,
             failed: HashMap::new(),
+            lost: HashMap::new(),
             verify,
             votes: HashMap::new(),
             extra: HashMap::new(),
@@ -611,9 +618,9 @@ impl<'a> PhaseState<'a> {
                 // The peer is unreachable or stalled: run the task elsewhere.
                 self.dead[p] = true;
                 self.tally.gone.insert(peer);
-                // Every copy verification asked for is an attempt too.
-                let copies = self.verify as u32 + self.extra.get(&t).copied().unwrap_or(0);
-                let retry = self.tally.attempts[t] < MAX_ATTEMPTS as u32 + copies - 1;
+                let lost = self.lost.entry(t).or_default();
+                *lost += 1;
+                let retry = *lost < MAX_ATTEMPTS as u32;
                 self.retry_or_fail(t, peer, reason, retry, MAX_ATTEMPTS)?;
                 self.pending.push(t);
             }
@@ -1377,6 +1384,23 @@ mod tests {
             assert_eq!(outcome.is_err(), n == MAX_ATTEMPTS, "attempt {n}");
             assert!(s.tally.gone.contains(&peers[p]));
         }
+    }
+
+    #[test]
+    fn outputs_lost_in_earlier_rounds_do_not_count_against_a_task() {
+        // The task ran (and its output died with its holder) many times before this round.
+        let mut f = Fixture::new(TaskKind::Map, 1, 3, 1);
+        f.attempts[0] = 2 * MAX_ATTEMPTS as u32;
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let (id, _, _, _) = starts(&s.take_actions(), &peers)[0];
+        assert!(s.answered(id, Err("connection closed".into()), t0).is_ok());
+        assert!(events(&s.take_actions())
+            .into_iter()
+            .any(|e| matches!(e, Event::TaskFailed { retry: true, .. })));
+        s.assign(t0);
+        assert_eq!(starts(&s.take_actions(), &peers).len(), 1, "it runs again");
     }
 
     #[test]
