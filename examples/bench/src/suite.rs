@@ -7,8 +7,10 @@
 //! Measured: native wordcount (the baseline); `p2pmr run-local`; `p2pmr run` on 1, 2 and 4
 //! daemons (the corpus added beforehand, not timed); `p2pmr add --replicas 2` over 3 daemons
 //! (against single-thread sha2-256); a tiny job on 3 daemons (20 runs); block transfer
-//! between two daemons (against raw loopback TCP); PySpark `local[2]` when it can be
-//! installed (into `target/pyspark-venv` with pip; skipped with a note otherwise); and 16
+//! between two daemons (against raw loopback TCP); Polars (lazy, streaming engine) and DuckDB
+//! (2 threads) on the large corpus, installed into `target/df-venv` with pip; PySpark
+//! `local[2]`, both its RDD API and Spark SQL's DataFrame API, when it can be installed (into
+//! `target/pyspark-venv`); each skipped with a note if it cannot be had; and 16
 //! daemons on one machine running the 256 MiB job (its output must equal the 2-daemon run's).
 //! For each: MB/s, ratio, CPU utilisation (the machine's busy CPU time over wall time times
 //! cores) and peak RSS per daemon. Prints a table and writes
@@ -43,9 +45,12 @@ pub(crate) struct SuiteArgs {
     /// Daemons for the scaling run
     #[arg(long, default_value_t = 16)]
     many: usize,
-    /// Do not try to install or run PySpark
+    /// Do not try to install or run PySpark (RDD and Spark SQL)
     #[arg(long)]
     no_spark: bool,
+    /// Do not try to install or run Polars and DuckDB
+    #[arg(long)]
+    no_dataframes: bool,
 }
 
 /// Busy CPU seconds of the whole machine so far (all but idle and iowait, from /proc/stat):
@@ -93,19 +98,24 @@ fn wordcount(bin: &Path, daemons: &[&DaemonProc], cid: &str, tag: &str) -> Resul
     run_job(bin, daemons, cid, None, tag)
 }
 
-/// A Python with PySpark: `target/pyspark-venv`, created and filled with pip on first use.
-fn pyspark() -> Result<PathBuf> {
-    let venv = workspace().join("target/pyspark-venv");
+/// A Python in `target/<venv>` that can `import <module>`, created and filled with
+/// `pip install <packages>` on first use.
+fn venv_with(venv: &str, module: &str, packages: &[&str]) -> Result<PathBuf> {
+    let venv = workspace().join("target").join(venv);
     let python = venv.join("bin/python");
     let has = |p: &Path| {
         Command::new(p)
-            .args(["-c", "import pyspark"])
+            .args(["-c", &format!("import {module}")])
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     };
     if !has(&python) {
-        eprintln!("installing PySpark into {} (pip)", venv.display());
+        eprintln!(
+            "installing {} into {} (pip)",
+            packages.join(", "),
+            venv.display()
+        );
         let made = Command::new("python3")
             .arg("-m")
             .arg("venv")
@@ -115,12 +125,38 @@ fn pyspark() -> Result<PathBuf> {
             bail!("python3 -m venv failed");
         }
         let pip = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "pyspark"])
+            .args(["install", "-q"])
+            .args(packages)
             .status()?;
         if !pip.success() || !has(&python) {
-            bail!("pip install pyspark failed");
+            bail!("pip install {} failed", packages.join(" "));
         }
     }
+    Ok(python)
+}
+
+/// `examples/bench/df_wordcount.py ENGINE INPUT` (Polars, DuckDB or Spark SQL; the same word
+/// rule as p2pmr's wordcount): the number of distinct words.
+fn df_wordcount(python: &Path, engine: &str, input: &Path) -> Result<u64> {
+    let script = workspace().join("examples/bench/df_wordcount.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .arg(engine)
+        .arg(input)
+        .stderr(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!("{} {engine} failed", script.display());
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .with_context(|| format!("{engine} printed no word count"))
+}
+
+/// A Python with PySpark: `target/pyspark-venv`, created and filled with pip on first use.
+fn pyspark() -> Result<PathBuf> {
+    let python = venv_with("pyspark-venv", "pyspark", &["pyspark"])?;
     let java = Command::new("java")
         .arg("-version")
         .stderr(Stdio::null())
@@ -230,6 +266,22 @@ pub(crate) fn suite(args: SuiteArgs) -> Result<()> {
     ) = Default::default();
     let mut runs: Vec<Samples> = sizes.iter().map(|_| Samples::default()).collect();
     let mut outputs = Vec::new();
+    let mut notes = Vec::new();
+    // Dataframe engines a user would reach for on one machine, run every round like the rest.
+    let dataframes = if args.no_dataframes {
+        notes.push("Polars and DuckDB skipped (--no-dataframes)".to_string());
+        None
+    } else {
+        match venv_with("df-venv", "polars, duckdb", &["polars", "duckdb"]) {
+            Ok(python) => Some(python),
+            Err(e) => {
+                notes.push(format!("Polars and DuckDB skipped: {e:#}"));
+                None
+            }
+        }
+    };
+    let (mut polars, mut duckdb) = (Samples::default(), Samples::default());
+    let mut df_words = Vec::new();
     let mut add_rss = 0u64;
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
@@ -249,9 +301,17 @@ pub(crate) fn suite(args: SuiteArgs) -> Result<()> {
                 wordcount(&bin, &refs, &big_cids[i], &tag)
             })?);
         }
+        if let Some(python) = &dataframes {
+            for (engine, samples) in [("polars", &mut polars), ("duckdb", &mut duckdb)] {
+                let words = Samples::measure(samples, || df_wordcount(python, engine, &big))?;
+                df_words.push((engine, words));
+            }
+        }
         Samples::measure(&mut native_small, || native_plain(&small))?;
+        // Its own tag: the small corpus begins with the big one's bytes, so a task of the
+        // big job's with the same arguments would be reused from the daemons' memo.
         Samples::measure(&mut two_small, || {
-            wordcount(&bin, &two, &small_cid, &format!("{round}"))
+            wordcount(&bin, &two, &small_cid, &format!("small-{round}"))
         })?;
         Samples::measure(&mut sha, || sha256_file(&big))?;
         // Fresh daemons per round, so every block is really written.
@@ -305,9 +365,20 @@ pub(crate) fn suite(args: SuiteArgs) -> Result<()> {
     drop(three);
     drop(holder);
 
-    // PySpark local[2] on the small corpus.
-    let mut spark = Samples::default();
-    let mut notes = Vec::new();
+    // The words p2pmr found in the big corpus, which the dataframe engines must find too.
+    let big_words = output_lines(&bin, &two, &outputs[0])?;
+    df_words.dedup();
+    for (engine, words) in &df_words {
+        if *words != big_words {
+            notes.push(format!(
+                "{engine} found {words} distinct words, p2pmr {big_words}"
+            ));
+        }
+    }
+
+    // PySpark local[2] on the small corpus: the RDD API and Spark SQL's DataFrame API.
+    let (mut spark, mut spark_sql) = (Samples::default(), Samples::default());
+    let mut spark_sql_words = None;
     let spark_words = if args.no_spark {
         notes.push("PySpark skipped (--no-spark)".to_string());
         None
@@ -320,6 +391,9 @@ pub(crate) fn suite(args: SuiteArgs) -> Result<()> {
                     let out = scratch.join("spark-out");
                     words =
                         Samples::measure(&mut spark, || spark_wordcount(&python, &small, &out))?;
+                    spark_sql_words = Some(Samples::measure(&mut spark_sql, || {
+                        df_wordcount(&python, "spark-sql", &small)
+                    })?);
                 }
                 Some(words)
             }
@@ -331,10 +405,10 @@ pub(crate) fn suite(args: SuiteArgs) -> Result<()> {
     };
     let small_out = wordcount(&bin, &two, &small_cid, "lines")?;
     let p2pmr_words = output_lines(&bin, &two, &small_out)?;
-    if let Some(w) = spark_words {
-        if w != p2pmr_words {
+    for (what, words) in [("PySpark", spark_words), ("Spark SQL", spark_sql_words)] {
+        if let Some(w) = words.filter(|w| *w != p2pmr_words) {
             notes.push(format!(
-                "PySpark found {w} distinct words, p2pmr {p2pmr_words}"
+                "{what} found {w} distinct words, p2pmr {p2pmr_words}"
             ));
         }
     }
@@ -395,6 +469,22 @@ pub(crate) fn suite(args: SuiteArgs) -> Result<()> {
             None,
         ),
     ];
+    if dataframes.is_some() {
+        lines.push(line(
+            format!("Polars (lazy, streaming) wordcount, {big_mib} MiB"),
+            polars,
+            big_bytes,
+            native_m,
+            None,
+        ));
+        lines.push(line(
+            format!("DuckDB (2 threads) wordcount, {big_mib} MiB"),
+            duckdb,
+            big_bytes,
+            native_m,
+            None,
+        ));
+    }
     for ((n, samples), rss) in sizes.iter().zip(runs).zip(&rss) {
         lines.push(line(
             format!("p2pmr run wordcount, {n} daemon(s), {big_mib} MiB"),
@@ -422,6 +512,13 @@ pub(crate) fn suite(args: SuiteArgs) -> Result<()> {
         lines.push(line(
             format!("PySpark local[2] RDD wordcount, {small_mib} MiB"),
             spark,
+            small_bytes,
+            small_m,
+            None,
+        ));
+        lines.push(line(
+            format!("PySpark local[2] Spark SQL DataFrame wordcount, {small_mib} MiB"),
+            spark_sql,
             small_bytes,
             small_m,
             None,
