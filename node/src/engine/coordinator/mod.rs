@@ -1172,7 +1172,8 @@ impl Coordinator {
 
     /// Takes the outputs the workers remember for map tasks that have none yet: each must
     /// have read what this task would read past its range and, if its module looked at
-    /// offsets, have started where this task starts. The coordinator's own worker first.
+    /// offsets or at the input's name, have started where this task starts or read an input
+    /// of this name. The coordinator's own worker's first.
     async fn remembered_maps(&self, handle: &JobHandle, plan: &Plan, job: &mut Progress) {
         let wanted: Vec<usize> = (0..plan.lookups.len())
             .filter(|&t| job.outputs[t].is_none())

@@ -432,7 +432,10 @@ impl Worker {
                     continue;
                 }
                 bytes += match &hit.entry {
-                    Remembered::Map(m) => 128 + 64 * (m.output.parts.len() + m.after.len()),
+                    Remembered::Map(m) => {
+                        128 + 64 * (m.output.parts.len() + m.after.len())
+                            + m.named.as_ref().map_or(0, String::len)
+                    }
                     Remembered::Reduce(_) => 192,
                 };
                 if bytes > MEMO_ANSWER_BYTES {
