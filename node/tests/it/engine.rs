@@ -1232,6 +1232,7 @@ async fn tasks_run_again_only_when_what_they_depend_on_changed() -> Result<()> {
     let first = run_job(&client, wordcount, &named, 2, &[], split).await?;
     let (output, expected) = check(&first, &text, "wordcount", 2, &[])?;
     assert_eq!(read_output(&cluster, output).await?, expected);
+    let first_output = output;
     let (maps, reduces) = planned(&first.events);
     assert!(maps >= 4, "{maps} map tasks");
     assert_eq!(memo_counts(&first), ((maps as usize, 0), (2, 0)));
@@ -1352,6 +1353,36 @@ async fn tasks_run_again_only_when_what_they_depend_on_changed() -> Result<()> {
     assert!(
         ran_maps >= n / 3,
         "{ran_maps} of {n} grep tasks ran: those past the insertion must"
+    );
+    client.shutdown().await;
+
+    // Both daemons restarted: what they remember comes back from their logs.
+    let mut cluster = cluster;
+    for i in 0..2 {
+        cluster.take(i).expect("running").stop().await?;
+    }
+    let config = |bootstrap| p2pmr_node::DaemonConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")],
+        bootstrap,
+        mdns: false,
+        slots: 2,
+        ..Default::default()
+    };
+    cluster.restart(0, config(Vec::new())).await?;
+    cluster.restart(1, config(cluster.addrs())).await?;
+    cluster.wait_linked().await?;
+    let client = super::client(&cluster, 2).await?;
+    let later =
+        job_spec(wordcount, &named, 2, &[], split)?.with_limits(p2pmr_protocol::job::TaskLimits {
+            memory: 256 << 20,
+            ..Default::default()
+        });
+    let ran = run_spec(&client, later).await?;
+    assert_eq!(ran.output, Some(first_output));
+    assert_eq!(
+        memo_counts(&ran),
+        ((0, maps), (0, reduces)),
+        "after a restart"
     );
     client.shutdown().await;
     cluster.stop().await;

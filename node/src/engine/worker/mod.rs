@@ -224,6 +224,7 @@ impl Worker {
     ) -> Result<Self, crate::engine::runtime::JobError> {
         let exec = Executor::new(Limits::default())?;
         let fetcher = Fetcher::new(Some(net.clone()), Some(repo.blocks().clone()));
+        let repo_home = repo.home().to_owned();
         let slots = slots.clamp(1, crate::engine::runtime::MAX_INSTANCES);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -242,7 +243,7 @@ impl Worker {
                 tasks,
                 access,
                 wrong_output,
-                memo: Memo::new(memo_bytes),
+                memo: Memo::open(&repo_home.join("memo"), memo_bytes),
             }),
         })
     }
