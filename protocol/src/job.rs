@@ -219,6 +219,18 @@ impl JobSpec {
         &self.args
     }
 
+    /// The arguments as a module receives them ([`crate::abi::encode_args`]).
+    pub fn encoded_args(&self) -> Vec<u8> {
+        crate::abi::encode_args(self.args.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+
+    /// Whether this job's tasks may take outputs the workers remember ([`crate::memo`]): the
+    /// memo is on and the job does not verify its tasks, since a remembered output is one
+    /// daemon's word.
+    pub fn reuses_memo(&self) -> bool {
+        self.memo && self.verify == 1
+    }
+
     fn validate(&self) -> Result<(), JobSpecError> {
         let invalid = |m: String| Err(JobSpecError::Invalid(m));
         if self.inputs.is_empty() || self.inputs.len() > MAX_INPUTS {

@@ -25,7 +25,6 @@ use crate::net::NetClient;
 use crate::tasks::Tasks;
 use crate::{Node, Replicas};
 use libp2p::PeerId;
-use p2pmr_protocol::abi::encode_args;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::engine::{
@@ -721,7 +720,7 @@ impl Coordinator {
                 memo: false,
             });
         }
-        self.remembered_maps(handle, &plan, &mut job).await;
+        self.remembered_maps(handle, spec, &plan, &mut job).await;
         let mut to_map: Vec<usize> = if job.entries.iter().all(Option::is_some) {
             Vec::new() // every partition is done: no map output is needed any more
         } else {
@@ -1098,9 +1097,7 @@ impl Coordinator {
         });
         let split = plan::split_for(spec, earlier, input_bytes, &machine_slots);
         let maps = plan::cut_maps(inputs.clone(), split, &holdings);
-        // A verified job checks every task's output against other daemons' runs of it: a
-        // remembered output is one daemon's word.
-        let lookups = if spec.memo && spec.verify == 1 {
+        let lookups = if spec.reuses_memo() {
             plan::map_lookups(spec, &inputs, &maps)
         } else {
             Vec::new()
@@ -1174,7 +1171,13 @@ impl Coordinator {
     /// have read what this task would read past its range and, if its module looked at
     /// offsets or at the input's name, have started where this task starts or read an input
     /// of this name. The coordinator's own worker's first.
-    async fn remembered_maps(&self, handle: &JobHandle, plan: &Plan, job: &mut Progress) {
+    async fn remembered_maps(
+        &self,
+        handle: &JobHandle,
+        spec: &JobSpec,
+        plan: &Plan,
+        job: &mut Progress,
+    ) {
         let wanted: Vec<usize> = (0..plan.lookups.len())
             .filter(|&t| job.outputs[t].is_none())
             .collect();
@@ -1197,8 +1200,9 @@ impl Coordinator {
                 continue;
             }
             for &t in tasks {
-                let (task, lookup) = (&plan.maps[t], &plan.lookups[t]);
-                if job.outputs[t].is_none() && memo.fits(task.start, &lookup.input, &lookup.next) {
+                let task = &plan.maps[t];
+                let input = &spec.inputs[task.input as usize].name;
+                if job.outputs[t].is_none() && memo.fits(task.start, input, &plan.lookups[t].next) {
                     job.outputs[t] = Some((memo.output.clone(), peer));
                     maps += 1;
                     bytes += task.end - task.start;
@@ -1225,10 +1229,10 @@ impl Coordinator {
         job: &mut Progress,
         pending: Vec<usize>,
     ) -> Vec<usize> {
-        if plan.lookups.is_empty() || pending.is_empty() {
+        if !spec.reuses_memo() || pending.is_empty() {
             return pending;
         }
-        let args = encode_args(spec.args().iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let args = spec.encoded_args();
         let keys: Vec<(usize, Cid)> = pending
             .iter()
             .map(|&r| {

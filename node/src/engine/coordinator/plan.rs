@@ -5,7 +5,6 @@
 //! are lost.
 
 use libp2p::PeerId;
-use p2pmr_protocol::abi::encode_args;
 use p2pmr_protocol::engine::{Counters, FinishedTask, MapOutput};
 use p2pmr_protocol::job::{JobSpec, AUTO_SPLIT, AUTO_SPLIT_MAX, AUTO_SPLIT_MIN};
 use p2pmr_protocol::memo::MapKey;
@@ -172,8 +171,6 @@ pub(super) fn cut_maps(
 pub(super) struct MapLookup {
     /// The task's key.
     pub(super) key: Cid,
-    /// The input's name.
-    pub(super) input: String,
     /// The leaves after its range (a remembered output must have read a prefix of these).
     pub(super) next: Vec<Cid>,
 }
@@ -189,7 +186,7 @@ pub(super) fn map_lookups(
     inputs: &[Vec<Leaf>],
     maps: &[PlannedMap],
 ) -> Vec<MapLookup> {
-    let args = encode_args(spec.args().iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let args = spec.encoded_args();
     // Empty leaves give a reader no bytes: it never sees them.
     let inputs: Vec<Vec<&Leaf>> = inputs
         .iter()
@@ -221,7 +218,6 @@ pub(super) fn map_lookups(
             };
             let read: Vec<Cid> = leaves[from..last].iter().map(|l| l.cid).collect();
             MapLookup {
-                input: spec.inputs[m.input as usize].name.clone(),
                 key: MapKey {
                     module: spec.module,
                     args: &args,

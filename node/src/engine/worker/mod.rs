@@ -29,7 +29,6 @@ use crate::repo::store::{StoreError, StoreStats};
 use crate::tasks::Tasks;
 use crate::Repo;
 use libp2p::PeerId;
-use p2pmr_protocol::abi::encode_args;
 use p2pmr_protocol::engine::{
     Counters, DaemonStatus, FinishedTask, JobRequest, JobResponse, MapOutput, MapTask, MemoHit,
     PartOut, ReduceOutput, ReduceTask, TaskKind,
@@ -454,6 +453,12 @@ impl Worker {
         kept
     }
 
+    /// Keeps a task's output in the memo, off the async threads (the memo writes its log).
+    async fn remember_output(&self, key: Cid, entry: Remembered) {
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.inner.memo.put(key, entry)).await;
+    }
+
     /// Records a finished task of `job` (bounded: the oldest jobs, then the oldest tasks,
     /// are forgotten first, so the answer to `Finished` always fits in a message).
     fn remember(&self, job: Cid, task: FinishedTask) {
@@ -602,7 +607,7 @@ impl Worker {
             task: format!("map {} (attempt {})", task.task, task.attempt),
             input: input.name.clone(),
         };
-        let args = encode_args(spec.args().iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let args = spec.encoded_args();
         let limits = limits_of(&spec);
         let reducers = spec.reducers;
         let mut wrong_output = self.inner.wrong_output;
@@ -714,7 +719,7 @@ impl Worker {
                 positional: positional.then_some(start),
                 named: named.then(|| input.name.clone()),
             };
-            self.inner.memo.put(key, Remembered::Map(entry));
+            self.remember_output(key, Remembered::Map(entry)).await;
         }
         Ok(output)
     }
@@ -748,7 +753,8 @@ impl Worker {
             task: format!("reduce {} (attempt {})", task.partition, task.attempt),
             input: String::new(),
         };
-        let args = encode_args(spec.args().iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let args = spec.encoded_args();
+        let key_args = args.clone();
         let limits = limits_of(&spec);
         let shuffle_error = error.clone();
         let reduced = tokio::task::spawn_blocking(move || {
@@ -786,10 +792,9 @@ impl Worker {
         }
         let written = reduced?;
         let run_cids: Vec<Cid> = task.runs.iter().map(|r| r.cid).collect();
-        let args = encode_args(spec.args().iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let key = ReduceKey {
             module: spec.module,
-            args: &args,
+            args: &key_args,
             reducers: spec.reducers,
             partition: task.partition,
             runs: &run_cids,
@@ -832,7 +837,8 @@ impl Worker {
                 ..Counters::default()
             },
         };
-        self.inner.memo.put(key, Remembered::Reduce(output.clone()));
+        self.remember_output(key, Remembered::Reduce(output.clone()))
+            .await;
         Ok(JobResponse::ReduceDone(output))
     }
 }
