@@ -1,4 +1,4 @@
-//! Messages peers exchange over `/mapreduce/block/4.0.0`, their byte encoding and size limits,
+//! Messages peers exchange over `/mapreduce/block/5.0.0`, their byte encoding and size limits,
 //! and the placement rule that decides which peers hold a block.
 //!
 //! The node's libp2p codec frames each message as a 4-byte big-endian length followed by the
@@ -281,6 +281,22 @@ impl BlockResponse {
         }
     }
 
+    /// The encoding in two parts whose concatenation is [`encode`](Self::encode)'s: a short
+    /// head and, for a block, its bytes, so a sender writes a block without copying it first.
+    pub fn encode_parts(&self) -> (Vec<u8>, &[u8]) {
+        match self {
+            Self::Block(data) => {
+                // The variant's tag, then the bytes' length prefix (postcard: a varint), which
+                // for no bytes is the single byte 0.
+                let mut head = encode(&WireResponse::Block(&[]));
+                head.pop();
+                head.extend_from_slice(&encode(&data.len()));
+                (head, data)
+            }
+            other => (other.encode(), &[]),
+        }
+    }
+
     /// Decodes a response, enforcing the protocol limits.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         check("response", bytes.len(), MAX_RESPONSE_SIZE)?;
@@ -382,6 +398,9 @@ mod tests {
         for resp in [
             BlockResponse::Block(vec![1, 2, 3]),
             BlockResponse::Block(vec![]),
+            BlockResponse::Block(vec![7; 127]),
+            BlockResponse::Block(vec![7; 128]),
+            BlockResponse::Block(vec![7; MAX_BLOCK_SIZE]),
             BlockResponse::NotFound,
             BlockResponse::Stored,
             BlockResponse::Have(vec![true, false]),
@@ -389,6 +408,8 @@ mod tests {
             BlockResponse::Refused("disk full".into()),
         ] {
             assert_eq!(BlockResponse::decode(&resp.encode()).unwrap(), resp);
+            let (head, tail) = resp.encode_parts();
+            assert_eq!([head.as_slice(), tail].concat(), resp.encode());
         }
     }
 

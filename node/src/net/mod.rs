@@ -1,5 +1,5 @@
-//! The libp2p side of a peer: one task owns the `Swarm` (TCP + QUIC, Noise, Yamux, identify,
-//! ping, mDNS, Kademlia and `/mapreduce/block/4.0.0`); the rest of the node talks to it through
+//! The libp2p side of a peer: one task owns the `Swarm` (TCP + QUIC, TLS or Noise, Yamux, identify,
+//! ping, mDNS, Kademlia and `/mapreduce/block/5.0.0`); the rest of the node talks to it through
 //! the cloneable [`NetClient`], whose calls become `Command`s answered over `oneshot`s, as in
 //! rust-libp2p's `file-sharing` example.
 //!
@@ -452,9 +452,12 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     let private = config.swarm_key.is_some();
     let mut swarm = match config.swarm_key {
         None => builder
+            // TLS first: two p2pmr peers use it (AES-GCM, which the CPU does in hardware,
+            // where Noise is ChaCha20-Poly1305 in software); Noise for peers without it
+            // (js-libp2p, Helia).
             .with_tcp(
                 tcp::Config::default().nodelay(true),
-                noise::Config::new,
+                (libp2p::tls::Config::new, noise::Config::new),
                 muxer,
             )
             .map_err(|e| setup(&e))?
@@ -948,9 +951,11 @@ impl EventLoop {
                     return;
                 }
                 let reason = error.to_string();
-                // Past TCP, the pnet and Noise handshakes: a peer with another swarm key (or
-                // none) reads garbage, so the handshake fails or never completes.
+                // Past TCP, the pnet and security handshakes: a peer with another swarm key (or
+                // none) reads garbage, so choosing the security protocol or its handshake fails,
+                // or never completes.
                 let handshake = reason.contains("Handshake failed")
+                    || reason.contains("Multistream select failed")
                     || reason.contains("Timeout has been reached");
                 tracing::debug!("dial {peer}: {reason}");
                 if handshake {
@@ -1359,6 +1364,11 @@ pub trait WireMessage: Sized + Send + 'static {
     fn to_wire(&self) -> Vec<u8>;
     /// Decodes and validates a message.
     fn from_wire(bytes: &[u8]) -> Result<Self, WireError>;
+    /// The encoding as a head and a tail written after it, for messages that carry a large
+    /// payload at their end (a block), so it is not copied into one buffer first.
+    fn to_wire_parts(&self) -> (Vec<u8>, &[u8]) {
+        (self.to_wire(), &[])
+    }
 }
 
 macro_rules! wire_message {
@@ -1375,7 +1385,18 @@ macro_rules! wire_message {
     };
 }
 wire_message!(BlockRequest, MAX_REQUEST_SIZE);
-wire_message!(BlockResponse, MAX_RESPONSE_SIZE);
+impl WireMessage for BlockResponse {
+    const LIMIT: usize = MAX_RESPONSE_SIZE;
+    fn to_wire(&self) -> Vec<u8> {
+        self.encode()
+    }
+    fn from_wire(bytes: &[u8]) -> Result<Self, WireError> {
+        Self::decode(bytes)
+    }
+    fn to_wire_parts(&self) -> (Vec<u8>, &[u8]) {
+        self.encode_parts()
+    }
+}
 wire_message!(JobRequest, MAX_JOB_MESSAGE);
 wire_message!(JobResponse, MAX_JOB_MESSAGE);
 
@@ -1512,11 +1533,23 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(
     Ok((frame, held))
 }
 
-async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, payload: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(payload.len())
+/// Writes one frame: its length, then `head` and `tail` (the payload in two parts).
+async fn write_frame<T: AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    head: &[u8],
+    tail: &[u8],
+) -> io::Result<()> {
+    let len = u32::try_from(head.len() + tail.len())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
-    io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(payload).await?;
+    if tail.is_empty() {
+        io.write_all(&len.to_be_bytes()).await?;
+        io.write_all(head).await?;
+    } else {
+        // The head is a few bytes: sent with the length, as one write.
+        io.write_all(&[&len.to_be_bytes()[..], head].concat())
+            .await?;
+        io.write_all(tail).await?;
+    }
     io.close().await
 }
 
@@ -1588,7 +1621,7 @@ impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCode
                 ),
             ));
         }
-        write_frame(io, &frame).await
+        write_frame(io, &frame, &[]).await
     }
 
     async fn write_response<T>(
@@ -1600,7 +1633,8 @@ impl<Req: WireMessage, Resp: WireMessage> request_response::Codec for FramedCode
     where
         T: AsyncWrite + Unpin + Send,
     {
-        write_frame(io, &response.to_wire()).await
+        let (head, tail) = response.to_wire_parts();
+        write_frame(io, &head, tail).await
     }
 }
 

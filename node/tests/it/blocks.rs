@@ -270,6 +270,62 @@ async fn bad_requests_are_refused_and_the_daemon_goes_on() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_serve_peers_speaking_tls_or_only_noise() -> Result<()> {
+    use futures::StreamExt;
+    use libp2p::request_response::{self, ProtocolSupport};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::StreamProtocol;
+    use p2pmr_node::net::BlockCodec;
+
+    let cluster = unlinked(1).await?;
+    let daemon = cluster.daemon(0).peer_id();
+    let block = Block::raw(b"served over either handshake".to_vec());
+    cluster.daemon(0).repo().blocks().put(&block)?;
+    let codec = || {
+        request_response::Behaviour::with_codec(
+            BlockCodec::default(),
+            [(
+                StreamProtocol::new(wire::BLOCK_PROTOCOL),
+                ProtocolSupport::Outbound,
+            )],
+            request_response::Config::default(),
+        )
+    };
+    // Peers that offer one handshake each: the daemon must accept both (TLS is what daemons
+    // prefer among themselves; Noise is what js-libp2p and Helia speak).
+    let tls = super::tcp_swarm_over!(libp2p::tls::Config::new, |_| codec());
+    let noise = super::tcp_swarm_over!(libp2p::noise::Config::new, |_| codec());
+    for (name, mut swarm) in [("tls", tls), ("noise", noise)] {
+        swarm.dial(cluster.addrs()[0].clone())?;
+        swarm
+            .behaviour_mut()
+            .send_request(&daemon, Ok(BlockRequest::Get(*block.cid())));
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match swarm.select_next_some().await {
+                    SwarmEvent::Behaviour(request_response::Event::Message {
+                        message: request_response::Message::Response { response, .. },
+                        ..
+                    }) => return Ok(response),
+                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                        error,
+                        ..
+                    }) => return Err(anyhow::anyhow!("{name}: {error}")),
+                    _ => {}
+                }
+            }
+        })
+        .await??;
+        assert_eq!(
+            answer,
+            BlockResponse::Block(block.data().to_vec()),
+            "{name}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_past_the_per_peer_limit_are_answered_not_reset() -> Result<()> {
     use futures::StreamExt;
     use libp2p::request_response::{self, ProtocolSupport};

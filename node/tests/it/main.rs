@@ -58,20 +58,29 @@ async fn cat_all(node: &Node, root: Cid) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// A libp2p peer of the test's own, over TCP with Noise and Yamux, running `behaviour`;
-/// its connections stay open for a minute when idle.
+/// A libp2p peer of the test's own over TCP with `$security` (an upgrade's constructor) and
+/// Yamux, running `$behaviour`; its connections stay open for a minute when idle.
+macro_rules! tcp_swarm_over {
+    ($security:expr, $behaviour:expr) => {
+        libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default(),
+                $security,
+                libp2p::yamux::Config::default,
+            )?
+            .with_behaviour($behaviour)?
+            .with_swarm_config(|c| {
+                c.with_idle_connection_timeout(std::time::Duration::from_secs(60))
+            })
+            .build()
+    };
+}
+use tcp_swarm_over;
+
+/// A libp2p peer of the test's own, over TCP with Noise and Yamux, running `behaviour`.
 fn tcp_swarm<B: libp2p::swarm::NetworkBehaviour>(
     behaviour: impl FnOnce(&libp2p::identity::Keypair) -> B,
 ) -> Result<libp2p::Swarm<B>> {
-    use libp2p::{noise, tcp, yamux};
-    Ok(libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )?
-        .with_behaviour(behaviour)?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(std::time::Duration::from_secs(60)))
-        .build())
+    Ok(tcp_swarm_over!(libp2p::noise::Config::new, behaviour))
 }
