@@ -64,20 +64,28 @@ pub(crate) fn run_job(
         Some(mib) => vec!["--split-mib".into(), mib.to_string()],
         None => vec![],
     };
-    output(
-        client(bin, daemons)
-            .args([
-                "run",
-                "--job",
-                "wordcount",
-                "--reducers",
-                "2",
-                "--input",
-                cid,
-            ])
-            .args(&split)
-            .args(["--arg", &format!("round={tag}")]),
-    )
+    output(wordcount_cmd(bin, daemons, cid, tag).args(&split))
+}
+
+/// The `p2pmr run` command of wordcount (2 reducers) on `cid`, `tag` making the spec new.
+pub(crate) fn wordcount_cmd(
+    bin: &std::path::Path,
+    daemons: &[&DaemonProc],
+    cid: &str,
+    tag: &str,
+) -> std::process::Command {
+    let mut cmd = client(bin, daemons);
+    cmd.args([
+        "run",
+        "--job",
+        "wordcount",
+        "--reducers",
+        "2",
+        "--input",
+        cid,
+    ])
+    .args(["--arg", &format!("round={tag}")]);
+    cmd
 }
 
 pub(crate) fn engine(big_mib: u64, rounds: usize) -> Result<()> {

@@ -131,7 +131,7 @@ pub(crate) fn native_plain(path: &Path) -> Result<usize> {
 }
 
 /// The shipped job's code compiled natively, through the SDK, one thread.
-fn native_sdk(path: &Path) -> Result<usize> {
+pub(crate) fn native_sdk(path: &Path) -> Result<usize> {
     let mut task = p2pmr_guest::local::MapTask::<WordCount>::new("corpus", &[]);
     batches(path, |batch, offset| {
         task.batch(batch, offset);
@@ -141,7 +141,7 @@ fn native_sdk(path: &Path) -> Result<usize> {
 }
 
 /// The shipped wasm module through the executor, one thread.
-fn wasm(exec: &Executor, path: &Path) -> Result<usize> {
+pub(crate) fn wasm(exec: &Executor, path: &Path) -> Result<usize> {
     let wasm = shipped::by_name("wordcount").expect("shipped");
     let module = exec.load(*Block::raw(wasm.to_vec()).cid(), "wordcount", wasm)?;
     let mut task = exec.map_task(&module, TaskName::default(), &[], 1, Limits::default())?;

@@ -9,6 +9,7 @@
 //! Corpora come from `../shared/bench/make-corpus.sh` and are cached in `target/bench-corpus/`.
 //! Results are printed as a table and written to `target/bench-results/<suite>.json`.
 
+mod ceiling;
 mod chaos;
 mod engine;
 mod jobs;
@@ -68,6 +69,16 @@ enum Suite {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// wordcount on 2 daemons against the ceiling (the wasm job on every core), with the
+    /// time a `p2pmr run` spends in each phase
+    Ceiling {
+        /// Corpus sizes, one set of rounds each
+        #[arg(long, value_delimiter = ',', default_value = "1024,256")]
+        sizes_mib: Vec<u64>,
+        /// Interleaved rounds per measurement
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Fault tolerance: wordcount while daemons are killed, restarted and frozen; the output
     /// must equal the fault-free run's
     Chaos(chaos::ChaosArgs),
@@ -107,6 +118,7 @@ fn main() -> Result<()> {
             rounds,
         } => jobs::jobs(size_mib, big_mib, rounds),
         Suite::Engine { big_mib, rounds } => engine::engine(big_mib, rounds),
+        Suite::Ceiling { sizes_mib, rounds } => ceiling::ceiling(&sizes_mib, rounds),
         Suite::Chaos(args) => chaos::chaos(args),
         Suite::All(args) => suite::suite(args),
     }

@@ -70,7 +70,7 @@ fn busy_secs() -> Result<f64> {
     Ok(busy / 100.0) // USER_HZ is 100 on Linux
 }
 
-fn cores() -> f64 {
+pub(crate) fn cores() -> f64 {
     std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
 }
 

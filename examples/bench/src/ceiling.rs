@@ -1,0 +1,146 @@
+//! `p2pmr-bench ceiling`: the main job against what the machine's cores allow, and where a
+//! user's `p2pmr run` spends its time.
+//!
+//! The ceiling for wordcount on 2 daemons on this machine is every core running the wasm job
+//! at its own speed: the shipped wasm wordcount through the executor on one thread, times the
+//! cores. Each round measures, interleaved: wordcount's own code compiled natively through the
+//! SDK (one thread), the wasm module through the executor (one thread), and `p2pmr run`
+//! (wordcount, 2 reducers, a new process as a user runs it) on 2 daemons holding the corpus
+//! with 2 replicas. The run's `--json` events are timed as the client reads them, which splits
+//! its wall time into phases: start (process start to the job's acceptance: connecting,
+//! publishing the module), plan, map, reduce, store (the output's copies) and exit.
+
+use crate::engine::{cluster, wordcount_cmd};
+use crate::jobs::{native_sdk, wasm};
+use crate::peers::{client, output, DaemonProc};
+use crate::suite::cores;
+use crate::{corpus, median, p2pmr_bin, tempdir_in_target, time};
+use anyhow::{bail, Context, Result};
+use p2pmr_node::engine::runtime::{Executor, Limits};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Instant;
+
+/// The moments a run's events mark, in the order they come.
+const MARKS: [&str; 6] = ["accepted", "planned", "map", "reduce", "store", "completed"];
+/// The phases between process start, the marks and process exit.
+const PHASES: [&str; 7] = [
+    "start (connect, publish the module, submit)",
+    "plan",
+    "after planning (memo lookups)",
+    "map",
+    "reduce",
+    "store (output copies)",
+    "exit",
+];
+
+/// One `p2pmr run` with `--json`: the seconds from process start to each mark and to exit,
+/// and the output CID.
+fn timed_run(
+    bin: &Path,
+    daemons: &[&DaemonProc],
+    cid: &str,
+    tag: &str,
+) -> Result<(Vec<f64>, String)> {
+    let started = Instant::now();
+    let mut child = wordcount_cmd(bin, daemons, cid, tag)
+        .arg("--json")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut at = vec![None; MARKS.len()];
+    let mut out = None;
+    for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
+        let t = started.elapsed().as_secs_f64();
+        let event: serde_json::Value = serde_json::from_str(&line?)?;
+        let name = match event["event"].as_str() {
+            Some("phase") => event["phase"].as_str().unwrap_or_default(),
+            Some(other) => other,
+            None => continue,
+        };
+        if name == "completed" {
+            out = event["output"].as_str().map(str::to_owned);
+        }
+        if let Some(i) = MARKS.iter().position(|m| *m == name) {
+            at[i].get_or_insert(t);
+        }
+    }
+    if !child.wait()?.success() {
+        bail!("p2pmr run failed");
+    }
+    let exit = started.elapsed().as_secs_f64();
+    let mut marks: Vec<f64> = at
+        .into_iter()
+        .zip(MARKS)
+        .map(|(t, m)| t.with_context(|| format!("no {m} event")))
+        .collect::<Result<_>>()?;
+    marks.push(exit);
+    Ok((marks, out.context("no output CID")?))
+}
+
+pub(crate) fn ceiling(sizes_mib: &[u64], rounds: usize) -> Result<()> {
+    let bin = p2pmr_bin()?;
+    let exec = Executor::new(Limits::default())?;
+    let cores = cores();
+    let scratch = tempdir_in_target("ceiling")?;
+    for &mib in sizes_mib {
+        let input = corpus(mib)?;
+        let bytes = input.metadata()?.len() as f64;
+        let daemons = cluster(&bin, &scratch, &format!("c{mib}"), 2, 0)?;
+        let refs: Vec<&DaemonProc> = daemons.iter().collect();
+        let cid = output(
+            client(&bin, &refs)
+                .args(["add", "--replicas", "2"])
+                .arg(&input),
+        )?;
+        // Warm up: page cache, the module compiled in this process and on the daemons.
+        wasm(&exec, &input)?;
+        timed_run(&bin, &refs, &cid, "warm")?;
+        let (mut sdk, mut wasm_t, mut runs, mut marks) = (vec![], vec![], vec![], vec![]);
+        let mut outputs = Vec::new();
+        for round in 0..rounds {
+            eprintln!("{mib} MiB: round {}/{rounds}", round + 1);
+            sdk.push(time(|| native_sdk(&input))?.0);
+            wasm_t.push(time(|| wasm(&exec, &input))?.0);
+            let (m, out) = timed_run(&bin, &refs, &cid, &round.to_string())?;
+            runs.push(*m.last().expect("exit"));
+            marks.push(m);
+            outputs.push(out);
+        }
+        outputs.dedup();
+        if outputs.len() != 1 {
+            bail!("outputs differ between rounds: {outputs:?}");
+        }
+        let (sdk_m, wasm_m, run_m) = (median(sdk), median(wasm_t), median(runs));
+        let ceiling_s = wasm_m / cores;
+        let mb = |s: f64| bytes / s / 1e6;
+        println!("\n{mib} MiB, {rounds} rounds, {cores} cores:");
+        println!("| measurement | median s | MB/s | ratio to SDK-native |");
+        println!("|---|---:|---:|---:|");
+        for (name, s) in [
+            ("wordcount via the SDK, native, 1 thread", sdk_m),
+            ("the wasm module through the executor, 1 thread", wasm_m),
+            ("ceiling: the wasm module on every core", ceiling_s),
+            ("`p2pmr run`, 2 daemons, 2 replicas", run_m),
+        ] {
+            println!("| {name} | {s:.3} | {:.0} | {:.2} |", mb(s), sdk_m / s);
+        }
+        println!(
+            "wasm/native {:.2}; p2pmr run reaches {:.0}% of the ceiling",
+            sdk_m / wasm_m,
+            100.0 * ceiling_s / run_m
+        );
+        println!("\n| phase | median s | share of the run |");
+        println!("|---|---:|---:|");
+        for (i, phase) in PHASES.iter().enumerate() {
+            let spans: Vec<f64> = marks
+                .iter()
+                .map(|m| m[i] - if i == 0 { 0.0 } else { m[i - 1] })
+                .collect();
+            let s = median(spans);
+            println!("| {phase} | {s:.3} | {:.0}% |", 100.0 * s / run_m);
+        }
+        drop(daemons);
+    }
+    Ok(())
+}
