@@ -43,7 +43,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 mod plan;
-mod schedule;
+pub(crate) mod schedule;
 
 pub use plan::Leaf;
 use plan::{reuse, PlannedMap};
@@ -211,7 +211,7 @@ impl JobHandle {
 
 /// Why a job stopped early.
 #[derive(Debug)]
-enum Stop {
+pub(crate) enum Stop {
     Failed(String),
     Cancelled,
 }
@@ -233,7 +233,7 @@ struct Plan {
     /// Input bytes of each map task.
     map_bytes: Vec<u64>,
     /// Bytes of each map task held by each daemon.
-    local: Vec<Vec<u64>>,
+    local: Vec<Vec<(usize, u64)>>,
     split: u64,
     /// Copies of the output.
     replicas: usize,

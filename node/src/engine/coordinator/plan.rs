@@ -247,19 +247,24 @@ pub(super) fn output_replicas(leaves: &[Cid], holdings: &[HashSet<Cid>], workers
         .clamp(1, workers.max(1))
 }
 
-/// Bytes of each task held by each daemon: `[task][daemon]`.
-pub(super) fn locality(maps: &[PlannedMap], holdings: &[HashSet<Cid>]) -> Vec<Vec<u64>> {
+/// The daemons holding bytes of each task, with how many: `[task]` lists `(daemon, bytes)`
+/// for the daemons holding any, in daemon order.
+pub(super) fn locality(maps: &[PlannedMap], holdings: &[HashSet<Cid>]) -> Vec<Vec<(usize, u64)>> {
     maps.iter()
         .map(|m| {
             holdings
                 .iter()
-                .map(|h| {
-                    m.leaves
+                .enumerate()
+                .map(|(d, h)| {
+                    let held = m
+                        .leaves
                         .iter()
                         .filter(|(c, _)| h.contains(c))
                         .map(|(_, len)| len)
-                        .sum()
+                        .sum();
+                    (d, held)
                 })
+                .filter(|&(_, held)| held > 0)
                 .collect()
         })
         .collect()
@@ -819,6 +824,6 @@ mod tests {
         assert_eq!(output_replicas(&[a], &holdings, 1), 1);
         assert_eq!(output_replicas(&[], &holdings, 3), 1);
         let maps = cut_maps(own_groups(vec![vec![(a, 5), (b, 7)]]), 100, &[]);
-        assert_eq!(locality(&maps, &holdings), vec![vec![12, 5, 0]]);
+        assert_eq!(locality(&maps, &holdings), vec![vec![(0, 12), (1, 5)]]);
     }
 }

@@ -35,6 +35,7 @@ use super::Stop;
 use libp2p::PeerId;
 use p2pmr_protocol::engine::{Counters, Event, JobResponse, TaskKind};
 use p2pmr_protocol::Cid;
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -67,8 +68,9 @@ pub(crate) struct Schedule<'a> {
     /// The machine each peer runs on, and each machine's slots: a machine runs no more tasks
     /// at once than that, whichever of its peers run them (`None`: a machine per peer).
     pub(crate) machines: Option<(&'a [usize], &'a [u32])>,
-    /// For map tasks: bytes of each task held by each peer.
-    pub(crate) local: Option<&'a [Vec<u64>]>,
+    /// For map tasks: the peers holding bytes of each task, with how many, by task
+    /// (`(peer, bytes)`, ascending by peer; peers holding none are left out).
+    pub(crate) local: Option<&'a [Vec<(usize, u64)>]>,
     /// Input bytes of each task of the job.
     pub(crate) bytes: &'a [u64],
     /// The tasks to run now.
@@ -131,7 +133,7 @@ struct Attempt {
 pub(crate) struct PhaseState<'a> {
     kind: TaskKind,
     peers: &'a [PeerId],
-    local: Option<&'a [Vec<u64>]>,
+    local: Option<&'a [Vec<(usize, u64)>]>,
     bytes: &'a [u64],
     skips: &'a mut Skips,
     tally: Tally<'a>,
@@ -139,13 +141,18 @@ pub(crate) struct PhaseState<'a> {
     liveness: Duration,
     n: usize,
     /// Tasks to assign, the next one last.
-    pending: Vec<usize>,
+    pending: Pending,
+    /// For map tasks: the tasks each peer holds bytes of (the inverse of `local`).
+    held_by: Vec<Vec<usize>>,
     free: Vec<u32>,
     /// Each peer's machine, and the slots free on each machine.
     machine: Vec<usize>,
     machine_free: Vec<u32>,
     dead: Vec<bool>,
     running: BTreeMap<AttemptId, Attempt>,
+    /// The (task, peer) of each running attempt, so that whether a peer runs a task is one
+    /// lookup, not a walk over every attempt.
+    running_pairs: HashSet<(usize, usize)>,
     next_id: AttemptId,
     /// Tasks given a backup copy, and attempts stopped because the other copy finished first.
     backed: HashSet<usize>,
@@ -201,12 +208,24 @@ impl<'a> PhaseState<'a> {
             me,
             liveness,
             n: sched.tasks.len(),
-            pending: sched
-                .tasks
-                .iter()
-                .rev()
-                .flat_map(|&t| std::iter::repeat_n(t, verify))
-                .collect(),
+            pending: Pending::new(
+                sched
+                    .tasks
+                    .iter()
+                    .rev()
+                    .flat_map(|&t| std::iter::repeat_n(t, verify))
+                    .collect(),
+                sched.bytes.len(),
+            ),
+            held_by: {
+                let mut by = vec![Vec::new(); sched.peers.len()];
+                for (t, holders) in sched.local.unwrap_or_default().iter().enumerate() {
+                    for &(p, _) in holders {
+                        by[p].push(t);
+                    }
+                }
+                by
+            },
             free: sched.slots.to_vec(),
             machine: match sched.machines {
                 Some((of, _)) => of.to_vec(),
@@ -218,6 +237,7 @@ impl<'a> PhaseState<'a> {
             },
             dead,
             running: BTreeMap::new(),
+            running_pairs: HashSet::new(),
             next_id: 0,
             backed: HashSet::new(),
             beaten: HashSet::new(),
@@ -265,7 +285,7 @@ impl<'a> PhaseState<'a> {
         }
         // Verification needs distinct peers: a task all live peers have answered for already
         // cannot go on.
-        let t = *self.pending.last().expect("not empty");
+        let t = self.pending.last().expect("not empty");
         let able =
             (0..self.peers.len()).any(|p| !self.dead[p] && self.has_slot(p) && self.eligible(t, p));
         if able {
@@ -288,13 +308,14 @@ impl<'a> PhaseState<'a> {
     /// holds the most of a task); then one task per free peer per round while any is taken.
     pub(crate) fn assign(&mut self, now: Instant) {
         let after = backup_after(&mut self.took);
+        let stragglers = self.stragglers(now, after);
         loop {
             let mut assigned = false;
             while self.assign_local(now) {
                 assigned = true;
             }
             for p in 0..self.peers.len() {
-                if self.has_slot(p) && !self.dead[p] && self.assign_to(p, now, after) {
+                if self.has_slot(p) && !self.dead[p] && self.assign_to(p, now, &stragglers) {
                     assigned = true;
                 }
             }
@@ -310,16 +331,17 @@ impl<'a> PhaseState<'a> {
         let Some(local) = self.local else {
             return false;
         };
-        let mut best: Option<((u64, u32, u64), usize, usize)> = None;
-        let free = (0..self.peers.len()).filter(|&p| self.has_slot(p) && !self.dead[p]);
-        for p in free {
-            for (at, &t) in self.pending.iter().enumerate() {
-                let held = local[t][p];
-                if held == 0 || !self.eligible(t, p) {
+        // Ties go to the lowest peer, then the earliest pending place. Only holders are
+        // visited: a swarm's thousands of peers hold a task's bytes on a few.
+        type Key = (u64, u32, u64, Reverse<usize>, Reverse<usize>);
+        let mut best: Option<(Key, usize, usize)> = None;
+        for (at, &t) in self.pending.iter().enumerate() {
+            for &(p, held) in &local[t] {
+                if held == 0 || !self.has_slot(p) || self.dead[p] || !self.eligible(t, p) {
                     continue;
                 }
                 let share = held.saturating_mul(1 << 16) / self.bytes[t].max(1);
-                let key = (share, self.free[p], held);
+                let key = (share, self.free[p], held, Reverse(p), Reverse(at));
                 if best.as_ref().is_none_or(|(k, _, _)| key > *k) {
                     best = Some((key, p, at));
                 }
@@ -336,8 +358,8 @@ impl<'a> PhaseState<'a> {
     }
 
     /// Gives peer `p` a task if one is right for it now; says whether it did.
-    fn assign_to(&mut self, p: usize, now: Instant, after: Duration) -> bool {
-        if self.pending.is_empty() && !self.back_up(p, now, after) {
+    fn assign_to(&mut self, p: usize, now: Instant, stragglers: &[(usize, usize)]) -> bool {
+        if self.pending.is_empty() && !self.back_up(p, stragglers) {
             return false;
         }
         let Some((at, score)) = self.pick(p) else {
@@ -364,20 +386,32 @@ impl<'a> PhaseState<'a> {
         true
     }
 
-    /// Near the end of the phase: peer `p` takes a backup copy of the task that has run
-    /// longest, once it runs well past the usual time. Says whether it queued one.
-    fn back_up(&mut self, p: usize, now: Instant, after: Duration) -> bool {
+    /// The (task, peer) of the attempts that have run `after` or longer at `now`, of tasks
+    /// not done, longest-running first (ties: the earlier attempt): the candidates for backup
+    /// copies, found once per assignment round rather than once per free peer.
+    fn stragglers(&self, now: Instant, after: Duration) -> Vec<(usize, usize)> {
         if self.verify > 1 {
-            return false;
+            return Vec::new();
         }
-        let straggler = self
+        let mut slow: Vec<(Instant, AttemptId, usize, usize)> = self
             .running
-            .values()
-            .filter(|a| a.p != p && !self.backed.contains(&a.t))
-            .filter(|a| !self.complete.contains(&a.t))
-            .filter(|a| now.duration_since(a.since) >= after)
-            .min_by_key(|a| a.since)
-            .map(|a| (a.t, a.p));
+            .iter()
+            .filter(|(_, a)| !self.complete.contains(&a.t))
+            .filter(|(_, a)| now.duration_since(a.since) >= after)
+            .map(|(id, a)| (a.since, *id, a.t, a.p))
+            .collect();
+        slow.sort_unstable();
+        slow.into_iter().map(|(_, _, t, p)| (t, p)).collect()
+    }
+
+    /// Near the end of the phase: peer `p` takes a backup copy of the task that has run
+    /// longest (of `stragglers`), once it runs well past the usual time. Says whether it
+    /// queued one.
+    fn back_up(&mut self, p: usize, stragglers: &[(usize, usize)]) -> bool {
+        let straggler = stragglers
+            .iter()
+            .find(|(t, q)| *q != p && !self.backed.contains(t))
+            .copied();
         let Some((t, slow)) = straggler else {
             return false;
         };
@@ -393,17 +427,28 @@ impl<'a> PhaseState<'a> {
     }
 
     /// The pending task for peer `p` (its place in `pending`) and how many of its bytes `p`
-    /// holds: the most local one, else the next in order.
+    /// holds: the most local one (ties: the earliest place), else the earliest place.
     fn pick(&self, p: usize) -> Option<(usize, u64)> {
         let eligible = |t: usize| self.eligible(t, p);
         match self.local {
-            Some(local) => self
-                .pending
-                .iter()
-                .enumerate()
-                .filter(|(_, &t)| eligible(t))
-                .max_by_key(|(i, &t)| (local[t][p], std::cmp::Reverse(*i)))
-                .map(|(i, &t)| (i, local[t][p])),
+            Some(local) => {
+                // The tasks `p` holds, not every pending one: a peer of a large swarm holds
+                // a few.
+                let most = self.held_by[p]
+                    .iter()
+                    .filter(|&&t| self.pending.contains(t) && eligible(t))
+                    .map(|&t| held(local, t, p))
+                    .max();
+                let wanted = |t: usize| match most {
+                    Some(most) => held(local, t, p) == most && eligible(t),
+                    None => eligible(t),
+                };
+                self.pending
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &t)| wanted(t))
+                    .map(|(i, _)| (i, most.unwrap_or(0)))
+            }
             None => self
                 .pending
                 .iter()
@@ -430,11 +475,9 @@ impl<'a> PhaseState<'a> {
         // A task that failed on this peer goes elsewhere while there is elsewhere; nor does
         // a peer take a second copy of a task it is running, or one it answered for already
         // (verification compares distinct peers).
-        let live = self.dead.iter().filter(|d| !**d).count();
-        self.failed
-            .get(&t)
-            .is_none_or(|(_, on)| !on.contains(&p) || on.len() >= live)
-            && !self.running.values().any(|a| a.t == t && a.p == p)
+        self.failed.get(&t).is_none_or(|(_, on)| {
+            !on.contains(&p) || on.len() >= self.dead.iter().filter(|d| !**d).count()
+        }) && !self.running_pairs.contains(&(t, p))
             && !self
                 .votes
                 .get(&t)
@@ -450,7 +493,7 @@ impl<'a> PhaseState<'a> {
         self.free[p] -= 1;
         self.machine_free[self.machine[p]] -= 1;
         let local_percent = match self.local {
-            Some(local) if self.bytes[t] > 0 => (local[t][p] * 100 / self.bytes[t]) as u8,
+            Some(local) if self.bytes[t] > 0 => (held(local, t, p) * 100 / self.bytes[t]) as u8,
             _ => 100,
         };
         let attempt = self.tally.attempts[t];
@@ -465,6 +508,7 @@ impl<'a> PhaseState<'a> {
         self.next_id += 1;
         let skip = self.skips.of(t);
         let skipped = skip.len();
+        self.running_pairs.insert((t, p));
         self.running.insert(
             id,
             Attempt {
@@ -488,6 +532,7 @@ impl<'a> PhaseState<'a> {
     pub(crate) fn cancelled(&mut self, id: AttemptId, now: Instant) -> Result<(), Stop> {
         if self.beaten.remove(&id) {
             if let Some(a) = self.running.remove(&id) {
+                self.running_pairs.remove(&(a.t, a.p));
                 self.release(a.p);
             }
             return Ok(());
@@ -517,6 +562,7 @@ impl<'a> PhaseState<'a> {
         else {
             return Ok(());
         };
+        self.running_pairs.remove(&(t, p));
         self.beaten.remove(&id);
         let (kind, peer) = (self.kind, self.peers[p]);
         if self.complete.contains(&t) {
@@ -628,7 +674,7 @@ impl<'a> PhaseState<'a> {
         if ends_task {
             // First copy home wins: stop the other, here and on its worker.
             self.complete.insert(t);
-            self.pending.retain(|&x| x != t);
+            self.pending.remove_all(t);
             let losers: Vec<(AttemptId, usize)> = self
                 .running
                 .iter()
@@ -645,7 +691,7 @@ impl<'a> PhaseState<'a> {
             }
         } else if self.verify == 1 && self.running.values().any(|a| a.t == t) {
             // Another copy is still running: it is the retry.
-            self.pending.retain(|&x| x != t);
+            self.pending.remove_all(t);
         }
         Ok(())
     }
@@ -800,6 +846,65 @@ impl<'a> PhaseState<'a> {
 
 /// What verification compares of a task's answer: the CIDs it produced (the counters differ
 /// from peer to peer, as they count local and fetched bytes).
+/// Bytes of task `t` that peer `p` holds (`local` as in [`Schedule::local`]).
+fn held(local: &[Vec<(usize, u64)>], t: usize, p: usize) -> u64 {
+    local[t]
+        .binary_search_by_key(&p, |&(q, _)| q)
+        .map_or(0, |i| local[t][i].1)
+}
+
+/// The tasks waiting for a peer, the next one last, and how many copies of each wait.
+struct Pending {
+    order: Vec<usize>,
+    count: Vec<u32>,
+}
+
+impl Pending {
+    fn new(order: Vec<usize>, tasks: usize) -> Self {
+        let mut count = vec![0; tasks];
+        for &t in &order {
+            count[t] += 1;
+        }
+        Self { order, count }
+    }
+
+    fn contains(&self, t: usize) -> bool {
+        self.count[t] > 0
+    }
+
+    fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn last(&self) -> Option<usize> {
+        self.order.last().copied()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, usize> {
+        self.order.iter()
+    }
+
+    fn push(&mut self, t: usize) {
+        self.order.push(t);
+        self.count[t] += 1;
+    }
+
+    /// Takes the task at place `at`.
+    fn remove(&mut self, at: usize) -> usize {
+        let t = self.order.remove(at);
+        self.count[t] -= 1;
+        t
+    }
+
+    /// Drops every copy of task `t`.
+    fn remove_all(&mut self, t: usize) {
+        if self.count[t] > 0 {
+            self.order.retain(|&x| x != t);
+            self.count[t] = 0;
+        }
+    }
+}
+
 fn output_key(response: &JobResponse) -> Vec<Option<Cid>> {
     match response {
         JobResponse::MapDone(out) => out
@@ -886,7 +991,7 @@ mod tests {
         peers: Vec<PeerId>,
         slots: Vec<u32>,
         machines: Option<(Vec<usize>, Vec<u32>)>,
-        local: Option<Vec<Vec<u64>>>,
+        local: Option<Vec<Vec<(usize, u64)>>>,
         bytes: Vec<u64>,
         skips: Skips,
         counters: Counters,
@@ -923,7 +1028,16 @@ mod tests {
 
         /// Map tasks whose bytes each peer holds: `local[task][peer]`.
         fn with_local(mut self, local: Vec<Vec<u64>>) -> Self {
-            self.local = Some(local);
+            let holders = local
+                .into_iter()
+                .map(|task| {
+                    task.into_iter()
+                        .enumerate()
+                        .filter(|&(_, held)| held > 0)
+                        .collect()
+                })
+                .collect();
+            self.local = Some(holders);
             self
         }
 
