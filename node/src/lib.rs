@@ -18,6 +18,7 @@ mod http;
 pub mod net;
 mod node;
 pub mod repo;
+pub mod sim;
 mod tasks;
 
 pub use blocks::ledger::{Collected, Ledger, LedgerError, DEFAULT_GC_GRACE};

@@ -440,7 +440,7 @@ impl AsRef<[u8]> for Placed {
 }
 
 /// `daemons` ranked for holding blocks placed by `key` (a placement group's), best first.
-fn placement(key: &Cid, daemons: &[Placed]) -> Vec<PeerId> {
+pub(crate) fn placement(key: &Cid, daemons: &[Placed]) -> Vec<PeerId> {
     rank_peers(key, daemons).into_iter().map(|d| d.id).collect()
 }
 

@@ -1,0 +1,352 @@
+//! A simulator of placement and map scheduling over many virtual peers, in virtual time,
+//! driving the daemons' own code: [`blocks::placement`](crate::blocks) ranks the peers for
+//! each placement group, and the coordinator's sans-I/O phase scheduler assigns a job's map
+//! tasks as the virtual clock advances. It reports placement balance, the share of map input
+//! read locally, and the bytes re-replication moves after peers fail.
+//!
+//! Routing is not simulated: a daemon knows every other daemon (full membership), so a
+//! lookup costs no network step, and each peer's state grows with the swarm.
+
+use crate::blocks::{placement, Placed};
+use crate::engine::coordinator::schedule::{Action, PhaseState, Schedule, Skips, Tally};
+use libp2p::identity::Keypair;
+use libp2p::PeerId;
+use p2pmr_protocol::engine::{Counters, JobResponse, MapOutput, TaskKind};
+use p2pmr_protocol::{Block, Cid};
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+/// Bytes of one placement group: the leaves under one bottom-level node (174 × 256 KiB).
+pub const GROUP_BYTES: u64 = 174 << 18;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Virtual peers.
+    pub peers: usize,
+    /// Copies of each group.
+    pub replicas: usize,
+    /// Group copies per peer on average (groups × replicas / peers).
+    pub copies_per_peer: usize,
+    /// Map tasks of the simulated job (one group each), 0 for no job.
+    pub tasks: usize,
+    /// Task slots per peer.
+    pub slots: u32,
+    /// Seed of the peers' identities and of which peers fail.
+    pub seed: u64,
+}
+
+/// What a simulation measured.
+#[derive(Debug, Clone)]
+pub struct SimReport {
+    /// The configuration simulated.
+    pub config: SimConfig,
+    /// Groups placed.
+    pub groups: usize,
+    /// The most bytes one peer holds over the mean.
+    pub max_over_mean: f64,
+    /// The job's map input read from the mapper's own store, as a share (None: no job).
+    pub local_share: Option<f64>,
+    /// The job's map phase in virtual seconds.
+    pub map_seconds: Option<f64>,
+    /// Wall seconds the scheduler took over the whole job.
+    pub scheduler_seconds: Option<f64>,
+    /// For each share of peers failed at once: the share and the bytes copied to restore the
+    /// replica count, over all stored bytes.
+    pub moved: Vec<(f64, u64, f64)>,
+    /// Wall seconds spent ranking peers for the groups.
+    pub placement_seconds: f64,
+}
+
+/// A deterministic stream of numbers (SplitMix64): the same seed, the same peers and failures.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// How many ranked peers each group keeps: enough that after the largest simulated failure
+/// (10%) some `replicas` of them are alive. A ranking restricted to the live peers is the
+/// full ranking with the dead left out (each peer's score depends only on it and the key), so
+/// the survivors' first `replicas` are where the keeper puts the copies.
+const KEPT_RANKS: usize = 16;
+
+/// Runs one simulation.
+pub fn simulate(config: SimConfig) -> SimReport {
+    let mut rng = Rng(config.seed);
+    let peers: Vec<PeerId> = (0..config.peers)
+        .map(|_| {
+            let mut seed = [0u8; 32];
+            for chunk in seed.chunks_mut(8) {
+                chunk.copy_from_slice(&rng.next().to_le_bytes());
+            }
+            Keypair::ed25519_from_bytes(seed)
+                .expect("32 bytes make a key")
+                .public()
+                .to_peer_id()
+        })
+        .collect();
+    let index: std::collections::HashMap<PeerId, usize> =
+        peers.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+    let placed: Vec<Placed> = peers.iter().map(|p| Placed::new(*p)).collect();
+    let groups = (config.copies_per_peer * config.peers / config.replicas).max(config.tasks);
+    let keys: Vec<Cid> = (0..groups as u64)
+        .map(|g| *Block::raw(g.to_le_bytes().to_vec()).cid())
+        .collect();
+
+    // Placement: each group's ranking, on both cores.
+    let started = Instant::now();
+    let ranks: Vec<Vec<usize>> = std::thread::scope(|s| {
+        let halves: Vec<_> = keys
+            .chunks(keys.len().div_ceil(2).max(1))
+            .map(|part| {
+                let (placed, index) = (&placed, &index);
+                s.spawn(move || {
+                    part.iter()
+                        .map(|key| {
+                            // Into a new vector: collecting from the ranking's own would keep
+                            // its allocation (one entry per peer) alive for every group.
+                            let mut kept = Vec::with_capacity(KEPT_RANKS);
+                            kept.extend(
+                                placement(key, placed)
+                                    .into_iter()
+                                    .take(KEPT_RANKS)
+                                    .map(|p| index[&p]),
+                            );
+                            kept
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        halves
+            .into_iter()
+            .flat_map(|h| h.join().expect("ranking thread"))
+            .collect()
+    });
+    let placement_seconds = started.elapsed().as_secs_f64();
+    let mut held = vec![0u64; config.peers];
+    for rank in &ranks {
+        for &p in &rank[..config.replicas] {
+            held[p] += GROUP_BYTES;
+        }
+    }
+    let mean = held.iter().sum::<u64>() as f64 / config.peers as f64;
+    let max_over_mean = *held.iter().max().unwrap_or(&0) as f64 / mean;
+
+    // Failures: a share of the peers at once; every copy they held is made again on the next
+    // live peer in its group's ranking.
+    let stored = GROUP_BYTES * (groups * config.replicas) as u64;
+    let moved = [0.01, 0.10]
+        .into_iter()
+        .map(|share| {
+            let mut order: Vec<usize> = (0..config.peers).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+            }
+            let dead: HashSet<usize> = order[..(config.peers as f64 * share) as usize]
+                .iter()
+                .copied()
+                .collect();
+            let copies: usize = ranks
+                .iter()
+                .map(|rank| {
+                    let before: Vec<usize> = rank[..config.replicas].to_vec();
+                    let after: Vec<usize> = rank
+                        .iter()
+                        .filter(|p| !dead.contains(p))
+                        .take(config.replicas)
+                        .copied()
+                        .collect();
+                    after.iter().filter(|p| !before.contains(p)).count()
+                })
+                .sum();
+            let bytes = copies as u64 * GROUP_BYTES;
+            (share, bytes, bytes as f64 / stored as f64)
+        })
+        .collect();
+
+    let (local_share, map_seconds, scheduler_seconds) = if config.tasks > 0 {
+        let (local, map, wall) = map_phase(&config, &peers, &ranks[..config.tasks]);
+        (Some(local), Some(map), Some(wall))
+    } else {
+        (None, None, None)
+    };
+    SimReport {
+        config,
+        groups,
+        max_over_mean,
+        local_share,
+        map_seconds,
+        scheduler_seconds,
+        moved,
+        placement_seconds,
+    }
+}
+
+/// Virtual speeds: a map task reads its own blocks at `LOCAL`, fetches others' at `REMOTE`.
+const LOCAL_BYTES_PER_SEC: f64 = 200e6;
+const REMOTE_BYTES_PER_SEC: f64 = 50e6;
+/// How often the virtual clock ticks while tasks wait (the coordinator's own tick).
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs a job's map phase (one task per group in `ranks`) through the scheduler in virtual
+/// time: the share of input read locally, the phase's virtual seconds, and the wall seconds
+/// the scheduler took.
+fn map_phase(config: &SimConfig, peers: &[PeerId], ranks: &[Vec<usize>]) -> (f64, f64, f64) {
+    let tasks = ranks.len();
+    let local: Vec<Vec<(usize, u64)>> = ranks
+        .iter()
+        .map(|rank| {
+            let mut holders: Vec<(usize, u64)> = rank[..config.replicas]
+                .iter()
+                .map(|&p| (p, GROUP_BYTES))
+                .collect();
+            holders.sort_unstable();
+            holders
+        })
+        .collect();
+    let bytes = vec![GROUP_BYTES; tasks];
+    let slots = vec![config.slots; config.peers];
+    let mut skips = Skips::new(0);
+    let mut counters = Counters::default();
+    let mut attempts = vec![0u32; tasks];
+    let mut gone = HashSet::new();
+    let wall = Instant::now();
+    let t0 = Instant::now();
+    let mut state = PhaseState::new(
+        Schedule {
+            kind: TaskKind::Map,
+            peers,
+            slots: &slots,
+            machines: None,
+            local: Some(&local),
+            bytes: &bytes,
+            tasks: (0..tasks).collect(),
+            skips: &mut skips,
+            verify: 1,
+        },
+        Tally {
+            counters: &mut counters,
+            attempts: &mut attempts,
+            gone: &mut gone,
+        },
+        PeerId::random(),
+        Duration::from_secs(3600),
+        |_| true,
+    );
+    let index: std::collections::HashMap<PeerId, usize> =
+        peers.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+    // Attempts running, by virtual finish time.
+    let mut finishing: BTreeMap<(Duration, u64), ()> = BTreeMap::new();
+    let (mut read, mut read_local) = (0u64, 0u64);
+    let mut now = Duration::ZERO;
+    state.assign(t0 + now);
+    loop {
+        for action in state.take_actions() {
+            if let Action::Start(start) = action {
+                let p = index[&start.peer];
+                let here = local[start.task]
+                    .iter()
+                    .find(|(q, _)| *q == p)
+                    .map_or(0, |h| h.1);
+                read += GROUP_BYTES;
+                read_local += here;
+                let speed = if here > 0 {
+                    LOCAL_BYTES_PER_SEC
+                } else {
+                    REMOTE_BYTES_PER_SEC
+                };
+                let took = Duration::from_secs_f64(GROUP_BYTES as f64 / speed);
+                finishing.insert((now + took, start.id), ());
+            }
+        }
+        if state.is_done() {
+            break;
+        }
+        let next = finishing.keys().next().copied();
+        match next {
+            Some((at, id)) if at <= now + TICK => {
+                finishing.remove(&(at, id));
+                now = at;
+                let done = Ok(JobResponse::MapDone(MapOutput {
+                    parts: vec![],
+                    counters: Counters::default(),
+                }));
+                if state.answered(id, done, t0 + now).is_err() {
+                    break;
+                }
+            }
+            _ => now += TICK,
+        }
+        state.assign(t0 + now);
+    }
+    (
+        read_local as f64 / read.max(1) as f64,
+        now.as_secs_f64(),
+        wall.elapsed().as_secs_f64(),
+    )
+}
+
+impl fmt::Display for SimReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        write!(
+            f,
+            "| {} | {} | {} | {:.2} | {:.1} s |",
+            c.peers, c.copies_per_peer, self.groups, self.max_over_mean, self.placement_seconds
+        )?;
+        match (self.local_share, self.map_seconds, self.scheduler_seconds) {
+            (Some(l), Some(m), Some(s)) => write!(
+                f,
+                " {} tasks: {:.1}% local, {:.2} s virtual, {:.1} s to schedule |",
+                c.tasks,
+                100.0 * l,
+                m,
+                s
+            )?,
+            _ => write!(f, " not run |")?,
+        }
+        for (share, bytes, of) in &self.moved {
+            write!(
+                f,
+                " {:.0}%: {:.1} GB ({:.2}% of stored) |",
+                100.0 * share,
+                *bytes as f64 / 1e9,
+                100.0 * of
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_swarm_places_evenly_runs_locally_and_moves_what_it_lost() {
+        let report = simulate(SimConfig {
+            peers: 50,
+            replicas: 2,
+            copies_per_peer: 40,
+            tasks: 100,
+            slots: 2,
+            seed: 7,
+        });
+        assert_eq!(report.groups, 1000);
+        assert!(report.max_over_mean < 2.0, "{report}");
+        assert!(report.local_share.unwrap() > 0.9, "{report}");
+        // 1% of 50 peers is none; 10% is 5, whose copies (about a tenth) are made again.
+        assert_eq!(report.moved[0].1, 0);
+        let tenth = report.moved[1].2;
+        assert!((0.05..0.15).contains(&tenth), "{report}");
+    }
+}
