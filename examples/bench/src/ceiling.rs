@@ -78,7 +78,14 @@ fn timed_run(
     Ok((marks, out.context("no output CID")?))
 }
 
-pub(crate) fn ceiling(sizes_mib: &[u64], rounds: usize) -> Result<()> {
+/// One cluster's runs: the marks of each, and the output CIDs.
+#[derive(Default)]
+struct Runs {
+    marks: Vec<Vec<f64>>,
+    outputs: Vec<String>,
+}
+
+pub(crate) fn ceiling(sizes_mib: &[u64], daemon_counts: &[usize], rounds: usize) -> Result<()> {
     let bin = p2pmr_bin()?;
     let exec = Executor::new(Limits::default())?;
     let cores = cores();
@@ -86,61 +93,101 @@ pub(crate) fn ceiling(sizes_mib: &[u64], rounds: usize) -> Result<()> {
     for &mib in sizes_mib {
         let input = corpus(mib)?;
         let bytes = input.metadata()?.len() as f64;
-        let daemons = cluster(&bin, &scratch, &format!("c{mib}"), 2, 0)?;
-        let refs: Vec<&DaemonProc> = daemons.iter().collect();
-        let cid = output(
-            client(&bin, &refs)
-                .args(["add", "--replicas", "2"])
-                .arg(&input),
-        )?;
+        // One cluster per daemon count, each holding the corpus with 2 replicas.
+        let mut clusters = Vec::new();
+        for &n in daemon_counts {
+            let daemons = cluster(&bin, &scratch, &format!("c{mib}-{n}"), n, 0)?;
+            let cid = {
+                let refs: Vec<&DaemonProc> = daemons.iter().collect();
+                output(
+                    client(&bin, &refs)
+                        .args(["add", "--replicas", &n.min(2).to_string()])
+                        .arg(&input),
+                )?
+            };
+            clusters.push((daemons, cid));
+        }
         // Warm up: page cache, the module compiled in this process and on the daemons.
         wasm(&exec, &input)?;
-        timed_run(&bin, &refs, &cid, "warm")?;
-        let (mut sdk, mut wasm_t, mut runs, mut marks) = (vec![], vec![], vec![], vec![]);
-        let mut outputs = Vec::new();
+        for (daemons, cid) in &clusters {
+            let refs: Vec<&DaemonProc> = daemons.iter().collect();
+            timed_run(&bin, &refs, cid, "warm")?;
+        }
+        let (mut sdk, mut wasm_t) = (vec![], vec![]);
+        let mut runs: Vec<Runs> = clusters.iter().map(|_| Runs::default()).collect();
         for round in 0..rounds {
             eprintln!("{mib} MiB: round {}/{rounds}", round + 1);
             sdk.push(time(|| native_sdk(&input))?.0);
             wasm_t.push(time(|| wasm(&exec, &input))?.0);
-            let (m, out) = timed_run(&bin, &refs, &cid, &round.to_string())?;
-            runs.push(*m.last().expect("exit"));
-            marks.push(m);
-            outputs.push(out);
+            for ((daemons, cid), r) in clusters.iter().zip(&mut runs) {
+                let refs: Vec<&DaemonProc> = daemons.iter().collect();
+                let (m, out) = timed_run(&bin, &refs, cid, &round.to_string())?;
+                r.marks.push(m);
+                r.outputs.push(out);
+            }
         }
+        let mut outputs: Vec<&String> = runs.iter().flat_map(|r| &r.outputs).collect();
         outputs.dedup();
         if outputs.len() != 1 {
-            bail!("outputs differ between rounds: {outputs:?}");
+            bail!("outputs differ between runs: {outputs:?}");
         }
-        let (sdk_m, wasm_m, run_m) = (median(sdk), median(wasm_t), median(runs));
+        let (sdk_m, wasm_m) = (median(sdk), median(wasm_t));
+        let run_m: Vec<f64> = runs
+            .iter()
+            .map(|r| median(r.marks.iter().map(|m| *m.last().expect("exit")).collect()))
+            .collect();
         let ceiling_s = wasm_m / cores;
         let mb = |s: f64| bytes / s / 1e6;
-        println!("\n{mib} MiB, {rounds} rounds, {cores} cores:");
-        println!("| measurement | median s | MB/s | ratio to SDK-native |");
-        println!("|---|---:|---:|---:|");
-        for (name, s) in [
-            ("wordcount via the SDK, native, 1 thread", sdk_m),
-            ("the wasm module through the executor, 1 thread", wasm_m),
-            ("ceiling: the wasm module on every core", ceiling_s),
-            ("`p2pmr run`, 2 daemons, 2 replicas", run_m),
-        ] {
-            println!("| {name} | {s:.3} | {:.0} | {:.2} |", mb(s), sdk_m / s);
-        }
         println!(
-            "wasm/native {:.2}; p2pmr run reaches {:.0}% of the ceiling",
-            sdk_m / wasm_m,
-            100.0 * ceiling_s / run_m
+            "\n{mib} MiB, {rounds} rounds, {cores} cores, wasm/native {:.2}:",
+            sdk_m / wasm_m
         );
-        println!("\n| phase | median s | share of the run |");
-        println!("|---|---:|---:|");
-        for (i, phase) in PHASES.iter().enumerate() {
-            let spans: Vec<f64> = marks
-                .iter()
-                .map(|m| m[i] - if i == 0 { 0.0 } else { m[i - 1] })
-                .collect();
-            let s = median(spans);
-            println!("| {phase} | {s:.3} | {:.0}% |", 100.0 * s / run_m);
+        println!("| measurement | median s | MB/s | ratio to SDK-native | share of the ceiling |");
+        println!("|---|---:|---:|---:|---:|");
+        let mut rows = vec![
+            ("wordcount via the SDK, native, 1 thread".to_string(), sdk_m),
+            (
+                "the wasm module through the executor, 1 thread".into(),
+                wasm_m,
+            ),
+            ("ceiling: the wasm module on every core".into(), ceiling_s),
+        ];
+        for (&n, &s) in daemon_counts.iter().zip(&run_m) {
+            rows.push((
+                format!("`p2pmr run`, {n} daemons, {} replicas", n.min(2)),
+                s,
+            ));
         }
-        drop(daemons);
+        for (name, s) in rows {
+            println!(
+                "| {name} | {s:.3} | {:.0} | {:.2} | {:.0}% |",
+                mb(s),
+                sdk_m / s,
+                100.0 * ceiling_s / s
+            );
+        }
+        let heads: Vec<String> = daemon_counts
+            .iter()
+            .map(|n| format!("{n} daemons"))
+            .collect();
+        println!("\n| phase | {} |", heads.join(" | "));
+        println!("|---|{}", "---:|".repeat(heads.len()));
+        for (i, phase) in PHASES.iter().enumerate() {
+            let cells: Vec<String> = runs
+                .iter()
+                .zip(&run_m)
+                .map(|(r, total)| {
+                    let spans = r
+                        .marks
+                        .iter()
+                        .map(|m| m[i] - if i == 0 { 0.0 } else { m[i - 1] })
+                        .collect();
+                    let s = median(spans);
+                    format!("{s:.3} s ({:.0}%)", 100.0 * s / total)
+                })
+                .collect();
+            println!("| {phase} | {} |", cells.join(" | "));
+        }
     }
     Ok(())
 }

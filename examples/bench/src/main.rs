@@ -75,9 +75,26 @@ enum Suite {
         /// Corpus sizes, one set of rounds each
         #[arg(long, value_delimiter = ',', default_value = "1024,256")]
         sizes_mib: Vec<u64>,
+        /// Daemon counts, one cluster each (on this machine they share its cores)
+        #[arg(long, value_delimiter = ',', default_value = "2")]
+        daemons: Vec<usize>,
         /// Interleaved rounds per measurement
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+    },
+    /// Placement and map scheduling over many virtual peers in virtual time, with the daemons'
+    /// own placement and scheduler code: balance, locality, bytes moved after failures
+    Sim {
+        /// Virtual peer counts, one simulation each
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000,1000")]
+        peers: Vec<usize>,
+        /// Group copies per peer on average, for each peer count
+        #[arg(long, value_delimiter = ',', default_value = "20,20,200")]
+        copies_per_peer: Vec<usize>,
+        /// Map tasks of the simulated job (one placement group each), for each peer count
+        /// (0: none); twice the slots make two waves
+        #[arg(long, value_delimiter = ',', default_value = "4000,40000,0")]
+        tasks: Vec<usize>,
     },
     /// Fault tolerance: wordcount while daemons are killed, restarted and frozen; the output
     /// must equal the fault-free run's
@@ -118,7 +135,16 @@ fn main() -> Result<()> {
             rounds,
         } => jobs::jobs(size_mib, big_mib, rounds),
         Suite::Engine { big_mib, rounds } => engine::engine(big_mib, rounds),
-        Suite::Ceiling { sizes_mib, rounds } => ceiling::ceiling(&sizes_mib, rounds),
+        Suite::Ceiling {
+            sizes_mib,
+            daemons,
+            rounds,
+        } => ceiling::ceiling(&sizes_mib, &daemons, rounds),
+        Suite::Sim {
+            peers,
+            copies_per_peer,
+            tasks,
+        } => sim(&peers, &copies_per_peer, &tasks),
         Suite::Chaos(args) => chaos::chaos(args),
         Suite::All(args) => suite::suite(args),
     }
@@ -377,6 +403,28 @@ fn foundation(size_mib: u64, rss_size_mib: u64, rounds: usize) -> Result<()> {
         add_rss as f64 / 1024.0,
         cat_rss as f64 / 1024.0
     );
+    Ok(())
+}
+
+/// `p2pmr-bench sim`: one simulation per peer count, a table row each.
+fn sim(peers: &[usize], copies_per_peer: &[usize], tasks: &[usize]) -> Result<()> {
+    use p2pmr_node::sim::{simulate, SimConfig};
+    println!(
+        "| peers | copies per peer | groups | placement max/mean | ranking time | map job \
+         | 1% fail | 10% fail |"
+    );
+    println!("|---:|---:|---:|---:|---:|---|---|---|");
+    for (i, &n) in peers.iter().enumerate() {
+        let report = simulate(SimConfig {
+            peers: n,
+            replicas: 2,
+            copies_per_peer: copies_per_peer.get(i).copied().unwrap_or(20),
+            tasks: tasks.get(i).copied().unwrap_or(0),
+            slots: 2,
+            seed: 1,
+        });
+        println!("{report}");
+    }
     Ok(())
 }
 
