@@ -10,9 +10,11 @@
 //! [`RecordSplitter`] is sans-I/O: feed it the input's bytes from [`RecordSplitter::feed_from`]
 //! on, in pieces of any size, until [`RecordSplitter::is_done`] or the end of the input.
 
-/// Version of the record rule above. Task outputs are remembered under keys that include it
-/// ([`crate::memo`]): a change to how records are cut must change it.
-pub const RECORD_RULE: u32 = 1;
+/// Version of the record rule above and of how records are grouped into the batches a map
+/// task is given (a module sees the batches, so its output may depend on them). Task outputs
+/// are remembered under keys that include it ([`crate::memo`]): a change to either must change
+/// it. Version 2: batches are the whole records as they lie in each piece fed, not ~1 MiB.
+pub const RECORD_RULE: u32 = 2;
 
 /// Cuts a range of an input into batches of whole records.
 #[derive(Debug, Clone)]
@@ -57,10 +59,85 @@ impl RecordSplitter {
     }
 
     /// Feeds the next bytes of the input; returns the batches completed by them.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Vec<Batch> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<Batch> {
         let mut out = Vec::new();
-        if self.done {
+        let Some(bytes) = self.intake(bytes) else {
             return out;
+        };
+        self.carry.extend_from_slice(bytes);
+        while self.carry.len() >= self.batch {
+            let Some(k) = self.carry.iter().rposition(|&b| b == b'\n') else {
+                break; // one record longer than a batch: keep reading until it ends
+            };
+            let rest = self.carry.split_off(k + 1);
+            let batch = std::mem::replace(&mut self.carry, rest);
+            out.push((self.carry_offset, batch));
+            self.carry_offset += (k + 1) as u64;
+        }
+        if self.done {
+            out.extend(self.take_rest());
+        }
+        out
+    }
+
+    /// As [`feed`](Self::feed), handing each batch to `each` as a slice instead: whole
+    /// records inside `bytes` are passed without being copied (in batches of at most
+    /// `batch` bytes, or one longer record), and only a record that began in earlier bytes is
+    /// assembled first. Stops at the first error `each` returns.
+    pub fn feed_each<E>(
+        &mut self,
+        bytes: &[u8],
+        mut each: impl FnMut(u64, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let Some(mut data) = self.intake(bytes) else {
+            return Ok(());
+        };
+        if !self.carry.is_empty() {
+            // Finish the record the carry holds the start of.
+            match data.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.carry.extend_from_slice(&data[..=i]);
+                    data = &data[i + 1..];
+                    if let Some((offset, batch)) = self.take_rest() {
+                        each(offset, &batch)?;
+                    }
+                }
+                None => {
+                    self.carry.extend_from_slice(data);
+                    data = &[];
+                }
+            }
+        }
+        while !data.is_empty() {
+            let window = &data[..data.len().min(self.batch)];
+            let end = match window.iter().rposition(|&b| b == b'\n') {
+                Some(k) => k + 1,
+                // A record longer than a batch: whole, if it ends in these bytes.
+                None => match data.iter().position(|&b| b == b'\n') {
+                    Some(k) => k + 1,
+                    None => break,
+                },
+            };
+            each(self.carry_offset, &data[..end])?;
+            self.carry_offset += end as u64;
+            data = &data[end..];
+        }
+        // A record these bytes only begin.
+        self.carry.extend_from_slice(data);
+        if self.done {
+            if let Some((offset, batch)) = self.take_rest() {
+                each(offset, &batch)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The part of `bytes` that belongs to the range's records, after skipping the record
+    /// the range begins inside and stopping after the record holding its last byte (then the
+    /// splitter is done); `None` when none of it does.
+    fn intake<'b>(&mut self, mut bytes: &'b [u8]) -> Option<&'b [u8]> {
+        if self.done {
+            return None;
         }
         if self.skipping {
             match bytes.iter().position(|&b| b == b'\n') {
@@ -72,12 +149,12 @@ impl RecordSplitter {
                     self.carry_offset = first;
                     if first >= self.end {
                         self.done = true;
-                        return out;
+                        return None;
                     }
                 }
                 None => {
                     self.pos += bytes.len() as u64;
-                    return out;
+                    return None;
                 }
             }
         }
@@ -98,21 +175,8 @@ impl RecordSplitter {
             }
             None => bytes.len(),
         };
-        self.carry.extend_from_slice(&bytes[..take]);
         self.pos += take as u64;
-        while self.carry.len() >= self.batch {
-            let Some(k) = self.carry.iter().rposition(|&b| b == b'\n') else {
-                break; // one record longer than a batch: keep reading until it ends
-            };
-            let rest = self.carry.split_off(k + 1);
-            let batch = std::mem::replace(&mut self.carry, rest);
-            out.push((self.carry_offset, batch));
-            self.carry_offset += (k + 1) as u64;
-        }
-        if self.done {
-            out.extend(self.take_rest());
-        }
-        out
+        Some(&bytes[..take])
     }
 
     /// The input has ended: returns the last batch, if any (it may lack a final `\n`).
@@ -174,18 +238,54 @@ pub fn without_records<'a>(
 mod tests {
     use super::*;
 
-    /// Runs a splitter over `input` fed in pieces of `piece` bytes.
+    /// Runs a splitter over `input` fed in pieces of `piece` bytes, with `feed`; checks that
+    /// `feed_each` passes the same records, in batches no larger than `feed`'s bound.
     fn split(input: &[u8], start: u64, end: u64, batch: usize, piece: usize) -> Vec<Batch> {
-        let mut s = RecordSplitter::new(start, end, batch);
-        let mut out = Vec::new();
-        let mut at = s.feed_from() as usize;
-        while at < input.len() && !s.is_done() {
-            let next = (at + piece).min(input.len());
-            out.extend(s.feed(&input[at..next]));
-            at = next;
+        let run = |each: bool| {
+            let mut s = RecordSplitter::new(start, end, batch);
+            let mut out = Vec::new();
+            let mut at = s.feed_from() as usize;
+            while at < input.len() && !s.is_done() {
+                let next = (at + piece).min(input.len());
+                if each {
+                    s.feed_each(&input[at..next], |offset, bytes| {
+                        out.push((offset, bytes.to_vec()));
+                        Ok::<_, ()>(())
+                    })
+                    .unwrap();
+                } else {
+                    out.extend(s.feed(&input[at..next]));
+                }
+                at = next;
+            }
+            out.extend(s.finish());
+            out
+        };
+        let (batches, slices) = (run(false), run(true));
+        let whole = |b: &[Batch]| -> Vec<(u64, Vec<u8>)> {
+            b.iter()
+                .flat_map(|(offset, bytes)| {
+                    records(bytes)
+                        .into_iter()
+                        .map(move |(o, r)| (offset + o, r.to_vec()))
+                })
+                .collect()
+        };
+        assert_eq!(
+            whole(&slices),
+            whole(&batches),
+            "feed_each passes what feed does"
+        );
+        for (offset, bytes) in &slices {
+            let records = records(bytes);
+            assert!(
+                bytes.len() <= batch || records.len() == 1,
+                "a slice at {offset} of {} bytes holds {} records",
+                bytes.len(),
+                records.len()
+            );
         }
-        out.extend(s.finish());
-        out
+        batches
     }
 
     fn records(input: &[u8]) -> Vec<(u64, &[u8])> {

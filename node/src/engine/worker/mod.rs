@@ -654,9 +654,8 @@ impl Worker {
                     } else {
                         c.local_map_bytes += chunk.bytes.len() as u64;
                     }
-                    for (offset, batch) in splitter.feed(&chunk.bytes) {
-                        feed(&mut map, offset, &batch)?;
-                    }
+                    splitter
+                        .feed_each(&chunk.bytes, |offset, batch| feed(&mut map, offset, batch))?;
                     Ok::<_, MapFailure>(!splitter.is_done())
                 },
             )?;
