@@ -311,7 +311,7 @@ impl<'a> PhaseState<'a> {
         let stragglers = self.stragglers(now, after);
         loop {
             let mut assigned = false;
-            while self.assign_local(now) {
+            if self.assign_local(now) {
                 assigned = true;
             }
             for p in 0..self.peers.len() {
@@ -325,36 +325,52 @@ impl<'a> PhaseState<'a> {
         }
     }
 
-    /// Starts the pending map task on the free peer that holds the largest share of it (ties:
-    /// the peer with the most free slots, so tasks spread); says whether there was one.
+    /// Starts pending map tasks on free peers holding them, one at a time, each time the
+    /// pairing where the peer holds the largest share of the task (ties: the peer with the
+    /// most free slots, so tasks spread; then the lowest peer, then the earliest pending
+    /// place), until no free peer holds a pending task; says whether it started any.
     fn assign_local(&mut self, now: Instant) -> bool {
         let Some(local) = self.local else {
             return false;
         };
-        // Ties go to the lowest peer, then the earliest pending place. Only holders are
-        // visited: a swarm's thousands of peers hold a task's bytes on a few.
+        // Every (holder, pending copy) pairing, best first. Only holders are visited: a
+        // swarm's thousands of peers hold a task's bytes on a few. A pairing's key changes
+        // only as its peer's free slots go down, so a popped key that is out of date is
+        // pushed back with the current count (it can only have fallen), and the first
+        // up-to-date one popped is the best there is. Places in `pending` are numbered once:
+        // removals keep the others' order.
         type Key = (u64, u32, u64, Reverse<usize>, Reverse<usize>);
-        let mut best: Option<(Key, usize, usize)> = None;
+        let mut pairings = std::collections::BinaryHeap::new();
         for (at, &t) in self.pending.iter().enumerate() {
             for &(p, held) in &local[t] {
                 if held == 0 || !self.has_slot(p) || self.dead[p] || !self.eligible(t, p) {
                     continue;
                 }
                 let share = held.saturating_mul(1 << 16) / self.bytes[t].max(1);
-                let key = (share, self.free[p], held, Reverse(p), Reverse(at));
-                if best.as_ref().is_none_or(|(k, _, _)| key > *k) {
-                    best = Some((key, p, at));
-                }
+                let key: Key = (share, self.free[p], held, Reverse(p), Reverse(at));
+                pairings.push((key, t));
             }
         }
-        let Some((_, p, at)) = best else {
-            return false;
-        };
-        self.last_local = Some(now);
-        self.idle_since[p] = None;
-        let t = self.pending.remove(at);
-        self.start(t, p, now);
-        true
+        let mut taken = vec![false; self.pending.len()];
+        let mut started = false;
+        while let Some((key, t)) = pairings.pop() {
+            let (share, free, held, Reverse(p), Reverse(at)) = key;
+            if taken[at] || !self.has_slot(p) || self.dead[p] || !self.eligible(t, p) {
+                continue;
+            }
+            if free != self.free[p] {
+                pairings.push(((share, self.free[p], held, Reverse(p), Reverse(at)), t));
+                continue;
+            }
+            taken[at] = true;
+            self.last_local = Some(now);
+            self.idle_since[p] = None;
+            let now_at = at - taken[..at].iter().filter(|&&x| x).count();
+            let t = self.pending.remove(now_at);
+            self.start(t, p, now);
+            started = true;
+        }
+        started
     }
 
     /// Gives peer `p` a task if one is right for it now; says whether it did.
@@ -874,6 +890,10 @@ impl Pending {
 
     fn is_empty(&self) -> bool {
         self.order.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
     }
 
     fn last(&self) -> Option<usize> {
