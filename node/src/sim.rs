@@ -8,12 +8,12 @@
 //! lookup costs no network step, and each peer's state grows with the swarm.
 
 use crate::blocks::{placement, Placed};
-use crate::engine::coordinator::schedule::{Action, PhaseState, Schedule, Skips, Tally};
+use crate::engine::coordinator::schedule::{held, Action, PhaseState, Schedule, Skips, Tally};
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use p2pmr_protocol::engine::{Counters, JobResponse, MapOutput, TaskKind};
 use p2pmr_protocol::{Block, Cid};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -93,8 +93,7 @@ pub fn simulate(config: SimConfig) -> SimReport {
                 .to_peer_id()
         })
         .collect();
-    let index: std::collections::HashMap<PeerId, usize> =
-        peers.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+    let index: HashMap<PeerId, usize> = peers.iter().enumerate().map(|(i, p)| (*p, i)).collect();
     let placed: Vec<Placed> = peers.iter().map(|p| Placed::new(*p)).collect();
     let groups = (config.copies_per_peer * config.peers / config.replicas).max(config.tasks);
     let keys: Vec<Cid> = (0..groups as u64)
@@ -174,7 +173,7 @@ pub fn simulate(config: SimConfig) -> SimReport {
         .collect();
 
     let (local_share, map_seconds, scheduler_seconds) = if config.tasks > 0 {
-        let (local, map, wall) = map_phase(&config, &peers, &ranks[..config.tasks]);
+        let (local, map, wall) = map_phase(&config, &peers, &index, &ranks[..config.tasks]);
         (Some(local), Some(map), Some(wall))
     } else {
         (None, None, None)
@@ -200,7 +199,12 @@ const TICK: Duration = Duration::from_millis(100);
 /// Runs a job's map phase (one task per group in `ranks`) through the scheduler in virtual
 /// time: the share of input read locally, the phase's virtual seconds, and the wall seconds
 /// the scheduler took.
-fn map_phase(config: &SimConfig, peers: &[PeerId], ranks: &[Vec<usize>]) -> (f64, f64, f64) {
+fn map_phase(
+    config: &SimConfig,
+    peers: &[PeerId],
+    index: &HashMap<PeerId, usize>,
+    ranks: &[Vec<usize>],
+) -> (f64, f64, f64) {
     let tasks = ranks.len();
     let local: Vec<Vec<(usize, u64)>> = ranks
         .iter()
@@ -219,7 +223,7 @@ fn map_phase(config: &SimConfig, peers: &[PeerId], ranks: &[Vec<usize>]) -> (f64
     let mut counters = Counters::default();
     let mut attempts = vec![0u32; tasks];
     let mut gone = HashSet::new();
-    let wall = Instant::now();
+    // The virtual clock's origin; the wall time since it is the scheduler's own.
     let t0 = Instant::now();
     let mut state = PhaseState::new(
         Schedule {
@@ -242,10 +246,8 @@ fn map_phase(config: &SimConfig, peers: &[PeerId], ranks: &[Vec<usize>]) -> (f64
         Duration::from_secs(3600),
         |_| true,
     );
-    let index: std::collections::HashMap<PeerId, usize> =
-        peers.iter().enumerate().map(|(i, p)| (*p, i)).collect();
     // Attempts running, by virtual finish time.
-    let mut finishing: BTreeMap<(Duration, u64), ()> = BTreeMap::new();
+    let mut finishing: BTreeSet<(Duration, u64)> = BTreeSet::new();
     let (mut read, mut read_local) = (0u64, 0u64);
     let mut now = Duration::ZERO;
     state.assign(t0 + now);
@@ -253,10 +255,7 @@ fn map_phase(config: &SimConfig, peers: &[PeerId], ranks: &[Vec<usize>]) -> (f64
         for action in state.take_actions() {
             if let Action::Start(start) = action {
                 let p = index[&start.peer];
-                let here = local[start.task]
-                    .iter()
-                    .find(|(q, _)| *q == p)
-                    .map_or(0, |h| h.1);
+                let here = held(&local, start.task, p);
                 read += GROUP_BYTES;
                 read_local += here;
                 let speed = if here > 0 {
@@ -265,14 +264,13 @@ fn map_phase(config: &SimConfig, peers: &[PeerId], ranks: &[Vec<usize>]) -> (f64
                     REMOTE_BYTES_PER_SEC
                 };
                 let took = Duration::from_secs_f64(GROUP_BYTES as f64 / speed);
-                finishing.insert((now + took, start.id), ());
+                finishing.insert((now + took, start.id));
             }
         }
         if state.is_done() {
             break;
         }
-        let next = finishing.keys().next().copied();
-        match next {
+        match finishing.first().copied() {
             Some((at, id)) if at <= now + TICK => {
                 finishing.remove(&(at, id));
                 now = at;
@@ -291,7 +289,7 @@ fn map_phase(config: &SimConfig, peers: &[PeerId], ranks: &[Vec<usize>]) -> (f64
     (
         read_local as f64 / read.max(1) as f64,
         now.as_secs_f64(),
-        wall.elapsed().as_secs_f64(),
+        t0.elapsed().as_secs_f64(),
     )
 }
 

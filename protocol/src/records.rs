@@ -58,33 +58,11 @@ impl RecordSplitter {
         self.done
     }
 
-    /// Feeds the next bytes of the input; returns the batches completed by them.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<Batch> {
-        let mut out = Vec::new();
-        let Some(bytes) = self.intake(bytes) else {
-            return out;
-        };
-        self.carry.extend_from_slice(bytes);
-        while self.carry.len() >= self.batch {
-            let Some(k) = self.carry.iter().rposition(|&b| b == b'\n') else {
-                break; // one record longer than a batch: keep reading until it ends
-            };
-            let rest = self.carry.split_off(k + 1);
-            let batch = std::mem::replace(&mut self.carry, rest);
-            out.push((self.carry_offset, batch));
-            self.carry_offset += (k + 1) as u64;
-        }
-        if self.done {
-            out.extend(self.take_rest());
-        }
-        out
-    }
-
-    /// As [`feed`](Self::feed), handing each batch to `each` as a slice instead: whole
-    /// records inside `bytes` are passed without being copied (in batches of at most
-    /// `batch` bytes, or one longer record), and only a record that began in earlier bytes is
-    /// assembled first. Stops at the first error `each` returns.
-    pub fn feed_each<E>(
+    /// Feeds the next bytes of the input, handing each batch they complete to `each`: whole
+    /// records inside `bytes` are passed as they lie there, without being copied (in batches
+    /// of at most `batch` bytes, or one longer record), and only a record that began in
+    /// earlier bytes is assembled first. Stops at the first error `each` returns.
+    pub fn feed<E>(
         &mut self,
         bytes: &[u8],
         mut each: impl FnMut(u64, &[u8]) -> Result<(), E>,
@@ -238,45 +216,23 @@ pub fn without_records<'a>(
 mod tests {
     use super::*;
 
-    /// Runs a splitter over `input` fed in pieces of `piece` bytes, with `feed`; checks that
-    /// `feed_each` passes the same records, in batches no larger than `feed`'s bound.
+    /// Runs a splitter over `input` fed in pieces of `piece` bytes; checks that every batch
+    /// keeps within the batch size unless it is one longer record.
     fn split(input: &[u8], start: u64, end: u64, batch: usize, piece: usize) -> Vec<Batch> {
-        let run = |each: bool| {
-            let mut s = RecordSplitter::new(start, end, batch);
-            let mut out = Vec::new();
-            let mut at = s.feed_from() as usize;
-            while at < input.len() && !s.is_done() {
-                let next = (at + piece).min(input.len());
-                if each {
-                    s.feed_each(&input[at..next], |offset, bytes| {
-                        out.push((offset, bytes.to_vec()));
-                        Ok::<_, ()>(())
-                    })
-                    .unwrap();
-                } else {
-                    out.extend(s.feed(&input[at..next]));
-                }
-                at = next;
-            }
-            out.extend(s.finish());
-            out
-        };
-        let (batches, slices) = (run(false), run(true));
-        let whole = |b: &[Batch]| -> Vec<(u64, Vec<u8>)> {
-            b.iter()
-                .flat_map(|(offset, bytes)| {
-                    records(bytes)
-                        .into_iter()
-                        .map(move |(o, r)| (offset + o, r.to_vec()))
-                })
-                .collect()
-        };
-        assert_eq!(
-            whole(&slices),
-            whole(&batches),
-            "feed_each passes what feed does"
-        );
-        for (offset, bytes) in &slices {
+        let mut s = RecordSplitter::new(start, end, batch);
+        let mut out = Vec::new();
+        let mut at = s.feed_from() as usize;
+        while at < input.len() && !s.is_done() {
+            let next = (at + piece).min(input.len());
+            s.feed(&input[at..next], |offset, bytes| {
+                out.push((offset, bytes.to_vec()));
+                Ok::<_, ()>(())
+            })
+            .unwrap();
+            at = next;
+        }
+        out.extend(s.finish());
+        for (offset, bytes) in &out {
             let records = records(bytes);
             assert!(
                 bytes.len() <= batch || records.len() == 1,
@@ -285,7 +241,7 @@ mod tests {
                 records.len()
             );
         }
-        batches
+        out
     }
 
     fn records(input: &[u8]) -> Vec<(u64, &[u8])> {

@@ -6,7 +6,7 @@
 //! cores. Each round measures, interleaved: wordcount's own code compiled natively through the
 //! SDK (one thread), the wasm module through the executor (one thread), and `p2pmr run`
 //! (wordcount, 2 reducers, a new process as a user runs it) on 2 daemons holding the corpus
-//! with 2 replicas. The run's `--json` events are timed as the client reads them, which splits
+//! with 2 replicas (or on clusters of the sizes given with `--daemons`, side by side). The run's `--json` events are timed as the client reads them, which splits
 //! its wall time into phases: start (process start to the job's acceptance: connecting,
 //! publishing the module), plan, map, reduce, store (the output's copies) and exit.
 

@@ -26,7 +26,8 @@ use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
 
 const BATCH: usize = 1 << 20;
 
-/// Calls `f` with each batch of whole records of the file (1 MiB batches, as run-local makes).
+/// Calls `f` with each batch of whole records of the file, as run-local makes them (the whole
+/// records of each 1 MiB read, not copied).
 fn batches(path: &Path, mut f: impl FnMut(&[u8], u64) -> Result<()>) -> Result<()> {
     let size = path.metadata()?.len();
     let mut splitter = RecordSplitter::new(0, size, BATCH);
@@ -37,9 +38,7 @@ fn batches(path: &Path, mut f: impl FnMut(&[u8], u64) -> Result<()>) -> Result<(
         if n == 0 {
             break;
         }
-        for (offset, batch) in splitter.feed(&buf[..n]) {
-            f(&batch, offset)?;
-        }
+        splitter.feed(&buf[..n], |offset, batch| f(batch, offset))?;
     }
     if let Some((offset, batch)) = splitter.finish() {
         f(&batch, offset)?;

@@ -279,7 +279,7 @@ fn map_split(
         if n == 0 {
             break;
         }
-        splitter.feed_each(&buf[..n], |offset, batch| map.batch(batch, offset))?;
+        splitter.feed(&buf[..n], |offset, batch| map.batch(batch, offset))?;
     }
     if let Some((offset, batch)) = splitter.finish() {
         map.batch(&batch, offset)?;

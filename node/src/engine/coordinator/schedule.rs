@@ -863,7 +863,7 @@ impl<'a> PhaseState<'a> {
 /// What verification compares of a task's answer: the CIDs it produced (the counters differ
 /// from peer to peer, as they count local and fetched bytes).
 /// Bytes of task `t` that peer `p` holds (`local` as in [`Schedule::local`]).
-fn held(local: &[Vec<(usize, u64)>], t: usize, p: usize) -> u64 {
+pub(crate) fn held(local: &[Vec<(usize, u64)>], t: usize, p: usize) -> u64 {
     local[t]
         .binary_search_by_key(&p, |&(q, _)| q)
         .map_or(0, |i| local[t][i].1)

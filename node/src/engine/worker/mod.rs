@@ -654,8 +654,7 @@ impl Worker {
                     } else {
                         c.local_map_bytes += chunk.bytes.len() as u64;
                     }
-                    splitter
-                        .feed_each(&chunk.bytes, |offset, batch| feed(&mut map, offset, batch))?;
+                    splitter.feed(&chunk.bytes, |offset, batch| feed(&mut map, offset, batch))?;
                     Ok::<_, MapFailure>(!splitter.is_done())
                 },
             )?;
