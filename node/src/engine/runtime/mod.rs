@@ -421,6 +421,8 @@ struct TaskState {
     panic: Option<String>,
     abi_error: Option<String>,
     sink_error: Option<String>,
+    /// The instance's exported memory, once it is instantiated.
+    memory: Option<Memory>,
 }
 
 struct MemoryCap {
@@ -537,6 +539,11 @@ impl fmt::Debug for Executor {
 }
 
 fn memory_of(caller: &mut Caller<'_, TaskState>) -> Option<Memory> {
+    // Looked up by name only until the instance exists (its start function may call in):
+    // a reduce calls in for every key, and the lookup by name was a visible share of it.
+    if let Some(memory) = caller.data().memory {
+        return Some(memory);
+    }
     match caller.get_export("memory") {
         Some(Extern::Memory(m)) => Some(m),
         _ => None,
@@ -861,6 +868,7 @@ impl Executor {
                 panic: None,
                 abi_error: None,
                 sink_error: None,
+                memory: None,
             },
         );
         store.limiter(|s| &mut s.limiter);
@@ -909,6 +917,7 @@ impl Executor {
         }
         let funcs = MapFuncs::new(&instance, &mut store)
             .map_err(|e| classify(&store, &task, e, None, limits))?;
+        store.data_mut().memory = Some(funcs.memory);
         let mut t = MapTask {
             funcs,
             instance,

@@ -851,7 +851,7 @@ fn run_layout() -> p2pmr_protocol::unixfs::Layout {
 
 /// Lines in a batch of whole records (the last may lack its newline at the end of input).
 fn records_in(batch: &[u8]) -> u64 {
-    let newlines = batch.iter().filter(|&&b| b == b'\n').count() as u64;
+    let newlines = bytecount::count(batch, b'\n') as u64;
     newlines + u64::from(batch.last().is_some_and(|&b| b != b'\n'))
 }
 
