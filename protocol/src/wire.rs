@@ -344,6 +344,26 @@ pub fn rank_peers<'a, P: AsRef<[u8]> + ?Sized>(
     scored.into_iter().map(|(_, p)| p).collect()
 }
 
+/// How many of a placement group's best-ranked daemons each of its copies chooses among:
+/// [`least_loaded_first`] puts its `replicas` copies on the least loaded of the first
+/// `CHOICES × replicas`.
+pub const CHOICES: usize = 2;
+
+/// Reorders `ranked` (a [`rank_peers`] ranking, best first) so that the `replicas` least
+/// loaded of its first [`CHOICES`] `× replicas` entries come first, equal loads in rank order;
+/// the rest of the head follows them and everything past it keeps its place. Equal loads
+/// leave the ranking as it is.
+///
+/// Rank alone spreads a group's copies like balls thrown into bins: with tens of groups per
+/// daemon the fullest holds nearly twice the mean. Choosing the less loaded of two candidates
+/// per copy keeps the fullest near the mean ("the power of two choices"), and a reader still
+/// finds a group among its first few ranked daemons.
+pub fn least_loaded_first<P>(ranked: &mut [P], replicas: usize, load: impl FnMut(&P) -> u64) {
+    let head = ranked.len().min(CHOICES.saturating_mul(replicas));
+    // A stable sort: equal loads keep their rank order.
+    ranked[..head].sort_by_cached_key(load);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,6 +491,59 @@ mod tests {
             BlockRequest::decode(&[0, 3, 1, 2, 3]),
             Err(WireError::BadCid)
         );
+    }
+
+    #[test]
+    fn the_least_loaded_of_the_first_choices_come_first() {
+        // (ranked loads, replicas, expected order of the ranked positions)
+        let cases: &[(&[u64], usize, &[usize])] = &[
+            (&[], 2, &[]),
+            (&[5], 1, &[0]),
+            (&[5], 2, &[0]),
+            // Equal loads: rank order.
+            (&[1, 1, 1, 1, 1], 2, &[0, 1, 2, 3, 4]),
+            // One copy chooses between the first two only.
+            (&[3, 2, 1, 0], 1, &[1, 0, 2, 3]),
+            // Two copies among the first four; a lighter fifth is not a candidate.
+            (&[9, 4, 7, 1, 0], 2, &[3, 1, 2, 0, 4]),
+            // Ties among the chosen keep rank order.
+            (&[2, 1, 1, 0, 5, 0], 2, &[3, 1, 2, 0, 4, 5]),
+            // Fewer daemons than candidates: all of them choose.
+            (&[8, 3, 5], 2, &[1, 2, 0]),
+            // Three copies among six.
+            (&[6, 5, 4, 3, 2, 1, 0], 3, &[5, 4, 3, 2, 1, 0, 6]),
+        ];
+        for &(loads, replicas, expected) in cases {
+            let mut ranked: Vec<usize> = (0..loads.len()).collect();
+            least_loaded_first(&mut ranked, replicas, |&i| loads[i]);
+            assert_eq!(ranked, expected, "loads {loads:?}, {replicas} replicas");
+        }
+    }
+
+    #[test]
+    fn two_choices_keep_the_fullest_daemon_near_the_mean() {
+        let peers: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; 38]).collect();
+        // Ten groups per daemon, two copies each.
+        let groups = cids(500);
+        let mut by_rank = vec![0u64; peers.len()];
+        let mut chosen = vec![0u64; peers.len()];
+        for cid in &groups {
+            let mut ranked: Vec<usize> = rank_peers(cid, &peers)
+                .into_iter()
+                .map(|p| p[0] as usize)
+                .collect();
+            for &p in &ranked[..2] {
+                by_rank[p] += 1;
+            }
+            least_loaded_first(&mut ranked, 2, |&p| chosen[p]);
+            for &p in &ranked[..2] {
+                chosen[p] += 1;
+            }
+        }
+        let (by_rank, chosen) = (by_rank.iter().max(), chosen.iter().max());
+        // A mean of 10 copies: rank alone puts 18 on the fullest here, two choices 11.
+        assert!(by_rank >= Some(&16), "{by_rank:?}");
+        assert!(chosen <= Some(&12), "{chosen:?}");
     }
 
     #[test]

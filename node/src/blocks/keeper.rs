@@ -485,7 +485,9 @@ async fn copy(net: &NetClient, store: &BlockStore, plan: Vec<Copy>) -> usize {
                     return false;
                 }
             };
+            // Among the daemons lacking it, by rank: the keeper does not ask their loads.
             let to: Vec<Placed> = c.to.into_iter().map(Placed::new).collect();
+            let ranked = blocks::placement(c.group.as_ref().unwrap_or(&cid), &to);
             let more = c.more.min(to.len());
             let place = blocks::Placement {
                 replicas: more,
@@ -493,7 +495,7 @@ async fn copy(net: &NetClient, store: &BlockStore, plan: Vec<Copy>) -> usize {
                 session: 0,
                 group: c.group,
             };
-            match blocks::push(net, &to, &block, place).await {
+            match blocks::push(net, &ranked, &block, place).await {
                 Ok(_) => true,
                 Err(e) => {
                     tracing::warn!("re-replicating {cid}: {e}");

@@ -10,7 +10,9 @@
 //! Placement is rendezvous hashing over the connected daemons' peer ids
 //! ([`p2pmr_protocol::wire::rank_peers`]) by each block's placement group
 //! ([`p2pmr_protocol::unixfs::Groups`]): the leaves under one bottom-level node go to the same
-//! daemons, so a map task over them finds its whole split on one holder. No per-block
+//! daemons, so a map task over them finds its whole split on one holder. Of a group's first
+//! few ranked daemons the least loaded take its copies ([`Book`]), which keeps the fullest
+//! daemon near the mean where rank alone would not. No per-block
 //! provider records are announced: a reader ranks the daemons it knows by the same key
 //! (which the node listing a leaf tells it) and asks the likely holders first, falling back
 //! to the rest, so finding a block costs no lookup and no DHT state.
@@ -31,18 +33,24 @@ use futures::future::join_all;
 use libp2p::PeerId;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
+use p2pmr_protocol::engine::{JobRequest, JobResponse};
 use p2pmr_protocol::unixfs::{
     self, directory_entries, FileReader, Groups, Layout, NodeType, UnixFsData, UnixFsError,
 };
-use p2pmr_protocol::wire::{proof, rank_peers, BlockRequest, BlockResponse, MAX_HAS};
+use p2pmr_protocol::wire::{
+    least_loaded_first, proof, rank_peers, BlockRequest, BlockResponse, CHOICES, MAX_HAS,
+};
 use p2pmr_protocol::{Block, Cid};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
+
+/// Placement groups a fetcher remembers the last server of.
+const SERVED_GROUPS: usize = 1024;
 
 /// Blocks being pushed or fetched at once by one command.
 pub const WINDOW: usize = 16;
@@ -191,7 +199,7 @@ pub async fn push_all(
         });
     }
     let window = Arc::new(Semaphore::new(WINDOW));
-    let daemons: Arc<Vec<Placed>> = Arc::new(daemons.into_iter().map(Placed::new).collect());
+    let mut book = Book::asking(net, daemons, replicas).await;
     let session = new_session();
     let mut uploads = JoinSet::new();
     let mut failure = None;
@@ -214,7 +222,8 @@ pub async fn push_all(
             break;
         }
         let permit = window.clone().acquire_owned().await.expect("never closed");
-        let (net, daemons) = (net.clone(), daemons.clone());
+        let net = net.clone();
+        let order = book.order(group.as_ref().unwrap_or(block.cid()), replicas, &block);
         uploads.spawn(async move {
             let place = Placement {
                 replicas,
@@ -222,7 +231,7 @@ pub async fn push_all(
                 session,
                 group,
             };
-            let r = push(&net, &daemons, &block, place).await;
+            let r = push(&net, &order, &block, place).await;
             drop(permit);
             r.map(|peers| (peers, block))
         });
@@ -341,30 +350,30 @@ pub async fn replicate(
         return Ok(());
     }
     let me = net.local_peer_id();
-    let daemons: Arc<Vec<Placed>> = Arc::new(
-        net.daemons()
-            .into_keys()
-            .filter(|p| *p != me && !avoid.contains(p))
-            .map(Placed::new)
-            .collect(),
-    );
+    let daemons: Vec<PeerId> = net
+        .daemons()
+        .into_keys()
+        .filter(|p| *p != me && !avoid.contains(p))
+        .collect();
     if daemons.len() < copies {
         return Err(RemoteError::NotEnoughDaemons {
             need: copies + 1,
             found: daemons.len() + 1,
         });
     }
+    let mut book = Book::asking(net, daemons, copies).await;
     let mut uploads = JoinSet::new();
     let window = Arc::new(Semaphore::new(WINDOW));
     for &cid in cids {
         let permit = window.clone().acquire_owned().await.expect("never closed");
-        let (net, daemons, store) = (net.clone(), daemons.clone(), store.clone());
+        let (net, store) = (net.clone(), store.clone());
+        let block = tokio::task::spawn_blocking(move || store.get(&cid))
+            .await
+            .expect("store task panicked")
+            .map_err(FileError::Store)?;
         let group = groups.get(&cid).copied();
+        let order = book.order(group.as_ref().unwrap_or(&cid), copies, &block);
         uploads.spawn(async move {
-            let block = tokio::task::spawn_blocking(move || store.get(&cid))
-                .await
-                .expect("store task panicked")
-                .map_err(FileError::Store)?;
             // Daemons' copies are not provisional on the receiver: no session to commit.
             let place = Placement {
                 replicas: copies,
@@ -372,7 +381,7 @@ pub async fn replicate(
                 session: 0,
                 group,
             };
-            let r = push(&net, &daemons, &block, place).await.map(drop);
+            let r = push(&net, &order, &block, place).await.map(drop);
             drop(permit);
             r
         });
@@ -444,6 +453,84 @@ pub(crate) fn placement(key: &Cid, daemons: &[Placed]) -> Vec<PeerId> {
     rank_peers(key, daemons).into_iter().map(|d| d.id).collect()
 }
 
+/// How long a placer waits for the daemons to say how much they hold before placing without
+/// knowing (by rank alone).
+const LOADS_WAIT: Duration = Duration::from_millis(500);
+/// Groups a [`Book`] remembers its choice for: a file's blocks arrive group after group, so
+/// only the last few are still being pushed.
+const BOOK_GROUPS: usize = 16;
+
+/// One placer's choices (an add, or a daemon copying what it wrote to others): which daemons
+/// each placement group goes to, the least loaded of its first ranked ones
+/// ([`least_loaded_first`]). Loads are the bytes each daemon said it held when the book was
+/// opened plus what this book has sent it since, so one large add spreads evenly by itself;
+/// two adds at the same moment see the same counts, which each daemon refreshes every few
+/// seconds. Every block of a group gets the order its first block got.
+pub(crate) struct Book {
+    daemons: Vec<Placed>,
+    loads: HashMap<PeerId, u64>,
+    recent: VecDeque<(Cid, Arc<[PeerId]>)>,
+}
+
+impl Book {
+    /// A book over `daemons` with the loads given (absent: nothing held).
+    pub(crate) fn new(daemons: Vec<PeerId>, loads: HashMap<PeerId, u64>) -> Self {
+        Self {
+            daemons: daemons.into_iter().map(Placed::new).collect(),
+            loads,
+            recent: VecDeque::with_capacity(BOOK_GROUPS),
+        }
+    }
+
+    /// A book over `daemons` for `replicas` copies of each block, asking each daemon how much
+    /// it holds when there is a choice to make (more daemons than copies). A daemon that does
+    /// not answer within [`LOADS_WAIT`] counts as holding as much as the fullest that did.
+    pub(crate) async fn asking(net: &NetClient, daemons: Vec<PeerId>, replicas: usize) -> Self {
+        if daemons.len() <= replicas {
+            return Self::new(daemons, HashMap::new());
+        }
+        let asks = daemons.iter().map(|&peer| async move {
+            let answer =
+                tokio::time::timeout(LOADS_WAIT, net.job_request(peer, JobRequest::Status));
+            match answer.await {
+                Ok(Ok(JobResponse::Status(status))) => (peer, Some(status.bytes)),
+                _ => (peer, None),
+            }
+        });
+        let answers = join_all(asks).await;
+        let fullest = answers.iter().filter_map(|(_, b)| *b).max().unwrap_or(0);
+        let loads = answers
+            .into_iter()
+            .map(|(peer, bytes)| (peer, bytes.unwrap_or(fullest)))
+            .collect();
+        Self::new(daemons, loads)
+    }
+
+    /// The daemons to offer `block` of the group placed by `key` to, best first, for
+    /// `replicas` copies; its bytes count against the first `replicas` of them.
+    pub(crate) fn order(&mut self, key: &Cid, replicas: usize, block: &Block) -> Arc<[PeerId]> {
+        let order = match self.recent.iter().find(|(k, _)| k == key) {
+            Some((_, order)) => order.clone(),
+            None => {
+                let mut ranked = placement(key, &self.daemons);
+                least_loaded_first(&mut ranked, replicas, |p| {
+                    self.loads.get(p).copied().unwrap_or(0)
+                });
+                let order: Arc<[PeerId]> = ranked.into();
+                if self.recent.len() == BOOK_GROUPS {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back((*key, order.clone()));
+                order
+            }
+        };
+        for peer in order.iter().take(replicas) {
+            *self.loads.entry(*peer).or_default() += block.data().len() as u64;
+        }
+        order
+    }
+}
+
 /// Where and how a block is pushed.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Placement {
@@ -457,11 +544,11 @@ pub(crate) struct Placement {
     pub(crate) group: Option<Cid>,
 }
 
-/// Stores `block` on `place.replicas` of `daemons`, best-ranked for its group first, moving
-/// down the ranking past daemons that refuse or fail. Returns the daemons that stored it.
+/// Stores `block` on `place.replicas` of the daemons in `ranked`, in its order, moving down it
+/// past daemons that refuse or fail. Returns the daemons that stored it.
 pub(crate) async fn push(
     net: &NetClient,
-    daemons: &[Placed],
+    ranked: &[PeerId],
     block: &Block,
     place: Placement,
 ) -> Result<Vec<PeerId>, RemoteError> {
@@ -472,7 +559,6 @@ pub(crate) async fn push(
         group,
     } = place;
     let target = u8::try_from(target).unwrap_or(u8::MAX);
-    let ranked = placement(group.as_ref().unwrap_or(block.cid()), daemons);
     let mut stored = 0;
     let mut took = Vec::with_capacity(replicas);
     let mut next = 0;
@@ -555,6 +641,8 @@ pub struct Fetcher {
     link: Arc<Link>,
     local: Option<BlockStore>,
     scores: Arc<Mutex<HashMap<PeerId, PeerScore>>>,
+    /// The daemon that last served a block of each recently read placement group.
+    served: Arc<Mutex<HashMap<Cid, PeerId>>>,
     /// IPFS nodes, asked when no daemon has a block (a daemon's own fetcher only).
     bitswap: Option<Bitswap>,
 }
@@ -573,6 +661,7 @@ impl Fetcher {
             link,
             local,
             scores: Arc::default(),
+            served: Arc::default(),
             bitswap: None,
         }
     }
@@ -612,8 +701,10 @@ impl Fetcher {
             .collect()
     }
 
-    /// The daemons to ask for a block placed by `key`, in order: placement rank, but among
-    /// the first three (the likely holders) the fastest to answer so far first.
+    /// The daemons to ask for a block placed by `key`, in order: the daemon that last served
+    /// a block of its group, then placement rank, but among the first few (where a group with
+    /// the default two copies is placed, [`CHOICES`] per copy) the fastest to answer so far
+    /// first.
     fn candidates(&self, net: &NetClient, key: &Cid) -> Vec<PeerId> {
         let scores = self.scores.lock().expect("poisoned");
         let daemons: Vec<Placed> = net
@@ -623,13 +714,28 @@ impl Fetcher {
             .map(Placed::new)
             .collect();
         let mut ranked = placement(key, &daemons);
-        let head = ranked.len().min(3);
+        let head = ranked.len().min(CHOICES * 2);
         ranked[..head].sort_by(|a, b| {
             let la = scores.get(a).map_or(0.0, |s| s.latency_ms);
             let lb = scores.get(b).map_or(0.0, |s| s.latency_ms);
             la.total_cmp(&lb)
         });
+        drop(scores);
+        let served = self.served.lock().expect("poisoned").get(key).copied();
+        if let Some(at) = served.and_then(|p| ranked.iter().position(|r| *r == p)) {
+            ranked[..=at].rotate_right(1);
+        }
         ranked
+    }
+
+    /// `peer` served a block of the group placed by `key`.
+    fn served_by(&self, key: Cid, peer: PeerId) {
+        let mut served = self.served.lock().expect("poisoned");
+        // Groups are read one after another: a reader needs only the last few.
+        if served.len() >= SERVED_GROUPS {
+            served.clear();
+        }
+        served.insert(key, peer);
     }
 
     fn record(&self, peer: PeerId, elapsed: Duration, ok: bool) {
@@ -774,7 +880,8 @@ impl Fetcher {
             candidates.insert(0, hint);
         }
         let (mut asked, mut failed) = (0, 0);
-        if let Some(block) = self.ask(net, cid, &candidates, &mut failed).await {
+        if let Some((block, peer)) = self.ask(net, cid, &candidates, &mut failed).await {
+            self.served_by(key, peer);
             return Ok(block);
         }
         asked += candidates.len();
@@ -786,7 +893,8 @@ impl Fetcher {
                 .into_iter()
                 .filter(|p| !candidates.contains(p))
                 .collect();
-            if let Some(block) = self.ask(net, cid, &more, &mut failed).await {
+            if let Some((block, peer)) = self.ask(net, cid, &more, &mut failed).await {
+                self.served_by(key, peer);
                 return Ok(block);
             }
             asked += more.len();
@@ -797,21 +905,22 @@ impl Fetcher {
         Err(RemoteError::Unavailable { cid, asked, failed })
     }
 
-    /// Asks `candidates` in turn for `cid`; counts in `failed` those that did not answer.
+    /// Asks `candidates` in turn for `cid`, returning it and who sent it; counts in `failed`
+    /// those that did not answer.
     async fn ask(
         &self,
         net: &NetClient,
         cid: Cid,
         candidates: &[PeerId],
         failed: &mut usize,
-    ) -> Option<Block> {
+    ) -> Option<(Block, PeerId)> {
         for &peer in candidates {
             let started = Instant::now();
             match patiently(net, peer, || BlockRequest::Get(cid)).await {
                 Ok(BlockResponse::Block(data)) => match Block::new(cid, data) {
                     Ok(block) => {
                         self.record(peer, started.elapsed(), true);
-                        return Some(block);
+                        return Some((block, peer));
                     }
                     Err(e) => {
                         tracing::warn!("{peer} sent wrong bytes for {cid} ({e}); dropping it");

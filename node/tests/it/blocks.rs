@@ -46,6 +46,52 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_spreads_its_groups_evenly_and_keeps_each_group_together() -> Result<()> {
+    // 48 placement groups of 8 leaves of 4 KiB, 2 copies each, on 6 daemons: 16 group copies
+    // a daemon on average. Ranked placement alone gives the fullest about 20.
+    let cluster = linked(6, 2).await?;
+    let layout = p2pmr_protocol::unixfs::Layout::new(4096, 8)?;
+    let bytes = data(48 * 8 * 4096, 31);
+    let writer = client(&cluster, 6).await?;
+    let added = writer
+        .blocks()
+        .add_as(Cursor::new(bytes.clone()), Replicas::network(2), layout)
+        .await?;
+    let whole = tempfile::tempdir()?;
+    let store = p2pmr_node::BlockStore::open(whole.path())?;
+    writer.blocks().copy_into(added.root, &store).await?;
+    let groups = p2pmr_node::blocks::placement_groups(&store, &[added.root]);
+    let holders = |cid: &p2pmr_protocol::Cid| -> Vec<usize> {
+        (0..6)
+            .filter(|&i| cluster.daemon(i).repo().blocks().has(cid))
+            .collect()
+    };
+    let mut copies = [0usize; 6];
+    let keys: std::collections::HashSet<_> = groups.values().copied().collect();
+    assert_eq!(keys.len(), 48);
+    for key in &keys {
+        let on = holders(key);
+        assert_eq!(on.len(), 2, "group {key}");
+        on.iter().for_each(|&i| copies[i] += 1);
+    }
+    for (leaf, group) in &groups {
+        assert_eq!(
+            holders(leaf),
+            holders(group),
+            "leaf {leaf} of group {group}"
+        );
+    }
+    assert!(copies.iter().all(|&n| (15..=17).contains(&n)), "{copies:?}");
+    writer.shutdown().await;
+    // A reader that knows nothing of the choices finds every block.
+    let reader = client(&cluster, 6).await?;
+    assert_eq!(cat_all(&reader, added.root).await?, bytes);
+    reader.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_cat_stat_and_survive_a_dead_peer() -> Result<()> {
     let mut cluster = unlinked(3).await?;
     let bytes = data(5 * 262_144 + 17, 7);
