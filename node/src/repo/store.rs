@@ -101,6 +101,8 @@ struct Inner {
     tmpfile: std::sync::atomic::AtomicBool,
     /// Blocks newly stored, by canonical CID, for whoever waits for one (Bitswap wants).
     arrivals: tokio::sync::broadcast::Sender<Cid>,
+    /// Blocks and bytes newly stored since the store was opened (see [`BlockStore::written`]).
+    written: (AtomicU64, AtomicU64),
 }
 
 impl BlockStore {
@@ -115,6 +117,7 @@ impl BlockStore {
             #[cfg(target_os = "linux")]
             tmpfile: std::sync::atomic::AtomicBool::new(true),
             arrivals: tokio::sync::broadcast::channel(ARRIVALS).0,
+            written: (AtomicU64::new(0), AtomicU64::new(0)),
         };
         let new = !inner.blocks.is_dir();
         for d in [&inner.blocks, &inner.tmp, &inner.quarantine] {
@@ -243,9 +246,19 @@ impl BlockStore {
     pub fn put(&self, block: &Block) -> Result<bool, StoreError> {
         let stored = self.write(block)?;
         if stored {
-            self.arrived(block.cid());
+            self.arrived(block.cid(), block.data().len() as u64);
         }
         Ok(stored)
+    }
+
+    /// Blocks and bytes newly stored by this handle's store since it was opened (deletions not
+    /// subtracted): what a recent [`stats`](Self::stats) lacks, without listing the store.
+    pub fn written(&self) -> (u64, u64) {
+        let (blocks, bytes) = &self.inner.written;
+        (
+            blocks.load(Ordering::Relaxed),
+            bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Blocks stored from now on (by [`put`](Self::put) or [`adopt`](Self::adopt)), by
@@ -255,7 +268,10 @@ impl BlockStore {
         self.inner.arrivals.subscribe()
     }
 
-    fn arrived(&self, cid: &Cid) {
+    fn arrived(&self, cid: &Cid, len: u64) {
+        let (blocks, bytes) = &self.inner.written;
+        blocks.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(len, Ordering::Relaxed);
         // Nobody follows arrivals unless IPFS peers are connected: the common case.
         if self.inner.arrivals.receiver_count() > 0 {
             let _ = self.inner.arrivals.send(canonical(cid));
@@ -316,7 +332,7 @@ impl BlockStore {
         let (from, to) = (staged.path_of(cid), self.path_of(cid));
         match fs::rename(&from, &to) {
             Ok(()) => {
-                self.arrived(cid);
+                self.arrived(cid, fs::metadata(&to).map_or(0, |m| m.len()));
                 Ok(())
             }
             Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {

@@ -151,8 +151,9 @@ struct Inner {
     running: Mutex<HashMap<Cid, Vec<RunningTask>>>,
     /// Module loads at once (see [`MAX_LOADS`]).
     loads: Semaphore,
-    /// The store's last count, and when it was taken (see [`Worker::status`]).
-    held: Mutex<Option<(Instant, StoreStats)>>,
+    /// The store's last count, when it was taken, and what the store had written by then
+    /// (see [`Worker::status`]).
+    held: Mutex<Option<Counted>>,
     /// Modules being fetched and compiled: tasks of the same job wait for one load.
     loading: Mutex<HashMap<Cid, Arc<tokio::sync::OnceCell<Arc<JobModule>>>>>,
     /// Tasks finished here, per job, newest jobs last: what a coordinator taking over a job
@@ -275,19 +276,25 @@ impl Worker {
     /// Its slots, the tasks running and what its store holds.
     pub async fn status(&self) -> Result<DaemonStatus, StoreError> {
         // Counting the store lists every block; dashboards ask every few seconds, so one
-        // count serves them all for a while.
+        // count serves them all for a while, with the blocks written since added: placers
+        // weigh daemons by what they hold, and adds a moment apart must see each other.
         let cached = *self.inner.held.lock().expect("poisoned");
-        let held = match cached {
-            Some((at, held)) if at.elapsed() < HELD_FOR => held,
+        let store = self.inner.repo.blocks().clone();
+        let (mut held, then) = match cached {
+            Some((at, held, then)) if at.elapsed() < HELD_FOR => (held, then),
             _ => {
-                let store = self.inner.repo.blocks().clone();
-                let held = tokio::task::spawn_blocking(move || store.stats())
+                let then = store.written();
+                let counting = store.clone();
+                let held = tokio::task::spawn_blocking(move || counting.stats())
                     .await
                     .expect("store stats panicked")?;
-                *self.inner.held.lock().expect("poisoned") = Some((Instant::now(), held));
-                held
+                *self.inner.held.lock().expect("poisoned") = Some((Instant::now(), held, then));
+                (held, then)
             }
         };
+        let now = store.written();
+        held.blocks += now.0.saturating_sub(then.0);
+        held.bytes += now.1.saturating_sub(then.1);
         let free = self.inner.permits.available_permits() as u32;
         let (memo_tasks, memo_bytes) = self.inner.memo.held();
         Ok(DaemonStatus {
@@ -848,6 +855,10 @@ impl Worker {
 fn run_layout() -> p2pmr_protocol::unixfs::Layout {
     p2pmr_protocol::unixfs::Layout::new(64 << 10, 174).expect("a valid layout")
 }
+
+/// A count of the store: when it was taken, what it found, and the blocks and bytes the store
+/// had written by then ([`BlockStore::written`](crate::repo::store::BlockStore::written)).
+type Counted = (Instant, StoreStats, (u64, u64));
 
 /// Lines in a batch of whole records (the last may lack its newline at the end of input).
 fn records_in(batch: &[u8]) -> u64 {
