@@ -1,6 +1,6 @@
 //! A simulator of placement and map scheduling over many virtual peers, in virtual time,
 //! driving the daemons' own code: [`blocks::placement`](crate::blocks) ranks the peers for
-//! each placement group and [`least_loaded_first`] picks the copies' holders among the first
+//! each placement group and a placer's `Book` picks the copies' holders among the first
 //! ranked, and the coordinator's sans-I/O phase scheduler assigns a job's map
 //! tasks as the virtual clock advances. It reports placement balance, the share of map input
 //! read locally, and the bytes re-replication moves after peers fail.
@@ -8,12 +8,11 @@
 //! Routing is not simulated: a daemon knows every other daemon (full membership), so a
 //! lookup costs no network step, and each peer's state grows with the swarm.
 
-use crate::blocks::{placement, Placed};
+use crate::blocks::{placement, Book, Placed};
 use crate::engine::coordinator::schedule::{held, Action, PhaseState, Schedule, Skips, Tally};
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use p2pmr_protocol::engine::{Counters, JobResponse, MapOutput, TaskKind};
-use p2pmr_protocol::wire::least_loaded_first;
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -132,19 +131,20 @@ pub fn simulate(config: SimConfig) -> SimReport {
             .flat_map(|h| h.join().expect("ranking thread"))
             .collect()
     });
-    // Each group's copies on the least loaded of its first ranked peers, groups placed one
-    // after another as one add places them (its book knows what it placed).
+    // Groups placed one after another by one placer's book, as one add places them.
+    let mut book = Book::new(peers.clone(), HashMap::new());
     let mut held = vec![0u64; config.peers];
-    let holders: Vec<Vec<usize>> = ranks
+    let holders: Vec<Vec<usize>> = keys
         .iter()
-        .map(|rank| {
-            let mut order = rank.clone();
-            least_loaded_first(&mut order, config.replicas, |&p| held[p]);
-            order.truncate(config.replicas);
-            for &p in &order {
+        .zip(&ranks)
+        .map(|(key, rank)| {
+            let ranked = rank.iter().map(|&p| peers[p]).collect();
+            let order = book.place(*key, ranked, config.replicas, GROUP_BYTES, true);
+            let chosen: Vec<usize> = order[..config.replicas].iter().map(|p| index[p]).collect();
+            for &p in &chosen {
                 held[p] += GROUP_BYTES;
             }
-            order
+            chosen
         })
         .collect();
     let placement_seconds = started.elapsed().as_secs_f64();

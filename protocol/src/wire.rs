@@ -364,6 +364,35 @@ pub fn least_loaded_first<P>(ranked: &mut [P], replicas: usize, load: impl FnMut
     ranked[..head].sort_by_cached_key(load);
 }
 
+/// Like [`least_loaded_first`], but first tries to keep a group on `keep`, the holders of the
+/// group placed just before it (a file's preceding leaves): when there are `replicas` of them
+/// and all are among its first [`CHOICES`] `× replicas` ranked, they come first (in rank
+/// order) whatever their loads, and the call returns `true`.
+///
+/// Consecutive groups on the same daemons make one map task over both; a placer keeps a run
+/// going up to a split's worth and then lets loads choose again. A reader still finds each
+/// group among its first few ranked daemons.
+pub fn keep_or_least_loaded<P: PartialEq>(
+    ranked: &mut [P],
+    replicas: usize,
+    load: impl FnMut(&P) -> u64,
+    keep: Option<&[P]>,
+) -> bool {
+    let head = ranked.len().min(CHOICES.saturating_mul(replicas));
+    let candidates = &ranked[..head];
+    match keep {
+        Some(keep) if keep.len() == replicas && keep.iter().all(|p| candidates.contains(p)) => {
+            // A stable sort on "not kept": the kept first, each side in rank order.
+            ranked[..head].sort_by_key(|p| !keep.contains(p));
+            true
+        }
+        _ => {
+            least_loaded_first(ranked, replicas, load);
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -517,6 +546,30 @@ mod tests {
             let mut ranked: Vec<usize> = (0..loads.len()).collect();
             least_loaded_first(&mut ranked, replicas, |&i| loads[i]);
             assert_eq!(ranked, expected, "loads {loads:?}, {replicas} replicas");
+        }
+    }
+
+    #[test]
+    fn a_run_is_kept_only_on_candidates() {
+        let loads = [9u64, 0, 5, 1, 0, 0];
+        // (holders to keep, replicas, kept?, expected order of the ranked positions)
+        type Case<'a> = (Option<&'a [usize]>, usize, bool, &'a [usize]);
+        let cases: &[Case] = &[
+            (None, 2, false, &[1, 3, 2, 0, 4, 5]),
+            // Kept whatever their loads, in rank order.
+            (Some(&[2, 0]), 2, true, &[0, 2, 1, 3, 4, 5]),
+            (Some(&[3, 1]), 2, true, &[1, 3, 0, 2, 4, 5]),
+            // One of them is not a candidate (ranked fifth): loads choose.
+            (Some(&[0, 4]), 2, false, &[1, 3, 2, 0, 4, 5]),
+            // As many as the copies, no fewer.
+            (Some(&[0]), 2, false, &[1, 3, 2, 0, 4, 5]),
+            (Some(&[0]), 1, true, &[0, 1, 2, 3, 4, 5]),
+            (Some(&[2]), 1, false, &[1, 0, 2, 3, 4, 5]),
+        ];
+        for &(keep, replicas, kept, expected) in cases {
+            let mut ranked: Vec<usize> = (0..loads.len()).collect();
+            let was = keep_or_least_loaded(&mut ranked, replicas, |&i| loads[i], keep);
+            assert_eq!((was, ranked.as_slice()), (kept, expected), "keep {keep:?}");
         }
     }
 

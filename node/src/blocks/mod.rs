@@ -34,11 +34,12 @@ use libp2p::PeerId;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
 use p2pmr_protocol::engine::{JobRequest, JobResponse};
+use p2pmr_protocol::job::AUTO_SPLIT_MAX;
 use p2pmr_protocol::unixfs::{
     self, directory_entries, FileReader, Groups, Layout, NodeType, UnixFsData, UnixFsError,
 };
 use p2pmr_protocol::wire::{
-    least_loaded_first, proof, rank_peers, BlockRequest, BlockResponse, CHOICES, MAX_HAS,
+    keep_or_least_loaded, proof, rank_peers, BlockRequest, BlockResponse, CHOICES, MAX_HAS,
 };
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -460,16 +461,22 @@ const LOADS_WAIT: Duration = Duration::from_millis(500);
 /// only the last few are still being pushed.
 const BOOK_GROUPS: usize = 16;
 
+/// A run of consecutive groups kept on the same daemons is let go past this many bytes: the
+/// largest automatic split, so a map task over a run reads it all locally.
+const RUN_BYTES: u64 = AUTO_SPLIT_MAX;
+
 /// One placer's choices (an add, or a daemon copying what it wrote to others): which daemons
-/// each placement group goes to, the least loaded of its first ranked ones
-/// ([`least_loaded_first`]). Loads are the bytes each daemon said it held when the book was
-/// opened plus what this book has sent it since, so one large add spreads evenly by itself;
-/// two adds at the same moment see the same counts, which each daemon refreshes every few
-/// seconds. Every block of a group gets the order its first block got.
+/// each placement group goes to. A group goes where the one before it went while that run is
+/// under [`RUN_BYTES`] and those daemons are among its candidates, else to the least loaded of
+/// its first ranked daemons ([`keep_or_least_loaded`]). Loads are the bytes each daemon said it
+/// held when the book was opened plus what this book has sent it since, so one large add
+/// spreads evenly by itself. Every block of a group gets the order its first block got.
 pub(crate) struct Book {
     daemons: Vec<Placed>,
     loads: HashMap<PeerId, u64>,
     recent: VecDeque<(Cid, Arc<[PeerId]>)>,
+    /// The daemons the current run of groups is on, and its bytes so far.
+    run: (Vec<PeerId>, u64),
 }
 
 impl Book {
@@ -479,6 +486,7 @@ impl Book {
             daemons: daemons.into_iter().map(Placed::new).collect(),
             loads,
             recent: VecDeque::with_capacity(BOOK_GROUPS),
+            run: (Vec::new(), 0),
         }
     }
 
@@ -509,25 +517,63 @@ impl Book {
     /// The daemons to offer `block` of the group placed by `key` to, best first, for
     /// `replicas` copies; its bytes count against the first `replicas` of them.
     pub(crate) fn order(&mut self, key: &Cid, replicas: usize, block: &Block) -> Arc<[PeerId]> {
-        let order = match self.recent.iter().find(|(k, _)| k == key) {
-            Some((_, order)) => order.clone(),
-            None => {
-                let mut ranked = placement(key, &self.daemons);
-                least_loaded_first(&mut ranked, replicas, |p| {
-                    self.loads.get(p).copied().unwrap_or(0)
-                });
-                let order: Arc<[PeerId]> = ranked.into();
-                if self.recent.len() == BOOK_GROUPS {
-                    self.recent.pop_front();
-                }
-                self.recent.push_back((*key, order.clone()));
+        let len = block.data().len() as u64;
+        match self.recent.iter().find(|(k, _)| k == key) {
+            Some((_, order)) => {
+                let order = order.clone();
+                self.count(&order, replicas, len);
                 order
             }
-        };
-        for peer in order.iter().take(replicas) {
-            *self.loads.entry(*peer).or_default() += block.data().len() as u64;
+            None => {
+                let ranked = placement(key, &self.daemons);
+                // A file's inner node (placed by its own CID) is no group of leaves: it may
+                // join the run, but does not start one.
+                let group = block.cid().codec() == RAW;
+                self.place(*key, ranked, replicas, len, group)
+            }
         }
+    }
+
+    /// Chooses where the blocks placed by `key` go, given the daemons `ranked` for it (its
+    /// [`placement`] ranking, or the first of it), and counts `len` bytes of them there. Only
+    /// a `group` (not a lone block) can start a new run.
+    pub(crate) fn place(
+        &mut self,
+        key: Cid,
+        mut ranked: Vec<PeerId>,
+        replicas: usize,
+        len: u64,
+        group: bool,
+    ) -> Arc<[PeerId]> {
+        let keep = (self.run.1 < RUN_BYTES).then_some(self.run.0.as_slice());
+        let loads = &self.loads;
+        let kept = keep_or_least_loaded(
+            &mut ranked,
+            replicas,
+            |p| loads.get(p).copied().unwrap_or(0),
+            keep,
+        );
+        if !kept && group {
+            self.run = (ranked.iter().take(replicas).copied().collect(), 0);
+        }
+        let order: Arc<[PeerId]> = ranked.into();
+        if self.recent.len() == BOOK_GROUPS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((key, order.clone()));
+        self.count(&order, replicas, len);
         order
+    }
+
+    /// `len` more bytes on the first `replicas` of `order`.
+    fn count(&mut self, order: &[PeerId], replicas: usize, len: u64) {
+        let holders = &order[..replicas.min(order.len())];
+        for peer in holders {
+            *self.loads.entry(*peer).or_default() += len;
+        }
+        if holders.iter().all(|p| self.run.0.contains(p)) {
+            self.run.1 += len;
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use p2pmr_node::net::{self, NetConfig};
 use p2pmr_node::{Daemon, DaemonConfig, Error, Replicas};
 use p2pmr_protocol::wire::{self, BlockRequest, BlockResponse};
 use p2pmr_protocol::Block;
+use std::collections::HashSet;
 use std::io::Cursor;
 use std::time::Duration;
 use tempfile::TempDir;
@@ -46,46 +47,73 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_add_spreads_its_groups_evenly_and_keeps_each_group_together() -> Result<()> {
-    // 48 placement groups of 8 leaves of 4 KiB, 2 copies each, on 6 daemons: 16 group copies
-    // a daemon on average. Ranked placement alone gives the fullest about 20.
+async fn adds_spread_evenly_and_keep_a_files_consecutive_groups_together() -> Result<()> {
+    // 12 files of 4 placement groups (8 leaves of 4 KiB each), 2 copies, on 6 daemons: 16
+    // group copies a daemon on average.
     let cluster = linked(6, 2).await?;
     let layout = p2pmr_protocol::unixfs::Layout::new(4096, 8)?;
-    let bytes = data(48 * 8 * 4096, 31);
     let writer = client(&cluster, 6).await?;
-    let added = writer
-        .blocks()
-        .add_as(Cursor::new(bytes.clone()), Replicas::network(2), layout)
-        .await?;
     let whole = tempfile::tempdir()?;
     let store = p2pmr_node::BlockStore::open(whole.path())?;
-    writer.blocks().copy_into(added.root, &store).await?;
-    let groups = p2pmr_node::blocks::placement_groups(&store, &[added.root]);
     let holders = |cid: &p2pmr_protocol::Cid| -> Vec<usize> {
         (0..6)
             .filter(|&i| cluster.daemon(i).repo().blocks().has(cid))
             .collect()
     };
-    let mut copies = [0usize; 6];
-    let keys: std::collections::HashSet<_> = groups.values().copied().collect();
-    assert_eq!(keys.len(), 48);
-    for key in &keys {
-        let on = holders(key);
-        assert_eq!(on.len(), 2, "group {key}");
-        on.iter().for_each(|&i| copies[i] += 1);
-    }
-    for (leaf, group) in &groups {
+    let ids: Vec<Vec<u8>> = (0..6)
+        .map(|i| cluster.daemon(i).peer_id().to_bytes())
+        .collect();
+    let (mut copies, mut kept) = ([0usize; 6], 0);
+    let mut files = Vec::new();
+    for seed in 0..12 {
+        let bytes = data(4 * 8 * 4096, 1001 + 2 * seed);
+        let added = writer
+            .blocks()
+            .add_as(Cursor::new(bytes.clone()), Replicas::network(2), layout)
+            .await?;
+        writer.blocks().copy_into(added.root, &store).await?;
+        let groups = p2pmr_node::blocks::placement_groups(&store, &[added.root]);
+        for (leaf, group) in &groups {
+            assert_eq!(
+                holders(leaf),
+                holders(group),
+                "leaf {leaf} of group {group}"
+            );
+        }
+        // The groups in file order (each keyed by its first leaf): one goes where the one
+        // before it went whenever those daemons are among its candidates (its first 4 ranked).
+        let keys: Vec<_> = bytes
+            .chunks(8 * 4096)
+            .map(|g| *Block::raw(g[..4096].to_vec()).cid())
+            .collect();
         assert_eq!(
-            holders(leaf),
-            holders(group),
-            "leaf {leaf} of group {group}"
+            groups.values().collect::<HashSet<_>>(),
+            keys.iter().collect()
         );
+        for pair in keys.windows(2) {
+            let (before, on) = (holders(&pair[0]), holders(&pair[1]));
+            let candidates = &wire::rank_peers(&pair[1], &ids)[..4];
+            if before.iter().all(|&i| candidates.contains(&&ids[i])) {
+                assert_eq!(on, before, "group {} after {}", pair[1], pair[0]);
+                kept += 1;
+            }
+        }
+        for key in &keys {
+            let on = holders(key);
+            assert_eq!(on.len(), 2, "group {key}");
+            on.iter().for_each(|&i| copies[i] += 1);
+        }
+        files.push((added.root, bytes));
     }
-    assert!(copies.iter().all(|&n| (15..=17).contains(&n)), "{copies:?}");
+    assert!(kept > 0, "no group could follow the one before it");
+    // Each add weighs the daemons by what they hold, the earlier adds included.
+    assert!(copies.iter().all(|&n| (12..=20).contains(&n)), "{copies:?}");
     writer.shutdown().await;
     // A reader that knows nothing of the choices finds every block.
     let reader = client(&cluster, 6).await?;
-    assert_eq!(cat_all(&reader, added.root).await?, bytes);
+    for (root, bytes) in files {
+        assert_eq!(cat_all(&reader, root).await?, bytes);
+    }
     reader.shutdown().await;
     cluster.stop().await;
     Ok(())
