@@ -53,11 +53,23 @@ pub struct SimReport {
     pub map_seconds: Option<f64>,
     /// Wall seconds the scheduler took over the whole job.
     pub scheduler_seconds: Option<f64>,
-    /// For each share of peers failed at once: the share and the bytes copied to restore the
-    /// replica count, over all stored bytes.
-    pub moved: Vec<(f64, u64, f64)>,
+    /// For each share of peers failed at once, how the replica count was restored.
+    pub moved: Vec<Restored>,
     /// Wall seconds spent ranking peers for the groups.
     pub placement_seconds: f64,
+}
+
+/// Re-replication after a share of the peers failed at once.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// The share of peers that failed.
+    pub share: f64,
+    /// Bytes copied to restore every group's replica count.
+    pub bytes: u64,
+    /// Those bytes over all stored bytes.
+    pub of_stored: f64,
+    /// The most bytes one live peer holds afterwards, over the live peers' mean.
+    pub max_over_mean: f64,
 }
 
 /// A deterministic stream of numbers (SplitMix64): the same seed, the same peers and failures.
@@ -165,20 +177,31 @@ pub fn simulate(config: SimConfig) -> SimReport {
                 .iter()
                 .copied()
                 .collect();
-            let copies: usize = ranks
-                .iter()
-                .zip(&holders)
-                .map(|(rank, before)| {
-                    let alive = before.iter().filter(|p| !dead.contains(p)).count();
-                    let lacking = rank
-                        .iter()
-                        .filter(|p| !dead.contains(p) && !before.contains(p))
-                        .count();
-                    (config.replicas - alive).min(lacking)
-                })
-                .sum();
+            let mut after = held.clone();
+            let mut copies = 0usize;
+            for (rank, before) in ranks.iter().zip(&holders) {
+                let alive = before.iter().filter(|p| !dead.contains(p)).count();
+                let to = rank
+                    .iter()
+                    .filter(|p| !dead.contains(p) && !before.contains(p))
+                    .take(config.replicas - alive);
+                for &p in to {
+                    after[p] += GROUP_BYTES;
+                    copies += 1;
+                }
+            }
+            let live: Vec<u64> = (0..config.peers)
+                .filter(|p| !dead.contains(p))
+                .map(|p| after[p])
+                .collect();
+            let mean = live.iter().sum::<u64>() as f64 / live.len().max(1) as f64;
             let bytes = copies as u64 * GROUP_BYTES;
-            (share, bytes, bytes as f64 / stored as f64)
+            Restored {
+                share,
+                bytes,
+                of_stored: bytes as f64 / stored as f64,
+                max_over_mean: *live.iter().max().unwrap_or(&0) as f64 / mean,
+            }
         })
         .collect();
 
@@ -319,13 +342,14 @@ impl fmt::Display for SimReport {
             )?,
             _ => write!(f, " not run |")?,
         }
-        for (share, bytes, of) in &self.moved {
+        for r in &self.moved {
             write!(
                 f,
-                " {:.0}%: {:.1} GB ({:.2}% of stored) |",
-                100.0 * share,
-                *bytes as f64 / 1e9,
-                100.0 * of
+                " {:.0}%: {:.1} GB ({:.2}% of stored), then {:.2} |",
+                100.0 * r.share,
+                r.bytes as f64 / 1e9,
+                100.0 * r.of_stored,
+                r.max_over_mean
             )?;
         }
         Ok(())
@@ -350,8 +374,10 @@ mod tests {
         assert!(report.max_over_mean <= 1.5, "{report}");
         assert!(report.local_share.unwrap() > 0.9, "{report}");
         // 1% of 50 peers is none; 10% is 5, whose copies (about a tenth) are made again.
-        assert_eq!(report.moved[0].1, 0);
-        let tenth = report.moved[1].2;
-        assert!((0.05..0.15).contains(&tenth), "{report}");
+        assert_eq!(report.moved[0].bytes, 0);
+        let tenth = &report.moved[1];
+        assert!((0.05..0.15).contains(&tenth.of_stored), "{report}");
+        // The keeper puts a lost copy on the best-ranked peer lacking it, by rank alone.
+        assert!(tenth.max_over_mean < 2.0, "{report}");
     }
 }

@@ -411,7 +411,7 @@ fn sim(peers: &[usize], copies_per_peer: &[usize], tasks: &[usize]) -> Result<()
     use p2pmr_node::sim::{simulate, SimConfig};
     println!(
         "| peers | copies per peer | groups | placement max/mean | ranking time | map job \
-         | 1% fail | 10% fail |"
+         | 1% fail: copied, then max/mean | 10% fail |"
     );
     println!("|---:|---:|---:|---:|---:|---|---|---|");
     for (i, &n) in peers.iter().enumerate() {
