@@ -470,6 +470,10 @@ fn plan(
 /// at least one new daemon.
 async fn copy(net: &NetClient, store: &BlockStore, plan: Vec<Copy>) -> usize {
     use futures::stream::StreamExt;
+    // Where the copies go is weighed like an add's placement: the least loaded of the
+    // best-ranked daemons lacking a block, every block of a group to the same ones.
+    let daemons: HashSet<PeerId> = plan.iter().flat_map(|c| c.to.iter().copied()).collect();
+    let book = &Mutex::new(blocks::Book::asking(net, daemons.into_iter().collect(), 1).await);
     futures::stream::iter(plan)
         .map(|c| async move {
             let store = store.clone();
@@ -485,10 +489,20 @@ async fn copy(net: &NetClient, store: &BlockStore, plan: Vec<Copy>) -> usize {
                     return false;
                 }
             };
-            // Among the daemons lacking it, by rank: the keeper does not ask their loads.
             let to: Vec<Placed> = c.to.into_iter().map(Placed::new).collect();
-            let ranked = blocks::placement(c.group.as_ref().unwrap_or(&cid), &to);
             let more = c.more.min(to.len());
+            let key = c.group.unwrap_or(cid);
+            let order = book
+                .lock()
+                .expect("poisoned")
+                .order_among(&key, more, &block, |_| blocks::placement(&key, &to));
+            // The group's order was made for its first block: only this block's lacking
+            // daemons of it (a partly copied group's blocks may lack different ones).
+            let ranked: Vec<PeerId> = order
+                .iter()
+                .filter(|p| to.iter().any(|t| t.id == **p))
+                .copied()
+                .collect();
             let place = blocks::Placement {
                 replicas: more,
                 target: c.target.into(),

@@ -517,6 +517,18 @@ impl Book {
     /// The daemons to offer `block` of the group placed by `key` to, best first, for
     /// `replicas` copies; its bytes count against the first `replicas` of them.
     pub(crate) fn order(&mut self, key: &Cid, replicas: usize, block: &Block) -> Arc<[PeerId]> {
+        self.order_among(key, replicas, block, |daemons| placement(key, daemons))
+    }
+
+    /// Like [`Book::order`], among the daemons `ranked` gives (called with the book's, only
+    /// for a group's first block).
+    pub(crate) fn order_among(
+        &mut self,
+        key: &Cid,
+        replicas: usize,
+        block: &Block,
+        ranked: impl FnOnce(&[Placed]) -> Vec<PeerId>,
+    ) -> Arc<[PeerId]> {
         let len = block.data().len() as u64;
         match self.recent.iter().find(|(k, _)| k == key) {
             Some((_, order)) => {
@@ -525,10 +537,10 @@ impl Book {
                 order
             }
             None => {
-                let ranked = placement(key, &self.daemons);
                 // A file's inner node (placed by its own CID) is no group of leaves: it may
                 // join the run, but does not start one.
                 let group = block.cid().codec() == RAW;
+                let ranked = ranked(&self.daemons);
                 self.place(*key, ranked, replicas, len, group)
             }
         }
