@@ -8,7 +8,7 @@
 
 use crate::bitswap::Bitswap;
 use crate::blocks::{self, Fetched, Fetcher, FileStat, RemoteError, DISCOVERY};
-use crate::engine::client::{self, ClientError, Follower};
+use crate::engine::client::{self, Follower};
 use crate::error::Error;
 use crate::net::{ClientConfig, Link, NetClient, PeerInfo, SwarmKey};
 use crate::repo::files::{self, Added};
@@ -19,7 +19,7 @@ use libp2p::{Multiaddr, PeerId};
 use p2pmr_protocol::block::DAG_PB;
 use p2pmr_protocol::car::{self, CarError, CarEvent, CarReader};
 use p2pmr_protocol::dagpb::PbNode;
-use p2pmr_protocol::engine::{DaemonStatus, Event, JobRequest, JobResponse, JobSummary};
+use p2pmr_protocol::engine::{DaemonStatus, Event, JobSummary};
 use p2pmr_protocol::job::JobSpec;
 use p2pmr_protocol::tar;
 use p2pmr_protocol::unixfs::{directory_entries, FileReader, Layout, UnixFsError, MAX_DEPTH};
@@ -249,14 +249,7 @@ impl Peers<'_> {
                 },
             };
             async move {
-                let answer = tokio::time::timeout(limit, net.job_request(peer, JobRequest::Status));
-                let status = match answer.await {
-                    Ok(Ok(JobResponse::Status(status))) => Ok(status),
-                    Ok(Ok(JobResponse::Failed(reason))) => Err(ClientError::Refused(reason).into()),
-                    Ok(Ok(other)) => Err(ClientError::Protocol(format!("{other:?}")).into()),
-                    Ok(Err(e)) => Err(e.into()),
-                    Err(_) => Err(Error::TimedOut("a daemon's status")),
-                };
+                let status = client::status(net, peer, limit).await;
                 DaemonView {
                     peer,
                     info,

@@ -144,7 +144,7 @@ pub fn simulate(config: SimConfig) -> SimReport {
             .collect()
     });
     // Groups placed one after another by one placer's book, as one add places them.
-    let mut book = Book::new(peers.clone(), HashMap::new());
+    let mut book = Book::new(HashMap::new());
     let mut held = vec![0u64; config.peers];
     let holders: Vec<Vec<usize>> = keys
         .iter()
@@ -184,7 +184,7 @@ pub fn simulate(config: SimConfig) -> SimReport {
                 .filter(|p| !dead.contains(p))
                 .map(|p| (peers[p], held[p]))
                 .collect();
-            let mut keeper = Book::new(Vec::new(), loads);
+            let mut keeper = Book::new(loads);
             let mut copies = 0usize;
             for ((key, rank), before) in keys.iter().zip(&ranks).zip(&holders) {
                 let alive = before.iter().filter(|p| !dead.contains(p)).count();

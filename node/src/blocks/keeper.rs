@@ -473,7 +473,8 @@ async fn copy(net: &NetClient, store: &BlockStore, plan: Vec<Copy>) -> usize {
     // Where the copies go is weighed like an add's placement: the least loaded of the
     // best-ranked daemons lacking a block, every block of a group to the same ones.
     let daemons: HashSet<PeerId> = plan.iter().flat_map(|c| c.to.iter().copied()).collect();
-    let book = &Mutex::new(blocks::Book::asking(net, daemons.into_iter().collect(), 1).await);
+    let daemons: Vec<PeerId> = daemons.into_iter().collect();
+    let book = &Mutex::new(blocks::Book::asking(net, &daemons, 1).await);
     futures::stream::iter(plan)
         .map(|c| async move {
             let store = store.clone();
@@ -495,7 +496,7 @@ async fn copy(net: &NetClient, store: &BlockStore, plan: Vec<Copy>) -> usize {
             let order = book
                 .lock()
                 .expect("poisoned")
-                .order_among(&key, more, &block, |_| blocks::placement(&key, &to));
+                .order(&key, more, &block, || blocks::placement(&key, &to));
             // The group's order was made for its first block: only this block's lacking
             // daemons of it (a partly copied group's blocks may lack different ones).
             let ranked: Vec<PeerId> = order

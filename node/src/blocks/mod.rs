@@ -26,6 +26,7 @@ pub(crate) mod server;
 pub use pin::Fetched;
 
 use crate::bitswap::{Bitswap, BitswapError};
+use crate::engine::client;
 use crate::net::{Link, NetClient, NetError};
 use crate::repo::files::{self, Added, FileError};
 use crate::repo::store::{BlockStore, StoreError};
@@ -33,7 +34,6 @@ use futures::future::join_all;
 use libp2p::PeerId;
 use p2pmr_protocol::block::RAW;
 use p2pmr_protocol::dagpb::PbNode;
-use p2pmr_protocol::engine::{JobRequest, JobResponse};
 use p2pmr_protocol::job::AUTO_SPLIT_MAX;
 use p2pmr_protocol::unixfs::{
     self, directory_entries, FileReader, Groups, Layout, NodeType, UnixFsData, UnixFsError,
@@ -200,7 +200,8 @@ pub async fn push_all(
         });
     }
     let window = Arc::new(Semaphore::new(WINDOW));
-    let mut book = Book::asking(net, daemons, replicas).await;
+    let mut book = Book::asking(net, &daemons, replicas).await;
+    let daemons: Vec<Placed> = daemons.into_iter().map(Placed::new).collect();
     let session = new_session();
     let mut uploads = JoinSet::new();
     let mut failure = None;
@@ -224,7 +225,8 @@ pub async fn push_all(
         }
         let permit = window.clone().acquire_owned().await.expect("never closed");
         let net = net.clone();
-        let order = book.order(group.as_ref().unwrap_or(block.cid()), replicas, &block);
+        let key = group.unwrap_or(*block.cid());
+        let order = book.order(&key, replicas, &block, || placement(&key, &daemons));
         uploads.spawn(async move {
             let place = Placement {
                 replicas,
@@ -362,7 +364,8 @@ pub async fn replicate(
             found: daemons.len() + 1,
         });
     }
-    let mut book = Book::asking(net, daemons, copies).await;
+    let mut book = Book::asking(net, &daemons, copies).await;
+    let daemons: Vec<Placed> = daemons.into_iter().map(Placed::new).collect();
     let mut uploads = JoinSet::new();
     let window = Arc::new(Semaphore::new(WINDOW));
     for &cid in cids {
@@ -373,7 +376,8 @@ pub async fn replicate(
             .expect("store task panicked")
             .map_err(FileError::Store)?;
         let group = groups.get(&cid).copied();
-        let order = book.order(group.as_ref().unwrap_or(&cid), copies, &block);
+        let key = group.unwrap_or(cid);
+        let order = book.order(&key, copies, &block, || placement(&key, &daemons));
         uploads.spawn(async move {
             // Daemons' copies are not provisional on the receiver: no session to commit.
             let place = Placement {
@@ -472,7 +476,6 @@ const RUN_BYTES: u64 = AUTO_SPLIT_MAX;
 /// held when the book was opened plus what this book has sent it since, so one large add
 /// spreads evenly by itself. Every block of a group gets the order its first block got.
 pub(crate) struct Book {
-    daemons: Vec<Placed>,
     loads: HashMap<PeerId, u64>,
     recent: VecDeque<(Cid, Arc<[PeerId]>)>,
     /// The daemons the current run of groups is on, and its bytes so far.
@@ -480,30 +483,25 @@ pub(crate) struct Book {
 }
 
 impl Book {
-    /// A book over `daemons` with the loads given (absent: nothing held).
-    pub(crate) fn new(daemons: Vec<PeerId>, loads: HashMap<PeerId, u64>) -> Self {
+    /// A book with the daemons' loads given (absent: nothing held).
+    pub(crate) fn new(loads: HashMap<PeerId, u64>) -> Self {
         Self {
-            daemons: daemons.into_iter().map(Placed::new).collect(),
             loads,
             recent: VecDeque::with_capacity(BOOK_GROUPS),
             run: (Vec::new(), 0),
         }
     }
 
-    /// A book over `daemons` for `replicas` copies of each block, asking each daemon how much
+    /// A book for placing `replicas` copies of each block on `daemons`, asking each how much
     /// it holds when there is a choice to make (more daemons than copies). A daemon that does
     /// not answer within [`LOADS_WAIT`] counts as holding as much as the fullest that did.
-    pub(crate) async fn asking(net: &NetClient, daemons: Vec<PeerId>, replicas: usize) -> Self {
+    pub(crate) async fn asking(net: &NetClient, daemons: &[PeerId], replicas: usize) -> Self {
         if daemons.len() <= replicas {
-            return Self::new(daemons, HashMap::new());
+            return Self::new(HashMap::new());
         }
         let asks = daemons.iter().map(|&peer| async move {
-            let answer =
-                tokio::time::timeout(LOADS_WAIT, net.job_request(peer, JobRequest::Status));
-            match answer.await {
-                Ok(Ok(JobResponse::Status(status))) => (peer, Some(status.bytes)),
-                _ => (peer, None),
-            }
+            let status = client::status(net, peer, LOADS_WAIT).await;
+            (peer, status.ok().map(|s| s.bytes))
         });
         let answers = join_all(asks).await;
         let fullest = answers.iter().filter_map(|(_, b)| *b).max().unwrap_or(0);
@@ -511,23 +509,19 @@ impl Book {
             .into_iter()
             .map(|(peer, bytes)| (peer, bytes.unwrap_or(fullest)))
             .collect();
-        Self::new(daemons, loads)
+        Self::new(loads)
     }
 
     /// The daemons to offer `block` of the group placed by `key` to, best first, for
-    /// `replicas` copies; its bytes count against the first `replicas` of them.
-    pub(crate) fn order(&mut self, key: &Cid, replicas: usize, block: &Block) -> Arc<[PeerId]> {
-        self.order_among(key, replicas, block, |daemons| placement(key, daemons))
-    }
-
-    /// Like [`Book::order`], among the daemons `ranked` gives (called with the book's, only
-    /// for a group's first block).
-    pub(crate) fn order_among(
+    /// `replicas` copies; its bytes count against the first `replicas` of them. `ranked` gives
+    /// the daemons to choose among, in [`placement`] order; it is called only for a group's
+    /// first block (the others get the order it got).
+    pub(crate) fn order(
         &mut self,
         key: &Cid,
         replicas: usize,
         block: &Block,
-        ranked: impl FnOnce(&[Placed]) -> Vec<PeerId>,
+        ranked: impl FnOnce() -> Vec<PeerId>,
     ) -> Arc<[PeerId]> {
         let len = block.data().len() as u64;
         match self.recent.iter().find(|(k, _)| k == key) {
@@ -540,8 +534,7 @@ impl Book {
                 // A file's inner node (placed by its own CID) is no group of leaves: it may
                 // join the run, but does not start one.
                 let group = block.cid().codec() == RAW;
-                let ranked = ranked(&self.daemons);
-                self.place(*key, ranked, replicas, len, group)
+                self.place(*key, ranked(), replicas, len, group)
             }
         }
     }

@@ -8,7 +8,7 @@
 use crate::blocks::{self, RemoteError};
 use crate::net::{NetClient, NetError};
 use libp2p::PeerId;
-use p2pmr_protocol::engine::{Event, JobRequest, JobResponse, JobSummary};
+use p2pmr_protocol::engine::{DaemonStatus, Event, JobRequest, JobResponse, JobSummary};
 use p2pmr_protocol::job::JobSpec;
 use p2pmr_protocol::unixfs::Layout;
 use p2pmr_protocol::wire::rank_peers;
@@ -49,6 +49,21 @@ pub const WATCH_SILENCE: Duration = Duration::from_secs(15);
 const MAX_HANDOVERS: u32 = 16;
 /// Pause before a handover, so the network notices who left.
 const HANDOVER_PAUSE: Duration = Duration::from_secs(1);
+
+/// `peer`'s slots, running tasks and holdings, asked with `limit` to answer.
+pub(crate) async fn status(
+    net: &NetClient,
+    peer: PeerId,
+    limit: Duration,
+) -> Result<DaemonStatus, crate::Error> {
+    match tokio::time::timeout(limit, net.job_request(peer, JobRequest::Status)).await {
+        Ok(Ok(JobResponse::Status(status))) => Ok(status),
+        Ok(Ok(JobResponse::Failed(reason))) => Err(ClientError::Refused(reason).into()),
+        Ok(Ok(other)) => Err(ClientError::Protocol(format!("{other:?}")).into()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(crate::Error::TimedOut("a daemon's status")),
+    }
+}
 
 /// The coordinator for `job`: `chosen` if given (it must be connected), else the daemon the
 /// placement rule ranks first for the job id, so every client picks the same one for the same

@@ -253,12 +253,12 @@ impl BlockStore {
 
     /// Blocks and bytes newly stored by this handle's store since it was opened (deletions not
     /// subtracted): what a recent [`stats`](Self::stats) lacks, without listing the store.
-    pub fn written(&self) -> (u64, u64) {
+    pub fn written(&self) -> StoreStats {
         let (blocks, bytes) = &self.inner.written;
-        (
-            blocks.load(Ordering::Relaxed),
-            bytes.load(Ordering::Relaxed),
-        )
+        StoreStats {
+            blocks: blocks.load(Ordering::Relaxed),
+            bytes: bytes.load(Ordering::Relaxed),
+        }
     }
 
     /// Blocks stored from now on (by [`put`](Self::put) or [`adopt`](Self::adopt)), by

@@ -425,14 +425,8 @@ impl Coordinator {
             return Some(self.net().local_peer_id());
         }
         let asked = self.net().daemons().into_keys().map(|peer| async move {
-            let status = tokio::time::timeout(
-                self.inner.liveness,
-                self.net().job_request(peer, JobRequest::Status),
-            );
-            match status.await {
-                Ok(Ok(JobResponse::Status(s))) if s.ipfs_peers > 0 => Some(peer),
-                _ => None,
-            }
+            let status = client::status(self.net(), peer, self.inner.liveness).await;
+            status.is_ok_and(|s| s.ipfs_peers > 0).then_some(peer)
         });
         futures::future::join_all(asked)
             .await

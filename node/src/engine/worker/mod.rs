@@ -293,8 +293,8 @@ impl Worker {
             }
         };
         let now = store.written();
-        held.blocks += now.0.saturating_sub(then.0);
-        held.bytes += now.1.saturating_sub(then.1);
+        held.blocks += now.blocks.saturating_sub(then.blocks);
+        held.bytes += now.bytes.saturating_sub(then.bytes);
         let free = self.inner.permits.available_permits() as u32;
         let (memo_tasks, memo_bytes) = self.inner.memo.held();
         Ok(DaemonStatus {
@@ -858,7 +858,7 @@ fn run_layout() -> p2pmr_protocol::unixfs::Layout {
 
 /// A count of the store: when it was taken, what it found, and the blocks and bytes the store
 /// had written by then ([`BlockStore::written`](crate::repo::store::BlockStore::written)).
-type Counted = (Instant, StoreStats, (u64, u64));
+type Counted = (Instant, StoreStats, StoreStats);
 
 /// Lines in a batch of whole records (the last may lack its newline at the end of input).
 fn records_in(batch: &[u8]) -> u64 {
