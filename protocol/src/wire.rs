@@ -319,29 +319,101 @@ impl BlockResponse {
     }
 }
 
+/// How many of the peers closest to each of a key's two places in Kademlia's keyspace are
+/// candidates to hold it: Kademlia's `k`, what one lookup finds for certain.
+pub const NEIGHBOURHOOD: usize = 20;
+
+/// A key's or a peer's position in Kademlia's keyspace: SHA-256 of its bytes (libp2p-kad's
+/// `kbucket::Key`; a peer's bytes are its binary peer id).
+pub fn keyspace_position(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// The two keys a placement key's neighbourhood is looked up by in Kademlia: its multihash,
+/// and its multihash followed by `/2`.
+///
+/// The peers closest to one place are crowded together: a part of the keyspace with few
+/// peers has the same few closest to every key in it, and they must hold all those keys
+/// whatever the loads say (with one place of 20 peers and two choices, the fullest held 1.55
+/// times the mean). Two places are two independent parts of the keyspace, and the least
+/// loaded of either side takes the copies ("the power of two choices" in a DHT).
+pub fn keyspace_keys(cid: &Cid) -> [Vec<u8>; 2] {
+    let key = cid.hash().to_bytes();
+    let mut second = key.clone();
+    second.extend_from_slice(b"/2");
+    [key, second]
+}
+
+/// The XOR distance between two keyspace positions (libp2p-kad's `Distance`, as bytes: a
+/// smaller array is closer).
+pub fn keyspace_distance(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+    std::array::from_fn(|i| a[i] ^ b[i])
+}
+
 /// The placement rule: ranks `peers` (their binary peer ids) for holding `cid`, best first.
 ///
-/// Rendezvous (highest-random-weight) hashing: each peer scores `sha256(peer || multihash)`
-/// and the highest scores win. Every peer computes the same order from the same peer set, blocks
-/// spread evenly over peers (so a file larger than any one disk still fits), and when a peer
-/// leaves or joins only the blocks it ranks first for move: the others' relative order is
-/// unchanged, so after a holder dies the surviving replicas are still the first ones asked.
+/// Two steps. First the key's neighbourhood: the [`NEIGHBOURHOOD`] peers closest to each of
+/// its two [`keyspace_keys`] in Kademlia's keyspace ([`keyspace_distance`] of
+/// [`keyspace_position`]s), which a peer that does not know every other finds with two
+/// lookups in O(log n) steps. Then, within the neighbourhood, rendezvous
+/// (highest-random-weight) hashing: each peer scores `sha256(peer || multihash)` and the
+/// highest scores come first; the peers past the neighbourhood follow it, closest to either
+/// place first. With at most [`NEIGHBOURHOOD`] peers the order is rendezvous alone.
+///
+/// Why both: every peer computes the same order from the same peer set; rendezvous spreads a
+/// key's first places evenly over its candidates, where closeness alone favours the peers in
+/// the keyspace's sparse regions; and when a peer leaves or joins, the others' relative order
+/// within the neighbourhood is unchanged (a leaver's place goes to the next closest peer), so
+/// after a holder dies the surviving replicas are still the first ones asked.
 pub fn rank_peers<'a, P: AsRef<[u8]> + ?Sized>(
     cid: &Cid,
     peers: impl IntoIterator<Item = &'a P>,
 ) -> Vec<&'a P> {
     let key = cid.hash().to_bytes();
-    let mut scored: Vec<([u8; 32], &P)> = peers
-        .into_iter()
+    let mut peers: Vec<&P> = peers.into_iter().collect();
+    let mut near = peers.len();
+    if peers.len() > NEIGHBOURHOOD {
+        let places = keyspace_keys(cid).map(|k| keyspace_position(&k));
+        // Each peer's distance to either place, and whether it is among the closest to one.
+        let mut placed: Vec<([[u8; 32]; 2], bool, &P)> = peers
+            .iter()
+            .map(|p| {
+                let at = keyspace_position(p.as_ref());
+                (
+                    places.map(|place| keyspace_distance(&at, &place)),
+                    false,
+                    *p,
+                )
+            })
+            .collect();
+        for side in 0..2 {
+            placed.sort_unstable_by(|a, b| a.0[side].cmp(&b.0[side]));
+            for p in &mut placed[..NEIGHBOURHOOD] {
+                p.1 = true;
+            }
+        }
+        // The neighbourhood first, then the rest by their distance to the nearer place.
+        // Equal distances mean equal peer ids: the order between them does not matter.
+        placed.sort_unstable_by(|a, b| {
+            b.1.cmp(&a.1)
+                .then_with(|| a.0[0].min(a.0[1]).cmp(&b.0[0].min(b.0[1])))
+        });
+        near = placed.iter().filter(|p| p.1).count();
+        peers = placed.into_iter().map(|(_, _, p)| p).collect();
+    }
+    let mut scored: Vec<([u8; 32], &P)> = peers[..near]
+        .iter()
         .map(|p| {
             let mut h = Sha256::new();
             h.update(p.as_ref());
             h.update(&key);
-            (h.finalize().into(), p)
+            (h.finalize().into(), *p)
         })
         .collect();
     scored.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.as_ref().cmp(b.1.as_ref())));
-    scored.into_iter().map(|(_, p)| p).collect()
+    let mut ranked: Vec<&P> = scored.into_iter().map(|(_, p)| p).collect();
+    ranked.extend_from_slice(&peers[near..]);
+    ranked
 }
 
 /// How many of a placement group's best-ranked daemons each of its copies chooses among:
@@ -594,9 +666,69 @@ mod tests {
             }
         }
         let (by_rank, chosen) = (by_rank.iter().max(), chosen.iter().max());
-        // A mean of 10 copies: rank alone puts 18 on the fullest here, two choices 11.
+        // A mean of 10 copies: rank alone puts 18 on the fullest here, two choices 12.
         assert!(by_rank >= Some(&16), "{by_rank:?}");
-        assert!(chosen <= Some(&12), "{chosen:?}");
+        assert!(chosen <= Some(&12), "{chosen:?} {by_rank:?}");
+    }
+
+    #[test]
+    fn past_a_neighbourhood_the_closest_peers_are_ranked_and_a_leaver_is_replaced_by_the_next() {
+        let peers: &'static [Vec<u8>] = Vec::leak((0..150u8).map(|i| vec![i; 38]).collect());
+        let mut apart = 0;
+        for cid in cids(200) {
+            let places = keyspace_keys(&cid).map(|k| keyspace_position(&k));
+            let distance =
+                |p: &[u8], side: usize| keyspace_distance(&keyspace_position(p), &places[side]);
+            let closest = |peers: &[&'static Vec<u8>]| -> Vec<&'static Vec<u8>> {
+                let mut hood = Vec::new();
+                for side in 0..2 {
+                    let mut by_distance = peers.to_vec();
+                    by_distance.sort_by_key(|p| distance(p, side));
+                    hood.extend_from_slice(&by_distance[..NEIGHBOURHOOD]);
+                }
+                hood.sort();
+                hood.dedup();
+                hood
+            };
+            let all: Vec<&Vec<u8>> = peers.iter().collect();
+            let hood = closest(&all);
+            // Two places in one crowded part of the keyspace have the same closest peers.
+            assert!(hood.len() >= NEIGHBOURHOOD);
+            apart += usize::from(hood.len() > NEIGHBOURHOOD);
+            let ranked = rank_peers(&cid, peers);
+            assert_eq!(ranked.len(), peers.len());
+            // The neighbourhood first, ranked as it would be alone; then the rest, nearer
+            // place first.
+            let mut near = ranked[..hood.len()].to_vec();
+            near.sort();
+            assert_eq!(near, hood);
+            assert_eq!(rank_peers(&cid, hood.iter().copied()), ranked[..hood.len()]);
+            let far = |p: &&Vec<u8>| distance(p, 0).min(distance(p, 1));
+            assert!(ranked[hood.len()..]
+                .windows(2)
+                .all(|w| far(&w[0]) <= far(&w[1])));
+            // One of the neighbourhood leaves: the others keep their order; the peers that
+            // take its place come from outside.
+            let gone = ranked[3];
+            let without: Vec<&Vec<u8>> = all.iter().filter(|p| **p != gone).copied().collect();
+            let reranked = rank_peers(&cid, without.iter().copied());
+            let now = closest(&without);
+            let kept: Vec<_> = reranked[..now.len()]
+                .iter()
+                .filter(|p| hood.contains(p))
+                .copied()
+                .collect();
+            let before: Vec<_> = ranked[..hood.len()]
+                .iter()
+                .filter(|p| **p != gone)
+                .copied()
+                .collect();
+            assert_eq!(kept, before);
+        }
+        assert!(
+            apart > 150,
+            "two places, mostly two sets of closest: {apart}"
+        );
     }
 
     #[test]
