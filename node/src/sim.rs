@@ -1,18 +1,20 @@
-//! A simulator of placement and map scheduling over many virtual peers, in virtual time,
-//! driving the daemons' own code: [`blocks::placement`](crate::blocks) ranks the peers for
-//! each placement group and a placer's `Book` picks the copies' holders among the first
-//! ranked, and the coordinator's sans-I/O phase scheduler assigns a job's map
-//! tasks as the virtual clock advances. It reports placement balance, the share of map input
-//! read locally, and the bytes re-replication moves after peers fail.
-//!
-//! Routing is not simulated: a daemon knows every other daemon (full membership), so a
-//! lookup costs no network step, and each peer's state grows with the swarm.
+//! A simulator of routing, placement and map scheduling over many virtual peers, in virtual
+//! time, driving the daemons' own code: each peer's Kademlia routing table is a libp2p-kad
+//! `Behaviour` and a placer finds each placement group's neighbourhood with two lookups through
+//! them, [`rank_peers`](p2pmr_protocol::wire::rank_peers) ranks it, a placer's `Book` picks
+//! the copies' holders among the first ranked, and the coordinator's sans-I/O phase scheduler
+//! assigns a job's map tasks as the virtual clock advances. It reports lookup hops, placement
+//! balance, the share of map input read locally, and the bytes re-replication moves after
+//! peers fail.
 
-use crate::blocks::{placement, Book, Placed};
+mod dht;
+
+use crate::blocks::Book;
 use crate::engine::coordinator::schedule::{held, Action, PhaseState, Schedule, Skips, Tally};
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use p2pmr_protocol::engine::{Counters, JobResponse, MapOutput, TaskKind};
+use p2pmr_protocol::wire::{keyspace_keys, rank_peers, NEIGHBOURHOOD};
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -55,8 +57,25 @@ pub struct SimReport {
     pub scheduler_seconds: Option<f64>,
     /// For each share of peers failed at once, how the replica count was restored.
     pub moved: Vec<Restored>,
-    /// Wall seconds spent ranking peers for the groups.
+    /// Wall seconds spent finding and ranking each group's neighbourhood.
     pub placement_seconds: f64,
+    /// The placers' lookups of the groups' neighbourhoods.
+    pub lookups: Lookups,
+}
+
+/// What finding the groups' neighbourhoods cost.
+#[derive(Debug, Clone)]
+pub struct Lookups {
+    /// Lookups made (two per looked-up group, one for each of its places in the keyspace).
+    pub count: usize,
+    /// Round trips one after another, median and 99th percentile.
+    pub hops: (u32, u32),
+    /// Requests sent per lookup, median.
+    pub messages: u32,
+    /// The share of lookups that found exactly the closest peers.
+    pub exact: f64,
+    /// Peers in a routing table, mean.
+    pub known: f64,
 }
 
 /// Re-replication after a share of the peers failed at once.
@@ -86,10 +105,17 @@ impl Rng {
 }
 
 /// How many ranked peers each group keeps: enough that after the largest simulated failure
-/// (10%) some `replicas` of them are alive. A ranking restricted to the live peers is the
-/// full ranking with the dead left out (each peer's score depends only on it and the key), so
-/// the survivors' first `replicas` are where the keeper puts the copies.
+/// (10%) some `replicas` of them are alive. The keeper ranks the live peers of the group's
+/// neighbourhood, which is the placer's ranking with the dead left out (each peer's score
+/// depends only on it and the key); in a real swarm the next closest peers would join the
+/// neighbourhood in the dead ones' places and take a share of the copies.
 const KEPT_RANKS: usize = 16;
+
+/// Groups whose neighbourhoods are found by lookups through the routing tables, spread over
+/// all groups; the others' are computed from every peer's position. A lookup through the
+/// tables costs milliseconds of the simulator's time, and the looked-up groups show that
+/// lookups find exactly those peers (the report's "exact").
+const LOOKED_UP: usize = 4000;
 
 /// Runs one simulation.
 pub fn simulate(config: SimConfig) -> SimReport {
@@ -107,42 +133,83 @@ pub fn simulate(config: SimConfig) -> SimReport {
         })
         .collect();
     let index: HashMap<PeerId, usize> = peers.iter().enumerate().map(|(i, p)| (*p, i)).collect();
-    let placed: Vec<Placed> = peers.iter().map(|p| Placed::new(*p)).collect();
     let groups = (config.copies_per_peer * config.peers / config.replicas).max(config.tasks);
     let keys: Vec<Cid> = (0..groups as u64)
         .map(|g| *Block::raw(g.to_le_bytes().to_vec()).cid())
         .collect();
 
-    // Placement: each group's ranking, on both cores.
+    // Placement: a placer (a peer drawn at random) looks a group's neighbourhood up through
+    // the routing tables (every `every`-th group; the others' is computed) and ranks it.
+    let mut dht = dht::Dht::settled(&peers, || rng.next());
     let started = Instant::now();
-    let ranks: Vec<Vec<usize>> = std::thread::scope(|s| {
-        let halves: Vec<_> = keys
-            .chunks(keys.len().div_ceil(2).max(1))
-            .map(|part| {
-                let (placed, index) = (&placed, &index);
-                s.spawn(move || {
-                    part.iter()
-                        .map(|key| {
-                            // Into a new vector: collecting from the ranking's own would keep
-                            // its allocation (one entry per peer) alive for every group.
-                            let mut kept = Vec::with_capacity(KEPT_RANKS);
-                            kept.extend(
-                                placement(key, placed)
-                                    .into_iter()
-                                    .take(KEPT_RANKS)
-                                    .map(|p| index[&p]),
-                            );
-                            kept
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        halves
-            .into_iter()
-            .flat_map(|h| h.join().expect("ranking thread"))
-            .collect()
-    });
+    let every = groups.div_ceil(LOOKED_UP);
+    let (mut hops, mut messages) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
+    let (mut sampled, mut exact) = (0usize, 0usize);
+    let ranks: Vec<Vec<usize>> = keys
+        .iter()
+        .enumerate()
+        .map(|(g, key)| {
+            let placer = (rng.next() % config.peers as u64) as usize;
+            let mut hood: Vec<Vec<u8>> = Vec::new();
+            for at in keyspace_keys(key) {
+                let want = NEIGHBOURHOOD.min(config.peers - 1);
+                if g % every != 0 {
+                    // Not a looked-up group: where a lookup would have led.
+                    for p in dht.truly_closest(&at, want + 1) {
+                        let bytes = peers[p].to_bytes();
+                        if p != placer && !hood.contains(&bytes) {
+                            hood.push(bytes);
+                        }
+                    }
+                    continue;
+                }
+                let found = dht.lookup(placer, &at, want);
+                hops.push(found.hops);
+                messages.push(found.messages);
+                {
+                    sampled += 1;
+                    // The placer never names itself: the truth without it.
+                    let mut truth: Vec<usize> = dht
+                        .truly_closest(&at, found.closest.len() + 1)
+                        .into_iter()
+                        .filter(|&p| p != placer)
+                        .take(found.closest.len())
+                        .collect();
+                    let mut got = found.closest.clone();
+                    truth.sort_unstable();
+                    got.sort_unstable();
+                    exact += usize::from(truth == got);
+                }
+                for p in found.closest {
+                    let bytes = peers[p].to_bytes();
+                    if !hood.contains(&bytes) {
+                        hood.push(bytes);
+                    }
+                }
+            }
+            // The placer is a peer too: it ranks itself among what it found.
+            let placer_bytes = peers[placer].to_bytes();
+            if !hood.contains(&placer_bytes) {
+                hood.push(placer_bytes);
+            }
+            rank_peers(key, &hood)
+                .into_iter()
+                .take(KEPT_RANKS)
+                .map(|b| index[&PeerId::from_bytes(b).expect("a peer id")])
+                .collect()
+        })
+        .collect();
+    // The routing tables' sizes, from the first 200 peers.
+    let counted = config.peers.clamp(1, 200);
+    let known = (0..counted).map(|p| dht.known(p)).sum::<usize>() as f64 / counted as f64;
+    drop(dht);
+    let lookups = Lookups {
+        count: hops.len(),
+        hops: (percentile(&mut hops, 0.5), percentile(&mut hops, 0.99)),
+        messages: percentile(&mut messages, 0.5),
+        exact: exact as f64 / sampled.max(1) as f64,
+        known,
+    };
     // Groups placed one after another by one placer's book, as one add places them.
     let mut book = Book::new(HashMap::new());
     let mut held = vec![0u64; config.peers];
@@ -233,7 +300,15 @@ pub fn simulate(config: SimConfig) -> SimReport {
         scheduler_seconds,
         moved,
         placement_seconds,
+        lookups,
     }
+}
+
+/// The value below which a share `q` of `values` lies (sorts them).
+fn percentile(values: &mut [u32], q: f64) -> u32 {
+    values.sort_unstable();
+    let at = ((values.len() as f64 * q).ceil() as usize).clamp(1, values.len().max(1)) - 1;
+    values.get(at).copied().unwrap_or(0)
 }
 
 /// Virtual speeds: a map task reads its own blocks at `LOCAL`, fetches others' at `REMOTE`.
@@ -339,10 +414,20 @@ fn map_phase(
 impl fmt::Display for SimReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.config;
+        let l = &self.lookups;
         write!(
             f,
-            "| {} | {} | {} | {:.2} | {:.1} s |",
-            c.peers, c.copies_per_peer, self.groups, self.max_over_mean, self.placement_seconds
+            "| {} | {} | {} | {:.0} | {} / {} | {} | {:.1}% | {:.2} | {:.1} s |",
+            c.peers,
+            c.copies_per_peer,
+            self.groups,
+            l.known,
+            l.hops.0,
+            l.hops.1,
+            l.messages,
+            100.0 * l.exact,
+            self.max_over_mean,
+            self.placement_seconds
         )?;
         match (self.local_share, self.map_seconds, self.scheduler_seconds) {
             (Some(l), Some(m), Some(s)) => write!(
@@ -374,6 +459,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_placement_rules_neighbourhood_is_the_closest_peers_in_kademlias_keyspace() {
+        let mut rng = Rng(3);
+        let peers: Vec<PeerId> = (0..300).map(|_| PeerId::random()).collect();
+        let dht = dht::Dht::settled(&peers, || rng.next());
+        let bytes: Vec<Vec<u8>> = peers.iter().map(|p| p.to_bytes()).collect();
+        for g in 0..50u64 {
+            let key = *Block::raw(g.to_le_bytes().to_vec()).cid();
+            // What libp2p-kad's distances make closest to either of the key's places.
+            let mut closest: Vec<&Vec<u8>> = keyspace_keys(&key)
+                .iter()
+                .flat_map(|at| dht.truly_closest(at, NEIGHBOURHOOD))
+                .map(|p| &bytes[p])
+                .collect();
+            closest.sort();
+            closest.dedup();
+            let ranked = rank_peers(&key, &bytes);
+            let mut hood = ranked[..closest.len()].to_vec();
+            hood.sort();
+            assert_eq!(hood, closest);
+        }
+    }
+
+    #[test]
     fn a_small_swarm_places_evenly_runs_locally_and_moves_what_it_lost() {
         let report = simulate(SimConfig {
             peers: 50,
@@ -384,6 +492,10 @@ mod tests {
             seed: 7,
         });
         assert_eq!(report.groups, 1000);
+        // Lookups through the routing tables find exactly the closest peers, in a few hops.
+        assert_eq!(report.lookups.count, 2000, "{report}");
+        assert_eq!(report.lookups.exact, 1.0, "{report}");
+        assert!(report.lookups.hops.1 <= 3, "{report}");
         assert!(report.max_over_mean <= 1.5, "{report}");
         assert!(report.local_share.unwrap() > 0.9, "{report}");
         // 1% of 50 peers is none; 10% is 5, whose copies (about a tenth) are made again.

@@ -82,8 +82,9 @@ enum Suite {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
-    /// Placement and map scheduling over many virtual peers in virtual time, with the daemons'
-    /// own placement and scheduler code: balance, locality, bytes moved after failures
+    /// Routing, placement and map scheduling over many virtual peers in virtual time, with
+    /// the daemons' own routing tables, placement and scheduler code: lookup hops, balance,
+    /// locality, bytes moved after failures
     Sim {
         /// Virtual peer counts, one simulation each
         #[arg(long, value_delimiter = ',', default_value = "1000,10000,1000")]
@@ -410,10 +411,11 @@ fn foundation(size_mib: u64, rss_size_mib: u64, rounds: usize) -> Result<()> {
 fn sim(peers: &[usize], copies_per_peer: &[usize], tasks: &[usize]) -> Result<()> {
     use p2pmr_node::sim::{simulate, SimConfig};
     println!(
-        "| peers | copies per peer | groups | placement max/mean | ranking time | map job \
+        "| peers | copies per peer | groups | routing table | lookup hops (median / p99) \
+         | requests per lookup | exact | placement max/mean | lookup and ranking time | map job \
          | 1% fail: copied, then max/mean | 10% fail |"
     );
-    println!("|---:|---:|---:|---:|---:|---|---|---|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|");
     for (i, &n) in peers.iter().enumerate() {
         let report = simulate(SimConfig {
             peers: n,

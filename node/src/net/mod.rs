@@ -51,7 +51,7 @@ use tokio::task::JoinHandle;
 
 /// Agent version announced over identify.
 pub const AGENT: &str = concat!("p2pmr/", env!("CARGO_PKG_VERSION"));
-const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mapreduce/kad/1.0.0");
+pub(crate) const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mapreduce/kad/1.0.0");
 /// Commands queued for the event loop.
 const COMMAND_QUEUE: usize = 256;
 /// Inbound requests queued for the daemon's handlers before new ones are refused as busy.
