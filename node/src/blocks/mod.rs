@@ -458,6 +458,10 @@ pub(crate) fn placement(key: &Cid, daemons: &[Placed]) -> Vec<PeerId> {
     rank_peers(key, daemons).into_iter().map(|d| d.id).collect()
 }
 
+/// How long a reader waits for a neighbourhood lookup, and then for the daemons it found to
+/// be connected and admitted.
+const LOOKUP_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a placer waits for the daemons to say how much they hold before placing without
 /// knowing (by rank alone).
 const LOADS_WAIT: Duration = Duration::from_millis(500);
@@ -949,6 +953,32 @@ impl Fetcher {
                 return Ok(block);
             }
             asked += more.len();
+            // Still not found: Kademlia's lookup of the group's neighbourhood (where the
+            // placement rule puts its copies) reaches daemons this peer has not met, which is
+            // every daemon past full membership.
+            let hood = tokio::time::timeout(LOOKUP_WAIT, net.neighbourhood(key))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let fresh: Vec<PeerId> = hood
+                .into_iter()
+                .filter(|p| !candidates.contains(p) && !more.contains(p))
+                .collect();
+            if !fresh.is_empty() {
+                let met: Vec<Placed> = net
+                    .daemons_among(&fresh, LOOKUP_WAIT)
+                    .await
+                    .into_iter()
+                    .map(Placed::new)
+                    .collect();
+                let ranked = placement(&key, &met);
+                if let Some((block, peer)) = self.ask(net, cid, &ranked, &mut failed).await {
+                    self.served_by(key, peer);
+                    return Ok(block);
+                }
+                asked += ranked.len();
+            }
         }
         if asked == 0 {
             return Err(RemoteError::NoDaemons { cid });

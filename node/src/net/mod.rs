@@ -37,9 +37,10 @@ use libp2p::{
 use p2pmr_protocol::bitswap::BITSWAP_PROTOCOL;
 use p2pmr_protocol::engine::{JobRequest, JobResponse, JOB_PROTOCOL, MAX_JOB_MESSAGE};
 use p2pmr_protocol::wire::{
-    BlockRequest, BlockResponse, WireError, BLOCK_PROTOCOL, BUSY, MAX_REQUEST_SIZE,
+    keyspace_keys, BlockRequest, BlockResponse, WireError, BLOCK_PROTOCOL, BUSY, MAX_REQUEST_SIZE,
     MAX_RESPONSE_SIZE,
 };
+use p2pmr_protocol::Cid;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::marker::PhantomData;
@@ -230,6 +231,11 @@ enum Command {
         reply: oneshot::Sender<Result<(), NetError>>,
     },
     Ban(PeerId),
+    /// Look up the peers closest to a placement key's places in Kademlia's keyspace.
+    Neighbourhood {
+        key: Cid,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
     /// An admission challenge ended.
     Admission {
         peer: PeerId,
@@ -346,6 +352,18 @@ impl NetClient {
         rx.await.map_err(|_| NetError::Stopped)?
     }
 
+    /// The peers closest to `key`'s two places in Kademlia's keyspace
+    /// ([`keyspace_keys`]): its neighbourhood, where the placement rule puts its copies, as
+    /// two lookups through the routing tables find it (O(log n) round trips, without knowing
+    /// every daemon). The peers found are dialled, so those that are daemons are admitted
+    /// and show in [`NetClient::daemons`] soon after. Empty when the lookups find nobody
+    /// (no routing table yet) or time out.
+    pub async fn neighbourhood(&self, key: Cid) -> Result<Vec<PeerId>, NetError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Neighbourhood { key, reply }).await?;
+        rx.await.map_err(|_| NetError::Stopped)
+    }
+
     /// Closes every connection to `peer` and refuses new ones (e.g. after it sent a wrong
     /// block): it is no longer a daemon for this peer.
     pub async fn ban(&self, peer: PeerId) {
@@ -407,6 +425,23 @@ impl NetClient {
     /// Whether any such source is connected (without copying the set: asked per block).
     pub fn has_bitswap_sources(&self) -> bool {
         !self.sources.borrow().is_empty()
+    }
+
+    /// Those of `peers` that are connected daemons within `limit` (dialled peers become
+    /// daemons once identify names the block protocol and they pass admission).
+    pub async fn daemons_among(&self, peers: &[PeerId], limit: Duration) -> Vec<PeerId> {
+        let mut daemons = self.daemons.clone();
+        let _ = tokio::time::timeout(
+            limit,
+            daemons.wait_for(|d| peers.iter().all(|p| d.contains_key(p))),
+        )
+        .await;
+        let daemons = self.daemons.borrow();
+        peers
+            .iter()
+            .filter(|p| daemons.contains_key(p))
+            .copied()
+            .collect()
     }
 
     /// A receiver that sees every change of the daemon set.
@@ -542,6 +577,9 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         under_way: HashMap::new(),
         bootstrapped: false,
         sweeping: None,
+        lookups: HashMap::new(),
+        neighbourhoods: HashMap::new(),
+        next_lookup: 0,
         sweep_again: false,
         banned: HashSet::new(),
         known: HashMap::new(),
@@ -721,12 +759,25 @@ struct EventLoop {
     /// whether another was asked for meanwhile.
     sweeping: Option<kad::QueryId>,
     sweep_again: bool,
+    /// Neighbourhood lookups under way: each query's lookup, and per lookup the peers found
+    /// so far, the queries still running and who waits for the answer.
+    lookups: HashMap<kad::QueryId, u64>,
+    neighbourhoods: HashMap<u64, Neighbourhood>,
+    next_lookup: u64,
     /// Peers caught misbehaving: never connected to again by this peer.
     banned: HashSet<PeerId>,
     /// Daemons and IPFS block sources seen (with the addresses they listen on), redialled
     /// while disconnected: a daemon that was restarted, frozen or cut off comes back into the
     /// network by itself.
     known: HashMap<PeerId, Vec<Multiaddr>>,
+}
+
+/// A neighbourhood lookup: the peers its queries found, how many queries still run, and
+/// who waits.
+struct Neighbourhood {
+    found: BTreeSet<PeerId>,
+    running: usize,
+    reply: oneshot::Sender<Vec<PeerId>>,
 }
 
 /// Block requests to one peer: those out, and those waiting for one of them to end.
@@ -741,6 +792,9 @@ struct Sending {
 
 /// How often disconnected known daemons are dialled again.
 const REDIAL: Duration = Duration::from_secs(2);
+/// Neighbourhood lookups running at once (two Kademlia queries each); more find nothing
+/// until some end.
+const MAX_LOOKUPS: usize = 64;
 /// Most daemons remembered for redialling.
 const MAX_KNOWN: usize = 1024;
 
@@ -885,6 +939,7 @@ impl EventLoop {
                 }
             }
             Command::Ban(peer) => self.ban(peer),
+            Command::Neighbourhood { key, reply } => self.look_up(key, reply),
             Command::Admission { peer, outcome } => {
                 self.admitting.send_if_modified(|a| a.remove(&peer));
                 match outcome {
@@ -1060,7 +1115,11 @@ impl EventLoop {
                     Ok(ok) => ok.peers,
                     Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
                 };
-                self.swept(id, found, step.last);
+                if self.lookups.contains_key(&id) {
+                    self.looked_up(id, found, step.last);
+                } else {
+                    self.swept(id, found, step.last);
+                }
             }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated {
                 peer, addresses, ..
@@ -1176,6 +1235,57 @@ impl EventLoop {
             self.sweeping = None;
             if std::mem::take(&mut self.sweep_again) {
                 self.sweep();
+            }
+        }
+    }
+
+    /// Starts the two lookups of `key`'s neighbourhood.
+    fn look_up(&mut self, key: Cid, reply: oneshot::Sender<Vec<PeerId>>) {
+        if self.neighbourhoods.len() >= MAX_LOOKUPS {
+            // As many as a swarm needs at once are running: this one finds nothing.
+            let _ = reply.send(Vec::new());
+            return;
+        }
+        let lookup = self.next_lookup;
+        self.next_lookup += 1;
+        for place in keyspace_keys(&key) {
+            let id = self.swarm.behaviour_mut().kad.get_closest_peers(place);
+            self.lookups.insert(id, lookup);
+        }
+        self.neighbourhoods.insert(
+            lookup,
+            Neighbourhood {
+                found: BTreeSet::new(),
+                running: 2,
+                reply,
+            },
+        );
+    }
+
+    /// A neighbourhood query answered: dials what it found; the last answer of both
+    /// queries replies with everything found.
+    fn looked_up(&mut self, id: kad::QueryId, found: Vec<kad::PeerInfo>, last: bool) {
+        let Some(&lookup) = self.lookups.get(&id) else {
+            return;
+        };
+        let local = *self.swarm.local_peer_id();
+        let mut peers = Vec::new();
+        for info in found {
+            if info.peer_id != local && !self.banned.contains(&info.peer_id) {
+                peers.push(info.peer_id);
+                self.dial_peer(info.peer_id, info.addrs);
+            }
+        }
+        let Some(hood) = self.neighbourhoods.get_mut(&lookup) else {
+            return;
+        };
+        hood.found.extend(peers);
+        if last {
+            self.lookups.remove(&id);
+            hood.running -= 1;
+            if hood.running == 0 {
+                let hood = self.neighbourhoods.remove(&lookup).expect("just found");
+                let _ = hood.reply.send(hood.found.into_iter().collect());
             }
         }
     }

@@ -1130,10 +1130,29 @@ async fn twenty_four_daemons_in_a_chain_serve_clients_told_of_one_of_them() -> R
     let input = add(&writer, corpus.clone(), 2).await?;
     let blocks = writer.blocks().stat(input).await?.blocks;
     writer.shutdown().await;
+    let ids: Vec<Vec<u8>> = cluster.daemons().map(|d| d.peer_id().to_bytes()).collect();
     // Read, counted and run through clients told only of the last daemon, or the middle one.
     for i in [23, 12] {
         let reader = cluster.client_of(vec![addrs[i].clone()]);
         reader.peers().wait_for(1).await?;
+        // Kademlia's lookups over the daemons' routing tables find each key's neighbourhood,
+        // the placement rule's candidates, as the rule computes it from every daemon.
+        let net = reader.net(1).await?;
+        for g in 0..6u64 {
+            let key = *p2pmr_protocol::Block::raw(g.to_le_bytes().to_vec()).cid();
+            let mut found: Vec<Vec<u8>> = net
+                .neighbourhood(key)
+                .await?
+                .iter()
+                .map(|p| p.to_bytes())
+                .collect();
+            found.sort();
+            assert_eq!(
+                found,
+                neighbourhood(&key, &ids),
+                "key {g} through daemon {i}"
+            );
+        }
         assert_eq!(cat_all(&reader, input).await?, corpus, "through daemon {i}");
         let stat = reader.blocks().stat(input).await?;
         assert_eq!(
@@ -1164,6 +1183,25 @@ async fn twenty_four_daemons_in_a_chain_serve_clients_told_of_one_of_them() -> R
     }
     cluster.stop().await;
     Ok(())
+}
+
+/// The peers closest to either of `key`'s two places in Kademlia's keyspace, from every
+/// peer's position: the neighbourhood a lookup should find.
+fn neighbourhood(key: &Cid, peers: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    use p2pmr_protocol::wire::{
+        keyspace_distance, keyspace_keys, keyspace_position, NEIGHBOURHOOD,
+    };
+    let mut hood = Vec::new();
+    for place in keyspace_keys(key) {
+        let at = keyspace_position(&place);
+        let mut by_distance = peers.to_vec();
+        by_distance.sort_by_key(|p| keyspace_distance(&keyspace_position(p), &at));
+        by_distance.truncate(NEIGHBOURHOOD);
+        hood.extend(by_distance);
+    }
+    hood.sort();
+    hood.dedup();
+    hood
 }
 
 /// Map tasks of a job that started, and those whose outputs were reused from the workers'
