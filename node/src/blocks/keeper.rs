@@ -21,16 +21,25 @@
 //! Trade-offs. A census costs one `Has` per daemon per 4096 blocks, and runs only when
 //! something changed (daemons came or went, new targets, a holder stopped answering or passed
 //! its grace period) or once a minute.
-//! A daemon that comes back after its blocks were copied leaves them over-replicated; extra
-//! copies are harmless and are not removed. A freshly started keeper waits one grace period
-//! before copying anything, because it cannot yet tell a daemon that is down for a moment from
-//! one that is gone.
+//! A freshly started keeper waits one grace period before copying anything, because it
+//! cannot yet tell a daemon that is down for a moment from one that is gone.
+//!
+//! Moves. When daemons join, a group's candidates (the first [`CHOICES`] × target of its
+//! placement ranking) change, and copies may find themselves outside them. Once nothing is
+//! short, a holder outside copies its groups to candidates lacking them (at most
+//! [`MOVE_BLOCKS_PER_SEC`], so a join does not take the disks and network from the jobs),
+//! and drops its copy once enough candidates hold it (see [`plan_moves`] for the rule that
+//! keeps daemons with different views from dropping each other's copies). Readers find a
+//! block while it moves: the old holder keeps it until the new ones have it, and a reader
+//! asks every daemon after the likely holders. A daemon that comes back after its blocks
+//! were copied elsewhere finds the extra copies dropped the same way, by whichever holders
+//! are outside the candidates.
 
 use crate::blocks::{self, Placed, Proved};
 use crate::net::NetClient;
 use crate::repo::store::BlockStore;
 use libp2p::PeerId;
-use p2pmr_protocol::wire::rank_peers;
+use p2pmr_protocol::wire::{rank_peers, CHOICES};
 use p2pmr_protocol::Cid;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -49,6 +58,13 @@ const CENSUS_EVERY: Duration = Duration::from_secs(60);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Blocks copied at once.
 const COPIES_IN_FLIGHT: usize = 16;
+/// Blocks an audit picks at most, when the daemon audited says it dropped the ones picked.
+const AUDIT_PICKS: usize = 3;
+/// Blocks a second that moves toward their placement may copy (about 32 MiB/s of full
+/// chunks), so a join does not take a daemon's disk and network from the jobs.
+const MOVE_BLOCKS_PER_SEC: f64 = 128.0;
+/// The longest pause whose unused allowance a round of moves may catch up on.
+const MOVE_BURST: Duration = Duration::from_secs(2);
 /// Set in a replica log record's target byte when a placement group follows the CID.
 const GROUP_FLAG: u8 = 0x80;
 
@@ -217,6 +233,10 @@ impl Keeper {
         let mut last: Option<(u64, BTreeSet<PeerId>, Instant)> = None;
         // Daemons that failed an audit: not believed again.
         let mut distrusted: HashSet<PeerId> = HashSet::new();
+        // When copies toward their placement were last made (the rate is held from it), and
+        // when to look again at copies others are moving.
+        let mut moved_at = Instant::now();
+        let mut recheck: Option<Instant> = None;
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -256,6 +276,7 @@ impl Keeper {
                         || answers.len() < before
                         || answers.values().any(|a| !a.answering)
                         || at.elapsed() >= CENSUS_EVERY
+                        || recheck.is_some_and(|t| now >= t)
                 }
             };
             if targets.is_empty() || !due {
@@ -278,7 +299,7 @@ impl Keeper {
             let mut fresh = Vec::new();
             for (&peer, held) in live.iter().zip(asked) {
                 let held = match held {
-                    Some(held) => match audit(&net, &store, peer, &held).await {
+                    Some(mut held) => match audit(&net, &store, peer, &mut held).await {
                         Some(true) => Some(held),
                         Some(false) => {
                             tracing::warn!(
@@ -325,7 +346,30 @@ impl Keeper {
             if copied > 0 {
                 tracing::info!("copied {copied} under-replicated block(s) to other daemons");
             }
-            if copied > 0 || waiting {
+            // Copies outside their candidates move once nothing is short, at a bounded rate.
+            let mut moving = false;
+            if copied == 0 && !waiting {
+                let moves = plan_moves(me, &mine, &answers, &fresh, (census_at, grace));
+                // Others are moving what is held here too: look again once they may have.
+                recheck = moves.waiting.then(|| census_at + grace);
+                let allowed = (MOVE_BLOCKS_PER_SEC * moved_at.elapsed().as_secs_f64())
+                    .min(MOVE_BLOCKS_PER_SEC * MOVE_BURST.as_secs_f64())
+                    as usize;
+                moving = !moves.copies.is_empty();
+                if moving && allowed > 0 {
+                    moved_at = Instant::now();
+                    let batch: Vec<Copy> = moves.copies.into_iter().take(allowed).collect();
+                    let moved = copy(&net, &store, batch).await;
+                    if moved > 0 {
+                        tracing::info!("copied {moved} block(s) toward their placement");
+                    }
+                }
+                let dropped = drop_copies(&store, moves.drops).await;
+                if dropped > 0 {
+                    tracing::info!("dropped {dropped} block(s) held in place by other daemons");
+                }
+            }
+            if copied > 0 || waiting || moving {
                 // Look again next tick: to confirm the counts after copying (and finish if
                 // some copies failed), or to take the second look at short blocks.
                 last = None;
@@ -358,27 +402,42 @@ struct Answer {
 /// Asks `peer` to prove it holds one of `held` (which this daemon holds too), picked at
 /// random: `Some(true)` if it did, `Some(false)` if it answered anything else, `None` if it
 /// did not answer in time. Nothing claimed, nothing to prove.
+///
+/// A daemon may drop a copy between saying it holds it and the proof (moves drop copies held
+/// in place by others): one that answers "not found" is asked again whether it holds the
+/// block, and if it says no, the block leaves its claims and another is picked.
 async fn audit(
     net: &NetClient,
     store: &BlockStore,
     peer: PeerId,
-    held: &HashSet<Cid>,
+    held: &mut HashSet<Cid>,
 ) -> Option<bool> {
-    if held.is_empty() {
-        return Some(true);
+    for _ in 0..AUDIT_PICKS {
+        if held.is_empty() {
+            return Some(true);
+        }
+        let pick = blocks::random_u64() as usize % held.len();
+        let cid = *held.iter().nth(pick).expect("in range");
+        let store = store.clone();
+        let block = tokio::task::spawn_blocking(move || store.get(&cid))
+            .await
+            .ok()?
+            .ok()?;
+        match timeout(ANSWER_TIMEOUT, blocks::challenge(net, peer, &block)).await {
+            Ok(Proved::Yes) => return Some(true),
+            Ok(Proved::No(_)) => return Some(false),
+            Ok(Proved::NoAnswer(_)) | Err(_) => return None,
+            Ok(Proved::Gone) => match ask(net, peer, &[cid]).await {
+                Some(still) if still.contains(&cid) => return Some(false),
+                Some(_) => {
+                    held.remove(&cid);
+                }
+                None => return None,
+            },
+        }
     }
-    let pick = blocks::random_u64() as usize % held.len();
-    let cid = *held.iter().nth(pick).expect("in range");
-    let store = store.clone();
-    let block = tokio::task::spawn_blocking(move || store.get(&cid))
-        .await
-        .ok()?
-        .ok()?;
-    match timeout(ANSWER_TIMEOUT, blocks::challenge(net, peer, &block)).await {
-        Ok(Proved::Yes) => Some(true),
-        Ok(Proved::No(_)) => Some(false),
-        Ok(Proved::NoAnswer(_)) | Err(_) => None,
-    }
+    // Every pick was dropped meanwhile: nothing shows it lies, nothing shows it holds.
+    None
 }
 
 /// Asks `peer` which of `cids` it holds; `None` if it does not answer in time.
@@ -466,6 +525,137 @@ fn plan(
     (copies, waiting)
 }
 
+/// What to do about this daemon's copies outside their group's candidates: copies to make
+/// toward the candidates, and blocks whose copy here is no longer needed.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Moves {
+    copies: Vec<Copy>,
+    drops: Vec<Cid>,
+    /// Some block is held here outside its candidates with nothing for this daemon to do
+    /// yet (another holder is copying it, or it may be dropped once they have).
+    waiting: bool,
+}
+
+/// Whether `a` comes before `b` in `key`'s rendezvous order: an order of any two daemons that
+/// does not depend on which others a daemon knows.
+fn outranks(key: &Cid, a: PeerId, b: PeerId) -> bool {
+    let pair = [Placed::new(a), Placed::new(b)];
+    rank_peers(key, &pair)[0].id == a
+}
+
+/// Moves toward the placement rule's current choice, after daemons joined: for each block
+/// this daemon (`me`) holds whose group's candidates (the first [`CHOICES`] × target of the
+/// ranking over the daemons that answered the latest census, `fresh`) no longer include it.
+///
+/// - While fewer than the target of the candidates hold the block, the first of its holders
+///   outside the candidates (by the group's ranking) copies it to the first candidates
+///   lacking it, so a group's blocks go to the same daemons whichever round moves them.
+/// - Once at least the target of them hold it, this daemon drops its copy, but only counting
+///   holders that come before it in the group's rendezvous order ([`outranks`]). Daemons
+///   that know different sets of daemons may each think the other is a candidate; with this
+///   rule no two holders can each count the other, so the target's worth of holders first in
+///   that order are never dropped, whatever each daemon knows.
+///
+/// Blocks noted less than `settle` ago are left alone for now (an add or a copy may be under
+/// way), and so are blocks short of their target, which [`plan`] copies.
+fn plan_moves(
+    me: PeerId,
+    mine: &[Want],
+    answers: &HashMap<PeerId, Answer>,
+    fresh: &[PeerId],
+    (now, settle): (Instant, Duration),
+) -> Moves {
+    let mut moves = Moves::default();
+    let mut live: Vec<Placed> = fresh.iter().map(|p| Placed::new(*p)).collect();
+    if !fresh.contains(&me) {
+        live.push(Placed::new(me));
+    }
+    for &Want {
+        cid,
+        target,
+        noted,
+        group,
+    } in mine
+    {
+        let target = usize::from(target);
+        let key = group.unwrap_or(cid);
+        let ranked = blocks::placement(&key, &live);
+        let candidates = &ranked[..ranked.len().min(CHOICES * target)];
+        if candidates.contains(&me) {
+            continue;
+        }
+        if now.duration_since(noted) < settle {
+            moves.waiting = true;
+            continue;
+        }
+        let holds = |p: &PeerId| answers.get(p).is_some_and(|a| a.held.contains(&cid));
+        let holders: Vec<PeerId> = fresh.iter().filter(|p| holds(p)).copied().collect();
+        if holders.len() + 1 < target {
+            // Short of its target: the keeper's copies come first.
+            continue;
+        }
+        let placed: Vec<PeerId> = holders
+            .iter()
+            .filter(|p| candidates.contains(p))
+            .copied()
+            .collect();
+        if placed.len() >= target {
+            if placed.iter().filter(|p| outranks(&key, **p, me)).count() >= target {
+                moves.drops.push(cid);
+            }
+            continue;
+        }
+        moves.waiting = true;
+        let mut outside = vec![Placed::new(me)];
+        outside.extend(
+            holders
+                .iter()
+                .filter(|p| !candidates.contains(p))
+                .map(|p| Placed::new(*p)),
+        );
+        // One copier per group, and the same daemons for all its blocks whichever round
+        // copies them: the first candidates lacking it, by rank.
+        if rank_peers(&key, &outside)[0].id != me {
+            continue;
+        }
+        let to: Vec<PeerId> = candidates
+            .iter()
+            .filter(|p| !holders.contains(p))
+            .take(target - placed.len())
+            .copied()
+            .collect();
+        if !to.is_empty() {
+            moves.copies.push(Copy {
+                cid,
+                more: to.len(),
+                to,
+                target: target as u8,
+                group,
+            });
+        }
+    }
+    moves
+}
+
+/// Deletes this daemon's copies of `drops`; returns how many were deleted.
+async fn drop_copies(store: &BlockStore, drops: Vec<Cid>) -> usize {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        drops
+            .iter()
+            .filter(|cid| match store.delete(cid) {
+                Ok(deleted) => deleted,
+                Err(e) => {
+                    tracing::warn!("cannot drop {cid}: {e}");
+                    false
+                }
+            })
+            .count()
+    })
+    .await
+    .unwrap_or(0)
+}
+
 /// Makes the planned copies, [`COPIES_IN_FLIGHT`] at a time; returns how many blocks reached
 /// at least one new daemon.
 async fn copy(net: &NetClient, store: &BlockStore, plan: Vec<Copy>) -> usize {
@@ -528,6 +718,9 @@ async fn copy(net: &NetClient, store: &BlockStore, plan: Vec<Copy>) -> usize {
 mod tests {
     use super::*;
     use p2pmr_protocol::block::Block;
+    use p2pmr_protocol::wire::{
+        keyspace_distance, keyspace_keys, keyspace_position, NEIGHBOURHOOD,
+    };
 
     /// An answer given at `at`.
     fn answer(held: &[Cid], at: Instant) -> Answer {
@@ -664,5 +857,152 @@ mod tests {
             (vec![], false)
         );
         assert!(short.is_empty());
+    }
+
+    /// What each of `holders` (indexes into `peers`) would do about `cid` (target 2), each
+    /// knowing the daemons `knows(holder)` and that the holders hold it.
+    fn moves_of(
+        peers: &[PeerId],
+        cid: Cid,
+        holders: &[usize],
+        knows: impl Fn(usize) -> Vec<usize>,
+    ) -> Vec<Moves> {
+        let settle = Duration::from_secs(1);
+        let noted = Instant::now();
+        let t0 = noted + settle;
+        holders
+            .iter()
+            .map(|&me| {
+                let fresh: Vec<PeerId> = knows(me)
+                    .into_iter()
+                    .filter(|&p| p != me)
+                    .map(|p| peers[p])
+                    .collect();
+                let answers: HashMap<PeerId, Answer> = fresh
+                    .iter()
+                    .map(|p| {
+                        let held = holders.iter().any(|&h| peers[h] == *p);
+                        let held: &[Cid] = if held {
+                            std::slice::from_ref(&cid)
+                        } else {
+                            &[]
+                        };
+                        (*p, answer(held, t0))
+                    })
+                    .collect();
+                plan_moves(
+                    peers[me],
+                    &wants(&[cid], 2, noted),
+                    &answers,
+                    &fresh,
+                    (t0, settle),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn copies_outside_their_candidates_move_to_them_and_then_are_dropped() {
+        let peers: Vec<PeerId> = (0..8).map(|_| PeerId::random()).collect();
+        let everyone = |_| (0..8).collect::<Vec<_>>();
+        let all: Vec<Placed> = peers.iter().map(|p| Placed::new(*p)).collect();
+        for i in 0..40u32 {
+            let cid = *Block::raw(i.to_le_bytes().to_vec()).cid();
+            // The ranking's indexes: the first four are the candidates (two copies).
+            let ranked: Vec<usize> = blocks::placement(&cid, &all)
+                .iter()
+                .map(|p| peers.iter().position(|q| q == p).unwrap())
+                .collect();
+            let (c, out) = (&ranked[..4], &ranked[4..]);
+            // In place: nobody moves anything.
+            for m in moves_of(&peers, cid, &[c[0], c[3]], everyone) {
+                assert_eq!(m, Moves::default());
+            }
+            // Both copies outside (daemons joined): the first of the two by the block's
+            // ranking copies it to two candidates; neither drops it yet.
+            let held = [out[1], out[3]];
+            let moves = moves_of(&peers, cid, &held, everyone);
+            let pair = [Placed::new(peers[out[1]]), Placed::new(peers[out[3]])];
+            let copier = rank_peers(&cid, &pair)[0].id;
+            for (m, &h) in moves.iter().zip(&held) {
+                assert!(m.drops.is_empty());
+                if peers[h] == copier {
+                    assert_eq!(m.copies.len(), 1);
+                    assert_eq!(m.copies[0].more, 2);
+                    let to: Vec<PeerId> = c[..2].iter().map(|&p| peers[p]).collect();
+                    assert_eq!(m.copies[0].to, to);
+                } else {
+                    assert!(m.copies.is_empty());
+                }
+            }
+            // One candidate has it: one more copy.
+            let moves = moves_of(&peers, cid, &[c[2], out[0]], everyone);
+            assert_eq!(moves[0], Moves::default());
+            assert_eq!(moves[1].copies.len(), 1);
+            assert_eq!(moves[1].copies[0].more, 1);
+            assert_eq!(moves[1].copies[0].to, [peers[c[0]]]);
+            // Two candidates have it: the copies outside them are dropped, and only those.
+            let moves = moves_of(&peers, cid, &[c[1], c[2], out[0], out[2]], everyone);
+            let dropped: Vec<bool> = moves.iter().map(|m| m.drops == [cid]).collect();
+            assert_eq!(dropped, [false, false, true, true]);
+            assert!(moves.iter().all(|m| m.copies.is_empty()));
+            // Short of its target: left to the keeper's copies.
+            assert_eq!(
+                moves_of(&peers, cid, &[out[0]], everyone)[0],
+                Moves::default()
+            );
+        }
+    }
+
+    #[test]
+    fn holders_that_know_different_daemons_never_drop_each_others_copies() {
+        // Past 20 daemons a group's candidates come from its keyspace neighbourhood, which
+        // depends on whom a daemon knows. Build the case: A and C are the first two of the
+        // ranking over all 100 daemons; B is outside the neighbourhood but comes before A in
+        // rendezvous order. B, knowing everyone, sees A and C as candidates holding the block;
+        // A, knowing only B, C and two more daemons before it, sees B and C as candidates.
+        // Each could count the other and drop; only one may.
+        let peers: Vec<PeerId> = (0..100).map(|_| PeerId::random()).collect();
+        let all: Vec<Placed> = peers.iter().map(|p| Placed::new(*p)).collect();
+        let index = |p: &PeerId| peers.iter().position(|q| q == p).unwrap();
+        let mut cases = 0;
+        for i in 0..200u32 {
+            let cid = *Block::raw(i.to_le_bytes().to_vec()).cid();
+            let ranked: Vec<usize> = blocks::placement(&cid, &all).iter().map(index).collect();
+            let (c, a) = (ranked[0], ranked[1]);
+            // Outside the neighbourhood (the 20 closest to either of its places), before A
+            // in rendezvous order.
+            let mut hood = HashSet::new();
+            for place in keyspace_keys(&cid) {
+                let at = keyspace_position(&place);
+                let mut by_distance: Vec<usize> = (0..100).collect();
+                by_distance.sort_by_key(|&p| {
+                    keyspace_distance(&keyspace_position(&peers[p].to_bytes()), &at)
+                });
+                hood.extend(by_distance.into_iter().take(NEIGHBOURHOOD));
+            }
+            let before_a: Vec<usize> = ranked
+                .iter()
+                .copied()
+                .filter(|p| !hood.contains(p) && outranks(&cid, peers[*p], peers[a]))
+                .collect();
+            let [b, x, y, ..] = before_a[..] else {
+                continue;
+            };
+            cases += 1;
+            let everyone: Vec<usize> = (0..100).collect();
+            let views = |me: usize| {
+                if me == a {
+                    vec![b, c, x, y]
+                } else {
+                    everyone.clone()
+                }
+            };
+            let moves = moves_of(&peers, cid, &[a, b, c], views);
+            let dropped: Vec<bool> = moves.iter().map(|m| m.drops == [cid]).collect();
+            // A counts B and C (both before it); B may not count A.
+            assert_eq!(dropped, [true, false, false], "block {i}");
+        }
+        assert!(cases >= 10, "{cases}");
     }
 }

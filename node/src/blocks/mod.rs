@@ -275,6 +275,7 @@ async fn prove(net: &NetClient, samples: &[(PeerId, Block)]) -> Result<(), Remot
         let reason = match challenge(net, *peer, block).await {
             Proved::Yes => return Ok(()),
             Proved::No(reason) | Proved::NoAnswer(reason) => reason,
+            Proved::Gone => describe(&BlockResponse::NotFound),
         };
         net.ban(*peer).await;
         Err(RemoteError::NoProof {
@@ -290,8 +291,10 @@ async fn prove(net: &NetClient, samples: &[(PeerId, Block)]) -> Result<(), Remot
 pub(crate) enum Proved {
     /// It proved it.
     Yes,
-    /// It answered something else (a wrong proof, not found, a refusal).
+    /// It answered something else (a wrong proof, a refusal).
     No(String),
+    /// It answered that it does not hold the block.
+    Gone,
     /// It did not answer.
     NoAnswer(String),
 }
@@ -303,6 +306,7 @@ pub(crate) async fn challenge(net: &NetClient, peer: PeerId, block: &Block) -> P
     match patiently(net, peer, || BlockRequest::Prove { cid, nonce }).await {
         Ok(BlockResponse::Proof(p)) if p == proof(&nonce, block.data()) => Proved::Yes,
         Ok(BlockResponse::Proof(_)) => Proved::No("a wrong proof".into()),
+        Ok(BlockResponse::NotFound) => Proved::Gone,
         Ok(other) => Proved::No(describe(&other)),
         Err(e) => Proved::NoAnswer(e.to_string()),
     }
@@ -1389,6 +1393,10 @@ pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError>
                     Proved::No(why) | Proved::NoAnswer(why) => {
                         Some(format!("asked to prove it holds {pick}, it answered {why}"))
                     }
+                    Proved::Gone => Some(format!(
+                        "asked to prove it holds {pick}, it answered {}",
+                        describe(&BlockResponse::NotFound)
+                    )),
                 },
             };
             (peer, held, n, doubt)

@@ -120,6 +120,100 @@ async fn adds_spread_evenly_and_keep_a_files_consecutive_groups_together() -> Re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_move_to_the_daemons_that_join_and_readers_find_them_meanwhile() -> Result<()> {
+    // 16 placement groups (8 leaves of 4 KiB each), 2 copies, on 3 daemons: every daemon is
+    // a candidate for every group (its first 4 ranked).
+    let grace = Duration::from_secs(1);
+    let mut cluster = linked_with_grace(3, grace).await?;
+    let layout = p2pmr_protocol::unixfs::Layout::new(4096, 8)?;
+    let bytes = data(16 * 8 * 4096, 4001);
+    let writer = client(&cluster, 3).await?;
+    let added = writer
+        .blocks()
+        .add_as(Cursor::new(bytes.clone()), Replicas::network(2), layout)
+        .await?;
+    let whole = tempfile::tempdir()?;
+    let store = p2pmr_node::BlockStore::open(whole.path())?;
+    writer.blocks().copy_into(added.root, &store).await?;
+    writer.shutdown().await;
+    let groups = p2pmr_node::blocks::placement_groups(&store, &[added.root]);
+    let cids: Vec<p2pmr_protocol::Cid> = store.list().collect::<Result<_, _>>()?;
+    let on = |cluster: &Cluster, cid| -> Vec<usize> {
+        (0..cluster.daemons().count())
+            .filter(|&i| cluster.daemon(i).repo().blocks().has(cid))
+            .collect()
+    };
+    for (leaf, group) in &groups {
+        assert_eq!(
+            on(&cluster, leaf),
+            on(&cluster, group),
+            "leaf {leaf} of group {group}"
+        );
+    }
+
+    // Five daemons join: a group's candidates are now 4 of 8.
+    let mut config = loopback(cluster.addrs());
+    config.grace = grace;
+    for _ in 0..5 {
+        cluster.add(config.clone()).await?;
+    }
+    cluster.wait_linked().await?;
+    let ids: Vec<Vec<u8>> = cluster.daemons().map(|d| d.peer_id().to_bytes()).collect();
+    // Where each block is, and where it should be: on 2 of its group's first 4 ranked.
+    let misplaced = || -> Vec<String> {
+        cids.iter()
+            .filter_map(|cid| {
+                let key = groups.get(cid).unwrap_or(cid);
+                let candidates = &wire::rank_peers(key, &ids)[..4];
+                let on: Vec<usize> = (0..8)
+                    .filter(|&i| cluster.daemon(i).repo().blocks().has(cid))
+                    .collect();
+                let placed = on.len() >= 2 && on.iter().all(|&i| candidates.contains(&&ids[i]));
+                let want: Vec<usize> = candidates
+                    .iter()
+                    .map(|c| ids.iter().position(|i| i == *c).unwrap())
+                    .collect();
+                (!placed).then(|| format!("{cid} (of {key}) on {on:?}, candidates {want:?}"))
+            })
+            .collect()
+    };
+    let before = misplaced().len();
+    assert!(before > 0, "the joins left every block in place");
+
+    // A reader finds every block while they move.
+    let reader = client(&cluster, 8).await?;
+    assert_eq!(cat_all(&reader, added.root).await?, bytes);
+    let moved = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let left = misplaced();
+            if left.is_empty() {
+                return;
+            }
+            assert_eq!(cat_all(&reader, added.root).await.unwrap(), bytes);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(moved.is_ok(), "still misplaced: {:?}", misplaced());
+    // A group's leaves moved together, and the new daemons hold their share.
+    for (leaf, group) in &groups {
+        assert_eq!(
+            on(&cluster, leaf),
+            on(&cluster, group),
+            "leaf {leaf} of group {group}"
+        );
+    }
+    let newcomers: u64 = (3..8)
+        .map(|i| cluster.daemon(i).repo().blocks().stats().unwrap().blocks)
+        .sum();
+    assert!(newcomers > 0);
+    assert_eq!(cat_all(&reader, added.root).await?, bytes);
+    reader.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_cat_stat_and_survive_a_dead_peer() -> Result<()> {
     let mut cluster = unlinked(3).await?;
     let bytes = data(5 * 262_144 + 17, 7);
