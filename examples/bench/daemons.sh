@@ -3,13 +3,14 @@
 # exit trap kills).
 
 # start_daemon NAME [GLOBAL ARGS...]: a daemon with its repository at $work/NAME, on
-# 127.0.0.1 (TCP, or the address in `listen` if set) without mDNS or HTTP API, its output in
-# $work/NAME.out; returns once it listens.
+# 127.0.0.1 (TCP, or the address in `listen` if set) without mDNS or HTTP API, and the
+# daemon options in the array `daemon_args` if set, its output in $work/NAME.out; returns
+# once it listens.
 start_daemon() {
     local name=$1
     shift
     "$bin" --home "$work/$name" --no-mdns "$@" daemon --listen "${listen:-/ip4/127.0.0.1/tcp/0}" \
-        --api off >"$work/$name.out" 2>"$work/$name.err" &
+        --api off ${daemon_args[@]+"${daemon_args[@]}"} >"$work/$name.out" 2>"$work/$name.err" &
     pids+=($!)
     for _ in $(seq 400); do
         grep -q "^listening on" "$work/$name.out" 2>/dev/null && return
