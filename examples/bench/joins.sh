@@ -41,6 +41,8 @@ while :; do
 done
 echo "moved in $(secs "$joined" "$(now)") s; MiB held each: $(held)"
 client stat "$cid"
+# Each daemon's address (its peer id) and MiB held, to check the candidates by hand.
+for i in $(seq "$n"); do echo "d$i $(addr "d$i") $(du -sm "$work/d$i" | cut -f1)"; done
 client run --job wordcount --input "$cid" --reducers 2 --json | python3 -c 'import json,sys,collections
 maps = collections.Counter()
 for l in sys.stdin:
