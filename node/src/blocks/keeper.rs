@@ -35,7 +35,7 @@
 //! were copied elsewhere finds the extra copies dropped the same way, by whichever holders
 //! are outside the candidates.
 
-use crate::blocks::{self, Placed, Proved};
+use crate::blocks::{self, Placed, Proved, AUDIT_PICKS};
 use crate::net::NetClient;
 use crate::repo::store::BlockStore;
 use libp2p::PeerId;
@@ -58,8 +58,6 @@ const CENSUS_EVERY: Duration = Duration::from_secs(60);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Blocks copied at once.
 const COPIES_IN_FLIGHT: usize = 16;
-/// Blocks an audit picks at most, when the daemon audited says it dropped the ones picked.
-const AUDIT_PICKS: usize = 3;
 /// Blocks a second that moves toward their placement may copy (about 32 MiB/s of full
 /// chunks), so a join does not take a daemon's disk and network from the jobs.
 const MOVE_BLOCKS_PER_SEC: f64 = 128.0;
@@ -349,7 +347,7 @@ impl Keeper {
             // Copies outside their candidates move once nothing is short, at a bounded rate.
             let mut moving = false;
             if copied == 0 && !waiting {
-                let moves = plan_moves(me, &mine, &answers, &fresh, (census_at, grace));
+                let moves = plan_moves(me, &mine, &answers, (&fresh, &live), (census_at, grace));
                 // Others are moving what is held here too: look again once they may have.
                 recheck = moves.waiting.then(|| census_at + grace);
                 let allowed = (MOVE_BLOCKS_PER_SEC * moved_at.elapsed().as_secs_f64())
@@ -545,7 +543,10 @@ fn outranks(key: &Cid, a: PeerId, b: PeerId) -> bool {
 
 /// Moves toward the placement rule's current choice, after daemons joined: for each block
 /// this daemon (`me`) holds whose group's candidates (the first [`CHOICES`] × target of the
-/// ranking over the daemons that answered the latest census, `fresh`) no longer include it.
+/// ranking over the connected daemons, `live`) no longer include it. Only the daemons that
+/// answered the latest census (`fresh`) count as holders; ranking all connected daemons, not
+/// just those, keeps a slow answer from changing the candidates between rounds (a group's
+/// blocks copied in two rounds would go to different daemons).
 ///
 /// - While fewer than the target of the candidates hold the block, the first of its holders
 ///   outside the candidates (by the group's ranking) copies it to the first candidates
@@ -562,14 +563,18 @@ fn plan_moves(
     me: PeerId,
     mine: &[Want],
     answers: &HashMap<PeerId, Answer>,
-    fresh: &[PeerId],
+    (fresh, live): (&[PeerId], &BTreeSet<PeerId>),
     (now, settle): (Instant, Duration),
 ) -> Moves {
     let mut moves = Moves::default();
-    let mut live: Vec<Placed> = fresh.iter().map(|p| Placed::new(*p)).collect();
-    if !fresh.contains(&me) {
-        live.push(Placed::new(me));
-    }
+    let live: Vec<Placed> = live
+        .iter()
+        .chain(fresh)
+        .chain([&me])
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .map(|p| Placed::new(*p))
+        .collect();
     for &Want {
         cid,
         target,
@@ -890,11 +895,12 @@ mod tests {
                         (*p, answer(held, t0))
                     })
                     .collect();
+                let live: BTreeSet<PeerId> = fresh.iter().copied().collect();
                 plan_moves(
                     peers[me],
                     &wants(&[cid], 2, noted),
                     &answers,
-                    &fresh,
+                    (&fresh, &live),
                     (t0, settle),
                 )
             })

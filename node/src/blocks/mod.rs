@@ -462,6 +462,9 @@ pub(crate) fn placement(key: &Cid, daemons: &[Placed]) -> Vec<PeerId> {
     rank_peers(key, daemons).into_iter().map(|d| d.id).collect()
 }
 
+/// Blocks an audit picks at most, when the daemon audited says it dropped the ones picked.
+pub(crate) const AUDIT_PICKS: usize = 3;
+
 /// How long a reader waits for a neighbourhood lookup, and then for the daemons it found to
 /// be connected and admitted.
 const LOOKUP_WAIT: Duration = Duration::from_secs(5);
@@ -1376,30 +1379,41 @@ pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError>
     let audits = daemons.into_iter().map(|peer| {
         let all = &all;
         async move {
-            let held = held_by(net, peer, all).await.unwrap_or_else(|| {
-                tracing::warn!("{peer} did not answer which blocks it holds");
-                HashSet::new()
-            });
-            let claimed: Vec<&Cid> = all.iter().filter(|c| held.contains(c)).collect();
-            let n = claimed.len() as u64;
-            if claimed.is_empty() {
-                return (peer, held, n, None);
+            // A daemon may drop a copy between saying it holds it and the proof (moves drop
+            // copies held in place by others): one that answers "not found" is asked again
+            // whether it holds the block; if it still says so it is not believed, else it is
+            // asked again what it holds and audited on that.
+            for _ in 0..AUDIT_PICKS {
+                let held = held_by(net, peer, all).await.unwrap_or_else(|| {
+                    tracing::warn!("{peer} did not answer which blocks it holds");
+                    HashSet::new()
+                });
+                let claimed: Vec<&Cid> = all.iter().filter(|c| held.contains(c)).collect();
+                let n = claimed.len() as u64;
+                if claimed.is_empty() {
+                    return (peer, held, n, None);
+                }
+                let pick = *claimed[(random_u64() % claimed.len() as u64) as usize];
+                let doubt = match fetcher.fetch(pick).await {
+                    Err(e) => Some(format!("its block {pick} could not be read to check: {e}")),
+                    Ok(block) => match challenge(net, peer, &block).await {
+                        Proved::Yes => None,
+                        Proved::No(why) | Proved::NoAnswer(why) => {
+                            Some(format!("asked to prove it holds {pick}, it answered {why}"))
+                        }
+                        Proved::Gone => match held_by(net, peer, &[pick]).await {
+                            Some(still) if still.is_empty() => continue,
+                            _ => Some(format!(
+                                "asked to prove it holds {pick}, it answered {}",
+                                describe(&BlockResponse::NotFound)
+                            )),
+                        },
+                    },
+                };
+                return (peer, held, n, doubt);
             }
-            let pick = *claimed[(random_u64() % claimed.len() as u64) as usize];
-            let doubt = match fetcher.fetch(pick).await {
-                Err(e) => Some(format!("its block {pick} could not be read to check: {e}")),
-                Ok(block) => match challenge(net, peer, &block).await {
-                    Proved::Yes => None,
-                    Proved::No(why) | Proved::NoAnswer(why) => {
-                        Some(format!("asked to prove it holds {pick}, it answered {why}"))
-                    }
-                    Proved::Gone => Some(format!(
-                        "asked to prove it holds {pick}, it answered {}",
-                        describe(&BlockResponse::NotFound)
-                    )),
-                },
-            };
-            (peer, held, n, doubt)
+            let why = "every block it was asked to prove, it no longer held".to_string();
+            (peer, HashSet::new(), 0, Some(why))
         }
     });
     let mut copies: HashMap<usize, u64> = HashMap::new();
