@@ -575,6 +575,8 @@ fn plan_moves(
         .into_iter()
         .map(|p| Placed::new(*p))
         .collect();
+    // A group's blocks share its ranking: rank each group once.
+    let mut rankings: HashMap<Cid, Vec<PeerId>> = HashMap::new();
     for &Want {
         cid,
         target,
@@ -584,7 +586,9 @@ fn plan_moves(
     {
         let target = usize::from(target);
         let key = group.unwrap_or(cid);
-        let ranked = blocks::placement(&key, &live);
+        let ranked = rankings
+            .entry(key)
+            .or_insert_with(|| blocks::placement(&key, &live));
         let candidates = &ranked[..ranked.len().min(CHOICES * target)];
         if candidates.contains(&me) {
             continue;
