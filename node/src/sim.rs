@@ -9,12 +9,12 @@
 
 mod dht;
 
-use crate::blocks::Book;
+use crate::blocks::{placement, Book, Placed};
 use crate::engine::coordinator::schedule::{held, Action, PhaseState, Schedule, Skips, Tally};
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use p2pmr_protocol::engine::{Counters, JobResponse, MapOutput, TaskKind};
-use p2pmr_protocol::wire::{keyspace_keys, rank_peers, NEIGHBOURHOOD};
+use p2pmr_protocol::wire::{keyspace_keys, NEIGHBOURHOOD};
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -144,59 +144,55 @@ pub fn simulate(config: SimConfig) -> SimReport {
     let started = Instant::now();
     let every = groups.div_ceil(LOOKED_UP);
     let (mut hops, mut messages) = (Vec::with_capacity(groups), Vec::with_capacity(groups));
-    let (mut sampled, mut exact) = (0usize, 0usize);
+    let mut exact = 0usize;
     let ranks: Vec<Vec<usize>> = keys
         .iter()
         .enumerate()
         .map(|(g, key)| {
             let placer = (rng.next() % config.peers as u64) as usize;
-            let mut hood: Vec<Vec<u8>> = Vec::new();
+            let mut hood: Vec<usize> = Vec::new();
             for at in keyspace_keys(key) {
                 let want = NEIGHBOURHOOD.min(config.peers - 1);
-                if g % every != 0 {
-                    // Not a looked-up group: where a lookup would have led.
-                    for p in dht.truly_closest(&at, want + 1) {
-                        let bytes = peers[p].to_bytes();
-                        if p != placer && !hood.contains(&bytes) {
-                            hood.push(bytes);
-                        }
-                    }
-                    continue;
-                }
-                let found = dht.lookup(placer, &at, want);
-                hops.push(found.hops);
-                messages.push(found.messages);
-                {
-                    sampled += 1;
-                    // The placer never names itself: the truth without it.
-                    let mut truth: Vec<usize> = dht
-                        .truly_closest(&at, found.closest.len() + 1)
-                        .into_iter()
-                        .filter(|&p| p != placer)
-                        .take(found.closest.len())
-                        .collect();
+                // The closest to this place but the placer, who never names itself.
+                let truth: Vec<usize> = dht
+                    .truly_closest(&at, want + 1)
+                    .into_iter()
+                    .filter(|&p| p != placer)
+                    .take(want)
+                    .collect();
+                let found = if g % every == 0 {
+                    let found = dht.lookup(placer, &at, want);
+                    hops.push(found.hops);
+                    messages.push(found.messages);
+                    let mut expected = truth[..found.closest.len().min(truth.len())].to_vec();
                     let mut got = found.closest.clone();
-                    truth.sort_unstable();
+                    expected.sort_unstable();
                     got.sort_unstable();
-                    exact += usize::from(truth == got);
-                }
-                for p in found.closest {
-                    let bytes = peers[p].to_bytes();
-                    if !hood.contains(&bytes) {
-                        hood.push(bytes);
+                    exact += usize::from(expected == got);
+                    found.closest
+                } else {
+                    // Not a looked-up group: where a lookup would have led.
+                    truth
+                };
+                for p in found {
+                    if !hood.contains(&p) {
+                        hood.push(p);
                     }
                 }
             }
             // The placer is a peer too: it ranks itself among what it found.
-            let placer_bytes = peers[placer].to_bytes();
-            if !hood.contains(&placer_bytes) {
-                hood.push(placer_bytes);
+            if !hood.contains(&placer) {
+                hood.push(placer);
             }
-            rank_peers(key, &hood)
-                .into_iter()
-                .take(KEPT_RANKS)
-                .map(|b| index[&PeerId::from_bytes(b).expect("a peer id")])
-                .collect()
+            let hood: Vec<Placed> = hood.into_iter().map(|p| Placed::new(peers[p])).collect();
+            let mut kept = Vec::with_capacity(KEPT_RANKS);
+            kept.extend(
+                placement(key, &hood)
+                    .into_iter()
+                    .take(KEPT_RANKS)
+                    .map(|p| index[&p]),
+            );
+            kept
         })
         .collect();
     // The routing tables' sizes, from the first 200 peers.
@@ -207,7 +203,7 @@ pub fn simulate(config: SimConfig) -> SimReport {
         count: hops.len(),
         hops: (percentile(&mut hops, 0.5), percentile(&mut hops, 0.99)),
         messages: percentile(&mut messages, 0.5),
-        exact: exact as f64 / sampled.max(1) as f64,
+        exact: exact as f64 / hops.len().max(1) as f64,
         known,
     };
     // Groups placed one after another by one placer's book, as one add places them.
@@ -457,6 +453,7 @@ impl fmt::Display for SimReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use p2pmr_protocol::wire::rank_peers;
 
     #[test]
     fn the_placement_rules_neighbourhood_is_the_closest_peers_in_kademlias_keyspace() {

@@ -666,7 +666,7 @@ mod tests {
             }
         }
         let (by_rank, chosen) = (by_rank.iter().max(), chosen.iter().max());
-        // A mean of 10 copies: rank alone puts 18 on the fullest here, two choices 12.
+        // A mean of 10 copies: rank alone puts 20 on the fullest here, two choices 12.
         assert!(by_rank >= Some(&16), "{by_rank:?}");
         assert!(chosen <= Some(&12), "{chosen:?} {by_rank:?}");
     }
