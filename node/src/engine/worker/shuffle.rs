@@ -1,8 +1,8 @@
 //! The reduce side of the shuffle: each map task's run for a partition is a UnixFS file of
 //! ABI-encoded pairs sorted by key, held by its mapper; a reduce task streams every run
-//! (a bounded number of block fetches at a time, a couple of blocks buffered per run) and
-//! merges them into `(key, values)` groups for the executor, so a partition is never held
-//! whole in memory.
+//! (a window of block fetches per run, a bounded number in flight in all, a couple of blocks
+//! buffered per run) and merges them into `(key, values)` groups for the executor, so a
+//! partition is never held whole in memory.
 //!
 //! The fetching is async (the network); the merge runs on the reduce task's blocking thread
 //! and pulls decoded bytes from one bounded channel per run.
@@ -11,9 +11,9 @@ use crate::blocks::{Fetcher, RemoteError};
 use crate::engine::runtime::ValueIter;
 use libp2p::PeerId;
 use p2pmr_protocol::unixfs::FileReader;
-use p2pmr_protocol::Cid;
+use p2pmr_protocol::{Block, Cid};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Semaphore};
@@ -21,6 +21,19 @@ use tokio::sync::{mpsc, Semaphore};
 /// Blocks buffered per run between the fetcher and the merge (besides the one being merged):
 /// a reduce task holds about (1 + this) blocks per map task, so this is kept at one.
 const RUN_BUFFER: usize = 1;
+/// Bytes of run blocks a reduce task may have fetched ahead of its merge, over all its runs.
+const LOOK_AHEAD_BYTES: usize = 16 << 20;
+/// Most blocks fetched ahead for one run.
+const MAX_AHEAD: usize = 8;
+/// The size of a run's blocks (`run_layout`'s chunks), for the look-ahead's budget.
+const RUN_BLOCK: usize = 64 << 10;
+
+/// Blocks each of `runs` runs fetches ahead: a share of [`LOOK_AHEAD_BYTES`], at least one
+/// (so a task with thousands of map tasks still streams) and at most [`MAX_AHEAD`].
+fn look_ahead(runs: usize) -> usize {
+    (LOOK_AHEAD_BYTES / RUN_BLOCK / runs.max(1)).clamp(1, MAX_AHEAD)
+}
+
 /// Largest key or value accepted from a run (a run is another peer's output).
 const MAX_FIELD: usize = 256 << 20;
 
@@ -40,6 +53,7 @@ pub fn open_runs(
     missing: &MissingRuns,
 ) -> (Vec<RunStream>, Arc<AtomicU64>, tokio::task::JoinSet<()>) {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let ahead = look_ahead(runs.len());
     let remote_bytes = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     let mut streams = Vec::with_capacity(runs.len());
@@ -52,7 +66,8 @@ pub fn open_runs(
             missing.clone(),
         );
         tasks.spawn(async move {
-            let result = fetch_run(&fetcher, cid, holder, &permits, &remote_bytes, &tx).await;
+            let result =
+                fetch_run(&fetcher, cid, holder, ahead, &permits, &remote_bytes, &tx).await;
             if let Err(e) = result {
                 // Whatever the cause, running the map task again is a remedy.
                 missing.lock().expect("poisoned").push(cid);
@@ -73,20 +88,41 @@ async fn fetch_run(
     fetcher: &Fetcher,
     cid: Cid,
     holder: Option<PeerId>,
-    permits: &Semaphore,
+    ahead: usize,
+    permits: &Arc<Semaphore>,
     remote_bytes: &AtomicU64,
     tx: &mpsc::Sender<Result<Vec<u8>, String>>,
 ) -> Result<(), RemoteError> {
     let mut reader = FileReader::new(cid);
+    // Fetches already started, in the order the reader needs them. Each run keeps several in
+    // flight: one at a time, a run arrives at one block per round trip, and on a busy machine
+    // the round trips, not the merge, set the reduce's pace.
+    let mut inflight: VecDeque<(Cid, Fetching)> = VecDeque::new();
     while let Some(&next) = reader.next_needed() {
-        // Room in the run's buffer first, then the fetch: a run holds at most the block being
-        // merged and one more, however far ahead the network could run.
+        // The window is the next `ahead` blocks the reader needs; a fetch that fell out of it
+        // (the reader went down into a node) is dropped and started again when it is back.
+        let window: Vec<Cid> = reader.upcoming().take(ahead).copied().collect();
+        inflight.retain(|(c, _)| window.contains(c));
+        for upcoming in window {
+            if inflight.iter().any(|(c, _)| *c == upcoming) {
+                continue;
+            }
+            let (fetcher, permits) = (fetcher.clone(), permits.clone());
+            let task = tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await.expect("never closed");
+                fetcher.fetch_hinted(upcoming, holder).await
+            });
+            inflight.push_back((upcoming, Fetching(task)));
+        }
+        // Room in the run's buffer before taking the next block: a run holds the block being
+        // merged, one more, and the window's fetches.
         let Ok(slot) = tx.reserve().await else {
             return Ok(());
         };
-        let (block, remote) = {
-            let _permit = permits.acquire().await.expect("never closed");
-            fetcher.fetch_hinted(next, holder).await?
+        let started = inflight.iter().position(|(c, _)| *c == next);
+        let (block, remote) = match started.and_then(|i| inflight.remove(i)) {
+            Some((_, mut fetching)) => (&mut fetching.0).await.expect("fetch task panicked")?,
+            None => fetcher.fetch_hinted(next, holder).await?,
         };
         if remote {
             remote_bytes.fetch_add(block.len() as u64, Ordering::Relaxed);
@@ -104,6 +140,15 @@ async fn fetch_run(
         slot.send(Ok(bytes));
     }
     Ok(())
+}
+
+/// A block fetch running ahead of a run's reader, stopped if the run is dropped first.
+struct Fetching(tokio::task::JoinHandle<Result<(Block, bool), RemoteError>>);
+
+impl Drop for Fetching {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One run being read: decoded pair by pair as its bytes arrive.
@@ -234,6 +279,7 @@ mod tests {
     use crate::engine::local::Merge;
     use crate::engine::runtime::Run;
     use p2pmr_protocol::abi::encode_pair;
+    use std::io::Write;
 
     fn run(pairs: &[(&str, &str)]) -> Run {
         let mut buf = Vec::new();
@@ -287,6 +333,61 @@ mod tests {
                 "piece {piece}"
             );
         }
+    }
+
+    #[test]
+    fn look_ahead_shares_its_budget_between_runs_within_bounds() {
+        let per_run = LOOK_AHEAD_BYTES / RUN_BLOCK;
+        for (runs, ahead) in [
+            (0, MAX_AHEAD),
+            (1, MAX_AHEAD),
+            (per_run / MAX_AHEAD, MAX_AHEAD),
+            (per_run / MAX_AHEAD + 1, MAX_AHEAD - 1),
+            (per_run / 2, 2),
+            (per_run, 1),
+            (per_run + 1, 1),
+            (100_000, 1),
+        ] {
+            assert_eq!(look_ahead(runs), ahead, "{runs} runs");
+        }
+    }
+
+    /// Runs stored as files with tiny leaves and narrow nodes (several levels of inner nodes,
+    /// so the window moves down into nodes) and repeated leaves (the same block needed twice),
+    /// read through a fetcher with a look-ahead window, merge as they do in memory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stored_runs_read_ahead_merge_as_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::repo::store::BlockStore::open(dir.path()).unwrap();
+        let layout = p2pmr_protocol::unixfs::Layout::new(8, 3).unwrap();
+        let mut runs = Vec::new();
+        for r in 0..3 {
+            let pairs: Vec<(String, String)> = (0..200)
+                .map(|i| (format!("k{:03}", (i * 7 + r) % 150), "same".to_string()))
+                .collect();
+            let pairs: Vec<(&str, &str)> = pairs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            runs.push(run(&pairs));
+        }
+        runs.push(run(&[("k000", "aaaaaaaa"); 40]));
+        let mut stored = Vec::new();
+        for r in &runs {
+            let mut w = crate::repo::files::FileWriter::scratch(&store, layout);
+            w.write_all(&r.to_bytes()).unwrap();
+            stored.push((w.finish().unwrap().root, None));
+        }
+        let fetcher = Fetcher::new(None, Some(store));
+        let (error, missing) = (ShuffleError::default(), MissingRuns::default());
+        let (streams, remote, _tasks) = open_runs(&fetcher, stored, 2, &error, &missing);
+        let merged = tokio::task::spawn_blocking(move || collect(StreamMerge::new(streams)))
+            .await
+            .unwrap();
+        assert_eq!(merged, collect(Merge::new(runs)));
+        assert!(error.lock().unwrap().is_none());
+        assert!(missing.lock().unwrap().is_empty());
+        assert_eq!(remote.load(Ordering::Relaxed), 0);
     }
 
     #[test]
