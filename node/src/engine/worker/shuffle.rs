@@ -95,8 +95,8 @@ async fn fetch_run(
 ) -> Result<(), RemoteError> {
     let mut reader = FileReader::new(cid);
     // Fetches already started, in the order the reader needs them. Each run keeps several in
-    // flight: one at a time, a run arrives at one block per round trip, and on a busy machine
-    // the round trips, not the merge, set the reduce's pace.
+    // flight: one at a time, a run would arrive at one block per round trip however fast the
+    // link, and the merge waits on its slowest run.
     let mut inflight: VecDeque<(Cid, Fetching)> = VecDeque::new();
     while let Some(&next) = reader.next_needed() {
         // The window is the next `ahead` blocks the reader needs; a fetch that fell out of it
