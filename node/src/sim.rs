@@ -185,14 +185,11 @@ pub fn simulate(config: SimConfig) -> SimReport {
                 hood.push(placer);
             }
             let hood: Vec<Placed> = hood.into_iter().map(|p| Placed::new(peers[p])).collect();
-            let mut kept = Vec::with_capacity(KEPT_RANKS);
-            kept.extend(
-                placement(key, &hood)
-                    .into_iter()
-                    .take(KEPT_RANKS)
-                    .map(|p| index[&p]),
-            );
-            kept
+            placement(key, &hood)
+                .into_iter()
+                .take(KEPT_RANKS)
+                .map(|p| index[&p])
+                .collect()
         })
         .collect();
     // The routing tables' sizes, from the first 200 peers.

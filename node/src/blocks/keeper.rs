@@ -549,8 +549,9 @@ fn outranks(key: &Cid, a: PeerId, b: PeerId) -> bool {
 /// blocks copied in two rounds would go to different daemons).
 ///
 /// - While fewer than the target of the candidates hold the block, the first of its holders
-///   outside the candidates (by the group's ranking) copies it to the first candidates
-///   lacking it, so a group's blocks go to the same daemons whichever round moves them.
+///   outside the candidates (in the group's rendezvous order, which does not depend on whom
+///   a daemon knows) copies it to the first candidates lacking it, so a group's blocks go to
+///   the same daemons whichever round moves them.
 /// - Once at least the target of them hold it, this daemon drops its copy, but only counting
 ///   holders that come before it in the group's rendezvous order ([`outranks`]). Daemons
 ///   that know different sets of daemons may each think the other is a candidate; with this
@@ -622,8 +623,9 @@ fn plan_moves(
                 .filter(|p| !candidates.contains(p))
                 .map(|p| Placed::new(*p)),
         );
-        // One copier per group, and the same daemons for all its blocks whichever round
-        // copies them: the first candidates lacking it, by rank.
+        // One copier per group (the first outside holder in rendezvous order), and the same
+        // daemons for all its blocks whichever round copies them: the first candidates
+        // lacking it, by rank.
         if rank_peers(&key, &outside)[0].id != me {
             continue;
         }

@@ -18,20 +18,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Semaphore};
 
-/// Blocks buffered per run between the fetcher and the merge (besides the one being merged):
-/// a reduce task holds about (1 + this) blocks per map task, so this is kept at one.
+/// Blocks buffered per run between the fetcher and the merge (besides the one being merged
+/// and the fetches ahead, which [`look_ahead`] bounds).
 const RUN_BUFFER: usize = 1;
 /// Bytes of run blocks a reduce task may have fetched ahead of its merge, over all its runs.
 const LOOK_AHEAD_BYTES: usize = 16 << 20;
 /// Most blocks fetched ahead for one run.
 const MAX_AHEAD: usize = 8;
-/// The size of a run's blocks (`run_layout`'s chunks), for the look-ahead's budget.
-const RUN_BLOCK: usize = 64 << 10;
 
 /// Blocks each of `runs` runs fetches ahead: a share of [`LOOK_AHEAD_BYTES`], at least one
 /// (so a task with thousands of map tasks still streams) and at most [`MAX_AHEAD`].
 fn look_ahead(runs: usize) -> usize {
-    (LOOK_AHEAD_BYTES / RUN_BLOCK / runs.max(1)).clamp(1, MAX_AHEAD)
+    let block = super::run_layout().chunk_size();
+    (LOOK_AHEAD_BYTES / block / runs.max(1)).clamp(1, MAX_AHEAD)
 }
 
 /// Largest key or value accepted from a run (a run is another peer's output).
@@ -337,7 +336,7 @@ mod tests {
 
     #[test]
     fn look_ahead_shares_its_budget_between_runs_within_bounds() {
-        let per_run = LOOK_AHEAD_BYTES / RUN_BLOCK;
+        let per_run = LOOK_AHEAD_BYTES / super::super::run_layout().chunk_size();
         for (runs, ahead) in [
             (0, MAX_AHEAD),
             (1, MAX_AHEAD),
