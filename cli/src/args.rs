@@ -37,6 +37,11 @@ pub(crate) struct NetArgs {
     /// Do not discover peers on the LAN with mDNS
     #[arg(long, global = true)]
     pub(crate) no_mdns: bool,
+    /// Most daemons to connect to as they are discovered; past it, the daemons each placement
+    /// group needs are found with Kademlia lookups
+    #[arg(long, global = true, value_name = "DAEMONS", default_value_t = p2pmr_node::DEFAULT_MESH as u16,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) mesh: u16,
     /// A private swarm's key (kubo's swarm.key format): connect only to peers holding it
     /// [default: $P2PMR_SWARM_KEY, else <home>/swarm.key if it exists]
     #[arg(long, global = true, value_name = "FILE")]

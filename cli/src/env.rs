@@ -25,6 +25,7 @@ pub(crate) struct Env {
     home: Option<PathBuf>,
     pub(crate) peers: Vec<Multiaddr>,
     pub(crate) mdns: bool,
+    pub(crate) mesh: usize,
     swarm_key: Option<PathBuf>,
     /// No progress bars.
     pub(crate) quiet: bool,
@@ -45,6 +46,7 @@ impl Env {
             home,
             peers,
             mdns: !net.no_mdns,
+            mesh: net.mesh.into(),
             swarm_key: net.swarm_key.clone(),
             quiet,
         })
@@ -80,6 +82,7 @@ impl Env {
         let mut builder = Node::builder()
             .peers(self.peers.clone())
             .mdns(self.mdns)
+            .mesh(self.mesh)
             .swarm_key(self.swarm_key()?);
         // The repository's client identity, if it has one (`p2pmr id` makes it): what
         // daemons started with --allow-jobs know this user by.

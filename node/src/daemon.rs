@@ -66,6 +66,9 @@ pub struct DaemonConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// LAN discovery with mDNS.
     pub mdns: bool,
+    /// Most daemons it connects to as discovery finds them; past it, it finds the daemons
+    /// each placement group needs with Kademlia lookups.
+    pub mesh: usize,
     /// Tasks run at once (0: one per core).
     pub slots: u32,
     /// How long a daemon coordinating a job waits for a worker to answer a liveness probe
@@ -101,6 +104,7 @@ impl Default for DaemonConfig {
             listen: Vec::new(),
             bootstrap: Vec::new(),
             mdns: true,
+            mesh: crate::net::DEFAULT_MESH,
             slots: 0,
             liveness: crate::engine::coordinator::DEFAULT_LIVENESS,
             grace: crate::blocks::keeper::DEFAULT_GRACE,
@@ -212,6 +216,7 @@ impl Daemon {
             mdns: config.mdns,
             serve: true,
             swarm_key: config.swarm_key,
+            mesh: config.mesh,
         })
         .await?;
         let tasks = Tasks::default();

@@ -26,7 +26,7 @@ pub use blocks::limits::{MinFree, WritePolicy};
 pub use daemon::{Daemon, DaemonConfig};
 pub use error::Error;
 pub use http::{ApiConfig, ApiStartError, DEFAULT_API_PORT, HEADER_TIMEOUT};
-pub use net::{SwarmKey, SwarmKeyError, SWARM_KEY_FILE};
+pub use net::{SwarmKey, SwarmKeyError, DEFAULT_MESH, SWARM_KEY_FILE};
 pub use node::{Blocks, DaemonView, JobHandle, Jobs, Node, NodeBuilder, Peers, Replicas};
 
 pub use repo::files::{Added, FileError};

@@ -77,6 +77,7 @@ impl Default for NodeBuilder {
                 discovery: DISCOVERY,
                 swarm_key: None,
                 identity: None,
+                mesh: crate::net::DEFAULT_MESH,
             },
             offline: false,
         }
@@ -118,6 +119,14 @@ impl NodeBuilder {
     /// its network): what daemons started with `--allow-jobs` recognise.
     pub fn identity(mut self, keypair: libp2p::identity::Keypair) -> Self {
         self.config.identity = Some(keypair);
+        self
+    }
+
+    /// Most daemons the node connects to as it discovers them (by default
+    /// [`DEFAULT_MESH`](crate::DEFAULT_MESH)); past it, it finds the daemons each
+    /// placement group needs with Kademlia lookups.
+    pub fn mesh(mut self, daemons: usize) -> Self {
+        self.config.mesh = daemons;
         self
     }
 

@@ -39,6 +39,7 @@ pub(crate) async fn run(env: &Env, args: DaemonArgs) -> Result<()> {
             listen: args.listen,
             bootstrap: env.peers.clone(),
             mdns: env.mdns,
+            mesh: env.mesh,
             slots: args.slots.unwrap_or(0),
             liveness: Duration::from_secs_f64(args.liveness_secs),
             grace: Duration::from_secs_f64(args.grace_secs),

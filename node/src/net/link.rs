@@ -52,6 +52,8 @@ pub struct ClientConfig {
     pub swarm_key: Option<SwarmKey>,
     /// The client's identity (a fresh one each time if none).
     pub identity: Option<Keypair>,
+    /// Most daemons the client connects to as it discovers them ([`NetConfig::mesh`]).
+    pub mesh: usize,
 }
 
 /// A peer's way onto the network (see the module docs).
@@ -191,6 +193,7 @@ async fn start(config: &ClientConfig) -> Result<Started, NetError> {
         mdns: config.mdns,
         serve: false,
         swarm_key: config.swarm_key,
+        mesh: config.mesh,
     })
     .await?;
     let net = network.client;

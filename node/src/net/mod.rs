@@ -44,6 +44,7 @@ use p2pmr_protocol::Cid;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
@@ -142,7 +143,15 @@ pub struct NetConfig {
     pub serve: bool,
     /// The private swarm's key: connections only with peers that hold it (TCP only).
     pub swarm_key: Option<SwarmKey>,
+    /// Most daemons this peer connects to by itself, as discovery finds them (mDNS,
+    /// Kademlia's sweeps, redials); past it, see [`NetClient::is_partial`]. Peers it is told
+    /// to dial and those a lookup finds are connected to whatever the count.
+    pub mesh: usize,
 }
+
+/// Daemons a peer connects to by itself unless told otherwise: Kademlia's k-buckets hold
+/// about 20·log₂n peers, which this covers up to some ten thousand daemons.
+pub const DEFAULT_MESH: usize = 256;
 
 /// A request received from a peer, to be answered with [`NetClient::respond`] (block
 /// protocol) or [`NetClient::respond_job`] (job protocol).
@@ -257,6 +266,7 @@ pub struct NetClient {
     admitting: watch::Receiver<HashSet<PeerId>>,
     sources: watch::Receiver<BTreeSet<PeerId>>,
     streams: Streams,
+    partial: Arc<AtomicBool>,
 }
 
 /// The stream behaviour's control (which does not print itself).
@@ -338,6 +348,14 @@ impl NetClient {
             peers.sort();
         }
         peers
+    }
+
+    /// Whether this peer stopped connecting to the daemons discovery finds, its mesh being
+    /// full ([`NetConfig::mesh`]): then the daemons it knows are not every daemon, and placement,
+    /// `stat`, planning and the keeper look up each placement group's neighbourhood
+    /// ([`NetClient::neighbourhood`]) instead of ranking the daemons they know.
+    pub fn is_partial(&self) -> bool {
+        self.partial.load(Ordering::Relaxed)
     }
 
     /// Whether this peer is a daemon (serves requests) rather than a client.
@@ -553,6 +571,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     let (admitting_tx, admitting) = watch::channel(HashSet::new());
     let (sources_tx, sources) = watch::channel(BTreeSet::new());
     let streams = Streams(swarm.behaviour().streams.new_control());
+    let partial = Arc::new(AtomicBool::new(false));
     let mut event_loop = EventLoop {
         own_commands: commands_tx.downgrade(),
         admitting: admitting_tx,
@@ -583,6 +602,8 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         sweep_again: false,
         banned: HashSet::new(),
         known: HashMap::new(),
+        mesh: config.mesh.max(1),
+        partial: partial.clone(),
     };
     // Wait (briefly) until every listener reports its addresses, so callers can print them.
     // A wildcard listener reports one per interface, in a burst: take what comes within 50 ms
@@ -618,6 +639,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
         admitting,
         sources,
         streams,
+        partial,
     };
     let task = tokio::spawn(event_loop.run());
     Ok(Network {
@@ -770,6 +792,10 @@ struct EventLoop {
     /// while disconnected: a daemon that was restarted, frozen or cut off comes back into the
     /// network by itself.
     known: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Most daemons connected to by discovery ([`NetConfig::mesh`]).
+    mesh: usize,
+    /// Set once discovery found a peer the mesh had no room for.
+    partial: Arc<AtomicBool>,
 }
 
 /// A neighbourhood lookup: the peers its queries found, how many queries still run, and
@@ -813,7 +839,7 @@ impl EventLoop {
                         .map(|(p, a)| (*p, a.clone()))
                         .collect();
                     for (peer, addrs) in lost {
-                        self.dial_peer(peer, addrs);
+                        self.discovered(peer, addrs);
                     }
                     self.challenge_waiting();
                 }
@@ -1102,7 +1128,7 @@ impl EventLoop {
                     by_peer.entry(peer).or_default().push(addr);
                 }
                 for (peer, addrs) in by_peer {
-                    self.dial_peer(peer, addrs);
+                    self.discovered(peer, addrs);
                 }
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
@@ -1125,8 +1151,8 @@ impl EventLoop {
                 peer, addresses, ..
             }) => {
                 // Peers learnt beyond the LAN: connect, so identify tells us if they serve
-                // blocks. Our networks are small (tens of peers), so connecting to all is fine.
-                self.dial_peer(peer, addresses.into_vec());
+                // blocks (while the mesh has room).
+                self.discovered(peer, addresses.into_vec());
             }
             _ => {}
         }
@@ -1186,6 +1212,11 @@ impl EventLoop {
         if self.known.len() < MAX_KNOWN || self.known.contains_key(&peer) {
             self.known.insert(peer, info.addrs.clone());
         }
+        // Said before the daemon shows, so whoever sees it sees the mesh as it is.
+        let joins = !self.daemons.borrow().contains_key(&peer);
+        if joins && self.daemons.borrow().len() + 1 + self.under_way.len() >= self.mesh {
+            self.partial.store(true, Ordering::Relaxed);
+        }
         let new = self
             .daemons
             .send_if_modified(|d| d.insert(peer, info.clone()).as_ref() != Some(&info));
@@ -1216,6 +1247,11 @@ impl EventLoop {
             self.sweep_again = true;
             return;
         }
+        if self.mesh_is_full() {
+            // Discovery stops here: there may be daemons this peer will not meet.
+            self.partial.store(true, Ordering::Relaxed);
+            return;
+        }
         if self.known.len() >= MAX_KNOWN {
             return;
         }
@@ -1229,7 +1265,7 @@ impl EventLoop {
             return;
         }
         for info in found {
-            self.dial_peer(info.peer_id, info.addrs);
+            self.discovered(info.peer_id, info.addrs);
         }
         if last {
             self.sweeping = None;
@@ -1334,6 +1370,25 @@ impl EventLoop {
         let n = self.under_way.len() as u32;
         self.dialing
             .send_if_modified(|d| std::mem::replace(d, n) != n);
+    }
+
+    /// Whether discovery may connect to no more daemons ([`NetConfig::mesh`]); dials under
+    /// way count, so a burst of discoveries does not overshoot.
+    fn mesh_is_full(&self) -> bool {
+        self.daemons.borrow().len() + self.under_way.len() >= self.mesh
+    }
+
+    /// A peer discovery found (or a known daemon gone): dialled while the mesh has room;
+    /// past it, this peer no longer knows every daemon it could.
+    fn discovered(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if self.swarm.is_connected(&peer) || self.banned.contains(&peer) {
+            return;
+        }
+        if self.mesh_is_full() {
+            self.partial.store(true, Ordering::Relaxed);
+            return;
+        }
+        self.dial_peer(peer, addrs);
     }
 
     fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {

@@ -297,6 +297,7 @@ async fn a_lying_peer_is_detected_and_dropped() -> Result<()> {
         mdns: false,
         serve: true,
         swarm_key: None,
+        mesh: p2pmr_node::DEFAULT_MESH,
     })
     .await?;
     let liar_id = liar.client.local_peer_id();
