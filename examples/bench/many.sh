@@ -3,7 +3,11 @@
 # first, finding the rest through Kademlia), CORPUS added with 2 replicas, wordcount with 4
 # reducers (build first: cargo build --release):
 #
-#   examples/bench/many.sh P2PMR_BIN CORPUS [DAEMONS] [MIN_LOCAL_PERCENT]
+#   examples/bench/many.sh P2PMR_BIN CORPUS [DAEMONS] [MIN_LOCAL_PERCENT] [MESH]
+#
+# With MESH, every daemon connects by itself to at most MESH others (`--mesh`), and the client
+# is told only of the first daemon and connects to no more than it: no peer knows every
+# daemon, and placement, planning and reads go through Kademlia lookups.
 #
 # Checks the job's output equals `p2pmr run-local`'s on the same file (and, if given, that at
 # least MIN_LOCAL_PERCENT of the map input was read locally), and prints the job's
@@ -11,24 +15,39 @@
 # event's counters), how many daemons ran map tasks, and the daemons' peak RSS (VmHWM): idle
 # before the add, and at the end, summed over all of them and the largest.
 set -euo pipefail
-bin=$(realpath "$1") corpus=$2 daemons=${3:-64} min_local=${4:-0}
+bin=$(realpath "$1") corpus=$2 daemons=${3:-64} min_local=${4:-0} mesh=${5:-}
 work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 ulimit -n 65536 2>/dev/null || true
 source "$(dirname "$0")/daemons.sh"
-start_chain d "$daemons"
-mapfile -t all < <(peer_args d "$daemons")
+if [ -n "$mesh" ]; then
+    start_chain d "$daemons" --mesh "$mesh"
+    all=(--peer "$(addr d1)" --mesh 1)
+    want=$mesh
+else
+    start_chain d "$daemons"
+    mapfile -t all < <(peer_args d "$daemons")
+    want=$daemons
+fi
 client() { "$bin" --home "$work/client" --no-mdns -q "${all[@]}" "$@"; }
-# Every daemon must know every other before the job is planned (the coordinator schedules
-# over the daemons it knows); a daemon's own view is what `peers` through it alone shows.
+# Without a mesh size, every daemon must know every other before the job is planned (the
+# coordinator schedules over the daemons it knows); a daemon's own view is what `peers`
+# through it alone shows. With one, the first and last must have met at least that many.
 for i in 1 "$daemons"; do
     for _ in $(seq 120); do
         n=$("$bin" --home "$work/probe" --no-mdns --peer "$(addr "d$i")" peers | wc -l)
-        [ "$n" -ge "$daemons" ] && break
+        [ "$n" -ge "$want" ] && break
         sleep 1
     done
 done
+census() { # each daemon's open TCP connections: least, mean, most
+    local p
+    for p in "${pids[@]}"; do ss -tnpH state established | grep -c "pid=$p," || true; done |
+        awk '{ s += $1; if (NR == 1 || $1 < m) m = $1; if ($1 > x) x = $1 } END { printf "%d / %.1f / %d", m, s / NR, x }'
+}
+[ -n "$mesh" ] && echo "mesh $mesh: TCP connections of each daemon (least / mean / most) before the add: $(census)"
+
 rss() { # sum and max of the daemons' VmHWM, MiB
     for p in "${pids[@]}"; do awk '/^VmHWM:/ { print $2 }' "/proc/$p/status"; done |
         awk '{ s += $1; if ($1 > m) m = $1 } END { printf "%d MiB in all, %d MiB the largest", s / 1024, m / 1024 }'
@@ -60,3 +79,10 @@ if local * 100 < float(sys.argv[5]):
     sys.exit("less than %s%% of the map input was read locally" % sys.argv[5])' \
     "$work/events" "$daemons" "$(stat -c %s "$corpus")" "$t" "$min_local"
 echo "daemon peak RSS: idle $idle; after the add and the job $(rss)"
+if [ -n "$mesh" ]; then
+    echo "mesh $mesh: TCP connections of each daemon (least / mean / most) after the job: $(census)"
+    # Connections nothing uses close after libp2p's idle timeout (60 s).
+    sleep 75
+    echo "mesh $mesh: TCP connections of each daemon (least / mean / most) 75 s later: $(census)"
+fi
+exit 0

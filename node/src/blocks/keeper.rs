@@ -18,6 +18,12 @@
 //! copy). A daemon that cannot is reported and no longer counted, asked, or copied to by this
 //! keeper, so a peer claiming to hold everything cannot keep blocks short of their target.
 //!
+//! Past a full mesh (the daemon stopped connecting to the daemons it discovers), the census
+//! looks up the neighbourhoods of the groups it holds (when its targets change, and once a
+//! census period), and asks those daemons and the ones that said they hold some of its blocks,
+//! not every daemon it is connected to: the daemons that should hold its groups are among
+//! them, and connections to the rest close once idle.
+//!
 //! Trade-offs. A census costs one `Has` per daemon per 4096 blocks, and runs only when
 //! something changed (daemons came or went, new targets, a holder stopped answering or passed
 //! its grace period) or once a minute.
@@ -206,6 +212,10 @@ impl Keeper {
             .map(|&(r, _, _)| r)
     }
 
+    fn snapshot_generation(&self) -> u64 {
+        self.inner.lock().expect("keeper lock").generation
+    }
+
     fn snapshot(&self) -> (u64, Vec<Want>) {
         let t = self.inner.lock().expect("keeper lock");
         let wants = t.map.iter().map(|(&cid, &(target, noted, group))| Want {
@@ -235,6 +245,10 @@ impl Keeper {
         // when to look again at copies others are moving.
         let mut moved_at = Instant::now();
         let mut recheck: Option<Instant> = None;
+        // When this daemon's groups' neighbourhoods were last looked up (a partial mesh
+        // only), and for which targets.
+        let mut looked_up: Option<(u64, Instant)> = None;
+        let mut hoods: BTreeSet<PeerId> = BTreeSet::new();
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -251,10 +265,32 @@ impl Keeper {
                     a.seen += stalled;
                 }
             }
+            // Past a full mesh, the daemons that should hold this daemon's groups (their
+            // neighbourhoods) are looked up, which connects to them, when the targets change
+            // and once a census period.
+            let generation = self.snapshot_generation();
+            if net.is_partial()
+                && looked_up.is_none_or(|(g, at): (u64, Instant)| {
+                    g != generation || at.elapsed() >= CENSUS_EVERY
+                })
+            {
+                let (_, targets) = self.snapshot();
+                let keys: BTreeSet<Cid> =
+                    targets.iter().map(|w| w.group.unwrap_or(w.cid)).collect();
+                hoods = blocks::neighbourhoods(&net, keys).await;
+                looked_up = Some((generation, Instant::now()));
+            }
+            // Past a full mesh only those neighbourhoods and the daemons that said they hold
+            // some of these blocks are asked, so connections to the rest can close.
+            let asked = |p: &PeerId| {
+                !net.is_partial()
+                    || hoods.contains(p)
+                    || answers.get(p).is_some_and(|a| !a.held.is_empty())
+            };
             let live: BTreeSet<PeerId> = net
                 .daemons()
                 .into_keys()
-                .filter(|p| !distrusted.contains(p))
+                .filter(|p| !distrusted.contains(p) && asked(p))
                 .collect();
             // A holder counts while it is connected and answers; the grace period runs from
             // the last moment it did both.

@@ -42,7 +42,7 @@ use p2pmr_protocol::wire::{
     keep_or_least_loaded, proof, rank_peers, BlockRequest, BlockResponse, CHOICES, MAX_HAS,
 };
 use p2pmr_protocol::{Block, Cid};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -193,15 +193,15 @@ pub async fn push_all(
     replicas: usize,
 ) -> Result<(), RemoteError> {
     let daemons: Vec<PeerId> = net.daemons().into_keys().collect();
-    if replicas == 0 || daemons.len() < replicas {
+    // Past a full mesh the groups' lookups may find more daemons: each push says if too few.
+    if replicas == 0 || (daemons.len() < replicas && !net.is_partial()) {
         return Err(RemoteError::NotEnoughDaemons {
             need: replicas.max(1),
             found: daemons.len(),
         });
     }
     let window = Arc::new(Semaphore::new(WINDOW));
-    let mut book = Book::asking(net, &daemons, replicas).await;
-    let daemons: Vec<Placed> = daemons.into_iter().map(Placed::new).collect();
+    let mut placer = Placer::new(net, daemons, replicas, Vec::new()).await;
     let session = new_session();
     let mut uploads = JoinSet::new();
     let mut failure = None;
@@ -224,9 +224,9 @@ pub async fn push_all(
             break;
         }
         let permit = window.clone().acquire_owned().await.expect("never closed");
-        let net = net.clone();
         let key = group.unwrap_or(*block.cid());
-        let order = book.order(&key, replicas, &block, || placement(&key, &daemons));
+        let order = placer.order(net, &key, replicas, &block).await;
+        let net = net.clone();
         uploads.spawn(async move {
             let place = Placement {
                 replicas,
@@ -341,7 +341,7 @@ async fn commit(net: &NetClient, took: HashSet<PeerId>, session: u64) -> Result<
 }
 
 /// Copies the blocks `cids` of `store` to `copies` other daemons each, chosen by the placement
-/// rule among the connected daemons (this peer and `avoid` excluded: this peer holds them
+/// rule among the daemons this peer can reach ([`Placer`]; this peer and `avoid` excluded: this peer holds them
 /// already, and a coordinator may have given up on some daemons), by their placement group
 /// in `groups` (their own CID if not there). Used for job outputs, which are written on the
 /// peer that computed them, and for files added through a daemon.
@@ -362,14 +362,15 @@ pub async fn replicate(
         .into_keys()
         .filter(|p| *p != me && !avoid.contains(p))
         .collect();
-    if daemons.len() < copies {
+    if daemons.len() < copies && !net.is_partial() {
         return Err(RemoteError::NotEnoughDaemons {
             need: copies + 1,
             found: daemons.len() + 1,
         });
     }
-    let mut book = Book::asking(net, &daemons, copies).await;
-    let daemons: Vec<Placed> = daemons.into_iter().map(Placed::new).collect();
+    let mut avoid = avoid.to_vec();
+    avoid.push(me);
+    let mut placer = Placer::new(net, daemons, copies, avoid).await;
     let mut uploads = JoinSet::new();
     let window = Arc::new(Semaphore::new(WINDOW));
     for &cid in cids {
@@ -381,7 +382,7 @@ pub async fn replicate(
             .map_err(FileError::Store)?;
         let group = groups.get(&cid).copied();
         let key = group.unwrap_or(cid);
-        let order = book.order(&key, copies, &block, || placement(&key, &daemons));
+        let order = placer.order(&net, &key, copies, &block).await;
         uploads.spawn(async move {
             // Daemons' copies are not provisional on the receiver: no session to commit.
             let place = Placement {
@@ -523,6 +524,25 @@ impl Book {
         Self::new(loads)
     }
 
+    /// Whether the blocks placed by `key` have their daemons chosen already.
+    fn knows(&self, key: &Cid) -> bool {
+        self.recent.iter().any(|(k, _)| k == key)
+    }
+
+    /// Adds daemons met after the book was opened, asking each how much it holds; one that
+    /// does not answer within [`LOADS_WAIT`] counts as the fullest known.
+    async fn learn(&mut self, net: &NetClient, daemons: &[PeerId]) {
+        let asks = daemons.iter().map(|&peer| async move {
+            let status = client::status(net, peer, LOADS_WAIT).await;
+            (peer, status.ok().map(|s| s.bytes))
+        });
+        let answers = join_all(asks).await;
+        let fullest = self.loads.values().copied().max().unwrap_or(0);
+        for (peer, bytes) in answers {
+            self.loads.insert(peer, bytes.unwrap_or(fullest));
+        }
+    }
+
     /// The daemons to offer `block` of the group placed by `key` to, best first, for
     /// `replicas` copies; its bytes count against the first `replicas` of them. `ranked` gives
     /// the daemons to choose among, in [`placement`] order; it is called only for a group's
@@ -590,6 +610,100 @@ impl Book {
         if holders.iter().all(|p| self.run.0.contains(p)) {
             self.run.1 += len;
         }
+    }
+}
+
+/// Neighbourhood lookups a peer runs at once for one caller.
+const LOOKUPS_AT_ONCE: usize = 16;
+
+/// The daemons other than this peer among which the groups placed by `keys` are placed, as
+/// this peer can know them: the connected daemons, and once the mesh is partial
+/// ([`NetClient::is_partial`]) those Kademlia's lookups of each key's neighbourhood find
+/// (dialled, and admitted within [`LOOKUP_WAIT`]): past a full mesh the daemons a peer knows
+/// need not include a group's candidates, and its neighbourhood does.
+pub(crate) async fn reach(net: &NetClient, keys: impl IntoIterator<Item = Cid>) -> Vec<PeerId> {
+    let mut daemons: BTreeSet<PeerId> = net.daemons().into_keys().collect();
+    if net.is_partial() {
+        daemons.extend(neighbourhoods(net, keys).await);
+    }
+    daemons.into_iter().collect()
+}
+
+/// The daemons in the neighbourhoods of `keys` ([`NetClient::neighbourhood`]), looked up
+/// [`LOOKUPS_AT_ONCE`] keys at a time, dialled, and admitted within [`LOOKUP_WAIT`].
+pub(crate) async fn neighbourhoods(
+    net: &NetClient,
+    keys: impl IntoIterator<Item = Cid>,
+) -> BTreeSet<PeerId> {
+    use futures::StreamExt;
+    let keys: BTreeSet<Cid> = keys.into_iter().collect();
+    let found: Vec<PeerId> = futures::stream::iter(keys)
+        .map(|key| tokio::time::timeout(LOOKUP_WAIT, net.neighbourhood(key)))
+        .buffer_unordered(LOOKUPS_AT_ONCE)
+        .filter_map(|hood| async move { hood.ok().and_then(Result::ok) })
+        .flat_map(futures::stream::iter)
+        .collect::<BTreeSet<PeerId>>()
+        .await
+        .into_iter()
+        .collect();
+    net.daemons_among(&found, LOOKUP_WAIT)
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Where a placer's groups go: a [`Book`] over the daemons it knows, joined by the
+/// daemons each new group's neighbourhood lookup finds once the mesh is partial ([`reach`]).
+pub(crate) struct Placer {
+    book: Book,
+    daemons: Vec<Placed>,
+    known: HashSet<PeerId>,
+    /// Daemons never chosen (this peer, those a coordinator gave up on).
+    avoid: Vec<PeerId>,
+}
+
+impl Placer {
+    /// A placer of `copies` copies over `daemons` (none of `avoid`).
+    pub(crate) async fn new(
+        net: &NetClient,
+        daemons: Vec<PeerId>,
+        copies: usize,
+        avoid: Vec<PeerId>,
+    ) -> Self {
+        // Daemons found later have their loads asked then, so there may be a choice to make.
+        let copies = if net.is_partial() { 0 } else { copies };
+        let book = Book::asking(net, &daemons, copies).await;
+        Self {
+            book,
+            known: daemons.iter().copied().collect(),
+            daemons: daemons.into_iter().map(Placed::new).collect(),
+            avoid,
+        }
+    }
+
+    /// The daemons to offer `block` of the group placed by `key` to ([`Book::order`]).
+    pub(crate) async fn order(
+        &mut self,
+        net: &NetClient,
+        key: &Cid,
+        copies: usize,
+        block: &Block,
+    ) -> Arc<[PeerId]> {
+        if net.is_partial() && !self.book.knows(key) {
+            let fresh: Vec<PeerId> = reach(net, [*key])
+                .await
+                .into_iter()
+                .filter(|p| !self.known.contains(p) && !self.avoid.contains(p))
+                .collect();
+            if !fresh.is_empty() {
+                self.book.learn(net, &fresh).await;
+                self.known.extend(fresh.iter().copied());
+                self.daemons.extend(fresh.into_iter().map(Placed::new));
+            }
+        }
+        let daemons = &self.daemons;
+        self.book
+            .order(key, copies, block, || placement(key, daemons))
     }
 }
 
@@ -936,6 +1050,12 @@ impl Fetcher {
             return Err(FileError::Store(StoreError::NotFound(cid)).into());
         };
         let key = group.unwrap_or(cid);
+        // Past a full mesh, the group's neighbourhood is looked up (and connected to) before
+        // the first of its blocks is asked for, so its ranking here is the placer's.
+        let unserved = !self.served.lock().expect("poisoned").contains_key(&key);
+        if net.is_partial() && hint.is_none() && unserved {
+            reach(net, [key]).await;
+        }
         let mut candidates = self.candidates(net, &key);
         if let Some(hint) = hint.filter(|h| *h != net.local_peer_id()) {
             candidates.retain(|p| *p != hint);
@@ -1350,8 +1470,8 @@ pub struct FileStat {
     pub unproven: BTreeMap<PeerId, (u64, String)>,
 }
 
-/// Walks the file's DAG (fetching inner nodes only), asks every daemon which of its blocks it
-/// holds, and has each that claims some prove it holds one of them picked at random: what a
+/// Walks the file's DAG (fetching inner nodes only), asks every daemon it can reach for the
+/// file's placement groups ([`reach`]) which of its blocks it holds, and has each that claims some prove it holds one of them picked at random: what a
 /// daemon only claims is not counted.
 pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError> {
     let root_block = fetcher.fetch(root).await?;
@@ -1359,14 +1479,18 @@ pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError>
     reader.feed(&root_block)?;
     let size = reader.file_size().unwrap_or(0);
     let mut all = vec![root];
+    // The placement groups' keys, where the file's copies are to be found.
+    let mut keys = BTreeSet::from([root]);
     let mut stack = vec![root_block];
     while let Some(block) = stack.pop() {
         if block.cid().codec() == RAW {
             continue;
         }
         let node = PbNode::decode(block.data()).map_err(UnixFsError::from)?;
+        let first = node.links.first().map(|l| l.hash);
         for link in node.links {
             all.push(link.hash);
+            keys.insert(unixfs::group_of(&link.hash, first));
             if link.hash.codec() != RAW {
                 stack.push(fetcher.fetch(link.hash).await?);
             }
@@ -1375,7 +1499,7 @@ pub async fn stat(fetcher: &Fetcher, root: Cid) -> Result<FileStat, RemoteError>
     let Some(net) = fetcher.network_settled().await? else {
         return Err(RemoteError::NotEnoughDaemons { need: 1, found: 0 });
     };
-    let daemons: Vec<PeerId> = net.daemons().into_keys().collect();
+    let daemons = reach(net, keys).await;
     let audits = daemons.into_iter().map(|peer| {
         let all = &all;
         async move {

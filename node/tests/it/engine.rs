@@ -1101,7 +1101,10 @@ async fn a_flood_of_watches_neither_refuses_a_submission_nor_takes_a_tasks_handl
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_four_daemons_in_a_chain_serve_clients_told_of_one_of_them() -> Result<()> {
-    // Each daemon is told only of the one started before it.
+    // Each daemon is told only of the one started before it and connects by itself to at
+    // most 4 it discovers; the clients, to none past the one they are told of. So no peer
+    // starts out knowing every daemon: placement, reads, `stat`, planning and the keeper find
+    // the daemons each placement group needs with Kademlia lookups.
     let mut cluster = Cluster::start(p2pmr_node::cluster::ClusterConfig {
         daemons: 0,
         slots: 1,
@@ -1116,24 +1119,58 @@ async fn twenty_four_daemons_in_a_chain_serve_clients_told_of_one_of_them() -> R
                 listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
                 bootstrap,
                 mdns: false,
+                mesh: 4,
                 slots: 1,
                 ..p2pmr_node::DaemonConfig::default()
             })
             .await?;
     }
     let addrs = cluster.addrs();
+    let told_of = |addr: &libp2p::Multiaddr| {
+        Node::builder()
+            .peers(vec![addr.clone()])
+            .mdns(false)
+            .mesh(1)
+            .discovery(Duration::from_secs(5))
+            .build()
+    };
     let corpus = big_corpus(12)?;
     let expected = run_local("wordcount", &[("corpus".into(), corpus.clone())], 2, &[])?;
-    // Added through the first.
-    let writer = cluster.client_of(vec![addrs[0].clone()]);
-    writer.peers().wait_for(2).await?;
+    // Added through the first, by a client that knows only it: two copies of each group
+    // need the lookups.
+    let writer = told_of(&addrs[0]);
+    writer.peers().wait_for(1).await?;
+    let net = writer.net(1).await?;
+    assert_eq!(net.daemons().len(), 1);
+    assert!(net.is_partial());
     let input = add(&writer, corpus.clone(), 2).await?;
     let blocks = writer.blocks().stat(input).await?.blocks;
     writer.shutdown().await;
     let ids: Vec<Vec<u8>> = cluster.daemons().map(|d| d.peer_id().to_bytes()).collect();
+    // Each group went to 2 of its first 4 candidates by the rule over all 24 daemons, as a
+    // placer that knew every daemon would have placed it.
+    let leaves =
+        p2pmr_node::engine::coordinator::leaves(cluster.daemon(0).node().fetcher(), input).await?;
+    for leaf in &leaves {
+        let holders: Vec<&Vec<u8>> = cluster
+            .daemons()
+            .filter(|d| d.repo().blocks().has(&leaf.cid))
+            .map(|d| &ids[cluster.index_of(&d.peer_id()).expect("ours")])
+            .collect();
+        let candidates = &p2pmr_protocol::wire::rank_peers(&leaf.group, &ids)[..4];
+        assert_eq!(holders.len(), 2, "leaf {}", leaf.cid);
+        assert!(
+            holders.iter().all(|h| candidates.contains(h)),
+            "leaf {} of group {}",
+            leaf.cid,
+            leaf.group
+        );
+    }
+    // Some daemon's mesh filled before it met every other.
+    assert!(cluster.daemons().any(|d| d.net().is_partial()));
     // Read, counted and run through clients told only of the last daemon, or the middle one.
     for i in [23, 12] {
-        let reader = cluster.client_of(vec![addrs[i].clone()]);
+        let reader = told_of(&addrs[i]);
         reader.peers().wait_for(1).await?;
         // Kademlia's lookups over the daemons' routing tables find each key's neighbourhood,
         // the placement rule's candidates, as the rule computes it from every daemon.

@@ -1041,9 +1041,16 @@ impl Coordinator {
         }
         let input_bytes: u64 = inputs.iter().flatten().map(|l| l.len).sum();
 
-        // Who can work, with how many slots, holding which blocks.
+        // Who can work, with how many slots, holding which blocks: the daemons this one
+        // reaches for the inputs' placement groups (past a full mesh, by lookups).
+        let groups = inputs.iter().flatten().map(|l| l.group);
         let mut peers = vec![me];
-        peers.extend(self.net().daemons().into_keys().filter(|p| *p != me));
+        peers.extend(
+            blocks::reach(self.net(), groups)
+                .await
+                .into_iter()
+                .filter(|p| *p != me),
+        );
         let all_leaves: Vec<Cid> = {
             let mut set: Vec<Cid> = inputs.iter().flatten().map(|l| l.cid).collect();
             set.sort();
