@@ -8,7 +8,7 @@ use libp2p::Multiaddr;
 use p2pmr_node::blocks::{Fetcher, RemoteError};
 use p2pmr_node::cluster::{Cluster, ClusterConfig};
 use p2pmr_node::net::{self, NetConfig};
-use p2pmr_node::{Daemon, DaemonConfig, Error, Replicas};
+use p2pmr_node::{Daemon, DaemonConfig, Error, Node, Replicas};
 use p2pmr_protocol::wire::{self, BlockRequest, BlockResponse};
 use p2pmr_protocol::Block;
 use std::collections::HashSet;
@@ -640,10 +640,44 @@ async fn a_block_found_corrupt_on_disk_is_repaired_from_a_replica() -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_of_a_daemon_lost_for_good_are_copied_back_to_their_replica_count() -> Result<()> {
+    lost_for_good(None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_full_mesh_blocks_of_a_daemon_lost_for_good_are_copied_back() -> Result<()> {
+    lost_for_good(Some(2)).await
+}
+
+/// Five daemons hold a file with 3 replicas; the one holding most of it dies for good; the
+/// others copy its blocks back after the grace period and not before. With `mesh`, each
+/// daemon connects by itself to that many others and the client, told of one daemon, to no
+/// more: the add, `stat` and the keepers find the daemons by lookups.
+async fn lost_for_good(mesh: Option<usize>) -> Result<()> {
     let grace = Duration::from_secs(2);
-    let mut cluster = linked_with_grace(5, grace).await?;
+    let mut config = ClusterConfig::linked(5, 2);
+    config.daemon.grace = grace;
+    let (mut cluster, client) = match mesh {
+        None => {
+            let cluster = Cluster::start(config).await?;
+            let client = client(&cluster, 5).await?;
+            (cluster, client)
+        }
+        Some(mesh) => {
+            config.daemon.mesh = mesh;
+            let cluster = Cluster::start(config).await?;
+            let client = Node::builder()
+                .peers(cluster.addrs().into_iter().take(1).collect())
+                .mdns(false)
+                .mesh(1)
+                .discovery(Duration::from_secs(5))
+                .build();
+            client.peers().wait_for(1).await?;
+            assert!(client.net(1).await?.is_partial());
+            assert!(cluster.daemons().all(|d| d.net().is_partial()));
+            (cluster, client)
+        }
+    };
     let bytes = data(12 * 262_144 + 5, 17);
-    let client = client(&cluster, 5).await?;
     let added = client
         .blocks()
         .add(Cursor::new(bytes.clone()), Replicas::network(3))
