@@ -819,6 +819,9 @@ pub struct Fetcher {
     scores: Arc<Mutex<HashMap<PeerId, PeerScore>>>,
     /// The daemon that last served a block of each recently read placement group.
     served: Arc<Mutex<HashMap<Cid, PeerId>>>,
+    /// The neighbourhood lookup of each recently read placement group (past a full mesh):
+    /// the reads of a group's blocks wait for one lookup rather than each run its own.
+    looked_up: Arc<Mutex<HashMap<Cid, Arc<tokio::sync::OnceCell<()>>>>>,
     /// IPFS nodes, asked when no daemon has a block (a daemon's own fetcher only).
     bitswap: Option<Bitswap>,
 }
@@ -838,6 +841,7 @@ impl Fetcher {
             local,
             scores: Arc::default(),
             served: Arc::default(),
+            looked_up: Arc::default(),
             bitswap: None,
         }
     }
@@ -902,6 +906,23 @@ impl Fetcher {
             ranked[..=at].rotate_right(1);
         }
         ranked
+    }
+
+    /// Looks up the neighbourhood of the group placed by `key` ([`reach`]), once for all the
+    /// reads of its blocks that ask meanwhile or later.
+    async fn look_up_once(&self, net: &NetClient, key: Cid) {
+        let once = {
+            let mut looked_up = self.looked_up.lock().expect("poisoned");
+            // Groups are read one after another: a reader needs only the last few.
+            if looked_up.len() >= SERVED_GROUPS && !looked_up.contains_key(&key) {
+                looked_up.clear();
+            }
+            looked_up.entry(key).or_default().clone()
+        };
+        once.get_or_init(|| async {
+            reach(net, [key]).await;
+        })
+        .await;
     }
 
     /// `peer` served a block of the group placed by `key`.
@@ -1054,7 +1075,7 @@ impl Fetcher {
         // the first of its blocks is asked for, so its ranking here is the placer's.
         let unserved = !self.served.lock().expect("poisoned").contains_key(&key);
         if net.is_partial() && hint.is_none() && unserved {
-            reach(net, [key]).await;
+            self.look_up_once(net, key).await;
         }
         let mut candidates = self.candidates(net, &key);
         if let Some(hint) = hint.filter(|h| *h != net.local_peer_id()) {
