@@ -4,8 +4,9 @@
 #
 #   examples/bench/groups.sh P2PMR_BIN CORPUS [ROUNDS]
 #
-# Prints each run's time and the share of map input its tasks read from their own daemon, the
-# medians, and the 4-daemon/2-daemon time ratio (under 1: four daemons are faster). Every run
+# Prints each run's time, the share of map input its tasks read from their own daemon and the
+# CPU time its cluster's daemons used during it (from /proc), the medians, and the
+# 4-daemon/2-daemon time ratio (under 1: four daemons are faster). Every run
 # has its own --arg, so no job is answered from an earlier one's output; every output is
 # checked against the first.
 set -euo pipefail
@@ -14,11 +15,19 @@ work=$(mktemp -d)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 source "$(dirname "$0")/daemons.sh"
-declare -A peers
+declare -A peers daemon_pids
 for n in 2 4; do
     start_chain "c$n-" "$n"
     peers[$n]=$(peer_args "c$n-" "$n" | tr '\n' ' ')
+    daemon_pids[$n]="${pids[*]: -$n}"
 done
+# cpu N: CPU seconds the daemons of cluster N have used so far.
+cpu() {
+    local p
+    # shellcheck disable=SC2086
+    for p in ${daemon_pids[$1]}; do awk '{ print $14 + $15 }' "/proc/$p/stat"; done |
+        awk -v hz="$(getconf CLK_TCK)" '{ s += $1 } END { printf "%.2f", s / hz }'
+}
 # shellcheck disable=SC2086
 client() { local n=$1; shift; "$bin" --home "$work/client$n" --no-mdns ${peers[$n]} "$@"; }
 declare -A cid
@@ -38,19 +47,21 @@ for l in sys.stdin:
 want=""
 for r in $(seq "$rounds"); do
     for n in 2 4; do
+        c=$(cpu "$n")
         s=$(now)
         read -r share out < <(client "$n" run --job wordcount --input "${cid[$n]}" --reducers 2 \
             --arg round="$r" --json 2>/dev/null | local_share)
         t=$(secs "$s" "$(now)")
+        c=$(awk -v a="$c" -v b="$(cpu "$n")" 'BEGIN { printf "%.2f", b - a }')
         got=$(lines "$n" "$out")
         [ -n "$want" ] || want=$got
         [ "$got" = "$want" ] || { echo "$n daemons, run $r: output differs" >&2; exit 1; }
-        echo "daemons $n $t local $share"
+        echo "daemons $n $t local $share cpu $c"
     done
 done | tee "$work/runs"
 median() { awk -v n="$1" -v f="$2" '$2 == n { print $f }' "$work/runs" | median_of; }
 mb=$(stat -c %s "$corpus")
-two=$(median 2 3) four=$(median 4 3) l2=$(median 2 5) l4=$(median 4 5)
-awk -v a="$two" -v b="$four" -v mb="$mb" -v l2="$l2" -v l4="$l4" 'BEGIN {
-    printf "wordcount, 2 replicas: 2 daemons median %.3f s (%.0f MB/s, %.0f%% local), 4 daemons median %.3f s (%.0f MB/s, %.0f%% local), 4/2 time %.2f\n",
-        a, mb / 1e6 / a, l2 * 100, b, mb / 1e6 / b, l4 * 100, b / a }'
+two=$(median 2 3) four=$(median 4 3) l2=$(median 2 5) l4=$(median 4 5) c2=$(median 2 7) c4=$(median 4 7)
+awk -v a="$two" -v b="$four" -v mb="$mb" -v l2="$l2" -v l4="$l4" -v c2="$c2" -v c4="$c4" 'BEGIN {
+    printf "wordcount, 2 replicas: 2 daemons median %.3f s (%.0f MB/s, %.0f%% local, %.2f CPU s), 4 daemons median %.3f s (%.0f MB/s, %.0f%% local, %.2f CPU s), 4/2 time %.2f\n",
+        a, mb / 1e6 / a, l2 * 100, c2, b, mb / 1e6 / b, l4 * 100, c4, b / a }'
