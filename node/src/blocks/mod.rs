@@ -1267,9 +1267,10 @@ impl Fetcher {
     /// Blocks in the local store are read and verified right on this thread. Streaming them
     /// from an async task instead cost three thread hops per 256 KiB block (blocking pool,
     /// reader task, map thread), each a wake-up and a context switch: a seventh of a 2-daemon
-    /// job's CPU went to rescheduling. From the first block that is not here (or is corrupt
-    /// here) on, the rest comes from [`Fetcher::stream`], run on `rt`, with its window of
-    /// concurrent network fetches and its repair of corrupt local copies.
+    /// job's CPU went to rescheduling. A block that is not here is fetched on its own (inner
+    /// nodes, and up to [`LONE_MISSES`] leaves in a row). From the next missing leaf (or a
+    /// block that is corrupt here) on, the rest comes from [`Fetcher::stream`], run on `rt`,
+    /// with its window of concurrent network fetches and its repair of corrupt local copies.
     ///
     /// Returns `Err` with the sink's error if the sink failed, else `Ok` with the outcome of
     /// reading (an error there only matters if the sink wanted more).
@@ -1285,6 +1286,8 @@ impl Fetcher {
         if let Some(store) = &self.local {
             // Blocks already asked of the OS; keeps a window of reads ahead of this thread.
             let mut prefetched = HashSet::new();
+            // Leaves fetched from the network since the last one read here.
+            let mut missed = 0;
             while let Some(&next) = reader.next_needed() {
                 for &cid in reader.upcoming().take(WINDOW) {
                     if prefetched.insert(cid) {
@@ -1292,10 +1295,27 @@ impl Fetcher {
                     }
                 }
                 prefetched.remove(&next);
-                let Ok(block) = store.get(&next) else {
-                    break;
+                let (block, remote) = match store.get(&next) {
+                    Ok(block) => {
+                        missed = 0;
+                        (block, false)
+                    }
+                    // A file's inner nodes are placed by their own CIDs, and a map task
+                    // starts reading in the leaf before its range, which is often a group
+                    // held elsewhere: past two daemons a task holding all of its leaves
+                    // seldom holds those. Such a block is fetched on its own, and the rest
+                    // goes on being read here; a run of missing leaves means the rest is
+                    // elsewhere too.
+                    Err(StoreError::NotFound(_)) if missed < LONE_MISSES => {
+                        missed += usize::from(next.codec() == RAW);
+                        match rt.block_on(self.fetch(next)) {
+                            Ok(block) => (block, true),
+                            Err(_) => break,
+                        }
+                    }
+                    Err(_) => break,
                 };
-                match Chunk::feed(&mut reader, block, false) {
+                match Chunk::feed(&mut reader, block, remote) {
                     Ok(Some(chunk)) => {
                         if !sink(chunk)? {
                             return Ok(Ok(()));
@@ -1418,6 +1438,10 @@ enum Source {
     Daemon,
     Ipfs,
 }
+
+/// Leaves in a row [`Fetcher::read_blocking`] fetches one at a time before it streams the rest
+/// of a file from the network.
+const LONE_MISSES: usize = 2;
 
 /// A block fetch running ahead of the reader.
 type Inflight = tokio::task::JoinHandle<Result<(Block, bool), RemoteError>>;

@@ -783,12 +783,24 @@ async fn a_blocking_reader_reads_local_blocks_then_the_network() -> Result<()> {
     // With the network, the rest of the file (from the missing leaf on) is streamed: exactly
     // the file's bytes, only the missing leaf from the daemons (local ones are still read
     // locally).
-    let online = Fetcher::new(Some(client.net(2).await?.clone()), Some(local));
+    let online = Fetcher::new(Some(client.net(2).await?.clone()), Some(local.clone()));
     let from = 262_144 + 100;
     let (got, remote, read) = read_blocking(&online, added.root, from, usize::MAX).await?;
     read?;
     assert_eq!(got, bytes[from as usize..]);
     assert_eq!(remote, 262_144);
+
+    // Nor the root (a map task's store seldom holds a file's inner nodes), nor the fifth and
+    // sixth leaves: each missing block is fetched, and only those bytes count as remote.
+    assert!(local.delete(&added.root)?);
+    for leaf in [4, 5] {
+        let cid = *Block::raw(bytes[leaf * 262_144..(leaf + 1) * 262_144].to_vec()).cid();
+        assert!(local.delete(&cid)?);
+    }
+    let (got, remote, read) = read_blocking(&online, added.root, from, usize::MAX).await?;
+    read?;
+    assert_eq!(got, bytes[from as usize..]);
+    assert_eq!(remote, 3 * 262_144);
     client.shutdown().await;
     Ok(())
 }
