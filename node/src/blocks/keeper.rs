@@ -22,7 +22,9 @@
 //! looks up the neighbourhoods of the groups it holds (when its targets change, and once a
 //! census period), and asks those daemons and the ones that said they hold some of its blocks,
 //! not every daemon it is connected to: the daemons that should hold its groups are among
-//! them, and connections to the rest close once idle.
+//! them, and connections to the rest close once idle. Such a daemon does not redial the
+//! daemons whose connections closed, so its census comes at least every half idle timeout,
+//! which keeps the connections to its holders open.
 //!
 //! Trade-offs. A census costs one `Has` per daemon per 4096 blocks, and runs only when
 //! something changed (daemons came or went, new targets, a holder stopped answering or passed
@@ -287,6 +289,12 @@ impl Keeper {
                     || hoods.contains(p)
                     || answers.get(p).is_some_and(|a| !a.held.is_empty())
             };
+            // A partial mesh does not redial daemons whose connections closed, so the census's
+            // questions must come often enough to keep those to holders open.
+            let census_every = match net.is_partial() {
+                true => CENSUS_EVERY.min(crate::net::IDLE_TIMEOUT / 2),
+                false => CENSUS_EVERY,
+            };
             let live: BTreeSet<PeerId> = net
                 .daemons()
                 .into_keys()
@@ -309,7 +317,7 @@ impl Keeper {
                         || *l != live
                         || answers.len() < before
                         || answers.values().any(|a| !a.answering)
-                        || at.elapsed() >= CENSUS_EVERY
+                        || at.elapsed() >= census_every
                         || recheck.is_some_and(|t| now >= t)
                 }
             };

@@ -500,7 +500,7 @@ pub async fn spawn(config: NetConfig) -> Result<Network, NetError> {
     let use_mdns = config.mdns;
     let builder = libp2p::SwarmBuilder::with_existing_identity(config.keypair).with_tokio();
     let make = |key: &Keypair| make_behaviour(key, serve, use_mdns);
-    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(IDLE_TIMEOUT);
     let setup = |e: &dyn std::fmt::Display| NetError::Setup(e.to_string());
     let private = config.swarm_key.is_some();
     let mut swarm = match config.swarm_key {
@@ -816,6 +816,8 @@ struct Sending {
     )>,
 }
 
+/// How long a connection nothing uses stays open.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often disconnected known daemons are dialled again.
 const REDIAL: Duration = Duration::from_secs(2);
 /// Neighbourhood lookups running at once (two Kademlia queries each); more find nothing
