@@ -214,10 +214,6 @@ impl Keeper {
             .map(|&(r, _, _)| r)
     }
 
-    fn snapshot_generation(&self) -> u64 {
-        self.inner.lock().expect("keeper lock").generation
-    }
-
     fn snapshot(&self) -> (u64, Vec<Want>) {
         let t = self.inner.lock().expect("keeper lock");
         let wants = t.map.iter().map(|(&cid, &(target, noted, group))| Want {
@@ -270,13 +266,12 @@ impl Keeper {
             // Past a full mesh, the daemons that should hold this daemon's groups (their
             // neighbourhoods) are looked up, which connects to them, when the targets change
             // and once a census period.
-            let generation = self.snapshot_generation();
+            let (generation, targets) = self.snapshot();
             if net.is_partial()
                 && looked_up.is_none_or(|(g, at): (u64, Instant)| {
                     g != generation || at.elapsed() >= CENSUS_EVERY
                 })
             {
-                let (_, targets) = self.snapshot();
                 let keys: BTreeSet<Cid> =
                     targets.iter().map(|w| w.group.unwrap_or(w.cid)).collect();
                 hoods = blocks::neighbourhoods(&net, keys).await;
@@ -309,7 +304,6 @@ impl Keeper {
             }
             let before = answers.len();
             answers.retain(|_, a| now.duration_since(a.seen) < grace);
-            let (generation, targets) = self.snapshot();
             let due = match &last {
                 None => true,
                 Some((g, l, at)) => {

@@ -1216,7 +1216,7 @@ impl EventLoop {
         }
         // Said before the daemon shows, so whoever sees it sees the mesh as it is.
         let joins = !self.daemons.borrow().contains_key(&peer);
-        if joins && self.daemons.borrow().len() + 1 + self.under_way.len() >= self.mesh {
+        if joins && self.mesh_is_full(1) {
             self.partial.store(true, Ordering::Relaxed);
         }
         let new = self
@@ -1249,7 +1249,7 @@ impl EventLoop {
             self.sweep_again = true;
             return;
         }
-        if self.mesh_is_full() {
+        if self.mesh_is_full(0) {
             // Discovery stops here: there may be daemons this peer will not meet.
             self.partial.store(true, Ordering::Relaxed);
             return;
@@ -1374,10 +1374,11 @@ impl EventLoop {
             .send_if_modified(|d| std::mem::replace(d, n) != n);
     }
 
-    /// Whether discovery may connect to no more daemons ([`NetConfig::mesh`]); dials under
-    /// way count, so a burst of discoveries does not overshoot.
-    fn mesh_is_full(&self) -> bool {
-        self.daemons.borrow().len() + self.under_way.len() >= self.mesh
+    /// Whether discovery may connect to no more daemons ([`NetConfig::mesh`]) once
+    /// `joining` more have; dials under way count, so a burst of discoveries does not
+    /// overshoot.
+    fn mesh_is_full(&self, joining: usize) -> bool {
+        self.daemons.borrow().len() + joining + self.under_way.len() >= self.mesh
     }
 
     /// A peer discovery found (or a known daemon gone): dialled while the mesh has room;
@@ -1386,7 +1387,7 @@ impl EventLoop {
         if self.swarm.is_connected(&peer) || self.banned.contains(&peer) {
             return;
         }
-        if self.mesh_is_full() {
+        if self.mesh_is_full(0) {
             self.partial.store(true, Ordering::Relaxed);
             return;
         }
