@@ -4,14 +4,17 @@
 //! The ceiling for wordcount on 2 daemons on this machine is every core running the wasm job
 //! at its own speed: the shipped wasm wordcount through the executor on one thread, times the
 //! cores. Each round measures, interleaved: wordcount's own code compiled natively through the
-//! SDK (one thread), the wasm module through the executor (one thread), and `p2pmr run`
+//! SDK (one thread), the wasm module through the executor (one thread), both again on every
+//! core at once (one thread per core, each over its share of the input, as map tasks share
+//! the cores: what the cores give together, against the ceiling's assumption that they add
+//! up), and `p2pmr run`
 //! (wordcount, 2 reducers, a new process as a user runs it) on 2 daemons holding the corpus
 //! with 2 replicas (or on clusters of the sizes given with `--daemons`, side by side). The run's `--json` events are timed as the client reads them, which splits
 //! its wall time into phases: start (process start to the job's acceptance: connecting,
 //! publishing the module), plan, map, reduce, store (the output's copies) and exit.
 
 use crate::engine::{cluster, wordcount_cmd};
-use crate::jobs::{native_sdk, wasm};
+use crate::jobs::{native_sdk, native_sdk_at_once, wasm, wasm_at_once};
 use crate::peers::{client, output, DaemonProc};
 use crate::suite::cores;
 use crate::{corpus, median, p2pmr_bin, tempdir_in_target, time};
@@ -113,12 +116,15 @@ pub(crate) fn ceiling(sizes_mib: &[u64], daemon_counts: &[usize], rounds: usize)
             let refs: Vec<&DaemonProc> = daemons.iter().collect();
             timed_run(&bin, &refs, cid, "warm")?;
         }
-        let (mut sdk, mut wasm_t) = (vec![], vec![]);
+        let threads = cores as usize;
+        let (mut sdk, mut wasm_t, mut sdk_all, mut wasm_all) = (vec![], vec![], vec![], vec![]);
         let mut runs: Vec<Runs> = clusters.iter().map(|_| Runs::default()).collect();
         for round in 0..rounds {
             eprintln!("{mib} MiB: round {}/{rounds}", round + 1);
             sdk.push(time(|| native_sdk(&input))?.0);
             wasm_t.push(time(|| wasm(&exec, &input))?.0);
+            sdk_all.push(time(|| native_sdk_at_once(&input, threads))?.0);
+            wasm_all.push(time(|| wasm_at_once(&exec, &input, threads))?.0);
             for ((daemons, cid), r) in clusters.iter().zip(&mut runs) {
                 let refs: Vec<&DaemonProc> = daemons.iter().collect();
                 let (m, out) = timed_run(&bin, &refs, cid, &round.to_string())?;
@@ -151,6 +157,14 @@ pub(crate) fn ceiling(sizes_mib: &[u64], daemon_counts: &[usize], rounds: usize)
                 wasm_m,
             ),
             ("ceiling: the wasm module on every core".into(), ceiling_s),
+            (
+                format!("SDK-native, {threads} threads at once, 1/{threads} each"),
+                median(sdk_all),
+            ),
+            (
+                format!("the wasm module, {threads} tasks at once, 1/{threads} each"),
+                median(wasm_all),
+            ),
         ];
         for (&n, &s) in daemon_counts.iter().zip(&run_m) {
             rows.push((

@@ -18,7 +18,7 @@ use p2pmr_protocol::records::RecordSplitter;
 use p2pmr_protocol::Block;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -28,12 +28,22 @@ const BATCH: usize = 1 << 20;
 
 /// Calls `f` with each batch of whole records of the file, as run-local makes them (the whole
 /// records of each 1 MiB read, not copied).
-fn batches(path: &Path, mut f: impl FnMut(&[u8], u64) -> Result<()>) -> Result<()> {
-    let size = path.metadata()?.len();
-    let mut splitter = RecordSplitter::new(0, size, BATCH);
+fn batches(path: &Path, f: impl FnMut(&[u8], u64) -> Result<()>) -> Result<()> {
+    batches_in(path, 0, path.metadata()?.len(), f)
+}
+
+/// [`batches`] over the records starting in `[start, end)` of the file.
+fn batches_in(
+    path: &Path,
+    start: u64,
+    end: u64,
+    mut f: impl FnMut(&[u8], u64) -> Result<()>,
+) -> Result<()> {
+    let mut splitter = RecordSplitter::new(start, end, BATCH);
     let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(splitter.feed_from()))?;
     let mut buf = vec![0u8; BATCH];
-    loop {
+    while !splitter.is_done() {
         let n = file.read(&mut buf)?;
         if n == 0 {
             break;
@@ -131,25 +141,70 @@ pub(crate) fn native_plain(path: &Path) -> Result<usize> {
 
 /// The shipped job's code compiled natively, through the SDK, one thread.
 pub(crate) fn native_sdk(path: &Path) -> Result<usize> {
+    native_sdk_in(path, 0, path.metadata()?.len())
+}
+
+/// The shipped wasm module through the executor, one thread.
+pub(crate) fn wasm(exec: &Executor, path: &Path) -> Result<usize> {
+    wasm_in(exec, path, 0, path.metadata()?.len())
+}
+
+/// The shipped wasm module through the executor over the records starting in `[start, end)`.
+fn wasm_in(exec: &Executor, path: &Path, start: u64, end: u64) -> Result<usize> {
+    let wasm = shipped::by_name("wordcount").expect("shipped");
+    let module = exec.load(*Block::raw(wasm.to_vec()).cid(), "wordcount", wasm)?;
+    let mut task = exec.map_task(&module, TaskName::default(), &[], 1, Limits::default())?;
+    batches_in(path, start, end, |batch, offset| {
+        Ok(task.batch(batch, offset)?)
+    })?;
+    let parts = task.finish()?;
+    Ok(std::hint::black_box(parts)
+        .iter()
+        .map(p2pmr_node::engine::runtime::Run::len)
+        .sum())
+}
+
+/// The SDK's code compiled natively over the records starting in `[start, end)`.
+fn native_sdk_in(path: &Path, start: u64, end: u64) -> Result<usize> {
     let mut task = p2pmr_guest::local::MapTask::<WordCount>::new("corpus", &[]);
-    batches(path, |batch, offset| {
+    batches_in(path, start, end, |batch, offset| {
         task.batch(batch, offset);
         Ok(())
     })?;
     Ok(std::hint::black_box(task.finish()).len())
 }
 
-/// The shipped wasm module through the executor, one thread.
-pub(crate) fn wasm(exec: &Executor, path: &Path) -> Result<usize> {
-    let wasm = shipped::by_name("wordcount").expect("shipped");
-    let module = exec.load(*Block::raw(wasm.to_vec()).cid(), "wordcount", wasm)?;
-    let mut task = exec.map_task(&module, TaskName::default(), &[], 1, Limits::default())?;
-    batches(path, |batch, offset| Ok(task.batch(batch, offset)?))?;
-    let parts = task.finish()?;
-    Ok(std::hint::black_box(parts)
-        .iter()
-        .map(p2pmr_node::engine::runtime::Run::len)
-        .sum())
+/// Runs `one` over `threads` equal ranges of the file at once, one thread each, as the map
+/// tasks of a job share the cores (each task its own state, no merge).
+fn at_once(
+    path: &Path,
+    threads: usize,
+    one: impl Fn(&Path, u64, u64) -> Result<usize> + Sync,
+) -> Result<usize> {
+    let size = path.metadata()?.len();
+    let n = threads.max(1) as u64;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let one = &one;
+                s.spawn(move || one(path, size * i / n, size * (i + 1) / n))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .sum()
+    })
+}
+
+/// The SDK's code compiled natively, one thread per core at once.
+pub(crate) fn native_sdk_at_once(path: &Path, threads: usize) -> Result<usize> {
+    at_once(path, threads, native_sdk_in)
+}
+
+/// The shipped wasm module through the executor, one task per core at once.
+pub(crate) fn wasm_at_once(exec: &Executor, path: &Path, threads: usize) -> Result<usize> {
+    at_once(path, threads, |p, start, end| wasm_in(exec, p, start, end))
 }
 
 pub(crate) fn jobs(size_mib: u64, big_mib: u64, rounds: usize) -> Result<()> {
