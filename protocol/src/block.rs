@@ -1,9 +1,11 @@
 //! Blocks: bytes together with the CID they hash to.
 //!
-//! A [`Block`] can only be made by hashing its bytes or by checking them against a claimed CID,
-//! so holding one is proof that it was verified. The store verifies blocks read from disk, the
-//! network verifies blocks received from peers, and everything downstream (the UnixFS reader,
-//! the job executor) takes `&Block` and never hashes again.
+//! A [`Block`] can only be made by hashing its bytes, by checking them against a claimed CID,
+//! or by checking bytes read back against the [`Seal`] of a block verified earlier, so holding
+//! one is proof that it was verified. The network verifies blocks received from peers by their
+//! CIDs; the store seals each block it writes and checks what it reads against the seal (and
+//! against the CID when the seal is missing or does not match); everything downstream (the
+//! UnixFS reader, the job executor) takes `&Block` and never hashes again.
 
 use cid::Cid;
 use multihash_codetable::{Code, MultihashDigest};
@@ -49,6 +51,37 @@ pub enum BlockError {
     },
 }
 
+/// A checksum (CRC-32) of a block's CID and bytes, taken from a [`Block`], so verified bytes.
+///
+/// Kept beside a stored block, it lets a later read be checked at memory speed instead of by
+/// the CID's cryptographic hash: what a store must catch is its own disk's rot and torn or
+/// misdirected writes, which a CRC catches, not bytes chosen to fool it (whoever can write
+/// the store's files can write its seals too). Bytes that do not match a seal are not thereby
+/// corrupt: the seal may be the damaged part, so they go to the full check by CID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seal(u32);
+
+impl Seal {
+    /// The seal's bytes as kept on disk.
+    pub fn to_bytes(self) -> [u8; 4] {
+        self.0.to_le_bytes()
+    }
+
+    /// A seal kept on disk; `None` if the bytes are not one.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        Some(Self(u32::from_le_bytes(bytes.try_into().ok()?)))
+    }
+
+    /// Covers the (canonical) CID too, so a sealed block's file found under another block's
+    /// name does not pass as that block.
+    fn of(cid: &Cid, data: &[u8]) -> Self {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&canonical(cid).to_bytes());
+        crc.update(data);
+        Self(crc.finalize())
+    }
+}
+
 /// Verified bytes and their CID.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Block {
@@ -70,6 +103,22 @@ impl Block {
     pub fn new(cid: Cid, data: Vec<u8>) -> Result<Self, BlockError> {
         verify(&cid, &data)?;
         Ok(Self { cid, data })
+    }
+
+    /// Bytes read back from where a block verified earlier was kept, with that block's seal:
+    /// a block if they match it (and are within [`MAX_BLOCK_SIZE`]), else the bytes back, for
+    /// [`Block::new`] to check against the CID.
+    pub fn unseal(cid: Cid, data: Vec<u8>, seal: Seal) -> Result<Self, Vec<u8>> {
+        if data.len() <= MAX_BLOCK_SIZE && Seal::of(&cid, &data) == seal {
+            Ok(Self { cid, data })
+        } else {
+            Err(data)
+        }
+    }
+
+    /// The seal to keep beside this block's bytes (see [`Seal`]).
+    pub fn seal(&self) -> Seal {
+        Seal::of(&self.cid, &self.data)
     }
 
     /// A raw leaf (CIDv1, codec raw, sha2-256) holding `data`.
@@ -169,6 +218,37 @@ mod tests {
         assert_eq!((named.cid(), named.data()), (&v0, node.data()));
         let other = *Block::raw(vec![1]).cid();
         assert_eq!(node.clone().named(other), Err(node));
+    }
+
+    #[test]
+    fn a_seal_passes_its_own_bytes_under_its_own_name_only() {
+        let block = Block::raw(b"sealed bytes".to_vec());
+        let seal = Seal::from_bytes(&block.seal().to_bytes()).unwrap();
+        let back = Block::unseal(*block.cid(), block.data().to_vec(), seal).unwrap();
+        assert_eq!(back, block);
+        // One flipped bit, a byte cut, a byte added.
+        let mut flipped = block.data().to_vec();
+        flipped[3] ^= 0x10;
+        let cut = block.data()[1..].to_vec();
+        let mut longer = block.data().to_vec();
+        longer.push(0);
+        for bad in [flipped, cut, longer] {
+            assert_eq!(
+                Block::unseal(*block.cid(), bad.clone(), seal),
+                Err(bad),
+                "bytes that differ go back to be checked by CID"
+            );
+        }
+        // Another block's bytes and seal under this block's name.
+        let other = Block::raw(b"other bytes".to_vec());
+        assert!(Block::unseal(*block.cid(), other.data().to_vec(), other.seal()).is_err());
+        // The CIDv0 name of a dag-pb node shares its seal.
+        let node = Block::dag_pb(vec![0x0a, 0x02, 0x08, 0x01]);
+        let v0: Cid = "QmUNLLsPACCz1vLxQVkXqqLX5R1X345qqfHbsf67hvA3Nn"
+            .parse()
+            .unwrap();
+        assert!(Block::unseal(v0, node.data().to_vec(), node.seal()).is_ok());
+        assert_eq!(Seal::from_bytes(&[1, 2, 3]), None);
     }
 
     #[test]

@@ -29,5 +29,5 @@ pub mod tar;
 pub mod unixfs;
 pub mod wire;
 
-pub use block::{Block, BlockError, MAX_BLOCK_SIZE};
+pub use block::{Block, BlockError, Seal, MAX_BLOCK_SIZE};
 pub use cid::Cid;

@@ -198,7 +198,7 @@ pub(crate) fn repo_verify(env: &Env) -> Result<()> {
     let repo = env.open_repo()?;
     let (mut good, mut bad, mut unreadable) = (0u64, 0u64, 0u64);
     for cid in repo.blocks().list() {
-        match repo.blocks().get(&cid?) {
+        match repo.blocks().get_rehashed(&cid?) {
             Ok(_) => good += 1,
             Err(e @ StoreError::Corrupt { .. }) => {
                 eprintln!("{e}");

@@ -12,21 +12,28 @@
 //! is explicit: [`BlockStore::sync`] fsyncs given blocks and their directories, and callers
 //! acknowledge data (print a CID, answer a peer) only after it returns.
 //!
-//! Trust: every read re-hashes the bytes. A block that does not match its CID is moved to
-//! `quarantine/` and reported as [`StoreError::Corrupt`]; it is never returned as data.
+//! Trust: every read checks the bytes. Each block is written with its [`Seal`] (a CRC-32 of
+//! its CID and bytes, taken from the verified block) in an extended attribute of its file, and
+//! a read whose bytes match their seal is a block without hashing them again: the rot, torn
+//! writes and misfiled blocks a disk can produce all change the CRC, and the CID's hash costs
+//! many times as much per byte. Bytes without a seal (a filesystem without extended
+//! attributes, a block written before seals) or not matching it are checked against their CID
+//! (and sealed if they pass, since then the seal was the damaged part). A block that does not
+//! match its CID is moved to `quarantine/` and reported as [`StoreError::Corrupt`]; it is never
+//! returned as data.
 //!
 //! The store is a cheap `Clone` handle and is safe to use from many threads and processes at
 //! once (renames are atomic, identical blocks are interchangeable). It does blocking I/O;
 //! async callers wrap it in `spawn_blocking`.
 
 use p2pmr_protocol::block::{canonical, BlockError};
-use p2pmr_protocol::{Block, Cid, MAX_BLOCK_SIZE};
+use p2pmr_protocol::{Block, Cid, Seal, MAX_BLOCK_SIZE};
 #[cfg(not(target_os = "linux"))]
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -98,7 +105,7 @@ struct Inner {
     /// Whether blocks are written as unnamed files (see [`put_unnamed`]); cleared for good
     /// the first time the filesystem refuses one.
     #[cfg(target_os = "linux")]
-    tmpfile: std::sync::atomic::AtomicBool,
+    tmpfile: AtomicBool,
     /// Blocks newly stored, by canonical CID, for whoever waits for one (Bitswap wants).
     arrivals: tokio::sync::broadcast::Sender<Cid>,
     /// Blocks and bytes newly stored since the store was opened (see [`BlockStore::written`]).
@@ -115,7 +122,7 @@ impl BlockStore {
             quarantine: dir.join("quarantine"),
             next_tmp: AtomicU64::new(0),
             #[cfg(target_os = "linux")]
-            tmpfile: std::sync::atomic::AtomicBool::new(true),
+            tmpfile: AtomicBool::new(true),
             arrivals: tokio::sync::broadcast::channel(ARRIVALS).0,
             written: (AtomicU64::new(0), AtomicU64::new(0)),
         };
@@ -183,9 +190,22 @@ impl BlockStore {
         let _ = cid;
     }
 
-    /// Reads and verifies a block. A block whose bytes do not hash to `cid` is quarantined and
-    /// reported as [`StoreError::Corrupt`].
+    /// Reads and verifies a block (by its seal, else by its CID: see the module's "Trust"). A
+    /// block whose bytes do not hash to `cid` is quarantined and reported as
+    /// [`StoreError::Corrupt`].
     pub fn get(&self, cid: &Cid) -> Result<Block, StoreError> {
+        self.read(cid, true)
+    }
+
+    /// Reads a block and checks it against its CID's hash whatever its seal says (and mends
+    /// the seal): the scrub of `repo verify`, which must find a block whose bytes and seal
+    /// were both changed. A block whose bytes do not hash to `cid` is quarantined and reported
+    /// as [`StoreError::Corrupt`].
+    pub fn get_rehashed(&self, cid: &Cid) -> Result<Block, StoreError> {
+        self.read(cid, false)
+    }
+
+    fn read(&self, cid: &Cid, by_seal: bool) -> Result<Block, StoreError> {
         let path = self.path_of(cid);
         let mut file = match File::open(&path) {
             Ok(f) => f,
@@ -210,8 +230,18 @@ impl BlockStore {
         }
         let mut data = Vec::with_capacity(len as usize);
         file.read_to_end(&mut data).map_err(io_err("read", &path))?;
+        let data = match kept_seal(&file).filter(|_| by_seal) {
+            Some(seal) => match Block::unseal(*cid, data, seal) {
+                Ok(block) => return Ok(block),
+                Err(data) => data,
+            },
+            None => data,
+        };
         match Block::new(*cid, data) {
-            Ok(block) => Ok(block),
+            Ok(block) => {
+                keep_seal(&file, block.seal());
+                Ok(block)
+            }
             Err(BlockError::HashMismatch { .. }) => {
                 Err(self.quarantine(cid, &path, "bytes do not match the hash".to_owned()))
             }
@@ -292,7 +322,7 @@ impl BlockStore {
         }
         #[cfg(target_os = "linux")]
         if self.inner.tmpfile.load(Ordering::Relaxed) {
-            match put_unnamed(&path, block.data()) {
+            match put_unnamed(&path, block.data(), block.seal()) {
                 Ok(stored) => return Ok(stored),
                 Err(Unnamed::Io(e)) => return Err(io_err("store", &path)(e)),
                 Err(Unnamed::Unsupported) => self.inner.tmpfile.store(false, Ordering::Relaxed),
@@ -304,6 +334,7 @@ impl BlockStore {
         let write = || -> io::Result<()> {
             let mut f = File::create_new(&tmp)?;
             f.write_all(block.data())?;
+            keep_seal(&f, block.seal());
             Ok(())
         };
         if let Err(e) = write() {
@@ -497,7 +528,7 @@ enum Unnamed {
 /// locks both for the rename, and a `kill -9` leaves the temporary behind. An unnamed file is
 /// invisible until linked whole and is freed by the kernel if the process dies first.
 #[cfg(target_os = "linux")]
-fn put_unnamed(path: &Path, data: &[u8]) -> Result<bool, Unnamed> {
+fn put_unnamed(path: &Path, data: &[u8], seal: Seal) -> Result<bool, Unnamed> {
     use rustix::fs::{linkat, open, AtFlags, Mode, OFlags, CWD};
     use rustix::io::Errno;
     let dir = path.parent().expect("sharded path");
@@ -534,6 +565,7 @@ fn put_unnamed(path: &Path, data: &[u8]) -> Result<bool, Unnamed> {
     } else {
         file.write_all(data).map_err(Unnamed::Io)?;
     }
+    keep_seal(&file, seal);
     // The /proc path, not AT_EMPTY_PATH: the latter needs CAP_DAC_READ_SEARCH.
     let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
     match linkat(CWD, &proc, CWD, path, AtFlags::SYMLINK_FOLLOW) {
@@ -547,6 +579,49 @@ fn put_unnamed(path: &Path, data: &[u8]) -> Result<bool, Unnamed> {
     }
 }
 
+/// The extended attribute holding a block file's [`Seal`].
+#[cfg(target_os = "linux")]
+const SEAL_ATTR: &str = "user.p2pmr.seal";
+
+/// Whether block files get seals; cleared for good the first time the filesystem says it
+/// keeps no extended attributes.
+#[cfg(target_os = "linux")]
+static SEALING: AtomicBool = AtomicBool::new(true);
+
+/// Keeps `seal` in `file`'s extended attributes. Best effort: a block without its seal is
+/// read back by its CID's hash, so a refusal (a full disk, a file of another owner) costs
+/// only speed.
+#[cfg(target_os = "linux")]
+fn keep_seal(file: &File, seal: Seal) {
+    use rustix::fs::{fsetxattr, XattrFlags};
+    if SEALING.load(Ordering::Relaxed) {
+        if let Err(rustix::io::Errno::NOTSUP) =
+            fsetxattr(file, SEAL_ATTR, &seal.to_bytes(), XattrFlags::empty())
+        {
+            SEALING.store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The seal kept with `file`, if it has one.
+#[cfg(target_os = "linux")]
+fn kept_seal(file: &File) -> Option<Seal> {
+    if !SEALING.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut bytes = [0u8; 4];
+    let n = rustix::fs::fgetxattr(file, SEAL_ATTR, &mut bytes[..]).ok()?;
+    Seal::from_bytes(&bytes[..n])
+}
+
+#[cfg(not(target_os = "linux"))]
+fn keep_seal(_file: &File, _seal: Seal) {}
+
+#[cfg(not(target_os = "linux"))]
+fn kept_seal(_file: &File) -> Option<Seal> {
+    None
+}
+
 /// Direct I/O wants buffers, offsets and lengths aligned to the device's blocks; 4096 covers
 /// every common device.
 #[cfg(target_os = "linux")]
@@ -555,7 +630,7 @@ const DIRECT_ALIGN: usize = 4096;
 /// Whether block contents are written with `O_DIRECT`; cleared for good the first time the
 /// filesystem refuses it.
 #[cfg(target_os = "linux")]
-static DIRECT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+static DIRECT: AtomicBool = AtomicBool::new(true);
 
 thread_local! {
     /// An aligned staging buffer per writer thread, reused so its pages stay resident.
@@ -749,6 +824,81 @@ mod tests {
         // A good copy can be stored again.
         assert!(store.put(&block).unwrap());
         assert_eq!(store.get(block.cid()).unwrap(), block);
+    }
+
+    /// The seal kept with a block's file, as bytes.
+    #[cfg(target_os = "linux")]
+    fn seal_on_disk(path: &Path) -> Option<Vec<u8>> {
+        let mut bytes = [0u8; 16];
+        let n = rustix::fs::getxattr(path, SEAL_ATTR, &mut bytes[..]).ok()?;
+        Some(bytes[..n].to_vec())
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn blocks_are_sealed_and_reads_mend_missing_or_damaged_seals() {
+        use rustix::fs::{removexattr, setxattr, XattrFlags};
+        for unnamed in [true, false] {
+            let (dir, store) = store();
+            let store = if unnamed { store } else { named(store) };
+            let block = Block::raw(vec![unnamed as u8; 70_000]);
+            store.put(&block).unwrap();
+            let path = store.path_of(block.cid());
+            let seal = block.seal().to_bytes().to_vec();
+            assert_eq!(seal_on_disk(&path), Some(seal.clone()), "unnamed {unnamed}");
+            assert_eq!(store.get(block.cid()).unwrap(), block);
+            // No seal (a block from before seals, or copied in by hand): checked by its CID,
+            // then sealed.
+            removexattr(&path, SEAL_ATTR).unwrap();
+            assert_eq!(store.get(block.cid()).unwrap(), block);
+            assert_eq!(seal_on_disk(&path), Some(seal.clone()));
+            // A damaged seal over good bytes: the bytes pass by CID, and the seal is mended.
+            for damaged in [&[0u8, 0, 0, 0][..], &[1, 2, 3], &[9; 9]] {
+                setxattr(&path, SEAL_ATTR, damaged, XattrFlags::empty()).unwrap();
+                assert_eq!(store.get(block.cid()).unwrap(), block);
+                assert_eq!(seal_on_disk(&path), Some(seal.clone()));
+            }
+            // Another sealed block's file under this block's name is not this block.
+            let other = Block::raw(vec![7; 70_000]);
+            store.put(&other).unwrap();
+            fs::rename(store.path_of(other.cid()), &path).unwrap();
+            assert!(matches!(
+                store.get(block.cid()),
+                Err(StoreError::Corrupt { .. })
+            ));
+            assert!(dir.path().join("quarantine").read_dir().unwrap().count() == 1);
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_rehashing_read_finds_bytes_changed_with_their_seal() {
+        let (_dir, store) = store();
+        let block = Block::raw(vec![5; 9_000]);
+        store.put(&block).unwrap();
+        let path = store.path_of(block.cid());
+        // Other bytes, sealed as if they were this block (what only a deliberate change of the
+        // file does): a read by seal takes them, the scrub does not.
+        let mut forged = block.data().to_vec();
+        forged[0] = 6;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&canonical(block.cid()).to_bytes());
+        crc.update(&forged);
+        fs::write(&path, &forged).unwrap();
+        rustix::fs::setxattr(
+            &path,
+            SEAL_ATTR,
+            &crc.finalize().to_le_bytes(),
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        assert_eq!(store.get(block.cid()).unwrap().data(), &forged[..]);
+        assert!(matches!(
+            store.get_rehashed(block.cid()),
+            Err(StoreError::Corrupt { .. })
+        ));
+        store.put(&block).unwrap();
+        assert_eq!(store.get_rehashed(block.cid()).unwrap(), block);
     }
 
     #[test]
