@@ -19,8 +19,8 @@
 //! keeper, so a peer claiming to hold everything cannot keep blocks short of their target.
 //!
 //! Past a full mesh (the daemon stopped connecting to the daemons it discovers), the census
-//! looks up the neighbourhoods of the groups it holds (when its targets change, and once a
-//! census period), and asks those daemons and the ones that said they hold some of its blocks,
+//! looks up the neighbourhoods of the groups it holds (a new group at once, each again once a
+//! census period, at most [`LOOKUPS_PER_TICK`] a tick), and asks those daemons and the ones that said they hold some of its blocks,
 //! not every daemon it is connected to: the daemons that should hold its groups are among
 //! them, and connections to the rest close once idle. Such a daemon does not redial the
 //! daemons whose connections closed, so its census comes at least every half idle timeout,
@@ -243,10 +243,8 @@ impl Keeper {
         // when to look again at copies others are moving.
         let mut moved_at = Instant::now();
         let mut recheck: Option<Instant> = None;
-        // When this daemon's groups' neighbourhoods were last looked up (a partial mesh
-        // only), and for which targets.
-        let mut looked_up: Option<(u64, Instant)> = None;
-        let mut hoods: BTreeSet<PeerId> = BTreeSet::new();
+        // The neighbourhoods of this daemon's groups (a partial mesh only).
+        let mut hoods = Hoods::default();
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -264,24 +262,35 @@ impl Keeper {
                 }
             }
             // Past a full mesh, the daemons that should hold this daemon's groups (their
-            // neighbourhoods) are looked up, which connects to them, when the targets change
-            // and once a census period.
+            // neighbourhoods) are looked up, which connects to them: new groups at once, the
+            // others once a census period, a bounded number a tick.
             let (generation, targets) = self.snapshot();
-            if net.is_partial()
-                && looked_up.is_none_or(|(g, at): (u64, Instant)| {
-                    g != generation || at.elapsed() >= CENSUS_EVERY
-                })
-            {
+            if net.is_partial() {
                 let keys: BTreeSet<Cid> =
                     targets.iter().map(|w| w.group.unwrap_or(w.cid)).collect();
-                hoods = blocks::neighbourhoods(&net, keys).await;
-                looked_up = Some((generation, Instant::now()));
+                let due = hoods.due(&keys, Instant::now(), CENSUS_EVERY, LOOKUPS_PER_TICK);
+                if !due.is_empty() {
+                    let mut found: HashMap<Cid, Vec<PeerId>> =
+                        blocks::look_up_each(&net, due.iter().copied())
+                            .await
+                            .into_iter()
+                            .collect();
+                    let at = Instant::now();
+                    let mut peers = BTreeSet::new();
+                    for key in due {
+                        let hood = found.remove(&key).unwrap_or_default();
+                        peers.extend(hood.iter().copied());
+                        hoods.found(key, hood, at);
+                    }
+                    blocks::admit(&net, peers).await;
+                }
             }
             // Past a full mesh only those neighbourhoods and the daemons that said they hold
             // some of these blocks are asked, so connections to the rest can close.
+            let in_hoods = hoods.peers();
             let asked = |p: &PeerId| {
                 !net.is_partial()
-                    || hoods.contains(p)
+                    || in_hoods.contains(p)
                     || answers.get(p).is_some_and(|a| !a.held.is_empty())
             };
             // A partial mesh does not redial daemons whose connections closed, so the census's
@@ -442,6 +451,52 @@ struct Answer {
 /// A daemon may drop a copy between saying it holds it and the proof (moves drop copies held
 /// in place by others): one that answers "not found" is asked again whether it holds the
 /// block, and if it says no, the block leaves its claims and another is picked.
+/// Neighbourhood lookups a keeper makes per tick at most: a daemon holding many groups
+/// spreads their refreshes over several ticks instead of looking all of them up at once.
+const LOOKUPS_PER_TICK: usize = 64;
+
+/// Past a full mesh, the neighbourhoods of the groups a keeper watches over, as last looked
+/// up, and when.
+#[derive(Default)]
+struct Hoods {
+    by_key: HashMap<Cid, (Vec<PeerId>, Instant)>,
+}
+
+impl Hoods {
+    /// The keys to look up now, at most `max`: those never looked up first, then those whose
+    /// last lookup is at least `every` old, oldest first. Keys not in `keys` (groups no
+    /// longer held) are forgotten.
+    fn due(&mut self, keys: &BTreeSet<Cid>, now: Instant, every: Duration, max: usize) -> Vec<Cid> {
+        self.by_key.retain(|k, _| keys.contains(k));
+        let mut due: Vec<(Option<Instant>, Cid)> = keys
+            .iter()
+            .filter_map(|k| match self.by_key.get(k) {
+                None => Some((None, *k)),
+                Some((_, at)) if now.saturating_duration_since(*at) >= every => {
+                    Some((Some(*at), *k))
+                }
+                Some(_) => None,
+            })
+            .collect();
+        due.sort_unstable();
+        due.into_iter().take(max).map(|(_, k)| k).collect()
+    }
+
+    /// The result of a lookup of `key` made at `at` (no peers if it failed: tried again a
+    /// census period later).
+    fn found(&mut self, key: Cid, hood: Vec<PeerId>, at: Instant) {
+        self.by_key.insert(key, (hood, at));
+    }
+
+    /// Every daemon in a neighbourhood looked up.
+    fn peers(&self) -> BTreeSet<PeerId> {
+        self.by_key
+            .values()
+            .flat_map(|(hood, _)| hood.iter().copied())
+            .collect()
+    }
+}
+
 async fn audit(
     net: &NetClient,
     store: &BlockStore,
@@ -770,6 +825,42 @@ mod tests {
     use p2pmr_protocol::wire::{
         keyspace_distance, keyspace_keys, keyspace_position, NEIGHBOURHOOD,
     };
+
+    #[test]
+    fn neighbourhoods_are_looked_up_new_first_then_oldest_a_few_at_a_time() {
+        let keys: Vec<Cid> = (0..4u8).map(|i| *Block::raw(vec![i]).cid()).collect();
+        let (a, b, c, d) = (keys[0], keys[1], keys[2], keys[3]);
+        let all: BTreeSet<Cid> = keys.iter().copied().collect();
+        let every = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let sorted = |mut v: Vec<Cid>| {
+            v.sort();
+            v
+        };
+        let mut hoods = Hoods::default();
+        // Nothing looked up yet: at most `max` of them.
+        assert_eq!(hoods.due(&all, at(0), every, 3).len(), 3);
+        let (pa, pb) = (PeerId::random(), PeerId::random());
+        hoods.found(a, vec![pa], at(0));
+        hoods.found(b, vec![pb], at(1));
+        // New keys come before any refresh; fresh ones are not due.
+        assert_eq!(
+            sorted(hoods.due(&all, at(30), every, 10)),
+            sorted(vec![c, d])
+        );
+        hoods.found(c, vec![], at(2)); // a lookup that failed
+        hoods.found(d, vec![pa], at(3));
+        assert!(hoods.due(&all, at(59), every, 10).is_empty());
+        // A census period on: the oldest first, within the bound.
+        assert_eq!(hoods.due(&all, at(61), every, 1), vec![a]);
+        assert_eq!(hoods.due(&all, at(62), every, 10).len(), 3, "a, b and c");
+        assert_eq!(hoods.peers(), BTreeSet::from([pa, pb]));
+        // Groups no longer held are forgotten, and their daemons with them.
+        let held = BTreeSet::from([c, d]);
+        assert!(hoods.due(&held, at(30), every, 10).is_empty());
+        assert_eq!(hoods.peers(), BTreeSet::from([pa]));
+    }
 
     /// An answer given at `at`.
     fn answer(held: &[Cid], at: Instant) -> Answer {

@@ -635,18 +635,38 @@ pub(crate) async fn neighbourhoods(
     net: &NetClient,
     keys: impl IntoIterator<Item = Cid>,
 ) -> BTreeSet<PeerId> {
-    use futures::StreamExt;
-    let keys: BTreeSet<Cid> = keys.into_iter().collect();
-    let found: Vec<PeerId> = futures::stream::iter(keys)
-        .map(|key| tokio::time::timeout(LOOKUP_WAIT, net.neighbourhood(key)))
-        .buffer_unordered(LOOKUPS_AT_ONCE)
-        .filter_map(|hood| async move { hood.ok().and_then(Result::ok) })
-        .flat_map(futures::stream::iter)
-        .collect::<BTreeSet<PeerId>>()
+    let found: BTreeSet<PeerId> = look_up_each(net, keys)
         .await
         .into_iter()
+        .flat_map(|(_, hood)| hood)
         .collect();
-    net.daemons_among(&found, LOOKUP_WAIT)
+    admit(net, found).await
+}
+
+/// Each key's neighbourhood ([`NetClient::neighbourhood`]), looked up [`LOOKUPS_AT_ONCE`]
+/// keys at a time: the peers found, not yet dialled; keys whose lookup failed or took longer
+/// than [`LOOKUP_WAIT`] are left out.
+pub(crate) async fn look_up_each(
+    net: &NetClient,
+    keys: impl IntoIterator<Item = Cid>,
+) -> Vec<(Cid, Vec<PeerId>)> {
+    use futures::StreamExt;
+    let keys: BTreeSet<Cid> = keys.into_iter().collect();
+    futures::stream::iter(keys)
+        .map(|key| async move {
+            let hood = tokio::time::timeout(LOOKUP_WAIT, net.neighbourhood(key)).await;
+            Some((key, hood.ok()?.ok()?))
+        })
+        .buffer_unordered(LOOKUPS_AT_ONCE)
+        .filter_map(std::future::ready)
+        .collect()
+        .await
+}
+
+/// The daemons among `peers`, dialled and admitted within [`LOOKUP_WAIT`].
+pub(crate) async fn admit(net: &NetClient, peers: BTreeSet<PeerId>) -> BTreeSet<PeerId> {
+    let peers: Vec<PeerId> = peers.into_iter().collect();
+    net.daemons_among(&peers, LOOKUP_WAIT)
         .await
         .into_iter()
         .collect()
