@@ -20,8 +20,8 @@
 //!
 //! Past a full mesh (the daemon stopped connecting to the daemons it discovers), the census
 //! looks up the neighbourhoods of the groups it holds (a new group at once, each again once a
-//! census period, at most [`LOOKUPS_PER_TICK`] a tick), and asks those daemons and the ones that said they hold some of its blocks,
-//! not every daemon it is connected to: the daemons that should hold its groups are among
+//! census period, at most [`LOOKUPS_PER_TICK`] a tick), and asks those daemons and the ones
+//! that said they hold some of its blocks, not every daemon it is connected to: the daemons that should hold its groups are among
 //! them, and connections to the rest close once idle. Such a daemon does not redial the
 //! daemons whose connections closed, so its census comes at least every half idle timeout,
 //! which keeps the connections to its holders open.
@@ -460,6 +460,8 @@ const LOOKUPS_PER_TICK: usize = 64;
 #[derive(Default)]
 struct Hoods {
     by_key: HashMap<Cid, (Vec<PeerId>, Instant)>,
+    /// The daemons of all of them, made again only after a change.
+    peers: Option<BTreeSet<PeerId>>,
 }
 
 impl Hoods {
@@ -467,7 +469,11 @@ impl Hoods {
     /// last lookup is at least `every` old, oldest first. Keys not in `keys` (groups no
     /// longer held) are forgotten.
     fn due(&mut self, keys: &BTreeSet<Cid>, now: Instant, every: Duration, max: usize) -> Vec<Cid> {
+        let before = self.by_key.len();
         self.by_key.retain(|k, _| keys.contains(k));
+        if self.by_key.len() != before {
+            self.peers = None;
+        }
         let mut due: Vec<(Option<Instant>, Cid)> = keys
             .iter()
             .filter_map(|k| match self.by_key.get(k) {
@@ -486,14 +492,18 @@ impl Hoods {
     /// census period later).
     fn found(&mut self, key: Cid, hood: Vec<PeerId>, at: Instant) {
         self.by_key.insert(key, (hood, at));
+        self.peers = None;
     }
 
     /// Every daemon in a neighbourhood looked up.
-    fn peers(&self) -> BTreeSet<PeerId> {
-        self.by_key
-            .values()
-            .flat_map(|(hood, _)| hood.iter().copied())
-            .collect()
+    fn peers(&mut self) -> &BTreeSet<PeerId> {
+        let by_key = &self.by_key;
+        self.peers.get_or_insert_with(|| {
+            by_key
+                .values()
+                .flat_map(|(hood, _)| hood.iter().copied())
+                .collect()
+        })
     }
 }
 
@@ -855,11 +865,11 @@ mod tests {
         // A census period on: the oldest first, within the bound.
         assert_eq!(hoods.due(&all, at(61), every, 1), vec![a]);
         assert_eq!(hoods.due(&all, at(62), every, 10).len(), 3, "a, b and c");
-        assert_eq!(hoods.peers(), BTreeSet::from([pa, pb]));
+        assert_eq!(hoods.peers(), &BTreeSet::from([pa, pb]));
         // Groups no longer held are forgotten, and their daemons with them.
         let held = BTreeSet::from([c, d]);
         assert!(hoods.due(&held, at(30), every, 10).is_empty());
-        assert_eq!(hoods.peers(), BTreeSet::from([pa]));
+        assert_eq!(hoods.peers(), &BTreeSet::from([pa]));
     }
 
     /// An answer given at `at`.
