@@ -580,6 +580,13 @@ impl<'a> PhaseState<'a> {
         };
         self.running_pairs.remove(&(t, p));
         self.beaten.remove(&id);
+        // Its peer was given up on while it ran, and the answer came before the abort: it no
+        // longer counts (nor makes a second mismatch); the task runs elsewhere, as when the
+        // abort lands first.
+        let result = match self.excluded.remove(&id) {
+            true => Err("its output for another task disagreed with the majority".to_string()),
+            false => result,
+        };
         let (kind, peer) = (self.kind, self.peers[p]);
         if self.complete.contains(&t) {
             // The losing copy of a backed-up task answered before it could be stopped.
@@ -1276,6 +1283,57 @@ mod tests {
         let done = s.into_done();
         assert_eq!(done[0].1, part("right").unwrap());
         assert_eq!(done[1].1, part("one").unwrap());
+    }
+
+    #[test]
+    fn an_answer_of_an_excluded_peer_that_beats_its_abort_does_not_count() {
+        // Two tasks on 3 peers with 2 slots, 2 copies each: some peer runs both tasks.
+        let mut f = Fixture::new(TaskKind::Reduce, 2, 3, 2).verified(2);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let first = starts(&s.take_actions(), &peers);
+        let on = |t: usize, p: usize| first.iter().find(|x| x.1 == t && x.2 == p).map(|x| x.0);
+        let bad = (0..3)
+            .find(|&p| on(0, p).is_some() && on(1, p).is_some())
+            .expect("a peer with both tasks");
+        let good = (0..3)
+            .find(|&p| p != bad && on(0, p).is_some())
+            .expect("task 0's other copy");
+        let other = (0..3)
+            .find(|&p| p != bad && on(1, p).is_some())
+            .expect("task 1's other copy");
+        // Task 0: the bad peer disagrees; a third copy, elsewhere, outvotes it.
+        s.answered(on(0, bad).unwrap(), part("wrong"), at(t0, 10))
+            .unwrap();
+        s.answered(on(0, good).unwrap(), part("right"), at(t0, 10))
+            .unwrap();
+        s.answered(on(1, other).unwrap(), part("one"), at(t0, 15))
+            .unwrap();
+        s.assign(at(t0, 20));
+        let third = starts(&s.take_actions(), &peers);
+        let copy = third.iter().find(|x| x.1 == 0).expect("a third copy");
+        s.answered(copy.0, part("right"), at(t0, 30)).unwrap();
+        let actions = s.take_actions();
+        assert_eq!(mismatches(&actions).len(), 1);
+        let late = on(1, bad).unwrap();
+        assert!(actions.contains(&Action::Abort(late)));
+        // Its copy of task 1 answers before the abort lands, and then the abort's end.
+        s.answered(late, part("late"), at(t0, 31)).unwrap();
+        s.cancelled(late, at(t0, 32)).unwrap();
+        let after = s.take_actions();
+        assert!(mismatches(&after).is_empty(), "{after:?}");
+        assert!(events(&after).into_iter().any(|e| matches!(e,
+            Event::TaskFailed { reason, retry: true, .. } if reason.contains("disagreed"))));
+        // Task 1 runs again, not on the bad peer, and ends with the agreed answer.
+        s.assign(at(t0, 40));
+        let again = starts(&s.take_actions(), &peers);
+        assert!(again.iter().all(|x| x.2 != bad && x.1 == 1), "{again:?}");
+        for x in &again {
+            s.answered(x.0, part("one"), at(t0, 50)).unwrap();
+        }
+        assert!(s.is_done());
+        assert_eq!(s.into_done()[1].1, part("one").unwrap());
     }
 
     #[test]
