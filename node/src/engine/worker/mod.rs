@@ -821,16 +821,26 @@ impl Worker {
                 .await
                 .unwrap_or_default(),
         };
-        blocks::replicate(
-            &self.inner.net,
-            self.inner.repo.blocks(),
-            &written.cids,
-            copies,
-            &avoid,
-            &groups,
-        )
-        .await
-        .map_err(TaskError::Replicate)?;
+        // Daemons restarting must not fail a reduce whose work is done: placing the output's
+        // copies waits a while for enough of them to be back before the task fails.
+        let waiting = Instant::now();
+        loop {
+            let placed = blocks::replicate(
+                &self.inner.net,
+                self.inner.repo.blocks(),
+                &written.cids,
+                copies,
+                &avoid,
+                &groups,
+            )
+            .await;
+            match placed {
+                Err(RemoteError::NotEnoughDaemons { .. }) if waiting.elapsed() < OUTPUT_WAIT => {
+                    tokio::time::sleep(OUTPUT_WAIT / 40).await;
+                }
+                placed => break placed.map_err(TaskError::Replicate)?,
+            }
+        }
         let output = ReduceOutput {
             cid: written.root,
             size: written.size,
@@ -847,6 +857,10 @@ impl Worker {
         Ok(JobResponse::ReduceDone(output))
     }
 }
+
+/// How long a reduce task waits for enough daemons to place its output's copies on (some may
+/// be restarting) before it fails.
+const OUTPUT_WAIT: Duration = Duration::from_secs(10);
 
 /// The layout map outputs are stored in: 64 KiB chunks instead of 256 KiB, because a reduce
 /// task holds about two blocks of every map task's run at once (the one being merged and the
