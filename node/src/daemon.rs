@@ -229,7 +229,11 @@ impl Daemon {
             network.inbound,
             tasks.clone(),
         ));
-        tasks.spawn(replicas.run(network.client.clone(), repo.blocks().clone(), config.grace));
+        tasks.spawn(replicas.clone().run(
+            network.client.clone(),
+            repo.blocks().clone(),
+            config.grace,
+        ));
         let bitswap = Bitswap::new(
             network.client.streams(),
             network.client.clone(),
@@ -256,7 +260,7 @@ impl Daemon {
             None => JobAccess::anyone(),
         };
         let worker = Worker::new(
-            repo.clone(),
+            (repo.clone(), replicas.clone()),
             network.client.clone(),
             (slots, config.slots == 0),
             tasks.clone(),

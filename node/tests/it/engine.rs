@@ -732,6 +732,64 @@ async fn run_and_kill(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outputs_copies_come_back_after_a_holder_is_lost_for_good() -> Result<()> {
+    // A job's output is written by its reducers (its directory by the coordinator), which
+    // hold it as much as the daemons they copied it to: the keepers leave a block short of
+    // its target to its first-ranked holder, which may be its writer.
+    let mut config = p2pmr_node::cluster::ClusterConfig::linked(4, 2);
+    config.daemon.grace = Duration::from_secs(1);
+    let mut cluster = Cluster::start(config).await?;
+    let client = super::client(&cluster, 4).await?;
+    let input = add(&client, words(20_000), 3).await?;
+    let module = publish(&client, "wordcount").await?;
+    let spec = job_spec(module, &[("words".into(), input)], 8, &[], MIN_SPLIT)?;
+    let ran = run_spec(&client, spec).await?;
+    let output = ran
+        .output
+        .ok_or_else(|| anyhow::anyhow!("{:?}", ran.reason))?;
+    // The output's blocks (its directory and parts), and how many daemons hold each.
+    let scratch = tempfile::tempdir()?;
+    let store = p2pmr_node::BlockStore::open(scratch.path())?;
+    client.blocks().copy_into(output, &store).await?;
+    let cids: Vec<Cid> = store.list().collect::<Result<_, _>>()?;
+    let copies = |cluster: &Cluster| -> Vec<usize> {
+        cids.iter()
+            .map(|c| {
+                cluster
+                    .daemons()
+                    .filter(|d| d.repo().blocks().has(c))
+                    .count()
+            })
+            .collect()
+    };
+    assert!(cids.len() >= 5, "parts and the directory: {}", cids.len());
+    assert!(
+        copies(&cluster).iter().all(|&n| n >= 3),
+        "{:?}",
+        copies(&cluster)
+    );
+    // The daemon holding the most of it dies for good; the copies come back on the others.
+    let victim = (0..4)
+        .max_by_key(|&i| {
+            cids.iter()
+                .filter(|c| cluster.daemon(i).repo().blocks().has(c))
+                .count()
+        })
+        .unwrap();
+    cluster.take(victim).unwrap().abort();
+    let restored = tokio::time::timeout(Duration::from_secs(30), async {
+        while !copies(&cluster).iter().all(|&n| n >= 3) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(restored.is_ok(), "copies now {:?}", copies(&cluster));
+    client.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_mappers_and_reducers_still_give_the_exact_output() -> Result<()> {
     let mut corpus = Vec::new();
     std::io::Read::read_to_end(&mut p2pmr_node::corpus::Corpus::new(12 << 20), &mut corpus)?;

@@ -981,6 +981,10 @@ impl Coordinator {
         blocks::replicate(self.net(), repo.blocks(), &[root], copies, &avoid, &own)
             .await
             .map_err(|e| format!("cannot replicate the output directory: {e}"))?;
+        self.inner
+            .worker
+            .keep_own_copies(vec![(root, None)], copies + 1)
+            .await;
         Ok(root)
     }
 

@@ -141,6 +141,8 @@ const HELD_FOR: Duration = Duration::from_secs(2);
 
 struct Inner {
     repo: Repo,
+    /// This daemon's replica targets: its own copies of the outputs it places count too.
+    keeper: crate::blocks::keeper::Keeper,
     net: NetClient,
     exec: Arc<Executor>,
     fetcher: Fetcher,
@@ -215,7 +217,7 @@ impl Worker {
     /// they are its machine's cores, which it shares with the other daemons there (it
     /// reports its machine; see [`host_id`]).
     pub(crate) fn new(
-        repo: Repo,
+        (repo, keeper): (Repo, crate::blocks::keeper::Keeper),
         net: NetClient,
         (slots, shared): (u32, bool),
         tasks: Tasks,
@@ -229,6 +231,7 @@ impl Worker {
         Ok(Self {
             inner: Arc::new(Inner {
                 repo,
+                keeper,
                 net,
                 exec,
                 fetcher,
@@ -246,6 +249,30 @@ impl Worker {
                 memo: Memo::open(&repo_home.join("memo"), memo_bytes),
             }),
         })
+    }
+
+    /// Records the replica target of blocks this daemon wrote and placed copies of on others
+    /// (with their placement groups). Its own copy counts toward the target like the others,
+    /// so its keeper watches it too: the other holders' keepers leave a block to its
+    /// first-ranked holder, which may be this daemon.
+    pub(crate) async fn keep_own_copies(&self, blocks: Vec<(Cid, Option<Cid>)>, target: usize) {
+        if target <= 1 {
+            return;
+        }
+        let keeper = self.inner.keeper.clone();
+        let target = u8::try_from(target).unwrap_or(u8::MAX);
+        let noted = tokio::task::spawn_blocking(move || {
+            blocks
+                .into_iter()
+                .try_for_each(|(cid, group)| keeper.note(cid, target, group))
+                .and_then(|()| keeper.sync())
+        })
+        .await
+        .expect("noting targets panicked");
+        if let Err(e) = noted {
+            // The copies are made; only their upkeep by this daemon is missing.
+            tracing::warn!("{}", crate::error::Chain(&e));
+        }
     }
 
     /// Who may start and stop jobs on this daemon.
@@ -841,6 +868,8 @@ impl Worker {
                 placed => break placed.map_err(TaskError::Replicate)?,
             }
         }
+        let notes = written.cids.iter().map(|c| (*c, groups.get(c).copied()));
+        self.keep_own_copies(notes.collect(), copies + 1).await;
         let output = ReduceOutput {
             cid: written.root,
             size: written.size,
