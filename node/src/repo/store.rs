@@ -232,7 +232,8 @@ impl BlockStore {
         }
         let mut data = Vec::with_capacity(len as usize);
         file.read_to_end(&mut data).map_err(io_err("read", &path))?;
-        let data = match kept_seal(&file).filter(|_| by_seal) {
+        let kept = kept_seal(&file);
+        let data = match kept.filter(|_| by_seal) {
             Some(seal) => match Block::unseal(*cid, data, seal) {
                 Ok(block) => return Ok(block),
                 Err(data) => data,
@@ -241,7 +242,10 @@ impl BlockStore {
         };
         match Block::new(*cid, data) {
             Ok(block) => {
-                keep_seal(&file, block.seal());
+                // Written only when missing or wrong: a scrub of sound blocks writes nothing.
+                if kept != Some(block.seal()) {
+                    keep_seal(&file, block.seal());
+                }
                 Ok(block)
             }
             Err(BlockError::HashMismatch { .. }) => {

@@ -553,12 +553,9 @@ impl<'a> PhaseState<'a> {
             }
             return Ok(());
         }
-        let reason = if self.excluded.remove(&id) {
-            "its output for another task disagreed with the majority".to_string()
-        } else {
-            let limit = self.liveness.as_secs_f64();
-            format!("no answer to a liveness probe within {limit:.1}s")
-        };
+        // An attempt aborted because its peer was given up on gets that reason in `answered`.
+        let limit = self.liveness.as_secs_f64();
+        let reason = format!("no answer to a liveness probe within {limit:.1}s");
         self.answered(id, Err(reason), now)
     }
 
@@ -580,9 +577,9 @@ impl<'a> PhaseState<'a> {
         };
         self.running_pairs.remove(&(t, p));
         self.beaten.remove(&id);
-        // Its peer was given up on while it ran, and the answer came before the abort: it no
-        // longer counts (nor makes a second mismatch); the task runs elsewhere, as when the
-        // abort lands first.
+        // Its peer was given up on while it ran (aborted, or answering before the abort
+        // landed): its answer no longer counts, nor makes a second mismatch; the task runs
+        // elsewhere.
         let result = match self.excluded.remove(&id) {
             true => Err("its output for another task disagreed with the majority".to_string()),
             false => result,
