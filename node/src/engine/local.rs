@@ -7,12 +7,9 @@
 //! sorted runs of every map task. Map outputs are kept in memory between the phases (combined
 //! jobs like wordcount keep little; the distributed engine keeps them as blocks instead).
 
-use crate::engine::runtime::{
-    Executor, JobError, JobModule, Limits, Partitions, Run, TaskName, ValueIter,
-};
+use crate::engine::merge::{Merge, RunCursor};
+use crate::engine::runtime::{Executor, JobError, JobModule, Limits, Partitions, Run, TaskName};
 use p2pmr_protocol::records::RecordSplitter;
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -214,7 +211,7 @@ where
                         break;
                     }
                 };
-                let merged = Merge::new(runs);
+                let merged = Box::new(Merge::new(runs.into_iter().map(RunCursor::new).collect()));
                 match exec.reduce_task(module, task, &job.args, job.limits, merged, Box::new(out)) {
                     Ok(n) => results.lock().expect("poisoned")[r] = Some(n),
                     Err(e) => {
@@ -285,66 +282,4 @@ fn map_split(
         map.batch(&batch, offset)?;
     }
     Ok(map.finish()?)
-}
-
-/// Merges sorted runs into `(key, values)` groups in key order; a key's values come in run
-/// order, then emission order, so the result does not depend on thread timing.
-pub struct Merge {
-    runs: Vec<Run>,
-    /// The next pair of each run.
-    pos: Vec<usize>,
-    heap: BinaryHeap<Reverse<(Vec<u8>, usize)>>,
-}
-
-impl std::fmt::Debug for Merge {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Merge")
-            .field("runs", &self.runs.len())
-            .finish()
-    }
-}
-
-impl Merge {
-    /// A merge of `runs`, each sorted by key.
-    pub fn new(runs: Vec<Run>) -> Self {
-        let mut heap = BinaryHeap::new();
-        for (i, run) in runs.iter().enumerate() {
-            if let Some((k, _)) = run.pair(0) {
-                heap.push(Reverse((k.to_vec(), i)));
-            }
-        }
-        Self {
-            pos: vec![0; runs.len()],
-            runs,
-            heap,
-        }
-    }
-}
-
-impl Iterator for Merge {
-    type Item = (Vec<u8>, ValueIter);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let Reverse((key, _)) = self.heap.peek()?.clone();
-        let mut values = Vec::new();
-        while let Some(Reverse((k, i))) = self.heap.peek() {
-            if *k != key {
-                break;
-            }
-            let i = *i;
-            self.heap.pop();
-            let run = &self.runs[i];
-            let mut at = self.pos[i];
-            while let Some((k, v)) = run.pair(at) {
-                if k != key.as_slice() {
-                    self.heap.push(Reverse((k.to_vec(), i)));
-                    break;
-                }
-                values.push(v.to_vec());
-                at += 1;
-            }
-            self.pos[i] = at;
-        }
-        Some((key, Box::new(values.into_iter())))
-    }
 }

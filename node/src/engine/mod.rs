@@ -6,6 +6,7 @@ pub mod client;
 pub mod coordinator;
 pub mod events;
 pub mod local;
+pub mod merge;
 pub mod runtime;
 pub(crate) mod server;
 pub mod shipped;

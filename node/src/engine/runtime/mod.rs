@@ -9,6 +9,7 @@
 //! module does (loop, trap, eat memory, emit without end, hand back malformed bytes), the task
 //! fails with a typed [`JobError`] and the executor goes on serving other tasks.
 
+use super::merge::KeyGroups;
 use p2pmr_protocol::abi::{
     self, ABI_VERSION, DEPENDS_ON_NAME, DEPENDS_ON_OFFSETS, REQUIRED_EXPORTS,
 };
@@ -404,9 +405,6 @@ enum Collect {
     },
 }
 
-/// The values the reduce of the current key pulls.
-type ValueSource = Box<dyn FnMut() -> Option<Vec<u8>> + Send>;
-
 struct TaskState {
     /// Keeps the epoch ticker running while this store is alive.
     _ticking: Ticking,
@@ -415,9 +413,8 @@ struct TaskState {
     emitted: u64,
     output_cap: u64,
     over_output: bool,
-    values: Option<ValueSource>,
-    /// A value that did not fit in the guest's buffer on the last pull.
-    pending: Option<Vec<u8>>,
+    /// The groups a reduce task pulls the current key's values from.
+    groups: Option<Box<dyn KeyGroups>>,
     panic: Option<String>,
     abi_error: Option<String>,
     sink_error: Option<String>,
@@ -705,25 +702,23 @@ impl Executor {
                     return Err(wasmtime::Error::msg("bad values"));
                 };
                 let mut written = 0;
-                loop {
-                    let next = match state.pending.take() {
-                        Some(v) => Some(v),
-                        None => state.values.as_mut().and_then(|pull| pull()),
-                    };
-                    let Some(value) = next else { break };
+                let Some(groups) = state.groups.as_mut() else {
+                    return Ok(0);
+                };
+                // A value that does not fit stays unread until the next pull.
+                while let Some(value) = groups.peek_value() {
                     let need = 4 + value.len();
                     if written + need > dest.len() {
-                        let too_big = written == 0;
-                        state.pending = Some(value);
-                        if too_big {
+                        if written == 0 {
                             // The guest must grow its buffer to take this one value.
                             return Ok(-(i32::try_from(need).unwrap_or(i32::MAX)));
                         }
                         break;
                     }
                     dest[written..written + 4].copy_from_slice(&(value.len() as u32).to_le_bytes());
-                    dest[written + 4..written + need].copy_from_slice(&value);
+                    dest[written + 4..written + need].copy_from_slice(value);
                     written += need;
+                    groups.take_value();
                 }
                 Ok(written as i32)
             },
@@ -863,8 +858,7 @@ impl Executor {
                 emitted: 0,
                 output_cap: limits.output,
                 over_output: false,
-                values: None,
-                pending: None,
+                groups: None,
                 panic: None,
                 abi_error: None,
                 sink_error: None,
@@ -930,29 +924,29 @@ impl Executor {
         Ok(t)
     }
 
-    /// Runs a reduce task over `groups` (keys in ascending order, each with a source of its
-    /// values), writing the `key<TAB>value` output lines to `out` as they come. Returns the
-    /// number of bytes the job emitted.
-    pub fn reduce_task<I>(
+    /// Runs a reduce task over `groups` (keys in ascending order; the job pulls each key's
+    /// values as it reads them, and those it does not read are skipped), writing the
+    /// `key<TAB>value` output lines to `out` as they come. Returns the number of bytes the job
+    /// emitted.
+    pub fn reduce_task(
         &self,
         module: &JobModule,
         task: TaskName,
         args: &[u8],
         limits: Limits,
-        groups: I,
+        groups: Box<dyn KeyGroups>,
         out: Box<dyn std::io::Write + Send>,
-    ) -> Result<u64, JobError>
-    where
-        I: IntoIterator<Item = (Vec<u8>, ValueIter)>,
-    {
+    ) -> Result<u64, JobError> {
         let limits = limits.capped_by(self.max);
         let mut t = self.start(module, task, args, limits, Collect::Reduce { out })?;
-        for (key, mut values) in groups {
-            t.store.data_mut().values = Some(Box::new(move || values.next()));
-            t.store.data_mut().pending = None;
+        t.store.data_mut().groups = Some(groups);
+        let mut key = Vec::new();
+        loop {
+            let groups = t.store.data_mut().groups.as_mut().expect("set above");
+            let Some(next) = groups.next_key() else { break };
+            key.clear();
+            key.extend_from_slice(next);
             t.call_with_input(&key, |f, s, len| f.reduce.call(s, len))?;
-            // Values the job did not read are skipped.
-            t.store.data_mut().values = None;
         }
         if let Collect::Reduce { out } = &mut t.store.data_mut().collect {
             out.flush().map_err(|e| JobError::Sink {
@@ -963,9 +957,6 @@ impl Executor {
         Ok(t.store.data().emitted)
     }
 }
-
-/// The values of one key, streamed into the reduce.
-pub type ValueIter = Box<dyn Iterator<Item = Vec<u8>> + Send>;
 
 fn call0(instance: &Instance, store: &mut Store<TaskState>, name: &str) -> wasmtime::Result<i32> {
     instance

@@ -16,7 +16,7 @@ mod memo;
 pub mod shuffle;
 
 use self::memo::Memo;
-use self::shuffle::{MissingRuns, ShuffleError, StreamMerge};
+use self::shuffle::{MissingRuns, ShuffleError};
 use crate::blocks::RemoteError;
 use crate::blocks::{self, Chunk, Fetcher};
 use crate::engine::access::JobAccess;
@@ -791,15 +791,10 @@ impl Worker {
         let shuffle_error = error.clone();
         let reduced = tokio::task::spawn_blocking(move || {
             let writer = Arc::new(Mutex::new(FileWriter::new(&store)));
-            let merge = StreamMerge::new(streams);
-            exec.reduce_task(
-                &module,
-                name,
-                &args,
-                limits,
-                merge,
-                Box::new(SharedWriter(writer.clone())),
-            )?;
+            let merge = shuffle::merge(streams);
+            // Output lines are small: buffered, the writer is locked once per buffer.
+            let out = std::io::BufWriter::with_capacity(OUT_BUFFER, SharedWriter(writer.clone()));
+            exec.reduce_task(&module, name, &args, limits, Box::new(merge), Box::new(out))?;
             if let Some(e) = shuffle_error.lock().expect("poisoned").take() {
                 return Err(TaskError::Shuffle(e));
             }
@@ -886,6 +881,9 @@ impl Worker {
         Ok(JobResponse::ReduceDone(output))
     }
 }
+
+/// Bytes of reduce output buffered before they go to the output file's writer.
+const OUT_BUFFER: usize = 64 << 10;
 
 /// How long a reduce task waits for enough daemons to place its output's copies on (some may
 /// be restarting) before it fails.

@@ -1,19 +1,19 @@
 //! The reduce side of the shuffle: each map task's run for a partition is a UnixFS file of
 //! ABI-encoded pairs sorted by key, held by its mapper; a reduce task streams every run
 //! (a window of block fetches per run, a bounded number in flight in all, a couple of blocks
-//! buffered per run) and merges them into `(key, values)` groups for the executor, so a
+//! buffered per run) and merges them into key groups the executor pulls values from, so a
 //! partition is never held whole in memory.
 //!
 //! The fetching is async (the network); the merge runs on the reduce task's blocking thread
 //! and pulls decoded bytes from one bounded channel per run.
 
 use crate::blocks::{Fetcher, RemoteError};
-use crate::engine::runtime::ValueIter;
+use crate::engine::merge::{Cursor, Merge};
 use libp2p::PeerId;
 use p2pmr_protocol::unixfs::FileReader;
 use p2pmr_protocol::{Block, Cid};
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Semaphore};
@@ -77,6 +77,7 @@ pub fn open_runs(
             rx,
             buf: Vec::new(),
             pos: 0,
+            head: None,
             error: error.clone(),
         });
     }
@@ -155,7 +156,11 @@ impl Drop for Fetching {
 pub struct RunStream {
     rx: mpsc::Receiver<Result<Vec<u8>, String>>,
     buf: Vec<u8>,
+    /// Where the pair after the current one starts in `buf`.
     pos: usize,
+    /// The current pair's key and value in `buf` (`None` before the first read and at the
+    /// end).
+    head: Option<(Range<usize>, Range<usize>)>,
     error: ShuffleError,
 }
 
@@ -169,9 +174,10 @@ impl RunStream {
         self.error.lock().expect("poisoned").get_or_insert(reason);
     }
 
-    /// The next pair, or `None` at the end of the run or on an error (recorded in the shared
-    /// error, which the reduce task checks when the merge is over).
-    fn next_pair(&mut self) -> Option<(Vec<u8>, Vec<u8>)> {
+    /// Where the next pair's key and value are in `buf`, or `None` at the end of the run or on
+    /// an error (recorded in the shared error, which the reduce task checks when the merge is
+    /// over).
+    fn next_pair(&mut self) -> Option<(Range<usize>, Range<usize>)> {
         loop {
             if let Some((k, klen)) = field(&self.buf, self.pos) {
                 if klen > MAX_FIELD {
@@ -184,16 +190,13 @@ impl RunStream {
                         return None;
                     }
                     if v + vlen <= self.buf.len() {
-                        let pair = (
-                            self.buf[k..k + klen].to_vec(),
-                            self.buf[v..v + vlen].to_vec(),
-                        );
                         self.pos = v + vlen;
-                        return Some(pair);
+                        return Some((k..k + klen, v..v + vlen));
                     }
                 }
             }
             match self.rx.blocking_recv() {
+                // The current pair is left behind here: it is only read until the next one.
                 Some(Ok(bytes)) => {
                     if self.pos == self.buf.len() {
                         // Nothing left over: take the block's buffer as it is.
@@ -220,62 +223,31 @@ impl RunStream {
     }
 }
 
-/// Merges run streams into `(key, values)` groups in key order; equal keys' values come in
-/// run order, then emission order (as in `local::Merge`), so output does not depend on timing.
-#[derive(Debug)]
-pub struct StreamMerge {
-    runs: Vec<RunStream>,
-    /// The value of the pair at the head of each run (its key is in the heap).
-    heads: Vec<Option<Vec<u8>>>,
-    heap: BinaryHeap<Reverse<(Vec<u8>, usize)>>,
-}
+impl Cursor for RunStream {
+    fn head(&self) -> Option<(&[u8], &[u8])> {
+        let (k, v) = self.head.clone()?;
+        Some((&self.buf[k], &self.buf[v]))
+    }
 
-impl StreamMerge {
-    /// Starts the merge (blocks until every run has its first pair). Call from a blocking
-    /// thread.
-    pub fn new(mut runs: Vec<RunStream>) -> Self {
-        let mut heads = Vec::with_capacity(runs.len());
-        let mut heap = BinaryHeap::new();
-        for (i, run) in runs.iter_mut().enumerate() {
-            match run.next_pair() {
-                Some((k, v)) => {
-                    heads.push(Some(v));
-                    heap.push(Reverse((k, i)));
-                }
-                None => heads.push(None),
-            }
-        }
-        Self { runs, heads, heap }
+    fn advance(&mut self) {
+        self.head = self.next_pair();
     }
 }
 
-impl Iterator for StreamMerge {
-    type Item = (Vec<u8>, ValueIter);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let Reverse((key, _)) = self.heap.peek()?.clone();
-        let mut values = Vec::new();
-        while self.heap.peek().is_some_and(|Reverse((k, _))| *k == key) {
-            let Reverse((_, i)) = self.heap.pop().expect("peeked");
-            values.extend(self.heads[i].take());
-            while let Some((k, v)) = self.runs[i].next_pair() {
-                if k == key {
-                    values.push(v);
-                } else {
-                    self.heads[i] = Some(v);
-                    self.heap.push(Reverse((k, i)));
-                    break;
-                }
-            }
-        }
-        Some((key, Box::new(values.into_iter())))
+/// Merges run streams into key groups in key order; equal keys' values come in run order,
+/// then emission order (as in `run-local`), so output does not depend on timing. Blocks until
+/// every run has its first pair: call from a blocking thread.
+pub fn merge(mut runs: Vec<RunStream>) -> Merge<RunStream> {
+    for run in &mut runs {
+        run.advance();
     }
+    Merge::new(runs)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::local::Merge;
+    use crate::engine::merge::{collect, RunCursor};
     use crate::engine::runtime::Run;
     use p2pmr_protocol::abi::encode_pair;
     use std::io::Write;
@@ -298,6 +270,7 @@ mod tests {
             rx,
             buf: Vec::new(),
             pos: 0,
+            head: None,
             error: error.clone(),
         }
     }
@@ -311,8 +284,14 @@ mod tests {
         stream_of(pieces, &ShuffleError::default())
     }
 
-    fn collect(it: impl Iterator<Item = (Vec<u8>, ValueIter)>) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
-        it.map(|(k, v)| (k, v.collect())).collect()
+    fn in_memory(runs: Vec<Run>) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
+        collect(&mut Merge::new(
+            runs.into_iter().map(RunCursor::new).collect(),
+        ))
+    }
+
+    fn streamed(streams: Vec<RunStream>) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
+        collect(&mut merge(streams))
     }
 
     #[test]
@@ -323,14 +302,10 @@ mod tests {
             run(&[("a", "5"), ("d", "6"), ("bb", "")]),
             run(&[("", "empty key"), ("c", "7")]),
         ];
-        let expected = collect(Merge::new(runs.clone()));
+        let expected = in_memory(runs.clone());
         for piece in [1, 2, 3, 7, 1000] {
             let streams = runs.iter().map(|r| stream(r, piece)).collect();
-            assert_eq!(
-                collect(StreamMerge::new(streams)),
-                expected,
-                "piece {piece}"
-            );
+            assert_eq!(streamed(streams), expected, "piece {piece}");
         }
     }
 
@@ -380,10 +355,10 @@ mod tests {
         let fetcher = Fetcher::new(None, Some(store));
         let (error, missing) = (ShuffleError::default(), MissingRuns::default());
         let (streams, remote, _tasks) = open_runs(&fetcher, stored, 2, &error, &missing);
-        let merged = tokio::task::spawn_blocking(move || collect(StreamMerge::new(streams)))
+        let merged = tokio::task::spawn_blocking(move || streamed(streams))
             .await
             .unwrap();
-        assert_eq!(merged, collect(Merge::new(runs)));
+        assert_eq!(merged, in_memory(runs));
         assert!(error.lock().unwrap().is_none());
         assert!(missing.lock().unwrap().is_empty());
         assert_eq!(remote.load(Ordering::Relaxed), 0);
@@ -395,13 +370,13 @@ mod tests {
         let bytes = r.to_bytes();
         let error = ShuffleError::default();
         let truncated = stream_of(vec![bytes[..bytes.len() - 1].to_vec()], &error);
-        assert_eq!(collect(StreamMerge::new(vec![truncated])).len(), 1);
+        assert_eq!(streamed(vec![truncated]).len(), 1);
         let reason = error.lock().unwrap().clone().unwrap();
         assert!(reason.contains("ends inside"), "{reason}");
 
         let error = ShuffleError::default();
         let huge = stream_of(vec![u32::MAX.to_le_bytes().to_vec()], &error);
-        assert!(collect(StreamMerge::new(vec![huge])).is_empty());
+        assert!(streamed(vec![huge]).is_empty());
         assert!(error.lock().unwrap().is_some());
     }
 }

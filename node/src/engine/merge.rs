@@ -1,0 +1,271 @@
+//! The k-way merge of sorted runs into key groups that a reduce task pulls value by value,
+//! straight out of the runs' buffers: no copy of a pair and no list of a key's values, so a
+//! key with more values than fit in memory still streams.
+
+use super::runtime::Run;
+
+/// A run being read: its current pair, and a way to move past it.
+pub trait Cursor {
+    /// The current pair, or `None` once the run is over.
+    fn head(&self) -> Option<(&[u8], &[u8])>;
+    /// Moves to the next pair (a run read from the network may block for its bytes).
+    fn advance(&mut self);
+}
+
+/// Keys in ascending order, each with its values: what a reduce task consumes.
+pub trait KeyGroups: Send {
+    /// Moves to the next key (skipping what is left of the current key's values) and returns
+    /// it, or `None` when every run is over.
+    fn next_key(&mut self) -> Option<&[u8]>;
+    /// The current key's next value without taking it, or `None` when the key has no more.
+    fn peek_value(&mut self) -> Option<&[u8]>;
+    /// Takes the value [`peek_value`](Self::peek_value) returned.
+    fn take_value(&mut self);
+}
+
+/// Merges runs, each sorted by key, into [`KeyGroups`]. A key's values come in run order, then
+/// in the order they are in their run, so the result does not depend on timing.
+#[derive(Debug)]
+pub struct Merge<C> {
+    runs: Vec<C>,
+    /// A binary min-heap of the runs that have a current pair, by (key, run index).
+    heap: Vec<usize>,
+    /// The current key, once [`KeyGroups::next_key`] has been called.
+    key: Option<Vec<u8>>,
+    /// The run whose current value was taken, to advance before anything is read again.
+    taken: Option<usize>,
+}
+
+impl<C: Cursor> Merge<C> {
+    /// A merge of `runs`.
+    pub fn new(runs: Vec<C>) -> Self {
+        let heap: Vec<usize> = (0..runs.len())
+            .filter(|&i| runs[i].head().is_some())
+            .collect();
+        let mut merge = Self {
+            runs,
+            heap,
+            key: None,
+            taken: None,
+        };
+        for at in (0..merge.heap.len() / 2).rev() {
+            merge.sift_down(at);
+        }
+        merge
+    }
+
+    fn less(&self, a: usize, b: usize) -> bool {
+        let key = |i: usize| self.runs[i].head().map(|(k, _)| k);
+        (key(a), a) < (key(b), b)
+    }
+
+    fn sift_down(&mut self, mut at: usize) {
+        loop {
+            let (l, r) = (2 * at + 1, 2 * at + 2);
+            let mut least = at;
+            if l < self.heap.len() && self.less(self.heap[l], self.heap[least]) {
+                least = l;
+            }
+            if r < self.heap.len() && self.less(self.heap[r], self.heap[least]) {
+                least = r;
+            }
+            if least == at {
+                return;
+            }
+            self.heap.swap(at, least);
+            at = least;
+        }
+    }
+
+    /// Advances the run whose value was taken and puts it back in its place in the heap (it
+    /// is at the top: only the top's value is ever taken).
+    fn settle(&mut self) {
+        let Some(run) = self.taken.take() else { return };
+        debug_assert_eq!(self.heap.first(), Some(&run));
+        self.runs[run].advance();
+        if self.runs[run].head().is_none() {
+            let last = self.heap.pop().expect("the taken run is in the heap");
+            if self.heap.is_empty() {
+                return;
+            }
+            self.heap[0] = last;
+        }
+        self.sift_down(0);
+    }
+}
+
+impl<C: Cursor + Send> KeyGroups for Merge<C> {
+    fn next_key(&mut self) -> Option<&[u8]> {
+        while self.peek_value().is_some() {
+            self.take_value();
+        }
+        let &top = self.heap.first()?;
+        let (key, _) = self.runs[top].head().expect("runs in the heap have a pair");
+        let current = self.key.get_or_insert_with(Vec::new);
+        current.clear();
+        current.extend_from_slice(key);
+        Some(current)
+    }
+
+    fn peek_value(&mut self) -> Option<&[u8]> {
+        self.settle();
+        let &top = self.heap.first()?;
+        let (key, value) = self.runs[top].head().expect("runs in the heap have a pair");
+        (Some(key) == self.key.as_deref()).then_some(value)
+    }
+
+    fn take_value(&mut self) {
+        if let Some(&top) = self.heap.first() {
+            self.taken = Some(top);
+        }
+    }
+}
+
+/// A run held in memory, read from its first pair.
+#[derive(Debug)]
+pub struct RunCursor {
+    run: Run,
+    at: usize,
+}
+
+impl RunCursor {
+    /// A cursor at the start of `run`.
+    pub fn new(run: Run) -> Self {
+        Self { run, at: 0 }
+    }
+}
+
+impl Cursor for RunCursor {
+    fn head(&self) -> Option<(&[u8], &[u8])> {
+        self.run.pair(self.at)
+    }
+
+    fn advance(&mut self) {
+        self.at += 1;
+    }
+}
+
+/// Every group of `groups` with its values, in order (for tests and small outputs).
+pub fn collect(groups: &mut dyn KeyGroups) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
+    let mut all = Vec::new();
+    while let Some(key) = groups.next_key() {
+        let key = key.to_vec();
+        let mut values = Vec::new();
+        while let Some(v) = groups.peek_value() {
+            values.push(v.to_vec());
+            groups.take_value();
+        }
+        all.push((key, values));
+    }
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2pmr_protocol::abi::encode_pair;
+
+    fn run(pairs: &[(&str, &str)]) -> Run {
+        let mut buf = Vec::new();
+        for (k, v) in pairs {
+            encode_pair(&mut buf, k.as_bytes(), v.as_bytes());
+        }
+        Run::sort(buf)
+    }
+
+    fn merged(runs: Vec<Run>) -> Vec<(String, Vec<String>)> {
+        let mut m = Merge::new(runs.into_iter().map(RunCursor::new).collect());
+        collect(&mut m)
+            .into_iter()
+            .map(|(k, vs)| {
+                let s = |b: Vec<u8>| String::from_utf8(b).unwrap();
+                (s(k), vs.into_iter().map(s).collect())
+            })
+            .collect()
+    }
+
+    fn group(k: &str, vs: &[&str]) -> (String, Vec<String>) {
+        (k.into(), vs.iter().map(|v| v.to_string()).collect())
+    }
+
+    #[test]
+    fn keys_come_in_order_with_values_in_run_then_emission_order() {
+        let runs = vec![
+            run(&[("b", "1"), ("a", "2"), ("c", "3"), ("a", "4")]),
+            run(&[]),
+            run(&[("a", "5"), ("d", "6"), ("bb", "")]),
+            run(&[("", "empty key"), ("c", "7")]),
+        ];
+        assert_eq!(
+            merged(runs),
+            vec![
+                group("", &["empty key"]),
+                group("a", &["2", "4", "5"]),
+                group("b", &["1"]),
+                group("bb", &[""]),
+                group("c", &["3", "7"]),
+                group("d", &["6"]),
+            ]
+        );
+    }
+
+    #[test]
+    fn boundary_run_counts_merge_like_one_sorted_list() {
+        for runs in [0usize, 1, 2, 3, 7, 8, 9, 64] {
+            let mut input = Vec::new();
+            let mut expected: Vec<(u32, Vec<String>)> = Vec::new();
+            for r in 0..runs {
+                // Run r holds keys r, r+3, r+6, ... under 40, each twice.
+                let keys: Vec<u32> = (r as u32 % 40..40).step_by(3).collect();
+                let pairs: Vec<(String, String)> = keys
+                    .iter()
+                    .flat_map(|k| {
+                        [
+                            (format!("{k:03}"), format!("{r}a")),
+                            (format!("{k:03}"), format!("{r}b")),
+                        ]
+                    })
+                    .collect();
+                let refs: Vec<(&str, &str)> = pairs
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                input.push(run(&refs));
+                for k in keys {
+                    match expected.iter_mut().find(|(e, _)| *e == k) {
+                        Some((_, vs)) => vs.extend([format!("{r}a"), format!("{r}b")]),
+                        None => expected.push((k, vec![format!("{r}a"), format!("{r}b")])),
+                    }
+                }
+            }
+            expected.sort_by_key(|(k, _)| *k);
+            let expected: Vec<(String, Vec<String>)> = expected
+                .into_iter()
+                .map(|(k, vs)| (format!("{k:03}"), vs))
+                .collect();
+            assert_eq!(merged(input), expected, "{runs} runs");
+        }
+    }
+
+    #[test]
+    fn values_left_unread_are_skipped_and_a_peeked_value_stays_until_taken() {
+        let mut m = Merge::new(
+            vec![
+                run(&[("a", "1"), ("a", "2"), ("b", "3")]),
+                run(&[("a", "4")]),
+            ]
+            .into_iter()
+            .map(RunCursor::new)
+            .collect(),
+        );
+        assert_eq!(m.next_key(), Some(&b"a"[..]));
+        assert_eq!(m.peek_value(), Some(&b"1"[..]));
+        assert_eq!(m.peek_value(), Some(&b"1"[..]));
+        m.take_value();
+        assert_eq!(m.peek_value(), Some(&b"2"[..]));
+        assert_eq!(m.next_key(), Some(&b"b"[..]));
+        assert_eq!(m.peek_value(), Some(&b"3"[..]));
+        assert_eq!(m.next_key(), None);
+        assert_eq!(m.peek_value(), None);
+    }
+}
