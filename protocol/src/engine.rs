@@ -1,4 +1,4 @@
-//! Messages of the job protocol, `/mapreduce/job/2.0.0`: what a client says to a coordinator
+//! Messages of the job protocol, `/mapreduce/job/3.0.0`: what a client says to a coordinator
 //! (submit, watch, list, cancel), what a coordinator says to workers (run this map or reduce
 //! task, abort a job), the progress [`Event`]s watchers receive and the job [`Counters`].
 //!
@@ -13,7 +13,7 @@ use crate::Cid;
 use serde::{Deserialize, Serialize};
 
 /// Protocol name of the job protocol.
-pub const JOB_PROTOCOL: &str = "/mapreduce/job/2.0.0";
+pub const JOB_PROTOCOL: &str = "/mapreduce/job/3.0.0";
 /// Largest job-protocol message (a reduce task names one run per map task; a spec is at most
 /// 1 MiB).
 pub const MAX_JOB_MESSAGE: usize = 4 << 20;
@@ -21,6 +21,30 @@ pub const MAX_JOB_MESSAGE: usize = 4 << 20;
 pub const MAX_EVENTS_PER_REPLY: usize = 1024;
 /// Longest reason (failure message) carried.
 const MAX_REASON: usize = 1024;
+
+/// Smallest chunk size of map output runs.
+pub const MIN_RUN_CHUNK: u32 = 64 << 10;
+/// Largest chunk size of map output runs (the files' default chunk size).
+pub const MAX_RUN_CHUNK: u32 = 256 << 10;
+/// Bytes of run blocks a reduce task holds at once, at most, that [`run_chunk`] plans for: a
+/// reduce holds about two blocks of every run it merges.
+const RUN_BLOCKS_HELD: u64 = 8 << 20;
+
+/// The chunk size a job's map tasks store their runs in, given how many map tasks it has: as
+/// large as lets a reduce task hold two blocks of each run within a few MiB, from 64 to
+/// 256 KiB, a power of two. Larger blocks move a run with fewer requests, hashes and
+/// round trips; with many map tasks the smaller ones bound a reduce task's memory.
+pub fn run_chunk(maps: usize) -> u32 {
+    let fits = RUN_BLOCKS_HELD / (2 * maps.max(1) as u64);
+    let chunk = fits.clamp(u64::from(MIN_RUN_CHUNK), u64::from(MAX_RUN_CHUNK)) as u32;
+    1 << (31 - chunk.leading_zeros())
+}
+
+/// Whether `chunk` is a run chunk size a worker takes: a power of two from
+/// [`MIN_RUN_CHUNK`] to [`MAX_RUN_CHUNK`].
+pub fn is_run_chunk(chunk: u32) -> bool {
+    chunk.is_power_of_two() && (MIN_RUN_CHUNK..=MAX_RUN_CHUNK).contains(&chunk)
+}
 
 mod cid_bytes {
     use super::*;
@@ -191,6 +215,8 @@ pub struct MapTask {
     /// Input offsets of records to leave out: each failed the task more than once (the
     /// spec's `skip_bad_records` allows it; at most that many).
     pub skip: Vec<u64>,
+    /// The chunk size to store the task's runs in ([`run_chunk`]).
+    pub run_chunk: u32,
 }
 
 /// One map task's output for one partition, held by the mapper.
@@ -220,6 +246,9 @@ pub struct ReduceTask {
     pub avoid: Vec<Vec<u8>>,
     /// Attempt number (1 for the first).
     pub attempt: u32,
+    /// The chunk size the job's map tasks were told to store runs in (what the reduce sizes
+    /// its read-ahead by).
+    pub run_chunk: u32,
 }
 
 /// A response of the job protocol.
@@ -658,6 +687,15 @@ impl JobRequest {
     /// Decodes a request, enforcing the size limits.
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
         let request: Self = decode(bytes)?;
+        if let Self::Map(MapTask { run_chunk, .. }) | Self::Reduce(ReduceTask { run_chunk, .. }) =
+            &request
+        {
+            if !is_run_chunk(*run_chunk) {
+                return Err(WireError::Malformed(format!(
+                    "a run chunk size of {run_chunk} bytes"
+                )));
+            }
+        }
         if let Self::Memo { keys } = &request {
             if keys.len() > MAX_MEMO_KEYS {
                 return Err(WireError::TooLarge {
@@ -752,6 +790,7 @@ mod tests {
                 split: 262_144,
                 attempt: 1,
                 skip: vec![300_000],
+                run_chunk: 128 << 10,
             }),
             JobRequest::Reduce(ReduceTask {
                 spec: vec![3],
@@ -763,6 +802,7 @@ mod tests {
                 replicas: 2,
                 avoid: vec![vec![9; 38]],
                 attempt: 1,
+                run_chunk: 64 << 10,
             }),
             JobRequest::Abort { job: cid(4) },
             JobRequest::Slots,
@@ -993,5 +1033,49 @@ mod tests {
         // A CID field holding garbage is refused, not passed on (variant 3 is Cancel).
         assert!(JobRequest::decode(&[3, 3, 0xff, 0xff, 0xff]).is_err());
         assert!(JobRequest::decode(&JobRequest::Cancel { job: cid(1) }.encode()).is_ok());
+        // A task with a run chunk size a worker does not take is refused.
+        for request in samples().0 {
+            for bad in [
+                0,
+                1,
+                1000,
+                MIN_RUN_CHUNK / 2,
+                MIN_RUN_CHUNK + 1,
+                MAX_RUN_CHUNK * 2,
+            ] {
+                let mut r = request.clone();
+                match &mut r {
+                    JobRequest::Map(MapTask { run_chunk, .. })
+                    | JobRequest::Reduce(ReduceTask { run_chunk, .. }) => *run_chunk = bad,
+                    _ => continue,
+                }
+                assert!(
+                    matches!(
+                        JobRequest::decode(&r.encode()),
+                        Err(WireError::Malformed(_))
+                    ),
+                    "{bad}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn runs_are_chunked_large_for_few_map_tasks_and_small_for_many() {
+        for (maps, chunk) in [
+            (0, 256 << 10),
+            (1, 256 << 10),
+            (8, 256 << 10),
+            (16, 256 << 10),
+            (17, 128 << 10),
+            (32, 128 << 10),
+            (33, 64 << 10),
+            (64, 64 << 10),
+            (65, 64 << 10),
+            (100_000, 64 << 10),
+        ] {
+            assert_eq!(run_chunk(maps), chunk, "{maps} map tasks");
+            assert!(is_run_chunk(run_chunk(maps)));
+        }
     }
 }

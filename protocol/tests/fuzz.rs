@@ -223,6 +223,7 @@ fn job_messages_and_specs() {
             split: 262_144,
             attempt: 2,
             skip: vec![12],
+            run_chunk: 64 << 10,
         }),
         JobRequest::AbortTask {
             job: cid(6),

@@ -799,6 +799,7 @@ impl Coordinator {
         tasks: Vec<usize>,
     ) -> Result<(), Stop> {
         let (maps, split) = (&plan.maps, plan.split);
+        let run_chunk = p2pmr_protocol::engine::run_chunk(maps.len());
         let sched = Schedule {
             kind: TaskKind::Map,
             peers: &plan.peers,
@@ -827,6 +828,7 @@ impl Coordinator {
                     split,
                     attempt,
                     skip,
+                    run_chunk,
                 })
             })
             .await?;
@@ -884,6 +886,7 @@ impl Coordinator {
         // Copies go to the daemons still with us; as many as the inputs had, if they can.
         let avoid: Vec<Vec<u8>> = job.gone.iter().map(|p| p.to_bytes()).collect();
         let replicas_now = plan.replicas.min(self.live(&job.gone)).max(1);
+        let run_chunk = p2pmr_protocol::engine::run_chunk(plan.maps.len());
         let sched = Schedule {
             kind: TaskKind::Reduce,
             peers: &plan.peers,
@@ -909,6 +912,7 @@ impl Coordinator {
                     replicas: replicas_now as u32,
                     avoid: avoid.clone(),
                     attempt,
+                    run_chunk,
                 })
             })
             .await?;

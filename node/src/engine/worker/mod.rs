@@ -617,6 +617,10 @@ impl Worker {
     }
 
     async fn map(&self, spec: JobSpec, task: MapTask) -> Result<MapOutput, MapFailure> {
+        if !p2pmr_protocol::engine::is_run_chunk(task.run_chunk) {
+            let chunk = task.run_chunk;
+            return Err(TaskError::Invalid(format!("a run chunk size of {chunk} bytes")).into());
+        }
         if task.skip.len() > spec.skip_bad_records as usize || !task.skip.is_sorted() {
             return Err(TaskError::Invalid(format!(
                 "{} records to skip, unsorted or more than the job allows ({})",
@@ -644,6 +648,7 @@ impl Worker {
         let args = spec.encoded_args();
         let limits = limits_of(&spec);
         let reducers = spec.reducers;
+        let run_chunk = task.run_chunk;
         let mut wrong_output = self.inner.wrong_output;
         let (start, end) = (task.start, task.end);
         // A task that left records out is not the task its key names.
@@ -713,7 +718,7 @@ impl Worker {
                 }
                 c.map_output_records += run.len() as u64;
                 c.map_output_bytes += run.bytes() as u64;
-                let mut w = FileWriter::scratch(&store, run_layout());
+                let mut w = FileWriter::scratch(&store, run_layout(run_chunk));
                 if std::mem::take(&mut wrong_output) {
                     w.write_all(&altered(&run.to_bytes()))?;
                 } else {
@@ -774,6 +779,7 @@ impl Worker {
         let (streams, remote_bytes, mut fetches) = shuffle::open_runs(
             &self.inner.fetcher,
             runs,
+            task.run_chunk as usize,
             SHUFFLE_CONCURRENCY,
             &error,
             &missing,
@@ -889,12 +895,12 @@ const OUT_BUFFER: usize = 64 << 10;
 /// be restarting) before it fails.
 const OUTPUT_WAIT: Duration = Duration::from_secs(10);
 
-/// The layout map outputs are stored in: 64 KiB chunks instead of 256 KiB, because a reduce
-/// task holds about two blocks of every map task's run at once (the one being merged and the
-/// next), so with hundreds of map tasks the chunk size is what bounds its memory. Runs are
-/// internal, so they need not be kubo's layout.
-fn run_layout() -> p2pmr_protocol::unixfs::Layout {
-    p2pmr_protocol::unixfs::Layout::new(64 << 10, 174).expect("a valid layout")
+/// The layout map outputs are stored in: chunks of the size the coordinator chose for the job
+/// ([`p2pmr_protocol::engine::run_chunk`]; a reduce task holds about two blocks of every map
+/// task's run at once, so with many map tasks the chunk size is what bounds its memory). Runs
+/// are internal, so they need not be kubo's layout.
+fn run_layout(chunk: u32) -> p2pmr_protocol::unixfs::Layout {
+    p2pmr_protocol::unixfs::Layout::new(chunk as usize, 174).expect("a valid layout")
 }
 
 /// A count of the store: when it was taken, what it found, and the blocks and bytes the store

@@ -26,11 +26,11 @@ const LOOK_AHEAD_BYTES: usize = 16 << 20;
 /// Most blocks fetched ahead for one run.
 const MAX_AHEAD: usize = 8;
 
-/// Blocks each of `runs` runs fetches ahead: a share of [`LOOK_AHEAD_BYTES`], at least one
-/// (so a task with thousands of map tasks still streams) and at most [`MAX_AHEAD`].
-fn look_ahead(runs: usize) -> usize {
-    let block = super::run_layout().chunk_size();
-    (LOOK_AHEAD_BYTES / block / runs.max(1)).clamp(1, MAX_AHEAD)
+/// Blocks each of `runs` runs stored in `chunk`-byte blocks fetches ahead: a share of
+/// [`LOOK_AHEAD_BYTES`], at least one (so a task with thousands of map tasks still streams)
+/// and at most [`MAX_AHEAD`].
+fn look_ahead(runs: usize, chunk: usize) -> usize {
+    (LOOK_AHEAD_BYTES / chunk.max(1) / runs.max(1)).clamp(1, MAX_AHEAD)
 }
 
 /// Largest key or value accepted from a run (a run is another peer's output).
@@ -41,18 +41,19 @@ pub type ShuffleError = Arc<Mutex<Option<String>>>;
 /// The runs that could not be fetched (their holder is gone), by root CID.
 pub type MissingRuns = Arc<Mutex<Vec<Cid>>>;
 
-/// Starts fetching `runs` (each with the peer that holds it) with at most `concurrency` block
-/// fetches in flight, and returns one stream per run plus the counter of bytes that came over
-/// the network. Fetch tasks stop when their stream is dropped.
+/// Starts fetching `runs` (each with the peer that holds it, stored in `chunk`-byte blocks)
+/// with at most `concurrency` block fetches in flight, and returns one stream per run plus the
+/// counter of bytes that came over the network. Fetch tasks stop when their stream is dropped.
 pub fn open_runs(
     fetcher: &Fetcher,
     runs: Vec<(Cid, Option<PeerId>)>,
+    chunk: usize,
     concurrency: usize,
     error: &ShuffleError,
     missing: &MissingRuns,
 ) -> (Vec<RunStream>, Arc<AtomicU64>, tokio::task::JoinSet<()>) {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
-    let ahead = look_ahead(runs.len());
+    let ahead = look_ahead(runs.len(), chunk);
     let remote_bytes = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     let mut streams = Vec::with_capacity(runs.len());
@@ -311,18 +312,21 @@ mod tests {
 
     #[test]
     fn look_ahead_shares_its_budget_between_runs_within_bounds() {
-        let per_run = LOOK_AHEAD_BYTES / super::super::run_layout().chunk_size();
-        for (runs, ahead) in [
-            (0, MAX_AHEAD),
-            (1, MAX_AHEAD),
-            (per_run / MAX_AHEAD, MAX_AHEAD),
-            (per_run / MAX_AHEAD + 1, MAX_AHEAD - 1),
-            (per_run / 2, 2),
-            (per_run, 1),
-            (per_run + 1, 1),
-            (100_000, 1),
-        ] {
-            assert_eq!(look_ahead(runs), ahead, "{runs} runs");
+        use p2pmr_protocol::engine::{MAX_RUN_CHUNK, MIN_RUN_CHUNK};
+        for chunk in [MIN_RUN_CHUNK as usize, MAX_RUN_CHUNK as usize] {
+            let per_run = LOOK_AHEAD_BYTES / chunk;
+            for (runs, ahead) in [
+                (0, MAX_AHEAD),
+                (1, MAX_AHEAD),
+                (per_run / MAX_AHEAD, MAX_AHEAD),
+                (per_run / MAX_AHEAD + 1, MAX_AHEAD - 1),
+                (per_run / 2, 2),
+                (per_run, 1),
+                (per_run + 1, 1),
+                (100_000, 1),
+            ] {
+                assert_eq!(look_ahead(runs, chunk), ahead, "{runs} runs of {chunk}");
+            }
         }
     }
 
@@ -354,7 +358,7 @@ mod tests {
         }
         let fetcher = Fetcher::new(None, Some(store));
         let (error, missing) = (ShuffleError::default(), MissingRuns::default());
-        let (streams, remote, _tasks) = open_runs(&fetcher, stored, 2, &error, &missing);
+        let (streams, remote, _tasks) = open_runs(&fetcher, stored, 8, 2, &error, &missing);
         let merged = tokio::task::spawn_blocking(move || streamed(streams))
             .await
             .unwrap();
