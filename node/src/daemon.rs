@@ -267,7 +267,11 @@ impl Daemon {
             access,
             (config.memo_bytes, config.fault_wrong_output),
         )?;
-        let node = Node::serving(network.client.clone(), repo.clone(), bitswap);
+        let node = Node::serving(
+            network.client.clone(),
+            (repo.clone(), replicas.clone()),
+            bitswap,
+        );
         let coordinator =
             Coordinator::new(worker.clone(), node.clone(), config.liveness, tasks.clone());
         tasks.spawn(crate::engine::server::serve(

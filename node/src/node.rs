@@ -7,6 +7,7 @@
 //! and one [`Fetcher`], so the peers' latency scores and bans persist across calls.
 
 use crate::bitswap::Bitswap;
+use crate::blocks::keeper::Keeper;
 use crate::blocks::{self, Fetched, Fetcher, FileStat, RemoteError, DISCOVERY};
 use crate::engine::client::{self, Follower};
 use crate::error::Error;
@@ -57,6 +58,8 @@ struct Inner {
     fetcher: Fetcher,
     /// A daemon's own node: it holds one of every stored block's copies itself.
     serving: bool,
+    /// A daemon's keeper, which watches the copies the daemon places.
+    keeper: Option<Keeper>,
 }
 
 /// How to build a client [`Node`].
@@ -155,8 +158,16 @@ impl Node {
 
     /// A daemon's view of itself: its running network and repository, and the IPFS nodes it
     /// can fetch from.
-    pub(crate) fn serving(net: NetClient, repo: Repo, bitswap: Bitswap) -> Self {
-        Self::with_link(Link::given(net), Some(repo), Some(bitswap))
+    pub(crate) fn serving(
+        net: NetClient,
+        (repo, keeper): (Repo, Keeper),
+        bitswap: Bitswap,
+    ) -> Self {
+        let mut node = Self::with_link(Link::given(net), Some(repo), Some(bitswap));
+        Arc::get_mut(&mut node.inner)
+            .expect("not shared yet")
+            .keeper = Some(keeper);
+        node
     }
 
     fn with_link(link: Link, repo: Option<Repo>, bitswap: Option<Bitswap>) -> Self {
@@ -172,7 +183,15 @@ impl Node {
                 repo,
                 fetcher,
                 serving,
+                keeper: None,
             }),
+        }
+    }
+
+    /// Has a daemon's keeper watch the copies of blocks it placed ([`Keeper::keep_own_copies`]).
+    async fn keep_own_copies(&self, blocks: Vec<(Cid, Option<Cid>)>, target: usize) {
+        if let Some(keeper) = &self.inner.keeper {
+            keeper.keep_own_copies(blocks, target).await;
         }
     }
 
@@ -596,7 +615,9 @@ impl Blocks<'_> {
                 .await?;
                 let net = self.0.net(n.get()).await?;
                 let own = HashMap::new();
-                Ok(blocks::replicate(net, &repo, &[cid], n.get() - 1, &[], &own).await?)
+                blocks::replicate(net, &repo, &[cid], n.get() - 1, &[], &own).await?;
+                self.0.keep_own_copies(vec![(cid, None)], n.get()).await;
+                Ok(())
             }
             Replicas::Network(n) => {
                 let net = self.0.net(n.get()).await?;
@@ -643,6 +664,8 @@ impl Blocks<'_> {
                 let repo = self.0.repo().ok_or(Error::NoRepo)?.blocks().clone();
                 let net = self.0.net(n.get()).await?;
                 blocks::replicate(net, &repo, &cids, n.get() - 1, &[], &groups).await?;
+                let notes = cids.iter().map(|c| (*c, groups.get(c).copied()));
+                self.0.keep_own_copies(notes.collect(), n.get()).await;
             }
             Replicas::Network(n) => {
                 let groups = groups().await?;

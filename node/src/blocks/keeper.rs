@@ -193,6 +193,30 @@ impl Keeper {
         Ok(())
     }
 
+    /// Records the target of blocks this daemon wrote and placed copies of on others (each
+    /// with its placement group), durably. Its own copy counts toward the target like the
+    /// others, so this keeper watches it too: the other holders' keepers leave a block to its
+    /// first-ranked holder, which may be this daemon.
+    pub async fn keep_own_copies(&self, blocks: Vec<(Cid, Option<Cid>)>, target: usize) {
+        if target <= 1 {
+            return;
+        }
+        let keeper = self.clone();
+        let target = u8::try_from(target).unwrap_or(u8::MAX);
+        let noted = tokio::task::spawn_blocking(move || {
+            blocks
+                .into_iter()
+                .try_for_each(|(cid, group)| keeper.note(cid, target, group))
+                .and_then(|()| keeper.sync())
+        })
+        .await
+        .expect("noting targets panicked");
+        if let Err(e) = noted {
+            // The copies are made; only their upkeep by this daemon is missing.
+            tracing::warn!("{}", crate::error::Chain(&e));
+        }
+    }
+
     /// Makes the noted targets durable.
     pub fn sync(&self) -> Result<(), KeeperError> {
         let mut t = self.inner.lock().expect("keeper lock");

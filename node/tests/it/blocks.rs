@@ -725,6 +725,46 @@ async fn lost_for_good(mesh: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// A daemon that adds a file itself (as its HTTP API does) keeps one copy and places the
+/// other; when the other's holder is lost for good, the adding daemon's keeper copies the
+/// blocks back, as the receivers' keepers would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_a_daemon_placed_itself_come_back_after_their_other_holder_is_lost() -> Result<()> {
+    let mut cluster = linked_with_grace(3, Duration::from_secs(1)).await?;
+    let client = client(&cluster, 3).await?;
+    let bytes = data(6 * 262_144 + 5, 29);
+    let added = cluster
+        .daemon(0)
+        .node()
+        .blocks()
+        .add(Cursor::new(bytes.clone()), Replicas::network(2))
+        .await?;
+    // 7 leaves and the root, each on 2 daemons, one of them the adder.
+    let full = vec![0, 0, 8];
+    assert_eq!(client.blocks().stat(added.root).await?.replicas, full);
+    assert_eq!(cluster.daemon(0).repo().blocks().stats()?.blocks, 8);
+    let victim = (1..3)
+        .max_by_key(|&i| cluster.daemon(i).repo().blocks().stats().unwrap().blocks)
+        .unwrap();
+    cluster.take(victim).unwrap().abort();
+    let restored = tokio::time::timeout(Duration::from_secs(25), async {
+        loop {
+            let stat = client.blocks().stat(added.root).await?;
+            if stat.replicas == full {
+                return anyhow::Ok(stat);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let stat = client.blocks().stat(added.root).await?;
+    assert!(restored.is_ok(), "copies not restored: {stat:?}");
+    assert_eq!(cat_all(&client, added.root).await?, bytes);
+    client.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
+
 /// What [`Fetcher::read_blocking`] delivered: the bytes, how many came from the network, and
 /// the read's outcome. `stop_after` chunks, the sink asks for no more.
 async fn read_blocking(

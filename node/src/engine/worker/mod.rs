@@ -252,27 +252,9 @@ impl Worker {
     }
 
     /// Records the replica target of blocks this daemon wrote and placed copies of on others
-    /// (with their placement groups). Its own copy counts toward the target like the others,
-    /// so its keeper watches it too: the other holders' keepers leave a block to its
-    /// first-ranked holder, which may be this daemon.
+    /// ([`Keeper::keep_own_copies`](crate::blocks::keeper::Keeper::keep_own_copies)).
     pub(crate) async fn keep_own_copies(&self, blocks: Vec<(Cid, Option<Cid>)>, target: usize) {
-        if target <= 1 {
-            return;
-        }
-        let keeper = self.inner.keeper.clone();
-        let target = u8::try_from(target).unwrap_or(u8::MAX);
-        let noted = tokio::task::spawn_blocking(move || {
-            blocks
-                .into_iter()
-                .try_for_each(|(cid, group)| keeper.note(cid, target, group))
-                .and_then(|()| keeper.sync())
-        })
-        .await
-        .expect("noting targets panicked");
-        if let Err(e) = noted {
-            // The copies are made; only their upkeep by this daemon is missing.
-            tracing::warn!("{}", crate::error::Chain(&e));
-        }
+        self.inner.keeper.keep_own_copies(blocks, target).await;
     }
 
     /// Who may start and stop jobs on this daemon.
