@@ -3,6 +3,7 @@
 //! key with more values than fit in memory still streams.
 
 use super::runtime::Run;
+use std::cmp::Ordering;
 
 /// A run being read: its current pair, and a way to move past it.
 pub trait Cursor {
@@ -23,15 +24,55 @@ pub trait KeyGroups: Send {
     fn take_value(&mut self);
 }
 
+/// A key's first 8 bytes (zero-padded, big-endian) and its length: enough to order most keys
+/// without reading them, and all keys of up to 8 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Prefix {
+    bytes: u64,
+    len: usize,
+}
+
+impl Prefix {
+    fn of(key: &[u8]) -> Self {
+        let mut bytes = [0; 8];
+        let n = key.len().min(8);
+        bytes[..n].copy_from_slice(&key[..n]);
+        Self {
+            bytes: u64::from_be_bytes(bytes),
+            len: key.len(),
+        }
+    }
+
+    /// The order of two keys with these prefixes, if the prefixes decide it: zero padding
+    /// makes a short key and its extension by zero bytes alike, which their lengths tell
+    /// apart as long as both fit.
+    fn order(self, other: Self) -> Option<Ordering> {
+        match self.bytes.cmp(&other.bytes) {
+            Ordering::Equal if self.len <= 8 && other.len <= 8 => Some(self.len.cmp(&other.len)),
+            Ordering::Equal => None,
+            decided => Some(decided),
+        }
+    }
+}
+
+/// A run in the heap, with its current key's prefix.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    prefix: Prefix,
+    run: usize,
+}
+
 /// Merges runs, each sorted by key, into [`KeyGroups`]. A key's values come in run order, then
 /// in the order they are in their run, so the result does not depend on timing.
 #[derive(Debug)]
 pub struct Merge<C> {
     runs: Vec<C>,
     /// A binary min-heap of the runs that have a current pair, by (key, run index).
-    heap: Vec<usize>,
-    /// The current key, once [`KeyGroups::next_key`] has been called.
-    key: Option<Vec<u8>>,
+    heap: Vec<Entry>,
+    /// The current key and its prefix, once [`KeyGroups::next_key`] has been called.
+    key: Option<(Vec<u8>, Prefix)>,
+    /// Whether the top run's current pair is of the current key.
+    in_key: bool,
     /// The run whose current value was taken, to advance before anything is read again.
     taken: Option<usize>,
 }
@@ -39,13 +80,18 @@ pub struct Merge<C> {
 impl<C: Cursor> Merge<C> {
     /// A merge of `runs`.
     pub fn new(runs: Vec<C>) -> Self {
-        let heap: Vec<usize> = (0..runs.len())
-            .filter(|&i| runs[i].head().is_some())
+        let heap: Vec<Entry> = (0..runs.len())
+            .filter_map(|run| {
+                let (key, _) = runs[run].head()?;
+                let prefix = Prefix::of(key);
+                Some(Entry { prefix, run })
+            })
             .collect();
         let mut merge = Self {
             runs,
             heap,
             key: None,
+            in_key: false,
             taken: None,
         };
         for at in (0..merge.heap.len() / 2).rev() {
@@ -54,19 +100,27 @@ impl<C: Cursor> Merge<C> {
         merge
     }
 
-    fn less(&self, a: usize, b: usize) -> bool {
-        let key = |i: usize| self.runs[i].head().map(|(k, _)| k);
-        (key(a), a) < (key(b), b)
+    fn key_of(&self, run: usize) -> &[u8] {
+        self.runs[run].head().map_or(&[], |(k, _)| k)
+    }
+
+    fn less(&self, a: Entry, b: Entry) -> bool {
+        let keys = a
+            .prefix
+            .order(b.prefix)
+            .unwrap_or_else(|| self.key_of(a.run).cmp(self.key_of(b.run)));
+        keys.then(a.run.cmp(&b.run)) == Ordering::Less
     }
 
     fn sift_down(&mut self, mut at: usize) {
+        let len = self.heap.len();
         loop {
             let (l, r) = (2 * at + 1, 2 * at + 2);
             let mut least = at;
-            if l < self.heap.len() && self.less(self.heap[l], self.heap[least]) {
+            if l < len && self.less(self.heap[l], self.heap[least]) {
                 least = l;
             }
-            if r < self.heap.len() && self.less(self.heap[r], self.heap[least]) {
+            if r < len && self.less(self.heap[r], self.heap[least]) {
                 least = r;
             }
             if least == at {
@@ -77,20 +131,34 @@ impl<C: Cursor> Merge<C> {
         }
     }
 
-    /// Advances the run whose value was taken and puts it back in its place in the heap (it
-    /// is at the top: only the top's value is ever taken).
+    /// Advances the run whose value was taken, puts it back in its place in the heap (it is
+    /// at the top: only the top's value is ever taken) and notes whether the new top is still
+    /// of the current key.
     fn settle(&mut self) {
         let Some(run) = self.taken.take() else { return };
-        debug_assert_eq!(self.heap.first(), Some(&run));
+        debug_assert_eq!(self.heap.first().map(|e| e.run), Some(run));
         self.runs[run].advance();
-        if self.runs[run].head().is_none() {
-            let last = self.heap.pop().expect("the taken run is in the heap");
-            if self.heap.is_empty() {
-                return;
+        match self.runs[run].head() {
+            Some((key, _)) => self.heap[0].prefix = Prefix::of(key),
+            None => {
+                let last = self.heap.pop().expect("the taken run is in the heap");
+                if !self.heap.is_empty() {
+                    self.heap[0] = last;
+                }
             }
-            self.heap[0] = last;
         }
         self.sift_down(0);
+        self.in_key = self.top_in_key();
+    }
+
+    fn top_in_key(&self) -> bool {
+        let (Some(top), Some((key, prefix))) = (self.heap.first(), &self.key) else {
+            return false;
+        };
+        match top.prefix.order(*prefix) {
+            Some(order) => order == Ordering::Equal,
+            None => self.key_of(top.run) == key.as_slice(),
+        }
     }
 }
 
@@ -99,24 +167,31 @@ impl<C: Cursor + Send> KeyGroups for Merge<C> {
         while self.peek_value().is_some() {
             self.take_value();
         }
-        let &top = self.heap.first()?;
-        let (key, _) = self.runs[top].head().expect("runs in the heap have a pair");
-        let current = self.key.get_or_insert_with(Vec::new);
+        let top = *self.heap.first()?;
+        let key = self.runs[top.run]
+            .head()
+            .expect("runs in the heap have a pair")
+            .0;
+        let (current, prefix) = self.key.get_or_insert_with(|| (Vec::new(), top.prefix));
         current.clear();
         current.extend_from_slice(key);
+        *prefix = top.prefix;
+        self.in_key = true;
         Some(current)
     }
 
     fn peek_value(&mut self) -> Option<&[u8]> {
         self.settle();
-        let &top = self.heap.first()?;
-        let (key, value) = self.runs[top].head().expect("runs in the heap have a pair");
-        (Some(key) == self.key.as_deref()).then_some(value)
+        if !self.in_key {
+            return None;
+        }
+        let top = self.heap.first()?;
+        self.runs[top.run].head().map(|(_, value)| value)
     }
 
     fn take_value(&mut self) {
-        if let Some(&top) = self.heap.first() {
-            self.taken = Some(top);
+        if self.in_key {
+            self.taken = self.heap.first().map(|e| e.run);
         }
     }
 }
@@ -245,6 +320,47 @@ mod tests {
                 .collect();
             assert_eq!(merged(input), expected, "{runs} runs");
         }
+    }
+
+    #[test]
+    fn keys_alike_in_their_first_eight_bytes_keep_their_order() {
+        let keys: [&[u8]; 10] = [
+            b"",
+            b"\0",
+            b"ab",
+            b"ab\0",
+            b"ab\0\0\0\0\0\0",
+            b"ab\0\0\0\0\0\0\0",
+            b"abcdefgh",
+            b"abcdefgh\0",
+            b"abcdefghi",
+            b"abcdefgi",
+        ];
+        // Each run holds every other key, from a different start, values naming the run.
+        let runs: Vec<Run> = (0..3)
+            .map(|r| {
+                let mut buf = Vec::new();
+                for key in keys.iter().skip(r % 2).step_by(1 + r % 2) {
+                    encode_pair(&mut buf, key, format!("{r}").as_bytes());
+                }
+                Run::sort(buf)
+            })
+            .collect();
+        let mut expected: Vec<(Vec<u8>, Vec<Vec<u8>>)> = Vec::new();
+        for key in keys {
+            let values: Vec<Vec<u8>> = (0..3)
+                .filter(|r| {
+                    keys.iter()
+                        .skip(r % 2)
+                        .step_by(1 + r % 2)
+                        .any(|k| *k == key)
+                })
+                .map(|r| format!("{r}").into_bytes())
+                .collect();
+            expected.push((key.to_vec(), values));
+        }
+        let mut m = Merge::new(runs.into_iter().map(RunCursor::new).collect());
+        assert_eq!(collect(&mut m), expected);
     }
 
     #[test]
