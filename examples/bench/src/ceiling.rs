@@ -7,14 +7,16 @@
 //! SDK (one thread), the wasm module through the executor (one thread), both again on every
 //! core at once (one thread per core, each over its share of the input, as map tasks share
 //! the cores: what the cores give together, against the ceiling's assumption that they add
-//! up), and `p2pmr run`
+//! up), the module on every core again in as many tasks as the automatic split makes, each
+//! with the job's 2 partitions (a job's map phase without the store, the network or the
+//! scheduler: what cutting the input into tasks costs), and `p2pmr run`
 //! (wordcount, 2 reducers, a new process as a user runs it) on 2 daemons holding the corpus
 //! with 2 replicas (or on clusters of the sizes given with `--daemons`, side by side). The run's `--json` events are timed as the client reads them, which splits
 //! its wall time into phases: start (process start to the job's acceptance: connecting,
 //! publishing the module), plan, map, reduce, store (the output's copies) and exit.
 
 use crate::engine::{cluster, wordcount_cmd};
-use crate::jobs::{native_sdk, native_sdk_at_once, wasm, wasm_at_once};
+use crate::jobs::{native_sdk, native_sdk_at_once, wasm, wasm_at_once, wasm_tasks_at_once};
 use crate::peers::{client, output, DaemonProc};
 use crate::suite::cores;
 use crate::{corpus, median, p2pmr_bin, tempdir_in_target, time};
@@ -117,7 +119,10 @@ pub(crate) fn ceiling(sizes_mib: &[u64], daemon_counts: &[usize], rounds: usize)
             timed_run(&bin, &refs, cid, "warm")?;
         }
         let threads = cores as usize;
+        // As many tasks as the automatic split makes, with the job's 2 partitions each.
+        let tasks = (bytes as u64).div_ceil(p2pmr_protocol::job::AUTO_SPLIT_MAX);
         let (mut sdk, mut wasm_t, mut sdk_all, mut wasm_all) = (vec![], vec![], vec![], vec![]);
+        let mut wasm_tasks = vec![];
         let mut runs: Vec<Runs> = clusters.iter().map(|_| Runs::default()).collect();
         for round in 0..rounds {
             eprintln!("{mib} MiB: round {}/{rounds}", round + 1);
@@ -125,6 +130,7 @@ pub(crate) fn ceiling(sizes_mib: &[u64], daemon_counts: &[usize], rounds: usize)
             wasm_t.push(time(|| wasm(&exec, &input))?.0);
             sdk_all.push(time(|| native_sdk_at_once(&input, threads))?.0);
             wasm_all.push(time(|| wasm_at_once(&exec, &input, threads))?.0);
+            wasm_tasks.push(time(|| wasm_tasks_at_once(&exec, &input, threads, tasks, 2))?.0);
             for ((daemons, cid), r) in clusters.iter().zip(&mut runs) {
                 let refs: Vec<&DaemonProc> = daemons.iter().collect();
                 let (m, out) = timed_run(&bin, &refs, cid, &round.to_string())?;
@@ -164,6 +170,10 @@ pub(crate) fn ceiling(sizes_mib: &[u64], daemon_counts: &[usize], rounds: usize)
             (
                 format!("the wasm module, {threads} tasks at once, 1/{threads} each"),
                 median(wasm_all),
+            ),
+            (
+                format!("the wasm module, {tasks} tasks of 2 partitions, {threads} at a time"),
+                median(wasm_tasks),
             ),
         ];
         for (&n, &s) in daemon_counts.iter().zip(&run_m) {

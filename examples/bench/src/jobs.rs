@@ -146,14 +146,21 @@ pub(crate) fn native_sdk(path: &Path) -> Result<usize> {
 
 /// The shipped wasm module through the executor, one thread.
 pub(crate) fn wasm(exec: &Executor, path: &Path) -> Result<usize> {
-    wasm_in(exec, path, 0, path.metadata()?.len())
+    wasm_in(exec, path, 0, path.metadata()?.len(), 1)
 }
 
-/// The shipped wasm module through the executor over the records starting in `[start, end)`.
-fn wasm_in(exec: &Executor, path: &Path, start: u64, end: u64) -> Result<usize> {
+/// The shipped wasm module through the executor over the records starting in `[start, end)`,
+/// its output in `partitions` sorted runs.
+fn wasm_in(exec: &Executor, path: &Path, start: u64, end: u64, partitions: u32) -> Result<usize> {
     let wasm = shipped::by_name("wordcount").expect("shipped");
     let module = exec.load(*Block::raw(wasm.to_vec()).cid(), "wordcount", wasm)?;
-    let mut task = exec.map_task(&module, TaskName::default(), &[], 1, Limits::default())?;
+    let mut task = exec.map_task(
+        &module,
+        TaskName::default(),
+        &[],
+        partitions,
+        Limits::default(),
+    )?;
     batches_in(path, start, end, |batch, offset| {
         Ok(task.batch(batch, offset)?)
     })?;
@@ -204,7 +211,45 @@ pub(crate) fn native_sdk_at_once(path: &Path, threads: usize) -> Result<usize> {
 
 /// The shipped wasm module through the executor, one task per core at once.
 pub(crate) fn wasm_at_once(exec: &Executor, path: &Path, threads: usize) -> Result<usize> {
-    at_once(path, threads, |p, start, end| wasm_in(exec, p, start, end))
+    at_once(path, threads, |p, start, end| {
+        wasm_in(exec, p, start, end, 1)
+    })
+}
+
+/// The shipped wasm module over `tasks` equal ranges of the file, each with `partitions`
+/// partitions, `threads` tasks at a time: a job's map phase without the store, the network or
+/// the scheduler.
+pub(crate) fn wasm_tasks_at_once(
+    exec: &Executor,
+    path: &Path,
+    threads: usize,
+    tasks: u64,
+    partitions: u32,
+) -> Result<usize> {
+    let size = path.metadata()?.len();
+    let tasks = tasks.max(1);
+    let next = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut pairs = 0;
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= tasks {
+                            return Ok(pairs);
+                        }
+                        let (start, end) = (size * i / tasks, size * (i + 1) / tasks);
+                        pairs += wasm_in(exec, path, start, end, partitions)?;
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .sum()
+    })
 }
 
 pub(crate) fn jobs(size_mib: u64, big_mib: u64, rounds: usize) -> Result<()> {
