@@ -163,27 +163,25 @@ impl Node {
         (repo, keeper): (Repo, Keeper),
         bitswap: Bitswap,
     ) -> Self {
-        let mut node = Self::with_link(Link::given(net), Some(repo), Some(bitswap));
-        Arc::get_mut(&mut node.inner)
-            .expect("not shared yet")
-            .keeper = Some(keeper);
-        node
+        Self::with_link(Link::given(net), Some(repo), Some((bitswap, keeper)))
     }
 
-    fn with_link(link: Link, repo: Option<Repo>, bitswap: Option<Bitswap>) -> Self {
+    /// A node over `link`; a daemon's own node also has its Bitswap client and its keeper.
+    fn with_link(link: Link, repo: Option<Repo>, daemon: Option<(Bitswap, Keeper)>) -> Self {
         let link = Arc::new(link);
-        let serving = bitswap.is_some();
-        let mut fetcher = Fetcher::over(link.clone(), repo.as_ref().map(|r| r.blocks().clone()));
-        if let Some(bitswap) = bitswap {
-            fetcher = fetcher.with_bitswap(bitswap);
-        }
+        let serving = daemon.is_some();
+        let fetcher = Fetcher::over(link.clone(), repo.as_ref().map(|r| r.blocks().clone()));
+        let (fetcher, keeper) = match daemon {
+            Some((bitswap, keeper)) => (fetcher.with_bitswap(bitswap), Some(keeper)),
+            None => (fetcher, None),
+        };
         Self {
             inner: Arc::new(Inner {
                 link,
                 repo,
                 fetcher,
                 serving,
-                keeper: None,
+                keeper,
             }),
         }
     }

@@ -16,7 +16,7 @@
 //! publishing the module), plan, map, reduce, store (the output's copies) and exit.
 
 use crate::engine::{cluster, wordcount_cmd};
-use crate::jobs::{native_sdk, native_sdk_at_once, wasm, wasm_at_once, wasm_tasks_at_once};
+use crate::jobs::{native_sdk, native_sdk_at_once, wasm, wasm_at_once};
 use crate::peers::{client, output, DaemonProc};
 use crate::suite::cores;
 use crate::{corpus, median, p2pmr_bin, tempdir_in_target, time};
@@ -120,7 +120,8 @@ pub(crate) fn ceiling(sizes_mib: &[u64], daemon_counts: &[usize], rounds: usize)
         }
         let threads = cores as usize;
         // As many tasks as the automatic split makes, with the job's 2 partitions each.
-        let tasks = (bytes as u64).div_ceil(p2pmr_protocol::job::AUTO_SPLIT_MAX);
+        let split = p2pmr_protocol::job::auto_split(bytes as u64, cores as u64);
+        let tasks = (bytes as u64).div_ceil(split) as usize;
         let (mut sdk, mut wasm_t, mut sdk_all, mut wasm_all) = (vec![], vec![], vec![], vec![]);
         let mut wasm_tasks = vec![];
         let mut runs: Vec<Runs> = clusters.iter().map(|_| Runs::default()).collect();
@@ -129,8 +130,8 @@ pub(crate) fn ceiling(sizes_mib: &[u64], daemon_counts: &[usize], rounds: usize)
             sdk.push(time(|| native_sdk(&input))?.0);
             wasm_t.push(time(|| wasm(&exec, &input))?.0);
             sdk_all.push(time(|| native_sdk_at_once(&input, threads))?.0);
-            wasm_all.push(time(|| wasm_at_once(&exec, &input, threads))?.0);
-            wasm_tasks.push(time(|| wasm_tasks_at_once(&exec, &input, threads, tasks, 2))?.0);
+            wasm_all.push(time(|| wasm_at_once(&exec, &input, threads, threads, 1))?.0);
+            wasm_tasks.push(time(|| wasm_at_once(&exec, &input, threads, tasks, 2))?.0);
             for ((daemons, cid), r) in clusters.iter().zip(&mut runs) {
                 let refs: Vec<&DaemonProc> = daemons.iter().collect();
                 let (m, out) = timed_run(&bin, &refs, cid, &round.to_string())?;

@@ -181,20 +181,30 @@ fn native_sdk_in(path: &Path, start: u64, end: u64) -> Result<usize> {
     Ok(std::hint::black_box(task.finish()).len())
 }
 
-/// Runs `one` over `threads` equal ranges of the file at once, one thread each, as the map
-/// tasks of a job share the cores (each task its own state, no merge).
+/// Runs `one` over `tasks` equal ranges of the file, `threads` at a time, as the map tasks of
+/// a job share the cores (each task its own state, no merge): thread `i` takes range `i`, then
+/// the ranges past the threads' in turn.
 fn at_once(
     path: &Path,
     threads: usize,
+    tasks: usize,
     one: impl Fn(&Path, u64, u64) -> Result<usize> + Sync,
 ) -> Result<usize> {
     let size = path.metadata()?.len();
-    let n = threads.max(1) as u64;
+    let (threads, tasks) = (threads.max(1) as u64, tasks.max(1) as u64);
+    let next = std::sync::atomic::AtomicU64::new(threads);
     std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|i| {
-                let one = &one;
-                s.spawn(move || one(path, size * i / n, size * (i + 1) / n))
+        let handles: Vec<_> = (0..threads.min(tasks))
+            .map(|first| {
+                let (one, next) = (&one, &next);
+                s.spawn(move || {
+                    let (mut i, mut total) = (first, 0);
+                    while i < tasks {
+                        total += one(path, size * i / tasks, size * (i + 1) / tasks)?;
+                        i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(total)
+                })
             })
             .collect();
         handles
@@ -206,49 +216,22 @@ fn at_once(
 
 /// The SDK's code compiled natively, one thread per core at once.
 pub(crate) fn native_sdk_at_once(path: &Path, threads: usize) -> Result<usize> {
-    at_once(path, threads, native_sdk_in)
+    at_once(path, threads, threads, native_sdk_in)
 }
 
-/// The shipped wasm module through the executor, one task per core at once.
-pub(crate) fn wasm_at_once(exec: &Executor, path: &Path, threads: usize) -> Result<usize> {
-    at_once(path, threads, |p, start, end| {
-        wasm_in(exec, p, start, end, 1)
-    })
-}
-
-/// The shipped wasm module over `tasks` equal ranges of the file, each with `partitions`
-/// partitions, `threads` tasks at a time: a job's map phase without the store, the network or
-/// the scheduler.
-pub(crate) fn wasm_tasks_at_once(
+/// The shipped wasm module through the executor over `tasks` equal ranges of the file, each
+/// with `partitions` partitions, `threads` tasks at a time (as many tasks as threads and one
+/// partition: one task per core; more: a job's map phase without the store, the network or
+/// the scheduler).
+pub(crate) fn wasm_at_once(
     exec: &Executor,
     path: &Path,
     threads: usize,
-    tasks: u64,
+    tasks: usize,
     partitions: u32,
 ) -> Result<usize> {
-    let size = path.metadata()?.len();
-    let tasks = tasks.max(1);
-    let next = std::sync::atomic::AtomicU64::new(0);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut pairs = 0;
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= tasks {
-                            return Ok(pairs);
-                        }
-                        let (start, end) = (size * i / tasks, size * (i + 1) / tasks);
-                        pairs += wasm_in(exec, path, start, end, partitions)?;
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("bench thread"))
-            .sum()
+    at_once(path, threads, tasks, |p, start, end| {
+        wasm_in(exec, p, start, end, partitions)
     })
 }
 

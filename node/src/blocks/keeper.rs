@@ -21,8 +21,9 @@
 //! Past a full mesh (the daemon stopped connecting to the daemons it discovers), the census
 //! looks up the neighbourhoods of the groups it holds (a new group at once, each again once a
 //! census period, at most [`LOOKUPS_PER_TICK`] a tick), and asks those daemons and the ones
-//! that said they hold some of its blocks, not every daemon it is connected to: the daemons that should hold its groups are among
-//! them, and connections to the rest close once idle. Such a daemon does not redial the
+//! that said they hold some of its blocks, not every daemon it is connected to: the daemons
+//! that should hold its groups are among them, and connections to the rest close once idle.
+//! Such a daemon does not redial the
 //! daemons whose connections closed, so its census comes at least every half idle timeout,
 //! which keeps the connections to its holders open.
 //!

@@ -220,27 +220,28 @@ impl Cursor for RunCursor {
     }
 }
 
-/// Every group of `groups` with its values, in order (for tests and small outputs).
-pub fn collect(groups: &mut dyn KeyGroups) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
-    let mut all = Vec::new();
-    while let Some(key) = groups.next_key() {
-        let key = key.to_vec();
-        let mut values = Vec::new();
-        while let Some(v) = groups.peek_value() {
-            values.push(v.to_vec());
-            groups.take_value();
-        }
-        all.push((key, values));
-    }
-    all
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use p2pmr_protocol::abi::encode_pair;
 
-    fn run(pairs: &[(&str, &str)]) -> Run {
+    /// Every group of `groups` with its values, in order.
+    pub(crate) fn collect(groups: &mut dyn KeyGroups) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
+        let mut all = Vec::new();
+        while let Some(key) = groups.next_key() {
+            let key = key.to_vec();
+            let mut values = Vec::new();
+            while let Some(v) = groups.peek_value() {
+                values.push(v.to_vec());
+                groups.take_value();
+            }
+            all.push((key, values));
+        }
+        all
+    }
+
+    /// A run of `pairs` (sorted).
+    pub(crate) fn run(pairs: &[(&str, &str)]) -> Run {
         let mut buf = Vec::new();
         for (k, v) in pairs {
             encode_pair(&mut buf, k.as_bytes(), v.as_bytes());

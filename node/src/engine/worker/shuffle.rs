@@ -248,18 +248,10 @@ pub fn merge(mut runs: Vec<RunStream>) -> Merge<RunStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::merge::{collect, RunCursor};
+    use crate::engine::merge::tests::{collect, run};
+    use crate::engine::merge::RunCursor;
     use crate::engine::runtime::Run;
-    use p2pmr_protocol::abi::encode_pair;
     use std::io::Write;
-
-    fn run(pairs: &[(&str, &str)]) -> Run {
-        let mut buf = Vec::new();
-        for (k, v) in pairs {
-            encode_pair(&mut buf, k.as_bytes(), v.as_bytes());
-        }
-        Run::sort(buf)
-    }
 
     /// A stream that yields `pieces` and then ends, recording errors in `error`.
     fn stream_of(pieces: Vec<Vec<u8>>, error: &ShuffleError) -> RunStream {
