@@ -19,6 +19,7 @@ pub const RECORD_RULE: u32 = 2;
 /// Cuts a range of an input into batches of whole records.
 #[derive(Debug, Clone)]
 pub struct RecordSplitter {
+    start: u64,
     end: u64,
     /// Absolute offset of the next byte to be fed.
     pos: u64,
@@ -37,6 +38,7 @@ impl RecordSplitter {
     /// `batch` bytes (a batch is larger only when a single record is).
     pub fn new(start: u64, end: u64, batch: usize) -> Self {
         Self {
+            start,
             end,
             pos: start.saturating_sub(1),
             skipping: start > 0,
@@ -56,6 +58,30 @@ impl RecordSplitter {
     /// Whether the range's last record is complete: no more bytes are needed.
     pub fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// The range's start: records starting from it on are the range's.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// The range's end (exclusive): records starting before it are the range's.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Ends the range at `end` instead, if that leaves it a byte and no byte at or past
+    /// `end - 1` has been fed yet (no record past it can have been handed out); says whether
+    /// it did. The records from `end`
+    /// on are then another range's, `[end, old end)`: the two still see every record once.
+    pub fn shorten(&mut self, end: u64) -> bool {
+        // The record holding byte `end - 1` is the last one; none of it may have been seen,
+        // or a batch could already hold records past it.
+        if self.done || end >= self.end || end <= self.pos || end <= self.start {
+            return false;
+        }
+        self.end = end;
+        true
     }
 
     /// Feeds the next bytes of the input, handing each batch they complete to `each`: whole
@@ -219,10 +245,31 @@ mod tests {
     /// Runs a splitter over `input` fed in pieces of `piece` bytes; checks that every batch
     /// keeps within the batch size unless it is one longer record.
     fn split(input: &[u8], start: u64, end: u64, batch: usize, piece: usize) -> Vec<Batch> {
+        split_shortened(input, (start, end), batch, piece, (usize::MAX, &[])).0
+    }
+
+    /// Like [`split`], but once `after` bytes have been fed the range is shortened to the
+    /// first of `ends` the splitter takes; returns the batches and the range's final end.
+    fn split_shortened(
+        input: &[u8],
+        (start, end): (u64, u64),
+        batch: usize,
+        piece: usize,
+        (after, ends): (usize, &[u64]),
+    ) -> (Vec<Batch>, u64) {
         let mut s = RecordSplitter::new(start, end, batch);
         let mut out = Vec::new();
         let mut at = s.feed_from() as usize;
+        let mut tried = false;
         while at < input.len() && !s.is_done() {
+            if !tried && at >= after {
+                tried = true;
+                for &e in ends {
+                    if s.shorten(e) {
+                        break;
+                    }
+                }
+            }
             let next = (at + piece).min(input.len());
             s.feed(&input[at..next], |offset, bytes| {
                 out.push((offset, bytes.to_vec()));
@@ -241,7 +288,17 @@ mod tests {
                 records.len()
             );
         }
-        out
+        (out, s.end())
+    }
+
+    /// A xorshift generator of numbers below its argument.
+    fn numbers(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
     }
 
     fn records(input: &[u8]) -> Vec<(u64, &[u8])> {
@@ -260,13 +317,7 @@ mod tests {
 
     #[test]
     fn tiled_ranges_see_every_record_once() {
-        let mut seed = 12345u64;
-        let mut rand = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rand = numbers(12345);
         for case in 0..300 {
             let len = rand(200) as usize;
             let input: Vec<u8> = (0..len)
@@ -302,6 +353,68 @@ mod tests {
                 "case {case}: {cuts:?} batch {batch} piece {piece}"
             );
         }
+    }
+
+    #[test]
+    fn a_range_shortened_while_read_and_its_rest_see_every_record_once() {
+        let mut rand = numbers(777);
+        let mut shortened = 0;
+        for case in 0..500 {
+            let len = 1 + rand(200) as usize;
+            let input: Vec<u8> = (0..len)
+                .map(|_| if rand(5) == 0 { b'\n' } else { b'x' })
+                .collect();
+            let start = rand(len as u64);
+            let end = start + 1 + rand(len as u64 - start);
+            let after = rand(len as u64 + 1) as usize;
+            let ends: Vec<u64> = (0..3).map(|_| rand(len as u64 + 2)).collect();
+            let piece = 1 + rand(40) as usize;
+            let (first, cut) = split_shortened(&input, (start, end), 7, piece, (after, &ends));
+            let mut got: Vec<(u64, Vec<u8>)> = Vec::new();
+            let mut add = |batches: Vec<Batch>| {
+                for (offset, bytes) in batches {
+                    for (o, r) in records(&bytes) {
+                        got.push((offset + o, r.to_vec()));
+                    }
+                }
+            };
+            add(first);
+            if cut < end {
+                shortened += 1;
+                assert!(cut > start, "case {case}: cut at {cut}, start {start}");
+                add(split(&input, cut, end, 7, piece));
+            }
+            let want: Vec<(u64, Vec<u8>)> = records(&input)
+                .into_iter()
+                .filter(|(o, _)| (start..end).contains(o))
+                .map(|(o, r)| (o, r.to_vec()))
+                .collect();
+            assert_eq!(got, want, "case {case}: [{start}, {end}) cut at {cut}");
+        }
+        assert!(shortened > 100, "only {shortened} cases were cut short");
+    }
+
+    #[test]
+    fn a_range_is_shortened_only_ahead_of_what_was_fed() {
+        let input = b"aaaa\nbbbb\ncccc\n";
+        let mut s = RecordSplitter::new(0, 15, 100);
+        s.feed(&input[..7], |_, _| Ok::<_, ()>(())).unwrap();
+        // Byte 6 was fed: the record holding it may already be out.
+        for end in [0, 3, 6, 7, 15, 20] {
+            assert!(!s.shorten(end), "{end}");
+        }
+        assert!(s.shorten(10));
+        assert_eq!(s.end(), 10);
+        let mut got = Vec::new();
+        s.feed(&input[7..], |o, b| {
+            got.push((o, b.to_vec()));
+            Ok::<_, ()>(())
+        })
+        .unwrap();
+        assert!(s.is_done());
+        // "bbbb\n" holds byte 9: it is the last record; "cccc" is the rest's.
+        assert_eq!(got, vec![(5, b"bbbb\n".to_vec())]);
+        assert!(!s.shorten(12), "a finished range is not shortened");
     }
 
     #[test]
