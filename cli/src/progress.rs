@@ -241,6 +241,12 @@ impl Progress {
                     short(peer)
                 ));
             }
+            Event::Split { .. } => {
+                // The rest of a task cut in two is one more task to finish.
+                if let Some(bar) = &self.map {
+                    bar.inc_length(1);
+                }
+            }
             Event::VerifyMismatch {
                 kind,
                 task,

@@ -342,8 +342,8 @@ fn map_phase(
             peers,
             slots: &slots,
             machines: None,
-            local: Some(&local),
-            bytes: &bytes,
+            local: Some(local.clone()),
+            bytes: bytes.clone(),
             tasks: (0..tasks).collect(),
             skips: &mut skips,
             verify: 1,
@@ -388,6 +388,7 @@ fn map_phase(
                 let done = Ok(JobResponse::MapDone(MapOutput {
                     parts: vec![],
                     counters: Counters::default(),
+                    cut: None,
                 }));
                 if state.answered(id, done, t0 + now).is_err() {
                     break;

@@ -1,4 +1,4 @@
-//! Messages of the job protocol, `/mapreduce/job/3.0.0`: what a client says to a coordinator
+//! Messages of the job protocol, `/mapreduce/job/4.0.0`: what a client says to a coordinator
 //! (submit, watch, list, cancel), what a coordinator says to workers (run this map or reduce
 //! task, abort a job), the progress [`Event`]s watchers receive and the job [`Counters`].
 //!
@@ -13,7 +13,7 @@ use crate::Cid;
 use serde::{Deserialize, Serialize};
 
 /// Protocol name of the job protocol.
-pub const JOB_PROTOCOL: &str = "/mapreduce/job/3.0.0";
+pub const JOB_PROTOCOL: &str = "/mapreduce/job/4.0.0";
 /// Largest job-protocol message (a reduce task names one run per map task; a spec is at most
 /// 1 MiB).
 pub const MAX_JOB_MESSAGE: usize = 4 << 20;
@@ -38,6 +38,28 @@ pub fn run_chunk(maps: usize) -> u32 {
     let fits = RUN_BLOCKS_HELD / (2 * maps.max(1) as u64);
     let chunk = fits.clamp(u64::from(MIN_RUN_CHUNK), u64::from(MAX_RUN_CHUNK)) as u32;
     1 << (31 - chunk.leading_zeros())
+}
+
+/// The fewest input bytes each part of a running map task keeps when it is cut in two
+/// ([`JobRequest::SplitTask`]): below this a new task's start and its extra runs cost about
+/// what running the part on another core saves.
+pub const MIN_SPLIT_PART: u64 = 16 << 20;
+/// Most candidate cut points in a [`JobRequest::SplitTask`].
+pub const MAX_SPLIT_EDGES: usize = 1024;
+
+/// Where to cut a map task that has read its input up to `at` and ends at `end`: of `edges`
+/// (ascending input offsets, the task's leaf edges), the one nearest the middle of what is
+/// left, leaving at least [`MIN_SPLIT_PART`] bytes to each part; `None` if none does. The
+/// running task keeps `[.., cut)` and another takes `[cut, end)`.
+pub fn split_point(at: u64, end: u64, edges: &[u64]) -> Option<u64> {
+    let low = at.checked_add(MIN_SPLIT_PART)?;
+    let high = end.checked_sub(MIN_SPLIT_PART)?;
+    let middle = at + (end.saturating_sub(at)) / 2;
+    edges
+        .iter()
+        .copied()
+        .filter(|e| (low..=high).contains(e))
+        .min_by_key(|e| e.abs_diff(middle))
 }
 
 /// Whether `chunk` is a run chunk size a worker takes: a power of two from
@@ -156,6 +178,20 @@ pub enum JobRequest {
         root: Cid,
         /// Daemons to keep it on.
         replicas: u32,
+    },
+    /// Coordinator to worker: cut a running map task in two, as another daemon is idle. The
+    /// worker picks the cut among `edges` ([`split_point`]) ahead of what it has read, ends
+    /// the task there and answers [`JobResponse::SplitAt`]; the coordinator runs the rest as
+    /// a new task. Refused (`Failed`) when the task is not running here or too little is left.
+    SplitTask {
+        /// The job id.
+        #[serde(with = "cid_bytes")]
+        job: Cid,
+        /// The map task.
+        task: u32,
+        /// Candidate cuts: input offsets inside the task's range, ascending, at most
+        /// [`MAX_SPLIT_EDGES`].
+        edges: Vec<u64>,
     },
     /// Coordinator to worker: the task outputs it remembers under these keys
     /// ([`crate::memo`]), whichever job made them. Answered [`JobResponse::Memo`].
@@ -308,6 +344,8 @@ pub enum JobResponse {
     /// The outputs a worker remembers under the keys asked for (see [`JobRequest::Memo`]);
     /// keys it does not know are left out.
     Memo(Vec<MemoHit>),
+    /// The map task now ends at this input offset (see [`JobRequest::SplitTask`]).
+    SplitAt(u64),
 }
 
 /// A task output a worker remembers, and its key.
@@ -359,6 +397,9 @@ pub struct MapOutput {
     pub parts: Vec<Option<PartOut>>,
     /// The task's counters.
     pub counters: Counters,
+    /// Where its range ended, when the coordinator cut the task short while it ran
+    /// ([`JobRequest::SplitTask`]); `None` when it ran to the end it was given.
+    pub cut: Option<u64>,
 }
 
 /// One partition's run of a map task.
@@ -567,6 +608,16 @@ pub enum Event {
         /// The peer running the backup.
         peer: String,
     },
+    /// A map task was cut in two while it ran, as a daemon was idle near the end of the map
+    /// phase: it now ends at input offset `at`, and task `rest` takes the range from there.
+    Split {
+        /// The task cut short.
+        task: u32,
+        /// Where it now ends.
+        at: u64,
+        /// The new task.
+        rest: u32,
+    },
     /// Verified execution (`JobSpec::verify`): the daemons that ran a task did not all produce
     /// the same output. The majority's output is used; the `dissent` daemons are excluded from
     /// the rest of the job.
@@ -696,6 +747,18 @@ impl JobRequest {
                 )));
             }
         }
+        if let Self::SplitTask { edges, .. } = &request {
+            if edges.len() > MAX_SPLIT_EDGES {
+                return Err(WireError::TooLarge {
+                    what: "split edge list",
+                    size: edges.len(),
+                    limit: MAX_SPLIT_EDGES,
+                });
+            }
+            if !edges.is_sorted() {
+                return Err(WireError::Malformed("split edges out of order".into()));
+            }
+        }
         if let Self::Memo { keys } = &request {
             if keys.len() > MAX_MEMO_KEYS {
                 return Err(WireError::TooLarge {
@@ -811,6 +874,11 @@ mod tests {
                 root: cid(5),
                 replicas: 2,
             },
+            JobRequest::SplitTask {
+                job: cid(3),
+                task: 4,
+                edges: vec![1 << 20, 2 << 20],
+            },
             JobRequest::Memo {
                 keys: vec![cid(6), cid(7)],
             },
@@ -880,6 +948,7 @@ mod tests {
                     }),
                 ],
                 counters,
+                cut: None,
             }),
             JobResponse::ReduceDone(ReduceOutput {
                 cid: cid(6),
@@ -905,6 +974,7 @@ mod tests {
                     what: "submit".into(),
                 }],
             }),
+            JobResponse::SplitAt(5 << 20),
             JobResponse::Memo(vec![
                 MemoHit {
                     key: cid(8),
@@ -918,6 +988,7 @@ mod tests {
                                 }),
                             ],
                             counters,
+                            cut: None,
                         },
                         after: vec![cid(4), cid(5)],
                         positional: Some(1 << 20),
@@ -944,6 +1015,7 @@ mod tests {
                     output: MapOutput {
                         parts: vec![None],
                         counters,
+                        cut: None,
                     },
                 },
                 FinishedTask::Reduce {
@@ -981,10 +1053,46 @@ mod tests {
     }
 
     #[test]
+    fn a_running_task_is_cut_at_the_edge_nearest_the_middle_of_what_is_left() {
+        const M: u64 = MIN_SPLIT_PART;
+        let edges: Vec<u64> = (1..40).map(|k| k * M / 4).collect();
+        // (read up to, end, cut): what is left is split in two near its middle, on an edge.
+        for (at, end, want) in [
+            (0, 10 * M, Some(5 * M)),
+            (2 * M, 10 * M, Some(6 * M)),
+            (M / 8, 4 * M, Some(2 * M)),
+            // Each part keeps at least MIN_SPLIT_PART.
+            (8 * M, 10 * M, Some(9 * M)),
+            (8 * M + 1, 10 * M, None),
+            (0, 2 * M - 1, None),
+            (9 * M, 10 * M, None),
+            (10 * M, 10 * M, None),
+        ] {
+            assert_eq!(split_point(at, end, &edges), want, "{at} {end}");
+        }
+        assert_eq!(split_point(0, 10 * M, &[]), None);
+        assert_eq!(split_point(0, 10 * M, &[M / 2, 9 * M + 1]), None);
+        assert_eq!(split_point(u64::MAX - 1, u64::MAX, &edges), None);
+    }
+
+    #[test]
     fn limits_and_hostile_bytes() {
         assert!(matches!(
             JobRequest::decode(&vec![0; MAX_JOB_MESSAGE + 1]),
             Err(WireError::TooLarge { .. })
+        ));
+        let edges = |edges: Vec<u64>| JobRequest::SplitTask {
+            job: cid(1),
+            task: 0,
+            edges,
+        };
+        assert!(matches!(
+            JobRequest::decode(&edges(vec![7; MAX_SPLIT_EDGES + 1]).encode()),
+            Err(WireError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            JobRequest::decode(&edges(vec![9, 8]).encode()),
+            Err(WireError::Malformed(_))
         ));
         let keys = JobRequest::Memo {
             keys: vec![cid(1); MAX_MEMO_KEYS + 1],

@@ -302,6 +302,7 @@ mod tests {
             output: MapOutput {
                 parts: vec![None],
                 counters: Default::default(),
+                cut: None,
             },
             after,
             positional,

@@ -267,6 +267,7 @@ fn job_messages_and_specs() {
                 None,
             ],
             counters: Counters::default(),
+            cut: None,
         }),
         JobResponse::Status(DaemonStatus {
             slots: 2,

@@ -45,6 +45,7 @@ impl JobAccess {
                 | JobRequest::Reduce(_)
                 | JobRequest::Abort { .. }
                 | JobRequest::AbortTask { .. }
+                | JobRequest::SplitTask { .. }
                 | JobRequest::Finished { .. }
         );
         let guarded = task

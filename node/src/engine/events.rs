@@ -66,6 +66,9 @@ pub fn event_json(event: &Event) -> Value {
             peer,
         } => json!({"event": "backup", "kind": kind.name(), "task": task, "slow": slow,
                    "peer": peer}),
+        Event::Split { task, at, rest } => {
+            json!({"event": "split", "kind": "map", "task": task, "at": at, "rest": rest})
+        }
         Event::VerifyMismatch {
             kind,
             task,

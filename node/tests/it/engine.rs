@@ -81,6 +81,13 @@ async fn run_spec(client: &Node, spec: JobSpec) -> Result<Ran> {
     })
 }
 
+/// Wordcount over one input named `corpus`, in `reducers` partitions and splits of `split`.
+async fn wordcount_of_corpus(client: &Node, input: Cid, reducers: u32, split: u64) -> Result<Ran> {
+    let module = publish(client, "wordcount").await?;
+    let inputs = [("corpus".to_string(), input)];
+    run_job(client, module, &inputs, reducers, &[], split).await
+}
+
 /// Publishes a shipped job's module to every daemon.
 async fn publish(client: &Node, job: &str) -> Result<Cid> {
     let wasm = shipped::by_name(job).expect("shipped").to_vec();
@@ -558,16 +565,7 @@ async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()>
         );
         assert_eq!(holders(leaf).len(), 3);
     }
-    let module = publish(&client, "wordcount").await?;
-    let ran = run_job(
-        &client,
-        module,
-        &[("corpus".into(), input)],
-        3,
-        &[],
-        AUTO_SPLIT,
-    )
-    .await?;
+    let ran = wordcount_of_corpus(&client, input, 3, AUTO_SPLIT).await?;
     let output = ran
         .output
         .ok_or_else(|| anyhow::anyhow!("{:?}", ran.reason))?;
@@ -613,6 +611,67 @@ async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()>
     assert!(
         local >= 0.75,
         "only {local:.2} of the map input was read locally"
+    );
+    client.shutdown().await;
+    cluster.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_task_is_cut_in_two_for_an_idle_daemon_and_the_output_is_exact() -> Result<()> {
+    // One map task over 64 MiB on two daemons: the idle one is given the task's second half.
+    let corpus = big_corpus(64)?;
+    let expected = run_local("wordcount", &[("corpus".into(), corpus.clone())], 2, &[])?;
+    let records = corpus.split_inclusive(|&b| b == b'\n').count() as u64;
+    let size = corpus.len() as u64;
+    let cluster = linked(2, 1).await?;
+    let client = super::client(&cluster, 2).await?;
+    let input = add(&client, corpus, 2).await?;
+    let ran = wordcount_of_corpus(&client, input, 2, 1 << 30).await?;
+    let output = ran
+        .output
+        .ok_or_else(|| anyhow::anyhow!("{:?}", ran.reason))?;
+    let planned = ran.events.iter().find_map(|e| match e {
+        Event::Planned { maps, .. } => Some(*maps),
+        _ => None,
+    });
+    assert_eq!(planned, Some(1));
+    let cuts: Vec<(u32, u64, u32)> = ran
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Split { task, at, rest } => Some((*task, *at, *rest)),
+            _ => None,
+        })
+        .collect();
+    let (task, at, rest) = *cuts.first().expect("a cut");
+    assert_eq!((task, rest), (0, 1), "{cuts:?}");
+    assert!(at >= p2pmr_protocol::engine::MIN_SPLIT_PART && at % (256 << 10) == 0);
+    // Each part ran on its own daemon, at the same time, and finished once.
+    let finished: Vec<(u32, String)> = ran
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::TaskFinished {
+                kind: TaskKind::Map,
+                task,
+                peer,
+                ..
+            } => Some((*task, peer.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(finished.len(), cuts.len() + 1, "{finished:?}");
+    assert_ne!(finished[0].1, finished[1].1);
+    assert!(ran_in_parallel(&ran.events, TaskKind::Map));
+    assert_eq!(read_output(&cluster, output).await?, expected);
+    let Some(Event::Completed { counters, .. }) = ran.events.last() else {
+        panic!("{:?}", ran.events.last());
+    };
+    // Every record was mapped once.
+    assert_eq!(
+        (counters.input_records, counters.input_bytes),
+        (records, size)
     );
     client.shutdown().await;
     cluster.stop().await;

@@ -48,7 +48,7 @@ pub(crate) mod schedule;
 pub use plan::Leaf;
 use plan::{reuse, PlannedMap};
 pub use schedule::LOCALITY_DELAY;
-use schedule::{Action, AttemptId, PhaseState, Schedule, Skips, Tally};
+use schedule::{Action, AttemptId, PhaseState, Rest, Schedule, Skips, Tally};
 
 /// Default liveness timeout: a worker that does not answer a probe within it is given up on.
 pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(3);
@@ -56,6 +56,9 @@ pub const DEFAULT_LIVENESS: Duration = Duration::from_secs(3);
 const WATCH_WAIT: Duration = Duration::from_secs(5);
 /// How long the coordinator waits for a worker to confirm it stopped a losing copy.
 const ABORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the coordinator waits for a worker to answer a request to cut a running map task
+/// in two (the worker itself waits a little less for the task to take it).
+const CUT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Times planning asks again for input blocks no reachable daemon has, and the pause between.
 const PLAN_RETRIES: u32 = 3;
 const PLAN_RETRY_PAUSE: Duration = Duration::from_secs(2);
@@ -167,6 +170,7 @@ impl JobHandle {
                     log.maps.0 += maps;
                     log.reduces.0 += reduces;
                 }
+                Event::Split { .. } => log.maps.1 += 1,
                 Event::TaskFinished { kind, task, .. } if log.finished.insert((*kind, *task)) => {
                     match kind {
                         TaskKind::Map => log.maps.0 += 1,
@@ -234,6 +238,9 @@ struct Plan {
     map_bytes: Vec<u64>,
     /// Bytes of each map task held by each daemon.
     local: Vec<Vec<(usize, u64)>>,
+    /// The chunk size of the map tasks' runs, from the number of tasks planned (tasks cut in
+    /// two while they run keep it).
+    run_chunk: u32,
     split: u64,
     /// Copies of the output.
     replicas: usize,
@@ -736,7 +743,7 @@ impl Coordinator {
             }
             if !to_map.is_empty() {
                 let tasks = std::mem::take(&mut to_map);
-                self.map_round(handle, spec, bytes, &plan, &mut job, tasks)
+                self.map_round(handle, spec, bytes, &mut plan, &mut job, tasks)
                     .await?;
             }
             if round == 0 {
@@ -794,19 +801,17 @@ impl Coordinator {
         handle: &JobHandle,
         spec: &JobSpec,
         bytes: &[u8],
-        plan: &Plan,
+        plan: &mut Plan,
         job: &mut Progress,
         tasks: Vec<usize>,
     ) -> Result<(), Stop> {
-        let (maps, split) = (&plan.maps, plan.split);
-        let run_chunk = p2pmr_protocol::engine::run_chunk(maps.len());
         let sched = Schedule {
             kind: TaskKind::Map,
             peers: &plan.peers,
             slots: &plan.slots,
             machines: Some((&plan.machine, &plan.machine_slots)),
-            local: Some(&plan.local),
-            bytes: &plan.map_bytes,
+            local: Some(plan.local.clone()),
+            bytes: plan.map_bytes.clone(),
             tasks,
             skips: &mut job.skips,
             verify: spec.verify as usize,
@@ -816,22 +821,17 @@ impl Coordinator {
             attempts: &mut job.map_attempts,
             gone: &mut job.gone,
         };
-        let done = self
-            .phase(handle, sched, tally, |t, attempt, skip| {
-                let m = &maps[t];
-                JobRequest::Map(MapTask {
-                    spec: bytes.to_vec(),
-                    task: t as u32,
-                    input: m.input,
-                    start: m.start,
-                    end: m.end,
-                    split,
-                    attempt,
-                    skip,
-                    run_chunk,
-                })
-            })
-            .await?;
+        let mut maps = Maps {
+            spec: bytes,
+            split: plan.split,
+            run_chunk: plan.run_chunk,
+            maps: &mut plan.maps,
+            bytes: &mut plan.map_bytes,
+            local: &mut plan.local,
+        };
+        let done = self.phase(handle, sched, tally, &mut maps).await?;
+        // Tasks cut in two while they ran added their rests.
+        job.outputs.resize(plan.maps.len(), None);
         for (t, response, peer) in done {
             let JobResponse::MapDone(out) = response else {
                 return Err(format!("{peer} answered map task {t} with {response:?}").into());
@@ -886,14 +886,14 @@ impl Coordinator {
         // Copies go to the daemons still with us; as many as the inputs had, if they can.
         let avoid: Vec<Vec<u8>> = job.gone.iter().map(|p| p.to_bytes()).collect();
         let replicas_now = plan.replicas.min(self.live(&job.gone)).max(1);
-        let run_chunk = p2pmr_protocol::engine::run_chunk(plan.maps.len());
+        let run_chunk = plan.run_chunk;
         let sched = Schedule {
             kind: TaskKind::Reduce,
             peers: &plan.peers,
             slots: &plan.slots,
             machines: Some((&plan.machine, &plan.machine_slots)),
             local: None,
-            bytes: &run_bytes,
+            bytes: run_bytes,
             tasks: pending,
             skips: &mut Skips::new(0),
             verify: plan.verify,
@@ -903,19 +903,18 @@ impl Coordinator {
             attempts: &mut job.reduce_attempts,
             gone: &mut job.gone,
         };
-        let done = self
-            .phase(handle, sched, tally, |r, attempt, _| {
-                JobRequest::Reduce(ReduceTask {
-                    spec: bytes.to_vec(),
-                    partition: r as u32,
-                    runs: runs[r].clone(),
-                    replicas: replicas_now as u32,
-                    avoid: avoid.clone(),
-                    attempt,
-                    run_chunk,
-                })
+        let mut reduces = Reduces(|r: usize, attempt| {
+            JobRequest::Reduce(ReduceTask {
+                spec: bytes.to_vec(),
+                partition: r as u32,
+                runs: runs[r].clone(),
+                replicas: replicas_now as u32,
+                avoid: avoid.clone(),
+                attempt,
+                run_chunk,
             })
-            .await?;
+        });
+        let done = self.phase(handle, sched, tally, &mut reduces).await?;
         let mut missing = HashSet::new();
         for (r, response, peer) in done {
             match response {
@@ -1130,6 +1129,7 @@ impl Coordinator {
         });
         Ok(Plan {
             map_bytes: maps.iter().map(|m| m.end - m.start).collect(),
+            run_chunk: p2pmr_protocol::engine::run_chunk(maps.len()),
             peers,
             slots,
             machine,
@@ -1374,7 +1374,7 @@ impl Coordinator {
         handle: &JobHandle,
         sched: Schedule<'_>,
         tally: Tally<'_>,
-        request: impl Fn(usize, u32, Vec<u64>) -> JobRequest,
+        tasks: &mut dyn PhaseTasks,
     ) -> Result<Vec<(usize, JobResponse, PeerId)>, Stop> {
         let kind = sched.kind;
         let connected = self.net().daemons();
@@ -1386,6 +1386,9 @@ impl Coordinator {
         let mut calls: JoinSet<(AttemptId, Result<JobResponse, String>)> = JoinSet::new();
         let mut attempts: HashMap<tokio::task::Id, AttemptId> = HashMap::new();
         let mut aborts: HashMap<AttemptId, tokio::task::AbortHandle> = HashMap::new();
+        // Each running attempt's task, and where the task ended when it started.
+        let mut started: HashMap<AttemptId, (usize, u64)> = HashMap::new();
+        let mut cuts: JoinSet<(usize, Result<JobResponse, String>)> = JoinSet::new();
         let mut probes: JoinSet<(usize, bool)> = JoinSet::new();
         let mut probe_tick = tokio::time::interval(self.inner.liveness / 3);
         probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1400,8 +1403,9 @@ impl Coordinator {
                     Action::Emit(event) => handle.emit(event),
                     Action::Start(start) => {
                         let this = self.clone();
-                        let req = request(start.task, start.attempt, start.skip);
+                        let req = tasks.request(start.task, start.attempt, start.skip);
                         let (id, peer) = (start.id, start.peer);
+                        started.insert(id, (start.task, tasks.end(start.task)));
                         let abort = calls.spawn(async move { (id, this.call(peer, req).await) });
                         attempts.insert(abort.id(), id);
                         aborts.insert(id, abort);
@@ -1423,6 +1427,20 @@ impl Coordinator {
                                 tokio::time::timeout(ABORT_TIMEOUT, this.call(peer, stop)).await;
                         });
                     }
+                    Action::Cut { peer, task } => {
+                        let this = self.clone();
+                        let cut = JobRequest::SplitTask {
+                            job,
+                            task: task as u32,
+                            edges: tasks.edges(task),
+                        };
+                        cuts.spawn(async move {
+                            let answer = tokio::time::timeout(CUT_TIMEOUT, this.call(peer, cut))
+                                .await
+                                .unwrap_or_else(|_| Err("no answer in time".into()));
+                            (task, answer)
+                        });
+                    }
                 }
             }
             if state.is_done() {
@@ -1436,11 +1454,16 @@ impl Coordinator {
                     Some(Ok((task, (id, result)))) => {
                         attempts.remove(&task);
                         aborts.remove(&id);
+                        let result = match started.remove(&id) {
+                            Some(of) => after_cuts(&mut state, tasks, of, result),
+                            None => result,
+                        };
                         state.answered(id, result, Instant::now())
                     }
                     Some(Err(e)) if e.is_cancelled() => {
                         let id = attempts.remove(&e.id()).expect("a call we started");
                         aborts.remove(&id);
+                        started.remove(&id);
                         state.cancelled(id, Instant::now())
                     }
                     Some(Err(e)) => Err(e.to_string().into()),
@@ -1455,6 +1478,20 @@ impl Coordinator {
                                 tokio::time::timeout(limit, this.call(peer, JobRequest::Slots)).await;
                             (p, matches!(answer, Ok(Ok(JobResponse::Slots { .. }))))
                         });
+                    }
+                    Ok(())
+                }
+                Some(cut) = cuts.join_next(), if !cuts.is_empty() => {
+                    let (t, answer) = cut.map_err(|e| e.to_string())?;
+                    state.cut_answered(t, Instant::now());
+                    if let Ok(JobResponse::SplitAt(at)) = answer {
+                        // Unless a copy has finished, or the task was cut there already (its
+                        // output said so first).
+                        if !state.is_complete(t) && at < tasks.end(t) {
+                            if let Some(rest) = tasks.cut(t, at) {
+                                state.cut(t, at, rest, Instant::now());
+                            }
+                        }
                     }
                     Ok(())
                 }
@@ -1476,6 +1513,118 @@ impl Coordinator {
             }
         }
         Ok(state.into_done())
+    }
+}
+
+/// What a phase's driver sends for each task, and for map tasks where they end and how they
+/// are cut in two while they run.
+trait PhaseTasks: Send {
+    /// The request for attempt `attempt` of task `t`, leaving out the records at `skip`.
+    fn request(&self, t: usize, attempt: u32, skip: Vec<u64>) -> JobRequest;
+    /// Where task `t` ends now (cuts move it).
+    fn end(&self, _t: usize) -> u64 {
+        u64::MAX
+    }
+    /// Where task `t` may be cut.
+    fn edges(&self, _t: usize) -> Vec<u64> {
+        Vec::new()
+    }
+    /// Cuts task `t` at input offset `at`: the rest, as the scheduler takes it, or `None` if
+    /// `at` is not a place it may be cut.
+    fn cut(&mut self, _t: usize, _at: u64) -> Option<Rest> {
+        None
+    }
+}
+
+/// The reduce tasks of a round: a request per partition.
+struct Reduces<F>(F);
+
+impl<F: Fn(usize, u32) -> JobRequest + Send> PhaseTasks for Reduces<F> {
+    fn request(&self, r: usize, attempt: u32, _skip: Vec<u64>) -> JobRequest {
+        (self.0)(r, attempt)
+    }
+}
+
+/// The map tasks of a job, as planned and as cut since.
+struct Maps<'a> {
+    /// The encoded spec.
+    spec: &'a [u8],
+    split: u64,
+    run_chunk: u32,
+    maps: &'a mut Vec<PlannedMap>,
+    bytes: &'a mut Vec<u64>,
+    local: &'a mut Vec<Vec<(usize, u64)>>,
+}
+
+impl PhaseTasks for Maps<'_> {
+    fn request(&self, t: usize, attempt: u32, skip: Vec<u64>) -> JobRequest {
+        let m = &self.maps[t];
+        JobRequest::Map(MapTask {
+            spec: self.spec.to_vec(),
+            task: t as u32,
+            input: m.input,
+            start: m.start,
+            end: m.end,
+            split: self.split,
+            attempt,
+            skip,
+            run_chunk: self.run_chunk,
+        })
+    }
+
+    fn end(&self, t: usize) -> u64 {
+        self.maps[t].end
+    }
+
+    fn edges(&self, t: usize) -> Vec<u64> {
+        plan::cut_edges(&self.maps[t])
+    }
+
+    fn cut(&mut self, t: usize, at: u64) -> Option<Rest> {
+        let rest = plan::cut_map(&mut self.maps[t], at)?;
+        let (kept, bytes) = (at - self.maps[t].start, rest.end - at);
+        let local = plan::cut_locality(&mut self.local[t], kept, bytes);
+        self.maps.push(rest);
+        self.bytes[t] = kept;
+        self.bytes.push(bytes);
+        self.local.push(local.clone());
+        Some(Rest { kept, bytes, local })
+    }
+}
+
+/// What a map task's answer means once cuts are taken into account: an attempt started with
+/// `end` of task `t` that now ends at `tasks.end(t)`. An output that stops short of that end
+/// was cut (the cut's answer may not have come, or come first): the rest becomes a task. One
+/// that covers more was started before a cut and covers the rest too: it runs again.
+fn after_cuts(
+    state: &mut PhaseState<'_>,
+    tasks: &mut dyn PhaseTasks,
+    (t, end): (usize, u64),
+    result: Result<JobResponse, String>,
+) -> Result<JobResponse, String> {
+    let Ok(JobResponse::MapDone(out)) = result else {
+        return result;
+    };
+    if state.is_complete(t) {
+        return Ok(JobResponse::MapDone(out));
+    }
+    let now = tasks.end(t);
+    match out.cut {
+        Some(cut) if cut >= end => Ok(JobResponse::Failed(format!(
+            "its output ends at input offset {cut}, not before the task's end {end}"
+        ))),
+        Some(cut) if cut < now => match tasks.cut(t, cut) {
+            Some(rest) => {
+                state.cut(t, cut, rest, Instant::now());
+                Ok(JobResponse::MapDone(out))
+            }
+            None => Ok(JobResponse::Failed(format!(
+                "its output ends at input offset {cut}, where the task may not be cut"
+            ))),
+        },
+        Some(cut) if cut > now => Ok(JobResponse::busy()),
+        None if end > now => Ok(JobResponse::busy()),
+        _ => Ok(JobResponse::MapDone(out)),
     }
 }
 

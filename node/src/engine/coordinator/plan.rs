@@ -5,7 +5,7 @@
 //! are lost.
 
 use libp2p::PeerId;
-use p2pmr_protocol::engine::{Counters, FinishedTask, MapOutput};
+use p2pmr_protocol::engine::{Counters, FinishedTask, MapOutput, MAX_SPLIT_EDGES};
 use p2pmr_protocol::job::{JobSpec, AUTO_SPLIT, AUTO_SPLIT_MAX, AUTO_SPLIT_MIN};
 use p2pmr_protocol::memo::MapKey;
 use p2pmr_protocol::unixfs::DirEntry;
@@ -434,9 +434,110 @@ pub(super) struct PlannedMap {
     pub(super) leaves: Vec<(Cid, u64)>,
 }
 
+/// The leaf edges strictly inside map task `m`, where it may be cut in two while it runs: at
+/// most [`MAX_SPLIT_EDGES`], evenly thinned out for a task of more leaves.
+pub(super) fn cut_edges(m: &PlannedMap) -> Vec<u64> {
+    let edges: Vec<u64> = m
+        .leaves
+        .iter()
+        .scan(m.start, |at, &(_, len)| {
+            *at += len;
+            Some(*at)
+        })
+        .filter(|&at| m.start < at && at < m.end)
+        .collect();
+    let step = edges.len().div_ceil(MAX_SPLIT_EDGES).max(1);
+    let mut thinned: Vec<u64> = edges.into_iter().step_by(step).collect();
+    thinned.dedup();
+    thinned
+}
+
+/// Cuts map task `m` at input offset `at`: it keeps its leaves before `at`, and the rest,
+/// returned, takes those from `at` on. `None` (and `m` unchanged) unless `at` is a leaf edge
+/// strictly inside it.
+pub(super) fn cut_map(m: &mut PlannedMap, at: u64) -> Option<PlannedMap> {
+    let mut offset = m.start;
+    let k = m.leaves.iter().position(|&(_, len)| {
+        let edge = offset == at;
+        offset += len;
+        edge
+    })?;
+    if at <= m.start || at >= m.end {
+        return None;
+    }
+    let rest = PlannedMap {
+        input: m.input,
+        start: at,
+        end: m.end,
+        leaves: m.leaves.split_off(k),
+    };
+    m.end = at;
+    Some(rest)
+}
+
+/// The daemons holding bytes of the two parts of a task cut in two, from those holding bytes
+/// of the whole (`holders`, as [`locality`] gives them), keeping `kept` and giving `rest`
+/// bytes: a daemon is taken to hold as much of each part as it can, which is exact for the
+/// daemons holding all of the task (files placed by group).
+pub(super) fn cut_locality(
+    holders: &mut [(usize, u64)],
+    kept: u64,
+    rest: u64,
+) -> Vec<(usize, u64)> {
+    let rest_holders = holders
+        .iter()
+        .map(|&(d, held)| (d, held.min(rest)))
+        .collect();
+    for (_, held) in holders.iter_mut() {
+        *held = (*held).min(kept);
+    }
+    rest_holders
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_is_cut_only_on_its_inner_leaf_edges() {
+        let task = || PlannedMap {
+            input: 1,
+            start: 100,
+            end: 160,
+            leaves: vec![(leaf(1), 10), (leaf(2), 0), (leaf(3), 20), (leaf(4), 30)],
+        };
+        assert_eq!(cut_edges(&task()), vec![110, 130]);
+        for at in [0, 100, 105, 129, 160, 170] {
+            let mut m = task();
+            assert_eq!(cut_map(&mut m, at), None, "{at}");
+            assert_eq!(m, task());
+        }
+        let mut m = task();
+        let rest = cut_map(&mut m, 130).unwrap();
+        assert_eq!((m.start, m.end, m.leaves.len()), (100, 130, 3));
+        assert_eq!((rest.input, rest.start, rest.end), (1, 130, 160));
+        assert_eq!(rest.leaves, vec![(leaf(4), 30)]);
+        // An empty leaf at the edge goes with the rest (readers never see it anyway).
+        let mut m = task();
+        let rest = cut_map(&mut m, 110).unwrap();
+        assert_eq!(m.leaves, vec![(leaf(1), 10)]);
+        assert_eq!(rest.leaves.len(), 3);
+        assert_eq!(rest.leaves[0], (leaf(2), 0));
+        // Thinned out to the most a request carries.
+        let many = PlannedMap {
+            input: 0,
+            start: 0,
+            end: 3000,
+            leaves: vec![(leaf(5), 1); 3000],
+        };
+        let edges = cut_edges(&many);
+        assert!(edges.len() <= MAX_SPLIT_EDGES && edges.len() > MAX_SPLIT_EDGES / 2);
+        assert!(edges.is_sorted() && edges[0] == 1);
+        let mut holders = vec![(0, 60), (2, 50), (3, 5)];
+        let rest = cut_locality(&mut holders, 30, 30);
+        assert_eq!(holders, vec![(0, 30), (2, 30), (3, 5)]);
+        assert_eq!(rest, vec![(0, 30), (2, 30), (3, 5)]);
+    }
 
     /// Leaves each of its own placement group.
     fn own_groups(inputs: Vec<Vec<(Cid, u64)>>) -> Vec<Vec<Leaf>> {
@@ -621,6 +722,7 @@ mod tests {
                 .map(|&cid| Some(p2pmr_protocol::engine::PartOut { cid, bytes: 1 }))
                 .collect(),
             counters: Counters::default(),
+            cut: None,
         }
     }
 

@@ -17,6 +17,10 @@
 //! - **Backups** (the paper's backup tasks): once nothing is left to assign, an idle peer
 //!   takes a second copy of the task that has run longest, if it has run [`BACKUP_FACTOR`]
 //!   times the phase's median; the first copy to finish wins and the other is stopped.
+//! - **Cuts** (map tasks, without verification): once no task waits and a slot is free, the
+//!   running task with the most input estimated left is asked to cut its range in two; the
+//!   rest waits for a slot as a new task. The phase's last tasks then end closer together
+//!   than whole splits allow, whatever the machines' speeds.
 //! - **Retries**: a peer that fails (unreachable, stalled) is given up on and its task runs
 //!   elsewhere, [`MAX_ATTEMPTS`] attempts lost so in a phase at most; a task that fails by itself (trap, time or
 //!   memory limit) runs again on another peer while there is one, [`TASK_FAILURES`] times at
@@ -33,7 +37,7 @@
 
 use super::Stop;
 use libp2p::PeerId;
-use p2pmr_protocol::engine::{Counters, Event, JobResponse, TaskKind};
+use p2pmr_protocol::engine::{Counters, Event, JobResponse, TaskKind, MIN_SPLIT_PART};
 use p2pmr_protocol::Cid;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -56,6 +60,12 @@ const BACKUP_FACTOR: u32 = 2;
 const BACKUP_MIN: Duration = Duration::from_secs(1);
 /// When a task may get a backup copy while no task of its phase has finished.
 const BACKUP_BLIND: Duration = Duration::from_secs(10);
+/// How long an attempt runs before it may be asked to cut its task in two: long enough for its
+/// worker to have the task (the two requests travel apart).
+const CUT_AFTER: Duration = Duration::from_millis(100);
+/// How long after a refused cut (too little left then, or the task not reading yet) the task
+/// may be asked again.
+const CUT_AGAIN: Duration = Duration::from_secs(1);
 
 /// Names one attempt (one call of a task on a peer) for the phase's lifetime.
 pub(crate) type AttemptId = u64;
@@ -70,9 +80,9 @@ pub(crate) struct Schedule<'a> {
     pub(crate) machines: Option<(&'a [usize], &'a [u32])>,
     /// For map tasks: the peers holding bytes of each task, with how many, by task
     /// (`(peer, bytes)`, ascending by peer; peers holding none are left out).
-    pub(crate) local: Option<&'a [Vec<(usize, u64)>]>,
+    pub(crate) local: Option<Vec<Vec<(usize, u64)>>>,
     /// Input bytes of each task of the job.
-    pub(crate) bytes: &'a [u64],
+    pub(crate) bytes: Vec<u64>,
     /// The tasks to run now.
     pub(crate) tasks: Vec<usize>,
     /// Bad records to leave out of map tasks.
@@ -85,7 +95,7 @@ pub(crate) struct Schedule<'a> {
 /// and the peers it has given up on.
 pub(crate) struct Tally<'a> {
     pub(crate) counters: &'a mut Counters,
-    pub(crate) attempts: &'a mut [u32],
+    pub(crate) attempts: &'a mut Vec<u32>,
     pub(crate) gone: &'a mut HashSet<PeerId>,
 }
 
@@ -105,6 +115,25 @@ pub(crate) enum Action {
         /// The task.
         task: usize,
     },
+    /// Ask the worker on `peer` to cut its running map task `task` in two; the driver answers
+    /// with [`PhaseState::cut_answered`], and with [`PhaseState::cut`] if it was cut.
+    Cut {
+        /// The worker.
+        peer: PeerId,
+        /// The task.
+        task: usize,
+    },
+}
+
+/// The rest of a map task cut in two: its input bytes and the peers holding them.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Rest {
+    /// Input bytes the task keeps.
+    pub(crate) kept: u64,
+    /// Input bytes of the rest.
+    pub(crate) bytes: u64,
+    /// The peers holding bytes of the rest, with how many (as [`Schedule::local`]).
+    pub(crate) local: Vec<(usize, u64)>,
 }
 
 /// A task to start.
@@ -133,8 +162,8 @@ struct Attempt {
 pub(crate) struct PhaseState<'a> {
     kind: TaskKind,
     peers: &'a [PeerId],
-    local: Option<&'a [Vec<(usize, u64)>]>,
-    bytes: &'a [u64],
+    local: Option<Vec<Vec<(usize, u64)>>>,
+    bytes: Vec<u64>,
     skips: &'a mut Skips,
     tally: Tally<'a>,
     me: PeerId,
@@ -179,6 +208,15 @@ pub(crate) struct PhaseState<'a> {
     extra: HashMap<usize, u32>,
     /// Attempts aborted because their peer's output disagreed with the majority's.
     excluded: HashSet<AttemptId>,
+    /// Whether running tasks may be cut in two (map tasks, no verification).
+    cuts: bool,
+    /// Tasks asked to cut: `None` while the answer is awaited, else when it came (a task that
+    /// was cut is not asked again; its rest may be).
+    asked: HashMap<usize, Option<Instant>>,
+    /// Input bytes and time of the tasks finished so far: the phase's rate, to guess what is
+    /// left of a running task.
+    finished_bytes: u64,
+    finished_time: Duration,
     done: Vec<(usize, JobResponse, PeerId)>,
     actions: Vec<Action>,
 }
@@ -199,6 +237,22 @@ impl<'a> PhaseState<'a> {
             .map(|p| tally.gone.contains(p) || (*p != me && !connected(p)))
             .collect();
         let verify = sched.verify.max(1);
+        let cuts = sched.kind == TaskKind::Map && verify == 1;
+        let pending = Pending::new(
+            sched
+                .tasks
+                .iter()
+                .rev()
+                .flat_map(|&t| std::iter::repeat_n(t, verify))
+                .collect(),
+            sched.bytes.len(),
+        );
+        let mut held_by = vec![Vec::new(); sched.peers.len()];
+        for (t, holders) in sched.local.iter().flatten().enumerate() {
+            for &(p, _) in holders {
+                held_by[p].push(t);
+            }
+        }
         Self {
             kind: sched.kind,
             peers: sched.peers,
@@ -208,24 +262,8 @@ impl<'a> PhaseState<'a> {
             me,
             liveness,
             n: sched.tasks.len(),
-            pending: Pending::new(
-                sched
-                    .tasks
-                    .iter()
-                    .rev()
-                    .flat_map(|&t| std::iter::repeat_n(t, verify))
-                    .collect(),
-                sched.bytes.len(),
-            ),
-            held_by: {
-                let mut by = vec![Vec::new(); sched.peers.len()];
-                for (t, holders) in sched.local.unwrap_or_default().iter().enumerate() {
-                    for &(p, _) in holders {
-                        by[p].push(t);
-                    }
-                }
-                by
-            },
+            pending,
+            held_by,
             free: sched.slots.to_vec(),
             machine: match sched.machines {
                 Some((of, _)) => of.to_vec(),
@@ -252,6 +290,10 @@ impl<'a> PhaseState<'a> {
             votes: HashMap::new(),
             extra: HashMap::new(),
             excluded: HashSet::new(),
+            cuts,
+            asked: HashMap::new(),
+            finished_bytes: 0,
+            finished_time: Duration::ZERO,
             done: Vec::with_capacity(sched.tasks.len()),
             actions: Vec::new(),
             tally,
@@ -323,6 +365,109 @@ impl<'a> PhaseState<'a> {
                 break;
             }
         }
+        self.ask_cuts(now);
+    }
+
+    /// Slots that could take a task now: each machine's free slots, as far as its live peers
+    /// have free slots of their own.
+    fn idle_slots(&self) -> usize {
+        let mut free: HashMap<usize, u32> = HashMap::new();
+        for p in (0..self.peers.len()).filter(|&p| !self.dead[p]) {
+            *free.entry(self.machine[p]).or_default() += self.free[p];
+        }
+        free.into_iter()
+            .map(|(m, free)| free.min(self.machine_free[m]) as usize)
+            .sum()
+    }
+
+    /// Near the end of the map phase, while slots are free, no task waits and fewer cuts are
+    /// awaited than slots are free: asks the running tasks with the most input estimated
+    /// left (by the phase's rate so far) to cut themselves in two. Each task is asked once,
+    /// and not while another copy of it runs: a copy started before the cut would cover the
+    /// rest too.
+    fn ask_cuts(&mut self, now: Instant) {
+        if !self.cuts || !self.pending.is_empty() || self.running.is_empty() {
+            return;
+        }
+        let awaited = self.asked.values().filter(|w| w.is_none()).count();
+        let idle = self.idle_slots();
+        if idle <= awaited {
+            return;
+        }
+        let rate = (!self.finished_time.is_zero())
+            .then(|| self.finished_bytes as f64 / self.finished_time.as_secs_f64());
+        let mut copies: HashMap<usize, usize> = HashMap::new();
+        for a in self.running.values() {
+            *copies.entry(a.t).or_default() += 1;
+        }
+        let mut left: Vec<(u64, usize, usize)> = self
+            .running
+            .values()
+            .filter(|a| copies[&a.t] == 1 && !self.complete.contains(&a.t))
+            .filter(|a| now.duration_since(a.since) >= CUT_AFTER && !self.backed.contains(&a.t))
+            .filter(|a| match self.asked.get(&a.t) {
+                None => true,
+                Some(None) => false,
+                Some(Some(refused)) => now.duration_since(*refused) >= CUT_AGAIN,
+            })
+            .map(|a| {
+                let ran = now.duration_since(a.since).as_secs_f64();
+                let read = rate.map_or(0, |r| (r * ran) as u64);
+                (self.bytes[a.t].saturating_sub(read), a.t, a.p)
+            })
+            .filter(|&(left, ..)| left >= 2 * MIN_SPLIT_PART)
+            .collect();
+        left.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, t, p) in left.into_iter().take(idle - awaited) {
+            self.asked.insert(t, None);
+            self.actions.push(Action::Cut {
+                peer: self.peers[p],
+                task: t,
+            });
+        }
+    }
+
+    /// The answer to the cut of task `t` asked for at `now` has come (whatever it says).
+    pub(crate) fn cut_answered(&mut self, t: usize, now: Instant) {
+        if let Some(awaited @ None) = self.asked.get_mut(&t) {
+            *awaited = Some(now);
+        }
+    }
+
+    /// Whether task `t` has its answer (a copy of it finished and was taken).
+    pub(crate) fn is_complete(&self, t: usize) -> bool {
+        self.complete.contains(&t)
+    }
+
+    /// Map task `t` was cut in two at input offset `at` (known at `now`): it keeps
+    /// `rest.kept` bytes, and the rest is a new task of the job, which waits for a slot;
+    /// returns its number. Either may be cut again later.
+    pub(crate) fn cut(&mut self, t: usize, at: u64, rest: Rest, now: Instant) -> usize {
+        self.asked.insert(t, Some(now));
+        let r = self.bytes.len();
+        self.bytes[t] = rest.kept;
+        self.bytes.push(rest.bytes);
+        if let Some(local) = &mut self.local {
+            for (_, held) in &mut local[t] {
+                *held = (*held).min(rest.kept);
+            }
+            for &(p, _) in &rest.local {
+                self.held_by[p].push(r);
+            }
+            local.push(rest.local);
+        }
+        if self.tally.attempts.len() <= r {
+            self.tally.attempts.resize(r + 1, 0);
+        }
+        self.pending.grow(r + 1);
+        self.pending.push(r);
+        self.n += 1;
+        self.emit(Event::Split {
+            task: t as u32,
+            at,
+            rest: r as u32,
+        });
+        r
     }
 
     /// Starts pending map tasks on free peers holding them, one at a time, each time the
@@ -330,7 +475,7 @@ impl<'a> PhaseState<'a> {
     /// most free slots, so tasks spread; then the lowest peer, then the earliest pending
     /// place), until no free peer holds a pending task; says whether it started any.
     fn assign_local(&mut self, now: Instant) -> bool {
-        let Some(local) = self.local else {
+        let Some(local) = self.local.as_deref() else {
             return false;
         };
         // Every (holder, pending copy) pairing, best first. Only holders are visited: a
@@ -426,7 +571,8 @@ impl<'a> PhaseState<'a> {
     fn back_up(&mut self, p: usize, stragglers: &[(usize, usize)]) -> bool {
         let straggler = stragglers
             .iter()
-            .find(|(t, q)| *q != p && !self.backed.contains(t))
+            // A copy started while a cut is awaited could cover the rest too.
+            .find(|(t, q)| *q != p && !self.backed.contains(t) && self.asked.get(t) != Some(&None))
             .copied();
         let Some((t, slow)) = straggler else {
             return false;
@@ -446,7 +592,7 @@ impl<'a> PhaseState<'a> {
     /// holds: the most local one (ties: the earliest place), else the earliest place.
     fn pick(&self, p: usize) -> Option<(usize, u64)> {
         let eligible = |t: usize| self.eligible(t, p);
-        match self.local {
+        match self.local.as_deref() {
             Some(local) => {
                 // The tasks `p` holds, not every pending one: a peer of a large swarm holds
                 // a few.
@@ -508,7 +654,7 @@ impl<'a> PhaseState<'a> {
         }
         self.free[p] -= 1;
         self.machine_free[self.machine[p]] -= 1;
-        let local_percent = match self.local {
+        let local_percent = match self.local.as_deref() {
             Some(local) if self.bytes[t] > 0 => (held(local, t, p) * 100 / self.bytes[t]) as u8,
             _ => 100,
         };
@@ -623,6 +769,8 @@ impl<'a> PhaseState<'a> {
                 self.release(p);
                 let took = now.duration_since(since);
                 self.took.push(took);
+                self.finished_bytes += self.bytes[t];
+                self.finished_time += took;
                 self.emit(Event::TaskFinished {
                     kind,
                     task: t as u32,
@@ -913,6 +1061,13 @@ impl Pending {
         self.count[t] += 1;
     }
 
+    /// Makes room for tasks numbered below `tasks`.
+    fn grow(&mut self, tasks: usize) {
+        if self.count.len() < tasks {
+            self.count.resize(tasks, 0);
+        }
+    }
+
     /// Takes the task at place `at`.
     fn remove(&mut self, at: usize) -> usize {
         let t = self.order.remove(at);
@@ -1083,8 +1238,8 @@ mod tests {
                     peers: &self.peers,
                     slots: &self.slots,
                     machines: self.machines.as_ref().map(|(of, n)| (&of[..], &n[..])),
-                    local: self.local.as_deref(),
-                    bytes: &self.bytes,
+                    local: self.local.clone(),
+                    bytes: self.bytes.clone(),
                     tasks,
                     skips: &mut self.skips,
                     verify: self.verify,
@@ -1141,6 +1296,7 @@ mod tests {
         Ok(JobResponse::MapDone(MapOutput {
             parts: vec![],
             counters: Counters::default(),
+            cut: None,
         }))
     }
 
@@ -1551,6 +1707,132 @@ mod tests {
         s.cancelled(a1, at(t0, 2600)).unwrap();
         assert!(events(&s.take_actions()).is_empty());
         assert_eq!(s.into_done().len(), 2);
+    }
+
+    /// The cut requests among `actions`: (task, peer index).
+    fn cuts(actions: &[Action], peers: &[PeerId]) -> Vec<(usize, usize)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Cut { peer, task } => {
+                    Some((*task, peers.iter().position(|p| p == peer).expect("a peer")))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_free_slot_at_the_end_of_the_map_phase_cuts_the_task_with_most_left() {
+        const M: u64 = MIN_SPLIT_PART;
+        // Three map tasks on 2 peers of 1 slot, both holding everything: two run, one waits.
+        let mut f = Fixture::new(TaskKind::Map, 3, 2, 1).with_local(vec![
+            vec![8 * M; 2],
+            vec![16 * M; 2],
+            vec![2 * M; 2],
+        ]);
+        f.bytes = vec![8 * M, 16 * M, 2 * M];
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let first = starts(&s.take_actions(), &peers);
+        assert_eq!(first.len(), 2);
+        let small = first.iter().find(|a| a.1 == 0).expect("task 0 runs");
+        let big = first.iter().find(|a| a.1 == 1).expect("task 1 runs");
+        // Task 0 ends after 1 s; the waiting task takes its slot: nothing to cut yet.
+        s.answered(small.0, map_done(), at(t0, 1000)).unwrap();
+        s.assign(at(t0, 1000));
+        let actions = s.take_actions();
+        assert!(cuts(&actions, &peers).is_empty());
+        let third = starts(&actions, &peers);
+        assert_eq!((third[0].1, third[0].2), (2, small.2));
+        // It ends 250 ms later: at the phase's rate (8 M/s) task 1 has 6 M left of 16 M.
+        s.answered(third[0].0, map_done(), at(t0, 1250)).unwrap();
+        s.take_actions();
+        s.assign(at(t0, 1250));
+        let actions = s.take_actions();
+        assert_eq!(cuts(&actions, &peers), vec![(1, big.2)]);
+        assert!(starts(&actions, &peers).is_empty());
+        // Asked once while the answer is awaited.
+        s.assign(at(t0, 1300));
+        assert!(cuts(&s.take_actions(), &peers).is_empty());
+        // Cut at 12 M: the rest is task 3, which the free peer takes.
+        s.cut_answered(1, at(t0, 1310));
+        let rest = Rest {
+            kept: 12 * M,
+            bytes: 4 * M,
+            local: vec![(0, 4 * M), (1, 4 * M)],
+        };
+        assert_eq!(s.cut(1, 12 * M, rest, at(t0, 1310)), 3);
+        s.assign(at(t0, 1310));
+        let actions = s.take_actions();
+        assert!(events(&actions).contains(&&Event::Split {
+            task: 1,
+            at: 12 * M,
+            rest: 3
+        }));
+        let fourth = starts(&actions, &peers);
+        assert_eq!((fourth[0].1, fourth[0].2), (3, small.2));
+        s.answered(big.0, map_done(), at(t0, 1800)).unwrap();
+        assert!(!s.is_done(), "the rest is still running");
+        let finished: Vec<u64> = events(&s.take_actions())
+            .iter()
+            .filter_map(|e| match e {
+                Event::TaskFinished { task: 1, bytes, .. } => Some(*bytes),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(finished, vec![12 * M], "task 1 now covers what it kept");
+        s.answered(fourth[0].0, map_done(), at(t0, 1900)).unwrap();
+        assert!(s.is_done());
+        let done: Vec<usize> = s.into_done().into_iter().map(|d| d.0).collect();
+        assert_eq!(done, vec![0, 1, 2, 3]);
+        assert_eq!(f.attempts, vec![1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_refused_cut_is_asked_again_later_and_never_with_verification_or_for_reduces() {
+        const M: u64 = MIN_SPLIT_PART;
+        let one_task = |kind, verify| {
+            let mut f = Fixture::new(kind, 1, 2, 1).verified(verify);
+            f.bytes = vec![64 * M];
+            f
+        };
+        let mut f = one_task(TaskKind::Map, 1);
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let running = starts(&s.take_actions(), &peers)[0].clone();
+        // Not before its worker can have the task.
+        assert!(cuts(&s.take_actions(), &peers).is_empty());
+        s.assign(at(t0, 50));
+        assert!(cuts(&s.take_actions(), &peers).is_empty());
+        s.assign(at(t0, 100));
+        assert_eq!(cuts(&s.take_actions(), &peers), vec![(0, running.2)]);
+        // Refused (say, the module was still loading): asked again a while later.
+        s.cut_answered(0, at(t0, 200));
+        s.assign(at(t0, 900));
+        assert!(cuts(&s.take_actions(), &peers).is_empty());
+        s.assign(at(t0, 1200));
+        assert_eq!(cuts(&s.take_actions(), &peers), vec![(0, running.2)]);
+        // While the cut is awaited, the straggler gets no backup copy: started now, it would
+        // cover the rest too.
+        s.assign(at(t0, 20_000));
+        let actions = s.take_actions();
+        assert!(starts(&actions, &peers).is_empty(), "{actions:?}");
+        s.cut_answered(0, at(t0, 20_000));
+        s.assign(at(t0, 20_000));
+        assert_eq!(starts(&s.take_actions(), &peers).len(), 1, "a backup");
+        for (kind, verify) in [(TaskKind::Map, 2), (TaskKind::Reduce, 1)] {
+            let mut f = one_task(kind, verify);
+            let t0 = f.t0;
+            let mut s = f.state();
+            for ms in [0, 100, 1000, 5000] {
+                s.assign(at(t0, ms));
+                let actions = s.take_actions();
+                assert!(!actions.iter().any(|a| matches!(a, Action::Cut { .. })));
+            }
+        }
     }
 
     #[test]

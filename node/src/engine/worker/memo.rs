@@ -6,8 +6,8 @@
 //! cleaned like any other run, and reduce outputs are kept like any job output. Before an
 //! entry is handed out its blocks are checked to be here still.
 //!
-//! Entries are also appended to a log in the repository (`<home>/memo`), read back when the
-//! daemon starts, so a restart forgets nothing. The log is a cache, not a record: appends are
+//! Entries are also appended to a log in the repository (`<home>/`[`LOG`]), read back when
+//! the daemon starts, so a restart forgets nothing. The log is a cache, not a record: appends are
 //! not synced, each record carries the SHA-256 of its bytes and reading stops at the first
 //! record that is torn or does not match (the rest is cut off), and it is rewritten with the
 //! live entries once it holds twice as much.
@@ -100,6 +100,13 @@ impl State {
         }
     }
 }
+
+/// The log's file name in a daemon's home. It names the records' encoding: a log written in an
+/// earlier one (`memo`, before map outputs said where a task cut short ended) is not read as
+/// this one, but removed ([`Memo::open`]'s caller).
+pub(super) const LOG: &str = "memo.2";
+/// Logs of earlier encodings.
+pub(super) const OLD_LOGS: &[&str] = &["memo"];
 
 /// One log record: a 4-byte length, the SHA-256 of the body, the body (postcard of the key's
 /// bytes and the entry).
@@ -339,6 +346,7 @@ mod tests {
                     None,
                 ],
                 counters: Counters::default(),
+                cut: None,
             },
             after: vec![],
             positional: None,

@@ -68,6 +68,55 @@ pub const DEFAULT_MEMO_BYTES: u64 = 2 << 30;
 /// A running task of a job: map or reduce, its number, how to stop it.
 type RunningTask = (TaskKind, u32, tokio::task::AbortHandle);
 
+/// How long a [`JobRequest::SplitTask`] waits for its map task's read loop to take it (the
+/// loop looks between two pieces of input, so only a stalled read makes it wait this long).
+const SPLIT_WAIT: Duration = Duration::from_secs(2);
+
+/// A request to cut a running map task: the candidate cuts, and where the answer goes (the
+/// cut made, or `None`).
+type CutRequest = (Vec<u64>, tokio::sync::oneshot::Sender<Option<u64>>);
+
+/// Where a running map task takes [`JobRequest::SplitTask`]s: a request waits here until the
+/// task's read loop, between two pieces of input, cuts its range (or cannot) and answers.
+#[derive(Default)]
+struct SplitDoor {
+    asked: std::sync::atomic::AtomicBool,
+    request: Mutex<Option<CutRequest>>,
+}
+
+impl SplitDoor {
+    /// Takes a waiting request, if any: cuts `splitter`'s range at the candidate
+    /// [`split_point`](p2pmr_protocol::engine::split_point) and answers with it. Returns the
+    /// cut made.
+    fn take(&self, splitter: &mut RecordSplitter) -> Option<u64> {
+        if !self.asked.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let (edges, answer) = self.request.lock().expect("poisoned").take()?;
+        if answer.is_closed() {
+            // Its asker gave up waiting: it is told nothing, so nothing is cut.
+            return None;
+        }
+        let at = splitter.feed_from().max(splitter.start());
+        let cut = p2pmr_protocol::engine::split_point(at, splitter.end(), &edges)
+            .filter(|&cut| splitter.shorten(cut));
+        let _ = answer.send(cut);
+        cut
+    }
+}
+
+/// Removes a map task's [`SplitDoor`] when the task ends, however it ends.
+struct DoorGuard<'a> {
+    doors: &'a Mutex<HashMap<(Cid, u32), Arc<SplitDoor>>>,
+    key: (Cid, u32),
+}
+
+impl Drop for DoorGuard<'_> {
+    fn drop(&mut self) {
+        self.doors.lock().expect("poisoned").remove(&self.key);
+    }
+}
+
 /// Why a task failed on this worker; its message is the reason the coordinator reports.
 #[derive(Debug, Error)]
 pub enum TaskError {
@@ -168,6 +217,8 @@ struct Inner {
     access: JobAccess,
     /// For tests of verified execution: alter one record of every map output.
     wrong_output: bool,
+    /// Running map tasks' doors for cuts, by job and task.
+    doors: Mutex<HashMap<(Cid, u32), Arc<SplitDoor>>>,
     /// Outputs of tasks run here, by key, for any job that runs the same task again.
     memo: Memo,
 }
@@ -246,7 +297,13 @@ impl Worker {
                 tasks,
                 access,
                 wrong_output,
-                memo: Memo::open(&repo_home.join("memo"), memo_bytes),
+                doors: Mutex::new(HashMap::new()),
+                memo: {
+                    for old in memo::OLD_LOGS {
+                        let _ = std::fs::remove_file(repo_home.join(old));
+                    }
+                    Memo::open(&repo_home.join(memo::LOG), memo_bytes)
+                },
             }),
         })
     }
@@ -386,7 +443,7 @@ impl Worker {
                             task: number,
                             input,
                             start,
-                            end,
+                            end: output.cut.unwrap_or(end),
                             split,
                             output: output.clone(),
                         },
@@ -394,6 +451,7 @@ impl Worker {
                 }
                 response
             }
+            JobRequest::SplitTask { job, task, edges } => self.split(job, task, edges).await,
             JobRequest::Memo { keys } => JobResponse::Memo(self.remembered(&keys).await),
             JobRequest::Finished { job } => JobResponse::Finished(
                 self.inner
@@ -429,6 +487,32 @@ impl Worker {
                 response
             }
             other => JobResponse::Failed(format!("not a worker request: {other:?}")),
+        }
+    }
+
+    /// Cuts running map task `task` of `job` in two at one of `edges`, if it runs here and
+    /// enough of it is left (see [`JobRequest::SplitTask`]).
+    async fn split(&self, job: Cid, task: u32, edges: Vec<u64>) -> JobResponse {
+        let door = self
+            .inner
+            .doors
+            .lock()
+            .expect("poisoned")
+            .get(&(job, task))
+            .cloned();
+        let Some(door) = door else {
+            return JobResponse::Failed(format!("map task {task} is not running here"));
+        };
+        let (answer, cut) = tokio::sync::oneshot::channel();
+        *door.request.lock().expect("poisoned") = Some((edges, answer));
+        door.asked.store(true, Ordering::Release);
+        match tokio::time::timeout(SPLIT_WAIT, cut).await {
+            Ok(Ok(Some(at))) => JobResponse::SplitAt(at),
+            Ok(Ok(None)) => JobResponse::Failed(format!(
+                "too little of map task {task} is left to cut in two"
+            )),
+            Ok(Err(_)) => JobResponse::Failed(format!("map task {task} ended before the cut")),
+            Err(_) => JobResponse::Failed(format!("map task {task} did not take the cut in time")),
         }
     }
 
@@ -616,6 +700,18 @@ impl Worker {
             .get(task.input as usize)
             .ok_or_else(|| TaskError::Invalid(format!("the job has no input {}", task.input)))?
             .clone();
+        // Open to cuts from here on; one asked for while the module loads waits for the read.
+        let door = Arc::new(SplitDoor::default());
+        let key = (spec.id(), task.task);
+        self.inner
+            .doors
+            .lock()
+            .expect("poisoned")
+            .insert(key, door.clone());
+        let _door = DoorGuard {
+            doors: &self.inner.doors,
+            key,
+        };
         let (module, _permit) = self.prepare(&spec).await?;
         let mut splitter = RecordSplitter::new(task.start, task.end, BATCH);
         let fetcher = self.inner.fetcher.clone();
@@ -632,7 +728,7 @@ impl Worker {
         let reducers = spec.reducers;
         let run_chunk = task.run_chunk;
         let mut wrong_output = self.inner.wrong_output;
-        let (start, end) = (task.start, task.end);
+        let start = task.start;
         // A task that left records out is not the task its key names.
         let memoised = task.skip.is_empty();
         let task_args = args.clone();
@@ -644,6 +740,7 @@ impl Worker {
             // what its memo entry depends on besides), and where the next chunk begins.
             let (mut within, mut after) = (Vec::new(), Vec::new());
             let mut at = splitter.feed_from();
+            let mut cut = None;
             let mut feed =
                 |map: &mut crate::engine::runtime::MapTask, offset: u64, batch: &[u8]| {
                     let (pieces, skipped) = without_records(batch, offset, &skip);
@@ -664,7 +761,8 @@ impl Worker {
                 splitter.feed_from(),
                 MAP_BUFFER,
                 |chunk: Chunk| {
-                    if at < end {
+                    cut = door.take(&mut splitter).or(cut);
+                    if at < splitter.end() {
                         within.push(chunk.cid);
                     } else {
                         after.push(chunk.cid);
@@ -713,17 +811,22 @@ impl Worker {
                 }));
             }
             let read_leaves = (within, after, depends);
-            Ok::<_, MapFailure>((out, c, complete, read, read_leaves))
+            Ok::<_, MapFailure>((out, c, complete, read, read_leaves, cut))
         })
         .await
         .map_err(|e| TaskError::Aborted(format!("map task panicked: {e}")))?;
-        let (parts, counters, complete, read, (within, after, (positional, named))) = mapped?;
+        let (parts, counters, complete, read, (within, after, (positional, named)), cut) = mapped?;
         if let (false, Err(source)) = (complete, read) {
             let name = input.name;
             return Err(TaskError::Input { name, source }.into());
         }
-        let output = MapOutput { parts, counters };
-        if memoised {
+        let output = MapOutput {
+            parts,
+            counters,
+            cut,
+        };
+        // A task cut short is not the task its key names either (whose end was planned).
+        if memoised && cut.is_none() {
             let key = MapKey {
                 module: spec.module,
                 args: &task_args,

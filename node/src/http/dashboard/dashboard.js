@@ -95,7 +95,7 @@ function jobState(id) {
     jobs.set(id, {
       id, state: 'running', maps: [0, 0], reduces: [0, 0], elapsed: 0, inputBytes: 0,
       counters: null, output: null, reason: null, coordinator: '', first: null, last: null,
-      tasks: new Map(), finished: new Set(), mismatches: [], retries: 0, backups: 0, events: 0,
+      tasks: new Map(), finished: new Set(), mismatches: [], retries: 0, backups: 0, splits: 0, events: 0,
       fetched: null, reused: null,
       seen: Date.now(),
     });
@@ -158,6 +158,9 @@ function apply(j, e) {
       j.tasks.set(key, t);
       break;
     }
+    case 'split':
+      // The rest of a task cut in two is one more map task to finish.
+      j.maps[1]++; j.splits++; break;
     case 'verify_mismatch':
       j.mismatches.push(e.kind + ' task ' + e.task + ': ' + e.dissent.map(short).join(', ') +
         ' disagreed with ' + e.agreed.map(short).join(', ') + ' and ' +
@@ -306,7 +309,8 @@ function card(j) {
     el('div', { class: 'stats' },
       (elapsed / 1000).toFixed(1) + ' s' + (mbs ? ' · ' + mbs + ' MB/s' : '') +
       (j.inputBytes ? ' · ' + bytes(j.inputBytes) + ' in' : '') +
-      ' · ' + j.retries + ' retries · ' + j.backups + ' backups'),
+      ' · ' + j.retries + ' retries · ' + j.backups + ' backups' +
+      (j.splits ? ' · ' + j.splits + ' cut in two' : '')),
     j.fetched ? el('div', { class: 'stats fetch' }, (j.fetched.done ? 'fetched ' : 'fetching ') +
       j.fetched.blocks + ' blocks, ' + bytes(j.fetched.bytes) + ' (' + j.fetched.from_ipfs +
       ' from IPFS peers) · ' + j.fetched.retries + ' retries') : '',
