@@ -345,10 +345,14 @@ impl<'a> PhaseState<'a> {
         )
     }
 
-    /// Starts what can start at `now`. Map tasks go first to daemons that hold them, the
-    /// most local pairing first (so a machine's free slot goes to whichever of its daemons
-    /// holds the most of a task); then one task per free peer per round while any is taken.
+    /// Starts what can start at `now`, after asking for the cuts free slots call for. Map
+    /// tasks go first to daemons that hold them, the most local pairing first (so a
+    /// machine's free slot goes to whichever of its daemons holds the most of a task); then
+    /// one task per free peer per round while any is taken.
     pub(crate) fn assign(&mut self, now: Instant) {
+        // Cuts first: half of what a task has left is better on a free slot than all of it
+        // again, and a backup copy is not started while its task's cut is awaited.
+        self.ask_cuts(now);
         let after = backup_after(&mut self.took);
         let stragglers = self.stragglers(now, after);
         loop {
@@ -365,7 +369,6 @@ impl<'a> PhaseState<'a> {
                 break;
             }
         }
-        self.ask_cuts(now);
     }
 
     /// Slots that could take a task now: each machine's free slots, as far as its live peers
@@ -382,7 +385,8 @@ impl<'a> PhaseState<'a> {
 
     /// Near the end of the map phase, while slots are free, no task waits and fewer cuts are
     /// awaited than slots are free: asks the running tasks with the most input estimated
-    /// left (by the phase's rate so far) to cut themselves in two. Each task is asked once,
+    /// left (by the phase's rate so far) to cut themselves in two, if they are large enough
+    /// to be cut at all. Each task is asked once,
     /// and not while another copy of it runs: a copy started before the cut would cover the
     /// rest too.
     fn ask_cuts(&mut self, now: Instant) {
@@ -410,12 +414,14 @@ impl<'a> PhaseState<'a> {
                 Some(None) => false,
                 Some(Some(refused)) => now.duration_since(*refused) >= CUT_AGAIN,
             })
+            // The guess only orders the asks: a task slower than the phase's rate so far
+            // has more left than it says, and its worker knows what is left.
+            .filter(|a| self.bytes[a.t] >= 2 * MIN_SPLIT_PART)
             .map(|a| {
                 let ran = now.duration_since(a.since).as_secs_f64();
                 let read = rate.map_or(0, |r| (r * ran) as u64);
                 (self.bytes[a.t].saturating_sub(read), a.t, a.p)
             })
-            .filter(|&(left, ..)| left >= 2 * MIN_SPLIT_PART)
             .collect();
         left.sort_unstable_by(|a, b| b.cmp(a));
         for (_, t, p) in left.into_iter().take(idle - awaited) {
@@ -1788,6 +1794,24 @@ mod tests {
         let done: Vec<usize> = s.into_done().into_iter().map(|d| d.0).collect();
         assert_eq!(done, vec![0, 1, 2, 3]);
         assert_eq!(f.attempts, vec![1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_task_slower_than_the_phase_is_asked_to_cut_though_its_guess_says_it_is_done() {
+        const M: u64 = MIN_SPLIT_PART;
+        let mut f = Fixture::new(TaskKind::Map, 2, 2, 1);
+        f.bytes = vec![4 * M, 16 * M];
+        let (t0, peers) = (f.t0, f.peers.clone());
+        let mut s = f.state();
+        s.assign(t0);
+        let first = starts(&s.take_actions(), &peers);
+        let quick = first.iter().find(|a| a.1 == 0).expect("task 0 runs");
+        let slow = first.iter().find(|a| a.1 == 1).expect("task 1 runs");
+        // Task 0 went at 16 M/s; by that rate task 1 would be done after 1 s, but it is not.
+        s.answered(quick.0, map_done(), at(t0, 250)).unwrap();
+        s.take_actions();
+        s.assign(at(t0, 1250));
+        assert_eq!(cuts(&s.take_actions(), &peers), vec![(1, slow.2)]);
     }
 
     #[test]
