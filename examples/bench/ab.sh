@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Compares two p2pmr binaries, interleaved, on the same machine and data:
 #
-#   [DAEMONS=N] examples/bench/ab.sh OLD_BIN NEW_BIN CORPUS [BLOCKS [BIG [TINY]]]
+#   [DAEMONS=N] [RUN_ARGS="..."] examples/bench/ab.sh OLD_BIN NEW_BIN CORPUS [BLOCKS [BIG [TINY]]]
 #
 # DAEMONS daemons (2 unless set) on 127.0.0.1 hold CORPUS with 2 replicas. Each block restarts
 # the daemons with one binary on the same repositories, runs one warm-up tiny job (the daemons
 # compile the module), then BIG wordcounts of CORPUS (2 reducers) and TINY wordcounts of its
-# first KiB, each a fresh `p2pmr run` process (--no-mdns, every daemon given with --peer), so
+# first KiB (RUN_ARGS, e.g. "--split-mib 256", added to the big ones), each a fresh `p2pmr run` process (--no-mdns, every daemon given with --peer), so
 # process start is included. Blocks alternate the binaries (old, new, new, old, ...). Prints
 # one line per run: `old|new big|tiny SECONDS REDUCE_SECONDS` (the reduce phase of a big run,
 # from its events as they arrive; 0 for tiny ones); the summary at the end gives medians and
@@ -14,6 +14,7 @@
 # Every run has its own --arg, so no job is answered from an earlier one's output.
 set -euo pipefail
 OLD=$1 NEW=$2 CORPUS=$3 BLOCKS=${4:-4} BIG=${5:-2} TINY=${6:-5} DAEMONS=${DAEMONS:-2}
+read -r -a RUN_ARGS <<<"${RUN_ARGS:-}"
 W=$(mktemp -d); trap 'stop 2>/dev/null || true; rm -rf "$W"' EXIT
 PIDS=() PEERS=()
 start() { # BIN
@@ -81,7 +82,8 @@ for b in $(seq "$BLOCKS"); do
         client "$bin" run --job wordcount --input "$tiny" --arg warm="$b$which" --json >/dev/null
         for _ in $(seq "$BIG"); do
             n=$((n + 1))
-            timed "$which big" "$bin" run --job wordcount --input "$big" --reducers 2 --arg round=$n --json
+            timed "$which big" "$bin" run --job wordcount --input "$big" --reducers 2 --arg round=$n \
+                "${RUN_ARGS[@]}" --json
         done
         for _ in $(seq "$TINY"); do
             n=$((n + 1))

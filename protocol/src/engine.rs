@@ -41,9 +41,10 @@ pub fn run_chunk(maps: usize) -> u32 {
 }
 
 /// The fewest input bytes each part of a running map task keeps when it is cut in two
-/// ([`JobRequest::SplitTask`]): below this a new task's start and its extra runs cost about
-/// what running the part on another core saves.
-pub const MIN_SPLIT_PART: u64 = 16 << 20;
+/// ([`JobRequest::SplitTask`]): a task costs a fixed share of CPU besides its bytes (its
+/// start, and emitting, sorting and storing each of its distinct keys), so the half of a
+/// smaller rest run on another core saves less than that share costs.
+pub const MIN_SPLIT_PART: u64 = 32 << 20;
 /// Most candidate cut points in a [`JobRequest::SplitTask`].
 pub const MAX_SPLIT_EDGES: usize = 1024;
 

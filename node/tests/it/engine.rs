@@ -619,8 +619,8 @@ async fn wordcount_over_100_mib_on_four_daemons_equals_run_local() -> Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_map_task_is_cut_in_two_for_an_idle_daemon_and_the_output_is_exact() -> Result<()> {
-    // One map task over 64 MiB on two daemons: the idle one is given the task's second half.
-    let corpus = big_corpus(64)?;
+    // One map task over 101 MiB on two daemons: the idle one is given the task's second half.
+    let corpus = big_corpus(101)?;
     let expected = run_local("wordcount", &[("corpus".into(), corpus.clone())], 2, &[])?;
     let records = corpus.split_inclusive(|&b| b == b'\n').count() as u64;
     let size = corpus.len() as u64;
