@@ -39,6 +39,10 @@ pub(crate) struct ChaosArgs {
     /// Reducers
     #[arg(long, default_value_t = 4)]
     reducers: u32,
+    /// Map split size (MiB) [default: the automatic one]; a large one makes map tasks that are
+    /// cut in two at the end of the map phase
+    #[arg(long)]
+    split_mib: Option<u64>,
     /// Seconds between kills
     #[arg(long, default_value_t = 3.0)]
     kill_every: f64,
@@ -250,6 +254,9 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
         ])
         .args(["--reducers", &args.reducers.to_string()])
         .args(["--arg", &format!("run={tag}")]);
+        if let Some(mib) = args.split_mib {
+            cmd.args(["--split-mib", &mib.to_string()]);
+        }
         cmd
     };
 
@@ -379,11 +386,13 @@ pub(crate) fn chaos(args: ChaosArgs) -> Result<()> {
         .context("no completed event with the output CID")?
         .to_owned();
     let handovers = fs::read_to_string(&log)?.matches("handing it over").count();
+    // Map tasks cut in two for free slots, faults or not (each coordinator's own events).
+    let cuts = events.iter().filter(|(_, e)| e["event"] == "split").count();
     println!("| run | s | output |");
     println!("|---|---:|---|");
     println!("| fault-free | {clean_s:.1} | {clean_cid} |");
     println!(
-        "| chaos ({kills} kills, 1 freeze of {:.0} s, {handovers} coordinator handovers) | {chaos_s:.1} | {chaos_cid} |",
+        "| chaos ({kills} kills, 1 freeze of {:.0} s, {handovers} coordinator handovers, {cuts} map tasks cut) | {chaos_s:.1} | {chaos_cid} |",
         args.stop_secs
     );
     println!("chaos / fault-free time: {:.2}", chaos_s / clean_s);
