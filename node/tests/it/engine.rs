@@ -509,6 +509,10 @@ fn big_corpus(mib: u64) -> Result<Vec<u8>> {
         .unwrap_or_else(|| root.join("shared"))
         .join("bench/make-corpus.sh");
     if script.is_file() {
+        // Tests run at once: the first to want a size makes its file while the others wait,
+        // so none reads it half written.
+        static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
         let out = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../target")
             .join(format!("corpus-{mib}.txt"));
