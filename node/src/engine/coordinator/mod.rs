@@ -1488,9 +1488,7 @@ impl Coordinator {
                         // Unless a copy has finished, or the task was cut there already (its
                         // output said so first).
                         if !state.is_complete(t) && at < tasks.end(t) {
-                            if let Some(rest) = tasks.cut(t, at) {
-                                state.cut(t, at, rest, Instant::now());
-                            }
+                            cut_task(&mut state, tasks, t, at);
                         }
                     }
                     Ok(())
@@ -1592,6 +1590,16 @@ impl PhaseTasks for Maps<'_> {
     }
 }
 
+/// Cuts task `t` at `at` in the plan and in the phase; says whether `at` is a place it may
+/// be cut.
+fn cut_task(state: &mut PhaseState<'_>, tasks: &mut dyn PhaseTasks, t: usize, at: u64) -> bool {
+    let Some(rest) = tasks.cut(t, at) else {
+        return false;
+    };
+    state.cut(t, at, rest, Instant::now());
+    true
+}
+
 /// What a map task's answer means once cuts are taken into account: an attempt started with
 /// `end` of task `t` that now ends at `tasks.end(t)`. An output that stops short of that end
 /// was cut (the cut's answer may not have come, or come first): the rest becomes a task. One
@@ -1613,12 +1621,9 @@ fn after_cuts(
         Some(cut) if cut >= end => Ok(JobResponse::Failed(format!(
             "its output ends at input offset {cut}, not before the task's end {end}"
         ))),
-        Some(cut) if cut < now => match tasks.cut(t, cut) {
-            Some(rest) => {
-                state.cut(t, cut, rest, Instant::now());
-                Ok(JobResponse::MapDone(out))
-            }
-            None => Ok(JobResponse::Failed(format!(
+        Some(cut) if cut < now => match cut_task(state, tasks, t, cut) {
+            true => Ok(JobResponse::MapDone(out)),
+            false => Ok(JobResponse::Failed(format!(
                 "its output ends at input offset {cut}, where the task may not be cut"
             ))),
         },

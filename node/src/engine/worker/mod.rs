@@ -80,7 +80,6 @@ type CutRequest = (Vec<u64>, tokio::sync::oneshot::Sender<Option<u64>>);
 /// task's read loop, between two pieces of input, cuts its range (or cannot) and answers.
 #[derive(Default)]
 struct SplitDoor {
-    asked: std::sync::atomic::AtomicBool,
     request: Mutex<Option<CutRequest>>,
 }
 
@@ -89,9 +88,6 @@ impl SplitDoor {
     /// [`split_point`](p2pmr_protocol::engine::split_point) and answers with it. Returns the
     /// cut made.
     fn take(&self, splitter: &mut RecordSplitter) -> Option<u64> {
-        if !self.asked.swap(false, Ordering::AcqRel) {
-            return None;
-        }
         let (edges, answer) = self.request.lock().expect("poisoned").take()?;
         if answer.is_closed() {
             // Its asker gave up waiting: it is told nothing, so nothing is cut.
@@ -505,7 +501,6 @@ impl Worker {
         };
         let (answer, cut) = tokio::sync::oneshot::channel();
         *door.request.lock().expect("poisoned") = Some((edges, answer));
-        door.asked.store(true, Ordering::Release);
         match tokio::time::timeout(SPLIT_WAIT, cut).await {
             Ok(Ok(Some(at))) => JobResponse::SplitAt(at),
             Ok(Ok(None)) => JobResponse::Failed(format!(
