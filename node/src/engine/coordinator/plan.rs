@@ -108,7 +108,10 @@ fn content_ends(leaves: &[Leaf], reach: u64) -> Vec<bool> {
 ///   leaves so far holds (by `holdings`, the leaves each daemon holds): a task is then
 ///   readable whole from at least one daemon. Files placed by group (leaves in a group share
 ///   holders) are cut only at group edges, and only where the holders change; lone leaves
-///   (files placed block by block) are never cut for this.
+///   (files placed block by block) are never cut for this;
+/// - it passes a content end by when such a holders' cut comes within half a split after it
+///   (and the task stays under twice the split): the task ends there instead, rather than
+///   leave a short task between the two ends.
 pub(super) fn cut_maps(
     inputs: Vec<Vec<Leaf>>,
     split: u64,
@@ -129,14 +132,8 @@ pub(super) fn cut_maps(
         // Daemons holding every leaf of the current task.
         let mut common: Vec<usize> = Vec::new();
         for (k, leaf) in leaves.iter().enumerate() {
-            let starts_group = leaves.get(k + 1).is_some_and(|n| n.group == leaf.group)
-                && (k == 0 || leaves[k - 1].group != leaf.group);
             let held = holders(&leaf.cid);
-            if current.is_some()
-                && starts_group
-                && !common.is_empty()
-                && !common.iter().any(|d| held.contains(d))
-            {
+            if current.is_some() && holders_cut(&leaves, k, &common, &held) {
                 maps.extend(current.take());
             }
             if current.is_none() {
@@ -155,8 +152,19 @@ pub(super) fn cut_maps(
             offset += leaf.len;
             let len = task.end - task.start;
             // Ends closer than half a split are copies of one leaf, or follow a forced or a
-            // holders' cut.
-            let content = ends[k] && len >= split / 2 && len > 0;
+            // holders' cut. A content end is passed over when the holders would cut the task again within
+            // half a split anyway: ending at the holders' cut instead saves a short task.
+            let content = ends[k]
+                && len >= split / 2
+                && len > 0
+                && !holders_cut_ahead(
+                    &leaves,
+                    k,
+                    &common,
+                    split / 2,
+                    (2 * split).saturating_sub(len),
+                    &holders,
+                );
             if (content || len >= 2 * split) && total - offset >= split / 2 {
                 maps.extend(current.take());
             }
@@ -164,6 +172,43 @@ pub(super) fn cut_maps(
         maps.extend(current.take());
     }
     maps
+}
+
+/// Whether leaf `k` starts a placement group that none of `common` (the daemons holding all of
+/// the task so far) holds, by `held`, its holders: the task must then end before it. Lone
+/// leaves never cut, nor does a task no daemon holds whole anyway.
+fn holders_cut(leaves: &[Leaf], k: usize, common: &[usize], held: &[usize]) -> bool {
+    let starts_group = leaves
+        .get(k + 1)
+        .is_some_and(|n| n.group == leaves[k].group)
+        && (k == 0 || leaves[k - 1].group != leaves[k].group);
+    starts_group && !common.is_empty() && !common.iter().any(|d| held.contains(d))
+}
+
+/// Whether a task held whole by `common` that went on past leaf `k` would meet a
+/// [`holders_cut`] within `reach` bytes, and `room` bytes at most.
+fn holders_cut_ahead(
+    leaves: &[Leaf],
+    k: usize,
+    common: &[usize],
+    reach: u64,
+    room: u64,
+    holders: &impl Fn(&Cid) -> Vec<usize>,
+) -> bool {
+    let mut common = common.to_vec();
+    let mut ahead = 0;
+    for j in k + 1..leaves.len() {
+        let held = holders(&leaves[j].cid);
+        if holders_cut(leaves, j, &common, &held) {
+            return true;
+        }
+        common.retain(|d| held.contains(d));
+        ahead += leaves[j].len;
+        if ahead > reach.min(room) {
+            return false;
+        }
+    }
+    false
 }
 
 /// What to ask the workers' memo for, for one map task ([`p2pmr_protocol::memo`]).
@@ -592,6 +637,56 @@ mod tests {
         // Without holdings (nobody answered), the split alone cuts.
         let got = cut_maps(vec![leaves.clone()], 100, &[]);
         assert_eq!(got.len(), 1);
+    }
+
+    #[test]
+    fn no_short_task_is_left_between_a_content_end_and_a_holders_cut() {
+        // Groups of 40 to 200 leaves (5 to 100 MiB), each on 2 of 4 daemons, as on a small
+        // cluster; a split of 64 MiB.
+        let split: u64 = 64 << 20;
+        let mut short_tasks = 0;
+        for seed in 0..40u64 {
+            let mut leaves = random_leaves(2000, seed);
+            let mut x = seed ^ 0x9e37_79b9;
+            let mut next = || {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                x >> 33
+            };
+            let mut holdings: Vec<HashSet<Cid>> = vec![HashSet::new(); 4];
+            let mut k = 0;
+            while k < leaves.len() {
+                let n = (40 + next() % 160) as usize;
+                let a = (next() % 4) as usize;
+                let b = (a + 1 + (next() % 3) as usize) % 4;
+                let group = leaves[k].cid;
+                for leaf in leaves.iter_mut().skip(k).take(n) {
+                    leaf.group = group;
+                    holdings[a].insert(leaf.cid);
+                    holdings[b].insert(leaf.cid);
+                }
+                k += n;
+            }
+            let maps = cut_maps(vec![leaves], split, &holdings);
+            let whole = |ms: &[PlannedMap]| {
+                holdings.iter().any(|h| {
+                    ms.iter()
+                        .all(|m| m.leaves.iter().all(|(c, _)| h.contains(c)))
+                })
+            };
+            assert!(maps.iter().all(|m| whole(std::slice::from_ref(m))));
+            for pair in maps[..maps.len() - 1].windows(2) {
+                let (a, b) = (pair[0].end - pair[0].start, pair[1].end - pair[1].start);
+                if b < split / 2 {
+                    short_tasks += 1;
+                    // Had a daemon held both, they would have been one task.
+                    assert!(a + b > 2 * split || !whole(pair), "seed {seed}: {a} + {b}");
+                }
+            }
+        }
+        // Short tasks remain where holders change twice within half a split.
+        assert!(short_tasks > 0);
     }
 
     /// `n` leaves of 128 to 512 KiB (as buzhash cuts them), each with its own CID.
