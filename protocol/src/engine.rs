@@ -43,8 +43,8 @@ pub fn run_chunk(maps: usize) -> u32 {
 /// The fewest input bytes each part of a running map task keeps when it is cut in two
 /// ([`JobRequest::SplitTask`]): a task costs a fixed share of CPU besides its bytes (its
 /// start, and emitting, sorting and storing each of its distinct keys), so the half of a
-/// smaller rest run on another core saves less than that share costs.
-pub const MIN_SPLIT_PART: u64 = 32 << 20;
+/// smaller rest run on another core saves less time than that share costs.
+pub const MIN_SPLIT_PART: u64 = 16 << 20;
 /// Most candidate cut points in a [`JobRequest::SplitTask`].
 pub const MAX_SPLIT_EDGES: usize = 1024;
 

@@ -1469,7 +1469,7 @@ impl Coordinator {
                     Some(Err(e)) => Err(e.to_string().into()),
                     None => Ok(()),
                 },
-                _ = tokio::time::sleep(LOCALITY_DELAY / 3) => Ok(()),
+                _ = tokio::time::sleep(wake_in(&state)) => Ok(()),
                 _ = probe_tick.tick() => {
                     for (p, peer) in state.probe_targets() {
                         let (this, limit) = (self.clone(), self.inner.liveness);
@@ -1588,6 +1588,15 @@ impl PhaseTasks for Maps<'_> {
         self.local.push(local.clone());
         Some(Rest { kept, bytes, local })
     }
+}
+
+/// How long the phase's loop may sleep with nothing happening: it looks again now and then
+/// (delay scheduling's waits run out), and when a task may first be asked to cut.
+fn wake_in(state: &PhaseState<'_>) -> Duration {
+    let most = LOCALITY_DELAY / 3;
+    state.next_wake().map_or(most, |at| {
+        at.saturating_duration_since(Instant::now()).min(most)
+    })
 }
 
 /// Cuts task `t` at `at` in the plan and in the phase; says whether `at` is a place it may

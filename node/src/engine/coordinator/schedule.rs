@@ -61,11 +61,12 @@ const BACKUP_MIN: Duration = Duration::from_secs(1);
 /// When a task may get a backup copy while no task of its phase has finished.
 const BACKUP_BLIND: Duration = Duration::from_secs(10);
 /// How long an attempt runs before it may be asked to cut its task in two: long enough for its
-/// worker to have the task (the two requests travel apart).
-const CUT_AFTER: Duration = Duration::from_millis(100);
+/// worker to have the task on a LAN (the two requests travel apart), and short, as the whole
+/// of a task that has just started is left to share.
+const CUT_AFTER: Duration = Duration::from_millis(20);
 /// How long after a refused cut (too little left then, or the task not reading yet) the task
 /// may be asked again.
-const CUT_AGAIN: Duration = Duration::from_secs(1);
+const CUT_AGAIN: Duration = Duration::from_millis(250);
 
 /// Names one attempt (one call of a task on a peer) for the phase's lifetime.
 pub(crate) type AttemptId = u64;
@@ -213,6 +214,9 @@ pub(crate) struct PhaseState<'a> {
     /// Tasks asked to cut: `None` while the answer is awaited, else when it came (a task that
     /// was cut is not asked again; its rest may be).
     asked: HashMap<usize, Option<Instant>>,
+    /// When a running task that may not be asked to cut yet first may be (see
+    /// [`PhaseState::next_wake`]).
+    next_ask: Option<Instant>,
     /// Input bytes and time of the tasks finished so far: the phase's rate, to guess what is
     /// left of a running task.
     finished_bytes: u64,
@@ -292,6 +296,7 @@ impl<'a> PhaseState<'a> {
             excluded: HashSet::new(),
             cuts,
             asked: HashMap::new(),
+            next_ask: None,
             finished_bytes: 0,
             finished_time: Duration::ZERO,
             done: Vec::with_capacity(sched.tasks.len()),
@@ -369,6 +374,35 @@ impl<'a> PhaseState<'a> {
                 break;
             }
         }
+        self.next_ask = self.cut_wake(now);
+    }
+
+    /// When a running task that may not be asked to cut yet (too young, or refused a moment
+    /// ago) first may be, if a slot would be free for its rest: the caller wakes then rather
+    /// than at its next event.
+    fn cut_wake(&self, now: Instant) -> Option<Instant> {
+        if !self.cuts || !self.pending.is_empty() {
+            return None;
+        }
+        let awaited = self.asked.values().filter(|w| w.is_none()).count();
+        if self.idle_slots() <= awaited {
+            return None;
+        }
+        let mut copies: HashMap<usize, usize> = HashMap::new();
+        for a in self.running.values() {
+            *copies.entry(a.t).or_default() += 1;
+        }
+        self.running
+            .values()
+            .filter(|a| copies[&a.t] == 1 && !self.complete.contains(&a.t))
+            .filter(|a| !self.backed.contains(&a.t) && self.bytes[a.t] >= 2 * MIN_SPLIT_PART)
+            .filter_map(|a| match self.asked.get(&a.t) {
+                None => Some(a.since + CUT_AFTER),
+                Some(None) => None,
+                Some(Some(refused)) => Some((*refused + CUT_AGAIN).max(a.since + CUT_AFTER)),
+            })
+            .filter(|&at| at > now)
+            .min()
     }
 
     /// Slots that could take a task now: each machine's free slots, as far as its live peers
@@ -398,12 +432,12 @@ impl<'a> PhaseState<'a> {
         if idle <= awaited {
             return;
         }
-        let rate = (!self.finished_time.is_zero())
-            .then(|| self.finished_bytes as f64 / self.finished_time.as_secs_f64());
         let mut copies: HashMap<usize, usize> = HashMap::new();
         for a in self.running.values() {
             *copies.entry(a.t).or_default() += 1;
         }
+        let rate = (!self.finished_time.is_zero())
+            .then(|| self.finished_bytes as f64 / self.finished_time.as_secs_f64());
         let mut left: Vec<(u64, usize, usize)> = self
             .running
             .values()
@@ -431,6 +465,12 @@ impl<'a> PhaseState<'a> {
                 task: t,
             });
         }
+    }
+
+    /// When the caller should call [`PhaseState::assign`] again even if nothing happens before:
+    /// a running task may then be asked to cut.
+    pub(crate) fn next_wake(&self) -> Option<Instant> {
+        self.next_ask
     }
 
     /// The answer to the cut of task `t` asked for at `now` has come (whatever it says).
@@ -1827,17 +1867,21 @@ mod tests {
         let mut s = f.state();
         s.assign(t0);
         let running = starts(&s.take_actions(), &peers)[0].clone();
-        // Not before its worker can have the task.
+        // Not before its worker can have the task; the caller is told when to look again.
         assert!(cuts(&s.take_actions(), &peers).is_empty());
-        s.assign(at(t0, 50));
+        assert_eq!(s.next_wake(), Some(t0 + CUT_AFTER));
+        s.assign(t0 + CUT_AFTER / 2);
         assert!(cuts(&s.take_actions(), &peers).is_empty());
-        s.assign(at(t0, 100));
+        s.assign(t0 + CUT_AFTER);
         assert_eq!(cuts(&s.take_actions(), &peers), vec![(0, running.2)]);
+        assert_eq!(s.next_wake(), None, "the answer is awaited");
         // Refused (say, the module was still loading): asked again a while later.
-        s.cut_answered(0, at(t0, 200));
-        s.assign(at(t0, 900));
+        let refused = at(t0, 200);
+        s.cut_answered(0, refused);
+        s.assign(refused + CUT_AGAIN / 2);
         assert!(cuts(&s.take_actions(), &peers).is_empty());
-        s.assign(at(t0, 1200));
+        assert_eq!(s.next_wake(), Some(refused + CUT_AGAIN));
+        s.assign(refused + CUT_AGAIN);
         assert_eq!(cuts(&s.take_actions(), &peers), vec![(0, running.2)]);
         // While the cut is awaited, the straggler gets no backup copy: started now, it would
         // cover the rest too.
