@@ -214,6 +214,8 @@ pub(crate) struct PhaseState<'a> {
     /// Tasks asked to cut: `None` while the answer is awaited, else when it came (a task that
     /// was cut is not asked again; its rest may be).
     asked: HashMap<usize, Option<Instant>>,
+    /// Running attempts of each task.
+    copies: Vec<u32>,
     /// When a running task that may not be asked to cut yet first may be (see
     /// [`PhaseState::next_wake`]).
     next_ask: Option<Instant>,
@@ -296,6 +298,7 @@ impl<'a> PhaseState<'a> {
             excluded: HashSet::new(),
             cuts,
             asked: HashMap::new(),
+            copies: vec![0; sched.tasks.iter().max().map_or(0, |&t| t + 1)],
             next_ask: None,
             finished_bytes: 0,
             finished_time: Duration::ZERO,
@@ -388,14 +391,10 @@ impl<'a> PhaseState<'a> {
         if self.idle_slots() <= awaited {
             return None;
         }
-        let mut copies: HashMap<usize, usize> = HashMap::new();
-        for a in self.running.values() {
-            *copies.entry(a.t).or_default() += 1;
-        }
         self.running
             .values()
-            .filter(|a| copies[&a.t] == 1 && !self.complete.contains(&a.t))
-            .filter(|a| !self.backed.contains(&a.t) && self.bytes[a.t] >= 2 * MIN_SPLIT_PART)
+            .filter(|a| self.copies[a.t] == 1 && self.bytes[a.t] >= 2 * MIN_SPLIT_PART)
+            .filter(|a| !self.complete.contains(&a.t) && !self.backed.contains(&a.t))
             .filter_map(|a| match self.asked.get(&a.t) {
                 None => Some(a.since + CUT_AFTER),
                 Some(None) => None,
@@ -408,12 +407,13 @@ impl<'a> PhaseState<'a> {
     /// Slots that could take a task now: each machine's free slots, as far as its live peers
     /// have free slots of their own.
     fn idle_slots(&self) -> usize {
-        let mut free: HashMap<usize, u32> = HashMap::new();
+        let mut free = vec![0u32; self.machine_free.len()];
         for p in (0..self.peers.len()).filter(|&p| !self.dead[p]) {
-            *free.entry(self.machine[p]).or_default() += self.free[p];
+            free[self.machine[p]] += self.free[p];
         }
-        free.into_iter()
-            .map(|(m, free)| free.min(self.machine_free[m]) as usize)
+        free.iter()
+            .zip(&self.machine_free)
+            .map(|(&free, &machine)| free.min(machine) as usize)
             .sum()
     }
 
@@ -432,17 +432,16 @@ impl<'a> PhaseState<'a> {
         if idle <= awaited {
             return;
         }
-        let mut copies: HashMap<usize, usize> = HashMap::new();
-        for a in self.running.values() {
-            *copies.entry(a.t).or_default() += 1;
-        }
         let rate = (!self.finished_time.is_zero())
             .then(|| self.finished_bytes as f64 / self.finished_time.as_secs_f64());
+        // The cheap tests first: at a large job's end this runs over every running task at
+        // each task's end.
         let mut left: Vec<(u64, usize, usize)> = self
             .running
             .values()
-            .filter(|a| copies[&a.t] == 1 && !self.complete.contains(&a.t))
-            .filter(|a| now.duration_since(a.since) >= CUT_AFTER && !self.backed.contains(&a.t))
+            .filter(|a| self.copies[a.t] == 1 && self.bytes[a.t] >= 2 * MIN_SPLIT_PART)
+            .filter(|a| now.duration_since(a.since) >= CUT_AFTER)
+            .filter(|a| !self.complete.contains(&a.t) && !self.backed.contains(&a.t))
             .filter(|a| match self.asked.get(&a.t) {
                 None => true,
                 Some(None) => false,
@@ -450,15 +449,19 @@ impl<'a> PhaseState<'a> {
             })
             // The guess only orders the asks: a task slower than the phase's rate so far
             // has more left than it says, and its worker knows what is left.
-            .filter(|a| self.bytes[a.t] >= 2 * MIN_SPLIT_PART)
             .map(|a| {
                 let ran = now.duration_since(a.since).as_secs_f64();
                 let read = rate.map_or(0, |r| (r * ran) as u64);
                 (self.bytes[a.t].saturating_sub(read), a.t, a.p)
             })
             .collect();
+        let asks = idle - awaited;
+        if left.len() > asks {
+            left.select_nth_unstable_by(asks - 1, |a, b| b.cmp(a));
+            left.truncate(asks);
+        }
         left.sort_unstable_by(|a, b| b.cmp(a));
-        for (_, t, p) in left.into_iter().take(idle - awaited) {
+        for (_, t, p) in left {
             self.asked.insert(t, None);
             self.actions.push(Action::Cut {
                 peer: self.peers[p],
@@ -504,6 +507,9 @@ impl<'a> PhaseState<'a> {
         }
         if self.tally.attempts.len() <= r {
             self.tally.attempts.resize(r + 1, 0);
+        }
+        if self.copies.len() <= r {
+            self.copies.resize(r + 1, 0);
         }
         self.pending.grow(r + 1);
         self.pending.push(r);
@@ -717,6 +723,7 @@ impl<'a> PhaseState<'a> {
         let skip = self.skips.of(t);
         let skipped = skip.len();
         self.running_pairs.insert((t, p));
+        self.copies[t] += 1;
         self.running.insert(
             id,
             Attempt {
@@ -741,6 +748,7 @@ impl<'a> PhaseState<'a> {
         if self.beaten.remove(&id) {
             if let Some(a) = self.running.remove(&id) {
                 self.running_pairs.remove(&(a.t, a.p));
+                self.copies[a.t] -= 1;
                 self.release(a.p);
             }
             return Ok(());
@@ -768,6 +776,7 @@ impl<'a> PhaseState<'a> {
             return Ok(());
         };
         self.running_pairs.remove(&(t, p));
+        self.copies[t] -= 1;
         self.beaten.remove(&id);
         // Its peer was given up on while it ran (aborted, or answering before the abort
         // landed): its answer no longer counts, nor makes a second mismatch; the task runs
