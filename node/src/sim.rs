@@ -10,10 +10,12 @@
 mod dht;
 
 use crate::blocks::{placement, Book, Placed};
-use crate::engine::coordinator::schedule::{held, Action, PhaseState, Schedule, Skips, Tally};
+use crate::engine::coordinator::schedule::{
+    held, Action, PhaseState, Rest, Schedule, Skips, Tally,
+};
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
-use p2pmr_protocol::engine::{Counters, JobResponse, MapOutput, TaskKind};
+use p2pmr_protocol::engine::{split_point, Counters, JobResponse, MapOutput, TaskKind};
 use p2pmr_protocol::wire::{keyspace_keys, NEIGHBOURHOOD};
 use p2pmr_protocol::{Block, Cid};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -53,6 +55,8 @@ pub struct SimReport {
     pub local_share: Option<f64>,
     /// The job's map phase in virtual seconds.
     pub map_seconds: Option<f64>,
+    /// Running map tasks the scheduler had cut in two for free slots.
+    pub map_cuts: Option<usize>,
     /// Wall seconds the scheduler took over the whole job.
     pub scheduler_seconds: Option<f64>,
     /// For each share of peers failed at once, how the replica count was restored.
@@ -278,11 +282,11 @@ pub fn simulate(config: SimConfig) -> SimReport {
         })
         .collect();
 
-    let (local_share, map_seconds, scheduler_seconds) = if config.tasks > 0 {
-        let (local, map, wall) = map_phase(&config, &peers, &index, &holders[..config.tasks]);
-        (Some(local), Some(map), Some(wall))
+    let (local_share, map_seconds, map_cuts, scheduler_seconds) = if config.tasks > 0 {
+        let (local, map, cuts, wall) = map_phase(&config, &peers, &index, &holders[..config.tasks]);
+        (Some(local), Some(map), Some(cuts), Some(wall))
     } else {
-        (None, None, None)
+        (None, None, None, None)
     };
     SimReport {
         config,
@@ -290,6 +294,7 @@ pub fn simulate(config: SimConfig) -> SimReport {
         max_over_mean,
         local_share,
         map_seconds,
+        map_cuts,
         scheduler_seconds,
         moved,
         placement_seconds,
@@ -310,15 +315,82 @@ const REMOTE_BYTES_PER_SEC: f64 = 50e6;
 /// How often the virtual clock ticks while tasks wait (the coordinator's own tick).
 const TICK: Duration = Duration::from_millis(100);
 
+/// Leaf edges of a virtual task, which a cut may fall on: kubo's 256 KiB chunks.
+const LEAF_BYTES: u64 = 1 << 18;
+
+/// A virtual attempt: its task, when it started, how fast it reads, whether on a holder.
+struct Running {
+    t: usize,
+    start: Duration,
+    speed: f64,
+    local: bool,
+}
+
+/// Answers a scheduler's request to cut task `t` at virtual time `now`, as its worker would:
+/// at the leaf edge nearest the middle of what the attempt has not read yet
+/// ([`split_point`]), if each part keeps enough; the attempt then ends earlier. Returns the
+/// rest's task number, and whether the attempt cut reads on a holder.
+fn cut_virtual(
+    state: &mut PhaseState<'_>,
+    t: usize,
+    now: Duration,
+    at: Instant,
+    tasks: &mut VirtualTasks,
+    running: &HashMap<u64, Running>,
+    finishing: &mut BTreeSet<(Duration, u64)>,
+) -> Option<(usize, bool)> {
+    state.cut_answered(t, at);
+    let (&id, attempt) = running.iter().find(|(_, a)| a.t == t)?;
+    let bytes = tasks.bytes[t];
+    let read = (((now - attempt.start).as_secs_f64() * attempt.speed) as u64).min(bytes);
+    let edges: Vec<u64> = (1..bytes.div_ceil(LEAF_BYTES))
+        .map(|k| k * LEAF_BYTES)
+        .collect();
+    let cut = split_point(read, bytes, &edges)?;
+    let old = Duration::from_secs_f64(bytes as f64 / attempt.speed);
+    finishing.remove(&(attempt.start + old, id));
+    let kept = Duration::from_secs_f64(cut as f64 / attempt.speed);
+    finishing.insert((attempt.start + kept, id));
+    let local: Vec<(usize, u64)> = tasks.local[t]
+        .iter()
+        .map(|&(p, _)| (p, bytes - cut))
+        .collect();
+    let rest = Rest {
+        kept: cut,
+        bytes: bytes - cut,
+        local: local.clone(),
+    };
+    let r = state.cut(t, cut, rest, at);
+    tasks.bytes[t] = cut;
+    for (_, held) in &mut tasks.local[t] {
+        *held = cut;
+    }
+    tasks.bytes.push(bytes - cut);
+    tasks.local.push(local);
+    debug_assert_eq!(
+        r + 1,
+        tasks.bytes.len(),
+        "the scheduler numbers tasks in order"
+    );
+    Some((r, attempt.local))
+}
+
+/// The virtual tasks' input bytes and holders (with the bytes each holds), cuts included.
+struct VirtualTasks {
+    bytes: Vec<u64>,
+    local: Vec<Vec<(usize, u64)>>,
+}
+
 /// Runs a job's map phase (one task per group, held by `holders`) through the scheduler in
-/// virtual time: the share of input read locally, the phase's virtual seconds, and the wall
-/// seconds the scheduler took.
+/// virtual time, answering its requests to cut tasks as workers do: the share of input read
+/// locally, the phase's virtual seconds, the tasks cut, and the wall seconds the scheduler
+/// took.
 fn map_phase(
     config: &SimConfig,
     peers: &[PeerId],
     index: &HashMap<PeerId, usize>,
     holders: &[Vec<usize>],
-) -> (f64, f64, f64) {
+) -> (f64, f64, usize, f64) {
     let tasks = holders.len();
     let local: Vec<Vec<(usize, u64)>> = holders
         .iter()
@@ -357,34 +429,67 @@ fn map_phase(
         Duration::from_secs(3600),
         |_| true,
     );
+    let mut tasks = VirtualTasks { bytes, local };
     // Attempts running, by virtual finish time.
     let mut finishing: BTreeSet<(Duration, u64)> = BTreeSet::new();
-    let (mut read, mut read_local) = (0u64, 0u64);
+    let mut running: HashMap<u64, Running> = HashMap::new();
+    let (mut read, mut read_local, mut cuts) = (0u64, 0u64, 0);
     let mut now = Duration::ZERO;
     state.assign(t0 + now);
     loop {
         for action in state.take_actions() {
-            if let Action::Start(start) = action {
-                let p = index[&start.peer];
-                let here = held(&local, start.task, p);
-                read += GROUP_BYTES;
-                read_local += here;
-                let speed = if here > 0 {
-                    LOCAL_BYTES_PER_SEC
-                } else {
-                    REMOTE_BYTES_PER_SEC
-                };
-                let took = Duration::from_secs_f64(GROUP_BYTES as f64 / speed);
-                finishing.insert((now + took, start.id));
+            match action {
+                Action::Start(start) => {
+                    let p = index[&start.peer];
+                    let bytes = tasks.bytes[start.task];
+                    let here = held(&tasks.local, start.task, p);
+                    read += bytes;
+                    read_local += here;
+                    let speed = if here > 0 {
+                        LOCAL_BYTES_PER_SEC
+                    } else {
+                        REMOTE_BYTES_PER_SEC
+                    };
+                    let took = Duration::from_secs_f64(bytes as f64 / speed);
+                    finishing.insert((now + took, start.id));
+                    running.insert(
+                        start.id,
+                        Running {
+                            t: start.task,
+                            start: now,
+                            speed,
+                            local: here > 0,
+                        },
+                    );
+                }
+                Action::Cut { task, .. } => {
+                    let (at, r) = (t0 + now, &running);
+                    if let Some((rest, local)) =
+                        cut_virtual(&mut state, task, now, at, &mut tasks, r, &mut finishing)
+                    {
+                        // The attempt no longer reads the rest; whoever runs it will.
+                        read -= tasks.bytes[rest];
+                        if local {
+                            read_local -= tasks.bytes[rest];
+                        }
+                        cuts += 1;
+                    }
+                }
+                _ => {}
             }
         }
         if state.is_done() {
             break;
         }
+        // The coordinator's loop wakes at its tick, or sooner when a cut may first be asked.
+        let wake = state
+            .next_wake()
+            .map_or(now + TICK, |w| (w - t0).clamp(now, now + TICK));
         match finishing.first().copied() {
-            Some((at, id)) if at <= now + TICK => {
+            Some((at, id)) if at <= wake => {
                 finishing.remove(&(at, id));
                 now = at;
+                running.remove(&id);
                 let done = Ok(JobResponse::MapDone(MapOutput {
                     parts: vec![],
                     counters: Counters::default(),
@@ -394,13 +499,14 @@ fn map_phase(
                     break;
                 }
             }
-            _ => now += TICK,
+            _ => now = wake.max(now + Duration::from_millis(1)),
         }
         state.assign(t0 + now);
     }
     (
         read_local as f64 / read.max(1) as f64,
         now.as_secs_f64(),
+        cuts,
         t0.elapsed().as_secs_f64(),
     )
 }
@@ -423,13 +529,19 @@ impl fmt::Display for SimReport {
             self.max_over_mean,
             self.placement_seconds
         )?;
-        match (self.local_share, self.map_seconds, self.scheduler_seconds) {
-            (Some(l), Some(m), Some(s)) => write!(
+        match (
+            self.local_share,
+            self.map_seconds,
+            self.map_cuts,
+            self.scheduler_seconds,
+        ) {
+            (Some(l), Some(m), Some(cuts), Some(s)) => write!(
                 f,
-                " {} tasks: {:.1}% local, {:.2} s virtual, {:.1} s to schedule |",
+                " {} tasks: {:.1}% local, {:.2} s virtual, {} cut, {:.1} s to schedule |",
                 c.tasks,
                 100.0 * l,
                 m,
+                cuts,
                 s
             )?,
             _ => write!(f, " not run |")?,
