@@ -152,8 +152,8 @@ pub(super) fn cut_maps(
             offset += leaf.len;
             let len = task.end - task.start;
             // Ends closer than half a split are copies of one leaf, or follow a forced or a
-            // holders' cut. A content end is passed over when the holders would cut the task again within
-            // half a split anyway: ending at the holders' cut instead saves a short task.
+            // holders' cut. A content end is passed over when the holders would cut the task
+            // again within half a split anyway: ending there instead saves a short task.
             let content = ends[k]
                 && len >= split / 2
                 && len > 0
