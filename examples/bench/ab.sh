@@ -6,11 +6,11 @@
 # DAEMONS daemons (2 unless set) on 127.0.0.1 hold CORPUS with 2 replicas. Each block restarts
 # the daemons with one binary on the same repositories, runs one warm-up tiny job (the daemons
 # compile the module), then BIG wordcounts of CORPUS (2 reducers) and TINY wordcounts of its
-# first KiB (RUN_ARGS, e.g. "--split-mib 256", added to the big ones), each a fresh `p2pmr run` process (--no-mdns, every daemon given with --peer), so
-# process start is included. Blocks alternate the binaries (old, new, new, old, ...). Prints
-# one line per run: `old|new big|tiny SECONDS REDUCE_SECONDS` (the reduce phase of a big run,
-# from its events as they arrive; 0 for tiny ones); the summary at the end gives medians and
-# new/old.
+# first KiB (RUN_ARGS, e.g. "--split-mib 256", added to the big ones), each a fresh `p2pmr run`
+# process (--no-mdns, every daemon given with --peer), so process start is included. Blocks
+# alternate the binaries (old, new, new, old, ...). Prints one line per run:
+# `old|new big|tiny SECONDS REDUCE_SECONDS` (the reduce phase of a big run, from its events as
+# they arrive; 0 for tiny ones); the summary at the end gives medians and new/old.
 # Every run has its own --arg, so no job is answered from an earlier one's output.
 set -euo pipefail
 OLD=$1 NEW=$2 CORPUS=$3 BLOCKS=${4:-4} BIG=${5:-2} TINY=${6:-5} DAEMONS=${DAEMONS:-2}

@@ -384,24 +384,42 @@ impl<'a> PhaseState<'a> {
     /// ago) first may be, if a slot would be free for its rest: the caller wakes then rather
     /// than at its next event.
     fn cut_wake(&self, now: Instant) -> Option<Instant> {
-        if !self.cuts || !self.pending.is_empty() {
-            return None;
-        }
-        let awaited = self.asked.values().filter(|w| w.is_none()).count();
-        if self.idle_slots() <= awaited {
+        if self.cut_room() == 0 {
             return None;
         }
         self.running
             .values()
-            .filter(|a| self.copies[a.t] == 1 && self.bytes[a.t] >= 2 * MIN_SPLIT_PART)
-            .filter(|a| !self.complete.contains(&a.t) && !self.backed.contains(&a.t))
-            .filter_map(|a| match self.asked.get(&a.t) {
-                None => Some(a.since + CUT_AFTER),
-                Some(None) => None,
-                Some(Some(refused)) => Some((*refused + CUT_AGAIN).max(a.since + CUT_AFTER)),
-            })
+            .filter_map(|a| self.cut_asking_at(a))
             .filter(|&at| at > now)
             .min()
+    }
+
+    /// How many more cuts may be asked for: the slots free beyond the cuts already awaited,
+    /// once no task waits (none while cuts are off).
+    fn cut_room(&self) -> usize {
+        if !self.cuts || !self.pending.is_empty() || self.running.is_empty() {
+            return 0;
+        }
+        let awaited = self.asked.values().filter(|w| w.is_none()).count();
+        self.idle_slots().saturating_sub(awaited)
+    }
+
+    /// From when attempt `a` may be asked to cut its task: once its worker can have the task,
+    /// and a while after a refusal; never while another copy runs, the task is too small to
+    /// cut, done, backed up, or its cut's answer is awaited. The cheap tests come first: at a
+    /// large job's end this runs over every running task at each task's end.
+    fn cut_asking_at(&self, a: &Attempt) -> Option<Instant> {
+        if self.copies[a.t] != 1 || self.bytes[a.t] < 2 * MIN_SPLIT_PART {
+            return None;
+        }
+        if self.complete.contains(&a.t) || self.backed.contains(&a.t) {
+            return None;
+        }
+        match self.asked.get(&a.t) {
+            None => Some(a.since + CUT_AFTER),
+            Some(None) => None,
+            Some(Some(refused)) => Some((*refused + CUT_AGAIN).max(a.since + CUT_AFTER)),
+        }
     }
 
     /// Slots that could take a task now: each machine's free slots, as far as its live peers
@@ -424,29 +442,16 @@ impl<'a> PhaseState<'a> {
     /// and not while another copy of it runs: a copy started before the cut would cover the
     /// rest too.
     fn ask_cuts(&mut self, now: Instant) {
-        if !self.cuts || !self.pending.is_empty() || self.running.is_empty() {
-            return;
-        }
-        let awaited = self.asked.values().filter(|w| w.is_none()).count();
-        let idle = self.idle_slots();
-        if idle <= awaited {
+        let asks = self.cut_room();
+        if asks == 0 {
             return;
         }
         let rate = (!self.finished_time.is_zero())
             .then(|| self.finished_bytes as f64 / self.finished_time.as_secs_f64());
-        // The cheap tests first: at a large job's end this runs over every running task at
-        // each task's end.
         let mut left: Vec<(u64, usize, usize)> = self
             .running
             .values()
-            .filter(|a| self.copies[a.t] == 1 && self.bytes[a.t] >= 2 * MIN_SPLIT_PART)
-            .filter(|a| now.duration_since(a.since) >= CUT_AFTER)
-            .filter(|a| !self.complete.contains(&a.t) && !self.backed.contains(&a.t))
-            .filter(|a| match self.asked.get(&a.t) {
-                None => true,
-                Some(None) => false,
-                Some(Some(refused)) => now.duration_since(*refused) >= CUT_AGAIN,
-            })
+            .filter(|a| self.cut_asking_at(a).is_some_and(|at| at <= now))
             // The guess only orders the asks: a task slower than the phase's rate so far
             // has more left than it says, and its worker knows what is left.
             .map(|a| {
@@ -455,7 +460,6 @@ impl<'a> PhaseState<'a> {
                 (self.bytes[a.t].saturating_sub(read), a.t, a.p)
             })
             .collect();
-        let asks = idle - awaited;
         if left.len() > asks {
             left.select_nth_unstable_by(asks - 1, |a, b| b.cmp(a));
             left.truncate(asks);
