@@ -31,7 +31,8 @@
 //! something changed (daemons came or went, new targets, a holder stopped answering or passed
 //! its grace period) or once a minute.
 //! A freshly started keeper waits one grace period before copying anything, because it
-//! cannot yet tell a daemon that is down for a moment from one that is gone.
+//! cannot yet tell a daemon that is down for a moment from one that is gone; within it, too,
+//! a census comes only when something changed, and once more when it is over.
 //!
 //! Moves. When daemons join, a group's candidates (the first [`CHOICES`] × target of its
 //! placement ranking) change, and copies may find themselves outside them. Once nothing is
@@ -338,17 +339,15 @@ impl Keeper {
             }
             let before = answers.len();
             answers.retain(|_, a| now.duration_since(a.seen) < grace);
-            let due = match &last {
-                None => true,
-                Some((g, l, at)) => {
-                    *g != generation
-                        || *l != live
-                        || answers.len() < before
-                        || answers.values().any(|a| !a.answering)
-                        || at.elapsed() >= census_every
-                        || recheck.is_some_and(|t| now >= t)
-                }
-            };
+            let holders_changed = answers.len() < before || answers.values().any(|a| !a.answering);
+            let due = census_due(
+                last.as_ref(),
+                (generation, &live, holders_changed),
+                now,
+                census_every,
+                recheck,
+                started + grace,
+            );
             if targets.is_empty() || !due {
                 continue;
             }
@@ -407,7 +406,9 @@ impl Keeper {
                 }
             }
             if started.elapsed() < grace {
-                // Too early to tell a restart from a loss: look again next tick.
+                // Too early to tell a restart from a loss: look again when something changes,
+                // and once the grace period is over.
+                last = Some((generation, live, census_at));
                 continue;
             }
             let me = net.local_peer_id();
@@ -448,6 +449,29 @@ impl Keeper {
             }
         }
     }
+}
+
+/// Whether a census is due, given what the last one saw (`last`: the targets' generation, the
+/// live daemons, when; `None` when it had copying to do or to confirm), the targets'
+/// generation and the live daemons now, and whether a holder dropped out of the answers or
+/// stopped answering. A census is due when any of those changed, `every` after the last,
+/// at `recheck`, and once the keeper's first grace period is over (`grace_ends`) if the last
+/// was taken within it, since no census before then may copy anything.
+fn census_due(
+    last: Option<&(u64, BTreeSet<PeerId>, Instant)>,
+    (generation, live, holders_changed): (u64, &BTreeSet<PeerId>, bool),
+    now: Instant,
+    every: Duration,
+    recheck: Option<Instant>,
+    grace_ends: Instant,
+) -> bool {
+    let Some((g, l, at)) = last else { return true };
+    *g != generation
+        || l != live
+        || holders_changed
+        || now.duration_since(*at) >= every
+        || recheck.is_some_and(|t| now >= t)
+        || (*at < grace_ends && now >= grace_ends)
 }
 
 /// A block this daemon holds and watches over: its replica target, and since when.
@@ -860,6 +884,41 @@ mod tests {
     use p2pmr_protocol::wire::{
         keyspace_distance, keyspace_keys, keyspace_position, NEIGHBOURHOOD,
     };
+
+    #[test]
+    fn a_census_comes_on_a_change_on_the_minute_and_once_the_first_grace_period_is_over() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (every, grace_ends) = (Duration::from_secs(60), at(30));
+        let live: BTreeSet<PeerId> = (0..3).map(|_| PeerId::random()).collect();
+        let fewer: BTreeSet<PeerId> = live.iter().skip(1).copied().collect();
+        let due = |last: Option<&(u64, BTreeSet<PeerId>, Instant)>, now, changed, recheck| {
+            census_due(last, changed, now, every, recheck, grace_ends)
+        };
+        let same = (7, &live, false);
+        // No census yet, or the last one had copying to do.
+        assert!(due(None, at(1), same, None));
+        // Within the first grace period, the census taken at 1 s is not taken again every tick
+        // while nothing changes...
+        let early = (7, live.clone(), at(1));
+        for now in [2, 10, 29] {
+            assert!(!due(Some(&early), at(now), same, None), "{now} s");
+        }
+        // ...but it is when something does,
+        assert!(due(Some(&early), at(10), (8, &live, false), None));
+        assert!(due(Some(&early), at(10), (7, &fewer, false), None));
+        assert!(due(Some(&early), at(10), (7, &live, true), None));
+        // and once the grace period is over, as only a census after it may copy.
+        assert!(due(Some(&early), at(30), same, None));
+        // A census taken after the grace period comes again on the minute or at a recheck.
+        let late = (7, live.clone(), at(31));
+        for now in [31, 60, 90] {
+            assert!(!due(Some(&late), at(now), same, None), "{now} s");
+        }
+        assert!(due(Some(&late), at(91), same, None));
+        assert!(!due(Some(&late), at(40), same, Some(at(45))));
+        assert!(due(Some(&late), at(45), same, Some(at(45))));
+    }
 
     #[test]
     fn neighbourhoods_are_looked_up_new_first_then_oldest_a_few_at_a_time() {
