@@ -55,20 +55,20 @@ impl Prefix {
     }
 }
 
-/// A run in the heap, with its current key's prefix.
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    prefix: Prefix,
-    run: usize,
-}
-
 /// Merges runs, each sorted by key, into [`KeyGroups`]. A key's values come in run order, then
 /// in the order they are in their run, so the result does not depend on timing.
+///
+/// The runs meet in a loser tree: each pair taken replays one path from its run's leaf to the
+/// root, one comparison a level, where a binary heap's sift compares two children a level.
 #[derive(Debug)]
 pub struct Merge<C> {
     runs: Vec<C>,
-    /// A binary min-heap of the runs that have a current pair, by (key, run index).
-    heap: Vec<Entry>,
+    /// Each run's current key's prefix; `None` once the run is over.
+    heads: Vec<Option<Prefix>>,
+    /// `tree[0]` is the run whose current pair comes first, by (key, run index), with runs
+    /// that are over last; `tree[i]`, for `i` from 1, the run that lost the match at node `i`
+    /// (whose children are nodes `2i` and `2i + 1`, and run `r`'s leaf is node `runs + r`).
+    tree: Vec<usize>,
     /// The current key and its prefix, once [`KeyGroups::next_key`] has been called.
     key: Option<(Vec<u8>, Prefix)>,
     /// Whether the top run's current pair is of the current key.
@@ -80,22 +80,32 @@ pub struct Merge<C> {
 impl<C: Cursor> Merge<C> {
     /// A merge of `runs`.
     pub fn new(runs: Vec<C>) -> Self {
-        let heap: Vec<Entry> = (0..runs.len())
-            .filter_map(|run| {
-                let (key, _) = runs[run].head()?;
-                let prefix = Prefix::of(key);
-                Some(Entry { prefix, run })
-            })
+        let n = runs.len();
+        let heads = runs
+            .iter()
+            .map(|r| r.head().map(|(key, _)| Prefix::of(key)))
             .collect();
         let mut merge = Self {
             runs,
-            heap,
+            heads,
+            tree: vec![0; n],
             key: None,
             in_key: false,
             taken: None,
         };
-        for at in (0..merge.heap.len() / 2).rev() {
-            merge.sift_down(at);
+        // The winner of each node, leaves (runs) first, then the matches bottom up.
+        let mut winners = vec![0; 2 * n];
+        for (r, w) in winners[n..].iter_mut().enumerate() {
+            *w = r;
+        }
+        for node in (1..n).rev() {
+            let (a, b) = (winners[2 * node], winners[2 * node + 1]);
+            let (win, lose) = if merge.first(a, b) { (a, b) } else { (b, a) };
+            winners[node] = win;
+            merge.tree[node] = lose;
+        }
+        if n > 0 {
+            merge.tree[0] = winners[1];
         }
         merge
     }
@@ -104,60 +114,60 @@ impl<C: Cursor> Merge<C> {
         self.runs[run].head().map_or(&[], |(k, _)| k)
     }
 
-    fn less(&self, a: Entry, b: Entry) -> bool {
-        let keys = a
-            .prefix
-            .order(b.prefix)
-            .unwrap_or_else(|| self.key_of(a.run).cmp(self.key_of(b.run)));
-        keys.then(a.run.cmp(&b.run)) == Ordering::Less
-    }
-
-    fn sift_down(&mut self, mut at: usize) {
-        let len = self.heap.len();
-        loop {
-            let (l, r) = (2 * at + 1, 2 * at + 2);
-            let mut least = at;
-            if l < len && self.less(self.heap[l], self.heap[least]) {
-                least = l;
+    /// Whether run `a`'s current pair comes before run `b`'s: by key, then by run; a run that
+    /// is over comes after every run that is not.
+    #[inline]
+    fn first(&self, a: usize, b: usize) -> bool {
+        match (self.heads[a], self.heads[b]) {
+            (Some(pa), Some(pb)) => {
+                let keys = pa
+                    .order(pb)
+                    .unwrap_or_else(|| self.key_of(a).cmp(self.key_of(b)));
+                keys.then(a.cmp(&b)) == Ordering::Less
             }
-            if r < len && self.less(self.heap[r], self.heap[least]) {
-                least = r;
-            }
-            if least == at {
-                return;
-            }
-            self.heap.swap(at, least);
-            at = least;
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => a < b,
         }
     }
 
-    /// Advances the run whose value was taken, puts it back in its place in the heap (it is
-    /// at the top: only the top's value is ever taken) and notes whether the new top is still
-    /// of the current key.
+    /// Plays `run`'s way up from its leaf again, after its current pair changed.
+    fn replay(&mut self, run: usize) {
+        let mut winner = run;
+        let mut node = (self.runs.len() + run) / 2;
+        while node > 0 {
+            if self.first(self.tree[node], winner) {
+                std::mem::swap(&mut self.tree[node], &mut winner);
+            }
+            node /= 2;
+        }
+        self.tree[0] = winner;
+    }
+
+    /// The run whose current pair comes first, unless every run is over.
+    fn top(&self) -> Option<(usize, Prefix)> {
+        let run = *self.tree.first()?;
+        self.heads[run].map(|prefix| (run, prefix))
+    }
+
+    /// Advances the run whose value was taken (only the top's value is ever taken), plays it
+    /// up the tree again and notes whether the new top is still of the current key.
     fn settle(&mut self) {
         let Some(run) = self.taken.take() else { return };
-        debug_assert_eq!(self.heap.first().map(|e| e.run), Some(run));
+        debug_assert_eq!(self.top().map(|(r, _)| r), Some(run));
         self.runs[run].advance();
-        match self.runs[run].head() {
-            Some((key, _)) => self.heap[0].prefix = Prefix::of(key),
-            None => {
-                let last = self.heap.pop().expect("the taken run is in the heap");
-                if !self.heap.is_empty() {
-                    self.heap[0] = last;
-                }
-            }
-        }
-        self.sift_down(0);
+        self.heads[run] = self.runs[run].head().map(|(key, _)| Prefix::of(key));
+        self.replay(run);
         self.in_key = self.top_in_key();
     }
 
     fn top_in_key(&self) -> bool {
-        let (Some(top), Some((key, prefix))) = (self.heap.first(), &self.key) else {
+        let (Some((top, top_prefix)), Some((key, prefix))) = (self.top(), &self.key) else {
             return false;
         };
-        match top.prefix.order(*prefix) {
+        match top_prefix.order(*prefix) {
             Some(order) => order == Ordering::Equal,
-            None => self.key_of(top.run) == key.as_slice(),
+            None => self.key_of(top) == key.as_slice(),
         }
     }
 }
@@ -167,15 +177,15 @@ impl<C: Cursor + Send> KeyGroups for Merge<C> {
         while self.peek_value().is_some() {
             self.take_value();
         }
-        let top = *self.heap.first()?;
-        let key = self.runs[top.run]
+        let (top, top_prefix) = self.top()?;
+        let key = self.runs[top]
             .head()
-            .expect("runs in the heap have a pair")
+            .expect("a run that is not over has a pair")
             .0;
-        let (current, prefix) = self.key.get_or_insert_with(|| (Vec::new(), top.prefix));
+        let (current, prefix) = self.key.get_or_insert_with(|| (Vec::new(), top_prefix));
         current.clear();
         current.extend_from_slice(key);
-        *prefix = top.prefix;
+        *prefix = top_prefix;
         self.in_key = true;
         Some(current)
     }
@@ -185,13 +195,13 @@ impl<C: Cursor + Send> KeyGroups for Merge<C> {
         if !self.in_key {
             return None;
         }
-        let top = self.heap.first()?;
-        self.runs[top.run].head().map(|(_, value)| value)
+        let (top, _) = self.top()?;
+        self.runs[top].head().map(|(_, value)| value)
     }
 
     fn take_value(&mut self) {
         if self.in_key {
-            self.taken = self.heap.first().map(|e| e.run);
+            self.taken = self.top().map(|(run, _)| run);
         }
     }
 }
