@@ -402,6 +402,35 @@ pub async fn replicate(
     Ok(())
 }
 
+/// How long placing a job output's copies waits for daemons that are restarting, or for
+/// another to stand in for one that died mid-copy, before it fails.
+pub const REPLICATE_WAIT: Duration = Duration::from_secs(10);
+
+/// [`replicate`], tried again while too few daemons are in reach or one of them fails
+/// mid-copy, for up to [`REPLICATE_WAIT`]: a job whose work is done must not fail because a
+/// daemon restarts while its output is being copied. Copying again is safe: a daemon that has
+/// a block already answers that it stored it.
+pub async fn replicate_patiently(
+    net: &NetClient,
+    store: &BlockStore,
+    cids: &[Cid],
+    copies: usize,
+    avoid: &[PeerId],
+    groups: &HashMap<Cid, Cid>,
+) -> Result<(), RemoteError> {
+    let waiting = Instant::now();
+    loop {
+        match replicate(net, store, cids, copies, avoid, groups).await {
+            Err(RemoteError::NotEnoughDaemons { .. } | RemoteError::Replication { .. })
+                if waiting.elapsed() < REPLICATE_WAIT =>
+            {
+                tokio::time::sleep(REPLICATE_WAIT / 40).await;
+            }
+            placed => return placed,
+        }
+    }
+}
+
 /// The placement groups of the leaves of the UnixFS files under `roots` in `store` (whose
 /// blocks came in no particular order, e.g. a staged upload or CAR): each leaf listed by a
 /// file node maps to its group's key ([`unixfs::group_of`]). Blocks not in the map are placed

@@ -981,7 +981,7 @@ impl Coordinator {
             .saturating_sub(1)
             .min(self.live_others(&job.gone));
         let own = HashMap::new();
-        blocks::replicate(self.net(), repo.blocks(), &[root], copies, &avoid, &own)
+        blocks::replicate_patiently(self.net(), repo.blocks(), &[root], copies, &avoid, &own)
             .await
             .map_err(|e| format!("cannot replicate the output directory: {e}"))?;
         self.inner

@@ -930,25 +930,17 @@ impl Worker {
                 .unwrap_or_default(),
         };
         // Daemons restarting must not fail a reduce whose work is done: placing the output's
-        // copies waits a while for enough of them to be back before the task fails.
-        let waiting = Instant::now();
-        loop {
-            let placed = blocks::replicate(
-                &self.inner.net,
-                self.inner.repo.blocks(),
-                &written.cids,
-                copies,
-                &avoid,
-                &groups,
-            )
-            .await;
-            match placed {
-                Err(RemoteError::NotEnoughDaemons { .. }) if waiting.elapsed() < OUTPUT_WAIT => {
-                    tokio::time::sleep(OUTPUT_WAIT / 40).await;
-                }
-                placed => break placed.map_err(TaskError::Replicate)?,
-            }
-        }
+        // copies waits a while for enough of them before the task fails.
+        blocks::replicate_patiently(
+            &self.inner.net,
+            self.inner.repo.blocks(),
+            &written.cids,
+            copies,
+            &avoid,
+            &groups,
+        )
+        .await
+        .map_err(TaskError::Replicate)?;
         let notes = written.cids.iter().map(|c| (*c, groups.get(c).copied()));
         self.keep_own_copies(notes.collect(), copies + 1).await;
         let output = ReduceOutput {
@@ -970,10 +962,6 @@ impl Worker {
 
 /// Bytes of reduce output buffered before they go to the output file's writer.
 const OUT_BUFFER: usize = 64 << 10;
-
-/// How long a reduce task waits for enough daemons to place its output's copies on (some may
-/// be restarting) before it fails.
-const OUTPUT_WAIT: Duration = Duration::from_secs(10);
 
 /// The layout map outputs are stored in: chunks of the size the coordinator chose for the job
 /// ([`p2pmr_protocol::engine::run_chunk`]; a reduce task holds about two blocks of every map
